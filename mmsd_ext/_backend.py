@@ -1,0 +1,178 @@
+"""Which implementation of an op runs.
+
+Every public op takes ``backend=None``. The name is resolved, in this order, from
+the call's argument, the innermost ``use_backend(...)`` context, the
+``MMSD_EXT_BACKEND`` environment variable (read at import), and finally "auto":
+``cpu`` for CPU tensors, the op's faster measured GPU backend for CUDA tensors,
+``reference`` where nothing compiled can run.
+"""
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from . import _loader
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "MMSD_EXT_BACKEND"
+
+
+def _check_name(name, what):
+    if name is not None and name not in BACKENDS + ("auto",):
+        raise ValueError(f"{what}: expected one of {', '.join(BACKENDS)} or 'auto', got {name!r}")
+    return None if name == "auto" else name
+
+
+_env_value = os.environ.get(ENV_VAR) or None
+_global_override = _check_name(_env_value, ENV_VAR)
+_override_stack = []
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run every mmsd_ext op inside the block with backend ``name`` ("auto" restores the default).
+
+    An explicit ``backend=`` argument still wins. Example::
+
+        with mmsd_ext.use_backend("reference"):
+            loss = mmsd_ext.mmsd_distill_loss(rgb, flow, fused)
+    """
+    _override_stack.append(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override_stack.pop()
+
+
+def _current_override():
+    if _override_stack:
+        return _override_stack[-1]
+    return _global_override
+
+
+def triton_importable():
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def cuda_usable():
+    return _loader.cuda_compiled() and torch.cuda.is_available()
+
+
+def available_backends():
+    """Names usable in this process, in BACKENDS order."""
+    names = ["reference"]
+    if _loader.compiled_available():
+        names.append("cpu")
+    if cuda_usable():
+        names.append("cuda")
+    if triton_importable() and (torch.cuda.is_available() or triton_interpreting()):
+        names.append("triton")
+    return names
+
+
+def _unavailable(name, device):
+    if name == "cpu":
+        return RuntimeError(_loader.LOAD_ERROR or "mmsd_ext: the cpu backend is not available")
+    if name == "cuda":
+        if not _loader.compiled_available():
+            return RuntimeError(_loader.LOAD_ERROR)
+        if not _loader.cuda_compiled():
+            return RuntimeError(
+                "backend='cuda': mmsd_ext was built without its CUDA kernels; rebuild on a machine with the "
+                "CUDA toolkit: `FORCE_CUDA=1 pip install --no-build-isolation -e .`"
+            )
+        return RuntimeError("backend='cuda': no CUDA device is visible to torch in this process")
+    if name == "triton":
+        if not triton_importable():
+            return RuntimeError("backend='triton': triton is not installed; `pip install triton`")
+        return RuntimeError(
+            f"backend='triton': tensors are on {device}; Triton kernels run on CUDA devices, or on the CPU "
+            "only under the interpreter (set TRITON_INTERPRET=1 before triton is imported; slow, for tests)"
+        )
+    return RuntimeError(f"backend={name!r} is not available")
+
+
+def resolve(op, backend, device, *, supported=BACKENDS, gpu_order=("cuda", "triton")):
+    """The backend that runs ``op`` on tensors on ``device``.
+
+    ``supported``: the backends this op has. ``gpu_order``: its GPU backends,
+    fastest first as measured by benchmarks/ (auto picks the first usable one).
+    Raises ValueError for a bad name or a backend that does not fit the device,
+    RuntimeError for one that is not available, with how to get it.
+    """
+    name = _check_name(backend, "backend")
+    if name is None:
+        name = _current_override()
+    device = torch.device(device)
+    if name is None:
+        return _auto(op, device, supported, gpu_order)
+    if name not in supported:
+        raise ValueError(f"backend: {op} has no {name!r} implementation; it has {', '.join(supported)}")
+    if name == "reference":
+        return name
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors, but the tensors of {op} are on {device}")
+        if not _loader.compiled_available():
+            raise _unavailable(name, device)
+        return name
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors, but the tensors of {op} are on {device}")
+        if not _loader.cuda_compiled():
+            raise _unavailable(name, device)
+        return name
+    if name == "triton":
+        if not triton_importable():
+            raise _unavailable(name, device)
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            raise _unavailable(name, device)
+        return name
+    raise AssertionError(name)
+
+
+def _auto(op, device, supported, gpu_order):
+    if device.type == "cpu":
+        if "cpu" in supported and _loader.compiled_available():
+            return "cpu"
+        return "reference"
+    if device.type == "cuda":
+        for name in gpu_order:
+            if name not in supported:
+                continue
+            if name == "cuda" and _loader.cuda_compiled():
+                return name
+            if name == "triton" and triton_importable():
+                return name
+    return "reference"
+
+
+def build_info():
+    """How this mmsd_ext was built and what can run here.
+
+    Returns a dict: ``version``, ``torch`` (the torch the extension was built
+    against, or None if not built), ``torch_running``, ``cuda`` (CUDA version the
+    kernels were compiled with, or None), ``archs`` (TORCH_CUDA_ARCH_LIST used),
+    ``backends`` (names usable in this process), ``compiled`` (whether the
+    extension loaded) and ``load_error`` (why not, or None).
+    """
+    from . import __version__
+
+    info = _loader.BUILD_INFO or {}
+    compiled = _loader._C
+    return {
+        "version": __version__,
+        "torch": info.get("torch"),
+        "torch_running": torch.__version__,
+        "cuda": compiled.cuda_version if compiled is not None else info.get("cuda"),
+        "archs": info.get("archs"),
+        "backends": available_backends(),
+        "compiled": compiled is not None,
+        "load_error": _loader.LOAD_ERROR,
+    }

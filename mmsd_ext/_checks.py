@@ -1,0 +1,46 @@
+"""Argument checks shared by the ops: each error names the argument at fault."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name, value, dtypes=FLOAT_DTYPES):
+    tensor(name, value)
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {allowed}, got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def rank(name, value, ndim, shape_doc):
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor {shape_doc}, got shape {tuple(value.shape)}")
+    return value
+
+
+def int64(name, value):
+    tensor(name, value)
+    if value.dtype != torch.int64:
+        raise TypeError(f"{name}: expected an int64 tensor, got {str(value.dtype).replace('torch.', '')}")
+    return value
+
+
+def same_device(reference_name, reference, **others):
+    for name, value in others.items():
+        if value is not None and value.device != reference.device:
+            raise ValueError(f"{name}: expected a tensor on {reference.device} like {reference_name}, got {value.device}")
+
+
+def positive_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value}")
+    return float(value)

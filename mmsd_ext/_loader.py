@@ -1,0 +1,70 @@
+"""Loads the compiled extension, or says once why it is not there.
+
+Two failures are told apart (the distinction xformers' loader makes): the
+extension was never built, or it was built for another torch. Either way the
+import of mmsd_ext succeeds and the ``reference`` and ``triton`` backends keep
+working; asking for ``cpu`` or ``cuda`` then raises with the reason.
+"""
+
+import importlib
+import json
+import os
+import warnings
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REBUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the mmsd_ext source tree"
+
+
+def _read_build_info():
+    path = os.path.join(_HERE, "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _same_torch(built, running):
+    # Local version labels (+cu130) are part of the ABI: compare them too.
+    return built == running
+
+
+def _load():
+    info = _read_build_info()
+    if info is not None and not _same_torch(info.get("torch"), torch.__version__):
+        return None, info, (
+            f"mmsd_ext: the compiled extension was built for torch {info.get('torch')}, "
+            f"but this process runs torch {torch.__version__}; the cpu/cuda backends are disabled. "
+            f"Re-{REBUILD_HINT}."
+        )
+    try:
+        module = importlib.import_module("mmsd_ext._C")
+    except ImportError as exc:
+        text = str(exc)
+        if "undefined symbol" in text or "version" in text.lower() and "GLIBC" not in text:
+            why = (
+                "mmsd_ext: the compiled extension does not match this torch "
+                f"(torch {torch.__version__}; loader said: {text}); the cpu/cuda backends are disabled. "
+                f"Re-{REBUILD_HINT}."
+            )
+        elif "No module named" in text:
+            why = f"mmsd_ext: the compiled extension is not built; the cpu/cuda backends are disabled. To get them, {REBUILD_HINT}."
+        else:
+            why = f"mmsd_ext: the compiled extension failed to load ({text}); the cpu/cuda backends are disabled."
+        return None, info, why
+    return module, info, None
+
+
+_C, BUILD_INFO, LOAD_ERROR = _load()
+if LOAD_ERROR is not None and not os.environ.get("MMSD_EXT_QUIET"):
+    warnings.warn(LOAD_ERROR, RuntimeWarning, stacklevel=2)
+
+
+def compiled_available():
+    return _C is not None
+
+
+def cuda_compiled():
+    return _C is not None and bool(getattr(_C, "with_cuda", False))

@@ -1,0 +1,188 @@
+"""Build script for mmsd_ext.
+
+One extension, ``mmsd_ext._C``: the C++ CPU kernels always, the CUDA kernels
+whenever torch was built with CUDA and a CUDA toolkit is found (a GPU is not
+needed to compile them). Switches, all environment variables:
+
+  FORCE_CUDA=1            fail unless the CUDA kernels are compiled
+  MMSD_EXT_NO_CUDA=1      never compile the CUDA kernels
+  CUDA_HOME=/path         the toolkit to use (else found, see _find_cuda_home)
+  TORCH_CUDA_ARCH_LIST    e.g. "9.0" (default "8.0;9.0+PTX")
+  MAX_JOBS=N              parallel compile jobs (ninja)
+  DEBUG=1                 -O0 -g, and -G for device code
+
+Install with ``pip install --no-build-isolation -e .``: the extension must be
+compiled against the torch already installed, which an isolated build
+environment would replace with whatever torch it downloads.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit(path):
+    # A real toolkit has the compiler binary and the runtime headers side by side;
+    # a wrapper script's folder (e.g. /usr/local/bin) has neither header.
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def _find_cuda_home():
+    """CUDA_HOME/CUDA_PATH if set, else the usual install folders, else nvcc's real location.
+
+    torch guesses the toolkit from the ``nvcc`` on PATH (its parent's parent); on
+    machines where that nvcc is a wrapper script outside the toolkit the guess is
+    wrong, so we look for a folder that really holds a toolkit.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value:
+            if not _is_toolkit(value):
+                sys.exit(f"setup.py: {var}={value} is not a CUDA toolkit (no bin/nvcc and include/cuda_runtime.h)")
+            return value
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/opt/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+    for path in candidates:
+        if _is_toolkit(path):
+            return os.path.realpath(path)
+    return None
+
+
+NO_CUDA = _flag("MMSD_EXT_NO_CUDA")
+FORCE_CUDA = _flag("FORCE_CUDA")
+DEBUG = _flag("DEBUG")
+if FORCE_CUDA and NO_CUDA:
+    sys.exit("setup.py: FORCE_CUDA=1 and MMSD_EXT_NO_CUDA=1 contradict each other")
+
+CUDA_HOME = None if NO_CUDA else _find_cuda_home()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads it once.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    os.environ["PATH"] = os.path.join(CUDA_HOME, "bin") + os.pathsep + os.environ.get("PATH", "")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _nvcc_version(cuda_home):
+    out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    for token in out.replace(",", " ").split():
+        if token.startswith("V") and token[1:2].isdigit():
+            return token[1:]
+    return out.strip().splitlines()[-1]
+
+
+WITH_CUDA = bool(CUDA_HOME) and torch.version.cuda is not None and not NO_CUDA
+if FORCE_CUDA and not WITH_CUDA:
+    reason = "torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
+    sys.exit(f"setup.py: FORCE_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+ARCHS = os.environ.get("TORCH_CUDA_ARCH_LIST") if WITH_CUDA else None
+NVCC_VERSION = _nvcc_version(CUDA_HOME) if WITH_CUDA else None
+
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+if WITH_CUDA:
+    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+
+macros = [("MMSD_EXT_VERSION", f'"{VERSION}"')]
+cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
+cxx += ["-fopenmp"]
+nvcc = ["-O0", "-g", "-G"] if DEBUG else ["-O3"]
+nvcc += ["--expt-relaxed-constexpr", "-lineinfo"]
+if WITH_CUDA:
+    macros.append(("MMSD_EXT_WITH_CUDA", None))
+
+ext_cls = CUDAExtension if WITH_CUDA else CppExtension
+ext = ext_cls(
+    name="mmsd_ext._C",
+    sources=sources,
+    include_dirs=[os.path.join(ROOT, "csrc")],
+    define_macros=macros,
+    extra_compile_args={"cxx": cxx, "nvcc": nvcc} if WITH_CUDA else {"cxx": cxx},
+    extra_link_args=["-fopenmp"],
+)
+
+BUILD_INFO = {
+    "version": VERSION,
+    "torch": torch.__version__,
+    "cuda": NVCC_VERSION,
+    "torch_cuda": torch.version.cuda,
+    "archs": ARCHS,
+    "debug": DEBUG,
+}
+
+print("mmsd_ext build settings:")
+for key, value in [
+    ("torch", torch.__version__),
+    ("torch CUDA", torch.version.cuda),
+    ("CUDA_HOME", CUDA_HOME),
+    ("nvcc", NVCC_VERSION),
+    ("CUDA kernels", WITH_CUDA),
+    ("FORCE_CUDA", FORCE_CUDA),
+    ("MMSD_EXT_NO_CUDA", NO_CUDA),
+    ("TORCH_CUDA_ARCH_LIST", ARCHS),
+    ("MAX_JOBS", os.environ.get("MAX_JOBS")),
+    ("DEBUG", DEBUG),
+    ("sources", len(sources)),
+]:
+    print(f"  {key:<22} {value}")
+
+
+class BuildWithInfo(BuildExtension):
+    """Writes mmsd_ext/_build_info.json beside the extension.
+
+    The loader reads it before touching the shared object, so that an extension
+    built for another torch is reported instead of crashing the import.
+    """
+
+    def run(self):
+        super().run()
+        targets = {os.path.join(ROOT, "mmsd_ext")}
+        if not self.inplace:
+            targets.add(os.path.join(self.build_lib, "mmsd_ext"))
+        for folder in targets:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.json"), "w") as f:
+                json.dump(BUILD_INFO, f, indent=2)
+
+
+with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="mmsd_ext",
+    version=VERSION,
+    description="Fused Triton, CUDA and C++ kernels for weakly-supervised temporal action localization (MMSD)",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["mmsd_ext", "mmsd_ext.kernels", "mmsd_ext.train"],
+    package_dir={"mmsd_ext": "mmsd_ext", "mmsd_ext.kernels": "kernels", "mmsd_ext.train": "mmsd_ext/train"},
+    package_data={"mmsd_ext": ["_build_info.json"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=True)},
+    install_requires=["torch", "numpy", "tqdm"],
+    extras_require={"triton": ["triton"], "plot": ["matplotlib"], "test": ["pytest", "hypothesis", "torchvision"]},
+    entry_points={"console_scripts": ["mmsd-train = mmsd_ext.train.__main__:main"]},
+    zip_safe=False,
+)
