@@ -1,0 +1,1 @@
+"""Triton kernels, installed as mmsd_ext.kernels."""

@@ -1,0 +1,136 @@
+"""Top-k multiple-instance (MIL) pooling over time: ``topk_mil_pool`` and ``mil_k``."""
+
+import torch
+
+from . import _backend, _checks
+
+
+def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
+    """Mean of the k largest (or smallest) snippet scores of each video and class.
+
+    The pooling of W-TALC, BaS-Net, CO2-Net and MMSD's attention loss, for a
+    whole padded batch in one call.
+
+    Args:
+        scores: [B, T, C] float32, float16 or bfloat16 snippet scores, any strides.
+        k: int, or int64 tensor [B]: how many snippets to pool per video; 1 <= k[b] <= lengths[b].
+        lengths: optional int64 tensor [B] of valid lengths in [1, T]; snippets
+            ``t >= lengths[b]`` are padding and never selected. Default: T for all.
+        largest: pool the k largest values (True) or the k smallest (False).
+        backend: "reference", "cpu", "cuda", "triton" or None (auto); see ``mmsd_ext.use_backend``.
+
+    Returns:
+        [B, C] tensor in the dtype of ``scores``:
+        ``out[b, c] == torch.topk(scores[b, :lengths[b], c], k[b], largest=largest).values.mean()``,
+        accumulated in float32. NaN counts as larger than every number, as in ``torch.topk``.
+
+    Gradient: ``grad_out[b, c] / k[b]`` flows to each selected element, zero
+    elsewhere (padding included). Where equal values straddle the k-th place,
+    the lower time indices are the selected ones, so the gradient is bitwise
+    deterministic.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong rank or dtype, k < 1,
+        k > lengths[b], lengths outside [1, T], tensors on different devices.
+
+    Example::
+
+        >>> scores = torch.randn(2, 750, 21, requires_grad=True)
+        >>> lengths = torch.tensor([750, 400])
+        >>> k = mmsd_ext.mil_k(lengths)                 # max(1, L // 8)
+        >>> video_scores = mmsd_ext.topk_mil_pool(scores, k, lengths)   # [2, 21]
+    """
+    scores, k, lengths = _check_topk_args(scores, k, lengths, largest)
+    name = _backend.resolve("topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED)
+    return _IMPLS[name](scores, k, lengths, largest)
+
+
+def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
+    """Per-video k for top-k MIL pooling.
+
+    Args:
+        lengths: int, or int64 tensor [B] of video lengths (>= 1).
+        ratio: k is about ``L / ratio``; > 0.
+        rule: "floor": ``max(min_k, floor(L / ratio))`` (MMSD, CO2-Net, ACM-Net);
+            "ceil": ``max(min_k, ceil(L / ratio))`` (W-TALC).
+        min_k: lower bound on k (>= 1). k never exceeds L, so the result is always
+            a valid ``k`` for ``topk_mil_pool``.
+
+    Returns:
+        int64 tensor of the shape of ``lengths`` (an int if ``lengths`` is an int).
+    """
+    ratio = _checks.positive_number("ratio", ratio)
+    if rule not in ("floor", "ceil"):
+        raise ValueError(f"rule: expected 'floor' or 'ceil', got {rule!r}")
+    if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+        raise ValueError(f"min_k: expected an int >= 1, got {min_k!r}")
+    if isinstance(lengths, int) and not isinstance(lengths, bool):
+        if lengths < 1:
+            raise ValueError(f"lengths: expected >= 1, got {lengths}")
+        return int(mil_k(torch.tensor([lengths]), ratio, rule=rule, min_k=min_k)[0])
+    _checks.int64("lengths", lengths)
+    if lengths.device.type == "cpu" and lengths.numel() and int(lengths.min()) < 1:
+        raise ValueError(f"lengths: expected every length >= 1, got minimum {int(lengths.min())}")
+    # float64 division is exact enough for any realistic length (< 2**52).
+    q = lengths.to(torch.float64) / ratio
+    q = torch.floor(q) if rule == "floor" else torch.ceil(q)
+    k = q.to(torch.int64).clamp(min=min_k)
+    return torch.minimum(k, lengths)
+
+
+def _check_topk_args(scores, k, lengths, largest):
+    _checks.floating("scores", scores, _checks.FLOAT_DTYPES + (torch.float64,))
+    _checks.rank("scores", scores, 3, "[B, T, C]")
+    B, T, _ = scores.shape
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest: expected a bool, got {type(largest).__name__}")
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=scores.device)
+    else:
+        _checks.int64("lengths", lengths)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths: expected shape [B] = [{B}], got {tuple(lengths.shape)}")
+        _checks.same_device("scores", scores, lengths=lengths)
+    if isinstance(k, bool):
+        raise TypeError("k: expected an int or an int64 tensor, got bool")
+    if isinstance(k, int):
+        if k < 1:
+            raise ValueError(f"k: expected k >= 1, got {k}")
+        if k > T:
+            raise ValueError(f"k: expected k <= T = {T}, got {k}")
+        k = torch.full((B,), k, dtype=torch.int64, device=scores.device)
+    else:
+        _checks.int64("k", k)
+        if k.shape != (B,):
+            raise ValueError(f"k: expected an int or shape [B] = [{B}], got {tuple(k.shape)}")
+        _checks.same_device("scores", scores, k=k)
+    # Value checks need the values on the host: done for CPU tensors only, so that
+    # CUDA calls never synchronise. On CUDA the kernels write NaN for a video whose
+    # k or length is out of range instead (documented in the README).
+    if scores.device.type == "cpu" and B > 0:
+        if int(lengths.min()) < 1 or int(lengths.max()) > T:
+            raise ValueError(f"lengths: expected values in [1, T] = [1, {T}], got min {int(lengths.min())}, max {int(lengths.max())}")
+        if int(k.min()) < 1:
+            raise ValueError(f"k: expected every k >= 1, got {int(k.min())}")
+        bad = k > lengths
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"k: expected k[b] <= lengths[b], got k[{b}] = {int(k[b])} > lengths[{b}] = {int(lengths[b])}")
+    return scores, k, lengths
+
+
+def topk_mil_pool_reference(scores, k, lengths, largest):
+    """Plain PyTorch: a stable sort per video (lower index first among equals), then the mean."""
+    out = []
+    for b in range(scores.shape[0]):
+        column = scores[b, : int(lengths[b])]
+        ordered, _ = torch.sort(column, dim=0, descending=largest, stable=True)
+        acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        out.append(ordered[: int(k[b])].to(acc).mean(dim=0))
+    if not out:
+        return scores.new_zeros((0, scores.shape[2]))
+    return torch.stack(out).to(scores.dtype)
+
+
+_IMPLS = {"reference": topk_mil_pool_reference}
+_IMPLS_SUPPORTED = ("reference",)

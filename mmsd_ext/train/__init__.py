@@ -1,0 +1,1 @@
+"""The MMSD training layer (python -m mmsd_ext.train)."""

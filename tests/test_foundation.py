@@ -1,0 +1,153 @@
+"""The package foundation: build info, the loader's messages, backend resolution."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import mmsd_ext
+from mmsd_ext import _backend
+
+
+def test_build_info_keys_and_backends():
+    info = mmsd_ext.build_info()
+    for key in ("version", "torch", "cuda", "archs", "backends"):
+        assert key in info
+    assert info["version"] == mmsd_ext.__version__
+    assert info["backends"][0] == "reference"
+    assert set(info["backends"]) <= set(mmsd_ext.BACKENDS)
+    if info["compiled"]:
+        assert info["torch"] == torch.__version__
+        assert "cpu" in info["backends"]
+    if torch.cuda.is_available() and info["cuda"] is not None:
+        assert "cuda" in info["backends"]
+
+
+@pytest.mark.skipif(os.environ.get("MMSD_EXT_REQUIRE_CUDA_BUILD") != "1", reason="only where CI demands the CUDA build")
+def test_cuda_kernels_were_compiled():
+    info = mmsd_ext.build_info()
+    assert info["compiled"] and info["cuda"] is not None and info["archs"]
+
+
+def test_kernels_is_a_subpackage_not_top_level():
+    import mmsd_ext.kernels as kernels
+
+    assert kernels.__name__ == "mmsd_ext.kernels"
+    code = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('kernels') is None else 1)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+
+
+def test_unknown_backend_names_the_argument():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="backend"):
+        mmsd_ext.topk_mil_pool(x, 2, backend="fast")
+    with pytest.raises(ValueError, match="use_backend"):
+        with mmsd_ext.use_backend("gpu"):
+            pass
+
+
+def test_backend_that_does_not_fit_the_device():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        mmsd_ext.topk_mil_pool(x, 2, backend="cuda")
+
+
+def test_use_backend_overrides_auto_and_nests():
+    assert _backend.resolve("topk_mil_pool", None, "cpu", supported=("reference", "cpu")) in ("cpu", "reference")
+    with mmsd_ext.use_backend("reference"):
+        assert _backend.resolve("topk_mil_pool", None, "cpu") == "reference"
+        with mmsd_ext.use_backend("auto"):
+            expected = "cpu" if "cpu" in mmsd_ext.available_backends() else "reference"
+            assert _backend.resolve("topk_mil_pool", None, "cpu") == expected
+        # An explicit argument wins over the context.
+        if "cpu" in mmsd_ext.available_backends():
+            assert _backend.resolve("topk_mil_pool", "cpu", "cpu") == "cpu"
+    assert _backend.resolve("topk_mil_pool", "reference", "cpu") == "reference"
+
+
+# An editable install adds a finder that maps every mmsd_ext module to the source
+# tree; a test of a copied package must not be handed the tree's shared object.
+_NO_EDITABLE_FINDER = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+)
+
+
+def _run_isolated(script, env_extra=None, copied=False):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    code = (_NO_EDITABLE_FINDER if copied else "") + textwrap.dedent(script)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+
+
+def test_environment_variable_override():
+    result = _run_isolated(
+        "import mmsd_ext, mmsd_ext._backend as b; print(b.resolve('topk_mil_pool', None, 'cpu'))",
+        {"MMSD_EXT_BACKEND": "reference"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reference"
+    bad = _run_isolated("import mmsd_ext", {"MMSD_EXT_BACKEND": "quick"})
+    assert bad.returncode != 0 and "MMSD_EXT_BACKEND" in bad.stderr
+
+
+def test_import_survives_a_missing_extension(tmp_path):
+    # A copy of the Python sources without the shared object: "not built".
+    import shutil
+
+    src = os.path.dirname(mmsd_ext.__file__)
+    dst = tmp_path / "mmsd_ext"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.so", "_build_info.json", "__pycache__"))
+    result = _run_isolated(
+        """
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "not built" in messages[0], messages[0]
+        assert mmsd_ext.build_info()["backends"][0] == "reference"
+        x = torch.randn(2, 6, 3)
+        torch.testing.assert_close(mmsd_ext.topk_mil_pool(x, 2), x.topk(2, dim=1).values.mean(1))
+        try:
+            mmsd_ext.topk_mil_pool(x, 2, backend="cpu")
+        except RuntimeError as exc:
+            assert "pip install --no-build-isolation -e ." in str(exc)
+        else:
+            raise AssertionError("backend='cpu' should have failed")
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path)},
+        copied=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_import_survives_an_extension_built_for_another_torch(tmp_path):
+    import json
+    import shutil
+
+    src = os.path.dirname(mmsd_ext.__file__)
+    dst = tmp_path / "mmsd_ext"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    info = {"version": mmsd_ext.__version__, "torch": "1.0.0+other", "cuda": None, "archs": None}
+    (dst / "_build_info.json").write_text(json.dumps(info))
+    result = _run_isolated(
+        """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        assert len(messages) == 1 and "built for torch 1.0.0+other" in messages[0], messages
+        assert "cpu" not in mmsd_ext.build_info()["backends"]
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path)},
+        copied=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
