@@ -254,7 +254,8 @@ def mmsd_detection_map(
             as in ``mmsd_proposals``.
 
     Returns:
-        DetectionMAP.
+        DetectionMAP. To also keep (or export) the proposals, call ``mmsd_proposals``
+        and ``thumos14_detection_map`` yourself: this function is exactly those two calls.
 
     Example (the W-TALC files of the test subset)::
 
@@ -547,31 +548,43 @@ def _voc_ap(hits, num_positives):
 def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     """Rows (video, class, start, end) in snippets, round half to even."""
     index = {name: i for i, name in enumerate(classes)}
-    videos, class_ids, bounds = [], [], []
+    videos = []
     for v, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
-        segments = np.asarray(segments, dtype=np.float64)
-        if segments.size == 0:
-            if len(labels):
-                raise ValueError(f"gt_labels[{v}]: expected one label per segment (0 segments), got {len(labels)}")
-            continue
-        if segments.ndim != 2 or segments.shape[1] != 2:
-            raise ValueError(f"gt_segments[{v}]: expected [n, 2] (start, end) seconds, got shape {segments.shape}")
         if len(labels) != len(segments):
             raise ValueError(f"gt_labels[{v}]: expected one label per segment ({len(segments)}), got {len(labels)}")
-        if not np.isfinite(segments).all() or (segments[:, 1] < segments[:, 0]).any():
-            raise ValueError(f"gt_segments[{v}]: expected finite segments with end >= start, got {segments.tolist()}")
-        for j, label in enumerate(labels):
-            c = index.get(_name(label))
-            if c is None:
-                raise ValueError(f"gt_labels[{v}][{j}]: unknown class {_name(label)!r} (not in class_names)")
-            class_ids.append(c)
         videos.extend([v] * len(segments))
-        bounds.append(segments)
-    if not bounds:
+    if not videos:
         return np.zeros((0, 4))
+    flat = [segment for segments in gt_segments for segment in segments]
+    try:
+        bounds = np.asarray(flat, dtype=np.float64)
+        if bounds.shape != (len(flat), 2):
+            raise ValueError
+    except (TypeError, ValueError):
+        bounds = None
+    if bounds is None or not np.isfinite(bounds).all() or (bounds[:, 1] < bounds[:, 0]).any():
+        v = _first_bad_video(gt_segments)
+        raise ValueError(f"gt_segments[{v}]: expected finite [start, end] seconds with end >= start, got {list(gt_segments[v])}")
+    class_ids = [index.get(label if isinstance(label, str) else _name(label), -1) for labels in gt_labels for label in labels]
+    if -1 in class_ids:
+        i = class_ids.index(-1)
+        v = videos[i]
+        j = i - videos.index(v)
+        raise ValueError(f"gt_labels[{v}][{j}]: unknown class {_name(gt_labels[v][j])!r} (not in class_names)")
     # np.round rounds half to even, exactly like Python's round() on the same float64.
-    snippets = np.round(np.concatenate(bounds) * factor)
+    snippets = np.round(bounds * factor)
     return np.column_stack([np.asarray(videos, dtype=np.float64), np.asarray(class_ids, dtype=np.float64), snippets])
+
+
+def _first_bad_video(gt_segments):
+    for v, segments in enumerate(gt_segments):
+        try:
+            array = np.asarray(segments, dtype=np.float64).reshape(len(segments), -1)
+        except (TypeError, ValueError):
+            return v
+        if len(segments) and (array.shape[1] != 2 or not np.isfinite(array).all() or (array[:, 1] < array[:, 0]).any()):
+            return v
+    raise AssertionError("no malformed ground-truth segment found")
 
 
 def _touches_ambiguous(pred, entries, names, factor):
