@@ -52,7 +52,10 @@ def mmsd_proposals(
     greedy NMS: by descending score, ties by lower (threshold, start) order,
     a proposal is dropped when a kept one covers strictly more than
     ``nms_threshold`` of its own length, lengths and intersections counted
-    inclusively (``temporal_nms(..., overlap="other", offset=1)``).
+    inclusively (``temporal_nms(..., overlap="other", offset=1)``). (MMSD's
+    own NMS takes the last of equal scores in ``numpy.argsort`` order, which is
+    the higher index for short inputs and unspecified in general; equal scores
+    of different segments need exactly tied means, so this rarely matters.)
 
     Arithmetic is float64 whatever the dtype of ``cas``: thresholds are compared
     with float64 values (as numpy >= 2 compares a float32 array with a float64
