@@ -279,6 +279,8 @@ def mmsd_detection_map(
     if not isinstance(video_scores, torch.Tensor):
         video_scores = torch.as_tensor(np.asarray(video_scores))
     video_scores = video_scores.to(cas.device)
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.to(cas.device)
     rows = mmsd_proposals(
         cas,
         video_scores,
