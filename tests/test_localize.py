@@ -50,7 +50,7 @@ def test_matches_loops_default_options(inputs):
 
 @given(
     proposal_inputs(),
-    st.sampled_from([None, (0.001, 0.004), (0.006, 0.002, 0.004, 0.002), ()]),
+    st.sampled_from([None, (0.001, 0.004), (0.002, 0.002, 0.005), (0.006, 0.002, 0.004, 0.002), ()]),
     st.sampled_from([0.0, 0.2, 0.9]),
     st.integers(1, 4),
     st.sampled_from([0.0, 0.25, 0.5, 1.7]),
