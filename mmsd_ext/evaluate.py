@@ -1,0 +1,702 @@
+"""Scoring temporal detections.
+
+- ``detection_map``: mAP at tIoU thresholds with ActivityNet semantics (any time unit).
+- ``thumos14_detection_map``: MMSD's THUMOS14 protocol (``getLocMAP``) on proposals in snippets.
+- ``mmsd_detection_map``: class activation sequences -> ``mmsd_proposals`` -> the THUMOS14 protocol.
+- ``classification_map``: MMSD's (W-TALC's) video classification mAP.
+- ``export_detections_json``: detections as ActivityNet-style JSON, in seconds.
+- ``read_ambiguous``: the Ambiguous_test.txt list of the W-TALC layout.
+
+All AP values are fractions in [0, 1]; multiply by 100 for the percentages MMSD prints.
+Every tIoU threshold is evaluated in one pass: predictions are ranked once per
+class, and the greedy matching runs in rounds (the r-th best prediction of
+every (class, video) at once, for all thresholds at once), which is exactly the
+sequential greedy because only predictions of the same class and video compete
+for the same ground truth.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from .localize import MMSD_THRESHOLDS, mmsd_proposals, pad_cas
+
+DEFAULT_TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: I3D snippets per second of the W-TALC features: 25 fps, 16 frames a snippet.
+THUMOS14_FACTOR = 25.0 / 16.0
+
+PREDICTION_COLUMNS = ("video", "class", "start", "end", "score")
+GROUND_TRUTH_COLUMNS = ("video", "class", "start", "end")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DetectionMAP:
+    """Result of ``detection_map`` and the THUMOS14 protocol.
+
+    Attributes:
+        tious: float64 [n_tiou], the thresholds.
+        classes: int64 [n_class], the classes present in the ground truth, ascending
+            (the ones the mean runs over).
+        ap: float64 [n_tiou, n_class] average precision in [0, 1].
+        map: float64 [n_tiou], mean AP over ``classes`` per threshold.
+        average: float, mean of ``map`` over the thresholds.
+        num_ground_truth: int64 [n_class] ground-truth segments per class.
+        num_predictions: int64 [n_class] predictions per class that were scored.
+    """
+
+    tious: np.ndarray
+    classes: np.ndarray
+    ap: np.ndarray
+    map: np.ndarray
+    average: float
+    num_ground_truth: np.ndarray
+    num_predictions: np.ndarray
+
+    def to_dict(self, class_names=None, percent=True):
+        """JSON-ready dict: ``map`` {tIoU: value}, ``average_map``, ``ap`` {class: {tIoU: value}}."""
+        scale = 100.0 if percent else 1.0
+        keys = [f"{t:g}" for t in self.tious]
+        names = [str(class_names[c]) if class_names is not None else str(int(c)) for c in self.classes]
+        return {
+            "map": {k: float(v) * scale for k, v in zip(keys, self.map)},
+            "average_map": float(self.average) * scale,
+            "ap": {n: {k: float(v) * scale for k, v in zip(keys, self.ap[:, j])} for j, n in enumerate(names)},
+            "percent": bool(percent),
+        }
+
+    def __str__(self):
+        head = " ".join(f"{t:>6g}" for t in self.tious)
+        values = " ".join(f"{100 * m:6.2f}" for m in self.map)
+        return f"tIoU {head}    AVG\nmAP  {values} {100 * self.average:6.2f}"
+
+
+def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
+    """Mean average precision of temporal detections at each tIoU threshold (ActivityNet semantics).
+
+    Per class, predictions are ranked by descending score (ties: input order);
+    each in turn takes the not-yet-matched ground-truth segment of the same
+    video and class with the highest IoU, provided that IoU >= t (ties: the
+    earlier ground-truth row); it is a true positive if it took one. AP is the
+    VOC-interpolated area under the precision/recall curve; mAP is the mean over
+    the classes present in the ground truth. A class with no predictions has AP 0;
+    predictions of classes absent from the ground truth are ignored; predictions
+    on videos without ground truth are false positives.
+
+    IoU is continuous: ``inter = max(0, min(e1, e2) - max(s1, s2))``,
+    ``union = (e1 - s1) + (e2 - s2) - inter``, IoU 0 when ``union == 0``.
+
+    Args:
+        predictions: [P, 5] rows (video, class, start, end, score), numpy array,
+            tensor or nested lists. video and class are non-negative integers (any
+            ids: they are matched by value), ``end >= start``, scores not NaN.
+            P == 0 (any empty input) is allowed: every AP is 0.
+        ground_truth: [G, 4] rows (video, class, start, end), same time unit;
+            at least one row.
+        tiou_thresholds: non-empty sequence of thresholds in (0, 1].
+
+    Returns:
+        DetectionMAP (tious, classes, ap [n_tiou, n_class], map [n_tiou], average, ...).
+
+    Raises:
+        ValueError naming the argument: wrong number of columns, non-integral or
+        negative ids, end < start, NaN, no ground truth, thresholds outside (0, 1].
+
+    Example::
+
+        >>> result = detection_map(rows, ground_truth)         # rows from mmsd_proposals
+        >>> result.map, result.average                           # per tIoU, and their mean
+    """
+    pred = _rows("predictions", predictions, PREDICTION_COLUMNS)
+    gt = _rows("ground_truth", ground_truth, GROUND_TRUTH_COLUMNS)
+    if len(gt) == 0:
+        raise ValueError("ground_truth: expected at least one row, got none (mAP is undefined without ground truth)")
+    return _detection_map(pred, gt, _tious(tiou_thresholds))
+
+
+def thumos14_detection_map(
+    predictions,
+    video_names,
+    gt_segments,
+    gt_labels,
+    class_names,
+    *,
+    ambiguous=None,
+    tiou_thresholds=DEFAULT_TIOUS,
+    factor=THUMOS14_FACTOR,
+    zero_map_if_class_empty=False,
+):
+    """MMSD's THUMOS14 evaluation (``getLocMAP``) of proposals in snippets.
+
+    The protocol, step by step:
+
+    1. Ground truth in seconds becomes snippets ``round(sec * factor)``, rounding
+       half to even like Python's ``round``; IoU is then computed on integer
+       snippet ranges ``[start, end)`` (the continuous IoU of integer endpoints
+       equals MMSD's set IoU).
+    2. Videos without ground-truth segments are left out with their predictions
+       (MMSD evaluates only annotated videos).
+    3. Prediction boundaries are truncated toward zero (``int``).
+    4. A prediction is dropped if its snippet range shares a snippet with an
+       ambiguous segment of its video (``round(sec * factor)`` as in 1).
+    5. ``detection_map`` on what remains, over the classes present in the ground truth.
+
+    With ``zero_map_if_class_empty=True``, MMSD's quirk: if any ground-truth class
+    has no prediction left after step 4, every mAP (and the average) is 0; ``ap``
+    keeps the per-class values. Off by default.
+
+    Known differences from MMSD's code, all outside THUMOS14's normal use:
+    ties in score are ranked by input order (numpy's default sort, which MMSD
+    uses, leaves their order unspecified); ``getLocMAP`` indexes its per-class
+    lists by class index although ``getActLoc`` builds them in the order of the
+    sorted class names present in the ground truth -- the two agree when every
+    class has ground truth and ``class_names`` is sorted, as for THUMOS14 -- here
+    each class is simply scored with its own predictions.
+
+    Args:
+        predictions: [P, 5] rows (video, class, start, end, score) in snippets, video an
+            index into ``video_names``, class an index into ``class_names``
+            (e.g. the output of ``mmsd_proposals``).
+        video_names: V names (str or bytes), the evaluated videos in row order
+            (for THUMOS14: the test subset).
+        gt_segments: V per-video sequences of [start, end] in seconds (W-TALC's
+            ``segments.npy``, restricted to the evaluated videos).
+        gt_labels: V per-video sequences of class names, one per segment (``labels.npy``).
+        class_names: C class names (``classlist.npy``); str or bytes.
+        ambiguous: None, a path to ``Ambiguous_test.txt``, or (name, start, end)
+            entries in seconds; entries of other videos are ignored.
+        tiou_thresholds: as in ``detection_map``.
+        factor: snippets per second (25/16 for the I3D features of W-TALC; 10/4 for UNT).
+        zero_map_if_class_empty: reproduce MMSD's all-zero mAP when a class has no predictions.
+
+    Returns:
+        DetectionMAP; ``classes`` index into ``class_names``.
+
+    Raises:
+        ValueError naming the argument: lengths of the per-video lists that
+        disagree, unknown class names, out-of-range video or class indices,
+        segments with end < start, no ground truth at all, a malformed ambiguous file.
+
+    Example::
+
+        >>> rows = mmsd_proposals(cas, video_scores, lengths)
+        >>> result = thumos14_detection_map(rows, names, segments, labels, classlist,
+        ...                                 ambiguous=root + "/Ambiguous_test.txt")
+        >>> 100 * result.map                                     # MMSD's printed numbers
+    """
+    names = _names("video_names", video_names)
+    classes = _names("class_names", class_names)
+    if len(set(classes)) != len(classes):
+        raise ValueError("class_names: expected distinct names, got duplicates")
+    factor = _positive("factor", factor)
+    tious = _tious(tiou_thresholds)
+    V, C = len(names), len(classes)
+    for name, value in (("gt_segments", gt_segments), ("gt_labels", gt_labels)):
+        if not hasattr(value, "__len__") or len(value) != V:
+            got = len(value) if hasattr(value, "__len__") else type(value).__name__
+            raise ValueError(f"{name}: expected one entry per video ({V} video_names), got {got}")
+    gt = _thumos_ground_truth(gt_segments, gt_labels, classes, factor)
+    if len(gt) == 0:
+        raise ValueError("gt_segments: expected at least one ground-truth segment, got none")
+
+    pred = _rows("predictions", predictions, PREDICTION_COLUMNS)
+    _check_index_range("predictions", pred[:, 0], V, "video", "video_names")
+    _check_index_range("predictions", pred[:, 1], C, "class", "class_names")
+    has_gt = np.zeros(V, dtype=bool)
+    has_gt[gt[:, 0].astype(np.int64)] = True
+    pred = pred[has_gt[pred[:, 0].astype(np.int64)]]
+    pred[:, 2:4] = np.trunc(pred[:, 2:4])
+
+    entries = read_ambiguous(ambiguous) if isinstance(ambiguous, (str, os.PathLike)) else _ambiguous_entries(ambiguous)
+    if entries and len(pred):
+        pred = pred[~_touches_ambiguous(pred, entries, names, factor)]
+
+    result = _detection_map(pred, gt, tious)
+    if zero_map_if_class_empty and bool((result.num_predictions == 0).any()):
+        result = dataclasses.replace(result, map=np.zeros_like(result.map), average=0.0)
+    return result
+
+
+def mmsd_detection_map(
+    cas,
+    video_scores,
+    video_names,
+    gt_segments,
+    gt_labels,
+    class_names,
+    *,
+    lengths=None,
+    ambiguous=None,
+    tiou_thresholds=DEFAULT_TIOUS,
+    factor=THUMOS14_FACTOR,
+    zero_map_if_class_empty=False,
+    thresholds=MMSD_THRESHOLDS,
+    class_threshold=0.2,
+    min_len=2,
+    outer_ratio=0.25,
+    nms_threshold=0.4,
+    nms_backend=None,
+):
+    """MMSD's whole localization evaluation: ``mmsd_proposals`` then ``thumos14_detection_map``.
+
+    Args:
+        cas: padded [V, T, C] tensor (with ``lengths``), or a list of V per-video
+            [T_i, C] arrays or tensors. C must equal ``len(class_names)``: drop the
+            background column first.
+        video_scores: [V, C] tensor or array of video-level class scores.
+        video_names, gt_segments, gt_labels, class_names, ambiguous, tiou_thresholds,
+            factor, zero_map_if_class_empty: as in ``thumos14_detection_map``.
+        lengths: [V] valid lengths of a padded ``cas`` (not allowed with a list).
+        thresholds, class_threshold, min_len, outer_ratio, nms_threshold, nms_backend:
+            as in ``mmsd_proposals``.
+
+    Returns:
+        DetectionMAP. To also keep (or export) the proposals, call ``mmsd_proposals``
+        and ``thumos14_detection_map`` yourself: this function is exactly those two calls.
+
+    Example (the W-TALC files of the test subset)::
+
+        >>> result = mmsd_detection_map(cas_list, video_scores, names, segments, labels,
+        ...                             classlist, ambiguous=root + "/Ambiguous_test.txt")
+        >>> print(result)                                      # mAP table in percent
+    """
+    if isinstance(cas, (list, tuple)):
+        if lengths is not None:
+            raise ValueError("lengths: only for a padded cas tensor; a list of sequences carries its own lengths")
+        cas, lengths = pad_cas(cas)
+    if not isinstance(cas, torch.Tensor):
+        raise TypeError(f"cas: expected a [V, T, C] tensor or a list of [T_i, C] arrays, got {type(cas).__name__}")
+    if cas.dim() == 3 and cas.shape[2] != len(class_names):
+        raise ValueError(
+            f"cas: expected C = len(class_names) = {len(class_names)} class columns, got {cas.shape[2]} "
+            "(drop the background column)"
+        )
+    if cas.dim() == 3 and cas.shape[0] != len(video_names):
+        raise ValueError(f"cas: expected one sequence per video ({len(video_names)} video_names), got {cas.shape[0]}")
+    if not isinstance(video_scores, torch.Tensor):
+        video_scores = torch.as_tensor(np.asarray(video_scores))
+    video_scores = video_scores.to(cas.device)
+    if isinstance(lengths, torch.Tensor):
+        lengths = lengths.to(cas.device)
+    rows = mmsd_proposals(
+        cas,
+        video_scores,
+        lengths,
+        thresholds=thresholds,
+        class_threshold=class_threshold,
+        min_len=min_len,
+        outer_ratio=outer_ratio,
+        nms_threshold=nms_threshold,
+        nms_backend=nms_backend,
+    )
+    return thumos14_detection_map(
+        rows,
+        video_names,
+        gt_segments,
+        gt_labels,
+        class_names,
+        ambiguous=ambiguous,
+        tiou_thresholds=tiou_thresholds,
+        factor=factor,
+        zero_map_if_class_empty=zero_map_if_class_empty,
+    )
+
+
+def classification_map(video_scores, labels):
+    """Video classification mAP as MMSD computes it (W-TALC's ``getClassificationMAP``).
+
+    Per class: videos ranked by descending score (ties: input order);
+    AP = sum of the precision at each positive video / number of positives
+    (non-interpolated). The result is the mean over the classes that have at
+    least one positive video, in [0, 1] (MMSD prints 100x). Computed in float64
+    (MMSD's float32 cumulative sums differ by ~1e-7). MMSD's code would return
+    NaN when a class has no positive video; such classes are left out here.
+
+    Args:
+        video_scores: [V, C] scores (tensor or array), not NaN.
+        labels: [V, C] multi-hot labels, values 0 or 1 (bool allowed).
+
+    Returns:
+        float.
+
+    Raises:
+        ValueError naming the argument: shapes that differ or are not 2-d, empty
+        inputs, NaN scores, labels other than 0/1, no positive label at all.
+    """
+    scores = _matrix("video_scores", video_scores)
+    labels = _matrix("labels", labels)
+    if scores.shape != labels.shape:
+        raise ValueError(f"labels: expected the shape of video_scores {scores.shape}, got {labels.shape}")
+    if scores.size == 0:
+        raise ValueError(f"video_scores: expected at least one video and one class, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("video_scores: NaN values")
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("labels: expected values 0 or 1")
+    positives = labels.sum(axis=0)
+    present = positives > 0
+    if not present.any():
+        raise ValueError("labels: no class has a positive video; classification mAP is undefined")
+    order = np.argsort(-scores, axis=0, kind="stable")
+    hits = np.take_along_axis(labels, order, axis=0)
+    precision = np.cumsum(hits, axis=0) / np.arange(1, len(hits) + 1)[:, None]
+    ap = (precision * hits).sum(axis=0)[present] / positives[present]
+    return float(ap.mean())
+
+
+def export_detections_json(predictions, video_names, class_names, file=None, *, factor=THUMOS14_FACTOR, version="VERSION 1.3"):
+    """Write detections in the ActivityNet result format, with times in seconds.
+
+    ``{"version": ..., "results": {video: [{"label", "segment": [start, end], "score"}]},
+    "external_data": {}}``; every video of ``video_names`` gets an entry (empty if it has
+    no detection), detections keep the row order of ``predictions``.
+
+    Args:
+        predictions: [P, 5] rows (video index, class index, start, end, score) in snippets.
+        video_names: V distinct names (str or bytes).
+        class_names: C names (str or bytes).
+        file: None, a path, or a text file object.
+        factor: snippets per second: seconds = snippets / factor (25/16 for W-TALC's I3D).
+        version: the "version" string.
+
+    Returns:
+        The dict that was written.
+
+    Raises:
+        ValueError naming the argument: bad rows, indices out of range, non-finite
+        scores (JSON has no infinities), duplicate video names.
+    """
+    pred = _rows("predictions", predictions, PREDICTION_COLUMNS)
+    names = _names("video_names", video_names)
+    classes = _names("class_names", class_names)
+    if len(set(names)) != len(names):
+        raise ValueError("video_names: expected distinct names, got duplicates")
+    factor = _positive("factor", factor)
+    _check_index_range("predictions", pred[:, 0], len(names), "video", "video_names")
+    _check_index_range("predictions", pred[:, 1], len(classes), "class", "class_names")
+    if not np.isfinite(pred[:, 4]).all():
+        raise ValueError("predictions: expected finite scores for JSON export")
+    results = {name: [] for name in names}
+    for v, c, s, e, score in pred.tolist():
+        results[names[int(v)]].append({"label": classes[int(c)], "segment": [s / factor, e / factor], "score": score})
+    data = {"version": version, "results": results, "external_data": {}}
+    if file is None:
+        return data
+    if isinstance(file, (str, os.PathLike)):
+        with open(file, "w") as f:
+            json.dump(data, f)
+    elif hasattr(file, "write"):
+        json.dump(data, file)
+    else:
+        raise TypeError(f"file: expected None, a path or a text file object, got {type(file).__name__}")
+    return data
+
+
+def read_ambiguous(path):
+    """Parse W-TALC's Ambiguous_test.txt: one ``name  start end`` (seconds) per line.
+
+    Any whitespace separates the fields (MMSD splits on single spaces, which
+    needs the file's two spaces after the name); blank lines are skipped.
+
+    Returns:
+        list of (name, start, end).
+
+    Raises:
+        ValueError naming the file and line for a line that is not name, start, end.
+    """
+    entries = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 3:
+                    raise ValueError
+                entries.append((fields[0], float(fields[1]), float(fields[2])))
+            except ValueError:
+                raise ValueError(f"ambiguous: {os.fspath(path)} line {number}: expected 'name start end', got {line.strip()!r}") from None
+    return entries
+
+
+# --------------------------------------------------------------------------- core
+
+
+def _detection_map(pred, gt, tious):
+    classes = np.unique(gt[:, 1]).astype(np.int64)
+    n_tiou, n_class = len(tious), len(classes)
+    gt_class = np.searchsorted(classes, gt[:, 1])
+
+    position = np.minimum(np.searchsorted(classes, pred[:, 1]), n_class - 1)
+    scored = classes[position] == pred[:, 1]
+    pred, pred_class = pred[scored], position[scored]
+    # Class-major, then descending score; lexsort is stable, so ties keep input order.
+    order = np.lexsort((-pred[:, 4], pred_class))
+    pred, pred_class = pred[order], pred_class[order]
+
+    # Dense video ids, so (class, video) fits one int64 key.
+    _, video = np.unique(np.concatenate([pred[:, 0], gt[:, 0]]), return_inverse=True)
+    n_video = int(video.max()) + 1
+    pred_key = pred_class * n_video + video[: len(pred)]
+    gt_key = gt_class * n_video + video[len(pred) :]
+    hits = _greedy_match(pred_key, pred[:, 2], pred[:, 3], gt_key, gt[:, 2], gt[:, 3], tious)
+
+    num_gt = np.bincount(gt_class, minlength=n_class)
+    bounds = np.searchsorted(pred_class, np.arange(n_class + 1))
+    ap = np.zeros((n_tiou, n_class))
+    for j in range(n_class):
+        ap[:, j] = _voc_ap(hits[bounds[j] : bounds[j + 1]].T, num_gt[j])
+    mean_ap = ap.mean(axis=1)
+    return DetectionMAP(
+        tious=tious,
+        classes=classes,
+        ap=ap,
+        map=mean_ap,
+        average=float(mean_ap.mean()),
+        num_ground_truth=num_gt.astype(np.int64),
+        num_predictions=np.diff(bounds).astype(np.int64),
+    )
+
+
+def _greedy_match(pred_key, pred_start, pred_end, gt_key, gt_start, gt_end, tious):
+    """True-positive flags [P, n_tiou] of predictions ranked within their class.
+
+    Predictions must come in ranking order within each key (class, video). Every
+    prediction/ground-truth pair of the same key gets its IoU; pairs below the
+    lowest threshold can never match and are dropped, and so are predictions
+    left without pairs (false positives at every threshold). Round r then
+    resolves, for all thresholds at once, the r-th remaining prediction of every
+    key: each takes its best free ground truth (highest IoU, ties: first).
+    """
+    P, n_tiou = len(pred_key), len(tious)
+    hits = np.zeros((P, n_tiou), dtype=bool)
+    if P == 0:
+        return hits
+    g_order = np.argsort(gt_key, kind="stable")
+    gt_key, gt_start, gt_end = gt_key[g_order], gt_start[g_order], gt_end[g_order]
+    lo = np.searchsorted(gt_key, pred_key, side="left")
+    count = np.searchsorted(gt_key, pred_key, side="right") - lo
+    pair_pred = np.repeat(np.arange(P), count)
+    first_pair = np.cumsum(count) - count
+    pair_gt = lo[pair_pred] + (np.arange(len(pair_pred)) - first_pair[pair_pred])
+    iou = _iou(pred_start[pair_pred], pred_end[pair_pred], gt_start[pair_gt], gt_end[pair_gt])
+    useful = iou >= tious.min()
+    pair_pred, pair_gt, iou = pair_pred[useful], pair_gt[useful], iou[useful]
+    if len(pair_pred) == 0:
+        return hits
+
+    # Rank of each remaining prediction within its key (pair_pred ascends, and
+    # within a key ascending index is ranking order).
+    live = np.unique(pair_pred)
+    by_key = np.argsort(pred_key[live], kind="stable")
+    sorted_keys = pred_key[live][by_key]
+    rank = np.empty(P, dtype=np.int64)
+    rank[live[by_key]] = np.arange(len(live)) - np.searchsorted(sorted_keys, sorted_keys, side="left")
+    pair_rank = rank[pair_pred]
+    order = np.argsort(pair_rank, kind="stable")  # by round, then prediction, then ground truth
+    pair_pred, pair_gt, iou, pair_rank = pair_pred[order], pair_gt[order], iou[order], pair_rank[order]
+    rounds = np.searchsorted(pair_rank, np.arange(int(pair_rank[-1]) + 2))
+
+    taken = np.zeros((len(gt_key), n_tiou), dtype=bool)
+    for r in range(len(rounds) - 1):
+        p = pair_pred[rounds[r] : rounds[r + 1]]
+        g = pair_gt[rounds[r] : rounds[r + 1]]
+        x = iou[rounds[r] : rounds[r + 1]]
+        n = len(p)
+        new = np.ones(n, dtype=bool)
+        new[1:] = p[1:] != p[:-1]
+        starts = np.flatnonzero(new)
+        segment = np.cumsum(new) - 1
+        free = (x[:, None] >= tious[None, :]) & ~taken[g]  # [n, n_tiou]
+        value = np.where(free, x[:, None], -1.0)
+        best = np.maximum.reduceat(value, starts, axis=0)
+        at_best = free & (value == best[segment])
+        first = np.minimum.reduceat(np.where(at_best, np.arange(n)[:, None], n), starts, axis=0)
+        hit = first < n
+        which, t = np.nonzero(hit)
+        taken[g[first[which, t]], t] = True
+        hits[p[starts]] = hit
+    return hits
+
+
+def _iou(s1, e1, s2, e2):
+    inter = np.maximum(0.0, np.minimum(e1, e2) - np.maximum(s1, s2))
+    union = (e1 - s1) + (e2 - s2) - inter
+    out = np.zeros_like(inter)
+    np.divide(inter, union, out=out, where=union > 0)
+    return out
+
+
+def _voc_ap(hits, num_positives):
+    """VOC-interpolated AP per row of hits [n_tiou, n] (predictions in ranking order)."""
+    n_tiou, n = hits.shape
+    if n == 0:
+        return np.zeros(n_tiou)
+    tp = np.cumsum(hits, axis=1, dtype=np.float64)
+    zeros = np.zeros((n_tiou, 1))
+    precision = np.concatenate([zeros, tp / np.arange(1, n + 1), zeros], axis=1)
+    precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+    recall = np.concatenate([zeros, tp / num_positives, np.ones((n_tiou, 1))], axis=1)
+    # Steps where recall does not change contribute exactly 0.
+    return np.sum(np.diff(recall, axis=1) * precision[:, 1:], axis=1)
+
+
+# ------------------------------------------------------------------ THUMOS14 helpers
+
+
+def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
+    """Rows (video, class, start, end) in snippets, round half to even."""
+    index = {name: i for i, name in enumerate(classes)}
+    videos = []
+    for v, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
+        if len(labels) != len(segments):
+            raise ValueError(f"gt_labels[{v}]: expected one label per segment ({len(segments)}), got {len(labels)}")
+        videos.extend([v] * len(segments))
+    if not videos:
+        return np.zeros((0, 4))
+    flat = [segment for segments in gt_segments for segment in segments]
+    try:
+        bounds = np.asarray(flat, dtype=np.float64)
+        if bounds.shape != (len(flat), 2):
+            raise ValueError
+    except (TypeError, ValueError):
+        bounds = None
+    if bounds is None or not np.isfinite(bounds).all() or (bounds[:, 1] < bounds[:, 0]).any():
+        v = _first_bad_video(gt_segments)
+        raise ValueError(f"gt_segments[{v}]: expected finite [start, end] seconds with end >= start, got {list(gt_segments[v])}")
+    class_ids = [index.get(label if isinstance(label, str) else _name(label), -1) for labels in gt_labels for label in labels]
+    if -1 in class_ids:
+        i = class_ids.index(-1)
+        v = videos[i]
+        j = i - videos.index(v)
+        raise ValueError(f"gt_labels[{v}][{j}]: unknown class {_name(gt_labels[v][j])!r} (not in class_names)")
+    # np.round rounds half to even, exactly like Python's round() on the same float64.
+    snippets = np.round(bounds * factor)
+    return np.column_stack([np.asarray(videos, dtype=np.float64), np.asarray(class_ids, dtype=np.float64), snippets])
+
+
+def _first_bad_video(gt_segments):
+    for v, segments in enumerate(gt_segments):
+        try:
+            array = np.asarray(segments, dtype=np.float64).reshape(len(segments), -1)
+        except (TypeError, ValueError):
+            return v
+        if len(segments) and (array.shape[1] != 2 or not np.isfinite(array).all() or (array[:, 1] < array[:, 0]).any()):
+            return v
+    raise AssertionError("no malformed ground-truth segment found")
+
+
+def _touches_ambiguous(pred, entries, names, factor):
+    """Mask of predictions sharing a snippet with an ambiguous segment of their video."""
+    videos = {}
+    for i, name in enumerate(names):
+        videos.setdefault(name, []).append(i)
+    amb = [(v, s, e) for name, s, e in entries for v in videos.get(name, ())]
+    if not amb:
+        return np.zeros(len(pred), dtype=bool)
+    amb = np.asarray(amb, dtype=np.float64)
+    amb[:, 1:] = np.round(amb[:, 1:] * factor)
+    amb = amb[np.argsort(amb[:, 0], kind="stable")]
+    lo = np.searchsorted(amb[:, 0], pred[:, 0], side="left")
+    count = np.searchsorted(amb[:, 0], pred[:, 0], side="right") - lo
+    pair_pred = np.repeat(np.arange(len(pred)), count)
+    pair_amb = lo[pair_pred] + (np.arange(len(pair_pred)) - (np.cumsum(count) - count)[pair_pred])
+    shared = np.maximum(pred[pair_pred, 2], amb[pair_amb, 1]) < np.minimum(pred[pair_pred, 3], amb[pair_amb, 2])
+    return np.bincount(pair_pred[shared], minlength=len(pred)) > 0
+
+
+def _ambiguous_entries(ambiguous):
+    if ambiguous is None:
+        return []
+    entries = []
+    for i, entry in enumerate(ambiguous):
+        try:
+            name, start, end = entry
+            entries.append((_name(name), float(start), float(end)))
+        except (TypeError, ValueError):
+            raise ValueError(f"ambiguous[{i}]: expected (name, start, end), got {entry!r}") from None
+    return entries
+
+
+# ------------------------------------------------------------------ argument checks
+
+
+def _rows(name, value, columns):
+    """A float64 [n, len(columns)] copy of rows given as an array, tensor or lists."""
+    ncols = len(columns)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().to(torch.float64).numpy()
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected numeric rows of {ncols} columns ({', '.join(columns)})") from None
+    if array.size == 0:
+        return np.zeros((0, ncols))
+    if array.ndim != 2 or array.shape[1] != ncols:
+        raise ValueError(f"{name}: expected rows of {ncols} columns ({', '.join(columns)}), got shape {array.shape}")
+    for j in (0, 1):
+        ids = array[:, j]
+        bad = ~np.isfinite(ids) | (ids < 0) | (ids != np.floor(ids))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name}: column {j} ({columns[j]}) must hold integers >= 0, row {i} has {ids[i]}")
+    bounds = array[:, 2:4]
+    bad = ~np.isfinite(bounds).all(axis=1) | (bounds[:, 1] < bounds[:, 0])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}: expected finite start <= end, row {i} has ({bounds[i, 0]}, {bounds[i, 1]})")
+    if ncols == 5 and np.isnan(array[:, 4]).any():
+        i = int(np.flatnonzero(np.isnan(array[:, 4]))[0])
+        raise ValueError(f"{name}: NaN score in row {i}")
+    return array
+
+
+def _tious(value):
+    try:
+        tious = np.array(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"tiou_thresholds: expected a sequence of numbers, got {value!r}") from None
+    if tious.size == 0:
+        raise ValueError("tiou_thresholds: expected at least one threshold")
+    if not ((tious > 0) & (tious <= 1)).all():
+        raise ValueError(f"tiou_thresholds: expected values in (0, 1], got {tious.tolist()}")
+    return tious
+
+
+def _matrix(name, value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().to(torch.float64).numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a numeric [V, C] array") from None
+    if array.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d [V, C] array, got shape {array.shape}")
+    return array
+
+
+def _name(x):
+    if isinstance(x, (bytes, np.bytes_)):
+        return bytes(x).decode("utf-8")
+    return str(x)
+
+
+def _names(arg, values):
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{arg}: expected a sequence of names, got {type(values).__name__}")
+    return [_name(v) for v in values]
+
+
+def _check_index_range(name, column, limit, what, against):
+    if len(column) and column.max() >= limit:
+        i = int(np.argmax(column >= limit))
+        raise ValueError(f"{name}: {what} index {int(column[i])} in row {i} is out of range for {limit} {against}")
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)

@@ -1,0 +1,394 @@
+"""detection_map, the THUMOS14 protocol, classification_map and the JSON export, against Python-loop references."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from localization_reference import (
+    classification_map_loops,
+    detection_map_loops,
+    mmsd_localization_map_loops,
+    read_ambiguous_loops,
+    thumos14_map_loops,
+    thumos_like_workload,
+)
+
+from mmsd_ext.evaluate import (
+    DEFAULT_TIOUS,
+    classification_map,
+    detection_map,
+    export_detections_json,
+    mmsd_detection_map,
+    read_ambiguous,
+    thumos14_detection_map,
+)
+
+EXACT = 1e-12  # the vectorised AP sums the same terms in another order
+
+
+def assert_same_map(result, reference):
+    classes, ap, maps, average = reference
+    assert result.classes.tolist() == list(classes)
+    np.testing.assert_allclose(result.ap, np.array(ap).reshape(result.ap.shape), rtol=0, atol=EXACT)
+    np.testing.assert_allclose(result.map, maps, rtol=0, atol=EXACT)
+    assert abs(result.average - average) < EXACT
+
+
+@st.composite
+def detections(draw, integral=None, score_levels=None):
+    """Predictions and ground truth over a few videos and classes; coarse scores make ties."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    P = draw(st.integers(0, 60))
+    G = draw(st.integers(1, 25))
+    videos = draw(st.integers(1, 5))
+    classes = draw(st.integers(1, 4))
+    integral = draw(st.booleans()) if integral is None else integral
+    levels = draw(st.sampled_from([3, 1000])) if score_levels is None else score_levels
+
+    def bounds(n):
+        if integral:
+            start = rng.integers(0, 40, n).astype(float)
+            return start, start + rng.integers(0, 12, n)
+        start = rng.uniform(0, 40, n)
+        return start, start + rng.uniform(0, 12, n)
+
+    ps, pe = bounds(P)
+    gs, ge = bounds(G)
+    pred = np.column_stack([rng.integers(0, videos, P), rng.integers(0, classes, P), ps, pe, rng.integers(0, levels, P) / levels])
+    gt = np.column_stack([rng.integers(0, videos, G), rng.integers(0, classes, G), gs, ge])
+    return pred.reshape(-1, 5), gt
+
+
+@given(detections(), st.sampled_from([DEFAULT_TIOUS, (0.5,), (0.3, 0.95, 1.0)]))
+def test_detection_map_matches_loops(data, tious):
+    pred, gt = data
+    assert_same_map(detection_map(pred, gt, tious), detection_map_loops(pred, gt, tious))
+
+
+@given(detections())
+def test_ap_is_in_unit_interval(data):
+    result = detection_map(*data)
+    assert ((result.ap >= 0) & (result.ap <= 1)).all()
+    assert 0 <= result.average <= 1
+
+
+@given(detections(integral=False, score_levels=10**9))
+def test_prediction_row_order_does_not_matter_without_ties(data):
+    pred, gt = data
+    assume(len(np.unique(pred[:, 4])) == len(pred))
+    perm = np.random.default_rng(len(pred)).permutation(len(pred))
+    a, b = detection_map(pred, gt), detection_map(pred[perm], gt)
+    np.testing.assert_array_equal(a.ap, b.ap)
+
+
+@given(detections(integral=False, score_levels=10**9))
+def test_ground_truth_row_order_does_not_matter_without_ties(data):
+    # With continuous endpoints, equal IoUs (the only place the ground-truth order counts) do not occur.
+    pred, gt = data
+    perm = np.random.default_rng(len(gt)).permutation(len(gt))
+    a, b = detection_map(pred, gt), detection_map(pred, gt[perm])
+    np.testing.assert_array_equal(a.ap, b.ap)
+
+
+@given(detections(), st.data())
+def test_a_perfect_prediction_of_an_unmatched_ground_truth_never_lowers_ap(data, draw):
+    pred, gt = data
+    # A ground-truth segment no prediction overlaps is unmatched at every threshold.
+    free = [
+        j
+        for j, g in enumerate(gt)
+        if g[3] > g[2]
+        and not any(p[0] == g[0] and p[1] == g[1] and min(p[3], g[3]) - max(p[2], g[2]) > 0 for p in pred)
+    ]
+    assume(free)
+    g = gt[draw.draw(st.sampled_from(free))]
+    top = pred[:, 4].max() + 1 if len(pred) else 1.0
+    better = np.vstack([pred, [[g[0], g[1], g[2], g[3], top]]])
+    before, after = detection_map(pred, gt), detection_map(better, gt)
+    assert (after.ap >= before.ap - EXACT).all()
+
+
+@given(detections())
+def test_a_new_ground_truth_with_a_perfect_top_prediction_never_lowers_ap(data):
+    pred, gt = data
+    video = gt[:, 0].max() + 1  # a fresh video, so nothing else can match it
+    cls = gt[0, 1]
+    top = pred[:, 4].max() + 1 if len(pred) else 1.0
+    before = detection_map(pred, gt)
+    after = detection_map(np.vstack([pred, [[video, cls, 3.0, 9.0, top]]]), np.vstack([gt, [[video, cls, 3.0, 9.0]]]))
+    assert (after.ap >= before.ap - EXACT).all()
+
+
+def test_a_duplicate_detection_is_a_false_positive():
+    # Two ground truths; each prediction overlaps only its own. Adding a perfect
+    # copy of the first at the top takes that ground truth, so the old prediction
+    # of it becomes a false positive: AP 1 -> 0.5 * 1 + 0.5 * 2/3.
+    gt = np.array([[0, 0, 0, 10], [0, 0, 20, 30]], dtype=float)
+    pred = np.array([[0, 0, 0, 9, 0.9], [0, 0, 20, 29, 0.8]])
+    assert detection_map(pred, gt, (0.5,)).ap[0, 0] == 1.0
+    worse = np.vstack([[0, 0, 0, 10, 1.0], pred])
+    assert abs(detection_map(worse, gt, (0.5,)).ap[0, 0] - (0.5 + 0.5 * 2 / 3)) < EXACT
+    assert_same_map(detection_map(worse, gt, (0.5,)), detection_map_loops(worse, gt, (0.5,)))
+
+
+def test_best_iou_wins_and_equal_ious_take_the_earlier_ground_truth():
+    gt = np.array([[0, 0, 0, 10], [0, 0, 2, 12], [0, 0, 4, 14]], dtype=float)
+    # IoU with gt 1 is 1, so it is taken although gt 0 also qualifies.
+    pred = np.array([[0, 0, 2, 12, 0.9], [0, 0, 3, 13, 0.8]])
+    assert_same_map(detection_map(pred, gt, (0.5,)), detection_map_loops(pred, gt, (0.5,)))
+    # At tIoU 0.7, [3, 13] has IoU 9/11 with gt 1 and with gt 2, and takes gt 1 (the earlier).
+    # Then [4, 14] takes gt 2 (IoU 1) and [2, 12] finds gt 1 taken (gt 0: 8/12 < 0.7):
+    # hits [1, 1, 0], AP 2/3. Had the tie gone to gt 2, the hits would be [1, 0, 1], AP 5/9.
+    pred = np.array([[0, 0, 3, 13, 0.9], [0, 0, 4, 14, 0.8], [0, 0, 2, 12, 0.7]])
+    result = detection_map(pred, gt, (0.7,))
+    assert result.ap[0, 0] == pytest.approx(2 / 3, abs=EXACT)
+    assert_same_map(result, detection_map_loops(pred, gt, (0.7,)))
+
+
+def test_edge_cases():
+    gt = np.array([[0, 0, 0, 10], [1, 1, 5, 5], [2, 2, 3, 8]], dtype=float)
+    # class 1's only ground truth has length 0: nothing can match it; class 2 has no prediction;
+    # class 7 is not in the ground truth and is ignored; video 9 has no ground truth (false positive).
+    pred = np.array([[0, 0, 0, 10, 0.5], [1, 1, 5, 5, 0.9], [0, 7, 0, 10, 0.99], [9, 0, 0, 10, 0.7]])
+    result = detection_map(pred, gt)
+    assert result.classes.tolist() == [0, 1, 2]
+    assert result.num_predictions.tolist() == [2, 1, 0] and result.num_ground_truth.tolist() == [1, 1, 1]
+    np.testing.assert_array_equal(result.ap[:, 1:], 0.0)
+    np.testing.assert_allclose(result.ap[:, 0], 0.5)  # the false positive on video 9 ranks first
+    assert_same_map(result, detection_map_loops(pred, gt))
+    # No predictions at all: every AP is 0.
+    for empty in (np.zeros((0, 5)), [], torch.zeros(0, 5)):
+        assert detection_map(empty, gt).average == 0.0
+    # Exact matches count at tIoU 1.
+    assert detection_map([[0, 0, 0, 10, 1.0]], gt[:1], (1.0,)).average == 1.0
+
+
+def test_tensors_and_arrays_agree():
+    rng = np.random.default_rng(1)
+    pred = np.column_stack([rng.integers(0, 3, 50), rng.integers(0, 2, 50), rng.uniform(0, 20, 50), rng.uniform(20, 30, 50), rng.uniform(size=50)])
+    gt = np.column_stack([rng.integers(0, 3, 10), rng.integers(0, 2, 10), rng.uniform(0, 20, 10), rng.uniform(20, 30, 10)])
+    a = detection_map(pred, gt)
+    b = detection_map(torch.tensor(pred, dtype=torch.float64), torch.tensor(gt))
+    np.testing.assert_array_equal(a.ap, b.ap)
+    d = a.to_dict(class_names=["x", "y"])
+    assert set(d["map"]) == {"0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"}
+    assert d["average_map"] == pytest.approx(100 * a.average) and set(d["ap"]) == {"x", "y"}
+    assert "mAP" in str(a)
+
+
+@pytest.mark.parametrize(
+    "pred, gt, tious, match",
+    [
+        (np.zeros((2, 4)), np.zeros((1, 4)), DEFAULT_TIOUS, "predictions"),
+        (np.zeros((2, 5)), np.zeros((1, 5)), DEFAULT_TIOUS, "ground_truth"),
+        (np.zeros((0, 5)), np.zeros((0, 4)), DEFAULT_TIOUS, "ground_truth"),
+        ([[0, -1, 0, 1, 0.5]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "class"),
+        ([[0.5, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "video"),
+        ([[0, 0, 2, 1, 0.5]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions.*start <= end"),
+        ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, np.inf]], DEFAULT_TIOUS, "ground_truth"),
+        ([[0, 0, 0, 1, np.nan]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "NaN score"),
+        ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (), "tiou_thresholds"),
+        ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (0.0, 0.5), "tiou_thresholds"),
+        ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (1.5,), "tiou_thresholds"),
+        ("rows", [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
+    ],
+)
+def test_detection_map_bad_inputs(pred, gt, tious, match):
+    with pytest.raises(ValueError, match=match):
+        detection_map(pred, gt, tious)
+
+
+# ---------------------------------------------------------------- THUMOS14 protocol
+
+CLASSES = ["Alpha", "Beta", "Gamma"]
+
+
+@st.composite
+def thumos_cases(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    V = draw(st.integers(1, 5))
+    names = [f"video_test_{v:07d}" for v in range(V)]
+    segments, labels = [], []
+    for v in range(V):
+        n = int(rng.integers(0, 5)) if v else int(rng.integers(1, 5))
+        # Multiples of 0.16 s land on x.0, x.25, x.5 and x.75 snippets: round half to even matters.
+        start = rng.integers(0, 300, n) * 0.16
+        segments.append(np.column_stack([start, start + rng.integers(0, 60, n) * 0.16]).tolist())
+        labels.append([CLASSES[c] for c in rng.integers(0, len(CLASSES), n)])
+    P = int(rng.integers(0, 50))
+    start = rng.uniform(0, 75, P) if draw(st.booleans()) else rng.integers(0, 75, P).astype(float)
+    pred = np.column_stack([rng.integers(0, V, P), rng.integers(0, len(CLASSES), P), start, start + rng.uniform(0, 15, P), rng.integers(0, 5, P) / 4])
+    ambiguous = [(names[int(rng.integers(0, V))], s, s + float(rng.uniform(0, 3))) for s in rng.uniform(0, 40, int(rng.integers(0, 4)))]
+    ambiguous.append(("video_not_evaluated", 0.0, 100.0))
+    return pred.reshape(-1, 5), names, segments, labels, ambiguous
+
+
+@given(thumos_cases(), st.booleans())
+def test_thumos14_protocol_matches_loops(case, quirk):
+    pred, names, segments, labels, ambiguous = case
+    result = thumos14_detection_map(pred, names, segments, labels, CLASSES, ambiguous=ambiguous, zero_map_if_class_empty=quirk)
+    assert_same_map(result, thumos14_map_loops(pred, names, segments, labels, CLASSES, ambiguous, zero_map_if_class_empty=quirk))
+
+
+def test_ground_truth_rounds_half_to_even():
+    # 1.6 s = 2.5 snippets -> 2 (half to even), 4.0 s = 6.25 -> 6. A prediction [2, 6) matches
+    # exactly (IoU 1); with round-half-up the ground truth would be [3, 6) (IoU 0.75).
+    assert 1.6 * 25 / 16 == 2.5 and round(1.6 * 25 / 16) == 2
+    result = thumos14_detection_map([[0, 0, 2, 6, 1.0]], ["v"], [[[1.6, 4.0]]], [["Alpha"]], CLASSES, tiou_thresholds=(0.8,))
+    assert result.ap.tolist() == [[1.0]]
+
+
+def test_predictions_are_truncated_and_unannotated_videos_dropped():
+    segments = [[[0.0, 6.4]], []]  # 6.4 s = 10 snippets; video 1 has no annotation
+    # [0.9, 10.99] truncates to [0, 10): a perfect match. The prediction on video 1 is not a
+    # false positive here (MMSD leaves unannotated videos out), though it outranks the other.
+    pred = [[1, 0, 0, 10, 2.0], [0, 0, 0.9, 10.99, 1.0]]
+    result = thumos14_detection_map(pred, ["a", "b"], segments, [["Alpha"], []], CLASSES)
+    np.testing.assert_array_equal(result.ap, 1.0)
+    assert result.num_predictions.tolist() == [1]
+
+
+def test_ambiguous_filter_and_the_empty_class_quirk(tmp_path):
+    names = ["video_test_0000001", "video_test_0000002"]
+    segments = [[[0.0, 6.4]], [[0.0, 6.4]]]
+    labels = [["Alpha"], ["Beta"]]
+    pred = [[0, 0, 0, 10, 0.9], [1, 1, 0, 10, 0.8]]
+    path = tmp_path / "Ambiguous_test.txt"
+    # Two spaces after the name, as in the W-TALC files; 8.0-9.6 s = snippets [12, 15): no overlap
+    # with [0, 10); 5.76-7.0 s = snippets [9, 11): overlaps the Beta prediction, which goes.
+    path.write_text("video_test_0000001  8.0 9.6\nvideo_test_0000002  5.76 7.0\n\n")
+    assert read_ambiguous(path) == [("video_test_0000001", 8.0, 9.6), ("video_test_0000002", 5.76, 7.0)]
+    assert read_ambiguous(path) == read_ambiguous_loops(str(path))
+    result = thumos14_detection_map(pred, names, segments, labels, CLASSES, ambiguous=str(path))
+    assert result.ap[:, 0].tolist() == [1.0] * 7 and result.ap[:, 1].tolist() == [0.0] * 7
+    np.testing.assert_allclose(result.map, 0.5)
+    quirk = thumos14_detection_map(pred, names, segments, labels, CLASSES, ambiguous=path, zero_map_if_class_empty=True)
+    np.testing.assert_array_equal(quirk.map, 0.0)
+    assert quirk.average == 0.0
+    np.testing.assert_array_equal(quirk.ap, result.ap)
+    # Without the ambiguous list, both classes are found.
+    assert thumos14_detection_map(pred, names, segments, labels, CLASSES, zero_map_if_class_empty=True).average == 1.0
+    path.write_text("video_test_0000001 8.0\n")
+    with pytest.raises(ValueError, match="line 1"):
+        read_ambiguous(path)
+
+
+def test_bytes_names_as_in_wtalc_files():
+    result = thumos14_detection_map([[0, 1, 0, 10, 1.0]], np.array([b"v"]), [[[0.0, 6.4]]], [[b"Beta"]], np.array([c.encode() for c in CLASSES]))
+    assert result.average == 1.0 and result.classes.tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gt_labels=[["Delta"]]), "gt_labels\\[0\\]\\[0\\].*unknown class"),
+        (dict(gt_labels=[["Alpha", "Beta"]]), "gt_labels\\[0\\]"),
+        (dict(gt_segments=[[[5.0, 1.0]]]), "gt_segments\\[0\\]"),
+        (dict(gt_segments=[[[1.0, 2.0, 3.0]]]), "gt_segments\\[0\\]"),
+        (dict(gt_segments=[[[0.0, 1.0]], []]), "gt_segments"),
+        (dict(gt_segments=[[]], gt_labels=[[]]), "gt_segments"),
+        (dict(predictions=[[1, 0, 0, 2, 0.5]]), "predictions.*video index 1"),
+        (dict(predictions=[[0, 3, 0, 2, 0.5]]), "predictions.*class index 3"),
+        (dict(predictions=[[0, 0, 0, 2]]), "predictions"),
+        (dict(class_names=["A", "A"]), "class_names"),
+        (dict(ambiguous=[("v", 1.0)]), "ambiguous\\[0\\]"),
+        (dict(factor=0.0), "factor"),
+    ],
+)
+def test_thumos14_bad_inputs(kwargs, match):
+    args = dict(predictions=[[0, 0, 0, 2, 0.5]], video_names=["v"], gt_segments=[[[0.0, 1.0]]], gt_labels=[["Alpha"]], class_names=CLASSES)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        thumos14_detection_map(**args)
+
+
+def test_mmsd_detection_map_end_to_end_matches_loops():
+    w = thumos_like_workload(seed=3, videos=10, classes=4, mean_len=60, max_len=150)
+    gt = (w["video_names"], w["gt_segments"], w["gt_labels"], w["class_names"])
+    reference = mmsd_localization_map_loops(w["cas"], w["video_scores"], *gt, ambiguous=w["ambiguous"])
+    from_list = mmsd_detection_map(w["cas"], w["video_scores"], *gt, ambiguous=w["ambiguous"])
+    assert_same_map(from_list, reference)
+    assert from_list.num_predictions.sum() > 0 and from_list.average > 0
+    # The same through a padded tensor, float32 as a model produces it.
+    cas = torch.zeros(len(w["cas"]), max(w["lengths"]), 4)
+    for v, x in enumerate(w["cas"]):
+        cas[v, : len(x)] = torch.from_numpy(x)
+    padded = mmsd_detection_map(cas, torch.from_numpy(w["video_scores"]), *gt, lengths=torch.tensor(w["lengths"]), ambiguous=w["ambiguous"])
+    np.testing.assert_array_equal(padded.ap, from_list.ap)
+    with pytest.raises(ValueError, match="background"):
+        mmsd_detection_map(torch.zeros(10, 5, 5), torch.zeros(10, 5), *gt)
+    with pytest.raises(ValueError, match="lengths"):
+        mmsd_detection_map(w["cas"], w["video_scores"], *gt, lengths=[1] * 10)
+
+
+# ---------------------------------------------------------------- classification mAP
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 30), st.integers(1, 6), st.booleans())
+def test_classification_map_matches_loops(seed, V, C, ties):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, (V, C)) / 2 if ties else rng.uniform(size=(V, C))
+    labels = (rng.uniform(size=(V, C)) < 0.4).astype(float)
+    labels[0, 0] = 1
+    value = classification_map(scores, labels)
+    assert abs(value - classification_map_loops(scores, labels)) < EXACT
+    assert 0 < value <= 1
+    assert classification_map(torch.tensor(scores), torch.tensor(labels, dtype=torch.bool)) == value
+
+
+def test_classification_map_perfect_and_bad_inputs():
+    labels = np.eye(4)
+    assert classification_map(labels * 0.9 + 0.05, labels) == 1.0
+    with pytest.raises(ValueError, match="labels"):
+        classification_map(np.zeros((4, 4)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="labels"):
+        classification_map(np.zeros((4, 4)), labels * 2)
+    with pytest.raises(ValueError, match="no class has a positive"):
+        classification_map(np.zeros((4, 4)), np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="video_scores"):
+        classification_map(np.full((4, 4), np.nan), labels)
+    with pytest.raises(ValueError, match="video_scores"):
+        classification_map(np.zeros((0, 4)), np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="video_scores"):
+        classification_map(np.zeros(4), np.zeros(4))
+
+
+# ---------------------------------------------------------------- JSON export
+
+
+def test_export_detections_json(tmp_path):
+    pred = torch.tensor([[0, 1, 25, 50, 0.75], [1, 0, 0, 16, 0.5], [0, 0, 5, 7, 0.25]], dtype=torch.float64)
+    data = export_detections_json(pred, ["a", b"b", "c"], ["Alpha", "Beta"], tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == data
+    assert data["version"] == "VERSION 1.3" and data["external_data"] == {}
+    assert data["results"]["a"] == [
+        {"label": "Beta", "segment": [16.0, 32.0], "score": 0.75},
+        {"label": "Alpha", "segment": [3.2, 4.48], "score": 0.25},
+    ]
+    assert data["results"]["b"] == [{"label": "Alpha", "segment": [0.0, 10.24], "score": 0.5}]
+    assert data["results"]["c"] == []
+    buffer = io.StringIO()
+    export_detections_json(pred, ["a", "b", "c"], ["Alpha", "Beta"], buffer, factor=1.0)
+    assert json.loads(buffer.getvalue())["results"]["a"][0]["segment"] == [25.0, 50.0]
+    assert export_detections_json(np.zeros((0, 5)), ["a"], ["Alpha"])["results"] == {"a": []}
+
+
+@pytest.mark.parametrize(
+    "pred, names, match",
+    [
+        ([[2, 0, 0, 1, 0.5]], ["a", "b"], "video index 2"),
+        ([[0, 2, 0, 1, 0.5]], ["a", "b"], "class index 2"),
+        ([[0, 0, 0, 1, np.inf]], ["a", "b"], "finite scores"),
+        ([[0, 0, 0, 1, 0.5]], ["a", "a"], "video_names"),
+        ([[0, 0, 0, 1]], ["a", "b"], "predictions"),
+    ],
+)
+def test_export_bad_inputs(pred, names, match):
+    with pytest.raises(ValueError, match=match):
+        export_detections_json(pred, names, ["Alpha", "Beta"])

@@ -1,0 +1,242 @@
+"""mmsd_proposals against the Python-loop reference of MMSD's getActLoc (tests/localization_reference.py)."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from localization_reference import mmsd_proposals_loops
+
+from mmsd_ext.localize import MMSD_THRESHOLDS, mmsd_proposals, pad_cas
+
+# Scores come from float64 prefix sums in mmsd_proposals and from direct sums in
+# the loops: equal up to rounding of sums of a few hundred values.
+SCORE_ATOL = 1e-12
+
+
+def assert_same_rows(got, want):
+    got = got.cpu().numpy()
+    want = np.asarray(want, dtype=np.float64).reshape(-1, 5)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_array_equal(got[:, :4], want[:, :4])
+    np.testing.assert_allclose(got[:, 4], want[:, 4], rtol=0, atol=SCORE_ATOL)
+
+
+@st.composite
+def proposal_inputs(draw, dyadic=None):
+    """cas whose values straddle MMSD's thresholds; dyadic values (k / 2048) make many exact score ties."""
+    V = draw(st.integers(1, 4))
+    T = draw(st.integers(1, 40))
+    C = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    dyadic = draw(st.booleans()) if dyadic is None else dyadic
+    rng = np.random.default_rng(seed)
+    if dyadic:
+        cas = rng.integers(0, 25, size=(V, T, C)) / 2048.0
+    else:
+        cas = rng.uniform(0.0, 0.012, size=(V, T, C))
+    scores = rng.uniform(0.0, 1.0, size=(V, C))
+    lengths = rng.integers(0, T + 1, size=V)
+    if draw(st.booleans()):
+        lengths[0] = T
+    return torch.tensor(cas), torch.tensor(scores), torch.tensor(lengths)
+
+
+@given(proposal_inputs())
+def test_matches_loops_default_options(inputs):
+    cas, scores, lengths = inputs
+    assert_same_rows(mmsd_proposals(cas, scores, lengths), mmsd_proposals_loops(cas, scores, lengths))
+
+
+@given(
+    proposal_inputs(),
+    st.sampled_from([None, (0.001, 0.004), (0.002, 0.002, 0.005), (0.006, 0.002, 0.004, 0.002), ()]),
+    st.sampled_from([0.0, 0.2, 0.9]),
+    st.integers(1, 4),
+    st.sampled_from([0.0, 0.25, 0.5, 1.7]),
+    st.sampled_from([0.0, 0.4, 0.7, 1.0, 1.5]),
+)
+def test_matches_loops_any_options(inputs, thresholds, class_threshold, min_len, outer_ratio, nms_threshold):
+    cas, scores, lengths = inputs
+    options = dict(
+        thresholds=thresholds, class_threshold=class_threshold, min_len=min_len, outer_ratio=outer_ratio, nms_threshold=nms_threshold
+    )
+    assert_same_rows(mmsd_proposals(cas, scores, lengths, **options), mmsd_proposals_loops(cas, scores, lengths, **options))
+
+
+@given(proposal_inputs(dyadic=True))
+def test_row_order_is_video_class_then_descending_score(inputs):
+    rows = mmsd_proposals(*inputs).numpy()
+    assume(len(rows) > 1)
+    key = rows[:, 0] * 1000 + rows[:, 1]
+    assert (np.diff(key) >= 0).all()
+    same_group = np.diff(key) == 0
+    assert (np.diff(rows[:, 4])[same_group] <= 0).all()
+    assert (rows[:, 3] - rows[:, 2] >= 3).all()  # min_len 2 plus MMSD's stored end e + 1
+
+
+def test_hand_worked_example():
+    # One video, one class, one threshold 0.1: the run is [1, 4), L = 3.
+    # inner = mean(cas[1:5]) = (3 * 0.5 + 0.0625) / 4 (MMSD's slice takes snippet 4 too);
+    # outer: left range [max(0, int(1 - 0.75)), 1) = [0, 1) -> 0.0625; right range
+    # [5, min(T - 1, int(4 + 0.75 + 1))) = [5, 5) is empty; so outer = 0.0625.
+    # Stored segment (1, 5).
+    cas = torch.tensor([0.0625, 0.5, 0.5, 0.5, 0.0625, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    rows = mmsd_proposals(cas[None, :, None], torch.ones(1, 1), thresholds=[0.1])
+    assert rows.tolist() == [[0.0, 0.0, 1.0, 5.0, (3 * 0.5 + 0.0625) / 4 - 0.0625]]
+
+
+def test_runs_touching_both_ends_and_single_snippets():
+    T = 6
+    cas = torch.zeros(4, T, 1, dtype=torch.float64)
+    cas[0] = 0.5  # one run covering the whole video
+    cas[1, :1] = 0.5  # a single-snippet video
+    cas[2, [0, 2, 4]] = 0.5  # only runs of length 1: below min_len
+    cas[3, 3:] = 0.5  # a run touching the end
+    lengths = torch.tensor([T, 1, T, T])
+    rows = mmsd_proposals(cas, torch.ones(4, 1), lengths, thresholds=[0.1, 0.2])
+    assert_same_rows(rows, mmsd_proposals_loops(cas, torch.ones(4, 1), lengths, thresholds=[0.1, 0.2]))
+    # The whole-video run: inner slice stops at the end, no outer snippet -> score 0.5.
+    assert rows[rows[:, 0] == 0].tolist() == [[0.0, 0.0, 0.0, T + 1.0, 0.5]]
+    assert set(rows[:, 0].tolist()) == {0.0, 3.0}
+    rows = mmsd_proposals(cas, torch.ones(4, 1), lengths, thresholds=[0.1], min_len=1)
+    assert_same_rows(rows, mmsd_proposals_loops(cas, torch.ones(4, 1), lengths, thresholds=[0.1], min_len=1))
+    assert (rows[:, 0] == 1).sum() == 1 and (rows[:, 0] == 2).sum() == 3
+
+
+def test_equal_scores_keep_the_lower_threshold_then_start():
+    # Two separate runs with identical values and contexts: equal scores. With
+    # MMSD's overlap they do not suppress each other; rows keep (threshold, start) order.
+    cas = torch.zeros(1, 12, 1, dtype=torch.float64)
+    cas[0, 1:3, 0] = 0.5
+    cas[0, 7:9, 0] = 0.5
+    rows = mmsd_proposals(cas, torch.ones(1, 1), thresholds=[0.1])
+    assert rows[:, 2].tolist() == [1.0, 7.0]
+    assert rows[0, 4] == rows[1, 4]
+    assert_same_rows(rows, mmsd_proposals_loops(cas, torch.ones(1, 1), thresholds=[0.1]))
+
+
+def test_no_selected_class_empty_thresholds_and_zero_lengths_give_empty_rows():
+    cas = torch.rand(2, 10, 3) * 0.01
+    for rows in (
+        mmsd_proposals(cas, torch.zeros(2, 3)),
+        mmsd_proposals(cas, torch.ones(2, 3), thresholds=[]),
+        mmsd_proposals(cas, torch.ones(2, 3), torch.tensor([0, 0])),
+        mmsd_proposals(cas[:, :0], torch.ones(2, 3)),
+        mmsd_proposals(cas[:0], torch.ones(0, 3)),
+    ):
+        assert rows.shape == (0, 5) and rows.dtype == torch.float64
+
+
+def test_default_thresholds_are_mmsds():
+    assert len(MMSD_THRESHOLDS) == 20
+    np.testing.assert_array_equal(np.array(MMSD_THRESHOLDS), np.arange(0.0003, 0.01, 0.0005))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_cas_is_read_exactly(dtype):
+    rng = np.random.default_rng(3)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(3, 30, 2))).to(dtype)
+    scores = torch.tensor(rng.uniform(0, 1, size=(3, 2))).to(dtype)
+    want = mmsd_proposals_loops(cas.double(), scores.double())
+    assert_same_rows(mmsd_proposals(cas, scores), want)
+
+
+def test_non_contiguous_inputs():
+    rng = np.random.default_rng(4)
+    base = torch.tensor(rng.uniform(0, 0.012, size=(3, 2, 40)))
+    cas = base.transpose(1, 2)  # [3, 40, 2], not contiguous
+    scores = torch.tensor(rng.uniform(0, 1, size=(2, 3))).t()
+    assert not cas.is_contiguous() and not scores.is_contiguous()
+    assert_same_rows(mmsd_proposals(cas, scores), mmsd_proposals_loops(cas.contiguous(), scores.contiguous()))
+
+
+def test_lengths_as_list_and_inputs_untouched():
+    rng = np.random.default_rng(5)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2)))
+    scores = torch.tensor(rng.uniform(0, 1, size=(2, 2)))
+    before = cas.clone(), scores.clone()
+    a = mmsd_proposals(cas, scores, [30, 17])
+    b = mmsd_proposals(cas, scores, torch.tensor([30, 17], dtype=torch.int32))
+    assert torch.equal(a, b)
+    assert torch.equal(cas, before[0]) and torch.equal(scores, before[1])
+
+
+def test_padding_is_never_read():
+    rng = np.random.default_rng(6)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2)))
+    lengths = torch.tensor([30, 12])
+    garbage = cas.clone()
+    garbage[1, 12:] = float("nan")
+    assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2), lengths), mmsd_proposals(garbage, torch.ones(2, 2), lengths))
+
+
+def test_explicit_nms_backend():
+    rng = np.random.default_rng(7)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2)))
+    assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2)), mmsd_proposals(cas, torch.ones(2, 2), nms_backend="reference"))
+
+
+def test_pad_cas():
+    a, b = np.ones((5, 3), np.float32), torch.full((2, 3), 2.0)
+    cas, lengths = pad_cas([a, b])
+    assert cas.shape == (2, 5, 3) and cas.dtype == torch.float32 and lengths.tolist() == [5, 2]
+    assert cas[1, :2].eq(2).all() and cas[1, 2:].eq(0).all()
+    with pytest.raises(ValueError, match="sequences\\[1\\]"):
+        pad_cas([a, np.ones((2, 4))])
+    with pytest.raises(ValueError, match="sequences"):
+        pad_cas([])
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(cas=torch.zeros(4, 3)), ValueError, "cas"),
+        (dict(cas=torch.zeros(2, 4, 3, dtype=torch.int64)), TypeError, "cas"),
+        (dict(cas=np.zeros((2, 4, 3))), TypeError, "cas"),
+        (dict(video_scores=torch.zeros(2, 4)), ValueError, "video_scores"),
+        (dict(video_scores=torch.full((2, 3), float("nan"))), ValueError, "video_scores"),
+        (dict(lengths=torch.tensor([4, -1])), ValueError, "lengths"),
+        (dict(lengths=torch.tensor([4, 5])), ValueError, "lengths"),
+        (dict(lengths=torch.tensor([4])), ValueError, "lengths"),
+        (dict(lengths=torch.tensor([4.0, 2.0])), TypeError, "lengths"),
+        (dict(thresholds=[[0.1]]), ValueError, "thresholds"),
+        (dict(thresholds=[float("nan")]), ValueError, "thresholds"),
+        (dict(min_len=0), ValueError, "min_len"),
+        (dict(min_len=2.0), ValueError, "min_len"),
+        (dict(outer_ratio=-0.5), ValueError, "outer_ratio"),
+        (dict(nms_threshold=-0.1), ValueError, "nms_threshold"),
+        (dict(class_threshold="high"), TypeError, "class_threshold"),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, error, match):
+    args = dict(cas=torch.rand(2, 4, 3) * 0.01, video_scores=torch.ones(2, 3), lengths=None)
+    options = {k: change.pop(k) for k in list(change) if k not in args}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        mmsd_proposals(args["cas"], args["video_scores"], args["lengths"], **options)
+
+
+def test_non_finite_cas_inside_lengths_is_an_error():
+    cas = torch.rand(2, 4, 3) * 0.01
+    cas[1, 2, 0] = float("inf")
+    with pytest.raises(ValueError, match="cas"):
+        mmsd_proposals(cas, torch.ones(2, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(8)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(5, 200, 4)), dtype=torch.float32)
+    scores = torch.tensor(rng.uniform(0, 1, size=(5, 4)), dtype=torch.float32)
+    lengths = torch.tensor([200, 150, 3, 0, 90])
+    cpu = mmsd_proposals(cas, scores, lengths)
+    cuda = mmsd_proposals(cas.cuda(), scores.cuda(), lengths.cuda())
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=SCORE_ATOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_devices_are_an_error():
+    with pytest.raises(ValueError, match="video_scores"):
+        mmsd_proposals(torch.rand(2, 4, 3).cuda(), torch.ones(2, 3))
