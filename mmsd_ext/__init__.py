@@ -17,6 +17,16 @@ from ._backend import BACKENDS, available_backends, build_info, use_backend
 from .distill import mmsd_distill_loss, snippet_distill_loss
 from .mil import mil_k, topk_mil_pool
 from .nms import soft_temporal_nms, temporal_nms
+from . import evaluate, localize  # noqa: E402,F401  (need the ops above)
+from .evaluate import (  # noqa: E402
+    DetectionMAP,
+    classification_map,
+    detection_map,
+    export_detections_json,
+    mmsd_detection_map,
+    thumos14_detection_map,
+)
+from .localize import mmsd_proposals  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -29,4 +39,11 @@ __all__ = [
     "mmsd_distill_loss",
     "temporal_nms",
     "soft_temporal_nms",
+    "mmsd_proposals",
+    "DetectionMAP",
+    "detection_map",
+    "thumos14_detection_map",
+    "mmsd_detection_map",
+    "classification_map",
+    "export_detections_json",
 ]
