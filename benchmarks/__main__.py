@@ -36,6 +36,7 @@ OPS = {
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline")
 
 # Measuring effort per preset: (min_run_time s, slow_s, slow_budget_s).
 EFFORT = {"tiny": (0.02, 0.05, 0.2), "quick": (0.3, 0.5, 4.0), "full": (1.0, 1.0, 10.0)}
@@ -66,6 +67,13 @@ def parse_args(argv=None):
         "thumos or videos=N for localization; each op takes the sizes it understands",
     )
     p.add_argument("--dtypes", nargs="+", default=["float32"], help=f"for topk and distillation: {', '.join(DTYPES)} (default float32)")
+    p.add_argument(
+        "--passes",
+        nargs="+",
+        metavar="PASS",
+        help=f"only these passes ({', '.join(PASSES)}); default: all, except --quick on the CPU, "
+        "which times fwd+bwd only for ops with a backward",
+    )
     p.add_argument("--csv", metavar="PATH", help="append the results to this CSV (long format, one row per op/provider/shape/pass)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of this run's results (needs matplotlib)")
     p.add_argument("--time-budget", type=float, metavar="S", help="start no new case after S seconds (what ran is kept)")
@@ -91,6 +99,10 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
     args.dtype_list = tuple(DTYPES[d] for d in dtypes)
+    args.passes = _split(args.passes) or None
+    bad = [x for x in args.passes or [] if x not in PASSES]
+    if bad:
+        p.error(f"--passes: unknown {', '.join(bad)}; choose from {', '.join(PASSES)}")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -101,6 +113,33 @@ def parse_args(argv=None):
         except ImportError:
             p.error("--plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot]); run without --plot")
     return args
+
+
+def _select_passes(cases, passes, main_only):
+    """Keep the asked passes; a quick CPU run keeps fwd+bwd alone where an op has it (what the goals name)."""
+    kept = []
+    for case in cases:
+        if passes:
+            case.passes = tuple(x for x in case.passes if x in passes)
+        elif main_only and "fwd+bwd" in case.passes:
+            case.passes = ("fwd+bwd",)
+        if case.passes:
+            kept.append(case)
+    return kept
+
+
+def _load_warning():
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load > 0.75 * cores:
+        return (
+            f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU, so CPU timings "
+            "(multi-threaded ones most, as their threads wait for each other) come out slower and noisier than on a quiet machine"
+        )
+    return None
 
 
 def main(argv=None):
@@ -131,6 +170,7 @@ def main(argv=None):
             cases.extend(OPS[op](ctx))
     for n in notes:
         print(n, flush=True)
+    cases = _select_passes(cases, args.passes, main_only=args.passes is None and args.preset == "quick" and args.device == "cpu")
     if args.list:
         for c in cases:
             print(f"{c.op:22s} {c.shape:34s} {c.dtype:9s} {'/'.join(c.passes):22s} " + ", ".join(p.name + (" (skip)" if p.skip else "") for p in c.providers))
@@ -139,6 +179,9 @@ def main(argv=None):
         print("nothing to run (no case for these ops and sizes)")
         return 1
 
+    warning = _load_warning()
+    if warning:
+        print(warning, flush=True)
     runner = Runner(settings, csv_path=args.csv, time_budget=args.time_budget)
     started = time.monotonic()
     copy = runner.measure_copy()
@@ -148,6 +191,9 @@ def main(argv=None):
 
     print()
     print(format_table(rows, runner.copy_gbps, runner.device_name, runner.machine))
+    end_warning = _load_warning()
+    if end_warning:
+        print(end_warning)
     if runner.skipped:
         print("\nnot measured:")
         for op, shape, prov, why in runner.skipped:

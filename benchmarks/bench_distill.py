@@ -25,7 +25,7 @@ The scalar loss (4 bytes) is left out.
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, TOLERANCES, autograd_passes, compare_tensors, dtype_name, parse_btc
+from .harness import AUTOGRAD_RESULT_PASS, TOLERANCES, Case, Provider, autograd_passes, compare_tensors, dtype_name, parse_btc
 
 TEMPERATURE = 0.2  # MMSD's distillation temperature
 
@@ -94,9 +94,9 @@ def _case(op, ctx, shape, dtype):
             xs = tensors()
             forward = make_forward()
             passes, result, release = autograd_passes(lambda: forward(*xs), xs[:n_grad])
-            return {"passes": passes, "result": result, "release": release}
+            return {"passes": passes, "result": result, "result_pass": AUTOGRAD_RESULT_PASS, "release": release}
 
-        return Provider(name, kind, build, device=device)
+        return Provider(name, kind, build, device=device, jit=name in ("triton", "torch.compile"))
 
     eager = mmsd_eager if op == "mmsd_distill_loss" else category_cross_entropy
     providers = [provider(b, "mmsd_ext", _mmsd_factory(op, b)) for b in ctx.mmsd_backends()]

@@ -166,7 +166,7 @@ def _public_provider(backend, proposals_fn, map_fn, cas, video_scores, lengths, 
 
         return {"passes": {"proposals": proposals, "map": mean_ap, "pipeline": pipeline}, "result": result, "result_pass": "pipeline"}
 
-    return Provider(backend or "mmsd_ext", "mmsd_ext", build, device=device)
+    return Provider(backend or "mmsd_ext", "mmsd_ext", build, device=device, jit=backend == "triton")
 
 
 def _loops_provider(loops, cas, video_scores, lengths, gt, anchor_predictions):
@@ -193,7 +193,7 @@ def _loops_provider(loops, cas, video_scores, lengths, gt, anchor_predictions):
             "result_pass": "pipeline",
         }
 
-    return Provider("python_loops", "anchor", build, device="cpu", python_only=True)
+    return Provider("python_loops", "anchor", build, device="cpu")
 
 
 def _rows(proposals):

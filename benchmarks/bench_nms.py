@@ -10,16 +10,20 @@ Workloads (benchmarks/workloads.py):
 
 Hard NMS anchors: ``torchvision`` (``ops.nms`` for one group,
 ``ops.batched_nms`` with the group ids for a batch, on boxes
-(start, 0, end, 1), on the benchmark's device); ``torchvision.nms+offsets``
-(one ``ops.nms`` call on boxes shifted per group, the coordinate trick done by
-hand, batches only); ``numpy_loop``: the per-(video, class) loop of MMSD-style
-code (its ``NonMaximumSuppression``: argsort, then ``np.delete`` of what the
-top segment suppresses), over groups already split into lists as such code
-holds them. Box building and group splitting are not timed, in the anchors'
-favour. Soft-NMS anchor: mmsd_ext's reference (a Python loop) on the CPU.
+(start, 0, end, 1), on the benchmark's device; for a batch this large
+batched_nms loops over the groups itself); ``numpy_loop``: the
+per-(video, class) loop of MMSD-style code (its ``NonMaximumSuppression``:
+argsort, then ``np.delete`` of what the top segment suppresses), over groups
+already split into lists as such code holds them. Box building and group
+splitting are not timed, in the anchors' favour. Not an anchor: one
+``ops.nms`` call on boxes shifted apart per group (the coordinate trick) is
+both slower on the CPU (its kernel compares every later box) and wrong at
+this size in float32 (shifts of 4240 * 2600 leave no fractional bits).
+Soft-NMS anchor: mmsd_ext's reference (a Python loop) on the CPU.
 
-Python-loop providers (the reference backend) are O(M * kept) for hard NMS and
-O(M^2) for soft-NMS: they are left out above ``REFERENCE_MAX_M`` segments.
+The reference backend is a Python loop, O(M * kept) for hard NMS and O(M^2)
+over all groups for soft-NMS: it is left out above ``REFERENCE_MAX_M``
+segments (a preset's own limit) and for batches.
 
 Least traffic (bytes): read segments (8 per segment in float32), scores (4),
 groups (8, when given); write the kept indices (8 each) and, for soft-NMS,
@@ -34,8 +38,12 @@ from .harness import Case, Provider
 
 IOU_THRESHOLD = 0.4  # MMSD's NMS threshold, used for both overlap modes
 SOFT = dict(method="gaussian", sigma=0.5, iou_threshold=0.3, min_score=1e-3)  # the API's defaults
-# Above this many segments the Python-loop references take minutes; they are left out.
-REFERENCE_MAX_M = {"temporal_nms": 10_000, "soft_temporal_nms": 10_000}
+# Above this many segments the Python-loop reference takes tens of seconds to
+# minutes on a 2-core machine (hard M=10k: about 4 s, soft M=10k: about 30 s);
+# quick runs stop earlier. The soft-NMS anchor of a GPU run (the reference on the
+# CPU) always runs up to 10k: the GPU goal is set against it there.
+REFERENCE_MAX_M = {"tiny": 10_000, "quick": 2_000, "full": 10_000}
+SOFT_CPU_ANCHOR_MAX_M = 10_000
 
 PRESETS = {
     "temporal_nms": {
@@ -116,18 +124,19 @@ def _hard_case(ctx, spec):
             shared["t"] = _tensors(segments, scores, groups, device)
         return shared["t"]
 
-    def fwd_provider(name, kind, make, dev=device, python_only=False, skip=None):
+    def fwd_provider(name, kind, make, dev=device, skip=None):
         def build():
             fn = make()
             return {"passes": {"fwd": fn}, "result": fn, "result_pass": "fwd"}
 
-        return Provider(name, kind, build, device=dev, python_only=python_only, skip=skip)
+        return Provider(name, kind, build, device=dev, jit=name == "triton", skip=skip)
 
     providers = []
+    limit = REFERENCE_MAX_M[ctx.preset]
     for backend in ctx.mmsd_backends():
         skip = None
-        if backend == "reference" and m > REFERENCE_MAX_M["temporal_nms"]:
-            skip = f"Python loop, O(M * kept): left out above M={REFERENCE_MAX_M['temporal_nms']}"
+        if backend == "reference" and (m > limit or groups is not None):
+            skip = f"Python loop, O(M * kept): left out above M={limit} ({ctx.preset} sizes) and for batches"
 
         def make(backend=backend):
             import mmsd_ext
@@ -139,15 +148,11 @@ def _hard_case(ctx, spec):
 
     roles = {"loop": "numpy_loop", "reference": "reference"}
     if overlap == "iou":
-        providers.append(fwd_provider("torchvision", "anchor", lambda: _torchvision(tensors(), batched=True)))
-        if groups is not None:
-            providers.append(fwd_provider("torchvision.nms+offsets", "anchor", lambda: _torchvision_offsets(tensors())))
+        providers.append(fwd_provider("torchvision", "anchor", lambda: _torchvision(tensors())))
         roles["eager"] = "torchvision"
     else:
         roles["eager"] = "numpy_loop"
-    providers.append(
-        fwd_provider("numpy_loop", "anchor", lambda: _numpy_loop(segments, scores, groups, overlap, offset), dev="cpu", python_only=True)
-    )
+    providers.append(fwd_provider("numpy_loop", "anchor", lambda: _numpy_loop(segments, scores, groups, overlap, offset), dev="cpu"))
     return Case(
         op="temporal_nms",
         shape=label,
@@ -172,10 +177,7 @@ def _soft_case(ctx, spec):
             shared[dev] = _tensors(segments, scores, groups, dev)
         return shared[dev]
 
-    too_big = m > REFERENCE_MAX_M["soft_temporal_nms"] or groups is not None
-    why = f"Python loop, O(M^2) over all groups: left out above M={REFERENCE_MAX_M['soft_temporal_nms']} and for batches"
-
-    def provider(name, kind, backend, dev):
+    def provider(name, kind, backend, dev, limit):
         def build():
             import mmsd_ext
 
@@ -183,12 +185,16 @@ def _soft_case(ctx, spec):
             fn = lambda: mmsd_ext.soft_temporal_nms(seg, sc, groups=grp, backend=backend, **SOFT)  # noqa: E731
             return {"passes": {"fwd": fn}, "result": fn, "result_pass": "fwd"}
 
-        python_only = backend == "reference"
-        return Provider(name, kind, build, device=dev, python_only=python_only, skip=why if python_only and too_big else None)
+        skip = None
+        if backend == "reference" and (m > limit or groups is not None):
+            skip = f"Python loop, O(M^2) over all groups: left out above M={limit} and for batches"
+        return Provider(name, kind, build, device=dev, jit=backend == "triton", skip=skip)
 
-    providers = [provider(b, "mmsd_ext", b, device) for b in ctx.mmsd_backends()]
+    limit = REFERENCE_MAX_M[ctx.preset]
+
+    providers = [provider(b, "mmsd_ext", b, device, limit) for b in ctx.mmsd_backends()]
     if device != "cpu":
-        providers.append(provider("reference(cpu)", "anchor", "reference", "cpu"))
+        providers.append(provider("reference(cpu)", "anchor", "reference", "cpu", SOFT_CPU_ANCHOR_MAX_M))
         eager = "reference(cpu)"
     else:
         eager = "reference"
@@ -208,7 +214,7 @@ def _soft_case(ctx, spec):
 # ---------------------------------------------------------------- anchors
 
 
-def _torchvision(tensors, batched):
+def _torchvision(tensors):
     import torchvision
 
     seg, sc, grp = tensors
@@ -217,18 +223,6 @@ def _torchvision(tensors, batched):
     if grp is None:
         return lambda: torchvision.ops.nms(boxes, sc, IOU_THRESHOLD)
     return lambda: torchvision.ops.batched_nms(boxes, sc, grp, IOU_THRESHOLD)
-
-
-def _torchvision_offsets(tensors):
-    import torchvision
-
-    seg, sc, grp = tensors
-    # Each group moved past the previous one's end: no box of another group can overlap.
-    shift = (grp.to(seg.dtype) * (seg.max() + 1))[:, None]
-    zeros = torch.zeros_like(seg[:, 0])
-    boxes = torch.stack([seg[:, 0], zeros, seg[:, 1], zeros + 1], dim=1)
-    boxes[:, 0::2] += shift
-    return lambda: torchvision.ops.nms(boxes, sc, IOU_THRESHOLD)
 
 
 def _numpy_loop(segments, scores, groups, overlap, offset):

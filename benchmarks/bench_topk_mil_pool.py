@@ -18,7 +18,7 @@ the sum.
 
 import torch
 
-from .harness import Case, Provider, autograd_passes, compare_tensors, dtype_name, parse_btc, TOLERANCES
+from .harness import AUTOGRAD_RESULT_PASS, TOLERANCES, Case, Provider, autograd_passes, compare_tensors, dtype_name, parse_btc
 
 OP = "topk_mil_pool"
 
@@ -67,9 +67,9 @@ def _case(ctx, shape, dtype):
         def build():
             t = tensors()
             passes, result, release = autograd_passes(lambda: forward(t), [t["scores"]], t["grad_out"])
-            return {"passes": passes, "result": result, "release": release}
+            return {"passes": passes, "result": result, "result_pass": AUTOGRAD_RESULT_PASS, "release": release}
 
-        return Provider(name, kind, build, device=device)
+        return Provider(name, kind, build, device=device, jit=name == "triton")
 
     providers = []
     for backend in ctx.mmsd_backends():

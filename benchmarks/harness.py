@@ -7,17 +7,18 @@ the loops WTAL code writes), all measured in the same run on the same inputs.
 
 Method, per (case, provider, pass):
 
-- Warm-up: the function is called twice before timing (the first call pays for
-  Triton JIT, torch.compile, lazy imports and allocator growth).
+- Warm-up: each provider computes the case once before any timing (the
+  correctness check below), which pays for Triton JIT, torch.compile, lazy
+  imports and allocator growth of every pass.
 - Timing on the CPU: ``torch.utils.benchmark.Timer`` with torch's thread count,
   blocks of >= 20 ms, at least 5 blocks and ``min_run_time`` seconds; the
   median of the blocks. On a GPU: ``triton.testing.do_bench`` (CUDA events, L2
   flushed before each run), the median of all runs; a plain CUDA-event loop
   when triton is missing.
 - Slow functions (a call over ``slow_s``, e.g. Python loops at large sizes)
-  get a few timed calls within ``slow_budget_s`` instead (at least one), and a
-  pure-Python anchor whose very first call already exceeds that budget is timed
-  by that call alone (no JIT to warm up; ``reps`` says 1).
+  get at most 5 timed calls within ``slow_budget_s`` instead (at least one;
+  ``reps`` says how many). For a provider that compiles nothing, the check's
+  call itself counts as the first one when it did the same work.
 - Peak memory (GPU): ``torch.cuda.max_memory_allocated`` during one call, above
   what was allocated before it (inputs excluded).
 - GB/s: the op's least traffic (each module documents its byte count: every
@@ -104,19 +105,21 @@ class Settings:
 class Provider:
     """One way of computing a case: an mmsd_ext backend or an anchor.
 
-    ``build()`` returns a dict with ``passes`` ({pass name: fn, or (prepare, fn)}:
-    ``prepare`` runs untimed before the timing of ``fn``), ``result`` (a
-    function returning something ``Case.compare`` understands; it is called
-    once, untimed, and also tells whether this provider can run the case at all),
-    optionally ``result_pass`` (the pass whose call ``result`` is, so that a slow
-    Python loop is not run once more as its warm-up) and ``release``.
+    ``build()`` returns a dict with ``passes`` ({pass name: fn, (prepare, fn) or
+    (prepare, fn, cleanup)}: ``prepare`` runs untimed before the timing of
+    ``fn``), ``result`` (a function returning something ``Case.compare``
+    understands; it is called once before any timing, which warms every pass
+    up and tells whether this provider can run the case at all), optionally
+    ``result_pass`` (the pass whose work ``result`` does: for a provider that
+    does not compile, a slow result call counts as that pass's first sample, so
+    a Python loop of a minute is not run twice) and ``release``.
     """
 
     name: str
     kind: str  # "mmsd_ext" or "anchor"
     build: object
     device: str = "cpu"
-    python_only: bool = False  # a pure-Python/numpy loop: nothing to warm up
+    jit: bool = False  # compiles on its first call (Triton, torch.compile): that call is never a sample
     skip: str = None  # a reason not to run it at this size (e.g. quadratic Python loop)
 
 
@@ -182,6 +185,11 @@ def autograd_passes(forward, leaves, grad_out=None):
         clear()
 
     return {"fwd": fwd, "bwd": (prepare_bwd, bwd, after_bwd), "fwd+bwd": fwd_bwd}, result, release
+
+
+# What ``result`` of autograd_passes does besides a fwd+bwd (clone the
+# gradients) is small next to it: a slow result call stands for a fwd+bwd sample.
+AUTOGRAD_RESULT_PASS = "fwd+bwd"
 
 
 def compare_tensors(expected, got, rtol, atol):
@@ -273,27 +281,24 @@ def _quantile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def measure(fn, device, settings, python_only=False, first_s=None):
-    """Median-based timing of ``fn`` on ``device`` (see the module docstring).
+def measure(fn, device, settings, first_s=None):
+    """Median-based timing of ``fn`` on ``device``, already warmed up (see the module docstring).
 
-    ``first_s``: the time of a call of ``fn`` already made (the correctness
-    check's), which then stands for the first warm-up call.
+    ``first_s``: the time of a warm call of ``fn`` already made, used as the
+    first sample instead of a new call.
     """
     first = _timed_call(fn, device) if first_s is None else first_s
-    if python_only and first > settings.slow_budget_s:
-        return Timing([first * 1e3], 1)
-    second = _timed_call(fn, device)
-    if second > settings.slow_s:
-        times = [second]
-        spent = second
-        while len(times) < 5 and spent + second <= settings.slow_budget_s:
+    if first > settings.slow_s:
+        times = [first]
+        spent = first
+        while len(times) < 5 and spent + first <= settings.slow_budget_s:
             t = _timed_call(fn, device)
             times.append(t)
             spent += t
         return Timing([t * 1e3 for t in times], len(times))
     if device == "cuda":
-        return _measure_cuda(fn, settings, second)
-    return _measure_cpu(fn, settings, second)
+        return _measure_cuda(fn, settings, first)
+    return _measure_cpu(fn, settings, first)
 
 
 def _measure_cpu(fn, settings, estimate_s):
@@ -464,6 +469,8 @@ class Runner:
 
     def run(self, cases):
         tasks = sum(len(c.providers) * len(c.passes) for c in cases)
+        if not tasks:
+            return self.rows
         bar = _progress(tasks, self.settings.progress)
         try:
             for case in cases:
@@ -532,8 +539,8 @@ class Runner:
                 try:
                     if prepare is not None:
                         prepare()
-                    reuse = result_s if pass_name == built.get("result_pass") else None
-                    timing = measure(fn, prov.device, self.settings, python_only=prov.python_only, first_s=reuse)
+                    reuse = result_s if pass_name == built.get("result_pass") and not prov.jit else None
+                    timing = measure(fn, prov.device, self.settings, first_s=reuse)
                     peak = peak_memory_mb(fn, prov.device)
                 except Exception as exc:  # noqa: BLE001
                     reason = _first_line(exc)
@@ -707,7 +714,7 @@ def format_table(rows, copy_gbps=None, device_name="", machine=""):
                 r["provider"] + ("" if r["kind"] == "mmsd_ext" else " *"),
                 _fmt(r["median_ms"], ".3f"),
                 f"{_fmt(r['p20_ms'], '.3g')}-{_fmt(r['p80_ms'], '.3g')}" + (f" ({r['reps']} run{'s' if r['reps'] != 1 else ''})" if r["reps"] < 5 else ""),
-                _fmt(r["gbps"], ".2f"),
+                _fmt(r["gbps"], ".3g"),
                 _fmt(r["pct_of_copy"], ".1f"),
             ]
             if gpu:
@@ -746,6 +753,7 @@ class Context:
     preset: str = "full"  # "tiny", "quick" or "full"
     tokens: list = None  # explicit sizes from --sizes, or None for the preset
     seed: int = 0
+    passes: tuple = None  # only these passes (None: every pass of each op)
 
     def mmsd_backends(self):
         """mmsd_ext backends that run on this device, discovered now (never a fixed list).

@@ -16,6 +16,24 @@ import sys
 
 _NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "peak_mem_mb", "speedup_vs_eager", "copy_gbps")
 _MAIN_PASS = ("fwd+bwd", "pipeline", "fwd")
+# One colour per provider in every panel: mmsd_ext's backends in strong
+# colours, anchors in muted ones (and hatched).
+_COLOURS = {
+    "cpu": "#d62728",
+    "cuda": "#2ca02c",
+    "triton": "#9467bd",
+    "reference": "#ff7f0e",
+    "mmsd_ext": "#d62728",
+    "torch.topk": "#1f77b4",
+    "eager": "#1f77b4",
+    "torchvision": "#1f77b4",
+    "reference(cpu)": "#1f77b4",
+    "python_loops": "#1f77b4",
+    "torch.compile": "#17becf",
+    "torchvision.nms+offsets": "#17becf",
+    "loop": "#7f7f7f",
+    "numpy_loop": "#7f7f7f",
+}
 
 
 def read_csv(path):
@@ -93,7 +111,7 @@ def plot_rows(rows, path, title=None, pass_name=None):
                         xs.append(s + (k - (len(providers) - 1) / 2) * width)
                         ys.append(v)
                 hatch = "//" if any(r["provider"] == prov and r["kind"] == "anchor" for r in op_rows) else None
-                ax.bar(xs, ys, width=width, label=prov, hatch=hatch, edgecolor="black", linewidth=0.4)
+                ax.bar(xs, ys, width=width, label=prov, hatch=hatch, color=_COLOURS.get(prov), edgecolor="black", linewidth=0.4)
             ax.set_yscale("log")
             if metric == "speedup_vs_eager":
                 ax.axhline(1.0, color="black", linewidth=0.8)

@@ -143,3 +143,56 @@ def test_the_check_catches_a_wrong_result():
 def test_bad_options_are_refused_with_the_option_named():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--ops", "nope", "--list"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ops" in proc.stderr and "topk_mil_pool" in proc.stderr
+
+
+def _stand_in_proposals(cas, video_scores, lengths, thresholds=(0.002, 0.006), class_threshold=0.2):
+    """Runs of cas > threshold per labelled (video, class): the shape of MMSD's proposals, nothing more."""
+    import numpy as np
+
+    cas, video_scores, lengths = (np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x) for x in (cas, video_scores, lengths))
+    rows = []
+    for v, c in zip(*np.nonzero(video_scores >= class_threshold)):
+        x = cas[v, : lengths[v], c]
+        for th in thresholds:
+            edges = np.diff(np.concatenate([[0], (x > th).astype(np.int8), [0]]))
+            for s, e in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+                rows.append((v, c, s, e, float(x[s:e].mean())))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+class _MapResult:
+    def __init__(self, values):
+        self.map = values
+
+
+def _stand_in_map(predictions, ground_truth, tious):
+    """Share of predictions overlapping a ground truth of their video and class by >= t."""
+    import numpy as np
+
+    p = np.asarray(predictions.cpu() if isinstance(predictions, torch.Tensor) else predictions, dtype=np.float64)
+    g = np.asarray(ground_truth.cpu() if isinstance(ground_truth, torch.Tensor) else ground_truth, dtype=np.float64)
+    same = (p[:, None, 0] == g[None, :, 0]) & (p[:, None, 1] == g[None, :, 1])
+    inter = np.clip(np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 2], g[None, :, 2]), 0, None)
+    union = (p[:, None, 3] - p[:, None, 2]) + (g[None, :, 3] - g[None, :, 2]) - inter
+    iou = np.where(same, inter / np.maximum(union, 1e-12), 0.0).max(axis=1, initial=0.0)
+    return _MapResult(np.array([float((iou >= t).mean()) if len(iou) else 0.0 for t in tious]))
+
+
+def test_localization_benchmark_runs_the_public_functions_beside_the_loops(monkeypatch):
+    """With stand-ins for mmsd_ext.localize/evaluate and tests/localization_reference.py (written elsewhere)."""
+    from benchmarks import bench_localization
+
+    def public_proposals(cas, video_scores, lengths):
+        return torch.from_numpy(_stand_in_proposals(cas, video_scores, lengths)).to(torch.float32)
+
+    monkeypatch.setattr(bench_localization, "public_functions", lambda: ((public_proposals, _stand_in_map), None))
+    monkeypatch.setattr(bench_localization, "loop_functions", lambda: ((_stand_in_proposals, _stand_in_map), None))
+    ctx = harness.Context(device="cpu", preset="tiny")
+    cases = bench_localization.cases(ctx)
+    settings = harness.Settings(device="cpu", min_run_time=0.01, slow_s=0.05, slow_budget_s=0.2, progress=False)
+    rows = harness.Runner(settings).run(cases)
+    got = {(r["provider"], r["pass"]): r for r in rows}
+    assert set(got) == {(p, x) for p in ("mmsd_ext", "python_loops") for x in ("proposals", "map", "pipeline")}
+    assert all(r["check"] in ("", "ok") for r in rows), [r["check"] for r in rows]
+    assert got[("mmsd_ext", "pipeline")]["check"] == "ok"
+    assert got[("python_loops", "pipeline")]["speedup_vs_eager"] == pytest.approx(1.0)
