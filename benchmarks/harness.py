@@ -431,6 +431,9 @@ def versions():
 
 
 def git_commit():
+    """The commit measured: $BENCH_COMMIT if set (a tree copied without .git), else git's HEAD (+ "-dirty")."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -501,7 +504,8 @@ class Runner:
         ordered = sorted(case.providers, key=lambda p: p.name != eager)
         for prov in ordered:
             label = f"{case.op} {case.shape} {case.dtype} {prov.name}"
-            bar.set_postfix_str(label[-60:]) if hasattr(bar, "set_postfix_str") else None
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(label[-60:], refresh=False)
             if prov.skip:
                 self.skipped.append((case.op, case.shape, prov.name, prov.skip))
                 bar.update(len(case.passes))
@@ -713,7 +717,7 @@ def format_table(rows, copy_gbps=None, device_name="", machine=""):
                 r["pass"],
                 r["provider"] + ("" if r["kind"] == "mmsd_ext" else " *"),
                 _fmt(r["median_ms"], ".3f"),
-                f"{_fmt(r['p20_ms'], '.3g')}-{_fmt(r['p80_ms'], '.3g')}" + (f" ({r['reps']} run{'s' if r['reps'] != 1 else ''})" if r["reps"] < 5 else ""),
+                _spread(r),
                 _fmt(r["gbps"], ".3g"),
                 _fmt(r["pct_of_copy"], ".1f"),
             ]
@@ -727,6 +731,13 @@ def format_table(rows, copy_gbps=None, device_name="", machine=""):
         out.append(title)
         out.extend(_align([header] + table))
     return "\n".join(out)
+
+
+def _spread(r):
+    if r["reps"] <= 1:
+        return "(1 run)"
+    text = f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}"
+    return text + (f" ({r['reps']} runs)" if r["reps"] < 5 else "")
 
 
 def _align(table):
