@@ -36,7 +36,7 @@ OPS = {
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline")
+PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline", "mmsd_protocol")
 
 # Measuring effort per preset: (min_run_time s, slow_s, slow_budget_s).
 EFFORT = {"tiny": (0.02, 0.05, 0.2), "quick": (0.3, 0.5, 4.0), "full": (1.0, 1.0, 10.0)}

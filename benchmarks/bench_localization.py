@@ -8,18 +8,22 @@ Passes (all forward):
 - ``proposals``: ``mmsd_ext.localize.mmsd_proposals(cas, video_scores, lengths)``
   with MMSD's defaults (20 thresholds, class threshold 0.2, NMS 0.4);
 - ``map``: ``mmsd_ext.evaluate.detection_map(predictions, ground_truth)`` at
-  tIoU 0.1 .. 0.7, on the anchor's proposals;
-- ``pipeline``: both, proposals feeding the mAP.
+  tIoU 0.1 .. 0.7 (ActivityNet semantics), on the anchor's proposals;
+- ``pipeline``: both, proposals feeding the mAP;
+- ``mmsd_protocol``: MMSD's whole evaluation, ``mmsd_detection_map`` (proposals,
+  then getLocMAP's THUMOS14 protocol: ground truth in seconds, ambiguous
+  segments filtered, mAP at the 7 tIoUs).
 
-Anchor ``python_loops``: the same protocol written as plain Python loops over
+Anchor ``python_loops``: the same protocols written as plain Python loops over
 videos, classes, thresholds and segments (MMSD's getActLoc / getLocMAP
-structure), from ``tests/localization_reference.py``: ``mmsd_proposals_loops``
-and ``detection_map_loops``, called with the same arguments as the public
-functions (numpy arrays). It is imported from the source tree when this runs;
-if it is not there, the anchor is skipped with a message.
+structure), from ``tests/localization_reference.py``: ``mmsd_proposals_loops``,
+``detection_map_loops`` and ``mmsd_localization_map_loops``, called with the
+same arguments as the public functions (numpy arrays). It is imported from the
+source tree when this runs; if it is not there, the anchor is skipped with a
+message.
 
-The check compares the mAP values (the issue asks for agreement to 1e-9) and
-the proposal rows.
+The check compares the mAP values of pipeline and mmsd_protocol (the issue
+asks for agreement to 1e-9) and the proposal rows.
 
 Least traffic (bytes): proposals read cas, video scores and lengths
 (V*T*C*4 + V*C*4 + V*8) and write P rows of 5 float32 values; map reads the
@@ -30,8 +34,8 @@ out (a few hundred bytes).
 
 import importlib
 import importlib.util
-import inspect
 import os
+import sys
 
 import numpy as np
 import torch
@@ -62,24 +66,26 @@ def parse(token):
 
 
 def public_functions():
-    """(mmsd_proposals, detection_map) from mmsd_ext, or (None, reason)."""
+    """(mmsd_proposals, detection_map, mmsd_detection_map or None) from mmsd_ext, or (None, reason)."""
     try:
         localize = importlib.import_module("mmsd_ext.localize")
         evaluate = importlib.import_module("mmsd_ext.evaluate")
-        return (localize.mmsd_proposals, evaluate.detection_map), None
+        return (localize.mmsd_proposals, evaluate.detection_map, getattr(evaluate, "mmsd_detection_map", None)), None
     except (ImportError, AttributeError) as exc:
         return None, f"mmsd_ext.localize / mmsd_ext.evaluate are not available here ({exc})"
 
 
 def loop_functions():
-    """(mmsd_proposals_loops, detection_map_loops) from tests/localization_reference.py, or (None, reason)."""
+    """(mmsd_proposals_loops, detection_map_loops, mmsd_localization_map_loops or None)
+    from tests/localization_reference.py, or (None, reason)."""
     if not os.path.exists(_REFERENCE_FILE):
         return None, f"{os.path.relpath(_REFERENCE_FILE)} is missing: the Python-loop anchor cannot run"
     try:
         spec = importlib.util.spec_from_file_location("_mmsd_localization_reference", _REFERENCE_FILE)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return (module.mmsd_proposals_loops, module.detection_map_loops), None
+        protocol = getattr(module, "mmsd_localization_map_loops", None)
+        return (module.mmsd_proposals_loops, module.detection_map_loops, protocol), None
     except Exception as exc:  # noqa: BLE001 - any failure of that file means no anchor, said plainly
         return None, f"{os.path.relpath(_REFERENCE_FILE)} could not be loaded: {type(exc).__name__}: {exc}"
 
@@ -100,6 +106,7 @@ def _case(ctx, spec, public, loops):
     device = ctx.device
     rng = np.random.RandomState(ctx.seed)
     cas, video_scores, lengths, gt = workloads.thumos_localization(rng, videos=videos, max_len=max_len)
+    thumos = workloads.thumos14_annotations(gt, len(lengths), cas.shape[2])
     V, T, C = cas.shape
     cached = {}
 
@@ -115,24 +122,23 @@ def _case(ctx, spec, public, loops):
 
     providers = []
     if public is not None:
-        proposals_fn, map_fn = public
-        names = ctx.mmsd_backends() if "backend" in inspect.signature(proposals_fn).parameters else [None]
-        for backend in names:
-            providers.append(_public_provider(backend, proposals_fn, map_fn, cas, video_scores, lengths, gt, device, anchor_predictions))
+        # One provider: the functions pick their NMS backend themselves (auto).
+        providers.append(_public_provider(public, cas, video_scores, lengths, gt, thumos, device, anchor_predictions))
     if loops is not None:
-        providers.append(_loops_provider(loops, cas, video_scores, lengths, gt, anchor_predictions))
+        providers.append(_loops_provider(loops, cas, video_scores, lengths, gt, thumos, anchor_predictions))
 
     def least(expected):
         P = len(expected[0])
         G = len(gt)
         cas_bytes = V * T * C * 4 + V * C * 4 + V * 8
-        return {"proposals": cas_bytes + P * 5 * 4, "map": P * 5 * 4 + G * 4 * 8, "pipeline": cas_bytes + G * 4 * 8}
+        gt_bytes = G * 4 * 8
+        return {"proposals": cas_bytes + P * 5 * 4, "map": P * 5 * 4 + gt_bytes, "pipeline": cas_bytes + gt_bytes, "mmsd_protocol": cas_bytes + gt_bytes}
 
     return Case(
         op=OP,
         shape=f"V={V} T<={T} C={C} GT={len(gt)}",
         dtype="float32",
-        passes=("proposals", "map", "pipeline"),
+        passes=("proposals", "map", "pipeline", "mmsd_protocol"),
         least_bytes=least,
         providers=providers,
         roles={"eager": "python_loops"},
@@ -140,8 +146,8 @@ def _case(ctx, spec, public, loops):
     )
 
 
-def _public_provider(backend, proposals_fn, map_fn, cas, video_scores, lengths, gt, device, anchor_predictions):
-    kw = {} if backend is None else {"backend": backend}
+def _public_provider(public, cas, video_scores, lengths, gt, thumos, device, anchor_predictions):
+    proposals_fn, map_fn, protocol_fn = public
 
     def build():
         cas_t = torch.from_numpy(cas).to(device)
@@ -151,26 +157,31 @@ def _public_provider(backend, proposals_fn, map_fn, cas, video_scores, lengths, 
         preds_t = torch.from_numpy(anchor_predictions()).to(torch.float32)
 
         def proposals():
-            return proposals_fn(cas_t, vs_t, len_t, **kw)
+            return proposals_fn(cas_t, vs_t, len_t)
 
         def mean_ap():
             return map_fn(preds_t, gt_t, TIOUS)
 
         def pipeline():
-            p = proposals_fn(cas_t, vs_t, len_t, **kw)
+            p = proposals_fn(cas_t, vs_t, len_t)
             return p, map_fn(p, gt_t, TIOUS)
+
+        passes = {"proposals": proposals, "map": mean_ap, "pipeline": pipeline}
+        if protocol_fn is not None:
+            passes["mmsd_protocol"] = lambda: _call_protocol(protocol_fn, cas_t, vs_t, len_t, thumos)
 
         def result():
             p, m = pipeline()
-            return _rows(p), _map_values(m)
+            return _rows(p), _map_values(m), _protocol_result(passes)
 
-        return {"passes": {"proposals": proposals, "map": mean_ap, "pipeline": pipeline}, "result": result, "result_pass": "pipeline"}
+        # No result_pass: result() also runs the MMSD protocol, so it is no pipeline sample.
+        return {"passes": passes, "result": result}
 
-    return Provider(backend or "mmsd_ext", "mmsd_ext", build, device=device, jit=backend == "triton")
+    return Provider("mmsd_ext", "mmsd_ext", build, device=device)
 
 
-def _loops_provider(loops, cas, video_scores, lengths, gt, anchor_predictions):
-    proposals_fn, map_fn = loops
+def _loops_provider(loops, cas, video_scores, lengths, gt, thumos, anchor_predictions):
+    proposals_fn, map_fn, protocol_fn = loops
 
     def build():
         preds = anchor_predictions()
@@ -179,21 +190,39 @@ def _loops_provider(loops, cas, video_scores, lengths, gt, anchor_predictions):
             p = proposals_fn(cas, video_scores, lengths)
             return p, map_fn(_rows(p), gt, TIOUS)
 
+        passes = {
+            "proposals": lambda: proposals_fn(cas, video_scores, lengths),
+            "map": lambda: map_fn(preds, gt, TIOUS),
+            "pipeline": pipeline,
+        }
+        if protocol_fn is not None:
+            passes["mmsd_protocol"] = lambda: _call_protocol(protocol_fn, cas, video_scores, lengths, thumos)
+
         def result():
             p, m = pipeline()
-            return _rows(p), _map_values(m)
+            return _rows(p), _map_values(m), _protocol_result(passes)
 
-        return {
-            "passes": {
-                "proposals": lambda: proposals_fn(cas, video_scores, lengths),
-                "map": lambda: map_fn(preds, gt, TIOUS),
-                "pipeline": pipeline,
-            },
-            "result": result,
-            "result_pass": "pipeline",
-        }
+        # No result_pass: result() also runs the MMSD protocol, so it is no pipeline sample.
+        return {"passes": passes, "result": result}
 
     return Provider("python_loops", "anchor", build, device="cpu")
+
+
+def _call_protocol(fn, cas, video_scores, lengths, thumos):
+    names, segments, labels, classes, ambiguous = thumos
+    return fn(cas, video_scores, names, segments, labels, classes, lengths=lengths, ambiguous=ambiguous, tiou_thresholds=TIOUS)
+
+
+def _protocol_result(passes):
+    """The MMSD protocol's mAP, or None (and the pass dropped) if that function cannot run here."""
+    if "mmsd_protocol" not in passes:
+        return None
+    try:
+        return _map_values(passes["mmsd_protocol"]())
+    except Exception as exc:  # noqa: BLE001 - the other passes still measure
+        print(f"localization: mmsd_protocol left out: {type(exc).__name__}: {exc}", file=sys.stderr)
+        del passes["mmsd_protocol"]
+        return None
 
 
 def _rows(proposals):
@@ -204,10 +233,13 @@ def _rows(proposals):
 
 
 def _map_values(result):
-    """The mAP per tIoU from a result object, a dict or a plain sequence."""
+    """The mAP per tIoU from a result object (``.map``), a dict, the loops'
+    (classes, ap, map, average) tuple, or a plain sequence."""
     value = getattr(result, "map", None)
     if value is None and isinstance(result, dict):
         value = result.get("map")
+    if value is None and isinstance(result, tuple) and len(result) == 4:
+        value = result[2]
     if value is None:
         value = result
     if isinstance(value, torch.Tensor):
@@ -223,14 +255,17 @@ def _sorted_rows(rows):
 
 
 def _compare(expected, got):
-    e_rows, e_map = expected
-    g_rows, g_map = got
+    e_rows, e_map, e_protocol = expected
+    g_rows, g_map, g_protocol = got
     notes = []
-    if e_map.shape != g_map.shape:
-        return f"differs: {len(g_map)} mAP values, expected {len(e_map)}"
-    map_err = float(np.max(np.abs(e_map - g_map))) if len(e_map) else 0.0
-    if not map_err <= MAP_TOLERANCE:
-        notes.append(f"mAP by {map_err:.2g}")
+    for what, e, g in (("mAP", e_map, g_map), ("MMSD protocol mAP", e_protocol, g_protocol)):
+        if e is None or g is None:
+            continue
+        if e.shape != g.shape:
+            return f"differs: {len(g)} {what} values, expected {len(e)}"
+        err = float(np.max(np.abs(e - g))) if len(e) else 0.0
+        if not err <= MAP_TOLERANCE:
+            notes.append(f"{what} by {err:.2g}")
     if len(e_rows) != len(g_rows):
         notes.append(f"{len(g_rows)} proposals, expected {len(e_rows)}")
     else:

@@ -325,8 +325,8 @@ def _measure_cuda(fn, settings, estimate_s):
             times = do_bench(fn, warmup=settings.warmup_ms, rep=rep_ms, return_mode="all")
             if isinstance(times, (list, tuple)) and times:
                 return Timing(list(times), len(times))
-        except (AssertionError, TypeError):
-            pass  # an older triton without return_mode="all": time with events below
+        except (AssertionError, TypeError, ValueError):
+            pass  # a triton without return_mode="all": the same method with events below
     return _cuda_event_loop(fn, rep_ms, settings.warmup_ms, estimate_s)
 
 
@@ -351,12 +351,15 @@ def peak_memory_mb(fn, device):
     """Extra GPU memory (MiB) one call of ``fn`` needs above what is already allocated."""
     if device != "cuda":
         return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return max(0, torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - before) / 2**20
+    except RuntimeError:
+        return None  # an allocator without statistics: the column stays empty
 
 
 def copy_bandwidth(device, settings, nbytes=None):

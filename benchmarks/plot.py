@@ -4,8 +4,8 @@
 
 Left panel: median time (log scale) of each provider at each size; right panel:
 speedup against the op's eager anchor (time of the anchor / time), 1 marked.
-The pass shown per op is fwd+bwd where the op has a backward, pipeline for
-localization, fwd otherwise (``--pass`` picks another).
+The pass shown per op is fwd+bwd where the op has a backward, mmsd_protocol for
+localization (MMSD's whole protocol), fwd otherwise (``--pass`` picks another).
 matplotlib is an optional extra (``pip install matplotlib``).
 """
 
@@ -15,7 +15,7 @@ import math
 import sys
 
 _NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "peak_mem_mb", "speedup_vs_eager", "copy_gbps")
-_MAIN_PASS = ("fwd+bwd", "pipeline", "fwd")
+_MAIN_PASS = ("fwd+bwd", "mmsd_protocol", "pipeline", "fwd")
 # One colour per provider in every panel: mmsd_ext's backends in strong
 # colours, anchors in muted ones (and hatched).
 _COLOURS = {
@@ -136,7 +136,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--run", default="latest", help="latest (default), all, or a run_id")
     p.add_argument("--device", choices=("cpu", "cuda"), help="only this device's rows (and the CPU anchors of a GPU run)")
-    p.add_argument("--pass", dest="pass_name", help="plot this pass instead of the main one (fwd, bwd, fwd+bwd, proposals, map, pipeline)")
+    p.add_argument("--pass", dest="pass_name", help="plot this pass instead of the main one (fwd, bwd, fwd+bwd, proposals, map, pipeline, mmsd_protocol)")
     args = p.parse_args(argv)
     rows = select(read_csv(args.csv), args.run, args.device)
     if not rows:

@@ -108,3 +108,25 @@ def thumos_localization(rng, videos=THUMOS_VIDEOS, classes=THUMOS_CLASSES, max_l
     cas[np.arange(T)[None, :] >= lengths[:, None]] = 0.0
     ground_truth = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
     return cas.astype(np.float32), video_scores.astype(np.float32), lengths, ground_truth
+
+
+THUMOS14_FACTOR = 25.0 / 16.0  # snippets per second of W-TALC's I3D features
+
+
+def thumos14_annotations(ground_truth, videos, classes):
+    """The THUMOS14 protocol's inputs for ground-truth rows in snippets.
+
+    Returns (video_names, gt_segments, gt_labels, class_names, ambiguous) as
+    MMSD's W-TALC files give them: per-video [start, end] lists in seconds,
+    per-video class names, sorted class names, and (name, start, end) seconds
+    of ambiguous segments, one just after an instance in every third video.
+    """
+    names = [f"video_test_{v:07d}" for v in range(videos)]
+    class_names = [f"Action{c:02d}" for c in range(classes)]
+    segments = [[] for _ in range(videos)]
+    labels = [[] for _ in range(videos)]
+    for v, c, s, e in ground_truth:
+        segments[int(v)].append([s / THUMOS14_FACTOR, e / THUMOS14_FACTOR])
+        labels[int(v)].append(class_names[int(c)])
+    ambiguous = [(names[v], seg[0][1] + 1.0, seg[0][1] + 3.0) for v, seg in enumerate(segments) if seg and v % 3 == 0]
+    return names, segments, labels, class_names, ambiguous

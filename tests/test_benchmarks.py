@@ -185,8 +185,8 @@ def test_localization_benchmark_runs_the_public_functions_beside_the_loops(monke
     def public_proposals(cas, video_scores, lengths):
         return torch.from_numpy(_stand_in_proposals(cas, video_scores, lengths)).to(torch.float32)
 
-    monkeypatch.setattr(bench_localization, "public_functions", lambda: ((public_proposals, _stand_in_map), None))
-    monkeypatch.setattr(bench_localization, "loop_functions", lambda: ((_stand_in_proposals, _stand_in_map), None))
+    monkeypatch.setattr(bench_localization, "public_functions", lambda: ((public_proposals, _stand_in_map, None), None))
+    monkeypatch.setattr(bench_localization, "loop_functions", lambda: ((_stand_in_proposals, _stand_in_map, None), None))
     ctx = harness.Context(device="cpu", preset="tiny")
     cases = bench_localization.cases(ctx)
     settings = harness.Settings(device="cpu", min_run_time=0.01, slow_s=0.05, slow_budget_s=0.2, progress=False)
