@@ -124,8 +124,8 @@ def plot_rows(rows, path, title=None, pass_name=None):
                 ax.legend(fontsize=7, ncol=2, title="hatched = anchor", title_fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
