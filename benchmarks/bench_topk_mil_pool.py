@@ -80,6 +80,14 @@ def _case(ctx, shape, dtype):
     providers.append(provider("loop", "anchor", lambda t: _per_video_loop(t["scores"], lengths_host, k_host)))
 
     rtol, atol = TOLERANCES[dtype]
+
+    def compare(expected, got):
+        # Which of equal values straddling the k-th place gets the gradient is
+        # left open by torch.topk (and ties are common in bfloat16), so the
+        # gradient is compared by what does not depend on it: its sum and its
+        # number of non-zeros per (video, class).
+        return compare_tensors(_tie_free(expected), _tie_free(got), rtol, atol)
+
     return Case(
         op=OP,
         shape="x".join(map(str, shape)),
@@ -88,7 +96,7 @@ def _case(ctx, shape, dtype):
         least_bytes=least_bytes(shape, dtype),
         providers=providers,
         roles={"eager": "torch.topk", "loop": "loop", "reference": "reference"},
-        compare=lambda e, g: compare_tensors(e, g, rtol, atol),
+        compare=compare,
         note=f"k = {k}",
     )
 
@@ -97,6 +105,11 @@ def _mmsd(backend):
     import mmsd_ext
 
     return lambda t: mmsd_ext.topk_mil_pool(t["scores"], t["k"], t["lengths"], backend=backend)
+
+
+def _tie_free(result):
+    out, (grad,) = result
+    return out, grad.float().sum(dim=1), (grad != 0).sum(dim=1).float()
 
 
 def _per_video_loop(scores, lengths, ks):

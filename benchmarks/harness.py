@@ -40,11 +40,19 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-# Long-format CSV columns (one row per op, shape, dtype, provider and pass).
+# Long-format CSV columns, one row per (op, shape, dtype, provider, pass):
+# kind "mmsd_ext" (a backend) or "anchor"; device where the provider ran (a
+# GPU run's CPU anchors say cpu); median/p20/p80 in ms over ``reps`` timed
+# calls; bytes = the op's least traffic for that pass; gbps and pct_of_copy
+# against copy_gbps (measured at the start of the run); peak_mem_mb on GPUs;
+# speedup_vs_<role> = time of that anchor / this time, the eager anchor named
+# in eager_anchor; check = "ok" or how the result differs from the eager
+# anchor's; device_name, machine, threads and load_avg describe the machine;
+# torch, triton, mmsd_ext and commit the software; run_id groups one run.
 COLUMNS = [
     "op",
     "provider",
@@ -134,11 +142,6 @@ class Case:
     roles: dict  # role -> provider name ("eager" is required when an anchor exists)
     compare: object = None  # (expected, got) -> "ok" or a description of the difference
     note: str = ""
-
-
-@dataclass
-class Row:
-    values: dict = field(default_factory=dict)
 
 
 def autograd_passes(forward, leaves, grad_out=None):
@@ -486,6 +489,7 @@ class Runner:
                     bar.update(len(case.providers) * len(case.passes))
                     continue
                 rows = self._run_case(case, bar)
+                case.providers.clear()  # their inputs (closures) go now, not at the end of the run
                 self._fill_speedups(case, rows)
                 self.rows.extend(rows)
                 if self.csv_path:
@@ -511,7 +515,7 @@ class Runner:
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(label[-60:], refresh=False)
             if prov.skip:
-                self.skipped.append((case.op, case.shape, prov.name, prov.skip))
+                self.skipped.append((case.op, f"{case.shape} {case.dtype}", prov.name, prov.skip))
                 bar.update(len(case.passes))
                 continue
             try:
@@ -522,7 +526,7 @@ class Runner:
                 result_s = time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - a backend that cannot run this case is reported, not fatal
                 reason = _first_line(exc)
-                self.skipped.append((case.op, case.shape, prov.name, reason))
+                self.skipped.append((case.op, f"{case.shape} {case.dtype}", prov.name, reason))
                 self._note(bar, f"skip {label}: {reason}")
                 bar.update(len(case.passes))
                 continue
@@ -552,7 +556,7 @@ class Runner:
                     peak = peak_memory_mb(fn, prov.device)
                 except Exception as exc:  # noqa: BLE001
                     reason = _first_line(exc)
-                    self.skipped.append((case.op, case.shape, f"{prov.name} {pass_name}", reason))
+                    self.skipped.append((case.op, f"{case.shape} {case.dtype}", f"{prov.name} {pass_name}", reason))
                     self._note(bar, f"failed {label} {pass_name}: {reason}")
                     bar.update(1)
                     continue
