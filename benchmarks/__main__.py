@@ -1,0 +1,213 @@
+"""python -m benchmarks: time every mmsd_ext backend against its anchors.
+
+Examples (from the repository root)::
+
+    python -m benchmarks --quick --csv out/bench.csv --plot out/bench.png   # CPU, a few minutes
+    python -m benchmarks --device cuda --csv out/gpu.csv                    # every op, every size
+    python -m benchmarks --ops topk_mil_pool mmsd_distill_loss --sizes 32x2304x201
+    python -m benchmarks --list                                             # what would run
+
+See benchmarks/harness.py for the method and each benchmarks/bench_*.py for
+the anchors, inputs and byte counts of an op.
+"""
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+# Quiet the loader's one-line warning about a missing extension: the run says
+# which backends it found itself.
+os.environ.setdefault("MMSD_EXT_QUIET", "1")
+
+import torch  # noqa: E402
+
+from . import bench_distill, bench_localization, bench_nms, bench_topk_mil_pool  # noqa: E402
+from .harness import Context, Runner, Settings, format_table  # noqa: E402
+
+OPS = {
+    "topk_mil_pool": bench_topk_mil_pool.cases,
+    "snippet_distill_loss": functools.partial(bench_distill.cases, "snippet_distill_loss"),
+    "mmsd_distill_loss": functools.partial(bench_distill.cases, "mmsd_distill_loss"),
+    "temporal_nms": functools.partial(bench_nms.cases, "temporal_nms"),
+    "soft_temporal_nms": functools.partial(bench_nms.cases, "soft_temporal_nms"),
+    "localization": bench_localization.cases,
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline", "mmsd_protocol")
+
+# Measuring effort per preset: (min_run_time s, slow_s, slow_budget_s).
+EFFORT = {"tiny": (0.02, 0.05, 0.2), "quick": (0.3, 0.5, 4.0), "full": (1.0, 1.0, 10.0)}
+
+
+def _split(values):
+    out = []
+    for v in values or []:
+        out.extend(x for x in v.replace(",", " ").split() if x)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark mmsd_ext's backends against eager PyTorch, torch.compile, torchvision and "
+        "the loops WTAL code writes, all measured in the same run.",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if a GPU is visible, else cpu")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of: {', '.join(OPS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="the sizes each op issue's goals name, fewer repetitions (a few minutes on 2 CPU cores)")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="SIZE",
+        help="a preset (tiny, quick, full) or sizes: BxTxC for topk/distillation (e.g. 32x2304x201), "
+        "M=N for NMS in one group, thumos / thumos-mmsd for the THUMOS-like NMS batch, "
+        "thumos or videos=N for localization; each op takes the sizes it understands",
+    )
+    p.add_argument("--dtypes", nargs="+", default=["float32"], help=f"for topk and distillation: {', '.join(DTYPES)} (default float32)")
+    p.add_argument(
+        "--passes",
+        nargs="+",
+        metavar="PASS",
+        help=f"only these passes ({', '.join(PASSES)}); default: all, except --quick on the CPU, "
+        "which times fwd+bwd only for ops with a backward",
+    )
+    p.add_argument("--csv", metavar="PATH", help="append the results to this CSV (long format, one row per op/provider/shape/pass)")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of this run's results (needs matplotlib)")
+    p.add_argument("--time-budget", type=float, metavar="S", help="start no new case after S seconds (what ran is kept)")
+    p.add_argument("--min-run-time", type=float, metavar="S", help="seconds of timed runs per measurement (default by preset)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list the cases and providers, run nothing")
+    args = p.parse_args(argv)
+
+    args.ops = _split(args.ops) or list(OPS)
+    unknown = [o for o in args.ops if o not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    sizes = _split(args.sizes)
+    presets = [s for s in sizes if s in EFFORT]
+    if len(presets) > 1 or (presets and len(sizes) > 1):
+        p.error("--sizes: give one preset (tiny, quick, full) or a list of sizes, not both")
+    args.preset = presets[0] if presets else ("quick" if args.quick else "full")
+    args.tokens = None if presets or not sizes else sizes
+    dtypes = _split(args.dtypes)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        p.error(f"--dtypes: unknown {', '.join(bad)}; choose from {', '.join(DTYPES)}")
+    args.dtype_list = tuple(DTYPES[d] for d in dtypes)
+    args.passes = _split(args.passes) or None
+    bad = [x for x in args.passes or [] if x not in PASSES]
+    if bad:
+        p.error(f"--passes: unknown {', '.join(bad)}; choose from {', '.join(PASSES)}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    if args.plot and not args.list:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot]); run without --plot")
+    return args
+
+
+def _select_passes(cases, passes, main_only):
+    """Keep the asked passes; a quick CPU run keeps fwd+bwd alone where an op has it (what the goals name)."""
+    kept = []
+    for case in cases:
+        if passes:
+            case.passes = tuple(x for x in case.passes if x in passes)
+        elif main_only and "fwd+bwd" in case.passes:
+            case.passes = ("fwd+bwd",)
+        if case.passes:
+            kept.append(case)
+    return kept
+
+
+def _load_warning():
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load > 0.75 * cores:
+        return (
+            f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU, so CPU timings "
+            "(multi-threaded ones most, as their threads wait for each other) come out slower and noisier than on a quiet machine"
+        )
+    return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import mmsd_ext
+
+    min_run, slow_s, slow_budget = EFFORT[args.preset]
+    if args.quick and args.preset == "full":
+        min_run, slow_s, slow_budget = EFFORT["quick"]
+    if args.min_run_time is not None:
+        min_run = args.min_run_time
+    settings = Settings(device=args.device, min_run_time=min_run, slow_s=slow_s, slow_budget_s=slow_budget, progress=not args.no_progress)
+    ctx = Context(device=args.device, dtypes=args.dtype_list, preset=args.preset, tokens=args.tokens, seed=args.seed)
+
+    info = mmsd_ext.build_info()
+    print(f"mmsd_ext {info['version']}: backends here {info['backends']}, on {args.device}: {ctx.mmsd_backends()}", flush=True)
+    if info.get("load_error"):
+        print(f"  ({info['load_error']})", flush=True)
+
+    notes = []
+    cases = []
+    for op in args.ops:
+        if op == "localization":
+            cases.extend(OPS[op](ctx, notes=notes))
+        else:
+            cases.extend(OPS[op](ctx))
+    for n in notes:
+        print(n, flush=True)
+    cases = _select_passes(cases, args.passes, main_only=args.passes is None and args.preset == "quick" and args.device == "cpu")
+    if args.list:
+        for c in cases:
+            print(f"{c.op:22s} {c.shape:34s} {c.dtype:9s} {'/'.join(c.passes):22s} " + ", ".join(p.name + (" (skip)" if p.skip else "") for p in c.providers))
+        return 0
+    if not cases:
+        print("nothing to run (no case for these ops and sizes)")
+        return 1
+
+    warning = _load_warning()
+    if warning:
+        print(warning, flush=True)
+    runner = Runner(settings, csv_path=args.csv, time_budget=args.time_budget)
+    started = time.monotonic()
+    copy = runner.measure_copy()
+    print(f"{runner.device_name}: copy bandwidth {copy:.1f} GB/s (read + write); torch {torch.__version__}, {torch.get_num_threads()} threads, commit {runner.versions['commit']}", flush=True)
+    rows = runner.run(cases)
+    elapsed = time.monotonic() - started
+
+    print()
+    print(format_table(rows, runner.copy_gbps, runner.device_name, runner.machine))
+    end_warning = _load_warning()
+    if end_warning:
+        print(end_warning)
+    if runner.skipped:
+        print("\nnot measured:")
+        for op, shape, prov, why in runner.skipped:
+            print(f"  {op} {shape} {prov}: {why}")
+    if runner.not_run:
+        print(f"\nleft out by --time-budget {args.time_budget:g} s: " + "; ".join(f"{c.op} {c.shape}" for c in runner.not_run))
+    print(f"\n{len(rows)} measurements in {elapsed:.0f} s" + (f", appended to {args.csv}" if args.csv else ""))
+    if args.plot:
+        from .plot import plot_rows
+
+        plot_rows(rows, args.plot, title=f"mmsd_ext benchmarks, {runner.device_name}, torch {torch.__version__}")
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

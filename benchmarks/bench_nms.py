@@ -1,0 +1,292 @@
+"""temporal_nms and soft_temporal_nms (forward only: NMS has no gradient).
+
+Workloads (benchmarks/workloads.py):
+- ``M=N``: N segments in one group, on a timeline N snippets long (density
+  constant, so about a quarter is kept at IoU 0.4).
+- ``thumos``: a THUMOS14-sized evaluation, 212 videos x 20 classes x ~60
+  proposals (about 254k segments in 4240 groups); hard NMS at IoU 0.4.
+- ``thumos-mmsd``: the same proposals under MMSD's own NMS (overlap over the
+  candidate's length, inclusive ends: ``overlap="other", offset=1``).
+
+Hard NMS anchors: ``torchvision`` (``ops.nms`` for one group,
+``ops.batched_nms`` with the group ids for a batch, on boxes
+(start, 0, end, 1), on the benchmark's device; for a batch this large
+batched_nms loops over the groups itself); ``numpy_loop``: the
+per-(video, class) loop of MMSD-style code (its ``NonMaximumSuppression``:
+argsort, then ``np.delete`` of what the top segment suppresses), over groups
+already split into lists as such code holds them. Box building and group
+splitting are not timed, in the anchors' favour. Not an anchor: one
+``ops.nms`` call on boxes shifted apart per group (the coordinate trick) is
+both slower on the CPU (its kernel compares every later box) and wrong at
+this size in float32 (shifts of 4240 * 2600 leave no fractional bits).
+Soft-NMS anchor: mmsd_ext's reference (a Python loop) on the CPU.
+
+The reference backend is a Python loop, O(M * kept) for hard NMS and O(M^2)
+over all groups for soft-NMS: it is left out above ``REFERENCE_MAX_M``
+segments (a preset's own limit) and for batches.
+
+Least traffic (bytes): read segments (8 per segment in float32), scores (4),
+groups (8, when given); write the kept indices (8 each) and, for soft-NMS,
+their scores (4 each).
+"""
+
+import numpy as np
+import torch
+
+from . import workloads
+from .harness import Case, Provider
+
+IOU_THRESHOLD = 0.4  # MMSD's NMS threshold, used for both overlap modes
+SOFT = dict(method="gaussian", sigma=0.5, iou_threshold=0.3, min_score=1e-3)  # the API's defaults
+# Above this many segments the Python-loop reference takes tens of seconds to
+# minutes on a 2-core machine (hard M=10k: about 4 s, soft M=10k: about 30 s);
+# quick runs stop earlier. The soft-NMS anchor of a GPU run (the reference on the
+# CPU) always runs up to 10k: the GPU goal is set against it there.
+REFERENCE_MAX_M = {"tiny": 10_000, "quick": 2_000, "full": 10_000}
+SOFT_CPU_ANCHOR_MAX_M = 10_000
+
+PRESETS = {
+    "temporal_nms": {
+        "tiny": [("one", 64)],
+        "quick": {"cpu": [("one", 1_000), ("one", 10_000), ("thumos", "iou")],
+                  "cuda": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou")]},
+        "full": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou"), ("thumos", "other")],
+    },
+    "soft_temporal_nms": {
+        "tiny": [("one", 64)],
+        "quick": {"cpu": [("one", 1_000), ("thumos", "iou")], "cuda": [("one", 1_000), ("one", 10_000), ("thumos", "iou")]},
+        "full": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou")],
+    },
+}
+
+
+def parse(token):
+    t = token.lower()
+    if t in ("thumos", "thumos-iou"):
+        return ("thumos", "iou")
+    if t == "thumos-mmsd":
+        return ("thumos", "other")
+    if t.startswith("m="):
+        t = t[2:]
+    try:
+        return ("one", int(float(t))) if "x" not in t else None
+    except ValueError:
+        return None
+
+
+def cases(op, ctx):
+    if op not in PRESETS:
+        raise ValueError(f"op: expected one of {', '.join(PRESETS)}, got {op!r}")
+    out = []
+    for spec in ctx.sizes(PRESETS[op], parse):
+        if op == "soft_temporal_nms" and spec == ("thumos", "other"):
+            continue  # soft-NMS has IoU only
+        out.append(_hard_case(ctx, spec) if op == "temporal_nms" else _soft_case(ctx, spec))
+    return out
+
+
+def _workload(ctx, spec):
+    rng = np.random.RandomState(ctx.seed)
+    if spec[0] == "one":
+        segments, scores = workloads.one_group_segments(rng, spec[1])
+        return segments, scores, None, f"M={spec[1]}"
+    segments, scores, groups = workloads.thumos_segments(rng)
+    name = "thumos" if spec[1] == "iou" else "thumos-mmsd"
+    return segments, scores, groups, f"{name} {workloads.THUMOS_VIDEOS}x{workloads.THUMOS_CLASSES} M={len(scores)}"
+
+
+def _least_bytes(m, grouped, per_kept):
+    def count(expected):
+        kept = len(expected[0]) if isinstance(expected, tuple) else len(expected)
+        return {"fwd": m * (8 + 4 + (8 if grouped else 0)) + kept * per_kept}
+
+    return count
+
+
+def _tensors(segments, scores, groups, device):
+    return (
+        torch.from_numpy(segments).to(device),
+        torch.from_numpy(scores).to(device),
+        None if groups is None else torch.from_numpy(groups).to(device),
+    )
+
+
+def _hard_case(ctx, spec):
+    segments, scores, groups, label = _workload(ctx, spec)
+    overlap = spec[1] if spec[0] == "thumos" else "iou"
+    offset = 1.0 if overlap == "other" else 0.0
+    m = len(scores)
+    device = ctx.device
+    shared = {}
+
+    def tensors():
+        if not shared:
+            shared["t"] = _tensors(segments, scores, groups, device)
+        return shared["t"]
+
+    def fwd_provider(name, kind, make, dev=device, skip=None):
+        def build():
+            fn = make()
+            return {"passes": {"fwd": fn}, "result": fn, "result_pass": "fwd"}
+
+        return Provider(name, kind, build, device=dev, jit=name == "triton", skip=skip)
+
+    providers = []
+    limit = REFERENCE_MAX_M[ctx.preset]
+    for backend in ctx.mmsd_backends():
+        skip = None
+        if backend == "reference" and (m > limit or groups is not None):
+            skip = f"Python loop, O(M * kept): left out above M={limit} ({ctx.preset} sizes) and for batches"
+
+        def make(backend=backend):
+            import mmsd_ext
+
+            seg, sc, grp = tensors()
+            return lambda: mmsd_ext.temporal_nms(seg, sc, IOU_THRESHOLD, groups=grp, overlap=overlap, offset=offset, backend=backend)
+
+        providers.append(fwd_provider(backend, "mmsd_ext", make, skip=skip))
+
+    roles = {"loop": "numpy_loop", "reference": "reference"}
+    if overlap == "iou":
+        providers.append(fwd_provider("torchvision", "anchor", lambda: _torchvision(tensors())))
+        roles["eager"] = "torchvision"
+    else:
+        roles["eager"] = "numpy_loop"
+    providers.append(fwd_provider("numpy_loop", "anchor", lambda: _numpy_loop(segments, scores, groups, overlap, offset), dev="cpu"))
+    return Case(
+        op="temporal_nms",
+        shape=label,
+        dtype="float32",
+        passes=("fwd",),
+        least_bytes=_least_bytes(m, groups is not None, 8),
+        providers=providers,
+        roles=roles,
+        compare=_compare_kept,
+        note=f"overlap={overlap}, offset={offset}, threshold={IOU_THRESHOLD}",
+    )
+
+
+def _soft_case(ctx, spec):
+    segments, scores, groups, label = _workload(ctx, spec)
+    m = len(scores)
+    device = ctx.device
+    shared = {}
+
+    def tensors(dev):
+        if dev not in shared:
+            shared[dev] = _tensors(segments, scores, groups, dev)
+        return shared[dev]
+
+    def provider(name, kind, backend, dev, limit):
+        def build():
+            import mmsd_ext
+
+            seg, sc, grp = tensors(dev)
+            fn = lambda: mmsd_ext.soft_temporal_nms(seg, sc, groups=grp, backend=backend, **SOFT)  # noqa: E731
+            return {"passes": {"fwd": fn}, "result": fn, "result_pass": "fwd"}
+
+        skip = None
+        if backend == "reference" and (m > limit or groups is not None):
+            skip = f"Python loop, O(M^2) over all groups: left out above M={limit} and for batches"
+        return Provider(name, kind, build, device=dev, jit=backend == "triton", skip=skip)
+
+    limit = REFERENCE_MAX_M[ctx.preset]
+
+    providers = [provider(b, "mmsd_ext", b, device, limit) for b in ctx.mmsd_backends()]
+    if device != "cpu":
+        providers.append(provider("reference(cpu)", "anchor", "reference", "cpu", SOFT_CPU_ANCHOR_MAX_M))
+        eager = "reference(cpu)"
+    else:
+        eager = "reference"
+    return Case(
+        op="soft_temporal_nms",
+        shape=label,
+        dtype="float32",
+        passes=("fwd",),
+        least_bytes=_least_bytes(m, groups is not None, 8 + 4),
+        providers=providers,
+        roles={"eager": eager, "reference": "reference"},
+        compare=_compare_soft,
+        note=", ".join(f"{k}={v}" for k, v in SOFT.items()),
+    )
+
+
+# ---------------------------------------------------------------- anchors
+
+
+def _torchvision(tensors):
+    import torchvision
+
+    seg, sc, grp = tensors
+    zeros = torch.zeros_like(seg[:, 0])
+    boxes = torch.stack([seg[:, 0], zeros, seg[:, 1], zeros + 1], dim=1)
+    if grp is None:
+        return lambda: torchvision.ops.nms(boxes, sc, IOU_THRESHOLD)
+    return lambda: torchvision.ops.batched_nms(boxes, sc, grp, IOU_THRESHOLD)
+
+
+def _numpy_loop(segments, scores, groups, overlap, offset):
+    seg = segments.astype(np.float64)
+    sc = scores.astype(np.float64)
+    index_lists = [np.arange(len(sc))] if groups is None else workloads.split_groups(groups)
+    # What MMSD-style code holds: one array of (start, end, score) per (video, class).
+    per_group = [(idx, seg[idx, 0], seg[idx, 1], sc[idx]) for idx in index_lists]
+
+    def run():
+        kept = []
+        for idx, s, e, score in per_group:
+            pick = _nms_numpy(s, e, score, IOU_THRESHOLD, overlap, offset)
+            kept.append(idx[pick])
+        return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+    return run
+
+
+def _nms_numpy(s, e, scores, threshold, overlap, offset):
+    """MMSD's NonMaximumSuppression loop, with IoU as the other overlap choice."""
+    length = e - s + offset
+    idxs = np.argsort(scores)
+    pick = []
+    while len(idxs) > 0:
+        last = len(idxs) - 1
+        i = idxs[last]
+        pick.append(i)
+        rest = idxs[:last]
+        inter = np.maximum(0.0, np.minimum(e[i], e[rest]) - np.maximum(s[i], s[rest]) + offset)
+        if overlap == "other":
+            ratio = inter / length[rest]
+        else:
+            ratio = inter / (length[i] + length[rest] - inter)
+        idxs = np.delete(idxs, np.concatenate(([last], np.where(ratio > threshold)[0])))
+    return np.asarray(pick, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _as_index_array(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().astype(np.int64)
+    return np.asarray(x, dtype=np.int64)
+
+
+def _compare_kept(expected, got):
+    """Same set of kept segments (orders differ between per-group loops and one sorted call)."""
+    e, g = np.sort(_as_index_array(expected)), np.sort(_as_index_array(got))
+    if len(e) == len(g) and np.array_equal(e, g):
+        return "ok"
+    sym = len(np.setxor1d(e, g))
+    return f"differs: {sym} segments kept by one only (of {len(e)})"
+
+
+def _compare_soft(expected, got):
+    ei, es = expected
+    gi, gs = got
+    ei, gi = _as_index_array(ei), _as_index_array(gi)
+    if len(ei) != len(gi) or not np.array_equal(ei, gi):
+        same = int(np.sum(ei[: min(len(ei), len(gi))] == gi[: min(len(ei), len(gi))]))
+        return f"differs: selection order agrees on {same} of {len(ei)}"
+    es = es.detach().cpu().to(torch.float64)
+    gs = gs.detach().cpu().to(torch.float64)
+    err = float((es - gs).abs().max()) if len(es) else 0.0
+    return "ok" if err <= 1e-5 else f"differs: scores by up to {err:.2g}"
