@@ -76,7 +76,7 @@ _NO_EDITABLE_FINDER = (
 
 
 def _run_isolated(script, env_extra=None, copied=False):
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("MMSD_EXT_QUIET", "MMSD_EXT_BACKEND")}
     env.update(env_extra or {})
     code = (_NO_EDITABLE_FINDER if copied else "") + textwrap.dedent(script)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
