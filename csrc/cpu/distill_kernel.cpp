@@ -59,6 +59,7 @@ constexpr int64_t kElementsPerTask = 8192;
 // the never-emitted out-of-line versions does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define MMSD_INLINE inline __attribute__((always_inline))
+#define MMSD_LAMBDA_INLINE __attribute__((always_inline))
 
 // ---------------------------------------------------------------- SIMD layer
 template <int W>
@@ -125,6 +126,18 @@ MMSD_INLINE float hmax(vf<W> v) {
 }
 
 template <int W>
+MMSD_INLINE vf<W> vmin(vf<W> a, vf<W> b) {
+  return a < b ? a : b;
+}
+
+template <int W>
+MMSD_INLINE float hmin(vf<W> v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] < m ? v[i] : m;
+  return m;
+}
+
+template <int W>
 MMSD_INLINE float hsum(vf<W> v) {
   float s = 0.0f;
   for (int i = 0; i < W; ++i) s += v[i];
@@ -134,17 +147,16 @@ MMSD_INLINE float hsum(vf<W> v) {
 // exp(x) for x <= 0, -inf (-> 0) and NaN (-> NaN): Cody-Waite reduction and the
 // degree-6 polynomial of Cephes' expf, max relative error 8e-8 (measured against
 // double exp over [-87, 0]); results below FLT_MIN flush to 0, far below what a
-// sum >= 1 can see.
+// sum >= 1 can see. Below -87.3 (-inf included) the arithmetic makes garbage or
+// NaN that the final select replaces, so the input needs no clamp.
 template <int W>
 MMSD_INLINE vf<W> vexp(vf<W> x) {
   using V = vf<W>;
   using I = vi<W>;
-  const V lo = splat<W>(-88.0f);
-  V xc = x < lo ? lo : x;  // NaN stays NaN
   // Round x*log2(e) to an integer n with the 1.5*2^23 trick (plain float adds).
-  V t = xc * 1.44269504088896341f + 12582912.0f;
+  V t = x * 1.44269504088896341f + 12582912.0f;
   V n = t - 12582912.0f;
-  V r = xc - n * 0.693359375f;
+  V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   V p = splat<W>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -153,42 +165,76 @@ MMSD_INLINE vf<W> vexp(vf<W> x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  I bits = ((I)t - 0x4B400000 + 127) << 23;  // 2^n, n >= -126 here
+  I bits = ((I)t - 0x4B400000 + 127) << 23;  // 2^n, valid for n >= -126
   V res = p * (V)bits;
   return x < splat<W>(-87.33654f) ? splat<W>(0.0f) : res;
 }
 
-template <int W>
+// One class's contribution to D = sum e_t * (-a_s). kGuard: e_t == 0 must give 0
+// even where a_s = -inf (a -inf logit, or the -inf padding of a row's last vector);
+// rows without -inf skip the select on all full vectors.
+template <int W, bool kGuard>
 MMSD_INLINE vf<W> cross(vf<W> e_t, vf<W> a_s) {
-  return e_t == splat<W>(0.0f) ? splat<W>(0.0f) : -e_t * a_s;
+  if constexpr (kGuard) {
+    return e_t == splat<W>(0.0f) ? splat<W>(0.0f) : -e_t * a_s;
+  } else {
+    return -e_t * a_s;
+  }
+}
+
+// Walks a row of C classes W at a time: full vectors with step<kGuardFull>(c, W),
+// the padded last one with step<true>(c, n < W) (the flag says "guard" to the
+// forward's cross terms; the backward has no use for it).
+template <int W, bool kGuardFull, typename Step>
+MMSD_INLINE void for_each_vector(int64_t C, Step&& step) {
+  int64_t c = 0;
+  for (; c + W <= C; c += W) step.template operator()<kGuardFull>(c, W);
+  if (c < C) step.template operator()<true>(c, C - c);
 }
 
 // ------------------------------------------------------------- row kernels
 // Single pair: stats = (shift_s, log S_s, shift_t, log S_t); returns the row's loss.
+template <int W, bool kGuardFull>
+MMSD_INLINE void pair_forward_sums(const float* s, const float* t, int64_t C, float inv_tau, float shs, float sht,
+                                   float* sums) {
+  using V = vf<W>;
+  V ss = splat<W>(0.0f), st = ss, d = ss;
+  for_each_vector<W, kGuardFull>(C, [&]<bool kGuard>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V a = (load<W>(s + c, n) - shs) * inv_tau;
+    V b = (load<W>(t + c, n) - sht) * inv_tau;
+    V eb = vexp<W>(b);
+    ss += vexp<W>(a);
+    st += eb;
+    d += cross<W, kGuard>(eb, a);
+  });
+  sums[0] = hsum<W>(ss);
+  sums[1] = hsum<W>(st);
+  sums[2] = hsum<W>(d);
+}
+
 template <int W>
 MMSD_INLINE float pair_forward_row(const float* s, const float* t, int64_t C, float inv_tau, float* stats) {
   using V = vf<W>;
-  V ms = splat<W>(-INFINITY), mt = ms;
+  V ms = splat<W>(-INFINITY), mt = ms, lo = splat<W>(INFINITY);
   for (int64_t c = 0; c < C; c += W) {
-    ms = vmax<W>(ms, load<W>(s + c, C - c));
+    V xs = load<W>(s + c, C - c);
+    ms = vmax<W>(ms, xs);
+    lo = vmin<W>(lo, xs);
     mt = vmax<W>(mt, load<W>(t + c, C - c));
   }
   const float shs = row_shift(hmax<W>(ms)), sht = row_shift(hmax<W>(mt));
-  V ss = splat<W>(0.0f), st = ss, d = ss;
-  for (int64_t c = 0; c < C; c += W) {
-    V a = (load<W>(s + c, C - c) - shs) * inv_tau;
-    V b = (load<W>(t + c, C - c) - sht) * inv_tau;
-    V ea = vexp<W>(a), eb = vexp<W>(b);
-    ss += ea;
-    st += eb;
-    d += cross<W>(eb, a);
+  float sums[3];
+  // Only a -inf student logit makes an unguarded cross term NaN (0 * -inf).
+  if (hmin<W>(lo) > -INFINITY) {
+    pair_forward_sums<W, false>(s, t, C, inv_tau, shs, sht, sums);
+  } else {
+    pair_forward_sums<W, true>(s, t, C, inv_tau, shs, sht, sums);
   }
-  const float sum_s = hsum<W>(ss), sum_t = hsum<W>(st);
   stats[0] = shs;
-  stats[1] = std::log(sum_s);
+  stats[1] = std::log(sums[0]);
   stats[2] = sht;
-  stats[3] = std::log(sum_t);
-  return row_loss(sum_s, sum_t, hsum<W>(d));
+  stats[3] = std::log(sums[1]);
+  return row_loss(sums[0], sums[1], sums[2]);
 }
 
 template <int W>
@@ -200,31 +246,28 @@ MMSD_INLINE void pair_backward_row(const float* s, const float* t, int64_t C, fl
     return;
   }
   const float k = w * inv_tau;
-  for (int64_t c = 0; c < C; c += W) {
-    V ps = vexp<W>((load<W>(s + c, C - c) - stats[0]) * inv_tau - stats[1]);
-    V pt = vexp<W>((load<W>(t + c, C - c) - stats[2]) * inv_tau - stats[3]);
-    store<W>(g + c, k * (ps - pt), C - c);
-  }
+  for_each_vector<W, false>(C, [&]<bool kTail>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau - stats[1]);
+    V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau - stats[3]);
+    store<W>(g + c, k * (ps - pt), n);
+  });
 }
 
 // MMSD: terms L(rgb <- flow), L(flow <- rgb), L(fused <- avg), avg = (rgb + flow) / 2.
 // stats = (shift, log S) of rgb, flow, fused, avg.
-
 // Three exps per class where the rows allow: see paired_delta in distill_math.h.
-
-template <int W, bool kPaired>
+template <int W, bool kPaired, bool kGuardFull>
 MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
                                    const float* shift, float paired_scale, float* sums) {
   using V = vf<W>;
   V zr = splat<W>(0.0f), zf = zr, zu = zr, za = zr, d1 = zr, d2 = zr, d3 = zr;
-  const float half = 0.5f * inv_tau;
-  for (int64_t c = 0; c < C; c += W) {
-    V xr = load<W>(r + c, C - c), xf = load<W>(f + c, C - c);
+  for_each_vector<W, kGuardFull>(C, [&]<bool kGuard>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
     V ar = (xr - shift[0]) * inv_tau, af = (xf - shift[1]) * inv_tau;
-    V au = (load<W>(u + c, C - c) - shift[2]) * inv_tau;
+    V au = (load<W>(u + c, n) - shift[2]) * inv_tau;
     V er, ef, ea;
     if constexpr (kPaired) {
-      V hr = vexp<W>((xr - shift[0]) * half), hf = vexp<W>((xf - shift[1]) * half);
+      V hr = vexp<W>(ar * 0.5f), hf = vexp<W>(af * 0.5f);
       er = hr * hr;
       ef = hf * hf;
       ea = hr * (hf * paired_scale);
@@ -233,15 +276,14 @@ MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* 
       ef = vexp<W>(af);
       ea = vexp<W>(((xr + xf) * 0.5f - shift[3]) * inv_tau);
     }
-    V eu = vexp<W>(au);
     zr += er;
     zf += ef;
-    zu += eu;
+    zu += vexp<W>(au);
     za += ea;
-    d1 += cross<W>(ef, ar);
-    d2 += cross<W>(er, af);
-    d3 += cross<W>(ea, au);
-  }
+    d1 += cross<W, kGuard>(ef, ar);
+    d2 += cross<W, kGuard>(er, af);
+    d3 += cross<W, kGuard>(ea, au);
+  });
   sums[0] = hsum<W>(zr);
   sums[1] = hsum<W>(zf);
   sums[2] = hsum<W>(zu);
@@ -255,22 +297,29 @@ template <int W>
 MMSD_INLINE float mmsd_forward_row(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
                                    float* stats) {
   using V = vf<W>;
-  V mr = splat<W>(-INFINITY), mf = mr, mu = mr, ma = mr;
+  V mr = splat<W>(-INFINITY), mf = mr, mu = mr, ma = mr, lo = splat<W>(INFINITY);
   for (int64_t c = 0; c < C; c += W) {
-    V xr = load<W>(r + c, C - c), xf = load<W>(f + c, C - c);
+    V xr = load<W>(r + c, C - c), xf = load<W>(f + c, C - c), xu = load<W>(u + c, C - c);
     mr = vmax<W>(mr, xr);
     mf = vmax<W>(mf, xf);
     ma = vmax<W>(ma, (xr + xf) * 0.5f);
-    mu = vmax<W>(mu, load<W>(u + c, C - c));
+    mu = vmax<W>(mu, xu);
+    lo = vmin<W>(lo, vmin<W>(vmin<W>(xr, xf), xu));
   }
   const float shift[4] = {row_shift(hmax<W>(mr)), row_shift(hmax<W>(mf)), row_shift(hmax<W>(mu)),
                           row_shift(hmax<W>(ma))};
   const float delta = paired_delta(shift[0], shift[1], shift[3], inv_tau);
   float sums[7];
+  // Only -inf logits make an unguarded cross term NaN (0 * -inf).
+  const bool finite = hmin<W>(lo) > -INFINITY;
   if (delta <= kMaxPairedExponent) {  // false for NaN
-    mmsd_forward_sums<W, true>(r, f, u, C, inv_tau, shift, std::exp(delta), sums);
+    if (finite) {
+      mmsd_forward_sums<W, true, false>(r, f, u, C, inv_tau, shift, std::exp(delta), sums);
+    } else {
+      mmsd_forward_sums<W, true, true>(r, f, u, C, inv_tau, shift, std::exp(delta), sums);
+    }
   } else {
-    mmsd_forward_sums<W, false>(r, f, u, C, inv_tau, shift, 0.0f, sums);
+    mmsd_forward_sums<W, false, true>(r, f, u, C, inv_tau, shift, 0.0f, sums);
   }
   const float sum_r = sums[0], sum_f = sums[1], sum_u = sums[2], sum_a = sums[3];
   stats[0] = shift[0];
@@ -295,13 +344,13 @@ MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float*
   const V zero = splat<W>(0.0f);
   // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
   const V on1 = splat<W>(ok1 ? 1.0f : 0.0f), on2 = splat<W>(ok2 ? 1.0f : 0.0f), on3 = splat<W>(ok3 ? 1.0f : 0.0f);
-  const float half = 0.5f * inv_tau;
-  for (int64_t c = 0; c < C; c += W) {
-    V xr = load<W>(r + c, C - c), xf = load<W>(f + c, C - c);
+  const float half = 0.5f * inv_tau, half_log_r = 0.5f * stats[1], half_log_f = 0.5f * stats[3];
+  for_each_vector<W, false>(C, [&]<bool kTail>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
     V pr, pf, pa;
     if constexpr (kPaired) {
-      V hr = vexp<W>((xr - stats[0]) * half - 0.5f * stats[1]);
-      V hf = vexp<W>((xf - stats[2]) * half - 0.5f * stats[3]);
+      V hr = vexp<W>((xr - stats[0]) * half - half_log_r);
+      V hf = vexp<W>((xf - stats[2]) * half - half_log_f);
       pr = hr * hr;
       pf = hf * hf;
       pa = hr * (hf * paired_scale);
@@ -310,18 +359,18 @@ MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float*
       pf = vexp<W>((xf - stats[2]) * inv_tau - stats[3]);
       pa = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau - stats[7]);
     }
-    V pu = vexp<W>((load<W>(u + c, C - c) - stats[4]) * inv_tau - stats[5]);
+    V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau - stats[5]);
     V g1 = k * (pr - pf), g3 = k * (pu - pa);
     if constexpr (kPaired) {  // only taken with all three teachers present
-      store<W>(gr + c, g1, C - c);
-      store<W>(gf + c, -g1, C - c);
-      store<W>(gu + c, g3, C - c);
+      store<W>(gr + c, g1, n);
+      store<W>(gf + c, -g1, n);
+      store<W>(gu + c, g3, n);
     } else {
-      store<W>(gr + c, on1 != zero ? g1 : zero, C - c);
-      store<W>(gf + c, on2 != zero ? -g1 : zero, C - c);
-      store<W>(gu + c, on3 != zero ? g3 : zero, C - c);
+      store<W>(gr + c, on1 != zero ? g1 : zero, n);
+      store<W>(gf + c, on2 != zero ? -g1 : zero, n);
+      store<W>(gu + c, on3 != zero ? g3 : zero, n);
     }
-  }
+  });
 }
 
 template <int W>
