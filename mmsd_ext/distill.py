@@ -1,8 +1,10 @@
 """Snippet-level knowledge distillation losses: ``snippet_distill_loss`` and ``mmsd_distill_loss``."""
 
+from typing import Optional, Tuple
+
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _loader
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -20,9 +22,13 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
     weight of the row.
 
     Args:
-        student, teacher: logits of one shape [..., C] (typically [B, T, C]),
-            float32, float16 or bfloat16, any strides. ``-inf`` in the teacher
-            excludes a class (probability 0).
+        student, teacher: logits of one shape [..., C] (typically [B, T, C], C >= 1),
+            float32, float16 or bfloat16 (float64 is accepted; the compiled
+            backends compute it in float32), any strides. ``-inf`` in the
+            teacher excludes a class (probability 0; it adds 0 even where the
+            student is ``-inf`` too). A teacher row that is all ``-inf`` has no
+            target: its loss and its gradient are 0 (it still counts as a valid
+            row for "mean"). Different dtypes are promoted to a common one.
         temperature: tau > 0.
         mask: optional bool or 0/1 float tensor of the leading shape [...];
             rows where it is False/0 (padding) contribute nothing.
@@ -33,7 +39,13 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
     Returns:
         float32 tensor (scalar, or [...] for "none"), accumulated in float32 for
         any input dtype. An all-masked input gives 0 for "mean" and "sum" (and
-        zero gradients), not NaN.
+        zero gradients), not NaN. Logits of magnitude 1e4 are fine at any tau;
+        NaN or +inf in a row makes that row's loss NaN.
+
+    Raises:
+        TypeError / ValueError naming the argument: shapes that differ, C == 0,
+        a non-float tensor, tau <= 0, a mask of the wrong shape or dtype, an
+        unknown reduction, tensors on different devices.
 
     Example::
 
@@ -43,7 +55,9 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
     student, teacher, tau, mask = _check_pair(student, teacher, temperature, mask)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    name = _backend.resolve("snippet_distill_loss", backend, student.device, supported=_PAIR_SUPPORTED)
+    name = _backend.resolve(
+        "snippet_distill_loss", backend, student.device, supported=_PAIR_SUPPORTED, gpu_order=_GPU_ORDER
+    )
     return _PAIR_IMPLS[name](student, teacher, tau, mask, reduction)
 
 
@@ -57,20 +71,30 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
 
     Args:
         rgb, flow, fused: snippet class logits of one shape [..., C] (cas_logits
-            of the three streams), float32/float16/bfloat16, any strides.
+            of the three streams), float32/float16/bfloat16, any strides; edge
+            cases (-inf, all -inf rows, dtypes) as in ``snippet_distill_loss``.
         temperature: tau > 0 (MMSD: 0.2).
         mask: optional bool or 0/1 float tensor [...] of valid snippets.
         backend: "reference", "cpu", "cuda", "triton" or None (auto).
 
     Returns:
         float32 scalar. All-masked input gives 0.
+
+    The compiled backends read each input once in the forward and once in the
+    backward, which writes the three gradients (saved per row: the maxima and
+    log-sums of the four softmaxes).
+
+    Example::
+
+        >>> rgb, flow, fused = (torch.randn(10, 750, 21, requires_grad=True) for _ in range(3))
+        >>> loss = mmsd_ext.mmsd_distill_loss(rgb, flow, fused, temperature=0.2)
     """
     rgb, flow, tau, mask = _check_pair(rgb, flow, temperature, mask, names=("rgb", "flow"))
-    _checks.floating("fused", fused)
+    _checks.floating("fused", fused, _checks.FLOAT_DTYPES + (torch.float64,))
     if fused.shape != rgb.shape:
         raise ValueError(f"fused: expected the shape of rgb {tuple(rgb.shape)}, got {tuple(fused.shape)}")
     _checks.same_device("rgb", rgb, fused=fused)
-    name = _backend.resolve("mmsd_distill_loss", backend, rgb.device, supported=_MMSD_SUPPORTED)
+    name = _backend.resolve("mmsd_distill_loss", backend, rgb.device, supported=_MMSD_SUPPORTED, gpu_order=_GPU_ORDER)
     return _MMSD_IMPLS[name](rgb, flow, fused, tau, mask)
 
 
@@ -81,6 +105,8 @@ def _check_pair(student, teacher, temperature, mask, names=("student", "teacher"
     _checks.floating(t_name, teacher, dtypes)
     if student.dim() < 1:
         raise ValueError(f"{s_name}: expected shape [..., C], got a scalar")
+    if student.shape[-1] == 0:
+        raise ValueError(f"{s_name}: expected at least one class (C >= 1), got shape {tuple(student.shape)}")
     if teacher.shape != student.shape:
         raise ValueError(f"{t_name}: expected the shape of {s_name} {tuple(student.shape)}, got {tuple(teacher.shape)}")
     _checks.same_device(s_name, student, **{t_name: teacher})
@@ -98,10 +124,15 @@ def _check_pair(student, teacher, temperature, mask, names=("student", "teacher"
 def _row_losses_reference(student, teacher, tau):
     # float32 accumulation for low precision, float64 stays float64 (the test oracle).
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    teacher = teacher.detach()
     log_p_student = torch.log_softmax(student.to(acc) / tau, dim=-1)
-    p_teacher = torch.softmax(teacher.detach().to(acc) / tau, dim=-1)
-    # Excluded classes (p_teacher == 0) contribute 0 even where log_p_student is -inf.
-    terms = torch.where(p_teacher > 0, p_teacher * log_p_student, torch.zeros_like(log_p_student))
+    p_teacher = torch.softmax(teacher.to(acc) / tau, dim=-1)
+    # A teacher row that is all -inf has no target (softmax would give NaN): loss 0.
+    no_target = torch.isneginf(teacher).all(dim=-1, keepdim=True)
+    p_teacher = torch.where(no_target, torch.zeros_like(p_teacher), p_teacher)
+    # Excluded classes (p_teacher == 0) contribute 0 even where log_p_student is
+    # -inf; a NaN teacher stays NaN.
+    terms = torch.where(p_teacher == 0, torch.zeros_like(log_p_student), p_teacher * log_p_student)
     return -terms.sum(dim=-1)
 
 
@@ -129,7 +160,201 @@ def mmsd_distill_loss_reference(rgb, flow, fused, tau, mask):
     )
 
 
-_PAIR_IMPLS = {"reference": snippet_distill_loss_reference}
-_PAIR_SUPPORTED = ("reference",)
-_MMSD_IMPLS = {"reference": mmsd_distill_loss_reference}
-_MMSD_SUPPORTED = ("reference",)
+# ---------------------------------------------------------------- compiled backends
+# "cpu" and "cuda" are the same C++ ops (csrc/distill.cpp; the tensors' device picks
+# the kernel), "triton" its own custom ops (kernels/distill.py). Each forward returns
+# (loss, row_stats, count); only loss is differentiable, the backward recomputes the
+# probabilities from row_stats (see csrc/distill_math.h).
+
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}  # as at::Reduction
+_PAIR_STATS = 4  # (max, log-sum) of the student's and the teacher's softmax
+_MMSD_STATS = 8  # ... of rgb, flow, fused and (rgb + flow) / 2
+# Not yet measured on a GPU: the CUDA kernels first until benchmarks/ says otherwise.
+_GPU_ORDER = ("cuda", "triton")
+
+
+def _common_dtype(*tensors):
+    """The tensors in one dtype (the kernels take one); autograd casts the gradients back."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _pair_compiled(student, teacher, tau, mask, reduction):
+    student, teacher = _common_dtype(student, teacher)
+    return torch.ops.mmsd_ext.snippet_distill_loss(student, teacher, tau, mask, _REDUCTION_CODES[reduction])[0]
+
+
+def _mmsd_compiled(rgb, flow, fused, tau, mask):
+    rgb, flow, fused = _common_dtype(rgb, flow, fused)
+    return torch.ops.mmsd_ext.mmsd_distill_loss(rgb, flow, fused, tau, mask)[0]
+
+
+def _pair_triton(student, teacher, tau, mask, reduction):
+    student, teacher = _common_dtype(student, teacher)
+    return torch.ops.mmsd_ext.snippet_distill_loss_triton(student, teacher, tau, mask, _REDUCTION_CODES[reduction])[0]
+
+
+def _mmsd_triton(rgb, flow, fused, tau, mask):
+    rgb, flow, fused = _common_dtype(rgb, flow, fused)
+    return torch.ops.mmsd_ext.mmsd_distill_loss_triton(rgb, flow, fused, tau, mask)[0]
+
+
+# Fake kernels (shapes only), shared by the C++ and the Triton ops.
+def _pair_fake(student, teacher, temperature, mask, reduction):
+    leading = student.shape[:-1]
+    loss = student.new_empty(leading if reduction == 0 else (), dtype=torch.float32)
+    stats = student.new_empty((*leading, _PAIR_STATS), dtype=torch.float32)
+    return loss, stats, student.new_empty((), dtype=torch.float32)
+
+
+def _pair_backward_fake(grad, student, teacher, row_stats, count, temperature, reduction):
+    return student.new_empty(student.shape)
+
+
+def _mmsd_fake(rgb, flow, fused, temperature, mask):
+    stats = rgb.new_empty((*rgb.shape[:-1], _MMSD_STATS), dtype=torch.float32)
+    return rgb.new_empty((), dtype=torch.float32), stats, rgb.new_empty((), dtype=torch.float32)
+
+
+def _mmsd_backward_fake(grad, rgb, flow, fused, row_stats, count, temperature):
+    return rgb.new_empty(rgb.shape), rgb.new_empty(rgb.shape), rgb.new_empty(rgb.shape)
+
+
+# Autograd: the teacher never gets a gradient; MMSD's three inputs each get theirs
+# from the one backward call.
+def _pair_setup_context(ctx, inputs, output):
+    student, teacher, temperature, _mask, reduction = inputs
+    _loss, stats, count = output
+    ctx.mark_non_differentiable(stats, count)
+    ctx.save_for_backward(student, teacher, stats, count)
+    ctx.temperature = temperature
+    ctx.reduction = reduction
+
+
+def _mmsd_setup_context(ctx, inputs, output):
+    rgb, flow, fused, temperature, _mask = inputs
+    _loss, stats, count = output
+    ctx.mark_non_differentiable(stats, count)
+    ctx.save_for_backward(rgb, flow, fused, stats, count)
+    ctx.temperature = temperature
+
+
+def _make_pair_backward(backward_op):
+    def backward(ctx, grad, _grad_stats, _grad_count):
+        student, teacher, stats, count = ctx.saved_tensors
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = backward_op(grad, student, teacher, stats, count, ctx.temperature, ctx.reduction)
+        return grad_student, None, None, None, None
+
+    return backward
+
+
+def _make_mmsd_backward(backward_op):
+    def backward(ctx, grad, _grad_stats, _grad_count):
+        rgb, flow, fused, stats, count = ctx.saved_tensors
+        grads = backward_op(grad, rgb, flow, fused, stats, count, ctx.temperature)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])) + (None, None)
+
+    return backward
+
+
+def _register_compiled():
+    lib = "mmsd_ext::"
+    torch.library.register_fake(lib + "snippet_distill_loss")(_pair_fake)
+    torch.library.register_fake(lib + "_snippet_distill_loss_backward")(_pair_backward_fake)
+    torch.library.register_fake(lib + "mmsd_distill_loss")(_mmsd_fake)
+    torch.library.register_fake(lib + "_mmsd_distill_loss_backward")(_mmsd_backward_fake)
+    torch.library.register_autograd(
+        lib + "snippet_distill_loss",
+        _make_pair_backward(torch.ops.mmsd_ext._snippet_distill_loss_backward),
+        setup_context=_pair_setup_context,
+    )
+    torch.library.register_autograd(
+        lib + "mmsd_distill_loss",
+        _make_mmsd_backward(torch.ops.mmsd_ext._mmsd_distill_loss_backward),
+        setup_context=_mmsd_setup_context,
+    )
+
+
+# The Triton ops need no compiled extension; triton itself is imported on first use.
+@torch.library.custom_op("mmsd_ext::snippet_distill_loss_triton", mutates_args=())
+def _snippet_distill_loss_triton(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: Optional[torch.Tensor], reduction: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels import distill as kernels
+
+    return kernels.snippet_distill_forward(student, teacher, temperature, mask, reduction)
+
+
+@torch.library.custom_op("mmsd_ext::_snippet_distill_loss_triton_backward", mutates_args=())
+def _snippet_distill_loss_triton_backward(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    row_stats: torch.Tensor,
+    count: torch.Tensor,
+    temperature: float,
+    reduction: int,
+) -> torch.Tensor:
+    from .kernels import distill as kernels
+
+    return kernels.snippet_distill_backward(grad, student, teacher, row_stats, count, temperature, reduction)
+
+
+@torch.library.custom_op("mmsd_ext::mmsd_distill_loss_triton", mutates_args=())
+def _mmsd_distill_loss_triton(
+    rgb: torch.Tensor, flow: torch.Tensor, fused: torch.Tensor, temperature: float, mask: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels import distill as kernels
+
+    return kernels.mmsd_distill_forward(rgb, flow, fused, temperature, mask)
+
+
+@torch.library.custom_op("mmsd_ext::_mmsd_distill_loss_triton_backward", mutates_args=())
+def _mmsd_distill_loss_triton_backward(
+    grad: torch.Tensor,
+    rgb: torch.Tensor,
+    flow: torch.Tensor,
+    fused: torch.Tensor,
+    row_stats: torch.Tensor,
+    count: torch.Tensor,
+    temperature: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels import distill as kernels
+
+    return kernels.mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature)
+
+
+_snippet_distill_loss_triton.register_fake(_pair_fake)
+_snippet_distill_loss_triton_backward.register_fake(_pair_backward_fake)
+_mmsd_distill_loss_triton.register_fake(_mmsd_fake)
+_mmsd_distill_loss_triton_backward.register_fake(_mmsd_backward_fake)
+_snippet_distill_loss_triton.register_autograd(
+    _make_pair_backward(_snippet_distill_loss_triton_backward), setup_context=_pair_setup_context
+)
+_mmsd_distill_loss_triton.register_autograd(
+    _make_mmsd_backward(_mmsd_distill_loss_triton_backward), setup_context=_mmsd_setup_context
+)
+
+_PAIR_IMPLS = {
+    "reference": snippet_distill_loss_reference,
+    "cpu": _pair_compiled,
+    "cuda": _pair_compiled,
+    "triton": _pair_triton,
+}
+_PAIR_SUPPORTED = ("reference", "cpu", "cuda", "triton")
+_MMSD_IMPLS = {
+    "reference": mmsd_distill_loss_reference,
+    "cpu": _mmsd_compiled,
+    "cuda": _mmsd_compiled,
+    "triton": _mmsd_triton,
+}
+_MMSD_SUPPORTED = ("reference", "cpu", "cuda", "triton")
+
+# Fake kernels and autograd only for ops that exist: a missing or mismatched
+# extension must not break `import mmsd_ext`.
+if _loader.compiled_available():
+    _register_compiled()

@@ -1,0 +1,685 @@
+// CPU kernels of snippet_distill_loss and mmsd_distill_loss (schemas: csrc/distill.cpp,
+// maths: csrc/distill_math.h).
+//
+// One task handles a block of rows; a row (C classes, C * 3 * 4 bytes for MMSD: it
+// stays in L1 for WTAL's C = 21..201) is read from memory once and walked twice:
+// pass 1 takes the row maxima, pass 2 the exps, their sums and the cross terms.
+// Nothing but the loss and 8 floats of statistics per row is written: the backward
+// recomputes the probabilities from those statistics in one pass (read the inputs,
+// write the gradients); why not save the gradients in the forward: see below.
+//
+// Vectorisation: the extension is compiled without -mavx*, so at::vec::Vectorized
+// falls back to its scalar code here and Sleef is not reachable. The row loops are
+// written once with GCC vector extensions (a branch-free exp included) and compiled
+// three times, for AVX-512, AVX2+FMA and the baseline, picked at run time from the
+// CPU's features (__builtin_cpu_supports).
+//
+// Inputs of any strides are made contiguous by the op (a copy only when they are
+// not already); float16/bfloat16/float64 rows are converted to a float32 scratch
+// row first. The loss is summed per fixed block of rows in double, then over the
+// blocks in order: the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "distill_checks.h"
+#include "distill_math.h"
+
+namespace mmsd_ext {
+namespace distill {
+namespace {
+
+// Rows per task: about this many classes, so a task is a few tens of microseconds
+// and a large tensor splits into many tasks.
+constexpr int64_t kElementsPerTask = 8192;
+
+// Recompute in the backward rather than save the gradients in the forward:
+// fwd+bwd of mmsd_distill_loss at (32, 2304, 201) float32, 2 threads,
+// torch.utils.benchmark medians on a shared, loaded 2-core AMD EPYC (AVX-512):
+//   recompute (this file): 227 and 258 ms;  gradients saved in the forward (from the
+//   rows in cache) then scaled by grad_out in the backward: 593 and 608 ms.
+//   With THP_MEM_ALLOC_ENABLE=1: 151-186 ms against 198-220 ms.
+// Saving writes three gradients in the forward and reads and writes them again in
+// the backward (12 N floats of traffic and twice the new pages); recomputing reads
+// the inputs once more (9 N) and spends three more exps per class.
+
+// Every helper below is always inlined into a function compiled for the ISA of its
+// vector width, so the "vector argument without AVX changes the ABI" warning about
+// the never-emitted out-of-line versions does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define MMSD_INLINE inline __attribute__((always_inline))
+#define MMSD_LAMBDA_INLINE __attribute__((always_inline))
+
+// ---------------------------------------------------------------- SIMD layer
+template <int W>
+struct Vec;
+template <>
+struct Vec<4> {
+  typedef float f __attribute__((vector_size(16)));
+  typedef int32_t i __attribute__((vector_size(16)));
+};
+template <>
+struct Vec<8> {
+  typedef float f __attribute__((vector_size(32)));
+  typedef int32_t i __attribute__((vector_size(32)));
+};
+template <>
+struct Vec<16> {
+  typedef float f __attribute__((vector_size(64)));
+  typedef int32_t i __attribute__((vector_size(64)));
+};
+
+template <int W>
+using vf = typename Vec<W>::f;
+template <int W>
+using vi = typename Vec<W>::i;
+
+template <int W>
+MMSD_INLINE vf<W> splat(float x) {
+  return vf<W>{} + x;
+}
+
+// W floats from p, or the n < W left, padded with -inf (a class that does not
+// exist: probability 0, cross term 0).
+template <int W>
+MMSD_INLINE vf<W> load(const float* p, int64_t n) {
+  vf<W> v;
+  if (n >= W) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    v = splat<W>(-INFINITY);
+    std::memcpy(&v, p, n * sizeof(float));
+  }
+  return v;
+}
+
+template <int W>
+MMSD_INLINE void store(float* p, vf<W> v, int64_t n) {
+  if (n >= W) {
+    std::memcpy(p, &v, sizeof(v));  // a constant size: one vector store
+  } else {
+    std::memcpy(p, &v, n * sizeof(float));
+  }
+}
+
+template <int W>
+MMSD_INLINE vf<W> vmax(vf<W> a, vf<W> b) {
+  return a > b ? a : b;
+}
+
+template <int W>
+MMSD_INLINE float hmax(vf<W> v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+template <int W>
+MMSD_INLINE vf<W> vmin(vf<W> a, vf<W> b) {
+  return a < b ? a : b;
+}
+
+template <int W>
+MMSD_INLINE float hmin(vf<W> v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] < m ? v[i] : m;
+  return m;
+}
+
+template <int W>
+MMSD_INLINE float hsum(vf<W> v) {
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) for x <= 0, -inf (-> 0) and NaN (-> NaN): Cody-Waite reduction and the
+// degree-6 polynomial of Cephes' expf, max relative error 8e-8 (measured against
+// double exp over [-87, 0]); results below FLT_MIN flush to 0, far below what a
+// sum >= 1 can see. Below -87.3 (-inf included) the arithmetic makes garbage or
+// NaN that the final select replaces, so the input needs no clamp.
+template <int W>
+MMSD_INLINE vf<W> vexp(vf<W> x) {
+  using V = vf<W>;
+  using I = vi<W>;
+  // Round x*log2(e) to an integer n with the 1.5*2^23 trick (plain float adds).
+  V t = x * 1.44269504088896341f + 12582912.0f;
+  V n = t - 12582912.0f;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = splat<W>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  I bits = ((I)t - 0x4B400000 + 127) << 23;  // 2^n, valid for n >= -126
+  V res = p * (V)bits;
+  return x < splat<W>(-87.33654f) ? splat<W>(0.0f) : res;
+}
+
+// One class's contribution to D = sum e_t * (-a_s). kGuard: e_t == 0 must give 0
+// even where a_s = -inf (a -inf logit, or the -inf padding of a row's last vector);
+// rows without -inf skip the select on all full vectors.
+template <int W, bool kGuard>
+MMSD_INLINE vf<W> cross(vf<W> e_t, vf<W> a_s) {
+  if constexpr (kGuard) {
+    return e_t == splat<W>(0.0f) ? splat<W>(0.0f) : -e_t * a_s;
+  } else {
+    return -e_t * a_s;
+  }
+}
+
+// Walks a row of C classes W at a time: full vectors with step<kGuardFull>(c, W),
+// the padded last one with step<true>(c, n < W) (the flag says "guard" to the
+// forward's cross terms; the backward has no use for it).
+template <int W, bool kGuardFull, typename Step>
+MMSD_INLINE void for_each_vector(int64_t C, Step&& step) {
+  int64_t c = 0;
+  for (; c + W <= C; c += W) step.template operator()<kGuardFull>(c, W);
+  if (c < C) step.template operator()<true>(c, C - c);
+}
+
+// ------------------------------------------------------------- row kernels
+// Single pair: stats = (shift_s, log S_s, shift_t, log S_t); returns the row's loss.
+template <int W, bool kGuardFull>
+MMSD_INLINE void pair_forward_sums(const float* s, const float* t, int64_t C, float inv_tau, float shs, float sht,
+                                   float* sums) {
+  using V = vf<W>;
+  V ss = splat<W>(0.0f), st = ss, d = ss;
+  for_each_vector<W, kGuardFull>(C, [&]<bool kGuard>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V a = (load<W>(s + c, n) - shs) * inv_tau;
+    V b = (load<W>(t + c, n) - sht) * inv_tau;
+    V eb = vexp<W>(b);
+    ss += vexp<W>(a);
+    st += eb;
+    d += cross<W, kGuard>(eb, a);
+  });
+  sums[0] = hsum<W>(ss);
+  sums[1] = hsum<W>(st);
+  sums[2] = hsum<W>(d);
+}
+
+template <int W>
+MMSD_INLINE float pair_forward_row(const float* s, const float* t, int64_t C, float inv_tau, float* stats) {
+  using V = vf<W>;
+  V ms = splat<W>(-INFINITY), mt = ms, lo = splat<W>(INFINITY);
+  for (int64_t c = 0; c < C; c += W) {
+    V xs = load<W>(s + c, C - c);
+    ms = vmax<W>(ms, xs);
+    lo = vmin<W>(lo, xs);
+    mt = vmax<W>(mt, load<W>(t + c, C - c));
+  }
+  const float shs = row_shift(hmax<W>(ms)), sht = row_shift(hmax<W>(mt));
+  float sums[3];
+  // Only a -inf student logit makes an unguarded cross term NaN (0 * -inf).
+  if (hmin<W>(lo) > -INFINITY) {
+    pair_forward_sums<W, false>(s, t, C, inv_tau, shs, sht, sums);
+  } else {
+    pair_forward_sums<W, true>(s, t, C, inv_tau, shs, sht, sums);
+  }
+  stats[0] = shs;
+  stats[1] = std::log(sums[0]);
+  stats[2] = sht;
+  stats[3] = std::log(sums[1]);
+  return row_loss(sums[0], sums[1], sums[2]);
+}
+
+template <int W>
+MMSD_INLINE void pair_backward_row(const float* s, const float* t, int64_t C, float inv_tau, const float* stats,
+                                   float w, float* g) {
+  using V = vf<W>;
+  if (teacher_excluded(stats[3])) {
+    std::memset(g, 0, C * sizeof(float));
+    return;
+  }
+  const float k = w * inv_tau;
+  for_each_vector<W, false>(C, [&]<bool kTail>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau - stats[1]);
+    V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau - stats[3]);
+    store<W>(g + c, k * (ps - pt), n);
+  });
+}
+
+// MMSD: terms L(rgb <- flow), L(flow <- rgb), L(fused <- avg), avg = (rgb + flow) / 2.
+// stats = (shift, log S) of rgb, flow, fused, avg.
+// Three exps per class where the rows allow: see paired_delta in distill_math.h.
+template <int W, bool kPaired, bool kGuardFull>
+MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
+                                   const float* shift, float paired_scale, float* sums) {
+  using V = vf<W>;
+  V zr = splat<W>(0.0f), zf = zr, zu = zr, za = zr, d1 = zr, d2 = zr, d3 = zr;
+  for_each_vector<W, kGuardFull>(C, [&]<bool kGuard>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
+    V ar = (xr - shift[0]) * inv_tau, af = (xf - shift[1]) * inv_tau;
+    V au = (load<W>(u + c, n) - shift[2]) * inv_tau;
+    V er, ef, ea;
+    if constexpr (kPaired) {
+      V hr = vexp<W>(ar * 0.5f), hf = vexp<W>(af * 0.5f);
+      er = hr * hr;
+      ef = hf * hf;
+      ea = hr * (hf * paired_scale);
+    } else {
+      er = vexp<W>(ar);
+      ef = vexp<W>(af);
+      ea = vexp<W>(((xr + xf) * 0.5f - shift[3]) * inv_tau);
+    }
+    zr += er;
+    zf += ef;
+    zu += vexp<W>(au);
+    za += ea;
+    d1 += cross<W, kGuard>(ef, ar);
+    d2 += cross<W, kGuard>(er, af);
+    d3 += cross<W, kGuard>(ea, au);
+  });
+  sums[0] = hsum<W>(zr);
+  sums[1] = hsum<W>(zf);
+  sums[2] = hsum<W>(zu);
+  sums[3] = hsum<W>(za);
+  sums[4] = hsum<W>(d1);
+  sums[5] = hsum<W>(d2);
+  sums[6] = hsum<W>(d3);
+}
+
+template <int W>
+MMSD_INLINE float mmsd_forward_row(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
+                                   float* stats) {
+  using V = vf<W>;
+  V mr = splat<W>(-INFINITY), mf = mr, mu = mr, ma = mr, lo = splat<W>(INFINITY);
+  for (int64_t c = 0; c < C; c += W) {
+    V xr = load<W>(r + c, C - c), xf = load<W>(f + c, C - c), xu = load<W>(u + c, C - c);
+    mr = vmax<W>(mr, xr);
+    mf = vmax<W>(mf, xf);
+    ma = vmax<W>(ma, (xr + xf) * 0.5f);
+    mu = vmax<W>(mu, xu);
+    lo = vmin<W>(lo, vmin<W>(vmin<W>(xr, xf), xu));
+  }
+  const float shift[4] = {row_shift(hmax<W>(mr)), row_shift(hmax<W>(mf)), row_shift(hmax<W>(mu)),
+                          row_shift(hmax<W>(ma))};
+  const float delta = paired_delta(shift[0], shift[1], shift[3], inv_tau);
+  float sums[7];
+  // Only -inf logits make an unguarded cross term NaN (0 * -inf).
+  const bool finite = hmin<W>(lo) > -INFINITY;
+  if (delta <= kMaxPairedExponent) {  // false for NaN
+    if (finite) {
+      mmsd_forward_sums<W, true, false>(r, f, u, C, inv_tau, shift, std::exp(delta), sums);
+    } else {
+      mmsd_forward_sums<W, true, true>(r, f, u, C, inv_tau, shift, std::exp(delta), sums);
+    }
+  } else {
+    mmsd_forward_sums<W, false, true>(r, f, u, C, inv_tau, shift, 0.0f, sums);
+  }
+  const float sum_r = sums[0], sum_f = sums[1], sum_u = sums[2], sum_a = sums[3];
+  stats[0] = shift[0];
+  stats[1] = std::log(sum_r);
+  stats[2] = shift[1];
+  stats[3] = std::log(sum_f);
+  stats[4] = shift[2];
+  stats[5] = std::log(sum_u);
+  stats[6] = shift[3];
+  stats[7] = std::log(sum_a);
+  return row_loss(sum_r, sum_f, sums[4]) + row_loss(sum_f, sum_r, sums[5]) + row_loss(sum_u, sum_a, sums[6]);
+}
+
+// Gradients: rgb (term 1, teacher flow) k (p_r - p_f), flow (term 2) k (p_f - p_r),
+// fused (term 3) k (p_u - p_avg), k = w / tau; p_avg by the same identity as above,
+// p_avg = h'_r h'_f exp(delta + (log S_r + log S_f) / 2 - log S_avg), h'_x = exp((a_x - log S_x) / 2).
+template <int W, bool kPaired>
+MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
+                                    const float* stats, float k, float paired_scale, bool ok1, bool ok2, bool ok3,
+                                    float* gr, float* gf, float* gu) {
+  using V = vf<W>;
+  const V zero = splat<W>(0.0f);
+  // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
+  const V on1 = splat<W>(ok1 ? 1.0f : 0.0f), on2 = splat<W>(ok2 ? 1.0f : 0.0f), on3 = splat<W>(ok3 ? 1.0f : 0.0f);
+  const float half = 0.5f * inv_tau, half_log_r = 0.5f * stats[1], half_log_f = 0.5f * stats[3];
+  for_each_vector<W, false>(C, [&]<bool kTail>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+    V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
+    V pr, pf, pa;
+    if constexpr (kPaired) {
+      V hr = vexp<W>((xr - stats[0]) * half - half_log_r);
+      V hf = vexp<W>((xf - stats[2]) * half - half_log_f);
+      pr = hr * hr;
+      pf = hf * hf;
+      pa = hr * (hf * paired_scale);
+    } else {
+      pr = vexp<W>((xr - stats[0]) * inv_tau - stats[1]);
+      pf = vexp<W>((xf - stats[2]) * inv_tau - stats[3]);
+      pa = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau - stats[7]);
+    }
+    V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau - stats[5]);
+    V g1 = k * (pr - pf), g3 = k * (pu - pa);
+    if constexpr (kPaired) {  // only taken with all three teachers present
+      store<W>(gr + c, g1, n);
+      store<W>(gf + c, -g1, n);
+      store<W>(gu + c, g3, n);
+    } else {
+      store<W>(gr + c, on1 != zero ? g1 : zero, n);
+      store<W>(gf + c, on2 != zero ? -g1 : zero, n);
+      store<W>(gu + c, on3 != zero ? g3 : zero, n);
+    }
+  });
+}
+
+template <int W>
+MMSD_INLINE void mmsd_backward_row(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
+                                   const float* stats, float w, float* gr, float* gf, float* gu) {
+  // Which teacher gives gradient: flow to rgb (term 1), rgb to flow (term 2), avg to fused (term 3).
+  const bool ok1 = !teacher_excluded(stats[3]), ok2 = !teacher_excluded(stats[1]), ok3 = !teacher_excluded(stats[7]);
+  if (!ok1 && !ok2 && !ok3) {  // masked-out row
+    std::memset(gr, 0, C * sizeof(float));
+    std::memset(gf, 0, C * sizeof(float));
+    std::memset(gu, 0, C * sizeof(float));
+    return;
+  }
+  const float k = w * inv_tau;
+  const float delta = paired_delta(stats[0], stats[2], stats[6], inv_tau);
+  if (ok1 && ok2 && ok3 && delta <= kMaxPairedExponent) {  // the forward's branch
+    // In double: delta reaches 50, and a float sum would round it by 50 * 6e-8.
+    const float scale = static_cast<float>(
+        std::exp(static_cast<double>(delta) + 0.5 * (static_cast<double>(stats[1]) + stats[3]) - stats[7]));
+    mmsd_backward_loop<W, true>(r, f, u, C, inv_tau, stats, k, scale, ok1, ok2, ok3, gr, gf, gu);
+  } else {
+    mmsd_backward_loop<W, false>(r, f, u, C, inv_tau, stats, k, 0.0f, ok1, ok2, ok3, gr, gf, gu);
+  }
+}
+
+// ------------------------------------------------- per-ISA instantiations
+// in[k], grads[k]: float32 rows of C classes.
+using ForwardRowFn = float (*)(const float* const* in, int64_t C, float inv_tau, float* stats);
+using BackwardRowFn = void (*)(const float* const* in, int64_t C, float inv_tau, const float* stats, float w,
+                               float* const* grads);
+
+struct RowKernels {
+  ForwardRowFn pair_forward;
+  BackwardRowFn pair_backward;
+  ForwardRowFn mmsd_forward;
+  BackwardRowFn mmsd_backward;
+  const char* isa;
+};
+
+#define MMSD_ROW_KERNELS(SUFFIX, ATTR, W)                                                                        \
+  ATTR float pair_forward_##SUFFIX(const float* const* in, int64_t C, float inv_tau, float* stats) {           \
+    return pair_forward_row<W>(in[0], in[1], C, inv_tau, stats);                                               \
+  }                                                                                                            \
+  ATTR void pair_backward_##SUFFIX(const float* const* in, int64_t C, float inv_tau, const float* stats,       \
+                                   float w, float* const* g) {                                                 \
+    pair_backward_row<W>(in[0], in[1], C, inv_tau, stats, w, g[0]);                                            \
+  }                                                                                                            \
+  ATTR float mmsd_forward_##SUFFIX(const float* const* in, int64_t C, float inv_tau, float* stats) {           \
+    return mmsd_forward_row<W>(in[0], in[1], in[2], C, inv_tau, stats);                                        \
+  }                                                                                                            \
+  ATTR void mmsd_backward_##SUFFIX(const float* const* in, int64_t C, float inv_tau, const float* stats,       \
+                                   float w, float* const* g) {                                                 \
+    mmsd_backward_row<W>(in[0], in[1], in[2], C, inv_tau, stats, w, g[0], g[1], g[2]);                         \
+  }
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MMSD_X86_DISPATCH 1
+MMSD_ROW_KERNELS(avx512, __attribute__((target("avx512f"))), 16)
+MMSD_ROW_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8)
+#endif
+MMSD_ROW_KERNELS(baseline, , 4)
+
+const RowKernels& row_kernels() {
+  static const RowKernels kernels = [] {
+#ifdef MMSD_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) {
+      return RowKernels{pair_forward_avx512, pair_backward_avx512, mmsd_forward_avx512, mmsd_backward_avx512,
+                        "avx512"};
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return RowKernels{pair_forward_avx2, pair_backward_avx2, mmsd_forward_avx2, mmsd_backward_avx2, "avx2"};
+    }
+#endif
+    return RowKernels{pair_forward_baseline, pair_backward_baseline, mmsd_forward_baseline,
+                      mmsd_backward_baseline, "baseline"};
+  }();
+  return kernels;
+}
+
+// ------------------------------------------------------------------ drivers
+int64_t rows_per_task(int64_t C) {
+  return std::max<int64_t>(1, kElementsPerTask / C);
+}
+
+// Row `row` of K inputs as float32 pointers: the input itself for float32, else a
+// converted copy in scratch.
+template <typename scalar_t, int K>
+MMSD_INLINE void row_pointers(const std::array<const scalar_t*, K>& in, int64_t row, int64_t C, float* scratch,
+                              const float** out) {
+  for (int k = 0; k < K; ++k) {
+    const scalar_t* src = in[k] + row * C;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      out[k] = src;
+    } else {
+      float* dst = scratch + k * C;
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(src[c]);
+      out[k] = dst;
+    }
+  }
+}
+
+// Runs `row_fn` over every valid row; masked rows get loss 0 and statistics that
+// mark every teacher excluded (so the backward writes zeros without the mask).
+// Returns the sum of the row losses and the number of valid rows.
+template <typename scalar_t, int K>
+std::pair<double, int64_t> forward_rows(const std::array<const scalar_t*, K>& in, const bool* mask, int64_t R,
+                                        int64_t C, float inv_tau, int64_t n_stats, float* stats, float* row_losses,
+                                        ForwardRowFn row_fn) {
+  const int64_t per_task = rows_per_task(C);
+  const int64_t n_tasks = (R + per_task - 1) / per_task;
+  std::vector<double> task_sum(n_tasks, 0.0);
+  std::vector<int64_t> task_count(n_tasks, 0);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scratch(std::is_same_v<scalar_t, float> ? 0 : K * C);
+    const float* rows[K];
+    for (int64_t task = first; task < last; ++task) {
+      double sum = 0.0;
+      int64_t count = 0;
+      const int64_t end = std::min(R, (task + 1) * per_task);
+      for (int64_t row = task * per_task; row < end; ++row) {
+        float* st = stats + row * n_stats;
+        float loss = 0.0f;
+        if (mask != nullptr && !mask[row]) {
+          for (int64_t i = 0; i < n_stats; i += 2) {
+            st[i] = 0.0f;
+            st[i + 1] = -INFINITY;
+          }
+        } else {
+          row_pointers<scalar_t, K>(in, row, C, scratch.data(), rows);
+          loss = row_fn(rows, C, inv_tau, st);
+          sum += loss;
+          ++count;
+        }
+        if (row_losses != nullptr) row_losses[row] = loss;
+      }
+      task_sum[task] = sum;
+      task_count[task] = count;
+    }
+  });
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    total += task_sum[task];
+    count += task_count[task];
+  }
+  return {total, count};
+}
+
+// K inputs, KG gradients (the single pair's teacher gets none).
+template <typename scalar_t, int K, int KG>
+void backward_rows(const std::array<const scalar_t*, K>& in, int64_t R, int64_t C, float inv_tau, int64_t n_stats,
+                   const float* stats, const float* grad, int64_t reduction, const float* count,
+                   const std::array<scalar_t*, KG>& out, BackwardRowFn row_fn) {
+  at::parallel_for(0, R, rows_per_task(C), [&](int64_t first, int64_t last) {
+    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+    std::vector<float> scratch(kFloat ? 0 : (K + KG) * C);
+    const float* rows[K];
+    float* grads[KG];
+    for (int64_t row = first; row < last; ++row) {
+      row_pointers<scalar_t, K>(in, row, C, scratch.data(), rows);
+      for (int k = 0; k < KG; ++k) {
+        if constexpr (kFloat) {
+          grads[k] = out[k] + row * C;
+        } else {
+          grads[k] = scratch.data() + (K + k) * C;
+        }
+      }
+      row_fn(rows, C, inv_tau, stats + row * n_stats, row_weight(grad, row, reduction, count), grads);
+      if constexpr (!kFloat) {
+        for (int k = 0; k < KG; ++k) {
+          scalar_t* dst = out[k] + row * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(grads[k][c]);
+        }
+      }
+    }
+  });
+}
+
+// A new gradient tensor. Its pages are first touched by the kernel; on this VM the
+// 4 KiB page faults of the three MMSD gradients at (32, 2304, 201) (178 MB) cost
+// more than the kernel itself, so large outputs ask Linux for transparent huge
+// pages (the advice PyTorch gives every allocation under THP_MEM_ALLOC_ENABLE=1).
+// Advice only: where it is refused or THP is off, nothing changes.
+constexpr int64_t kHugePage = int64_t(1) << 21;
+
+at::Tensor new_gradient(const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());
+#ifdef __linux__
+  const int64_t bytes = out.numel() * out.element_size();
+  if (bytes >= 4 * kHugePage) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t start = (p + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+    const uintptr_t end = (p + bytes) & ~uintptr_t(kHugePage - 1);
+    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+at::Tensor stats_tensor(const at::Tensor& logits, int64_t k) {
+  auto shape = leading_shape(logits);
+  shape.push_back(k);
+  return at::empty(shape, logits.options().dtype(at::kFloat));
+}
+
+// ----------------------------------------------------------------- the ops
+std::tuple<at::Tensor, at::Tensor, at::Tensor> snippet_distill_loss_cpu(const at::Tensor& student,
+                                                                        const at::Tensor& teacher,
+                                                                        double temperature,
+                                                                        const std::optional<at::Tensor>& mask,
+                                                                        int64_t reduction) {
+  check_logits({{"student", &student}, {"teacher", &teacher}});
+  check_temperature(temperature);
+  check_reduction(reduction);
+  const at::Tensor m = prepare_mask(mask, student, "student");
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous();
+  const int64_t C = s.size(-1), R = s.numel() / C;
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  const auto f32 = s.options().dtype(at::kFloat);
+  at::Tensor stats = stats_tensor(s, kPairStats);
+  at::Tensor loss = reduction == kNone ? at::empty(leading_shape(s), f32) : at::empty({}, f32);
+  std::pair<double, int64_t> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "snippet_distill_loss_cpu", [&] {
+    result = forward_rows<scalar_t, 2>({s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>()},
+                                       m.defined() ? m.const_data_ptr<bool>() : nullptr, R, C, inv_tau, kPairStats,
+                                       stats.data_ptr<float>(), reduction == kNone ? loss.data_ptr<float>() : nullptr,
+                                       row_kernels().pair_forward);
+  });
+  const auto [total, count] = result;
+  if (reduction != kNone) {
+    loss.fill_(reduction == kMean ? total / static_cast<double>(std::max<int64_t>(count, 1)) : total);
+  }
+  return {loss, stats, at::scalar_tensor(static_cast<double>(count), f32)};
+}
+
+at::Tensor snippet_distill_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& student,
+                                             const at::Tensor& teacher, const at::Tensor& row_stats,
+                                             const at::Tensor& count, double temperature, int64_t reduction) {
+  check_logits({{"student", &student}, {"teacher", &teacher}});
+  check_temperature(temperature);
+  check_reduction(reduction);
+  check_row_stats(row_stats, student, kPairStats);
+  check_backward_scalars(grad, count, student, reduction);
+  const at::Tensor s = student.contiguous(), t = teacher.contiguous(), g = prepare_grad(grad);
+  const int64_t C = s.size(-1), R = s.numel() / C;
+  at::Tensor out = new_gradient(s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "snippet_distill_loss_backward_cpu",
+                                  [&] {
+                                    backward_rows<scalar_t, 2, 1>(
+                                        {s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>()}, R, C,
+                                        static_cast<float>(1.0 / temperature), kPairStats,
+                                        row_stats.const_data_ptr<float>(), g.const_data_ptr<float>(), reduction,
+                                        count.const_data_ptr<float>(), {out.data_ptr<scalar_t>()},
+                                        row_kernels().pair_backward);
+                                  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cpu(const at::Tensor& rgb, const at::Tensor& flow,
+                                                                     const at::Tensor& fused, double temperature,
+                                                                     const std::optional<at::Tensor>& mask) {
+  check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
+  check_temperature(temperature);
+  const at::Tensor m = prepare_mask(mask, rgb, "rgb");
+  const at::Tensor r = rgb.contiguous(), f = flow.contiguous(), u = fused.contiguous();
+  const int64_t C = r.size(-1), R = r.numel() / C;
+  const auto f32 = r.options().dtype(at::kFloat);
+  at::Tensor stats = stats_tensor(r, kMmsdStats);
+  std::pair<double, int64_t> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_cpu", [&] {
+    result = forward_rows<scalar_t, 3>(
+        {r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()},
+        m.defined() ? m.const_data_ptr<bool>() : nullptr, R, C, static_cast<float>(1.0 / temperature), kMmsdStats,
+        stats.data_ptr<float>(), nullptr, row_kernels().mmsd_forward);
+  });
+  const auto [total, count] = result;
+  at::Tensor loss = at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(count, 1)), f32);
+  return {loss, stats, at::scalar_tensor(static_cast<double>(count), f32)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& rgb, const at::Tensor& flow, const at::Tensor& fused,
+    const at::Tensor& row_stats, const at::Tensor& count, double temperature) {
+  check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
+  check_temperature(temperature);
+  check_row_stats(row_stats, rgb, kMmsdStats);
+  check_backward_scalars(grad, count, rgb, kMean);
+  const at::Tensor r = rgb.contiguous(), f = flow.contiguous(), u = fused.contiguous(), g = prepare_grad(grad);
+  const int64_t C = r.size(-1), R = r.numel() / C;
+  at::Tensor gr = new_gradient(r), gf = new_gradient(r), gu = new_gradient(r);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_backward_cpu", [&] {
+    backward_rows<scalar_t, 3, 3>(
+        {r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()}, R, C,
+        static_cast<float>(1.0 / temperature), kMmsdStats, row_stats.const_data_ptr<float>(),
+        g.const_data_ptr<float>(), kMean, count.const_data_ptr<float>(),
+        {gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>()}, row_kernels().mmsd_backward);
+  });
+  return {gr, gf, gu};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmsd_ext, CPU, m) {
+  m.impl("snippet_distill_loss", &snippet_distill_loss_cpu);
+  m.impl("_snippet_distill_loss_backward", &snippet_distill_loss_backward_cpu);
+  m.impl("mmsd_distill_loss", &mmsd_distill_loss_cpu);
+  m.impl("_mmsd_distill_loss_backward", &mmsd_distill_loss_backward_cpu);
+}
+
+}  // namespace distill
+}  // namespace mmsd_ext

@@ -1,0 +1,105 @@
+// Host-side argument checks and preparation shared by the CPU and CUDA
+// implementations of the distillation ops. Every message names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "distill_math.h"
+
+namespace mmsd_ext {
+namespace distill {
+
+inline bool is_logit_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Logits [..., C] of a float dtype; `others` must match the first tensor's shape,
+// dtype and device.
+inline void check_logits(const std::vector<std::pair<const char*, const at::Tensor*>>& tensors) {
+  const char* name0 = tensors[0].first;
+  const at::Tensor& t0 = *tensors[0].second;
+  for (const auto& [name, tp] : tensors) {
+    const at::Tensor& t = *tp;
+    TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+    TORCH_CHECK(is_logit_dtype(t.scalar_type()), name,
+                ": expected dtype float32, float16, bfloat16 or float64, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() >= 1, name, ": expected shape [..., C], got a scalar");
+    TORCH_CHECK(t.size(-1) >= 1, name, ": expected at least one class (C >= 1), got shape ", t.sizes());
+    if (&t == &t0) continue;
+    TORCH_CHECK(t.sizes() == t0.sizes(), name, ": expected the shape of ", name0, " ", t0.sizes(), ", got ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), name, ": expected dtype ", t0.scalar_type(), " like ", name0,
+                ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == t0.device(), name, ": expected a tensor on ", t0.device(), " like ", name0, ", got ",
+                t.device());
+  }
+}
+
+inline void check_temperature(double temperature) {
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite number > 0, got ",
+              temperature);
+}
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// The mask as a contiguous bool tensor of the leading shape (undefined if absent);
+// a float mask counts nonzero entries as valid (like mask.bool()).
+inline at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::Tensor& logits,
+                               const char* logits_name) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  auto leading = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(m.sizes() == leading, "mask: expected the leading shape ", leading, " of ", logits_name, ", got ",
+              m.sizes());
+  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+              "mask: expected a bool or 0/1 float tensor, got ", m.scalar_type());
+  TORCH_CHECK(m.device() == logits.device(), "mask: expected a tensor on ", logits.device(), " like ", logits_name,
+              ", got ", m.device());
+  at::Tensor b = m.scalar_type() == at::kBool ? m : m.ne(0);
+  return b.contiguous();
+}
+
+// Leading shape [...] of logits [..., C].
+inline std::vector<int64_t> leading_shape(const at::Tensor& logits) {
+  auto s = logits.sizes();
+  return std::vector<int64_t>(s.begin(), s.end() - 1);
+}
+
+// Row statistics [..., k] as saved by the forward.
+inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits, int64_t k) {
+  auto expected = leading_shape(logits);
+  expected.push_back(k);
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef(expected) &&
+                  stats.is_contiguous() && stats.device() == logits.device(),
+              "row_stats: expected the contiguous float32 tensor of shape ", at::IntArrayRef(expected),
+              " that the forward returned, got ", stats.scalar_type(), " ", stats.sizes());
+}
+
+inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& count, const at::Tensor& logits,
+                                   int64_t reduction) {
+  TORCH_CHECK(count.scalar_type() == at::kFloat && count.numel() == 1 && count.device() == logits.device(),
+              "count: expected the float32 scalar that the forward returned, got ", count.scalar_type(), " ",
+              count.sizes());
+  TORCH_CHECK(grad.device() == logits.device(), "grad: expected a tensor on ", logits.device(), ", got ",
+              grad.device());
+  if (reduction == kNone) {
+    auto leading = logits.sizes().slice(0, logits.dim() - 1);
+    TORCH_CHECK(grad.sizes() == leading, "grad: expected shape ", leading, ", got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "grad: expected a scalar, got shape ", grad.sizes());
+  }
+}
+
+// grad as a contiguous float32 tensor (an expanded or other-dtype gradient is copied; it has one float per row at most).
+inline at::Tensor prepare_grad(const at::Tensor& grad) {
+  return grad.to(at::kFloat).contiguous();
+}
+
+}  // namespace distill
+}  // namespace mmsd_ext

@@ -1,0 +1,456 @@
+"""Triton kernels of snippet_distill_loss and mmsd_distill_loss.
+
+The maths (shared with the C++ and CUDA kernels) is written out in
+csrc/distill_math.h. Per row of C classes and each softmax x / tau:
+
+    shift = max_c x_c (0 for an all -inf row),  a_c = (x_c - shift) / tau,  S = sum_c exp(a_c)
+    loss(student s <- teacher t) = log S_s + D / S_t,  D = sum_c exp(b_c) * (-a_c)  (0 where exp(b_c) == 0)
+
+The forward reads each input once and writes the row losses and, per softmax,
+(shift, log S) to ``row_stats``. The backward reads the inputs again and writes
+the gradients, recomputing the probabilities from ``row_stats``:
+
+    d loss / d s_c = w * (exp(a_c - log S_s) - exp(b_c - log S_t)) / tau
+
+with w the upstream weight of the row (grad, or grad / count for "mean").
+A teacher whose saved log S is -inf (all -inf, or a masked-out row) gives no
+gradient. MMSD's three terms share one pass: rgb's gradient is w (p_rgb - p_flow)
+/ tau, flow's its negative, fused's w (p_fused - p_avg) / tau, avg = (rgb + flow) / 2.
+
+Rows of up to MAX_TILE_C classes are one tile, several rows per program; wider
+rows loop over tiles of MAX_TILE_C classes (a first loop for the maxima, a
+second for the sums, re-reading the row from cache). A one-pass online softmax
+would have to rescale the cross term D along with S whenever either maximum
+moves; two passes keep the arithmetic identical to the one-tile path.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Classes held in one tile. 1024 float32 x 3 inputs per row stay in registers with
+# 4 warps; WTAL's C (21, 101, 201) is one tile, wider rows loop.
+MAX_TILE_C = 1024
+# Elements per program in the one-tile forward (rows * padded C): 2048 gives 64 rows
+# per program at C = 21 and 8 at C = 201, enough work per program without spilling.
+TILE_ELEMENTS = 2048
+# Elements per program in the backward, which needs no reduction: a 2-D grid of tiles.
+BACKWARD_TILE_ELEMENTS = 4096
+NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU
+
+_REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2  # as at::Reduction
+_PAIR_STATS, _MMSD_STATS = 4, 8
+
+
+@triton.jit
+def _row_shift(row_max):
+    return tl.where(row_max == float("-inf"), 0.0, row_max)
+
+
+@triton.jit
+def _cross(e_t, a_s):
+    return tl.where(e_t == 0.0, 0.0, -e_t * a_s)
+
+
+@triton.jit
+def _row_loss(sum_s, sum_t, cross):
+    return tl.where(sum_t == 0.0, 0.0, tl.log(sum_s) + cross / sum_t)
+
+
+@triton.jit
+def _load_tile(ptr, offs, m):
+    return tl.load(ptr + offs, mask=m, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _snippet_distill_forward_kernel(
+    s_ptr,  # student logits [R, C], contiguous, any float dtype
+    t_ptr,  # teacher logits [R, C], same dtype
+    mask_ptr,  # bool [R], True = valid row (unused unless HAS_MASK)
+    loss_ptr,  # out float32 [R]: row losses, 0 at masked rows
+    stats_ptr,  # out float32 [R, 4]: shift_s, log S_s, shift_t, log S_t (-inf at masked rows)
+    R,  # rows
+    C,  # classes
+    inv_tau,  # 1 / temperature
+    HAS_MASK: tl.constexpr,  # whether mask_ptr is read
+    SINGLE_TILE: tl.constexpr,  # C <= BLOCK_C: the row is one tile
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # classes per tile (a power of 2)
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    valid = row_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    base = rows.to(tl.int64)[:, None] * C
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE_TILE:
+        m = valid[:, None] & (cols[None, :] < C)
+        s = _load_tile(s_ptr, base + cols[None, :], m)
+        t = _load_tile(t_ptr, base + cols[None, :], m)
+        shift_s = _row_shift(tl.max(s, axis=1))
+        shift_t = _row_shift(tl.max(t, axis=1))
+        a = (s - shift_s[:, None]) * inv_tau
+        b = (t - shift_t[:, None]) * inv_tau
+        ea = tl.exp(a)
+        eb = tl.exp(b)
+        sum_s = tl.sum(ea, axis=1)
+        sum_t = tl.sum(eb, axis=1)
+        cross = tl.sum(_cross(eb, a), axis=1)
+    else:
+        max_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        max_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            m = valid[:, None] & (c[None, :] < C)
+            max_s = tl.maximum(max_s, tl.max(_load_tile(s_ptr, base + c[None, :], m), axis=1))
+            max_t = tl.maximum(max_t, tl.max(_load_tile(t_ptr, base + c[None, :], m), axis=1))
+        shift_s = _row_shift(max_s)
+        shift_t = _row_shift(max_t)
+        sum_s = tl.zeros([BLOCK_R], tl.float32)
+        sum_t = tl.zeros([BLOCK_R], tl.float32)
+        cross = tl.zeros([BLOCK_R], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            m = valid[:, None] & (c[None, :] < C)
+            a = (_load_tile(s_ptr, base + c[None, :], m) - shift_s[:, None]) * inv_tau
+            b = (_load_tile(t_ptr, base + c[None, :], m) - shift_t[:, None]) * inv_tau
+            eb = tl.exp(b)
+            sum_s += tl.sum(tl.exp(a), axis=1)
+            sum_t += tl.sum(eb, axis=1)
+            cross += tl.sum(_cross(eb, a), axis=1)
+    loss = tl.where(valid, _row_loss(sum_s, sum_t, cross), 0.0)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    st = stats_ptr + rows.to(tl.int64) * 4
+    tl.store(st + 0, shift_s, mask=row_ok)
+    tl.store(st + 1, tl.log(sum_s), mask=row_ok)
+    tl.store(st + 2, shift_t, mask=row_ok)
+    tl.store(st + 3, tl.where(valid, tl.log(sum_t), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _snippet_distill_backward_kernel(
+    grad_ptr,  # float32: d loss, [R] for "none", a scalar otherwise
+    count_ptr,  # float32 scalar: valid rows (for "mean")
+    s_ptr,  # student logits [R, C], contiguous
+    t_ptr,  # teacher logits [R, C]
+    stats_ptr,  # float32 [R, 4] from the forward
+    out_ptr,  # out: d loss / d student [R, C], the student's dtype
+    R,  # rows
+    C,  # classes
+    inv_tau,  # 1 / temperature
+    REDUCTION: tl.constexpr,  # 0 none, 1 mean, 2 sum
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # classes per program
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    if REDUCTION == 0:
+        w = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+    elif REDUCTION == 1:
+        w = tl.load(grad_ptr) / tl.maximum(tl.load(count_ptr), 1.0) + tl.zeros([BLOCK_R], tl.float32)
+    else:
+        w = tl.load(grad_ptr) + tl.zeros([BLOCK_R], tl.float32)
+    st = stats_ptr + rows.to(tl.int64) * 4
+    shift_s = tl.load(st + 0, mask=row_ok, other=0.0)
+    log_s = tl.load(st + 1, mask=row_ok, other=0.0)
+    shift_t = tl.load(st + 2, mask=row_ok, other=0.0)
+    log_t = tl.load(st + 3, mask=row_ok, other=float("-inf"))
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    m = row_ok[:, None] & (cols[None, :] < C)
+    s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    p_s = tl.exp((s - shift_s[:, None]) * inv_tau - log_s[:, None])
+    p_t = tl.exp((t - shift_t[:, None]) * inv_tau - log_t[:, None])
+    g = (w * inv_tau)[:, None] * (p_s - p_t)
+    g = tl.where((log_t != float("-inf"))[:, None], g, 0.0)
+    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mmsd_distill_forward_kernel(
+    r_ptr,  # rgb logits [R, C], contiguous, any float dtype
+    f_ptr,  # flow logits [R, C], same dtype
+    u_ptr,  # fused logits [R, C], same dtype
+    mask_ptr,  # bool [R], True = valid row (unused unless HAS_MASK)
+    loss_ptr,  # out float32 [R]: sum of the three terms per row, 0 at masked rows
+    stats_ptr,  # out float32 [R, 8]: (shift, log S) of rgb, flow, fused, avg; log S = -inf at masked rows
+    R,  # rows
+    C,  # classes
+    inv_tau,  # 1 / temperature
+    HAS_MASK: tl.constexpr,  # whether mask_ptr is read
+    SINGLE_TILE: tl.constexpr,  # C <= BLOCK_C: the row is one tile
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # classes per tile (a power of 2)
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    valid = row_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    base = rows.to(tl.int64)[:, None] * C
+    cols = tl.arange(0, BLOCK_C)
+    if SINGLE_TILE:
+        m = valid[:, None] & (cols[None, :] < C)
+        r = _load_tile(r_ptr, base + cols[None, :], m)
+        f = _load_tile(f_ptr, base + cols[None, :], m)
+        u = _load_tile(u_ptr, base + cols[None, :], m)
+        avg = (r + f) * 0.5
+        shift_r = _row_shift(tl.max(r, axis=1))
+        shift_f = _row_shift(tl.max(f, axis=1))
+        shift_u = _row_shift(tl.max(u, axis=1))
+        shift_a = _row_shift(tl.max(avg, axis=1))
+        ar = (r - shift_r[:, None]) * inv_tau
+        af = (f - shift_f[:, None]) * inv_tau
+        au = (u - shift_u[:, None]) * inv_tau
+        er = tl.exp(ar)
+        ef = tl.exp(af)
+        ea = tl.exp((avg - shift_a[:, None]) * inv_tau)
+        sum_r = tl.sum(er, axis=1)
+        sum_f = tl.sum(ef, axis=1)
+        sum_u = tl.sum(tl.exp(au), axis=1)
+        sum_a = tl.sum(ea, axis=1)
+        cross1 = tl.sum(_cross(ef, ar), axis=1)
+        cross2 = tl.sum(_cross(er, af), axis=1)
+        cross3 = tl.sum(_cross(ea, au), axis=1)
+    else:
+        max_r = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        max_f = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        max_u = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        max_a = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            m = valid[:, None] & (c[None, :] < C)
+            r = _load_tile(r_ptr, base + c[None, :], m)
+            f = _load_tile(f_ptr, base + c[None, :], m)
+            max_r = tl.maximum(max_r, tl.max(r, axis=1))
+            max_f = tl.maximum(max_f, tl.max(f, axis=1))
+            max_a = tl.maximum(max_a, tl.max((r + f) * 0.5, axis=1))
+            max_u = tl.maximum(max_u, tl.max(_load_tile(u_ptr, base + c[None, :], m), axis=1))
+        shift_r = _row_shift(max_r)
+        shift_f = _row_shift(max_f)
+        shift_u = _row_shift(max_u)
+        shift_a = _row_shift(max_a)
+        sum_r = tl.zeros([BLOCK_R], tl.float32)
+        sum_f = tl.zeros([BLOCK_R], tl.float32)
+        sum_u = tl.zeros([BLOCK_R], tl.float32)
+        sum_a = tl.zeros([BLOCK_R], tl.float32)
+        cross1 = tl.zeros([BLOCK_R], tl.float32)
+        cross2 = tl.zeros([BLOCK_R], tl.float32)
+        cross3 = tl.zeros([BLOCK_R], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + cols
+            m = valid[:, None] & (c[None, :] < C)
+            r = _load_tile(r_ptr, base + c[None, :], m)
+            f = _load_tile(f_ptr, base + c[None, :], m)
+            ar = (r - shift_r[:, None]) * inv_tau
+            af = (f - shift_f[:, None]) * inv_tau
+            au = (_load_tile(u_ptr, base + c[None, :], m) - shift_u[:, None]) * inv_tau
+            er = tl.exp(ar)
+            ef = tl.exp(af)
+            ea = tl.exp(((r + f) * 0.5 - shift_a[:, None]) * inv_tau)
+            sum_r += tl.sum(er, axis=1)
+            sum_f += tl.sum(ef, axis=1)
+            sum_u += tl.sum(tl.exp(au), axis=1)
+            sum_a += tl.sum(ea, axis=1)
+            cross1 += tl.sum(_cross(ef, ar), axis=1)
+            cross2 += tl.sum(_cross(er, af), axis=1)
+            cross3 += tl.sum(_cross(ea, au), axis=1)
+    loss = _row_loss(sum_r, sum_f, cross1) + _row_loss(sum_f, sum_r, cross2) + _row_loss(sum_u, sum_a, cross3)
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
+    st = stats_ptr + rows.to(tl.int64) * 8
+    tl.store(st + 0, shift_r, mask=row_ok)
+    tl.store(st + 1, tl.where(valid, tl.log(sum_r), float("-inf")), mask=row_ok)
+    tl.store(st + 2, shift_f, mask=row_ok)
+    tl.store(st + 3, tl.where(valid, tl.log(sum_f), float("-inf")), mask=row_ok)
+    tl.store(st + 4, shift_u, mask=row_ok)
+    tl.store(st + 5, tl.where(valid, tl.log(sum_u), float("-inf")), mask=row_ok)
+    tl.store(st + 6, shift_a, mask=row_ok)
+    tl.store(st + 7, tl.where(valid, tl.log(sum_a), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _mmsd_distill_backward_kernel(
+    grad_ptr,  # float32 scalar: d loss (the loss is a mean over valid rows)
+    count_ptr,  # float32 scalar: valid rows
+    r_ptr,  # rgb logits [R, C], contiguous
+    f_ptr,  # flow logits [R, C]
+    u_ptr,  # fused logits [R, C]
+    stats_ptr,  # float32 [R, 8] from the forward
+    gr_ptr,  # out: d loss / d rgb [R, C], the inputs' dtype
+    gf_ptr,  # out: d loss / d flow
+    gu_ptr,  # out: d loss / d fused
+    R,  # rows
+    C,  # classes
+    inv_tau,  # 1 / temperature
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # classes per program
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    k = tl.load(grad_ptr) / tl.maximum(tl.load(count_ptr), 1.0) * inv_tau
+    st = stats_ptr + rows.to(tl.int64) * 8
+    shift_r = tl.load(st + 0, mask=row_ok, other=0.0)[:, None]
+    log_r = tl.load(st + 1, mask=row_ok, other=float("-inf"))[:, None]
+    shift_f = tl.load(st + 2, mask=row_ok, other=0.0)[:, None]
+    log_f = tl.load(st + 3, mask=row_ok, other=float("-inf"))[:, None]
+    shift_u = tl.load(st + 4, mask=row_ok, other=0.0)[:, None]
+    log_u = tl.load(st + 5, mask=row_ok, other=0.0)[:, None]
+    shift_a = tl.load(st + 6, mask=row_ok, other=0.0)[:, None]
+    log_a = tl.load(st + 7, mask=row_ok, other=float("-inf"))[:, None]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    m = row_ok[:, None] & (cols[None, :] < C)
+    r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    f = tl.load(f_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    p_r = tl.exp((r - shift_r) * inv_tau - log_r)
+    p_f = tl.exp((f - shift_f) * inv_tau - log_f)
+    p_u = tl.exp((u - shift_u) * inv_tau - log_u)
+    p_a = tl.exp(((r + f) * 0.5 - shift_a) * inv_tau - log_a)
+    g1 = k * (p_r - p_f)
+    # Selects, not products with 0: a term without a teacher may hold NaN probabilities.
+    gr = tl.where(log_f != float("-inf"), g1, 0.0)
+    gf = tl.where(log_r != float("-inf"), -g1, 0.0)
+    gu = tl.where(log_a != float("-inf"), k * (p_u - p_a), 0.0)
+    tl.store(gr_ptr + offs, gr.to(gr_ptr.dtype.element_ty), mask=m)
+    tl.store(gf_ptr + offs, gf.to(gf_ptr.dtype.element_ty), mask=m)
+    tl.store(gu_ptr + offs, gu.to(gu_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------ launchers
+def _check_logits(**tensors):
+    (name0, t0), *others = tensors.items()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {t.dtype}")
+        if t.dim() < 1 or t.shape[-1] < 1:
+            raise ValueError(f"{name}: expected shape [..., C] with C >= 1, got {tuple(t.shape)}")
+    for name, t in others:
+        if t.shape != t0.shape:
+            raise ValueError(f"{name}: expected the shape of {name0} {tuple(t0.shape)}, got {tuple(t.shape)}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{name}: expected dtype {t0.dtype} like {name0}, got {t.dtype}")
+        if t.device != t0.device:
+            raise ValueError(f"{name}: expected a tensor on {t0.device} like {name0}, got {t.device}")
+
+
+def _check_temperature(temperature):
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+
+
+def _prepare_mask(mask, logits, name):
+    if mask is None:
+        return None
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask: expected the leading shape {tuple(logits.shape[:-1])} of {name}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"mask: expected a bool or 0/1 float tensor, got {mask.dtype}")
+    if mask.device != logits.device:
+        raise ValueError(f"mask: expected a tensor on {logits.device} like {name}, got {mask.device}")
+    return (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(-1)
+
+
+def _as_rows(x):
+    """[..., C] as a contiguous [R, C] (a copy only for non-contiguous inputs)."""
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+def _forward_tiles(C):
+    if C <= MAX_TILE_C:
+        block_c = triton.next_power_of_2(C)
+        return True, max(1, TILE_ELEMENTS // block_c), block_c
+    return False, 1, MAX_TILE_C
+
+
+def _backward_tiles(C):
+    block_c = min(triton.next_power_of_2(C), MAX_TILE_C)
+    return max(1, BACKWARD_TILE_ELEMENTS // block_c), block_c
+
+
+def _count(mask, R, like):
+    if mask is None:
+        return torch.full((), float(R), dtype=torch.float32, device=like.device)
+    return mask.sum(dtype=torch.float32)
+
+
+def snippet_distill_forward(student, teacher, temperature, mask, reduction):
+    """(loss, row_stats [..., 4], count): see mmsd_ext::snippet_distill_loss."""
+    _check_logits(student=student, teacher=teacher)
+    _check_temperature(temperature)
+    if reduction not in (_REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM):
+        raise ValueError(f"reduction: expected 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    mask = _prepare_mask(mask, student, "student")
+    s, t = _as_rows(student), _as_rows(teacher)
+    R, C = s.shape
+    row_losses = torch.empty(R, dtype=torch.float32, device=s.device)
+    stats = torch.empty(R, _PAIR_STATS, dtype=torch.float32, device=s.device)
+    if R > 0:
+        single, block_r, block_c = _forward_tiles(C)
+        _snippet_distill_forward_kernel[(triton.cdiv(R, block_r),)](
+            s, t, mask if mask is not None else s, row_losses, stats, R, C, 1.0 / temperature,
+            HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
+    count = _count(mask, R, s)
+    leading = student.shape[:-1]
+    if reduction == _REDUCTION_NONE:
+        loss = row_losses.view(leading)
+    elif reduction == _REDUCTION_SUM:
+        loss = row_losses.sum()
+    else:
+        loss = row_losses.sum() / count.clamp(min=1.0)
+    return loss, stats.view(*leading, _PAIR_STATS), count
+
+
+def snippet_distill_backward(grad, student, teacher, row_stats, count, temperature, reduction):
+    """d loss / d student: see mmsd_ext::_snippet_distill_loss_backward."""
+    _check_logits(student=student, teacher=teacher)
+    s, t = _as_rows(student), _as_rows(teacher)
+    R, C = s.shape
+    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    if R > 0:
+        block_r, block_c = _backward_tiles(C)
+        _snippet_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+            grad.to(torch.float32).contiguous(), count, s, t, row_stats.contiguous(), out, R, C, 1.0 / temperature,
+            REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def mmsd_distill_forward(rgb, flow, fused, temperature, mask):
+    """(loss, row_stats [..., 8], count): see mmsd_ext::mmsd_distill_loss."""
+    _check_logits(rgb=rgb, flow=flow, fused=fused)
+    _check_temperature(temperature)
+    mask = _prepare_mask(mask, rgb, "rgb")
+    r, f, u = _as_rows(rgb), _as_rows(flow), _as_rows(fused)
+    R, C = r.shape
+    row_losses = torch.empty(R, dtype=torch.float32, device=r.device)
+    stats = torch.empty(R, _MMSD_STATS, dtype=torch.float32, device=r.device)
+    if R > 0:
+        single, block_r, block_c = _forward_tiles(C)
+        _mmsd_distill_forward_kernel[(triton.cdiv(R, block_r),)](
+            r, f, u, mask if mask is not None else r, row_losses, stats, R, C, 1.0 / temperature,
+            HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
+    count = _count(mask, R, r)
+    loss = row_losses.sum() / count.clamp(min=1.0)
+    return loss, stats.view(*rgb.shape[:-1], _MMSD_STATS), count
+
+
+def mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature):
+    """(d rgb, d flow, d fused): see mmsd_ext::_mmsd_distill_loss_backward."""
+    _check_logits(rgb=rgb, flow=flow, fused=fused)
+    r, f, u = _as_rows(rgb), _as_rows(flow), _as_rows(fused)
+    R, C = r.shape
+    grads = [torch.empty(rgb.shape, dtype=rgb.dtype, device=rgb.device) for _ in range(3)]
+    if R > 0:
+        block_r, block_c = _backward_tiles(C)
+        _mmsd_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+            grad.to(torch.float32).contiguous(), count, r, f, u, row_stats.contiguous(), *grads, R, C,
+            1.0 / temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
+    return tuple(grads)

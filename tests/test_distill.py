@@ -1,0 +1,648 @@
+"""snippet_distill_loss and mmsd_distill_loss: every backend against the float64 reference.
+
+The oracle is the plain reference run on float64 copies of the inputs. Tolerances
+follow flash-attention: a backend's error against the oracle may be at most
+MULTIPLE times the error of eager PyTorch doing the same maths at the input's
+precision, plus a floor of FLOOR times the magnitude of the terms (TOLERANCES, one
+row per dtype). That magnitude is, for losses, the loss plus the number of terms
+log S it sums (a row's loss is log S_s + D / S_t, both >= 0, and log S of a sum
+near 1 is good to an absolute rounding of S), and w / tau for gradients: each is w / tau * (p_student - p_teacher),
+a difference of two probabilities each good to a few roundings, which can be far
+smaller than either.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_GPU, backend_device
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmsd_ext
+from mmsd_ext import _loader
+from mmsd_ext import distill as distill_module
+
+REFERENCE_PAIR = distill_module.snippet_distill_loss_reference
+REFERENCE_MMSD = distill_module.mmsd_distill_loss_reference
+
+# dtype: (MULTIPLE of eager's error, FLOOR relative to the terms' magnitude).
+# float32: 8 units in the last place (2**-21): exp is good to ~1.3 ulp, and a
+# probability takes an exp, a product and a scaling. float16/bfloat16: one unit
+# in the last place at 1 (gradients are stored in the dtype).
+TOLERANCES = {
+    torch.float32: (2.0, 2**-21),
+    torch.float64: (2.0, 2**-21),  # computed in float32: oracle and eager get the float32-rounded input
+    torch.float16: (2.0, 2**-10),
+    torch.bfloat16: (2.0, 2**-7),
+}
+
+# The Triton interpreter takes milliseconds per program: fewer, smaller cases there.
+INTERPRETED = not HAS_GPU
+
+
+def _examples(backend):
+    return 8 if backend == "triton" and INTERPRETED else 20
+
+
+# ----------------------------------------------------------------- helpers
+def _eager_at_precision_pair(student, teacher, tau, mask, reduction):
+    """The reference's maths without its float32 upcast: eager PyTorch at the input's dtype."""
+    log_p = torch.log_softmax(student / tau, dim=-1)
+    p_t = torch.softmax(teacher.detach() / tau, dim=-1)
+    no_target = torch.isneginf(teacher).all(dim=-1, keepdim=True)
+    p_t = torch.where(no_target, torch.zeros_like(p_t), p_t)
+    rows = -torch.where(p_t == 0, torch.zeros_like(log_p), p_t * log_p).sum(dim=-1)
+    if mask is not None:
+        rows = torch.where(mask.bool(), rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    count = rows.new_tensor(rows.numel()) if mask is None else mask.bool().sum().to(rows.dtype)
+    return rows.sum() / count.clamp(min=1)
+
+
+def _eager_at_precision_mmsd(rgb, flow, fused, tau, mask):
+    avg = (rgb.detach() + flow.detach()) / 2
+    return (
+        _eager_at_precision_pair(rgb, flow, tau, mask, "mean")
+        + _eager_at_precision_pair(flow, rgb, tau, mask, "mean")
+        + _eager_at_precision_pair(fused, avg, tau, mask, "mean")
+    )
+
+
+def _loss_and_grads(fn, inputs, grad_out_scale, needs_grad):
+    """fn(*inputs) and the gradients of (grad_out * fn(...)).sum() for the inputs in needs_grad."""
+    leaves = [x.detach().clone().requires_grad_(need) for x, need in zip(inputs, needs_grad)]
+    loss = fn(*leaves)
+    grad_out = torch.full_like(loss, grad_out_scale)
+    if loss.dim() > 0:  # reduction "none": a different weight per row
+        grad_out = grad_out * torch.linspace(-1.0, 2.0, loss.numel(), dtype=loss.dtype, device=loss.device).view(
+            loss.shape
+        )
+    wanted = [x for x in leaves if x.requires_grad]
+    grads = torch.autograd.grad(loss, wanted, grad_out)
+    return loss.detach(), [g.detach() for g in grads]
+
+
+def _max_err(value, oracle):
+    diff = (value.detach().double().cpu() - oracle.detach().double().cpu()).abs()
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def _assert_close(value, oracle, eager, dtype, what, scale=None):
+    """Flash-attention style: |value - oracle| <= MULTIPLE * |eager - oracle| + FLOOR * scale.
+
+    scale: the magnitude of the terms (default: max |oracle|).
+    """
+    multiple, floor = TOLERANCES[dtype]
+    oracle = oracle.detach().double().cpu()
+    value = value.detach().double().cpu()
+    assert value.shape == oracle.shape, what
+    assert torch.equal(torch.isfinite(value), torch.isfinite(oracle)), f"{what}: finiteness differs"
+    finite = torch.isfinite(oracle)
+    if not finite.all():
+        assert torch.equal(value[~finite], oracle[~finite]), f"{what}: non-finite values differ"
+    value, oracle, eager = value[finite], oracle[finite], eager.detach().double().cpu()[finite]
+    eager_err = _max_err(eager, oracle)
+    if not math.isfinite(eager_err):
+        eager_err = 0.0  # eager overflowed at this precision: only the floor applies
+    if scale is None:
+        scale = oracle.abs().max().item() if oracle.numel() else 0.0
+    bound = multiple * eager_err + floor * max(scale, 1e-30)
+    err = _max_err(value, oracle)
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (eager error {eager_err:.3g}, scale {scale:.3g})"
+
+
+def _oracle_input(x):
+    """x in float64 for the oracle; float64 input as the compiled backends see it (rounded to float32)."""
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.float64 else x).double()
+
+
+def _eager_input(x):
+    """x for eager PyTorch at the precision the backends compute it (float64 input: float32)."""
+    x = x.detach().cpu()
+    return x.float() if x.dtype == torch.float64 else x
+
+
+def _valid_rows(shape, mask):
+    return math.prod(shape[:-1]) if mask is None else int(mask.bool().sum())
+
+
+def _make_logits(gen, shape, scale, layout, dtype, device):
+    """Random logits of `shape` in one of three memory layouts."""
+    if layout == "contiguous":
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    elif layout == "transposed" and len(shape) >= 3:
+        # [B, T, C] as the transpose of a [T, B, C] tensor (rows not evenly strided)
+        x = torch.randn((shape[1], shape[0], *shape[2:]), generator=gen, dtype=torch.float64).transpose(0, 1)
+    else:
+        # every other class of a wider tensor (class stride 2)
+        x = torch.randn((*shape[:-1], 2 * shape[-1]), generator=gen, dtype=torch.float64)[..., ::2]
+    x = x * scale
+    return x.to(dtype).to(device)
+
+
+def _make_mask(gen, leading, kind, device):
+    if kind is None:
+        return None
+    valid = torch.rand(leading, generator=gen) < 0.7
+    return (valid if kind == "bool" else valid.float()).to(device)
+
+
+@st.composite
+def cases(draw, small):
+    """Shapes, temperature, mask, reduction, value scale, layout, -inf teacher entries."""
+    if small:
+        leading = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
+        num_classes = draw(st.sampled_from([1, 2, 7, 21, 33]))
+    else:
+        leading = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+        num_classes = draw(st.sampled_from([1, 2, 5, 16, 17, 21, 101, 201, 1100]))
+    return dict(
+        shape=(*leading, num_classes),
+        tau=draw(st.floats(0.1, 10.0)),
+        mask=draw(st.sampled_from([None, "bool", "float"])),
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+        scale=draw(st.sampled_from([0.1, 1.0, 5.0, 30.0])),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+        neg_inf=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        grad_out=draw(st.sampled_from([1.0, -0.7, 3.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _pair_inputs(case, dtype, device):
+    gen = torch.Generator().manual_seed(case["seed"])
+    student = _make_logits(gen, case["shape"], case["scale"], case["layout"], dtype, device)
+    teacher = _make_logits(gen, case["shape"], case["scale"], case["layout"], dtype, device)
+    if case["neg_inf"]:
+        # Excluded classes in the teacher (whole rows at times); the student is -inf
+        # at some of them too, never in class 0 (a student row of only -inf has no
+        # log-softmax; the reference's gradient there is NaN).
+        drop = (torch.rand(case["shape"], generator=gen) < case["neg_inf"]).to(device)
+        both = drop & (torch.rand(case["shape"], generator=gen) < 0.5).to(device)
+        both[..., 0] = False
+        teacher = teacher.masked_fill(drop, float("-inf"))
+        student = student.masked_fill(both, float("-inf"))
+    mask = _make_mask(gen, case["shape"][:-1], case["mask"], device)
+    return student, teacher, mask
+
+
+def _check_pair_case(backend, case, dtype):
+    device = backend_device(backend)
+    student, teacher, mask = _pair_inputs(case, dtype, device)
+    tau, reduction = case["tau"], case["reduction"]
+
+    def run(s, t):
+        return mmsd_ext.snippet_distill_loss(s, t, tau, mask=mask, reduction=reduction, backend=backend)
+
+    def oracle(s, t):
+        return REFERENCE_PAIR(s, t, tau, None if mask is None else mask.cpu(), reduction)
+
+    def eager(s, t):
+        return _eager_at_precision_pair(s, t, tau, None if mask is None else mask.cpu(), reduction)
+
+    loss, (grad,) = _loss_and_grads(run, (student, teacher), case["grad_out"], (True, False))
+    as64 = [_oracle_input(x) for x in (student, teacher)]
+    ref_loss, (ref_grad,) = _loss_and_grads(oracle, as64, case["grad_out"], (True, False))
+    low = [_eager_input(x) for x in (student, teacher)]
+    eager_loss, (eager_grad,) = _loss_and_grads(eager, low, case["grad_out"], (True, False))
+    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
+    terms = _valid_rows(case["shape"], mask) if reduction == "sum" else 1
+    _assert_close(loss, ref_loss, eager_loss, dtype, "loss", scale=ref_loss.abs().max().item() + terms)
+    weight = abs(case["grad_out"]) * (2.0 if reduction == "none" else 1.0)  # max |grad_out| of a row
+    if reduction == "mean":
+        weight /= max(_valid_rows(case["shape"], mask), 1)
+    _assert_close(grad, ref_grad, eager_grad, dtype, "grad student", scale=weight / tau)
+
+
+def _mmsd_inputs(case, dtype, device):
+    gen = torch.Generator().manual_seed(case["seed"])
+    xs = [_make_logits(gen, case["shape"], case["scale"], case["layout"], dtype, device) for _ in range(3)]
+    if case["neg_inf"]:
+        # Classes excluded in every stream (so every term stays finite), never
+        # class 0: rows of only -inf are tested with the single pair.
+        drop = (torch.rand(case["shape"], generator=gen) < case["neg_inf"]).to(device)
+        drop[..., 0] = False
+        xs[0] = xs[0].masked_fill(drop, float("-inf"))
+        xs[1] = xs[1].masked_fill(drop, float("-inf"))
+        xs[2] = xs[2].masked_fill(drop, float("-inf"))
+    mask = _make_mask(gen, case["shape"][:-1], case["mask"], device)
+    return xs, mask
+
+
+def _check_mmsd_case(backend, case, dtype):
+    device = backend_device(backend)
+    xs, mask = _mmsd_inputs(case, dtype, device)
+    tau = case["tau"]
+    cpu_mask = None if mask is None else mask.cpu()
+    loss, grads = _loss_and_grads(
+        lambda r, f, u: mmsd_ext.mmsd_distill_loss(r, f, u, tau, mask=mask, backend=backend),
+        xs, case["grad_out"], (True, True, True),
+    )
+    ref_loss, ref_grads = _loss_and_grads(
+        lambda r, f, u: REFERENCE_MMSD(r, f, u, tau, cpu_mask),
+        [_oracle_input(x) for x in xs], case["grad_out"], (True, True, True),
+    )
+    eager_loss, eager_grads = _loss_and_grads(
+        lambda r, f, u: _eager_at_precision_mmsd(r, f, u, tau, cpu_mask),
+        [_eager_input(x) for x in xs], case["grad_out"], (True, True, True),
+    )
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    _assert_close(loss, ref_loss, eager_loss, dtype, "loss", scale=ref_loss.abs().item() + 3)
+    weight = abs(case["grad_out"]) / max(_valid_rows(case["shape"], mask), 1)
+    for name, g, ref, eg in zip(("rgb", "flow", "fused"), grads, ref_grads, eager_grads):
+        assert g.dtype == dtype
+        _assert_close(g, ref, eg, dtype, f"grad {name}", scale=weight / tau)
+
+
+# --------------------------------------------------- property tests, float32
+def test_pair_matches_reference(backend):
+    @settings(max_examples=_examples(backend))
+    @given(case=cases(small=backend == "triton" and INTERPRETED))
+    def check(case):
+        _check_pair_case(backend, case, torch.float32)
+
+    check()
+
+
+def test_mmsd_matches_reference(backend):
+    @settings(max_examples=_examples(backend))
+    @given(case=cases(small=backend == "triton" and INTERPRETED))
+    def check(case):
+        _check_mmsd_case(backend, case, torch.float32)
+
+    check()
+
+
+# ------------------------------------------- low precision, flash-attention style
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_other_dtypes_within_tolerance_table(backend, dtype):
+    @settings(max_examples=max(4, _examples(backend) // 2))
+    @given(case=cases(small=backend == "triton" and INTERPRETED))
+    def check(case):
+        _check_pair_case(backend, case, dtype)
+        _check_mmsd_case(backend, case, dtype)
+
+    check()
+
+
+def test_mixed_dtypes_are_promoted(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 21, generator=gen).to(device, torch.float16).requires_grad_()
+    teacher = torch.randn(4, 21, generator=gen).to(device)
+    loss = mmsd_ext.snippet_distill_loss(student, teacher, 0.5, backend=backend)
+    loss.backward()
+    ref = REFERENCE_PAIR(student.detach().double().cpu(), teacher.double().cpu(), 0.5, None, "mean")
+    assert student.grad.dtype == torch.float16
+    assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
+
+
+# ---------------------------------------------------------------- wide rows
+@pytest.mark.parametrize("num_classes", [1100, 4096])
+def test_wide_rows_use_the_looped_path(backend, num_classes):
+    if backend == "triton" and INTERPRETED and num_classes > 1100:
+        pytest.skip("one wide case is enough under the interpreter")
+    case = dict(shape=(2, num_classes), tau=0.7, mask=None, reduction="sum", scale=4.0, layout="contiguous",
+                neg_inf=0.1, grad_out=1.3, seed=11)
+    _check_pair_case(backend, case, torch.float32)
+    _check_mmsd_case(backend, case, torch.float32)
+
+
+# ------------------------------------------------------------- edge values
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tau", [0.1, 10.0])
+def test_large_logits_stay_finite_and_accurate(backend, dtype, tau):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 21)
+    xs = [((torch.rand(shape, generator=gen) * 2 - 1) * 1e4).to(dtype) for _ in range(3)]
+    xs[1][0] = xs[0][0]  # one row where two streams agree exactly
+    inputs = [x.to(device).requires_grad_() for x in xs]
+    loss = mmsd_ext.mmsd_distill_loss(*inputs, tau, backend=backend)
+    grads = torch.autograd.grad(loss, inputs)
+    pair = mmsd_ext.snippet_distill_loss(inputs[0], inputs[1], tau, reduction="none", backend=backend)
+    assert torch.isfinite(loss) and torch.isfinite(pair).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    as64 = [x.double() for x in xs]
+    ref = REFERENCE_MMSD(*as64, tau, None)
+    # Input-exact float32 arithmetic: relative error of a few float32 roundings on
+    # the loss, whose terms reach 1e4 / tau.
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()) + 1e-3
+    ref_pair = REFERENCE_PAIR(as64[0], as64[1], tau, None, "none")
+    assert torch.allclose(pair.double().cpu(), ref_pair, rtol=1e-5, atol=1e-3)
+
+
+def test_neg_inf_teacher_entries_and_rows(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(7)
+    student = torch.randn(4, 6, generator=gen)
+    teacher = torch.randn(4, 6, generator=gen)
+    teacher[0, 1] = float("-inf")  # excluded class
+    student[0, 1] = float("-inf")  # ... where the student is -inf too: adds 0, not NaN
+    teacher[1, :] = float("-inf")  # no target at all: loss 0, gradient 0
+    teacher[2, :5] = float("-inf")  # a single target class
+    s = student.to(device).requires_grad_()
+    rows = mmsd_ext.snippet_distill_loss(s, teacher.to(device), 0.5, reduction="none", backend=backend)
+    (g,) = torch.autograd.grad(rows.sum(), s)
+    s64 = student.double().requires_grad_()
+    ref = REFERENCE_PAIR(s64, teacher.double(), 0.5, None, "none")
+    (ref_g,) = torch.autograd.grad(ref.sum(), s64)
+    assert torch.isfinite(rows).all() and torch.isfinite(g).all()
+    assert rows[1].item() == 0.0 and torch.all(g[1] == 0)
+    assert torch.allclose(rows.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g.double().cpu(), ref_g, rtol=1e-5, atol=1e-6)
+    # the row without a target still counts for "mean"
+    mean = mmsd_ext.snippet_distill_loss(student.to(device), teacher.to(device), 0.5, backend=backend)
+    assert torch.allclose(mean.double().cpu(), ref.mean(), rtol=1e-5)
+
+
+def test_nan_makes_its_row_nan(backend):
+    device = backend_device(backend)
+    student = torch.randn(3, 5)
+    student[1, 2] = float("nan")
+    teacher = torch.randn(3, 5)
+    teacher[2, 0] = float("nan")
+    rows = mmsd_ext.snippet_distill_loss(student.to(device), teacher.to(device), reduction="none", backend=backend)
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1]) and torch.isnan(rows[2])
+    ref = REFERENCE_PAIR(student.double(), teacher.double(), 1.0, None, "none")
+    assert torch.isnan(ref[1]) and torch.isnan(ref[2])
+
+
+def test_student_equal_to_teacher_gives_entropy_and_zero_gradient(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(5, 21, generator=gen) * 4).to(device)
+    s = x.clone().requires_grad_()
+    tau = 0.3
+    rows = mmsd_ext.snippet_distill_loss(s, x, tau, reduction="none", backend=backend)
+    (g,) = torch.autograd.grad(rows.sum(), s)
+    p = torch.softmax(x.double().cpu() / tau, dim=-1)
+    entropy = -(p * torch.log(p)).sum(-1)
+    assert torch.allclose(rows.double().cpu(), entropy, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g, torch.zeros_like(g), atol=1e-7)
+    # MMSD with three identical streams: three times the mean entropy, no gradient.
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    loss = mmsd_ext.mmsd_distill_loss(*xs, tau, backend=backend)
+    grads = torch.autograd.grad(loss, xs)
+    assert abs(loss.item() - 3 * entropy.mean().item()) <= 1e-5 * (1 + 3 * entropy.mean().item())
+    for g in grads:
+        assert torch.allclose(g, torch.zeros_like(g), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_all_masked_gives_zero_loss_and_zero_gradient(backend, kind):
+    device = backend_device(backend)
+    xs = [torch.randn(2, 3, 7, device=device, requires_grad=True) for _ in range(3)]
+    mask = torch.zeros(2, 3, dtype=torch.bool if kind == "bool" else torch.float32, device=device)
+    for reduction in ("mean", "sum"):
+        loss = mmsd_ext.snippet_distill_loss(xs[0], xs[1], mask=mask, reduction=reduction, backend=backend)
+        (g,) = torch.autograd.grad(loss, xs[0])
+        assert loss.item() == 0.0 and torch.all(g == 0)
+    loss = mmsd_ext.mmsd_distill_loss(*xs, mask=mask, backend=backend)
+    grads = torch.autograd.grad(loss, xs)
+    assert loss.item() == 0.0 and all(torch.all(g == 0) for g in grads)
+
+
+def test_empty_leading_dims(backend):
+    device = backend_device(backend)
+    xs = [torch.randn(0, 5, device=device, requires_grad=True) for _ in range(3)]
+    loss = mmsd_ext.mmsd_distill_loss(*xs, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and xs[0].grad.shape == (0, 5)
+    rows = mmsd_ext.snippet_distill_loss(xs[0], xs[1], reduction="none", backend=backend)
+    assert rows.shape == (0,)
+
+
+# ------------------------------------------------------------------ autograd
+def test_retain_graph_second_backward_and_grad_output(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(13)
+    xs = [torch.randn(3, 4, 21, generator=gen).to(device).requires_grad_() for _ in range(3)]
+    loss = mmsd_ext.mmsd_distill_loss(*xs, 0.2, backend=backend)
+    loss.backward(torch.tensor(2.5, device=device), retain_graph=True)
+    first = [x.grad.clone() for x in xs]
+    loss.backward(torch.tensor(-1.0, device=device))
+    ref = [x.detach().double().cpu().requires_grad_() for x in xs]
+    ref_grads = torch.autograd.grad(REFERENCE_MMSD(*ref, 0.2, None), ref)
+    for x, g1, rg in zip(xs, first, ref_grads):
+        assert torch.allclose(g1.double().cpu(), 2.5 * rg, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(x.grad.double().cpu(), 1.5 * rg, rtol=1e-5, atol=1e-7)
+    s = xs[0].detach().clone().requires_grad_()
+    rows = mmsd_ext.snippet_distill_loss(s, xs[1].detach(), reduction="none", backend=backend)
+    w = torch.arange(12, dtype=torch.float32, device=device).view(3, 4)
+    rows.backward(w, retain_graph=True)
+    rows.backward(w)
+    s64 = s.detach().double().cpu().requires_grad_()
+    (rg,) = torch.autograd.grad(REFERENCE_PAIR(s64, xs[1].detach().double().cpu(), 1.0, None, "none"), s64, w.double().cpu())
+    assert torch.allclose(s.grad.double().cpu(), 2 * rg, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_gets_no_gradient_and_inputs_are_untouched(backend):
+    device = backend_device(backend)
+    xs = [torch.randn(2, 5, 21, device=device, requires_grad=True) for _ in range(3)]
+    copies = [x.detach().clone() for x in xs]
+    mask = torch.rand(2, 5, device=device) > 0.5
+    mask_copy = mask.clone()
+    loss = mmsd_ext.snippet_distill_loss(xs[0], xs[1], 0.5, mask=mask, backend=backend)
+    loss.backward()
+    assert xs[0].grad is not None and xs[1].grad is None
+    loss = mmsd_ext.mmsd_distill_loss(*xs, mask=mask, backend=backend)
+    loss.backward()
+    for x, c in zip(xs, copies):
+        assert torch.equal(x.detach(), c)
+    assert torch.equal(mask, mask_copy)
+
+
+def test_each_stream_gets_only_its_own_term(backend):
+    """rgb's gradient is that of L(rgb <- flow) alone, flow's of L(flow <- rgb), fused's of L(fused <- avg)."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(17)
+    r, f, u = [torch.randn(6, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
+    xs = [x.float().to(device).requires_grad_() for x in (r, f, u)]
+    grads = torch.autograd.grad(mmsd_ext.mmsd_distill_loss(*xs, 0.2, backend=backend), xs)
+    pairs = [(r, f), (f, r), (u, (r + f) / 2)]
+    for g, (student, teacher) in zip(grads, pairs):
+        s = student.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(REFERENCE_PAIR(s, teacher, 0.2, None, "mean"), s)
+        assert torch.allclose(g.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_argument(any_backend):
+    device = backend_device(any_backend)
+    s = torch.randn(2, 3, 5, device=device)
+    t = torch.randn(2, 3, 5, device=device)
+    call = lambda *a, **k: mmsd_ext.snippet_distill_loss(*a, backend=any_backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="teacher"):
+        call(s, t[..., :4])
+    with pytest.raises(ValueError, match="temperature"):
+        call(s, t, 0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        call(s, t, -1.0)
+    with pytest.raises(ValueError, match="mask"):
+        call(s, t, mask=torch.ones(2, 4, dtype=torch.bool, device=device))
+    with pytest.raises(TypeError, match="mask"):
+        call(s, t, mask=torch.ones(2, 3, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="student"):
+        call(s.long(), t)
+    with pytest.raises(TypeError, match="teacher"):
+        call(s, t.int())
+    with pytest.raises(ValueError, match="reduction"):
+        call(s, t, reduction="max")
+    with pytest.raises(ValueError, match="student"):
+        call(torch.randn(2, 0, device=device), torch.randn(2, 0, device=device))
+    other = torch.device("meta") if device.type == "cpu" else torch.device("cpu")
+    with pytest.raises(ValueError, match="teacher"):
+        call(s, t.to(other))
+    with pytest.raises(ValueError, match="mask"):
+        call(s, t, mask=torch.ones(2, 3, dtype=torch.bool, device=other))
+    mm = lambda *a, **k: mmsd_ext.mmsd_distill_loss(*a, backend=any_backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match="fused"):
+        mm(s, t, s[..., :4])
+    with pytest.raises(TypeError, match="fused"):
+        mm(s, t, s.long())
+    with pytest.raises(ValueError, match="flow"):
+        mm(s, t[:1], s)
+    with pytest.raises(ValueError, match="fused"):
+        mm(s, t, s.to(other))
+    with pytest.raises(ValueError, match="temperature"):
+        mm(s, t, s, float("nan"))
+
+
+@pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
+def test_compiled_ops_check_their_arguments():
+    ops = torch.ops.mmsd_ext
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(RuntimeError, match="teacher"):
+        ops.snippet_distill_loss(s, t[:, :4], 1.0, None, 1)
+    with pytest.raises(RuntimeError, match="teacher"):
+        ops.snippet_distill_loss(s, t.half(), 1.0, None, 1)
+    with pytest.raises(RuntimeError, match="temperature"):
+        ops.snippet_distill_loss(s, t, 0.0, None, 1)
+    with pytest.raises(RuntimeError, match="reduction"):
+        ops.snippet_distill_loss(s, t, 1.0, None, 7)
+    with pytest.raises(RuntimeError, match="mask"):
+        ops.snippet_distill_loss(s, t, 1.0, torch.ones(4, dtype=torch.bool), 1)
+    with pytest.raises(RuntimeError, match="student"):
+        ops.snippet_distill_loss(s.int(), t.int(), 1.0, None, 1)
+    with pytest.raises(RuntimeError, match="fused"):
+        ops.mmsd_distill_loss(s, t, s[:2], 1.0, None)
+    _, stats, count = ops.snippet_distill_loss(s, t, 1.0, None, 1)
+    with pytest.raises(RuntimeError, match="row_stats"):
+        ops._snippet_distill_loss_backward(torch.ones(()), s, t, stats[:2], count, 1.0, 1)
+    with pytest.raises(RuntimeError, match="grad"):
+        ops._snippet_distill_loss_backward(torch.ones(2), s, t, stats, count, 1.0, 0)
+
+
+# ------------------------------------------------- opcheck, compile, determinism
+def _opcheck_samples(device):
+    gen = torch.Generator().manual_seed(21)
+    s, t, u = [torch.randn(2, 3, 7, generator=gen).to(device) for _ in range(3)]
+    mask = torch.tensor([[True, False, True], [True, True, True]], device=device)
+    return s, t, u, mask
+
+
+def _run_opcheck(forward, backward_pair, mmsd_forward, mmsd_backward, device):
+    s, t, u, mask = _opcheck_samples(device)
+    for reduction, m in [(0, None), (1, mask), (2, mask.float())]:
+        sr = s.clone().requires_grad_()
+        torch.library.opcheck(forward, (sr, t, 0.5, m, reduction))
+        _, stats, count = forward(s, t, 0.5, m, reduction)
+        grad = torch.ones(2, 3, device=device) if reduction == 0 else torch.tensor(1.5, device=device)
+        torch.library.opcheck(backward_pair, (grad, s, t, stats, count, 0.5, reduction))
+    xs = [x.clone().requires_grad_() for x in (s, t, u)]
+    torch.library.opcheck(mmsd_forward, (*xs, 0.2, mask))
+    _, stats, count = mmsd_forward(s, t, u, 0.2, mask)
+    torch.library.opcheck(mmsd_backward, (torch.tensor(0.5, device=device), s, t, u, stats, count, 0.2))
+
+
+@pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
+def test_opcheck_compiled_ops():
+    ops = torch.ops.mmsd_ext
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if mmsd_ext._backend.cuda_usable() else [])
+    for device in devices:
+        _run_opcheck(ops.snippet_distill_loss.default, ops._snippet_distill_loss_backward.default,
+                     ops.mmsd_distill_loss.default, ops._mmsd_distill_loss_backward.default, device)
+
+
+@pytest.mark.skipif("triton" not in mmsd_ext.available_backends(), reason="triton cannot run here")
+def test_opcheck_triton_ops():
+    ops = torch.ops.mmsd_ext
+    _run_opcheck(ops.snippet_distill_loss_triton.default, ops._snippet_distill_loss_triton_backward.default,
+                 ops.mmsd_distill_loss_triton.default, ops._mmsd_distill_loss_triton_backward.default,
+                 backend_device("triton"))
+
+
+@pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
+def test_torch_compile_fullgraph_cpu():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(23)
+    xs = [torch.randn(2, 5, 21, generator=gen) for _ in range(3)]
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+
+    def step(r, f, u):
+        pair = mmsd_ext.snippet_distill_loss(r, f, 0.5, mask=mask, reduction="sum", backend="cpu")
+        return pair + mmsd_ext.mmsd_distill_loss(r, f, u, 0.2, mask=mask, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True)
+    eager_in = [x.clone().requires_grad_() for x in xs]
+    compiled_in = [x.clone().requires_grad_() for x in xs]
+    expected = step(*eager_in)
+    expected.backward()
+    got = compiled(*compiled_in)
+    got.backward()
+    assert torch.allclose(got, expected, rtol=1e-6)
+    for a, b in zip(compiled_in, eager_in):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
+def test_cpu_result_does_not_depend_on_thread_count():
+    gen = torch.Generator().manual_seed(29)
+    xs = [torch.randn(64, 50, 21, generator=gen) for _ in range(3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mmsd_ext.mmsd_distill_loss(*xs, backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        many = mmsd_ext.mmsd_distill_loss(*xs, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+# ----------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_cuda_graph_capture_without_host_sync(gpu_backend):
+    if gpu_backend not in mmsd_ext.available_backends():
+        pytest.skip(f"{gpu_backend} is not available")
+    xs = [torch.randn(4, 100, 21, device="cuda", requires_grad=True) for _ in range(3)]
+    mask = torch.rand(4, 100, device="cuda") > 0.2
+
+    def step():
+        for x in xs:
+            x.grad = None
+        loss = mmsd_ext.mmsd_distill_loss(*xs, 0.2, mask=mask, backend=gpu_backend)
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (compilation, autotuning) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = [x.detach().double().cpu().requires_grad_() for x in xs]
+    ref_loss = REFERENCE_MMSD(*ref, 0.2, mask.cpu())
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * (1 + abs(ref_loss.item()))
