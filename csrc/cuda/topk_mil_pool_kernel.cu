@@ -17,9 +17,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -37,9 +37,8 @@ constexpr int kMaxThreads = 256;
 // global memory once; longer ones are re-read (from L2) on every pass. With the
 // 1 KiB histogram it stays under the 48 KiB a block may use without opting in.
 constexpr int64_t kCacheBytes = 40 * 1024;
-// Elementwise backward: threads per block, and blocks per SM of the grid-stride loop.
+// Elementwise backward: threads per block.
 constexpr int kBackwardThreads = 256;
-constexpr int kBackwardBlocksPerSM = 8;
 
 // Warp 0 (all 32 lanes) walks the histogram from the top: the bin holding the
 // need-th largest key goes to *digit, its rank inside the bin to *rank, its
@@ -250,8 +249,11 @@ __global__ void __launch_bounds__(kBackwardThreads) topk_mil_pool_backward_kerne
   using acc_t = at::opmath_type<scalar_t>;
   using key_t = typename KeyOf<acc_t>::type;
   const key_t flip = flip_mask<key_t>(largest);
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<index_t>(blockDim.x) * gridDim.x) {
+  // The loop counter is 64-bit so that the last step cannot overflow; the index
+  // arithmetic is index_t (32-bit divisions where the tensor allows).
+  for (int64_t step = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; step < numel;
+       step += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const index_t i = static_cast<index_t>(step);
     const index_t c = i % C;
     const index_t bt = i / C;
     const index_t t = bt % T;
@@ -292,7 +294,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
       B * C);
   // A warp per column for short videos, up to 256 threads for long ones.
   const int threads = T <= 32 ? 32 : T <= 64 ? 64 : T <= 128 ? 128 : kMaxThreads;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // c10's stream header, not ATen/cuda/CUDAContext.h: that one needs cusparse.h,
+  // which minimal CUDA toolkits lack.
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_mil_pool_cuda", [&] {
     using key_t = typename KeyOf<at::opmath_type<scalar_t>>::type;
     const int64_t cache_bytes = T * static_cast<int64_t>(sizeof(key_t));
@@ -341,11 +345,11 @@ void launch_backward(
     bool largest,
     at::Tensor& grad) {
   const int64_t numel = grad.numel();
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks =
-      std::min<int64_t>((numel + kBackwardThreads - 1) / kBackwardThreads, sms * kBackwardBlocksPerSM);
+  // One element per thread; the kernel's grid-stride loop covers what a grid cannot.
+  const int64_t blocks = std::min<int64_t>(
+      (numel + kBackwardThreads - 1) / kBackwardThreads, std::numeric_limits<int32_t>::max());
   topk_mil_pool_backward_kernel<scalar_t, index_t>
-      <<<blocks, kBackwardThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<blocks, kBackwardThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           g.const_data_ptr<scalar_t>(),
           scores.const_data_ptr<scalar_t>(),
           scores.stride(0),
