@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kMaxThreads) topk_mil_pool_forward_kernel(
   using key_t = typename KeyOf<acc_t>::type;
   constexpr int kKeyBits = static_cast<int>(sizeof(key_t) * 8);
 
-  extern __shared__ __align__(sizeof(key_t)) unsigned char cache_bytes[];
+  // One declaration for every instantiation (nvcc warns when alignments differ): 8 bytes suits both key widths.
+  extern __shared__ __align__(8) unsigned char cache_bytes[];
   key_t* cache = reinterpret_cast<key_t*>(cache_bytes);
   __shared__ int hist[kBins];
   __shared__ int s_digit, s_rank, s_count, s_cut;
@@ -230,16 +231,21 @@ __global__ void __launch_bounds__(kMaxThreads) topk_mil_pool_forward_kernel(
   }
 }
 
-template <typename scalar_t, typename index_t>
+// Each warp-row of a block (threadIdx.y) owns one time step (b, t) and its lanes
+// walk the C columns: coalesced along C-contiguous scores and the contiguous
+// gradient, and no integer division per element.
+template <typename scalar_t>
 __global__ void __launch_bounds__(kBackwardThreads) topk_mil_pool_backward_kernel(
-    const scalar_t* __restrict__ g,
+    const at::opmath_type<scalar_t>* __restrict__ grad_out,
+    int64_t stride_gb,
+    int64_t stride_gc,
     const scalar_t* __restrict__ scores,
     int64_t stride_b,
     int64_t stride_t,
     int64_t stride_c,
-    index_t T,
-    index_t C,
-    index_t numel,
+    int64_t rows,
+    int64_t T,
+    int64_t C,
     const int64_t* __restrict__ k,
     const int64_t* __restrict__ lengths,
     const int64_t* __restrict__ kth,
@@ -248,27 +254,28 @@ __global__ void __launch_bounds__(kBackwardThreads) topk_mil_pool_backward_kerne
     scalar_t* __restrict__ grad) {
   using acc_t = at::opmath_type<scalar_t>;
   using key_t = typename KeyOf<acc_t>::type;
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y;
+  if (row >= rows) {
+    return;
+  }
+  const int64_t b = row / T, t = row % T;
+  const int64_t length = lengths[b], kk = k[b];
+  const bool live = t < length && length <= T && kk >= 1 && kk <= length;
   const key_t flip = flip_mask<key_t>(largest);
-  // The loop counter is 64-bit so that the last step cannot overflow; the index
-  // arithmetic is index_t (32-bit divisions where the tensor allows).
-  for (int64_t step = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; step < numel;
-       step += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const index_t i = static_cast<index_t>(step);
-    const index_t c = i % C;
-    const index_t bt = i / C;
-    const index_t t = bt % T;
-    const index_t b = bt / T;
-    const int64_t length = lengths[b], kk = k[b];
+  const scalar_t* src = scores + b * stride_b + t * stride_t;
+  scalar_t* dst = grad + row * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     scalar_t value = scalar_t(0);
-    if (t < length && length <= T && kk >= 1 && kk <= length) {
-      const int64_t o = static_cast<int64_t>(b) * C + c;
-      const key_t key = order_key(
-          static_cast<acc_t>(scores[b * stride_b + t * stride_t + c * stride_c]), flip);
-      if (is_selected(key, static_cast<key_t>(kth[o]), static_cast<int64_t>(t), cut[o])) {
-        value = g[o];
+    if (live) {
+      const int64_t o = b * C + c;
+      const key_t key = order_key(static_cast<acc_t>(src[c * stride_c]), flip);
+      if (is_selected(key, static_cast<key_t>(kth[o]), t, cut[o])) {
+        // grad_out / k in the accumulator type (IEEE division), then rounded to
+        // the dtype of scores: what autograd computes for the mean.
+        value = static_cast<scalar_t>(grad_out[b * stride_gb + c * stride_gc] / static_cast<acc_t>(kk));
       }
     }
-    grad[i] = value;
+    dst[c] = value;
   }
 }
 
@@ -334,39 +341,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
   return {out, kth, cut};
 }
 
-template <typename scalar_t, typename index_t>
-void launch_backward(
-    const at::Tensor& g,
-    const at::Tensor& scores,
-    const at::Tensor& k,
-    const at::Tensor& lengths,
-    const at::Tensor& kth,
-    const at::Tensor& cut,
-    bool largest,
-    at::Tensor& grad) {
-  const int64_t numel = grad.numel();
-  // One element per thread; the kernel's grid-stride loop covers what a grid cannot.
-  const int64_t blocks = std::min<int64_t>(
-      (numel + kBackwardThreads - 1) / kBackwardThreads, std::numeric_limits<int32_t>::max());
-  topk_mil_pool_backward_kernel<scalar_t, index_t>
-      <<<blocks, kBackwardThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          g.const_data_ptr<scalar_t>(),
-          scores.const_data_ptr<scalar_t>(),
-          scores.stride(0),
-          scores.stride(1),
-          scores.stride(2),
-          static_cast<index_t>(scores.size(1)),
-          static_cast<index_t>(scores.size(2)),
-          static_cast<index_t>(numel),
-          k.const_data_ptr<int64_t>(),
-          lengths.const_data_ptr<int64_t>(),
-          kth.const_data_ptr<int64_t>(),
-          cut.const_data_ptr<int64_t>(),
-          largest,
-          grad.mutable_data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 at::Tensor topk_mil_pool_backward_cuda(
     const at::Tensor& grad_out,
     const at::Tensor& scores,
@@ -385,16 +359,31 @@ at::Tensor topk_mil_pool_backward_cuda(
   if (grad.numel() == 0) {
     return grad;
   }
-  // What each selected score receives, rounded as autograd rounds the mean's
-  // backward: grad_out / k in the accumulator type, then the dtype of scores.
-  const auto acc = at::toOpMathType(scores.scalar_type());
-  const at::Tensor g = grad_out.to(acc).div(k.to(acc).unsqueeze(1)).to(scores.scalar_type()).contiguous();
+  // In the accumulator type, as the CPU kernel reads it (a no-op for fp32 and fp64).
+  const at::Tensor g = grad_out.to(at::toOpMathType(scores.scalar_type()));
+  const int64_t rows = scores.size(0) * scores.size(1);
+  const dim3 block(kWarp, kBackwardThreads / kWarp);
+  const int64_t blocks = (rows + block.y - 1) / block.y;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "scores: expected B * T < 2**34, got ", rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_mil_pool_backward_cuda", [&] {
-    if (grad.numel() <= std::numeric_limits<int32_t>::max()) {
-      launch_backward<scalar_t, int32_t>(g, scores, k, lengths, kth, cut, largest, grad);
-    } else {
-      launch_backward<scalar_t, int64_t>(g, scores, k, lengths, kth, cut, largest, grad);
-    }
+    topk_mil_pool_backward_kernel<scalar_t><<<blocks, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g.const_data_ptr<at::opmath_type<scalar_t>>(),
+        g.stride(0),
+        g.stride(1),
+        scores.const_data_ptr<scalar_t>(),
+        scores.stride(0),
+        scores.stride(1),
+        scores.stride(2),
+        rows,
+        scores.size(1),
+        scores.size(2),
+        k.const_data_ptr<int64_t>(),
+        lengths.const_data_ptr<int64_t>(),
+        kth.const_data_ptr<int64_t>(),
+        cut.const_data_ptr<int64_t>(),
+        largest,
+        grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
 }
