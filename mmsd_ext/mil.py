@@ -2,7 +2,7 @@
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _loader
 
 
 def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
@@ -41,7 +41,9 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         >>> video_scores = mmsd_ext.topk_mil_pool(scores, k, lengths)   # [2, 21]
     """
     scores, k, lengths = _check_topk_args(scores, k, lengths, largest)
-    name = _backend.resolve("topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED)
+    name = _backend.resolve(
+        "topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED, gpu_order=_GPU_ORDER
+    )
     return _IMPLS[name](scores, k, lengths, largest)
 
 
@@ -106,8 +108,9 @@ def _check_topk_args(scores, k, lengths, largest):
         _checks.same_device("scores", scores, k=k)
     # Value checks need the values on the host: done for CPU tensors only, so that
     # CUDA calls never synchronise. On CUDA the kernels write NaN for a video whose
-    # k or length is out of range instead (documented in the README).
-    if scores.device.type == "cpu" and B > 0:
+    # k or length is out of range instead (documented in the README). Under
+    # torch.compile they would break the graph; the cpu kernel checks them itself.
+    if scores.device.type == "cpu" and B > 0 and not torch.compiler.is_compiling():
         if int(lengths.min()) < 1 or int(lengths.max()) > T:
             raise ValueError(f"lengths: expected values in [1, T] = [1, {T}], got min {int(lengths.min())}, max {int(lengths.max())}")
         if int(k.min()) < 1:
@@ -127,10 +130,108 @@ def topk_mil_pool_reference(scores, k, lengths, largest):
         ordered, _ = torch.sort(column, dim=0, descending=largest, stable=True)
         acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
         out.append(ordered[: int(k[b])].to(acc).mean(dim=0))
-    if not out:
-        return scores.new_zeros((0, scores.shape[2]))
+    if not out:  # B == 0: an empty result that still belongs to the graph
+        return scores.sum(dim=1)
     return torch.stack(out).to(scores.dtype)
 
 
-_IMPLS = {"reference": topk_mil_pool_reference}
-_IMPLS_SUPPORTED = ("reference",)
+# ---------------------------------------------------------------------------
+# cpu and cuda: one dispatcher op, mmsd_ext::topk_mil_pool (csrc/topk_mil_pool.cpp);
+# the device of the tensors picks the kernel.
+
+
+def _topk_compiled(scores, k, lengths, largest):
+    return torch.ops.mmsd_ext.topk_mil_pool(scores, k, lengths, largest)[0]
+
+
+def _fake_forward(scores, k, lengths, largest):
+    B, _, C = scores.shape
+    return (
+        scores.new_empty((B, C)),
+        scores.new_empty((B, C), dtype=torch.int64),
+        scores.new_empty((B, C), dtype=torch.int64),
+    )
+
+
+def _fake_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
+    return scores.new_empty(scores.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    scores, k, lengths, largest = inputs
+    _, kth_key, cut = output
+    ctx.save_for_backward(scores, k, lengths, kth_key, cut)
+    ctx.largest = largest
+
+
+def _make_backward(backward_op):
+    # The saved (kth_key, cut) pin the selection down, ties included, so the
+    # backward is one elementwise pass over scores.
+    def backward(ctx, grad_out, _grad_kth, _grad_cut):
+        scores, k, lengths, kth_key, cut = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = backward_op(grad_out, scores, k, lengths, kth_key, cut, ctx.largest)
+        return grad, None, None, None
+
+    return backward
+
+
+if _loader.compiled_available():
+    torch.library.register_fake("mmsd_ext::topk_mil_pool")(_fake_forward)
+    torch.library.register_fake("mmsd_ext::_topk_mil_pool_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "mmsd_ext::topk_mil_pool",
+        _make_backward(torch.ops.mmsd_ext._topk_mil_pool_backward),
+        setup_context=_setup_context,
+    )
+
+
+# ---------------------------------------------------------------------------
+# triton: its own op, mmsd_ext::topk_mil_pool_triton (kernels/topk_mil_pool.py).
+# Triton is imported on the first call, so that a machine without it still
+# imports mmsd_ext.
+
+
+@torch.library.custom_op("mmsd_ext::topk_mil_pool_triton", mutates_args=())
+def _topk_triton_op(
+    scores: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels import topk_mil_pool as kernels
+
+    return kernels.topk_mil_pool_forward(scores, k, lengths, largest)
+
+
+@torch.library.custom_op("mmsd_ext::_topk_mil_pool_triton_backward", mutates_args=())
+def _topk_triton_backward_op(
+    grad_out: torch.Tensor,
+    scores: torch.Tensor,
+    k: torch.Tensor,
+    lengths: torch.Tensor,
+    kth_key: torch.Tensor,
+    cut: torch.Tensor,
+    largest: bool,
+) -> torch.Tensor:
+    from .kernels import topk_mil_pool as kernels
+
+    return kernels.topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest)
+
+
+_topk_triton_op.register_fake(_fake_forward)
+_topk_triton_backward_op.register_fake(_fake_backward)
+_topk_triton_op.register_autograd(_make_backward(_topk_triton_backward_op), setup_context=_setup_context)
+
+
+def _topk_triton(scores, k, lengths, largest):
+    return _topk_triton_op(scores, k, lengths, largest)[0]
+
+
+_IMPLS = {
+    "reference": topk_mil_pool_reference,
+    "cpu": _topk_compiled,
+    "cuda": _topk_compiled,
+    "triton": _topk_triton,
+}
+_IMPLS_SUPPORTED = ("reference", "cpu", "cuda", "triton")
+# Not yet measured on a GPU: cuda first until benchmarks/ says otherwise.
+_GPU_ORDER = ("cuda", "triton")

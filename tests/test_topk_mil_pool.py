@@ -1,0 +1,569 @@
+"""topk_mil_pool and mil_k: every backend against the plain reference.
+
+The oracle is the reference on float64 scores (a stable sort per video, then the
+mean); the gradient's oracle is built here from the stable-sort selection.
+Low-precision results are judged against the fp64 oracle relative to the error
+of eager PyTorch at that precision (the reference run in that dtype), with the
+tolerances of one table.
+"""
+
+import pytest
+import torch
+from conftest import HAS_GPU, backend_device
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmsd_ext
+from mmsd_ext import mil
+from mmsd_ext.mil import topk_mil_pool_reference
+
+# The Triton interpreter computes with numpy, which warns where inf - inf makes
+# the NaN that the op must return.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+# Hypothesis with the `backend` fixture: the fixture only names the backend, so
+# sharing it between examples is safe.
+_WITH_FIXTURE = settings(
+    suppress_health_check=list(settings.default.suppress_health_check) + [HealthCheck.function_scoped_fixture]
+)
+
+# |out - oracle| <= multiple * |eager - oracle| + atol + rtol * |oracle|, elementwise.
+# fp16/bf16: the output is rounded once from an fp32 accumulator, so one ulp of
+# the dtype (rtol) covers it; fp32/fp64: the sums run in another order than the
+# reference's, a few hundred roundings at most.
+TOLERANCE = {
+    torch.float64: dict(multiple=2.0, atol=1e-12, rtol=1e-12),
+    torch.float32: dict(multiple=2.0, atol=1e-6, rtol=1e-5),
+    torch.float16: dict(multiple=2.0, atol=1e-6, rtol=2.0**-10),
+    torch.bfloat16: dict(multiple=2.0, atol=1e-6, rtol=2.0**-7),
+}
+
+# Sizes the hypothesis tests draw from. The Triton interpreter runs every
+# program instance in Python (milliseconds each): small grids there.
+SIZES = {"default": dict(B=8, T=300, C=50), "interpreted": dict(B=3, T=40, C=9)}
+
+
+def _sizes(backend, device):
+    interpreted = backend == "triton" and device.type == "cpu"
+    return SIZES["interpreted" if interpreted else "default"]
+
+
+def _dtypes(backend):
+    return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+# ---------------------------------------------------------------------------
+# Input generation
+
+
+def _values(gen, shape, kind, dtype):
+    if kind == "normal":
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    elif kind == "ties":  # integer-valued: many ties across the k-th place
+        x = torch.randint(-3, 4, shape, generator=gen).to(torch.float64)
+    else:  # "special": ties plus +-inf, NaN and -0.0 sprinkled in
+        x = torch.randint(-2, 3, shape, generator=gen).to(torch.float64)
+        u = torch.rand(shape, generator=gen)
+        x[u < 0.05] = float("inf")
+        x[(u >= 0.05) & (u < 0.1)] = -float("inf")
+        x[(u >= 0.1) & (u < 0.13)] = float("nan")
+        x[(u >= 0.13) & (u < 0.2)] = -0.0
+    return x.to(dtype)
+
+
+def _layout(x, layout):
+    """The same values as x [B, T, C], laid out contiguously, transposed or sliced."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "transposed":  # C-major storage: stride(1) == 1
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    # "sliced": every other element of a larger tensor, along T and C
+    B, T, C = x.shape
+    big = torch.zeros(B, 2 * T, 2 * C + 1, dtype=x.dtype, device=x.device)
+    big[:, ::2, 1::2] = x
+    return big[:, ::2, 1::2]
+
+
+@st.composite
+def _cases(draw, sizes, dtypes):
+    B = draw(st.integers(1, sizes["B"]))
+    T = draw(st.integers(1, sizes["T"]))
+    C = draw(st.integers(1, sizes["C"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["normal", "ties", "special"]))
+    dtype = draw(st.sampled_from(dtypes))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "sliced"]))
+    largest = draw(st.booleans())
+    if draw(st.booleans()):
+        lengths = torch.randint(1, T + 1, (B,), generator=gen)
+        lengths[draw(st.integers(0, B - 1))] = T  # one full-length video
+    else:
+        lengths = None
+    full = lengths if lengths is not None else torch.full((B,), T)
+    if draw(st.booleans()):
+        k = int(torch.randint(1, int(full.min()) + 1, (1,), generator=gen))
+    else:
+        k = (torch.rand(B, generator=gen) * full).long() + 1  # 1 <= k[b] <= lengths[b]
+    return dict(B=B, T=T, C=C, gen=gen, kind=kind, dtype=dtype, layout=layout, largest=largest, lengths=lengths, k=k)
+
+
+def _build(case, device):
+    x = _values(case["gen"], (case["B"], case["T"], case["C"]), case["kind"], case["dtype"])
+    scores = _layout(x.to(device), case["layout"])
+    lengths = case["lengths"].to(device) if case["lengths"] is not None else None
+    k = case["k"].to(device) if isinstance(case["k"], torch.Tensor) else case["k"]
+    return scores, k, lengths
+
+
+def _k_lengths(scores, k, lengths):
+    B, T, _ = scores.shape
+    lengths = torch.full((B,), T) if lengths is None else lengths.cpu()
+    k = torch.full((B,), k) if isinstance(k, int) else k.cpu()
+    return k, lengths
+
+
+def _assert_matches_oracle(out, scores, k, lengths, largest):
+    """out (any backend) against the fp64 oracle, relative to eager at scores' dtype."""
+    dtype = scores.dtype
+    k_cpu, lengths_cpu = _k_lengths(scores, k, lengths)
+    cpu = scores.detach().cpu()
+    oracle = topk_mil_pool_reference(cpu.double(), k_cpu, lengths_cpu, largest)
+    eager = topk_mil_pool_reference(cpu, k_cpu, lengths_cpu, largest).double()
+    got = out.detach().cpu()
+    assert got.dtype == dtype and got.shape == oracle.shape
+    got = got.double()
+    nan = oracle.isnan()
+    assert torch.equal(got.isnan(), nan), "NaN where the oracle has none, or the reverse"
+    inf = oracle.isinf()
+    assert torch.equal(got[inf], oracle[inf]), "infinities differ"
+    finite = ~(nan | inf)
+    assert got[finite].isfinite().all()
+    tol = TOLERANCE[dtype]
+    err = (got - oracle)[finite].abs()
+    bound = tol["multiple"] * (eager - oracle)[finite].abs() + tol["atol"] + tol["rtol"] * oracle[finite].abs()
+    worst = (err - bound).argmax() if err.numel() else None
+    assert (err <= bound).all(), f"error {err[worst]} > bound {bound[worst]} ({dtype})"
+
+
+def _expected_grad(scores, k, lengths, largest, grad_out):
+    """The gradient from the stable-sort selection: grad_out / k (rounded as autograd does) on each pick."""
+    k_cpu, lengths_cpu = _k_lengths(scores, k, lengths)
+    cpu = scores.detach().cpu()
+    acc = torch.float64 if cpu.dtype == torch.float64 else torch.float32
+    share = (grad_out.detach().cpu().to(acc) / k_cpu.to(acc)[:, None]).to(cpu.dtype)
+    expected = torch.zeros_like(cpu, memory_format=torch.contiguous_format)
+    for b in range(cpu.shape[0]):
+        L, kb = int(lengths_cpu[b]), int(k_cpu[b])
+        order = torch.sort(cpu[b, :L], dim=0, descending=largest, stable=True).indices[:kb]  # [kb, C]
+        expected[b].scatter_(0, order, share[b].expand(kb, -1))
+    return expected
+
+
+# ---------------------------------------------------------------------------
+# Forward and backward against the oracles
+
+
+@_WITH_FIXTURE
+@given(data=st.data())
+def test_forward_matches_reference(backend, data):
+    device = backend_device(backend)
+    case = data.draw(_cases(_sizes(backend, device), _dtypes(backend)))
+    scores, k, lengths = _build(case, device)
+    before = scores.clone()
+    out = mmsd_ext.topk_mil_pool(scores, k, lengths, largest=case["largest"], backend=backend)
+    assert out.device == scores.device
+    _assert_matches_oracle(out, scores, k, lengths, case["largest"])
+    assert torch.equal(scores.isnan(), before.isnan()) and torch.equal(scores.nan_to_num(), before.nan_to_num())
+
+
+@_WITH_FIXTURE
+@given(data=st.data())
+def test_backward_matches_stable_selection(backend, data):
+    device = backend_device(backend)
+    case = data.draw(_cases(_sizes(backend, device), _dtypes(backend)))
+    scores, k, lengths = _build(case, device)
+    scores.requires_grad_(True)
+    grad_out = _values(case["gen"], (case["B"], case["C"]), "normal", scores.dtype).to(device)
+    out = mmsd_ext.topk_mil_pool(scores, k, lengths, largest=case["largest"], backend=backend)
+    (grad,) = torch.autograd.grad(out, scores, grad_out)
+    expected = _expected_grad(scores, k, lengths, case["largest"], grad_out)
+    assert torch.equal(grad.cpu(), expected), "gradient differs from the stable-sort selection"
+    # Bitwise deterministic: a second run gives the same bits.
+    (again,) = torch.autograd.grad(
+        mmsd_ext.topk_mil_pool(scores, k, lengths, largest=case["largest"], backend=backend), scores, grad_out
+    )
+    assert torch.equal(grad, again)
+
+
+def test_reference_gradient_is_the_stable_selection():
+    # The oracle of the gradient tests, checked once against the reference's own autograd.
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("ties", "special"):
+        scores = _values(gen, (3, 17, 5), kind, torch.float32).requires_grad_(True)
+        k, lengths = torch.tensor([4, 1, 9]), torch.tensor([17, 3, 12])
+        for largest in (True, False):
+            g = torch.randn(3, 5, generator=gen)
+            (grad,) = torch.autograd.grad(topk_mil_pool_reference(scores, k, lengths, largest), scores, g)
+            assert torch.equal(grad, _expected_grad(scores, k, lengths, largest, g))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_equals_torch_topk_mean(backend, largest):
+    # The definition in the docstring, NaN ordering included, on a padded batch.
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(1)
+    scores = _values(gen, (3, 23, 6), "special", torch.float32).to(device)
+    lengths = torch.tensor([23, 10, 4], device=device)
+    k = torch.tensor([5, 10, 2], device=device)
+    out = mmsd_ext.topk_mil_pool(scores, k, lengths, largest=largest, backend=backend)
+    for b in range(3):
+        L = int(lengths[b])
+        want = torch.topk(scores[b, :L], int(k[b]), dim=0, largest=largest).values.mean(0)
+        torch.testing.assert_close(out[b], want, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+def test_retain_graph_second_backward_and_grad_output(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(2)
+    scores = _values(gen, (2, 19, 5), "ties", torch.float32).to(device).requires_grad_(True)
+    k = torch.tensor([3, 7], device=device)
+    out = mmsd_ext.topk_mil_pool(scores, k, backend=backend)
+    g = torch.randn(2, 5, generator=gen).to(device)
+    out.backward(g, retain_graph=True)
+    first = scores.grad.clone()
+    out.backward(g)
+    assert torch.equal(scores.grad, 2 * first)
+    assert torch.equal(first.cpu(), _expected_grad(scores, k, None, True, g))
+    # A non-leaf input and a loss through the output.
+    base = scores.detach().clone().requires_grad_(True)
+    loss = (mmsd_ext.topk_mil_pool(base * 2, k, backend=backend) ** 2).sum()
+    loss.backward()
+    ref_base = base.detach().cpu().clone().requires_grad_(True)
+    (topk_mil_pool_reference(ref_base * 2, k.cpu(), torch.tensor([19, 19]), True) ** 2).sum().backward()
+    torch.testing.assert_close(base.grad.cpu(), ref_base.grad)
+
+
+def test_no_grad_needed_for_scores(backend):
+    device = backend_device(backend)
+    scores = torch.randn(2, 9, 3, device=device)
+    out = mmsd_ext.topk_mil_pool(scores, 2, backend=backend)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 5, 0)])
+def test_empty_batch_or_classes(any_backend, shape):
+    device = backend_device(any_backend)
+    scores = torch.randn(shape, device=device, requires_grad=True)
+    out = mmsd_ext.topk_mil_pool(scores, 2, backend=any_backend)
+    assert out.shape == (shape[0], shape[2])
+    out.sum().backward()
+    assert scores.grad.shape == scores.shape and not scores.grad.any()
+
+
+def test_gradcheck_float64_cpu():
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not built")
+    gen = torch.Generator().manual_seed(3)
+    # Distinct values, far apart compared with gradcheck's perturbation.
+    scores = (torch.randperm(2 * 7 * 3, generator=gen).double() / 4).reshape(2, 7, 3).requires_grad_(True)
+    k, lengths = torch.tensor([2, 3]), torch.tensor([7, 5])
+    for largest in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda s: mmsd_ext.topk_mil_pool(s, k, lengths, largest=largest, backend="cpu"), (scores,)
+        )
+
+
+def test_triton_chunked_tiles(monkeypatch):
+    # Columns longer than one register tile take the looping path of the kernel.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext.kernels import topk_mil_pool as kernels
+
+    monkeypatch.setattr(kernels, "MAX_TILE_ELEMENTS", 64)
+    device = backend_device("triton")
+    gen = torch.Generator().manual_seed(4)
+    for kind, dtype, largest in [("special", torch.float32, True), ("ties", torch.float64, False)]:
+        scores = _values(gen, (2, 37, 5), kind, dtype).to(device).requires_grad_(True)
+        k, lengths = torch.tensor([5, 30], device=device), torch.tensor([37, 30], device=device)
+        out = mmsd_ext.topk_mil_pool(scores, k, lengths, largest=largest, backend="triton")
+        _assert_matches_oracle(out, scores, k, lengths, largest)
+        g = torch.randn(2, 5, generator=gen, dtype=dtype).to(device)
+        (grad,) = torch.autograd.grad(out, scores, g)
+        assert torch.equal(grad.cpu(), _expected_grad(scores, k, lengths, largest, g))
+
+
+# ---------------------------------------------------------------------------
+# Bad inputs: a clear error naming the argument, on every backend
+
+
+def _bad_calls(device):
+    """(args, kwargs, exception, argument named, checked only for CPU tensors)."""
+    x = torch.randn(2, 5, 3, device=device)
+    lengths = torch.tensor([5, 3], device=device)
+    return [
+        ((x, 0), {}, ValueError, "k", False),
+        ((x, 6), {}, ValueError, "k", False),
+        ((x, True), {}, TypeError, "k", False),
+        ((x, torch.tensor([1, 2, 3], device=device)), {}, ValueError, "k", False),  # shape [B] expected
+        ((x, torch.tensor([1.0, 2.0], device=device)), {}, TypeError, "k", False),
+        ((x, torch.tensor([1, 4], device=device), lengths), {}, ValueError, "k", True),  # k[1] > lengths[1]
+        ((x, torch.tensor([0, 1], device=device)), {}, ValueError, "k", True),
+        ((x, 2, torch.tensor([5], device=device)), {}, ValueError, "lengths", False),
+        ((x, 2, torch.tensor([5, 3], dtype=torch.int32, device=device)), {}, TypeError, "lengths", False),
+        ((x, 2, torch.tensor([0, 3], device=device)), {}, ValueError, "lengths", True),
+        ((x, 2, torch.tensor([6, 3], device=device)), {}, ValueError, "lengths", True),
+        ((x[0], 2), {}, ValueError, "scores", False),
+        ((torch.ones(2, 5, 3, dtype=torch.int64, device=device), 2), {}, TypeError, "scores", False),
+        ((x.tolist(), 2), {}, TypeError, "scores", False),
+        ((x, 2), {"largest": 1}, TypeError, "largest", False),
+    ]
+
+
+def test_bad_inputs_name_the_argument(any_backend):
+    device = backend_device(any_backend)
+    for args, kwargs, exc, name, host_only in _bad_calls(device):
+        if host_only and device.type == "cuda":
+            continue  # would need a host sync on CUDA: see test_cuda_out_of_range
+        with pytest.raises(exc, match=rf"^{name}:"):
+            mmsd_ext.topk_mil_pool(*args, backend=any_backend, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_tensors_on_different_devices():
+    x = torch.randn(2, 5, 3, device="cuda")
+    with pytest.raises(ValueError, match="^k:"):
+        mmsd_ext.topk_mil_pool(x, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="^lengths:"):
+        mmsd_ext.topk_mil_pool(x, 2, torch.tensor([5, 3]))
+
+
+def test_compiled_op_checks_its_arguments():
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not built")
+    op = torch.ops.mmsd_ext.topk_mil_pool
+    x = torch.randn(2, 5, 3)
+    k, lengths = torch.tensor([1, 2]), torch.tensor([5, 3])
+    cases = [
+        ((x[0], k, lengths, True), "scores"),
+        ((x.long(), k, lengths, True), "scores"),
+        ((x, k.int(), lengths, True), "k"),
+        ((x, k[:1], lengths, True), "k"),
+        ((x, torch.tensor([1, 4]), lengths, True), "k"),
+        ((x, k, torch.tensor([5, 0]), True), "lengths"),
+        ((x, k, torch.tensor([5, 9]), True), "lengths"),
+    ]
+    for args, name in cases:
+        with pytest.raises(RuntimeError, match=rf"{name}: expected"):
+            op(*args)
+    out, kth, cut = op(x, k, lengths, True)
+    backward = torch.ops.mmsd_ext._topk_mil_pool_backward
+    with pytest.raises(RuntimeError, match="grad_out: expected"):
+        backward(torch.ones(2, 4), x, k, lengths, kth, cut, True)
+    with pytest.raises(RuntimeError, match="cut: expected"):
+        backward(torch.ones(2, 3), x, k, lengths, kth, cut[:, :2], True)
+
+
+def _invalid_k_lengths(device):
+    # Video 0 is fine; video 1 has k > length, video 2 a length > T, video 3 k = 0.
+    scores = torch.randn(4, 6, 3, device=device, requires_grad=True)
+    k = torch.tensor([2, 5, 1, 0], device=device)
+    lengths = torch.tensor([6, 3, 7, 6], device=device)
+    return scores, k, lengths
+
+
+def test_triton_kernel_marks_out_of_range_videos():
+    # Called directly (the public function raises first on CPU tensors): the
+    # kernel's own guard, which is what CUDA tensors rely on.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    scores, k, lengths = _invalid_k_lengths(backend_device("triton"))
+    out = torch.ops.mmsd_ext.topk_mil_pool_triton(scores, k, lengths, True)[0]
+    _assert_out_of_range_marked(out, scores, k, lengths)
+
+
+def _assert_out_of_range_marked(out, scores, k, lengths):
+    assert out[1:].isnan().all()
+    torch.testing.assert_close(out[0], scores[0].topk(2, dim=0).values.mean(0))
+    (grad,) = torch.autograd.grad(out, scores, torch.ones_like(out))
+    assert not grad[1:].any()
+    assert torch.equal(grad[0].cpu(), _expected_grad(scores[:1], k[:1], lengths[:1], True, torch.ones(1, 3))[0])
+
+
+# ---------------------------------------------------------------------------
+# Dispatcher registration, torch.compile
+
+
+def test_opcheck_compiled_op():
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not built")
+    gen = torch.Generator().manual_seed(5)
+    for dtype, largest in [(torch.float32, True), (torch.float16, False), (torch.float64, True)]:
+        scores = _values(gen, (3, 11, 4), "ties", dtype).requires_grad_(True)
+        args = (scores, torch.tensor([1, 4, 11]), torch.tensor([5, 8, 11]), largest)
+        torch.library.opcheck(torch.ops.mmsd_ext.topk_mil_pool.default, args)
+        _, kth, cut = torch.ops.mmsd_ext.topk_mil_pool(*args)
+        grad_out = torch.randn(3, 4, generator=gen).to(dtype)
+        bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, largest)
+        torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_backward.default, bargs)
+
+
+def test_opcheck_triton_op():
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    device = backend_device("triton")
+    gen = torch.Generator().manual_seed(6)
+    scores = _values(gen, (2, 9, 3), "ties", torch.float32).to(device).requires_grad_(True)
+    args = (scores, torch.tensor([2, 5], device=device), torch.tensor([9, 6], device=device), False)
+    torch.library.opcheck(torch.ops.mmsd_ext.topk_mil_pool_triton.default, args)
+    _, kth, cut = torch.ops.mmsd_ext.topk_mil_pool_triton(*args)
+    grad_out = torch.randn(2, 3, generator=gen).to(device)
+    bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, False)
+    torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_triton_backward.default, bargs)
+
+
+def test_torch_compile_fullgraph_cpu():
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not built")
+    torch._dynamo.reset()
+
+    def pooled_loss(scores, k, lengths):
+        top = mmsd_ext.topk_mil_pool(scores, k, lengths, backend="cpu")
+        bottom = mmsd_ext.topk_mil_pool(scores, k, lengths, largest=False, backend="cpu")
+        return (bottom - top).sum()
+
+    compiled = torch.compile(pooled_loss, fullgraph=True)
+    gen = torch.Generator().manual_seed(7)
+    scores = _values(gen, (3, 20, 4), "ties", torch.float32).requires_grad_(True)
+    k, lengths = torch.tensor([2, 3, 1]), torch.tensor([20, 12, 5])
+    loss = compiled(scores, k, lengths)
+    (grad,) = torch.autograd.grad(loss, scores)
+    ref = scores.detach().clone().requires_grad_(True)
+    ref_loss = pooled_loss(ref, k, lengths)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref)
+    torch.testing.assert_close(loss, ref_loss)
+    assert torch.equal(grad, ref_grad)
+
+
+# ---------------------------------------------------------------------------
+# CUDA only (run on a GPU machine; skipped elsewhere)
+
+cuda_only = pytest.mark.skipif(
+    "cuda" not in mmsd_ext.available_backends(), reason="needs a CUDA device and the CUDA kernels"
+)
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_out_of_range(backend):
+    # No host sync to check k and lengths: such a video gets NaN and no gradient.
+    scores, k, lengths = _invalid_k_lengths(torch.device("cuda"))
+    out = mmsd_ext.topk_mil_pool(scores, k, lengths, backend=backend)
+    _assert_out_of_range_marked(out, scores, k, lengths)
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_no_host_sync(backend):
+    scores = torch.randn(4, 300, 21, device="cuda", requires_grad=True)
+    k = torch.tensor([30, 10, 1, 300], device="cuda")
+    lengths = torch.tensor([300, 80, 7, 300], device="cuda")
+    mmsd_ext.topk_mil_pool(scores, k, lengths, backend=backend)  # warm-up (Triton compiles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = mmsd_ext.topk_mil_pool(scores, k, lengths, backend=backend)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _assert_matches_oracle(out, scores, k, lengths, True)
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("T", [2304, 12000])
+def test_cuda_long_videos(backend, T):
+    # 12000 fp32 keys do not fit the CUDA kernel's shared-memory cache; both paths.
+    gen = torch.Generator().manual_seed(8)
+    for kind in ("normal", "ties"):
+        scores = _values(gen, (2, T, 5), kind, torch.float32).cuda().requires_grad_(True)
+        k = torch.tensor([T // 8, 3], device="cuda")
+        lengths = torch.tensor([T, T - 5], device="cuda")
+        out = mmsd_ext.topk_mil_pool(scores, k, lengths, backend=backend)
+        _assert_matches_oracle(out, scores, k, lengths, True)
+        g = torch.randn(2, 5, generator=gen).cuda()
+        (grad,) = torch.autograd.grad(out, scores, g)
+        assert torch.equal(grad.cpu(), _expected_grad(scores, k, lengths, True, g))
+
+
+@cuda_only
+def test_gradcheck_float64_cuda():
+    gen = torch.Generator().manual_seed(9)
+    scores = (torch.randperm(2 * 7 * 3, generator=gen).double() / 4).reshape(2, 7, 3).cuda().requires_grad_(True)
+    k, lengths = torch.tensor([2, 3], device="cuda"), torch.tensor([7, 5], device="cuda")
+    for backend in ("cuda", "triton"):
+        assert torch.autograd.gradcheck(
+            lambda s: mmsd_ext.topk_mil_pool(s, k, lengths, backend=backend), (scores,)
+        )
+
+
+@cuda_only
+def test_opcheck_cuda():
+    gen = torch.Generator().manual_seed(10)
+    scores = _values(gen, (3, 11, 4), "ties", torch.float32).cuda().requires_grad_(True)
+    args = (scores, torch.tensor([1, 4, 11], device="cuda"), torch.tensor([5, 8, 11], device="cuda"), True)
+    torch.library.opcheck(torch.ops.mmsd_ext.topk_mil_pool.default, args)
+    torch.library.opcheck(torch.ops.mmsd_ext.topk_mil_pool_triton.default, args)
+
+
+# ---------------------------------------------------------------------------
+# mil_k
+
+
+@given(
+    lengths=st.lists(st.integers(1, 5000), min_size=0, max_size=10),
+    ratio=st.sampled_from([1.0, 3.0, 8.0, 8.5, 16.0]),
+    min_k=st.integers(1, 5),
+)
+def test_mil_k_rules(lengths, ratio, min_k):
+    t = torch.tensor(lengths, dtype=torch.int64)
+    floor = mmsd_ext.mil_k(t, ratio, rule="floor", min_k=min_k)
+    ceil = mmsd_ext.mil_k(t, ratio, rule="ceil", min_k=min_k)
+    assert floor.dtype == torch.int64 and floor.shape == t.shape
+    for L, f, c in zip(lengths, floor.tolist(), ceil.tolist()):
+        assert f == min(L, max(min_k, int(L // ratio)))
+        assert c == min(L, max(min_k, -int(-L // ratio)))
+        assert 1 <= f <= c <= L
+    if lengths:
+        assert mmsd_ext.mil_k(lengths[0], ratio, rule="floor", min_k=min_k) == floor.tolist()[0]
+
+
+def test_mil_k_mmsd_default_and_a_valid_k():
+    lengths = torch.tensor([750, 400, 7, 1])
+    k = mmsd_ext.mil_k(lengths)
+    assert k.tolist() == [93, 50, 1, 1]
+    assert mmsd_ext.mil_k(lengths, rule="ceil").tolist() == [94, 50, 1, 1]
+    scores = torch.randn(4, 750, 3)
+    mmsd_ext.topk_mil_pool(scores, k, lengths)  # always accepted
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    [
+        (dict(lengths=torch.tensor([5]), ratio=0), ValueError, "ratio"),
+        (dict(lengths=torch.tensor([5]), ratio="8"), TypeError, "ratio"),
+        (dict(lengths=torch.tensor([5]), rule="round"), ValueError, "rule"),
+        (dict(lengths=torch.tensor([5]), min_k=0), ValueError, "min_k"),
+        (dict(lengths=torch.tensor([5, 0])), ValueError, "lengths"),
+        (dict(lengths=0), ValueError, "lengths"),
+        (dict(lengths=torch.tensor([5.0])), TypeError, "lengths"),
+    ],
+)
+def test_mil_k_bad_inputs(kwargs, exc, name):
+    with pytest.raises(exc, match=rf"^{name}"):
+        mmsd_ext.mil_k(**kwargs)
+
+
+def test_every_backend_is_registered():
+    assert set(mil._IMPLS_SUPPORTED) == set(mmsd_ext.BACKENDS) == set(mil._IMPLS)
+    assert sorted(mil._GPU_ORDER) == ["cuda", "triton"]
