@@ -1,10 +1,18 @@
-"""Temporal (1-D) non-maximum suppression: ``temporal_nms`` and ``soft_temporal_nms``."""
+"""Temporal (1-D) non-maximum suppression: ``temporal_nms`` and ``soft_temporal_nms``.
+
+Backends: ``reference`` (plain Python loops, the oracle), ``cpu`` (C++,
+csrc/cpu/*nms*_kernel.cpp), ``cuda`` (csrc/cuda/*nms*_kernel.cu) and ``triton``
+(kernels/temporal_nms.py). Overlaps are computed in float64 on every backend, in
+the operation order of ``_overlap_reference``, so all of them take the same
+keep/suppress decisions, also for overlaps exactly at the threshold.
+"""
 
 import math
+from typing import Optional
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _loader
 
 OVERLAPS = ("iou", "other")
 SOFT_METHODS = ("gaussian", "linear")
@@ -18,9 +26,9 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     more than ``iou_threshold``.
 
     Args:
-        segments: [M, 2] float32/float64 (start, end) with end >= start.
+        segments: [M, 2] float32/float64 (start, end), finite, with end >= start.
         scores: [M] floating scores. NaN scores rank below every number (they
-            are visited last, among themselves by index).
+            are visited last, among themselves by index); +-inf rank as usual.
         iou_threshold: overlap above which a segment is suppressed (>= 0).
         groups: optional int64 [M]; segments only suppress others of their group
             (e.g. ``video * num_classes + class``). Default: one group.
@@ -28,19 +36,38 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
             the length of the lower-scored candidate, MMSD's NMS).
         offset: lengths are ``end - start + offset`` and the intersection
             ``max(0, min(ends) - max(starts) + offset)``; 1 is the inclusive
-            snippet convention of MMSD and BaS-Net.
-        backend: "reference", "cpu", "cuda", "triton" or None (auto).
+            snippet convention of MMSD and BaS-Net. A zero length gives overlap 0.
+        backend: "reference", "cpu", "cuda", "triton" or None (auto). "triton"
+            computes the suppression tiles in Triton and gathers them with the
+            compiled op, so it needs the compiled extension too.
 
     Returns:
         int64 tensor of kept indices, in descending score order (ties: lower index first).
         With overlap="iou", offset=0 it equals ``torchvision.ops.batched_nms`` on
-        boxes (start, 0, end, 1).
+        boxes (start, 0, end, 1). Not differentiable.
+
+    Raises:
+        TypeError / ValueError naming the argument: wrong dtype or shape, tensors on
+        different devices, negative ``iou_threshold`` or ``offset``, an unknown
+        ``overlap``, and segments with end < start or non-finite coordinates (on
+        CUDA tensors this check rides on the op's one read of its result size).
+
+    Cost: cpu, O(M log M) plus, per candidate, the kept segments whose start lies
+    within reach of it; cuda/triton, a suppression mask of G^2 / 8 bytes for a group
+    of G segments (1.25 GB at G = 1e5) and one read of the result size to the host.
+
+    Example::
+
+        >>> segments = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0]])
+        >>> scores = torch.tensor([0.9, 0.8, 0.7])
+        >>> mmsd_ext.temporal_nms(segments, scores, 0.5)
+        tensor([0, 2])
     """
     segments, scores, groups = _check_nms_args(segments, scores, groups, offset)
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
-    name = _backend.resolve("temporal_nms", backend, segments.device, supported=_HARD_SUPPORTED)
+    name = _backend.resolve("temporal_nms", backend, segments.device, supported=_HARD_SUPPORTED, gpu_order=_GPU_ORDER)
     return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, float(offset))
 
 
@@ -54,9 +81,28 @@ def soft_temporal_nms(
     "gaussian": ``s <- s * exp(-iou**2 / sigma)``; "linear": ``s <- s * (1 - iou)``
     where ``iou > iou_threshold``. A segment whose score is below ``min_score``
     (initially or after a decay) is dropped. IoU as in ``temporal_nms``, with ``offset``.
+    Scores are carried in float64.
+
+    NaN scores are dropped (a NaN is not >= min_score), also a NaN made by a decay
+    (an infinite score times a zero factor).
+
+    Args:
+        segments, scores, groups, offset, backend: as in ``temporal_nms``.
+        method: "gaussian" or "linear".
+        sigma: gaussian width (> 0).
+        iou_threshold: linear decay applies where IoU > iou_threshold (>= 0).
+        min_score: drop threshold (a number, -inf keeps everything but NaN).
 
     Returns:
-        (indices, scores): int64 indices in selection order and their scores at selection.
+        (indices, scores): int64 indices in selection order and their scores at
+        selection (in the dtype of ``scores``). Not differentiable.
+
+    Example::
+
+        >>> segments = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0]])
+        >>> idx, val = mmsd_ext.soft_temporal_nms(segments, torch.tensor([0.9, 0.8, 0.7]))
+        >>> idx
+        tensor([0, 2, 1])
     """
     segments, scores, groups = _check_nms_args(segments, scores, groups, offset)
     if method not in SOFT_METHODS:
@@ -65,7 +111,7 @@ def soft_temporal_nms(
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or math.isnan(min_score):
         raise TypeError(f"min_score: expected a number, got {min_score!r}")
-    name = _backend.resolve("soft_temporal_nms", backend, segments.device, supported=_SOFT_SUPPORTED)
+    name = _backend.resolve("soft_temporal_nms", backend, segments.device, supported=_SOFT_SUPPORTED, gpu_order=_GPU_ORDER)
     return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, float(min_score), groups, float(offset))
 
 
@@ -78,6 +124,7 @@ def _non_negative(name, value):
 
 
 def _check_nms_args(segments, scores, groups, offset):
+    """Dtype, shape and device checks (no look at the values, so no sync and no graph break)."""
     _checks.floating("segments", segments, (torch.float32, torch.float64))
     _checks.rank("segments", segments, 2, "[M, 2]")
     if segments.shape[1] != 2:
@@ -90,17 +137,29 @@ def _check_nms_args(segments, scores, groups, offset):
         _checks.int64("groups", groups)
         if groups.shape != (M,):
             raise ValueError(f"groups: expected shape [M] = [{M}], got {tuple(groups.shape)}")
+        groups = groups.detach()
     _checks.same_device("segments", segments, scores=scores, groups=groups)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset) or offset < 0:
         raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
-    if segments.device.type == "cpu" and M > 0:
-        if bool(torch.isnan(segments).any()):
-            raise ValueError("segments: NaN coordinates")
-        bad = segments[:, 1] < segments[:, 0]
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"segments: expected end >= start, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
-    return segments, scores, groups
+    return segments.detach(), scores.detach(), groups
+
+
+def _check_segment_values(segments):
+    """Finite coordinates with end >= start; the reference's check (the kernels check in C++)."""
+    if segments.shape[0] == 0:
+        return
+    finite = torch.isfinite(segments).all(dim=1)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0, 0])
+        raise ValueError(f"segments: expected finite coordinates, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
+    bad = segments[:, 1] < segments[:, 0]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"segments: expected end >= start, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
+
+
+# ----------------------------------------------------------------------------
+# reference
 
 
 def _visit_order(scores):
@@ -122,6 +181,7 @@ def _overlap_reference(a, b, mode, offset):
 
 def temporal_nms_reference(segments, scores, iou_threshold, groups, overlap, offset):
     """Plain Python loops over the visit order."""
+    _check_segment_values(segments)
     segs = segments.detach().to(torch.float64).cpu().tolist()
     grp = [0] * len(segs) if groups is None else groups.cpu().tolist()
     kept = []
@@ -133,10 +193,11 @@ def temporal_nms_reference(segments, scores, iou_threshold, groups, overlap, off
 
 def soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, min_score, groups, offset):
     """Plain Python loops: select the best live segment, decay its group, repeat."""
+    _check_segment_values(segments)
     segs = segments.detach().to(torch.float64).cpu().tolist()
     grp = [0] * len(segs) if groups is None else groups.cpu().tolist()
     current = scores.detach().to(torch.float64).cpu().tolist()
-    live = [i for i in range(len(segs)) if not (current[i] < min_score) and not math.isnan(current[i])]
+    live = [i for i in range(len(segs)) if current[i] >= min_score]  # NaN is dropped
     chosen, chosen_scores = [], []
     while live:
         best = min(live, key=lambda i: (-current[i], i))
@@ -151,16 +212,199 @@ def soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, 
                     current[i] *= math.exp(-(iou * iou) / sigma)
                 elif iou > iou_threshold:
                     current[i] *= 1.0 - iou
-            if not current[i] < min_score:
+            if current[i] >= min_score:
                 survivors.append(i)
         live = survivors
     return (
         torch.tensor(chosen, dtype=torch.int64, device=segments.device),
-        torch.tensor(chosen_scores, dtype=scores.dtype, device=segments.device),
+        torch.tensor(chosen_scores, dtype=torch.float64).to(device=segments.device, dtype=scores.dtype),
     )
 
 
-_HARD_IMPLS = {"reference": temporal_nms_reference}
-_HARD_SUPPORTED = ("reference",)
-_SOFT_IMPLS = {"reference": soft_temporal_nms_reference}
-_SOFT_SUPPORTED = ("reference",)
+# ----------------------------------------------------------------------------
+# cpu and cuda: the compiled ops (the device picks the kernel)
+
+
+def _temporal_nms_compiled(segments, scores, iou_threshold, groups, overlap, offset):
+    return torch.ops.mmsd_ext.temporal_nms(segments, scores, groups, iou_threshold, overlap, offset)
+
+
+def _soft_temporal_nms_compiled(segments, scores, method, sigma, iou_threshold, min_score, groups, offset):
+    return torch.ops.mmsd_ext.soft_temporal_nms(segments, scores, groups, method, sigma, iou_threshold, min_score, offset)
+
+
+# ----------------------------------------------------------------------------
+# triton: the same algorithm as the CUDA kernels, with the host steps in PyTorch.
+
+# Up to this many segments the mask band is the full triangle, so the largest group
+# need not be read to the host (8 MiB of mask); same constant as the CUDA kernel.
+_DENSE_MASK_MAX_SEGMENTS = 8192
+_TILE = 64
+
+
+def _group_bounds(sorted_groups, n, device):
+    """(is_start, end_of) of non-decreasing group ids: see csrc/cuda/nms_cuda_common.cuh."""
+    pos = torch.arange(n, device=device)
+    if sorted_groups is None:
+        is_start = pos == 0
+    else:
+        is_start = torch.ones(n, dtype=torch.bool, device=device)
+        is_start[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    start_pos = torch.where(is_start, pos, n)
+    shifted = torch.full((n,), n, dtype=torch.int64, device=device)
+    shifted[:-1] = start_pos[1:]
+    end_of = torch.cummin(shifted.flip(0), 0).values.flip(0).contiguous()
+    return is_start, end_of
+
+
+def _first_bad_segment(seg):
+    ok = torch.isfinite(seg).all(dim=1) & (seg[:, 1] >= seg[:, 0])
+    pos = torch.arange(seg.shape[0], device=seg.device)
+    return torch.where(ok, seg.shape[0], pos).min()
+
+
+def _read_count_and_check(count, first_bad, seg):
+    """The one read to the host: the result size, and whether a segment was invalid."""
+    count, bad = torch.stack([count.to(torch.int64), first_bad]).tolist()
+    if bad < seg.shape[0]:
+        s, e = seg[bad].tolist()
+        raise ValueError(f"segments: expected finite coordinates with end >= start, got segment {bad} = ({s}, {e})")
+    return count
+
+
+def _gather_available():
+    if not _loader.compiled_available():
+        raise RuntimeError(
+            "backend='triton': temporal_nms computes its suppression mask in Triton but gathers it with the "
+            f"compiled op mmsd_ext::_temporal_nms_gather, and the extension is not loaded: {_loader.LOAD_ERROR}"
+        )
+
+
+@torch.library.custom_op("mmsd_ext::temporal_nms_triton", mutates_args=())
+def _temporal_nms_triton_op(
+    segments: torch.Tensor, scores: torch.Tensor, groups: Optional[torch.Tensor], iou_threshold: float, overlap: str, offset: float
+) -> torch.Tensor:
+    from .kernels import temporal_nms as kernels
+
+    n = segments.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=segments.device)
+    _gather_available()
+    seg = segments.to(torch.float64).contiguous()
+    first_bad = _first_bad_segment(seg)
+    perm = torch.sort(-scores.to(torch.float64), stable=True).indices  # NaN sorts last
+    gperm, sorted_groups = perm, None
+    if groups is not None:
+        g_visit = groups[perm]
+        by_group = torch.sort(g_visit, stable=True).indices
+        gperm, sorted_groups = perm[by_group], g_visit[by_group].contiguous()
+    tiles = -(-n // _TILE)
+    width = tiles
+    if sorted_groups is not None and n > _DENSE_MASK_MAX_SEGMENTS:
+        is_start, end_of = _group_bounds(sorted_groups, n, seg.device)
+        largest = int(torch.where(is_start, end_of - torch.arange(n, device=seg.device), 0).max())
+        width = min(tiles, -(-largest // _TILE) + 1)
+    mask = kernels.temporal_nms_mask(seg[gperm].contiguous(), sorted_groups, iou_threshold, OVERLAPS.index(overlap), offset, width)
+    keep_sorted = torch.ops.mmsd_ext._temporal_nms_gather(mask, sorted_groups)
+    keep_visit = torch.zeros(n, dtype=torch.bool, device=seg.device).index_copy_(0, gperm, keep_sorted)[perm]
+    count = _read_count_and_check(keep_visit.sum(), first_bad, seg)
+    return perm[torch.nonzero_static(keep_visit, size=count).squeeze(1)]
+
+
+@torch.library.custom_op("mmsd_ext::soft_temporal_nms_triton", mutates_args=())
+def _soft_temporal_nms_triton_op(
+    segments: torch.Tensor,
+    scores: torch.Tensor,
+    groups: Optional[torch.Tensor],
+    method: str,
+    sigma: float,
+    iou_threshold: float,
+    min_score: float,
+    offset: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kernels import temporal_nms as kernels
+
+    n = segments.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=segments.device), torch.empty(0, dtype=scores.dtype, device=scores.device)
+    seg = segments.to(torch.float64).contiguous()
+    first_bad = _first_bad_segment(seg)
+    order, sorted_groups = torch.arange(n, device=seg.device), None
+    if groups is not None:
+        order = torch.sort(groups, stable=True).indices
+        sorted_groups = groups[order].contiguous()
+    is_start, end_of = _group_bounds(sorted_groups, n, seg.device)
+    cur = scores.to(torch.float64)[order].contiguous()
+    alive = (cur >= min_score).to(torch.int8)
+    out_index, out_score, run_score, run_index, count = kernels.soft_temporal_nms_select(
+        seg[order].contiguous(), order, cur, alive, is_start.to(torch.int8), end_of, method == "gaussian", sigma, iou_threshold, min_score, offset
+    )
+    # Slot p holds a selection iff p - gs < count[gs] for its group start gs; then
+    # stable sorts, least significant key first: run index asc, run score desc, empty slots last.
+    pos = torch.arange(n, device=seg.device)
+    start_of = torch.cummax(torch.where(is_start, pos, 0), 0).values
+    valid = (pos - start_of) < count[start_of]
+    perm = torch.sort(run_index, stable=True).indices
+    perm = perm[torch.sort(-run_score[perm], stable=True).indices]
+    perm = perm[torch.sort((~valid[perm]).to(torch.uint8), stable=True).indices]
+    total = _read_count_and_check(valid.sum(), first_bad, seg)
+    chosen = perm[:total]
+    return out_index[chosen], out_score[chosen].to(scores.dtype)
+
+
+@_temporal_nms_triton_op.register_fake
+def _(segments, scores, groups, iou_threshold, overlap, offset):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return segments.new_empty((k,), dtype=torch.int64)
+
+
+@_soft_temporal_nms_triton_op.register_fake
+def _(segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
+    k = torch.library.get_ctx().new_dynamic_size()
+    return segments.new_empty((k,), dtype=torch.int64), scores.new_empty((k,))
+
+
+def _temporal_nms_triton(segments, scores, iou_threshold, groups, overlap, offset):
+    return _temporal_nms_triton_op(segments, scores, groups, iou_threshold, overlap, offset)
+
+
+def _soft_temporal_nms_triton(segments, scores, method, sigma, iou_threshold, min_score, groups, offset):
+    return _soft_temporal_nms_triton_op(segments, scores, groups, method, sigma, iou_threshold, min_score, offset)
+
+
+# Fake kernels of the compiled ops, registered only when they exist (so that a
+# missing extension never breaks the import). The result size depends on the data.
+if _loader.compiled_available():
+
+    @torch.library.register_fake("mmsd_ext::temporal_nms")
+    def _(segments, scores, groups, iou_threshold, overlap, offset):
+        k = torch.library.get_ctx().new_dynamic_size()
+        return segments.new_empty((k,), dtype=torch.int64)
+
+    @torch.library.register_fake("mmsd_ext::soft_temporal_nms")
+    def _(segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
+        k = torch.library.get_ctx().new_dynamic_size()
+        return segments.new_empty((k,), dtype=torch.int64), scores.new_empty((k,))
+
+    @torch.library.register_fake("mmsd_ext::_temporal_nms_gather")
+    def _(mask, sorted_groups):
+        return mask.new_empty((mask.shape[0],), dtype=torch.bool)
+
+
+_HARD_IMPLS = {
+    "reference": temporal_nms_reference,
+    "cpu": _temporal_nms_compiled,
+    "cuda": _temporal_nms_compiled,
+    "triton": _temporal_nms_triton,
+}
+_HARD_SUPPORTED = ("reference", "cpu", "cuda", "triton")
+_SOFT_IMPLS = {
+    "reference": soft_temporal_nms_reference,
+    "cpu": _soft_temporal_nms_compiled,
+    "cuda": _soft_temporal_nms_compiled,
+    "triton": _soft_temporal_nms_triton,
+}
+_SOFT_SUPPORTED = ("reference", "cpu", "cuda", "triton")
+# Fastest GPU backend first. Not yet measured on a GPU: "cuda" first (its gather and
+# mask kernels are the same algorithm; the C++ host path has less overhead).
+_GPU_ORDER = ("cuda", "triton")

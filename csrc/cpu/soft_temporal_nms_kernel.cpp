@@ -1,0 +1,268 @@
+// CPU kernel of soft_temporal_nms.
+//
+// Per group (groups in parallel with at::parallel_for):
+// - the live segments (score >= min_score) sit in an indexed binary max-heap keyed
+//   by (current score desc, index asc), so each selection is O(log G);
+// - a decay changes only segments that overlap the selected one (IoU 0 gives the
+//   gaussian factor exp(-0) = 1 exactly, and never passes the linear threshold),
+//   so, as in temporal_nms, only segments whose start lies in
+//   [start - offset - maxlen, end + offset] of the selected one are visited, found
+//   by binary search in the group's starts; a decayed segment moves in the heap,
+//   or leaves it when its score falls below min_score.
+//
+// Global order. The reference selects the best live segment over all groups, and
+// a decay touches only its own group, so the result is the merge of the per-group
+// sequences that always takes the best head. A group's sequence splits into runs:
+// each run starts at an element ranked below every earlier one of its group (a new
+// running minimum of (score desc, index asc)) and goes on with elements ranked
+// above that start. Once a run's start is the best head, the rest of its run is
+// better than every other head, so runs come out whole, in the order of their
+// starts. Sorting the selections by (run start score desc, run start index asc,
+// step) therefore reproduces the merge. With non-negative scores every run has one
+// element (decays only lower scores); negative scores rise under decay and make
+// longer runs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#include "nms_checks.h"
+#include "nms_math.h"
+
+namespace mmsd_ext {
+namespace nms {
+namespace {
+
+// One selection: original index, score at selection, its run key, step in group.
+struct Selection {
+  int64_t index;
+  double score;
+  double run_score;
+  int64_t run_index;
+  int64_t step;
+};
+
+bool merge_before(const Selection& a, const Selection& b) {
+  if (a.run_score != b.run_score) return a.run_score > b.run_score;
+  if (a.run_index != b.run_index) return a.run_index < b.run_index;
+  return a.step < b.step;
+}
+
+// Indexed binary max-heap over local ids 0..n-1 keyed by (cur desc, index asc).
+class LiveHeap {
+ public:
+  LiveHeap(const double* cur, const int64_t* index) : cur_(cur), index_(index) {}
+
+  void reset(int64_t n) {
+    heap_.resize(n);
+    pos_.assign(n, -1);
+    std::iota(heap_.begin(), heap_.end(), int64_t{0});
+    for (int64_t p = 0; p < n; ++p) pos_[p] = p;
+    for (int64_t p = n / 2 - 1; p >= 0; --p) down(p);
+  }
+  bool empty() const { return heap_.empty(); }
+  int64_t top() const { return heap_[0]; }
+  void remove(int64_t id) {
+    const int64_t p = pos_[id];
+    const int64_t last = heap_.back();
+    heap_.pop_back();
+    pos_[id] = -1;
+    if (last == id) return;
+    heap_[p] = last;
+    pos_[last] = p;
+    update(last);
+  }
+  // Restores the heap after cur[id] changed.
+  void update(int64_t id) {
+    const int64_t p = pos_[id];
+    if (up(p) == p) down(p);
+  }
+
+ private:
+  bool better(int64_t a, int64_t b) const {
+    if (cur_[a] != cur_[b]) return cur_[a] > cur_[b];
+    return index_[a] < index_[b];
+  }
+  void place(int64_t p, int64_t id) {
+    heap_[p] = id;
+    pos_[id] = p;
+  }
+  int64_t up(int64_t p) {
+    const int64_t id = heap_[p];
+    while (p > 0) {
+      const int64_t parent = (p - 1) / 2;
+      if (!better(id, heap_[parent])) break;
+      place(p, heap_[parent]);
+      p = parent;
+    }
+    place(p, id);
+    return p;
+  }
+  void down(int64_t p) {
+    const int64_t id = heap_[p];
+    const int64_t n = static_cast<int64_t>(heap_.size());
+    while (true) {
+      int64_t child = 2 * p + 1;
+      if (child >= n) break;
+      if (child + 1 < n && better(heap_[child + 1], heap_[child])) ++child;
+      if (!better(heap_[child], id)) break;
+      place(p, heap_[child]);
+      p = child;
+    }
+    place(p, id);
+  }
+
+  const double* cur_;
+  const int64_t* index_;
+  std::vector<int64_t> heap_;
+  std::vector<int64_t> pos_;
+};
+
+struct SoftParams {
+  bool gaussian;
+  double sigma, threshold, min_score, offset;
+};
+
+// Soft-NMS of one group; appends its selections in its own selection order.
+void soft_one_group(const int64_t* members, int64_t size, const double* seg, const double* score, const SoftParams& p,
+                    std::vector<Selection>& out) {
+  // Local ids ranked by start; only the initially live segments take part.
+  std::vector<std::pair<double, int64_t>> by_start;
+  by_start.reserve(size);
+  for (int64_t k = 0; k < size; ++k) {
+    const int64_t i = members[k];
+    if (score[i] >= p.min_score) by_start.push_back({seg[2 * i], i});  // NaN fails: dropped
+  }
+  std::sort(by_start.begin(), by_start.end());
+  const int64_t n = static_cast<int64_t>(by_start.size());
+  if (n == 0) return;
+  std::vector<double> start(n), end(n), cur(n);
+  std::vector<int64_t> index(n);
+  double maxlen = 0.0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t i = by_start[r].second;
+    index[r] = i;
+    start[r] = seg[2 * i];
+    end[r] = seg[2 * i + 1];
+    cur[r] = score[i];
+    maxlen = std::max(maxlen, end[r] - start[r]);
+  }
+  LiveHeap heap(cur.data(), index.data());
+  heap.reset(n);
+  std::vector<uint64_t> live(ceil_div(n, 64), ~uint64_t{0});  // bits past n are never in a window
+  double run_score = 0.0;
+  int64_t run_index = -1;
+  int64_t step = 0;
+  while (!heap.empty()) {
+    const int64_t b = heap.top();
+    heap.remove(b);
+    live[b >> 6] &= ~(uint64_t{1} << (b & 63));
+    if (run_index < 0 || cur[b] < run_score || (cur[b] == run_score && index[b] > run_index)) {
+      run_score = cur[b];
+      run_index = index[b];
+    }
+    out.push_back({index[b], cur[b], run_score, run_index, step++});
+    const double bs = start[b], be = end[b];
+    const double slack = 1e-12 * (std::fabs(bs) + std::fabs(be) + p.offset + maxlen) + 1e-300;
+    const int64_t r0 = std::lower_bound(start.begin(), start.end(), bs - p.offset - maxlen - slack) - start.begin();
+    const int64_t r1 = std::upper_bound(start.begin(), start.end(), be + p.offset + slack) - start.begin();
+    // Live ranks of the window, by their bits (a dead rank costs nothing).
+    for (int64_t w = r0 >> 6; r0 < r1 && w <= (r1 - 1) >> 6; ++w) {
+      uint64_t bits = live[w];
+      if (w == (r0 >> 6)) bits &= ~uint64_t{0} << (r0 & 63);
+      if (w == ((r1 - 1) >> 6) && (r1 & 63) != 0) bits &= ~uint64_t{0} >> (64 - (r1 & 63));
+      for (; bits; bits &= bits - 1) {
+        const int64_t r = (w << 6) + __builtin_ctzll(bits);
+        const double iou = segment_overlap(bs, be, start[r], end[r], kIoU, p.offset);
+        if (iou == 0.0) continue;  // factor exactly 1 (gaussian), or no decay (linear)
+        if (p.gaussian) {
+          cur[r] *= std::exp(-(iou * iou) / p.sigma);
+        } else if (iou > p.threshold) {
+          cur[r] *= 1.0 - iou;
+        } else {
+          continue;
+        }
+        if (cur[r] >= p.min_score) {
+          heap.update(r);
+        } else {
+          heap.remove(r);  // below min_score, or NaN (an infinite score decayed by 0)
+          live[w] &= ~(uint64_t{1} << (r & 63));
+        }
+      }
+    }
+  }
+}
+
+// Segments per parallel task (see temporal_nms_kernel.cpp).
+constexpr int64_t kSegmentsPerTask = 4096;
+
+std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cpu(const at::Tensor& segments, const at::Tensor& scores,
+                                                         const c10::optional<at::Tensor>& groups,
+                                                         c10::string_view method, double sigma, double iou_threshold,
+                                                         double min_score, double offset) {
+  check_nms_inputs(segments, scores, groups, offset);
+  TORCH_CHECK_VALUE(method == "gaussian" || method == "linear", "method: expected one of gaussian, linear, got '",
+                    std::string(method), "'");
+  TORCH_CHECK_VALUE(sigma > 0, "sigma: expected a number > 0, got ", sigma);
+  check_threshold("iou_threshold", iou_threshold);
+  TORCH_CHECK_VALUE(!std::isnan(min_score), "min_score: expected a number, got nan");
+  TORCH_CHECK_VALUE(segments.device().is_cpu(), "segments: expected a CPU tensor, got ", segments.device());
+  const int64_t n = segments.size(0);
+  const SoftParams p{method == "gaussian", sigma, iou_threshold, min_score, offset};
+
+  const at::Tensor seg_t = segments.to(at::kDouble).contiguous();
+  const at::Tensor score_t = scores.to(at::kDouble).contiguous();
+  const double* seg = seg_t.data_ptr<double>();
+  const double* score = score_t.data_ptr<double>();
+  check_segment_values(seg, n);
+
+  // Members of each group, contiguous and in index order.
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::vector<int64_t> starts = {0};
+  if (groups.has_value() && n > 0) {
+    const at::Tensor g_t = groups->contiguous();
+    const int64_t* g = g_t.data_ptr<int64_t>();
+    std::stable_sort(order.begin(), order.end(), [g](int64_t a, int64_t b) { return g[a] < g[b]; });
+    for (int64_t k = 1; k < n; ++k) {
+      if (g[order[k]] != g[order[k - 1]]) starts.push_back(k);
+    }
+  }
+  starts.push_back(n);
+  const int64_t num_groups = n == 0 ? 0 : static_cast<int64_t>(starts.size()) - 1;
+
+  std::vector<std::vector<Selection>> per_group(num_groups);
+  const int64_t grain = n == 0 ? 1 : std::max<int64_t>(1, kSegmentsPerTask * num_groups / n);
+  at::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      soft_one_group(order.data() + starts[k], starts[k + 1] - starts[k], seg, score, p, per_group[k]);
+    }
+  });
+  std::vector<Selection> all;
+  for (auto& v : per_group) all.insert(all.end(), v.begin(), v.end());
+  if (num_groups > 1) std::sort(all.begin(), all.end(), merge_before);
+
+  const int64_t k = static_cast<int64_t>(all.size());
+  at::Tensor idx = at::empty({k}, segments.options().dtype(at::kLong));
+  at::Tensor val = at::empty({k}, segments.options().dtype(at::kDouble));
+  int64_t* ip = idx.data_ptr<int64_t>();
+  double* vp = val.data_ptr<double>();
+  for (int64_t j = 0; j < k; ++j) {
+    ip[j] = all[j].index;
+    vp[j] = all[j].score;
+  }
+  return {idx, val.to(scores.scalar_type())};
+}
+
+}  // namespace
+}  // namespace nms
+}  // namespace mmsd_ext
+
+TORCH_LIBRARY_IMPL(mmsd_ext, CPU, m) {
+  m.impl("soft_temporal_nms", &mmsd_ext::nms::soft_temporal_nms_cpu);
+}

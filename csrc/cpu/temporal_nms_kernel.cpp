@@ -1,0 +1,375 @@
+// CPU kernels of temporal_nms and of _temporal_nms_gather.
+//
+// temporal_nms exploits the 1-D structure instead of comparing all pairs. Per
+// group, the segments are ranked by start, and the kept ones are a bitset over
+// those ranks. A kept segment a can overlap candidate c (intersection > 0, which
+// any overlap > threshold >= 0 needs) only if
+//     start_a <= end_c + offset   and   end_a > start_c - offset,
+// and end_a <= start_a + maxlen (the longest kept length), so only kept starts in
+// [start_c - offset - maxlen, end_c + offset] are looked at: two binary searches in
+// the sorted starts, then the set bits of that window, 64 ranks per word. Groups
+// run in parallel (at::parallel_for); within a group the greedy scan is sequential
+// by nature.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "nms_checks.h"
+#include "nms_math.h"
+
+namespace mmsd_ext {
+namespace nms {
+namespace {
+
+// Groups as contiguous runs of an index permutation: members of group k are
+// order[starts[k] .. starts[k + 1]), in increasing index order.
+struct Partition {
+  std::vector<int64_t> order;
+  std::vector<int64_t> starts;
+};
+
+// Counting sort is linear; it is used when the group ids span at most this many
+// values per segment (ids like video * num_classes + class are dense), otherwise a
+// comparison sort. 4 keeps the count array at most 4x the index array.
+constexpr uint64_t kCountingSortSpanPerSegment = 4;
+
+Partition partition_by_group(const int64_t* g, int64_t n) {
+  Partition p;
+  p.order.resize(n);
+  std::iota(p.order.begin(), p.order.end(), int64_t{0});
+  if (g == nullptr || n == 0) {
+    p.starts = {0, n};
+    if (n == 0) p.starts = {0};
+    return p;
+  }
+  bool sorted = true;
+  int64_t lo = g[0], hi = g[0];
+  for (int64_t i = 1; i < n; ++i) {
+    sorted &= g[i] >= g[i - 1];
+    lo = std::min(lo, g[i]);
+    hi = std::max(hi, g[i]);
+  }
+  if (!sorted) {
+    const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);  // no signed overflow
+    if (span < kCountingSortSpanPerSegment * static_cast<uint64_t>(n) + 1024) {
+      std::vector<int64_t> count(span + 2, 0);
+      for (int64_t i = 0; i < n; ++i) ++count[static_cast<uint64_t>(g[i]) - static_cast<uint64_t>(lo) + 1];
+      for (size_t k = 1; k < count.size(); ++k) count[k] += count[k - 1];
+      for (int64_t i = 0; i < n; ++i) p.order[count[static_cast<uint64_t>(g[i]) - static_cast<uint64_t>(lo)]++] = i;
+    } else {
+      std::stable_sort(p.order.begin(), p.order.end(), [g](int64_t a, int64_t b) { return g[a] < g[b]; });
+    }
+  }
+  p.starts.push_back(0);
+  for (int64_t k = 1; k < n; ++k) {
+    if (g[p.order[k]] != g[p.order[k - 1]]) p.starts.push_back(k);
+  }
+  p.starts.push_back(n);
+  return p;
+}
+
+// Doubles as unsigned keys with the same order.
+inline uint64_t ordered_bits(double x) {
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return (b >> 63) ? ~b : (b | (uint64_t{1} << 63));
+}
+
+// Visit order as an unsigned key: ascending key = descending score, NaN last,
+// 0.0 and -0.0 equal (ties are then ordered by index).
+inline uint64_t visit_key(double score) {
+  if (std::isnan(score)) return ~uint64_t{0};
+  return ordered_bits(-score + 0.0);  // -0.0 + 0.0 is +0.0
+}
+
+using KeyIndex = std::pair<uint64_t, int64_t>;
+
+// Groups at least this large are sorted by an LSD radix sort (8-bit digits, the
+// passes where all keys share the digit skipped; stable), smaller ones by
+// std::sort. At 10k segments the radix sort took ~4x less time than std::sort on
+// these machines; below ~1k the histograms dominate.
+constexpr int64_t kRadixSortMinSize = 1024;
+
+// Sorts by (key, index): stable for the radix sort, whose input is in index order.
+void sort_keys(std::vector<KeyIndex>& v, std::vector<KeyIndex>& tmp) {
+  const int64_t n = static_cast<int64_t>(v.size());
+  if (n < kRadixSortMinSize) {
+    std::sort(v.begin(), v.end());
+    return;
+  }
+  std::vector<int64_t> hist(8 * 256, 0);
+  for (const auto& e : v) {
+    for (int d = 0; d < 8; ++d) ++hist[d * 256 + ((e.first >> (8 * d)) & 255)];
+  }
+  tmp.resize(n);
+  for (int d = 0; d < 8; ++d) {
+    int64_t* h = hist.data() + d * 256;
+    if (h[(v[0].first >> (8 * d)) & 255] == n) continue;  // one digit value: nothing moves
+    int64_t sum = 0;
+    for (int k = 0; k < 256; ++k) {
+      const int64_t c = h[k];
+      h[k] = sum;
+      sum += c;
+    }
+    for (const auto& e : v) tmp[h[(e.first >> (8 * d)) & 255]++] = e;
+    v.swap(tmp);
+  }
+}
+
+// Per-thread scratch for one group, reused across the groups of a chunk.
+struct GroupScratch {
+  std::vector<KeyIndex> visit;     // (visit key, position in members), sorted
+  std::vector<KeyIndex> by_start;  // (start key, index), sorted: rank r -> index
+  std::vector<KeyIndex> tmp;
+  std::vector<double> rank_start, rank_end;  // coordinates by start rank
+  std::vector<int64_t> position_rank;        // start rank of members[k]
+  std::vector<int64_t> visit_rank;           // start rank of the v-th visited segment
+  std::vector<uint64_t> kept_bits;           // kept segments, by start rank
+};
+
+// Greedy NMS of one group: sets keep[i] = 1 for its kept members and, if
+// kept_in_order is given, appends them to it in visit order.
+//
+// Window. Lengths L = end - start + offset bound the intersection: I <= L_c, I <= L_a,
+// I <= L_c - (s_a - s_c) when s_a >= s_c and I <= L_a - (s_c - s_a) when s_a < s_c;
+// and the union is >= max(L_a, L_c). So a kept segment a overlaps candidate c by
+// more than t only if its start lies in (s_c - A, s_c + (1 - t) L_c) with
+//     A = (1 - t) Lmax        for "iou",
+//     A = Lmax - t L_c        for "other",
+// Lmax the longest kept length. The window is widened by a relative slack far
+// above the rounding error, so the exact test below decides every case. Kept
+// segments are scanned outward from s_c, where a suppressor usually is.
+//
+// Memory: the loop reads everything by start rank (the candidate's coordinates,
+// the window, the kept bits), so a candidate costs about one cache miss at large G.
+void nms_one_group(const int64_t* members, int64_t size, const double* seg, const double* score, double threshold,
+                   int kind, double offset, uint8_t* keep, std::vector<int64_t>* kept_in_order, GroupScratch& s) {
+  if (size == 1) {
+    keep[members[0]] = 1;
+    if (kept_in_order != nullptr) kept_in_order->push_back(members[0]);
+    return;
+  }
+  // Sort keys carry the position k in members; members are in increasing index
+  // order, so (key, k) orders like (key, index).
+  s.visit.resize(size);
+  for (int64_t k = 0; k < size; ++k) s.visit[k] = {visit_key(score[members[k]]), k};
+  sort_keys(s.visit, s.tmp);
+  s.by_start.resize(size);
+  for (int64_t k = 0; k < size; ++k) s.by_start[k] = {ordered_bits(seg[2 * members[k]]), k};
+  sort_keys(s.by_start, s.tmp);
+  s.rank_start.resize(size);
+  s.rank_end.resize(size);
+  s.position_rank.resize(size);
+  for (int64_t r = 0; r < size; ++r) {
+    const int64_t k = s.by_start[r].second;
+    const int64_t i = members[k];
+    s.by_start[r].second = i;
+    s.rank_start[r] = seg[2 * i];
+    s.rank_end[r] = seg[2 * i + 1];
+    s.position_rank[k] = r;
+  }
+  s.visit_rank.resize(size);
+  for (int64_t v = 0; v < size; ++v) s.visit_rank[v] = s.position_rank[s.visit[v].second];
+
+  s.kept_bits.assign(ceil_div(size, 64), 0);
+  const double keep_frac = std::max(1.0 - threshold, 0.0);
+  double maxlen = -1.0;  // longest kept end - start + offset; < 0 while nothing is kept
+  const double* first = s.rank_start.data();
+  const double* second = s.rank_end.data();
+  const int64_t words = static_cast<int64_t>(s.kept_bits.size());
+  for (int64_t v = 0; v < size; ++v) {
+    const int64_t rc = s.visit_rank[v];
+    const double cs = first[rc], ce = second[rc];
+    const double len_c = ce - cs + offset;
+    bool suppressed = false;
+    if (maxlen >= 0) {
+      const double below = kind == kOther ? maxlen - threshold * len_c : keep_frac * maxlen;
+      const double above = keep_frac * len_c;
+      const double slack = 1e-9 * (std::fabs(cs) + std::fabs(ce) + offset + maxlen) + 1e-300;
+      const double lo = cs - below - slack, hi = cs + above + slack;
+      auto suppresses = [&](int64_t r) {
+        return segment_overlap(first[r], second[r], cs, ce, kind, offset) > threshold;
+      };
+      // Outward from c's own rank rc: ranks > rc ascending until a start exceeds hi,
+      // ranks < rc descending until a start falls below lo, a word of each in turn.
+      // A word without kept bits costs one comparison of its boundary start.
+      int64_t wr = rc >> 6, wl = rc >> 6;
+      bool right = true, left = rc > 0;
+      uint64_t right_bits = s.kept_bits[wr] & ((~uint64_t{0} << (rc & 63)) << 1);  // ranks > rc
+      uint64_t left_bits = s.kept_bits[wl] & ((uint64_t{1} << (rc & 63)) - 1);  // ranks < rc
+      while (!suppressed && (right || left)) {
+        if (right) {
+          while (right_bits && !suppressed) {
+            const int64_t r = (wr << 6) + __builtin_ctzll(right_bits);
+            if (first[r] > hi) {
+              right = false;
+              break;
+            }
+            suppressed = suppresses(r);
+            right_bits &= right_bits - 1;
+          }
+          if (right && !suppressed) {
+            ++wr;
+            if (wr >= words || first[wr << 6] > hi) {
+              right = false;
+            } else {
+              right_bits = s.kept_bits[wr];
+            }
+          }
+        }
+        if (left && !suppressed) {
+          while (left_bits && !suppressed) {
+            const int b = 63 - __builtin_clzll(left_bits);
+            const int64_t r = (wl << 6) + b;
+            if (first[r] < lo) {
+              left = false;
+              break;
+            }
+            suppressed = suppresses(r);
+            left_bits &= ~(uint64_t{1} << b);
+          }
+          if (left && !suppressed) {
+            --wl;
+            if (wl < 0 || first[(wl << 6) + 63] < lo) {
+              left = false;
+            } else {
+              left_bits = s.kept_bits[wl];
+            }
+          }
+        }
+      }
+    }
+    if (!suppressed) {
+      s.kept_bits[rc >> 6] |= uint64_t{1} << (rc & 63);
+      maxlen = std::max(maxlen, len_c);
+      if (kept_in_order != nullptr) kept_in_order->push_back(members[s.visit[v].second]);
+    }
+  }
+  for (int64_t w = 0; w < words; ++w) {
+    for (uint64_t bits = s.kept_bits[w]; bits; bits &= bits - 1) {
+      keep[s.by_start[(w << 6) + __builtin_ctzll(bits)].second] = 1;
+    }
+  }
+}
+
+// Work per parallel chunk: at least this many segments, so that tiny groups are
+// batched (a parallel_for task costs about a microsecond).
+constexpr int64_t kSegmentsPerTask = 4096;
+
+at::Tensor temporal_nms_cpu(const at::Tensor& segments, const at::Tensor& scores, const c10::optional<at::Tensor>& groups,
+                            double iou_threshold, c10::string_view overlap, double offset) {
+  check_nms_inputs(segments, scores, groups, offset);
+  check_threshold("iou_threshold", iou_threshold);
+  const int kind = overlap_kind(std::string(overlap));
+  TORCH_CHECK_VALUE(segments.device().is_cpu(), "segments: expected a CPU tensor, got ", segments.device());
+  const int64_t n = segments.size(0);
+  if (n == 0) return at::empty({0}, segments.options().dtype(at::kLong));
+
+  const at::Tensor seg_t = segments.to(at::kDouble).contiguous();
+  const at::Tensor score_t = scores.to(at::kDouble).contiguous();
+  const double* seg = seg_t.data_ptr<double>();
+  const double* score = score_t.data_ptr<double>();
+  check_segment_values(seg, n);
+  at::Tensor groups_t;
+  if (groups.has_value()) groups_t = groups->contiguous();
+  const Partition part = partition_by_group(groups.has_value() ? groups_t.data_ptr<int64_t>() : nullptr, n);
+  const int64_t num_groups = static_cast<int64_t>(part.starts.size()) - 1;
+
+  std::vector<uint8_t> keep(n, 0);
+  std::vector<int64_t> kept;  // in visit order
+  if (num_groups == 1) {
+    GroupScratch scratch;
+    nms_one_group(part.order.data(), n, seg, score, iou_threshold, kind, offset, keep.data(), &kept, scratch);
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kSegmentsPerTask * num_groups / n);
+    at::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
+      GroupScratch scratch;
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t a = part.starts[k], b = part.starts[k + 1];
+        nms_one_group(part.order.data() + a, b - a, seg, score, iou_threshold, kind, offset, keep.data(), nullptr,
+                      scratch);
+      }
+    });
+    // All groups' kept segments in visit order: a stable sort by visit key of the
+    // kept indices taken in increasing order (ties stay by index).
+    std::vector<KeyIndex> order, tmp;
+    for (int64_t i = 0; i < n; ++i) {
+      if (keep[i]) order.push_back({visit_key(score[i]), i});
+    }
+    sort_keys(order, tmp);
+    kept.resize(order.size());
+    for (size_t j = 0; j < order.size(); ++j) kept[j] = order[j].second;
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(kept.size())}, segments.options().dtype(at::kLong));
+  std::copy(kept.begin(), kept.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// The sequential keep-gather over suppression tiles (see the schema in
+// temporal_nms.cpp), one group after another in parallel: the Triton backend's
+// second stage when it runs on CPU tensors under the Triton interpreter.
+at::Tensor temporal_nms_gather_cpu(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", mask.sizes());
+  const int64_t n = mask.size(0), width = mask.size(1);
+  at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
+  if (n == 0) return keep;
+  TORCH_CHECK_VALUE(width >= 1, "mask: expected at least one tile per row, got shape ", mask.sizes());
+  at::Tensor g_t;
+  if (sorted_groups.has_value()) {
+    TORCH_CHECK_TYPE(sorted_groups->scalar_type() == at::kLong, "sorted_groups: expected an int64 tensor, got ",
+                     sorted_groups->scalar_type());
+    TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [", n,
+                      "], got ", sorted_groups->sizes());
+    g_t = sorted_groups->contiguous();
+  }
+  const at::Tensor mask_t = mask.contiguous();
+  const uint64_t* bits = reinterpret_cast<const uint64_t*>(mask_t.data_ptr<int64_t>());
+  const int64_t* g = sorted_groups.has_value() ? g_t.data_ptr<int64_t>() : nullptr;
+  std::vector<int64_t> starts = {0};
+  for (int64_t i = 1; i < n && g != nullptr; ++i) {
+    TORCH_CHECK_VALUE(g[i] >= g[i - 1], "sorted_groups: expected non-decreasing group ids");
+    if (g[i] != g[i - 1]) starts.push_back(i);
+  }
+  starts.push_back(n);
+  for (size_t k = 0; k + 1 < starts.size(); ++k) {
+    const int64_t need = (starts[k + 1] - 1) / kTile - starts[k] / kTile + 1;
+    TORCH_CHECK_VALUE(width >= need, "mask: expected at least ", need, " tiles per row for a group of ",
+                      starts[k + 1] - starts[k], " segments, got ", width);
+  }
+  bool* keep_p = keep.data_ptr<bool>();
+  const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
+  at::parallel_for(0, num_groups, std::max<int64_t>(1, kSegmentsPerTask * num_groups / n), [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> removed;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t gs = starts[k], ge = starts[k + 1];
+      const int64_t t0 = gs / kTile, t1 = (ge - 1) / kTile;
+      removed.assign(t1 - t0 + 1, 0);
+      for (int64_t i = gs; i < ge; ++i) {
+        const int64_t r = i / kTile;
+        if (removed[r - t0] >> (i % kTile) & 1) continue;
+        keep_p[i] = true;
+        const uint64_t* row = bits + i * width;
+        for (int64_t c = r; c <= t1; ++c) removed[c - t0] |= row[c - r];
+      }
+    }
+  });
+  return keep;
+}
+
+}  // namespace
+}  // namespace nms
+}  // namespace mmsd_ext
+
+TORCH_LIBRARY_IMPL(mmsd_ext, CPU, m) {
+  m.impl("temporal_nms", &mmsd_ext::nms::temporal_nms_cpu);
+  m.impl("_temporal_nms_gather", &mmsd_ext::nms::temporal_nms_gather_cpu);
+}

@@ -1,0 +1,252 @@
+// CUDA kernels of temporal_nms and of _temporal_nms_gather.
+//
+// The design of torchvision's CUDA nms (64 x 64 blocks of pairwise tests packed
+// into 64-bit suppression words), changed in three ways:
+// 1. Groups. Segments are sorted by (group, visit order), so each group is a
+//    contiguous range; a row only needs the column tiles up to its group's end, so
+//    the mask is a band: mask[i, k] holds the 64 columns of tile i / 64 + k, and
+//    tiles whose rows and columns share no group are neither computed nor read.
+// 2. The greedy keep-gather runs on the device (temporal_nms_gather_kernel), not
+//    on the host after copying the mask back; groups are gathered in parallel.
+// 3. The result size is the only thing read back to the host (with the sync-free
+//    validity check of the segments folded into the same read).
+//
+// Mask memory: n * W * 8 bytes, W = the number of column tiles of the band. With
+// one group (or n <= kDenseMaskMaxSegments) W = ceil(n / 64): n^2 / 8 bytes, 1.25 GB
+// at n = 1e5, as torchvision. With groups and larger n, W = ceil(Gmax / 64) + 1
+// from the largest group Gmax, which costs one extra read to the host.
+#include <ATen/ATen.h>
+// c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h: the latter pulls in cuSPARSE/cuBLAS
+// headers that a bare CUDA toolkit (as on the build machines here) does not ship.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cuda/nms_cuda_common.cuh"
+#include "nms_checks.h"
+#include "nms_math.h"
+
+namespace mmsd_ext {
+namespace nms {
+namespace {
+
+// Below this many segments the band is the full triangle (no read of the largest
+// group size); the mask then takes at most 8192^2 / 8 bytes = 8 MiB.
+constexpr int64_t kDenseMaskMaxSegments = 8192;
+// Threads of the gather kernel: they share the OR of the kept rows' words into the
+// later tiles of the group (one word per thread per tile).
+constexpr int kGatherThreads = 256;
+
+// One 64 x 64 tile of suppression bits. Block (r, k): rows of tile r against the
+// columns of tile r + k. Bit b of mask[i * W + k] is set when j = 64 (r + k) + b
+// comes after i in the sorted order, is in i's group, and i overlaps it by more
+// than the threshold (j being the lower-ranked candidate).
+__global__ void temporal_nms_mask_kernel(const double* __restrict__ seg, const int64_t* __restrict__ groups, int64_t n,
+                                         int64_t width, double threshold, int kind, double offset,
+                                         unsigned long long* __restrict__ mask) {
+  const int64_t r = blockIdx.x;
+  const int64_t k = blockIdx.y;
+  const int64_t tiles = ceil_div(n, kTile);
+  const int64_t c = r + k;
+  if (c >= tiles) return;
+  const int64_t row0 = r * kTile, col0 = c * kTile;
+  // Sorted groups: no row of this tile shares a group with a column of that one.
+  if (groups != nullptr && groups[min(row0 + kTile, n) - 1] < groups[col0]) return;
+
+  __shared__ double col_start[kTile], col_end[kTile];
+  __shared__ int64_t col_group[kTile];
+  const int64_t j = col0 + threadIdx.x;
+  if (j < n) {
+    col_start[threadIdx.x] = seg[2 * j];
+    col_end[threadIdx.x] = seg[2 * j + 1];
+    col_group[threadIdx.x] = groups != nullptr ? groups[j] : 0;
+  }
+  __syncthreads();
+  const int64_t i = row0 + threadIdx.x;
+  if (i >= n) return;
+  const double s = seg[2 * i], e = seg[2 * i + 1];
+  const int64_t g = groups != nullptr ? groups[i] : 0;
+  const int count = static_cast<int>(min(kTile, n - col0));
+  const int first = c == r ? static_cast<int>(threadIdx.x) + 1 : 0;
+  unsigned long long bits = 0;
+  for (int b = first; b < count; ++b) {
+    if (col_group[b] == g && segment_overlap(s, e, col_start[b], col_end[b], kind, offset) > threshold) {
+      bits |= 1ULL << b;
+    }
+  }
+  mask[i * width + k] = bits;
+}
+
+// Greedy keep-gather. Block b handles the groups that start in tile b. For each
+// tile r of a group, in order: 64 threads stage the rows' diagonal words in shared
+// memory; thread 0 walks the 64 rows (a row is kept unless its bit is set in the
+// removed word of tile r, and a kept row removes its diagonal bits); then all
+// threads OR the kept rows' words into the removed words of the later tiles of the
+// group (global memory, atomicOr: a tile at a group boundary is shared with the
+// block of the neighbouring group, whose bits are disjoint).
+__global__ void temporal_nms_gather_kernel(const unsigned long long* __restrict__ mask, int64_t n, int64_t width,
+                                           const uint8_t* __restrict__ is_start, const int64_t* __restrict__ end_of,
+                                           unsigned long long* removed, bool* __restrict__ keep) {
+  __shared__ unsigned long long diag[kTile];
+  __shared__ unsigned long long kept_bits;
+  const int64_t tile0 = blockIdx.x * kTile;
+  for (int t = 0; t < kTile && tile0 + t < n; ++t) {
+    const int64_t gs = tile0 + t;
+    if (!is_start[gs]) continue;
+    const int64_t ge = end_of[gs];
+    const int64_t t_last = (ge - 1) / kTile;
+    for (int64_t r = gs / kTile; r <= t_last; ++r) {
+      const int64_t row0 = r * kTile;
+      if (threadIdx.x < kTile) {
+        const int64_t i = row0 + threadIdx.x;
+        diag[threadIdx.x] = (i >= gs && i < ge) ? mask[i * width] : 0ULL;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        unsigned long long word = atomicOr(removed + r, 0ULL);  // coherent read (L2)
+        unsigned long long kept = 0;
+        const int b0 = static_cast<int>(max(gs - row0, int64_t{0}));
+        const int b1 = static_cast<int>(min(ge - row0, kTile));
+        for (int b = b0; b < b1; ++b) {
+          if (!((word >> b) & 1ULL)) {
+            kept |= 1ULL << b;
+            word |= diag[b];
+            keep[row0 + b] = true;
+          }
+        }
+        kept_bits = kept;
+      }
+      __syncthreads();
+      const unsigned long long kept = kept_bits;
+      for (int64_t k = 1 + threadIdx.x; k <= t_last - r && k < width; k += blockDim.x) {
+        unsigned long long acc = 0;
+        unsigned long long rest = kept;
+        while (rest) {
+          const int b = __ffsll(static_cast<long long>(rest)) - 1;
+          rest &= rest - 1;
+          acc |= mask[(row0 + b) * width + k];
+        }
+        if (acc) atomicOr(removed + r + k, acc);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// out[pos[i] - 1] = src[i] where flag[i]; pos is the inclusive prefix sum of flag.
+__global__ void compact_kernel(const bool* __restrict__ flag, const int64_t* __restrict__ pos,
+                               const int64_t* __restrict__ src, int64_t n, int64_t* __restrict__ out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n && flag[i]) out[pos[i] - 1] = src[i];
+}
+
+void launch_gather(const at::Tensor& mask, const at::Tensor& is_start, const at::Tensor& end_of, const at::Tensor& keep) {
+  const int64_t n = mask.size(0), width = mask.size(1);
+  at::Tensor removed = at::zeros({ceil_div(n, kTile)}, mask.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  temporal_nms_gather_kernel<<<static_cast<unsigned>(ceil_div(n, kTile)), kGatherThreads, 0, stream>>>(
+      reinterpret_cast<const unsigned long long*>(mask.data_ptr<int64_t>()), n, width, is_start.data_ptr<uint8_t>(),
+      end_of.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(removed.data_ptr<int64_t>()),
+      keep.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& scores, const c10::optional<at::Tensor>& groups,
+                             double iou_threshold, c10::string_view overlap, double offset) {
+  check_nms_inputs(segments, scores, groups, offset);
+  check_threshold("iou_threshold", iou_threshold);
+  const int kind = overlap_kind(std::string(overlap));
+  TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ", segments.device());
+  at::cuda::CUDAGuard guard(segments.device());
+  const int64_t n = segments.size(0);
+  const auto long_opts = segments.options().dtype(at::kLong);
+  if (n == 0) return at::empty({0}, long_opts);
+
+  const at::Tensor seg_d = segments.to(at::kDouble).contiguous();
+  const at::Tensor first_bad = cuda_common::first_bad_segment(seg_d);
+  // Visit order: ascending -score is descending score with NaN last; the stable
+  // sort breaks ties by index. Then a stable sort by group keeps that order inside
+  // each group.
+  const at::Tensor perm = std::get<1>(at::sort(scores.to(at::kDouble).neg(), /*stable=*/true, 0, false));
+  at::Tensor gperm = perm;
+  c10::optional<at::Tensor> sorted_groups;
+  if (groups.has_value()) {
+    const at::Tensor g_visit = groups->index_select(0, perm);
+    const at::Tensor by_group = std::get<1>(at::sort(g_visit, /*stable=*/true, 0, false));
+    gperm = perm.index_select(0, by_group);
+    sorted_groups = g_visit.index_select(0, by_group).contiguous();
+  }
+  const at::Tensor seg_sorted = seg_d.index_select(0, gperm).contiguous();
+  at::Tensor is_start, end_of;
+  std::tie(is_start, end_of) = cuda_common::group_bounds(sorted_groups, n, long_opts);
+
+  const int64_t tiles = ceil_div(n, kTile);
+  int64_t width = tiles;
+  if (sorted_groups.has_value() && n > kDenseMaskMaxSegments) {
+    const at::Tensor sizes = end_of - at::arange(n, long_opts);
+    const int64_t largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
+    width = std::min(tiles, ceil_div(largest, kTile) + 1);
+  }
+  TORCH_CHECK(width <= 65535, "segments: a group of ", n, " segments needs a suppression mask too large for the GPU");
+  at::Tensor mask = at::empty({n, width}, long_opts);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(width));
+  temporal_nms_mask_kernel<<<blocks, static_cast<unsigned>(kTile), 0, stream>>>(
+      seg_sorted.data_ptr<double>(), sorted_groups.has_value() ? sorted_groups->data_ptr<int64_t>() : nullptr, n, width,
+      iou_threshold, kind, offset, reinterpret_cast<unsigned long long*>(mask.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  at::Tensor keep_sorted = at::zeros({n}, long_opts.dtype(at::kBool));
+  launch_gather(mask, is_start, end_of, keep_sorted);
+
+  // Back to visit order, then compact.
+  at::Tensor keep_orig = at::zeros({n}, keep_sorted.options());
+  keep_orig.index_copy_(0, gperm, keep_sorted);
+  const at::Tensor keep_visit = keep_orig.index_select(0, perm).contiguous();
+  const at::Tensor pos = at::cumsum(keep_visit, 0, at::kLong);
+  const int64_t count = cuda_common::read_count_and_check(pos[n - 1], first_bad, seg_d);
+  at::Tensor out = at::empty({count}, long_opts);
+  if (count > 0) {
+    constexpr int threads = 256;
+    compact_kernel<<<static_cast<unsigned>(ceil_div(n, threads)), threads, 0, stream>>>(
+        keep_visit.data_ptr<bool>(), pos.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), n, out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", mask.sizes());
+  at::cuda::CUDAGuard guard(mask.device());
+  const int64_t n = mask.size(0);
+  at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
+  if (n == 0) return keep;
+  TORCH_CHECK_VALUE(mask.size(1) >= 1, "mask: expected at least one tile per row, got shape ", mask.sizes());
+  c10::optional<at::Tensor> g;
+  if (sorted_groups.has_value()) {
+    TORCH_CHECK_TYPE(sorted_groups->scalar_type() == at::kLong, "sorted_groups: expected an int64 tensor, got ",
+                     sorted_groups->scalar_type());
+    TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [", n,
+                      "], got ", sorted_groups->sizes());
+    TORCH_CHECK_VALUE(sorted_groups->device() == mask.device(), "sorted_groups: expected a tensor on ", mask.device(),
+                      ", got ", sorted_groups->device());
+    g = sorted_groups->contiguous();
+  }
+  at::Tensor is_start, end_of;
+  std::tie(is_start, end_of) = cuda_common::group_bounds(g, n, mask.options().dtype(at::kLong));
+  launch_gather(mask.contiguous(), is_start, end_of, keep);
+  return keep;
+}
+
+}  // namespace
+}  // namespace nms
+}  // namespace mmsd_ext
+
+TORCH_LIBRARY_IMPL(mmsd_ext, CUDA, m) {
+  m.impl("temporal_nms", &mmsd_ext::nms::temporal_nms_cuda);
+  m.impl("_temporal_nms_gather", &mmsd_ext::nms::temporal_nms_gather_cuda);
+}

@@ -1,0 +1,63 @@
+// Host-side argument checks shared by the CPU and CUDA kernels of temporal_nms and
+// soft_temporal_nms. The Python wrapper (mmsd_ext/nms.py) checks the same things
+// first; these guard direct calls of torch.ops.mmsd_ext.*. Each message names the
+// argument at fault.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <string>
+
+#include "nms_math.h"
+
+namespace mmsd_ext {
+namespace nms {
+
+inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& scores,
+                             const c10::optional<at::Tensor>& groups, double offset) {
+  TORCH_CHECK_TYPE(segments.scalar_type() == at::kFloat || segments.scalar_type() == at::kDouble,
+                   "segments: expected dtype float32 or float64, got ", segments.scalar_type());
+  TORCH_CHECK_VALUE(segments.dim() == 2 && segments.size(1) == 2, "segments: expected shape [M, 2], got ",
+                    segments.sizes());
+  const int64_t m = segments.size(0);
+  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating dtype, got ",
+                   scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == m, "scores: expected shape [M] = [", m, "], got ",
+                    scores.sizes());
+  TORCH_CHECK_VALUE(scores.device() == segments.device(), "scores: expected a tensor on ", segments.device(),
+                    " like segments, got ", scores.device());
+  if (groups.has_value()) {
+    const at::Tensor& g = *groups;
+    TORCH_CHECK_TYPE(g.scalar_type() == at::kLong, "groups: expected an int64 tensor, got ", g.scalar_type());
+    TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == m, "groups: expected shape [M] = [", m, "], got ", g.sizes());
+    TORCH_CHECK_VALUE(g.device() == segments.device(), "groups: expected a tensor on ", segments.device(),
+                      " like segments, got ", g.device());
+  }
+  TORCH_CHECK_VALUE(std::isfinite(offset) && offset >= 0, "offset: expected a finite number >= 0, got ", offset);
+}
+
+inline void check_threshold(const char* name, double value) {
+  TORCH_CHECK_VALUE(value >= 0, name, ": expected a number >= 0, got ", value);
+}
+
+// Host check of the coordinates of CPU segments (double, contiguous [M, 2]).
+inline void check_segment_values(const double* seg, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) {
+    const double s = seg[2 * i], e = seg[2 * i + 1];
+    TORCH_CHECK_VALUE(std::isfinite(s) && std::isfinite(e), "segments: expected finite coordinates, got segment ", i,
+                      " = (", s, ", ", e, ")");
+    TORCH_CHECK_VALUE(e >= s, "segments: expected end >= start, got segment ", i, " = (", s, ", ", e, ")");
+  }
+}
+
+inline int overlap_kind(const std::string& overlap) {
+  if (overlap == "iou") return 0;
+  if (overlap == "other") return 1;
+  TORCH_CHECK_VALUE(false, "overlap: expected one of iou, other, got '", overlap, "'");
+  return -1;
+}
+
+}  // namespace nms
+}  // namespace mmsd_ext

@@ -1,0 +1,546 @@
+"""temporal_nms and soft_temporal_nms: every backend against the plain reference,
+the IoU mode against torchvision, the properties that define NMS, edge cases,
+bad inputs, opcheck and torch.compile.
+
+The kernels compute overlaps in float64 in the reference's operation order, so
+hard NMS must agree exactly (indices and order), also with thresholds that integer
+coordinates hit exactly. Soft-NMS indices must agree exactly; its scores within
+the tolerance of the table below (exp may differ by an ulp between libm, CUDA and
+numpy under the Triton interpreter).
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_GPU, backend_device
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmsd_ext
+from mmsd_ext import nms as nms_module
+
+torchvision = pytest.importorskip("torchvision")
+
+# Soft-NMS scores at selection vs the float64 reference: a few ulps of the output
+# dtype (the decays are products of float64 factors, rounded once at the end).
+SOFT_SCORE_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-300),
+    torch.float32: dict(rtol=3e-7, atol=1e-38),
+    torch.float16: dict(rtol=1e-3, atol=6e-8),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-38),
+}
+
+# The backend fixture is a plain name: sharing it across generated examples is safe.
+_with_backend = settings(suppress_health_check=list(settings.default.suppress_health_check) + [HealthCheck.function_scoped_fixture])
+
+# Kept small: the Triton interpreter runs ~3 ms per program instance, one per 64 x 64 tile.
+MAX_M = 40
+
+
+def _segments(draw, M, integer, dtype):
+    if integer:
+        start = draw(st.lists(st.integers(0, 30), min_size=M, max_size=M))
+        length = draw(st.lists(st.integers(0, 12), min_size=M, max_size=M))
+    else:
+        start = draw(st.lists(st.floats(-50, 50, allow_nan=False, width=32), min_size=M, max_size=M))
+        length = draw(st.lists(st.floats(0, 30, allow_nan=False, width=32), min_size=M, max_size=M))
+    seg = torch.tensor([[s, s + l] for s, l in zip(start, length)], dtype=dtype).reshape(M, 2)
+    return seg
+
+
+@st.composite
+def nms_inputs(draw, max_m=MAX_M, allow_nan_scores=True):
+    M = draw(st.integers(0, max_m))
+    integer = draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    seg = _segments(draw, M, integer, dtype)
+    ties = draw(st.booleans())
+    if ties:
+        scores = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=M, max_size=M)), dtype=torch.float64)
+    else:
+        scores = torch.tensor(draw(st.lists(st.floats(-2, 2, allow_nan=False), min_size=M, max_size=M)), dtype=torch.float64)
+    if allow_nan_scores and M and draw(st.booleans()):
+        special = draw(st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), min_size=M, max_size=M))
+        where = draw(st.lists(st.booleans(), min_size=M, max_size=M))
+        scores = torch.where(torch.tensor(where), torch.tensor(special, dtype=torch.float64), scores)
+    scores = scores.to(draw(st.sampled_from([torch.float32, torch.float64])))
+    groups = None
+    if draw(st.booleans()):
+        groups = torch.tensor(draw(st.lists(st.integers(-2, 3), min_size=M, max_size=M)), dtype=torch.int64).reshape(M)
+    return seg, scores, groups
+
+
+def _to(device, *tensors):
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+def _thresholds():
+    # Exact fractions that integer coordinates hit (1/3, 1/2, 2/3), and others.
+    return st.sampled_from([0.0, 0.1, 1 / 3, 0.5, 2 / 3, 0.7, 1.0])
+
+
+# ----------------------------------------------------------------------------
+# hard NMS: backends against the reference
+
+
+@_with_backend
+@given(data=nms_inputs(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0, 0.5]))
+def test_temporal_nms_matches_reference(backend, data, threshold, overlap, offset):
+    seg, scores, groups = data
+    expected = mmsd_ext.temporal_nms(seg, scores, threshold, groups=groups, overlap=overlap, offset=offset, backend="reference")
+    dev = backend_device(backend)
+    seg_d, scores_d, groups_d = _to(dev, seg, scores, groups)
+    got = mmsd_ext.temporal_nms(seg_d, scores_d, threshold, groups=groups_d, overlap=overlap, offset=offset, backend=backend)
+    assert got.dtype == torch.int64 and got.device.type == dev.type
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_temporal_nms_reference_small_example():
+    # Written out by hand: 0 is kept; 1 overlaps 0 by IoU 9/11 > 0.5; 2 is disjoint; 3
+    # (score NaN, visited last) overlaps 2 by 5/10 = 0.5, not more: kept.
+    seg = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0], [25.0, 30.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7, math.nan])
+    for backend in mmsd_ext.available_backends():
+        if backend == "cuda":
+            continue
+        got = mmsd_ext.temporal_nms(seg, scores, 0.5, backend=backend)
+        assert got.tolist() == [0, 2, 3], backend
+        # "other": 3 lies inside 2, overlap 5/5 = 1 > 0.5: suppressed.
+        got = mmsd_ext.temporal_nms(seg, scores, 0.5, overlap="other", backend=backend)
+        assert got.tolist() == [0, 2], backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_temporal_nms_matches_torchvision_distinct_scores(backend, dtype):
+    gen = torch.Generator().manual_seed(1)
+    dev = backend_device(backend)
+    M = 150 if backend == "triton" and not HAS_GPU else 2000
+    start = torch.rand(M, generator=gen, dtype=torch.float64) * 200
+    seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64) * 30], 1).to(dtype)
+    scores = (torch.randperm(M, generator=gen).to(dtype) + 1) / M  # distinct
+    groups = torch.randint(0, 7, (M,), generator=gen)
+    boxes = torch.stack([seg[:, 0], torch.zeros(M, dtype=dtype), seg[:, 1], torch.ones(M, dtype=dtype)], 1)
+    for threshold in (0.3, 0.5, 0.7):
+        expected = torchvision.ops.batched_nms(boxes, scores, groups, threshold)
+        got = mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, groups=groups.to(dev), backend=backend)
+        # torchvision rounds the IoU in float32 for float32 boxes; with these random
+        # coordinates no IoU falls within float32 rounding of the threshold.
+        assert torch.equal(got.cpu(), expected)
+        expected = torchvision.ops.nms(boxes, scores, threshold)
+        assert torch.equal(mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, backend=backend).cpu(), expected)
+
+
+def test_temporal_nms_matches_torchvision_with_ties(backend):
+    # torchvision's CPU sort is stable, so its tie order (lower index first) is ours:
+    # exact for nms, and for batched_nms up to 1000 boxes (beyond, it re-sorts the
+    # kept boxes of all groups with an unstable sort).
+    gen = torch.Generator().manual_seed(2)
+    dev = backend_device(backend)
+    M = 120 if backend == "triton" and not HAS_GPU else 1000
+    start = torch.randint(0, 60, (M,), generator=gen).double()
+    seg = torch.stack([start, start + torch.randint(0, 12, (M,), generator=gen).double()], 1)
+    scores = torch.randint(0, 3, (M,), generator=gen).double()
+    groups = torch.randint(0, 4, (M,), generator=gen)
+    boxes = torch.stack([seg[:, 0], torch.zeros(M, dtype=torch.float64), seg[:, 1], torch.ones(M, dtype=torch.float64)], 1)
+    for threshold in (0.0, 0.25, 0.5):
+        got = mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, groups=groups.to(dev), backend=backend)
+        assert torch.equal(got.cpu(), torchvision.ops.batched_nms(boxes, scores, groups, threshold))
+        got = mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, backend=backend)
+        assert torch.equal(got.cpu(), torchvision.ops.nms(boxes, scores, threshold))
+
+
+# ----------------------------------------------------------------------------
+# hard NMS: properties
+
+
+def _pair_overlap(segs, kept, cand, overlap, offset):
+    return nms_module._overlap_reference(segs[kept], segs[cand], overlap, offset)
+
+
+@given(data=nms_inputs(max_m=60), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0]))
+def test_temporal_nms_properties(data, threshold, overlap, offset):
+    seg, scores, groups = data
+    kept = mmsd_ext.temporal_nms(seg, scores, threshold, groups=groups, overlap=overlap, offset=offset, backend="cpu").tolist()
+    M = seg.shape[0]
+    segs = seg.double().tolist()
+    grp = [0] * M if groups is None else groups.tolist()
+    rank = {i: r for r, i in enumerate(nms_module._visit_order(scores))}
+    # Kept indices are distinct, in visit order.
+    assert len(set(kept)) == len(kept)
+    assert [rank[i] for i in kept] == sorted(rank[i] for i in kept)
+    kept_set = set(kept)
+    # No kept segment overlaps a kept one of its group ranked above it by more than the threshold.
+    for x in kept:
+        for y in kept:
+            if grp[x] == grp[y] and rank[x] < rank[y]:
+                assert _pair_overlap(segs, x, y, overlap, offset) <= threshold
+    # Every suppressed segment overlaps a kept one of its group ranked above it.
+    for i in range(M):
+        if i not in kept_set:
+            assert any(
+                grp[k] == grp[i] and rank[k] < rank[i] and _pair_overlap(segs, k, i, overlap, offset) > threshold for k in kept
+            )
+
+
+@given(data=nms_inputs(max_m=60, allow_nan_scores=False), seed=st.integers(0, 2**16), overlap=st.sampled_from(["iou", "other"]))
+def test_temporal_nms_permutation_invariance(data, seed, overlap):
+    seg, _, groups = data
+    M = seg.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randperm(M, generator=gen).double()  # distinct: the order is unique
+    perm = torch.randperm(M, generator=gen)
+    kept = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=groups, overlap=overlap, backend="cpu")
+    g_perm = None if groups is None else groups[perm]
+    kept_perm = mmsd_ext.temporal_nms(seg[perm], scores[perm], 0.4, groups=g_perm, overlap=overlap, backend="cpu")
+    assert torch.equal(perm[kept_perm], kept)
+
+
+# ----------------------------------------------------------------------------
+# hard NMS: edge cases
+
+
+def test_temporal_nms_empty_and_single(any_backend):
+    dev = backend_device(any_backend)
+    for dtype in (torch.float32, torch.float64):
+        empty = mmsd_ext.temporal_nms(torch.zeros(0, 2, dtype=dtype, device=dev), torch.zeros(0, device=dev), 0.5, backend=any_backend)
+        assert empty.shape == (0,) and empty.dtype == torch.int64
+        groups = torch.zeros(0, dtype=torch.int64, device=dev)
+        empty = mmsd_ext.temporal_nms(torch.zeros(0, 2, dtype=dtype, device=dev), torch.zeros(0, device=dev), 0.5, groups=groups, backend=any_backend)
+        assert empty.shape == (0,)
+        one = mmsd_ext.temporal_nms(torch.tensor([[1.0, 2.0]], dtype=dtype, device=dev), torch.tensor([math.nan], device=dev), 0.0, backend=any_backend)
+        assert one.tolist() == [0]
+
+
+def test_temporal_nms_many_groups(backend):
+    gen = torch.Generator().manual_seed(3)
+    dev = backend_device(backend)
+    G, per = (12, 6) if backend == "triton" and not HAS_GPU else (600, 9)
+    M = G * per
+    groups = torch.randperm(M, generator=gen) % G  # interleaved, not sorted
+    start = torch.randint(0, 20, (M,), generator=gen).float()
+    seg = torch.stack([start, start + torch.randint(1, 8, (M,), generator=gen).float()], 1)
+    scores = torch.rand(M, generator=gen)
+    for overlap, offset in (("iou", 0.0), ("other", 1.0)):
+        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=groups, overlap=overlap, offset=offset, backend="reference")
+        got = mmsd_ext.temporal_nms(seg.to(dev), scores.to(dev), 0.4, groups=groups.to(dev), overlap=overlap, offset=offset, backend=backend)
+        assert torch.equal(got.cpu(), expected)
+
+
+def test_temporal_nms_score_dtypes_and_noncontiguous(backend):
+    gen = torch.Generator().manual_seed(4)
+    dev = backend_device(backend)
+    M = 30
+    base = torch.rand(2, M, generator=gen, dtype=torch.float64) * 20
+    seg_t = torch.stack([base[0], base[0] + base[1]]).to(dev)  # [2, M]
+    seg = seg_t.t()  # non-contiguous [M, 2]
+    assert not seg.is_contiguous()
+    wide = torch.rand(2 * M, generator=gen).to(dev)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        scores = wide.to(dtype)[::2]  # strided
+        groups = (torch.arange(2 * M, device=dev) % 3)[::2]
+        expected = mmsd_ext.temporal_nms(seg.cpu(), scores.cpu(), 0.3, groups=groups.cpu(), backend="reference")
+        got = mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups, backend=backend)
+        assert torch.equal(got.cpu(), expected)
+
+
+def test_temporal_nms_does_not_modify_inputs(backend):
+    dev = backend_device(backend)
+    seg = torch.tensor([[3.0, 5.0], [0.0, 4.0], [1.0, 4.0]], device=dev)
+    scores = torch.tensor([0.1, 0.9, 0.5], device=dev)
+    groups = torch.tensor([2, 1, 1], device=dev)
+    copies = [t.clone() for t in (seg, scores, groups)]
+    mmsd_ext.temporal_nms(seg, scores, 0.2, groups=groups, backend=backend)
+    mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=backend)
+    for t, c in zip((seg, scores, groups), copies):
+        assert torch.equal(t, c)
+
+
+def test_temporal_nms_triton_band_mask(monkeypatch):
+    # Past _DENSE_MASK_MAX_SEGMENTS the triton backend sizes the mask band from the
+    # largest group; force that path on a small input.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    monkeypatch.setattr(nms_module, "_DENSE_MASK_MAX_SEGMENTS", 0)
+    gen = torch.Generator().manual_seed(5)
+    dev = backend_device("triton")
+    M = 200
+    groups = torch.sort(torch.randint(0, 6, (M,), generator=gen)).values
+    start = torch.rand(M, generator=gen) * 40
+    seg = torch.stack([start, start + torch.rand(M, generator=gen) * 10], 1)
+    scores = torch.rand(M, generator=gen)
+    expected = mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups, backend="reference")
+    got = mmsd_ext.temporal_nms(seg.to(dev), scores.to(dev), 0.3, groups=groups.to(dev), backend="triton")
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_temporal_nms_cpu_million_segments():
+    # M = 1e6 on the CPU: 2000 disjoint windows of 500 segments. One group and
+    # groups = window id must agree (no segment reaches across windows), and
+    # the kept segments of each window must not overlap above the threshold.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    gen = torch.Generator().manual_seed(6)
+    M, W = 1_000_000, 2000
+    window = torch.arange(M) % W
+    start = window * 100.0 + torch.rand(M, generator=gen, dtype=torch.float64) * 40
+    seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64) * 40], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64)
+    kept = mmsd_ext.temporal_nms(seg, scores, 0.5, backend="cpu")
+    assert torch.equal(kept, mmsd_ext.temporal_nms(seg, scores, 0.5, groups=window, backend="cpu"))
+    assert 0 < kept.numel() < M
+    # Check one window against the reference.
+    idx = (window == 7).nonzero().squeeze(1)
+    sub = mmsd_ext.temporal_nms(seg[idx], scores[idx], 0.5, backend="reference")
+    assert torch.equal(kept[window[kept] == 7], idx[sub])
+
+
+# ----------------------------------------------------------------------------
+# soft-NMS
+
+
+@st.composite
+def soft_params(draw):
+    method = draw(st.sampled_from(["gaussian", "linear"]))
+    sigma = draw(st.sampled_from([0.1, 0.5, 2.0]))
+    threshold = draw(st.sampled_from([0.0, 0.3, 0.5]))
+    min_score = draw(st.sampled_from([1e-3, 0.0, 0.3, -1.0, -math.inf]))
+    offset = draw(st.sampled_from([0.0, 1.0]))
+    return dict(method=method, sigma=sigma, iou_threshold=threshold, min_score=min_score, offset=offset)
+
+
+def _check_soft(backend, seg, scores, groups, params):
+    idx_ref, val_ref = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)
+    dev = backend_device(backend)
+    seg_d, scores_d, groups_d = _to(dev, seg, scores, groups)
+    idx, val = mmsd_ext.soft_temporal_nms(seg_d, scores_d, groups=groups_d, backend=backend, **params)
+    assert idx.dtype == torch.int64 and val.dtype == scores.dtype and val.device.type == dev.type
+    assert torch.equal(idx.cpu(), idx_ref)
+    torch.testing.assert_close(val.cpu(), val_ref, **SOFT_SCORE_TOL[scores.dtype])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
+@_with_backend
+@given(data=nms_inputs(), params=soft_params())
+def test_soft_temporal_nms_matches_reference(backend, data, params):
+    seg, scores, groups = data
+    _check_soft(backend, seg, scores, groups, params)
+
+
+def test_soft_temporal_nms_reference_small_example():
+    # Gaussian, sigma 0.5: 0 is selected (0.9); 1 overlaps it by IoU 9/11 and decays
+    # to 0.8 exp(-(9/11)^2 / 0.5) = 0.2104...; 2 is untouched (0.7) and comes before it.
+    seg = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0]], dtype=torch.float64)
+    scores = torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
+    for backend in mmsd_ext.available_backends():
+        if backend == "cuda":
+            continue
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, backend=backend)
+        assert idx.tolist() == [0, 2, 1]
+        torch.testing.assert_close(val, torch.tensor([0.9, 0.7, 0.8 * math.exp(-((9 / 11) ** 2) / 0.5)], dtype=torch.float64))
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, method="linear", iou_threshold=0.3, backend=backend)
+        torch.testing.assert_close(val, torch.tensor([0.9, 0.7, 0.8 * (1 - 9 / 11)], dtype=torch.float64))
+
+
+def test_soft_temporal_nms_groups_and_dtypes(backend):
+    gen = torch.Generator().manual_seed(7)
+    small = backend == "triton" and not HAS_GPU
+    G, per = (4, 8) if small else (60, 10)
+    M = G * per
+    groups = torch.randperm(M, generator=gen) % G
+    start = torch.rand(M, generator=gen) * 30
+    seg = torch.stack([start, start + torch.rand(M, generator=gen) * 15], 1)
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        scores = torch.rand(M, generator=gen).to(dtype)
+        for method in ("gaussian", "linear"):
+            _check_soft(backend, seg, scores, groups, dict(method=method, sigma=0.5, iou_threshold=0.3, min_score=1e-3, offset=0.0))
+
+
+def test_soft_temporal_nms_negative_scores_merge_order(backend):
+    # Negative scores rise under decay, so a group's selections are not monotone;
+    # the global order must still be the reference's best-head merge.
+    gen = torch.Generator().manual_seed(8)
+    M = 40
+    start = torch.randint(0, 10, (M,), generator=gen).double()
+    seg = torch.stack([start, start + torch.randint(1, 6, (M,), generator=gen).double()], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64) * 2 - 1.5
+    groups = torch.randint(0, 3, (M,), generator=gen)
+    for method in ("gaussian", "linear"):
+        _check_soft(backend, seg, scores, groups, dict(method=method, sigma=0.5, iou_threshold=0.2, min_score=-math.inf, offset=1.0))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
+def test_soft_temporal_nms_nan_and_inf_scores(any_backend):
+    dev = backend_device(any_backend)
+    seg = torch.tensor([[0.0, 10.0], [0.0, 10.0], [2.0, 8.0], [20.0, 30.0]], device=dev, dtype=torch.float64)
+    scores = torch.tensor([math.inf, math.inf, math.nan, 0.5], device=dev, dtype=torch.float64)
+    # Linear decay of the second inf by (1 - IoU) = 0 makes a NaN: dropped; the NaN score
+    # is dropped from the start.
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, method="linear", iou_threshold=0.3, backend=any_backend)
+    assert idx.tolist() == [0, 3]
+    assert val.tolist() == [math.inf, 0.5]
+
+
+def test_soft_temporal_nms_empty_and_single(any_backend):
+    dev = backend_device(any_backend)
+    idx, val = mmsd_ext.soft_temporal_nms(torch.zeros(0, 2, device=dev), torch.zeros(0, device=dev, dtype=torch.float16), backend=any_backend)
+    assert idx.shape == (0,) and val.shape == (0,) and val.dtype == torch.float16
+    idx, val = mmsd_ext.soft_temporal_nms(torch.tensor([[0.0, 1.0]], device=dev), torch.tensor([0.5], device=dev), backend=any_backend)
+    assert idx.tolist() == [0] and val.tolist() == [0.5]
+    idx, val = mmsd_ext.soft_temporal_nms(torch.tensor([[0.0, 1.0]], device=dev), torch.tensor([1e-4], device=dev), backend=any_backend)
+    assert idx.shape == (0,)
+
+
+# ----------------------------------------------------------------------------
+# bad inputs
+
+
+def _bad_calls():
+    seg = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    sc = torch.tensor([0.5, 0.4])
+    hard = lambda **kw: ("hard", dict(dict(segments=seg, scores=sc, iou_threshold=0.5), **kw))  # noqa: E731
+    soft = lambda **kw: ("soft", dict(dict(segments=seg, scores=sc), **kw))  # noqa: E731
+    return [
+        (hard(segments=torch.tensor([[0.0, 1.0], [3.0, 2.0]])), ValueError, "segments"),
+        (hard(segments=torch.tensor([[0.0, 1.0], [math.nan, 2.0]])), ValueError, "segments"),
+        (hard(segments=torch.tensor([[0.0, math.inf], [1.0, 2.0]])), ValueError, "segments"),
+        (hard(segments=torch.zeros(2, 3)), ValueError, "segments"),
+        (hard(segments=torch.zeros(2, 2, dtype=torch.int64)), TypeError, "segments"),
+        (hard(scores=torch.zeros(3)), ValueError, "scores"),
+        (hard(scores=torch.zeros(2, dtype=torch.int64)), TypeError, "scores"),
+        (hard(iou_threshold=-0.1), ValueError, "iou_threshold"),
+        (hard(iou_threshold=math.nan), ValueError, "iou_threshold"),
+        (hard(groups=torch.zeros(2, dtype=torch.int32)), TypeError, "groups"),
+        (hard(groups=torch.zeros(3, dtype=torch.int64)), ValueError, "groups"),
+        (hard(overlap="giou"), ValueError, "overlap"),
+        (hard(offset=-1.0), ValueError, "offset"),
+        (soft(segments=torch.tensor([[0.0, 1.0], [3.0, 2.0]])), ValueError, "segments"),
+        (soft(segments=torch.tensor([[0.0, 1.0], [math.nan, 2.0]])), ValueError, "segments"),
+        (soft(sigma=0.0), ValueError, "sigma"),
+        (soft(sigma=-1.0), ValueError, "sigma"),
+        (soft(iou_threshold=-1.0), ValueError, "iou_threshold"),
+        (soft(min_score=math.nan), TypeError, "min_score"),
+        (soft(method="hard"), ValueError, "method"),
+        (soft(groups=torch.zeros(2)), TypeError, "groups"),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf under the interpreter
+@pytest.mark.parametrize("call,error,name", _bad_calls())
+def test_bad_inputs_name_the_argument(any_backend, call, error, name):
+    kind, kwargs = call
+    dev = backend_device(any_backend)
+    kwargs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    fn = mmsd_ext.temporal_nms if kind == "hard" else mmsd_ext.soft_temporal_nms
+    with pytest.raises(error, match=name):
+        fn(backend=any_backend, **kwargs)
+
+
+def test_compiled_ops_check_their_arguments():
+    # Direct calls of the dispatcher ops (no Python wrapper) fail cleanly too.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    seg = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    sc = torch.tensor([0.5, 0.4])
+    with pytest.raises(ValueError, match="segments"):
+        torch.ops.mmsd_ext.temporal_nms(seg, sc, None, 0.5, "iou", 0.0)
+    with pytest.raises(ValueError, match="overlap"):
+        torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, None, 0.5, "x", 0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        torch.ops.mmsd_ext.soft_temporal_nms(seg.sort(1).values, sc, None, "gaussian", 0.0, 0.3, 0.0, 0.0)
+    with pytest.raises(TypeError, match="groups"):
+        torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, torch.zeros(2), 0.5, "iou", 0.0)
+    with pytest.raises(ValueError, match="mask"):
+        torch.ops.mmsd_ext._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64), None)
+
+
+# ----------------------------------------------------------------------------
+# opcheck and torch.compile
+
+
+def _opcheck_inputs(dev):
+    gen = torch.Generator().manual_seed(9)
+    M = 20
+    start = torch.rand(M, generator=gen) * 10
+    seg = torch.stack([start, start + torch.rand(M, generator=gen) * 5], 1).to(dev)
+    scores = torch.rand(M, generator=gen).to(dev)
+    groups = torch.randint(0, 3, (M,), generator=gen).to(dev)
+    return seg, scores, groups
+
+
+def test_opcheck(backend):
+    dev = backend_device(backend)
+    seg, scores, groups = _opcheck_inputs(dev)
+    if backend == "triton":
+        hard, soft = torch.ops.mmsd_ext.temporal_nms_triton.default, torch.ops.mmsd_ext.soft_temporal_nms_triton.default
+    else:
+        hard, soft = torch.ops.mmsd_ext.temporal_nms.default, torch.ops.mmsd_ext.soft_temporal_nms.default
+        torch.library.opcheck(torch.ops.mmsd_ext._temporal_nms_gather.default, (torch.zeros(20, 1, dtype=torch.int64, device=dev), None))
+    torch.library.opcheck(hard, (seg, scores, groups, 0.5, "iou", 0.0))
+    torch.library.opcheck(hard, (seg.double(), scores, None, 0.3, "other", 1.0))
+    torch.library.opcheck(soft, (seg, scores, groups, "gaussian", 0.5, 0.3, 1e-3, 0.0))
+    torch.library.opcheck(soft, (seg, scores.double(), None, "linear", 0.5, 0.3, 1e-3, 1.0))
+
+
+def test_torch_compile_fullgraph():
+    # The result size depends on the data: with capture_dynamic_output_shape_ops the
+    # op's fake kernel (a new unbacked size) lets the whole function compile as one
+    # graph; without it dynamo would have to break the graph at the op.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    import torch._dynamo
+
+    def pipeline(seg, scores, groups):
+        keep = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend="cpu")
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu")
+        return seg[keep].sum() + val.sum(), keep, idx
+
+    seg, scores, groups = _opcheck_inputs(torch.device("cpu"))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(pipeline, fullgraph=True, backend="inductor")
+        got = compiled(seg, scores, groups)
+    expected = pipeline(seg, scores, groups)
+    torch.testing.assert_close(got[0], expected[0])
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+# ----------------------------------------------------------------------------
+# CUDA-only: sizes the interpreter cannot run (skipped without a GPU)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_gpu_large_against_cpu(gpu_backend):
+    if gpu_backend not in mmsd_ext.available_backends() or "cpu" not in mmsd_ext.available_backends():
+        pytest.skip(f"{gpu_backend} or cpu backend not available")
+    gen = torch.Generator().manual_seed(10)
+    # One group of 5000 (dense mask), and 20000 in groups (band mask past the dense limit).
+    for M, G in ((5000, 1), (20000, 300), (3000, 3000)):
+        start = torch.rand(M, generator=gen, dtype=torch.float64) * 1000
+        seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64) * 80], 1)
+        scores = torch.rand(M, generator=gen).float()
+        groups = None if G == 1 else torch.randint(0, G, (M,), generator=gen)
+        for overlap, offset in (("iou", 0.0), ("other", 1.0)):
+            expected = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, overlap=overlap, offset=offset, backend="cpu")
+            got = mmsd_ext.temporal_nms(
+                seg.cuda(), scores.cuda(), 0.5, groups=None if groups is None else groups.cuda(), overlap=overlap, offset=offset, backend=gpu_backend
+            )
+            assert torch.equal(got.cpu(), expected)
+        idx_cpu, val_cpu = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu")
+        idx, val = mmsd_ext.soft_temporal_nms(seg.cuda(), scores.cuda(), groups=None if groups is None else groups.cuda(), backend=gpu_backend)
+        assert torch.equal(idx.cpu(), idx_cpu)
+        torch.testing.assert_close(val.cpu(), val_cpu, **SOFT_SCORE_TOL[torch.float32])
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_gpu_bad_segments_raise_after_the_op():
+    if "cuda" not in mmsd_ext.available_backends():
+        pytest.skip("cuda backend not available")
+    seg = torch.tensor([[0.0, 1.0], [3.0, 2.0]], device="cuda")
+    with pytest.raises(ValueError, match="segments"):
+        mmsd_ext.temporal_nms(seg, torch.tensor([0.5, 0.4], device="cuda"), 0.5, backend="cuda")
+    with pytest.raises(ValueError, match="segments"):
+        mmsd_ext.soft_temporal_nms(seg, torch.tensor([0.5, 0.4], device="cuda"), backend="cuda")
+    # The device is still usable afterwards.
+    assert torch.ones(1, device="cuda").item() == 1.0
