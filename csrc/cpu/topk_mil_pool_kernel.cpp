@@ -387,21 +387,21 @@ void check_values(const at::Tensor& k, const at::Tensor& lengths, int64_t T) {
     TORCH_CHECK(
         lp[b] >= 1 && lp[b] <= T,
         "lengths: expected values in [1, T] = [1, ",
-        T,
+        num(T),
         "], got lengths[",
-        b,
+        num(b),
         "] = ",
-        lp[b]);
+        num(lp[b]));
     TORCH_CHECK(
         kp[b] >= 1 && kp[b] <= lp[b],
         "k: expected 1 <= k[b] <= lengths[b], got k[",
-        b,
+        num(b),
         "] = ",
-        kp[b],
+        num(kp[b]),
         " with lengths[",
-        b,
+        num(b),
         "] = ",
-        lp[b]);
+        num(lp[b]));
   }
 }
 
