@@ -15,7 +15,12 @@ namespace {
 void check_index_vector(const char* name, const at::Tensor& value, const at::Tensor& scores, int64_t B) {
   TORCH_CHECK(value.scalar_type() == at::kLong, name, ": expected an int64 tensor, got ", value.scalar_type());
   TORCH_CHECK(
-      value.dim() == 1 && value.size(0) == B, name, ": expected shape [B] = [", B, "], got ", value.sizes());
+      value.dim() == 1 && value.size(0) == B,
+      name,
+      ": expected shape [B] = [",
+      num(B),
+      "], got ",
+      shape(value.sizes()));
   TORCH_CHECK(
       value.device() == scores.device(),
       name,
@@ -31,11 +36,11 @@ void check_per_column(const char* name, const at::Tensor& value, const at::Tenso
       value.dim() == 2 && value.size(0) == B && value.size(1) == C,
       name,
       ": expected shape [B, C] = [",
-      B,
+      num(B),
       ", ",
-      C,
+      num(C),
       "], got ",
-      value.sizes());
+      shape(value.sizes()));
   TORCH_CHECK(
       value.device() == scores.device(),
       name,
@@ -48,7 +53,7 @@ void check_per_column(const char* name, const at::Tensor& value, const at::Tenso
 }  // namespace
 
 void check_topk_mil_pool_args(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& lengths) {
-  TORCH_CHECK(scores.dim() == 3, "scores: expected a 3-d tensor [B, T, C], got shape ", scores.sizes());
+  TORCH_CHECK(scores.dim() == 3, "scores: expected a 3-d tensor [B, T, C], got shape ", shape(scores.sizes()));
   const auto dtype = scores.scalar_type();
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
@@ -58,7 +63,7 @@ void check_topk_mil_pool_args(const at::Tensor& scores, const at::Tensor& k, con
   TORCH_CHECK(
       scores.size(1) < std::numeric_limits<int32_t>::max(),
       "scores: expected T < 2**31 - 1, got T = ",
-      scores.size(1));
+      num(scores.size(1)));
   check_index_vector("k", k, scores, scores.size(0));
   check_index_vector("lengths", lengths, scores, scores.size(0));
 }

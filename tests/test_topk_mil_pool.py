@@ -274,13 +274,16 @@ def test_gradcheck_float64_cpu():
         )
 
 
-def test_triton_chunked_tiles(monkeypatch):
-    # Columns longer than one register tile take the looping path of the kernel.
+@pytest.mark.parametrize("digit_bits", [1, 4])
+def test_triton_chunked_tiles(monkeypatch, digit_bits):
+    # Columns longer than one register tile take the looping path of the kernel;
+    # every radix digit width gives the same selection.
     if "triton" not in mmsd_ext.available_backends():
         pytest.skip("triton backend not available")
     from mmsd_ext.kernels import topk_mil_pool as kernels
 
     monkeypatch.setattr(kernels, "MAX_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(kernels, "DIGIT_BITS", digit_bits)
     device = backend_device("triton")
     gen = torch.Generator().manual_seed(4)
     for kind, dtype, largest in [("special", torch.float32, True), ("ties", torch.float64, False)]:

@@ -5,12 +5,17 @@
 // after which the selected sum is
 //   sum(values with key > kth) + (k - count(key > kth)) * value(kth).
 // The block is copied once as keys, row-major like the input so that the copy
-// vectorises; the passes that touch every element (the top-digit histogram,
-// the sum of what lies above the k-th top digit, the compaction of the
-// candidates that share it) run over all 16 columns of a row at once, and the
-// remaining digits only over the candidates, which are few.
+// vectorises. The passes that touch every element (two histograms that fix the
+// top 16 bits, the sum of what lies above that prefix, the collection of the
+// candidates that share it) run over the 16 columns of a row at once; the
+// remaining digits run over the candidates only, which are few.
 // The backward is one elementwise pass that recomputes each key and applies
 // the saved (kth, cut) rule.
+//
+// Measured at (32, 2304, 201), k = 288, one thread, CPU time of the forward on
+// the shared 2-core development machine: a branchy key and one digit per pass
+// 200 ms; branch-free keys 80 ms; prefetching the rows 59 ms; two digits before
+// collecting candidates 34 ms (torch.topk forward + backward: 305 ms).
 #include "topk_mil_pool.h"
 #include "topk_mil_pool_math.h"
 
@@ -37,7 +42,7 @@ using namespace topk_mil_pool_math;
 // Columns per task: 16 fp32 columns are one 64-byte cache line of each row of a
 // C-contiguous slab, and 16 lanes fill the vector registers in the per-row loops.
 constexpr int64_t kLanes = 16;
-// Rows ahead that load_keys prefetches: 
+// Rows ahead that load_keys prefetches (two cache lines each): 80 -> 59 ms, above.
 constexpr int64_t kPrefetchRows = 16;
 // Radix digit: 16 lanes x 256 bins of int32 is 16 KiB, which stays in L1.
 constexpr int kDigitBits = 8;
@@ -166,6 +171,10 @@ struct BlockSelect {
     }
     for (int64_t j = 0; j < kLanes; ++j) {
       prefix[j] = (prefix[j] << kDigitBits) | static_cast<key_t>(find_digit(hist.data() + j * kBins, need[j]));
+    }
+    // Padding lanes hold key 0: a prefix of 1 leaves them neither above nor candidates.
+    for (int64_t j = width; j < kLanes; ++j) {
+      prefix[j] = 1;
     }
     // What lies above each lane's 16-bit prefix is selected: sum it (vectorised, time order per lane).
     std::array<acc_t, kLanes> sum{};
@@ -387,21 +396,21 @@ void check_values(const at::Tensor& k, const at::Tensor& lengths, int64_t T) {
     TORCH_CHECK(
         lp[b] >= 1 && lp[b] <= T,
         "lengths: expected values in [1, T] = [1, ",
-        T,
+        num(T),
         "], got lengths[",
-        b,
+        num(b),
         "] = ",
-        lp[b]);
+        num(lp[b]));
     TORCH_CHECK(
         kp[b] >= 1 && kp[b] <= lp[b],
         "k: expected 1 <= k[b] <= lengths[b], got k[",
-        b,
+        num(b),
         "] = ",
-        kp[b],
+        num(kp[b]),
         " with lengths[",
-        b,
+        num(b),
         "] = ",
-        lp[b]);
+        num(lp[b]));
   }
 }
 

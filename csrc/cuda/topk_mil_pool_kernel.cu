@@ -298,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
   TORCH_CHECK(
       B * C <= std::numeric_limits<int32_t>::max(),
       "scores: expected B * C < 2**31 (one CUDA block per column), got B * C = ",
-      B * C);
+      num(B * C));
   // A warp per column for short videos, up to 256 threads for long ones.
   const int threads = T <= 32 ? 32 : T <= 64 ? 64 : T <= 128 ? 128 : kMaxThreads;
   // c10's stream header, not ATen/cuda/CUDAContext.h: that one needs cusparse.h,
@@ -364,7 +364,7 @@ at::Tensor topk_mil_pool_backward_cuda(
   const int64_t rows = scores.size(0) * scores.size(1);
   const dim3 block(kWarp, kBackwardThreads / kWarp);
   const int64_t blocks = (rows + block.y - 1) / block.y;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "scores: expected B * T < 2**34, got ", rows);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "scores: expected B * T < 2**34, got ", num(rows));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_mil_pool_backward_cuda", [&] {
     topk_mil_pool_backward_kernel<scalar_t><<<blocks, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.const_data_ptr<at::opmath_type<scalar_t>>(),
