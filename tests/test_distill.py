@@ -27,6 +27,10 @@ import mmsd_ext
 from mmsd_ext import _loader
 from mmsd_ext import distill as distill_module
 
+# The Triton interpreter evaluates the kernels with numpy, which warns about the
+# intended log(0) = -inf and -inf arithmetic of excluded classes and masked rows.
+pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered:RuntimeWarning")
+
 REFERENCE_PAIR = distill_module.snippet_distill_loss_reference
 REFERENCE_MMSD = distill_module.mmsd_distill_loss_reference
 
@@ -443,7 +447,8 @@ def test_retain_graph_second_backward_and_grad_output(backend):
     rows.backward(w)
     s64 = s.detach().double().cpu().requires_grad_()
     (rg,) = torch.autograd.grad(REFERENCE_PAIR(s64, xs[1].detach().double().cpu(), 1.0, None, "none"), s64, w.double().cpu())
-    assert torch.allclose(s.grad.double().cpu(), 2 * rg, rtol=1e-5, atol=1e-7)
+    # atol: float32 roundings of w / tau * (p_student - p_teacher), w up to 11
+    assert torch.allclose(s.grad.double().cpu(), 2 * rg, rtol=1e-5, atol=2**-21 * 2 * 11)
 
 
 def test_teacher_gets_no_gradient_and_inputs_are_untouched(backend):
