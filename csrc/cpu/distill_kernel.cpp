@@ -237,6 +237,14 @@ MMSD_INLINE void for_each_vector(int64_t C, Step&& step) {
 }
 
 // ------------------------------------------------------------- row kernels
+// The backward recomputes exp(a_c) exactly as the forward did (same expression,
+// same rounding) and scales it by 1 / S, S the forward's sum of those very values:
+// the rounding of a dominant class's exp then cancels in p = exp(a) / S, which
+// exp(a - log S) would not give (its argument rounds by |a| * 6e-8).
+MMSD_INLINE float inverse_sum(float log_sum) {
+  return static_cast<float>(std::exp(-static_cast<double>(log_sum)));
+}
+
 // Single pair: stats = (shift_s, log S_s, shift_t, log S_t); returns the row's loss.
 template <int W, bool kGuardFull>
 MMSD_INLINE void pair_forward_sums(const float* s, const float* t, int64_t C, float inv_tau, float shs, float sht,
@@ -291,9 +299,10 @@ MMSD_INLINE void pair_backward_row(const float* s, const float* t, int64_t C, fl
     return;
   }
   const float k = w * inv_tau;
+  const float inv_s = inverse_sum(stats[1]), inv_t = inverse_sum(stats[3]);
   for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
-    V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau - stats[1]);
-    V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau - stats[3]);
+    V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau) * inv_s;
+    V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau) * inv_t;
     store<W>(g + c, k * (ps - pt), n);
   });
 }
@@ -380,8 +389,8 @@ MMSD_INLINE float mmsd_forward_row(const float* r, const float* f, const float* 
 }
 
 // Gradients: rgb (term 1, teacher flow) k (p_r - p_f), flow (term 2) k (p_f - p_r),
-// fused (term 3) k (p_u - p_avg), k = w / tau; p_avg by the same identity as above,
-// p_avg = h'_r h'_f exp(delta + (log S_r + log S_f) / 2 - log S_avg), h'_x = exp((a_x - log S_x) / 2).
+// fused (term 3) k (p_u - p_avg), k = w / tau; each exp recomputed as the forward's
+// branch computed it, times the row's 1 / S.
 template <int W, bool kPaired>
 MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
                                     const float* stats, float k, float paired_scale, bool ok1, bool ok2, bool ok3,
@@ -390,23 +399,24 @@ MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float*
   const V zero = splat<W>(0.0f);
   // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
   const V on1 = splat<W>(ok1 ? 1.0f : 0.0f), on2 = splat<W>(ok2 ? 1.0f : 0.0f), on3 = splat<W>(ok3 ? 1.0f : 0.0f);
-  const float half = 0.5f * inv_tau, half_log_r = 0.5f * stats[1], half_log_f = 0.5f * stats[3];
+  const float inv_r = inverse_sum(stats[1]), inv_f = inverse_sum(stats[3]);
+  const float inv_u = inverse_sum(stats[5]), inv_a = inverse_sum(stats[7]);
   for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
     V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
-    V pr, pf, pa;
+    V ar = (xr - stats[0]) * inv_tau, af = (xf - stats[2]) * inv_tau;
+    V er, ef, ea;
     if constexpr (kPaired) {
-      V hr = vexp<W>((xr - stats[0]) * half - half_log_r);
-      V hf = vexp<W>((xf - stats[2]) * half - half_log_f);
-      pr = hr * hr;
-      pf = hf * hf;
-      pa = hr * (hf * paired_scale);
+      V hr = vexp<W>(ar * 0.5f), hf = vexp<W>(af * 0.5f);
+      er = hr * hr;
+      ef = hf * hf;
+      ea = hr * (hf * paired_scale);
     } else {
-      pr = vexp<W>((xr - stats[0]) * inv_tau - stats[1]);
-      pf = vexp<W>((xf - stats[2]) * inv_tau - stats[3]);
-      pa = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau - stats[7]);
+      er = vexp<W>(ar);
+      ef = vexp<W>(af);
+      ea = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau);
     }
-    V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau - stats[5]);
-    V g1 = k * (pr - pf), g3 = k * (pu - pa);
+    V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau) * inv_u;
+    V g1 = k * (er * inv_r - ef * inv_f), g3 = k * (pu - ea * inv_a);
     if constexpr (kPaired) {  // only taken with all three teachers present
       store<W>(gr + c, g1, n);
       store<W>(gf + c, -g1, n);
@@ -432,11 +442,8 @@ MMSD_INLINE void mmsd_backward_row(const float* r, const float* f, const float* 
   }
   const float k = w * inv_tau;
   const float delta = paired_delta(stats[0], stats[2], stats[6], inv_tau);
-  if (ok1 && ok2 && ok3 && delta <= kMaxPairedExponent) {  // the forward's branch
-    // In double: delta reaches 50, and a float sum would round it by 50 * 6e-8.
-    const float scale = static_cast<float>(
-        std::exp(static_cast<double>(delta) + 0.5 * (static_cast<double>(stats[1]) + stats[3]) - stats[7]));
-    mmsd_backward_loop<W, true>(r, f, u, C, inv_tau, stats, k, scale, ok1, ok2, ok3, gr, gf, gu);
+  if (ok1 && ok2 && ok3 && delta <= kMaxPairedExponent) {  // the forward's branch, the forward's exp(delta)
+    mmsd_backward_loop<W, true>(r, f, u, C, inv_tau, stats, k, std::exp(delta), ok1, ok2, ok3, gr, gf, gu);
   } else {
     mmsd_backward_loop<W, false>(r, f, u, C, inv_tau, stats, k, 0.0f, ok1, ok2, ok3, gr, gf, gu);
   }
