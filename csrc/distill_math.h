@@ -19,6 +19,8 @@
 //
 // Gradient (recomputed in the backward from the saved shift and log S):
 //   p_s,c = exp((s_c - shift_s) / tau - log S_s),  d loss / d s_c = (p_s,c - p_t,c) / tau.
+// (The CPU kernels compute exp((s_c - shift_s) / tau) * (1 / S_s) instead, the
+// exp bit for bit as in the forward, so that it cancels against S; see there.)
 #pragma once
 
 #include <c10/macros/Macros.h>

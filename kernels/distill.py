@@ -19,7 +19,8 @@ gradient. MMSD's three terms share one pass: rgb's gradient is w (p_rgb - p_flow
 
 Rows of up to MAX_TILE_C classes are one tile, several rows per program; wider
 rows loop over tiles of MAX_TILE_C classes (a first loop for the maxima, a
-second for the sums, re-reading the row from cache). A one-pass online softmax
+second for the sums, re-reading the row from cache), accumulating elementwise and
+reducing once after each loop. A one-pass online softmax
 would have to rescale the cross term D along with S whenever either maximum
 moves; two passes keep the arithmetic identical to the one-tile path.
 """
@@ -98,27 +99,33 @@ def _snippet_distill_forward_kernel(
         sum_t = tl.sum(eb, axis=1)
         cross = tl.sum(_cross(eb, a), axis=1)
     else:
-        max_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        max_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        # Tiles accumulate elementwise and are reduced once after each loop (cheaper
+        # than a reduction per tile; a reduction carried by the loop also trips an
+        # assertion in Triton's thread-locality pass).
+        max_s = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+        max_t = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
             m = valid[:, None] & (c[None, :] < C)
-            max_s = tl.maximum(max_s, tl.max(_load_tile(s_ptr, base + c[None, :], m), axis=1))
-            max_t = tl.maximum(max_t, tl.max(_load_tile(t_ptr, base + c[None, :], m), axis=1))
-        shift_s = _row_shift(max_s)
-        shift_t = _row_shift(max_t)
-        sum_s = tl.zeros([BLOCK_R], tl.float32)
-        sum_t = tl.zeros([BLOCK_R], tl.float32)
-        cross = tl.zeros([BLOCK_R], tl.float32)
+            max_s = tl.maximum(max_s, _load_tile(s_ptr, base + c[None, :], m))
+            max_t = tl.maximum(max_t, _load_tile(t_ptr, base + c[None, :], m))
+        shift_s = _row_shift(tl.max(max_s, axis=1))
+        shift_t = _row_shift(tl.max(max_t, axis=1))
+        acc_s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_t = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_cross = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
             m = valid[:, None] & (c[None, :] < C)
             a = (_load_tile(s_ptr, base + c[None, :], m) - shift_s[:, None]) * inv_tau
             b = (_load_tile(t_ptr, base + c[None, :], m) - shift_t[:, None]) * inv_tau
             eb = tl.exp(b)
-            sum_s += tl.sum(tl.exp(a), axis=1)
-            sum_t += tl.sum(eb, axis=1)
-            cross += tl.sum(_cross(eb, a), axis=1)
+            acc_s += tl.exp(a)
+            acc_t += eb
+            acc_cross += _cross(eb, a)
+        sum_s = tl.sum(acc_s, axis=1)
+        sum_t = tl.sum(acc_t, axis=1)
+        cross = tl.sum(acc_cross, axis=1)
     loss = tl.where(valid, _row_loss(sum_s, sum_t, cross), 0.0)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     st = stats_ptr + rows.to(tl.int64) * 4
@@ -215,30 +222,31 @@ def _mmsd_distill_forward_kernel(
         cross2 = tl.sum(_cross(er, af), axis=1)
         cross3 = tl.sum(_cross(ea, au), axis=1)
     else:
-        max_r = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        max_f = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        max_u = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        max_a = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        # Elementwise accumulators, reduced after each loop (see the single-pair kernel).
+        max_r = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+        max_f = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+        max_u = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
+        max_a = tl.full([BLOCK_R, BLOCK_C], float("-inf"), tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
             m = valid[:, None] & (c[None, :] < C)
             r = _load_tile(r_ptr, base + c[None, :], m)
             f = _load_tile(f_ptr, base + c[None, :], m)
-            max_r = tl.maximum(max_r, tl.max(r, axis=1))
-            max_f = tl.maximum(max_f, tl.max(f, axis=1))
-            max_a = tl.maximum(max_a, tl.max((r + f) * 0.5, axis=1))
-            max_u = tl.maximum(max_u, tl.max(_load_tile(u_ptr, base + c[None, :], m), axis=1))
-        shift_r = _row_shift(max_r)
-        shift_f = _row_shift(max_f)
-        shift_u = _row_shift(max_u)
-        shift_a = _row_shift(max_a)
-        sum_r = tl.zeros([BLOCK_R], tl.float32)
-        sum_f = tl.zeros([BLOCK_R], tl.float32)
-        sum_u = tl.zeros([BLOCK_R], tl.float32)
-        sum_a = tl.zeros([BLOCK_R], tl.float32)
-        cross1 = tl.zeros([BLOCK_R], tl.float32)
-        cross2 = tl.zeros([BLOCK_R], tl.float32)
-        cross3 = tl.zeros([BLOCK_R], tl.float32)
+            max_r = tl.maximum(max_r, r)
+            max_f = tl.maximum(max_f, f)
+            max_a = tl.maximum(max_a, (r + f) * 0.5)
+            max_u = tl.maximum(max_u, _load_tile(u_ptr, base + c[None, :], m))
+        shift_r = _row_shift(tl.max(max_r, axis=1))
+        shift_f = _row_shift(tl.max(max_f, axis=1))
+        shift_u = _row_shift(tl.max(max_u, axis=1))
+        shift_a = _row_shift(tl.max(max_a, axis=1))
+        acc_r = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_f = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_u = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_1 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        acc_3 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + cols
             m = valid[:, None] & (c[None, :] < C)
@@ -250,13 +258,20 @@ def _mmsd_distill_forward_kernel(
             er = tl.exp(ar)
             ef = tl.exp(af)
             ea = tl.exp(((r + f) * 0.5 - shift_a[:, None]) * inv_tau)
-            sum_r += tl.sum(er, axis=1)
-            sum_f += tl.sum(ef, axis=1)
-            sum_u += tl.sum(tl.exp(au), axis=1)
-            sum_a += tl.sum(ea, axis=1)
-            cross1 += tl.sum(_cross(ef, ar), axis=1)
-            cross2 += tl.sum(_cross(er, af), axis=1)
-            cross3 += tl.sum(_cross(ea, au), axis=1)
+            acc_r += er
+            acc_f += ef
+            acc_u += tl.exp(au)
+            acc_a += ea
+            acc_1 += _cross(ef, ar)
+            acc_2 += _cross(er, af)
+            acc_3 += _cross(ea, au)
+        sum_r = tl.sum(acc_r, axis=1)
+        sum_f = tl.sum(acc_f, axis=1)
+        sum_u = tl.sum(acc_u, axis=1)
+        sum_a = tl.sum(acc_a, axis=1)
+        cross1 = tl.sum(acc_1, axis=1)
+        cross2 = tl.sum(acc_2, axis=1)
+        cross3 = tl.sum(acc_3, axis=1)
     loss = _row_loss(sum_r, sum_f, cross1) + _row_loss(sum_f, sum_r, cross2) + _row_loss(sum_u, sum_a, cross3)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
     st = stats_ptr + rows.to(tl.int64) * 8

@@ -12,7 +12,8 @@
 // falls back to its scalar code here and Sleef is not reachable. The row loops are
 // written once with GCC vector extensions (a branch-free exp included) and compiled
 // three times, for AVX-512, AVX2+FMA and the baseline, picked at run time from the
-// CPU's features (__builtin_cpu_supports).
+// CPU's features (__builtin_cpu_supports; MMSD_EXT_DISTILL_CPU_ISA=avx2|baseline
+// forces a narrower one, which is how the tests reach all three).
 //
 // Inputs of any strides are made contiguous by the op (a copy only when they are
 // not already); float16/bfloat16/float64 rows are converted to a float32 scratch
@@ -25,7 +26,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -96,7 +99,7 @@ template <int W>
 MMSD_INLINE vf<W> load(const float* p, int64_t n) {
   vf<W> v;
   if (n >= W) {
-    std::memcpy(&v, p, sizeof(v));
+    std::memcpy(&v, p, sizeof(v));  // a constant size: one vector load
   } else {
     v = splat<W>(-INFINITY);
     std::memcpy(&v, p, n * sizeof(float));
@@ -104,10 +107,22 @@ MMSD_INLINE vf<W> load(const float* p, int64_t n) {
   return v;
 }
 
+// load, with lanes below `skip` (classes the walk has already visited) set to -inf.
+template <int W>
+MMSD_INLINE vf<W> load_new(const float* p, int64_t n, int64_t skip) {
+  vf<W> v = load<W>(p, n);
+  if (skip > 0) {
+    vi<W> lane;
+    for (int i = 0; i < W; ++i) lane[i] = i;
+    v = lane < static_cast<int32_t>(skip) ? splat<W>(-INFINITY) : v;
+  }
+  return v;
+}
+
 template <int W>
 MMSD_INLINE void store(float* p, vf<W> v, int64_t n) {
   if (n >= W) {
-    std::memcpy(p, &v, sizeof(v));  // a constant size: one vector store
+    std::memcpy(p, &v, sizeof(v));
   } else {
     std::memcpy(p, &v, n * sizeof(float));
   }
@@ -119,29 +134,50 @@ MMSD_INLINE vf<W> vmax(vf<W> a, vf<W> b) {
 }
 
 template <int W>
-MMSD_INLINE float hmax(vf<W> v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-template <int W>
 MMSD_INLINE vf<W> vmin(vf<W> a, vf<W> b) {
   return a < b ? a : b;
 }
 
+// Horizontal reductions by halving (a fixed order: deterministic).
 template <int W>
-MMSD_INLINE float hmin(vf<W> v) {
-  float m = v[0];
-  for (int i = 1; i < W; ++i) m = v[i] < m ? v[i] : m;
-  return m;
+MMSD_INLINE void halves(vf<W> v, vf<W / 2>& lo, vf<W / 2>& hi) {
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
 }
 
 template <int W>
 MMSD_INLINE float hsum(vf<W> v) {
-  float s = 0.0f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
+  if constexpr (W == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    vf<W / 2> lo, hi;
+    halves<W>(v, lo, hi);
+    return hsum<W / 2>(lo + hi);
+  }
+}
+
+template <int W>
+MMSD_INLINE float hmax(vf<W> v) {
+  if constexpr (W == 4) {
+    const float a = v[0] > v[2] ? v[0] : v[2], b = v[1] > v[3] ? v[1] : v[3];
+    return a > b ? a : b;
+  } else {
+    vf<W / 2> lo, hi;
+    halves<W>(v, lo, hi);
+    return hmax<W / 2>(vmax<W / 2>(lo, hi));
+  }
+}
+
+template <int W>
+MMSD_INLINE float hmin(vf<W> v) {
+  if constexpr (W == 4) {
+    const float a = v[0] < v[2] ? v[0] : v[2], b = v[1] < v[3] ? v[1] : v[3];
+    return a < b ? a : b;
+  } else {
+    vf<W / 2> lo, hi;
+    halves<W>(v, lo, hi);
+    return hmin<W / 2>(vmin<W / 2>(lo, hi));
+  }
 }
 
 // exp(x) for x <= 0, -inf (-> 0) and NaN (-> NaN): Cody-Waite reduction and the
@@ -182,26 +218,43 @@ MMSD_INLINE vf<W> cross(vf<W> e_t, vf<W> a_s) {
   }
 }
 
-// Walks a row of C classes W at a time: full vectors with step<kGuardFull>(c, W),
-// the padded last one with step<true>(c, n < W) (the flag says "guard" to the
-// forward's cross terms; the backward has no use for it).
+// Walks a row of C classes W at a time: step(guard, c, n, skip) on the vector at
+// class c holding n classes (n < W only for rows shorter than W, padded with -inf).
+// A row that is not a multiple of W ends with the vector of its last W classes,
+// whose first `skip` lanes were visited before: sums mask them (load_new), maxima
+// and elementwise outputs may take them again. This keeps variable-length copies
+// out of every row but the shortest. guard: std::integral_constant<bool,
+// kGuardFull> on full vectors, true on the last one (the forward's cross terms).
 template <int W, bool kGuardFull, typename Step>
 MMSD_INLINE void for_each_vector(int64_t C, Step&& step) {
+  if (C < W) {
+    step(std::true_type{}, int64_t(0), C, int64_t(0));
+    return;
+  }
   int64_t c = 0;
-  for (; c + W <= C; c += W) step.template operator()<kGuardFull>(c, W);
-  if (c < C) step.template operator()<true>(c, C - c);
+  for (; c + W <= C; c += W) step(std::integral_constant<bool, kGuardFull>{}, c, int64_t(W), int64_t(0));
+  if (c < C) step(std::true_type{}, C - W, int64_t(W), W - (C - c));
 }
 
 // ------------------------------------------------------------- row kernels
+// The backward recomputes exp(a_c) exactly as the forward did (same expression,
+// same rounding) and scales it by 1 / S, S the forward's sum of those very values:
+// the rounding of a dominant class's exp then cancels in p = exp(a) / S, which
+// exp(a - log S) would not give (its argument rounds by |a| * 6e-8).
+MMSD_INLINE float inverse_sum(float log_sum) {
+  return static_cast<float>(std::exp(-static_cast<double>(log_sum)));
+}
+
 // Single pair: stats = (shift_s, log S_s, shift_t, log S_t); returns the row's loss.
 template <int W, bool kGuardFull>
 MMSD_INLINE void pair_forward_sums(const float* s, const float* t, int64_t C, float inv_tau, float shs, float sht,
                                    float* sums) {
   using V = vf<W>;
   V ss = splat<W>(0.0f), st = ss, d = ss;
-  for_each_vector<W, kGuardFull>(C, [&]<bool kGuard>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
-    V a = (load<W>(s + c, n) - shs) * inv_tau;
-    V b = (load<W>(t + c, n) - sht) * inv_tau;
+  for_each_vector<W, kGuardFull>(C, [&](auto guard, int64_t c, int64_t n, int64_t skip) MMSD_LAMBDA_INLINE {
+    constexpr bool kGuard = decltype(guard)::value;
+    V a = (load_new<W>(s + c, n, skip) - shs) * inv_tau;
+    V b = (load_new<W>(t + c, n, skip) - sht) * inv_tau;
     V eb = vexp<W>(b);
     ss += vexp<W>(a);
     st += eb;
@@ -216,12 +269,12 @@ template <int W>
 MMSD_INLINE float pair_forward_row(const float* s, const float* t, int64_t C, float inv_tau, float* stats) {
   using V = vf<W>;
   V ms = splat<W>(-INFINITY), mt = ms, lo = splat<W>(INFINITY);
-  for (int64_t c = 0; c < C; c += W) {
-    V xs = load<W>(s + c, C - c);
+  for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
+    V xs = load<W>(s + c, n);
     ms = vmax<W>(ms, xs);
     lo = vmin<W>(lo, xs);
-    mt = vmax<W>(mt, load<W>(t + c, C - c));
-  }
+    mt = vmax<W>(mt, load<W>(t + c, n));
+  });
   const float shs = row_shift(hmax<W>(ms)), sht = row_shift(hmax<W>(mt));
   float sums[3];
   // Only a -inf student logit makes an unguarded cross term NaN (0 * -inf).
@@ -246,9 +299,10 @@ MMSD_INLINE void pair_backward_row(const float* s, const float* t, int64_t C, fl
     return;
   }
   const float k = w * inv_tau;
-  for_each_vector<W, false>(C, [&]<bool kTail>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
-    V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau - stats[1]);
-    V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau - stats[3]);
+  const float inv_s = inverse_sum(stats[1]), inv_t = inverse_sum(stats[3]);
+  for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
+    V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau) * inv_s;
+    V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau) * inv_t;
     store<W>(g + c, k * (ps - pt), n);
   });
 }
@@ -261,10 +315,11 @@ MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* 
                                    const float* shift, float paired_scale, float* sums) {
   using V = vf<W>;
   V zr = splat<W>(0.0f), zf = zr, zu = zr, za = zr, d1 = zr, d2 = zr, d3 = zr;
-  for_each_vector<W, kGuardFull>(C, [&]<bool kGuard>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
-    V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
+  for_each_vector<W, kGuardFull>(C, [&](auto guard, int64_t c, int64_t n, int64_t skip) MMSD_LAMBDA_INLINE {
+    constexpr bool kGuard = decltype(guard)::value;
+    V xr = load_new<W>(r + c, n, skip), xf = load_new<W>(f + c, n, skip);
     V ar = (xr - shift[0]) * inv_tau, af = (xf - shift[1]) * inv_tau;
-    V au = (load<W>(u + c, n) - shift[2]) * inv_tau;
+    V au = (load_new<W>(u + c, n, skip) - shift[2]) * inv_tau;
     V er, ef, ea;
     if constexpr (kPaired) {
       V hr = vexp<W>(ar * 0.5f), hf = vexp<W>(af * 0.5f);
@@ -298,14 +353,14 @@ MMSD_INLINE float mmsd_forward_row(const float* r, const float* f, const float* 
                                    float* stats) {
   using V = vf<W>;
   V mr = splat<W>(-INFINITY), mf = mr, mu = mr, ma = mr, lo = splat<W>(INFINITY);
-  for (int64_t c = 0; c < C; c += W) {
-    V xr = load<W>(r + c, C - c), xf = load<W>(f + c, C - c), xu = load<W>(u + c, C - c);
+  for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
+    V xr = load<W>(r + c, n), xf = load<W>(f + c, n), xu = load<W>(u + c, n);
     mr = vmax<W>(mr, xr);
     mf = vmax<W>(mf, xf);
     ma = vmax<W>(ma, (xr + xf) * 0.5f);
     mu = vmax<W>(mu, xu);
     lo = vmin<W>(lo, vmin<W>(vmin<W>(xr, xf), xu));
-  }
+  });
   const float shift[4] = {row_shift(hmax<W>(mr)), row_shift(hmax<W>(mf)), row_shift(hmax<W>(mu)),
                           row_shift(hmax<W>(ma))};
   const float delta = paired_delta(shift[0], shift[1], shift[3], inv_tau);
@@ -334,8 +389,8 @@ MMSD_INLINE float mmsd_forward_row(const float* r, const float* f, const float* 
 }
 
 // Gradients: rgb (term 1, teacher flow) k (p_r - p_f), flow (term 2) k (p_f - p_r),
-// fused (term 3) k (p_u - p_avg), k = w / tau; p_avg by the same identity as above,
-// p_avg = h'_r h'_f exp(delta + (log S_r + log S_f) / 2 - log S_avg), h'_x = exp((a_x - log S_x) / 2).
+// fused (term 3) k (p_u - p_avg), k = w / tau; each exp recomputed as the forward's
+// branch computed it, times the row's 1 / S.
 template <int W, bool kPaired>
 MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float* u, int64_t C, float inv_tau,
                                     const float* stats, float k, float paired_scale, bool ok1, bool ok2, bool ok3,
@@ -344,23 +399,24 @@ MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float*
   const V zero = splat<W>(0.0f);
   // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
   const V on1 = splat<W>(ok1 ? 1.0f : 0.0f), on2 = splat<W>(ok2 ? 1.0f : 0.0f), on3 = splat<W>(ok3 ? 1.0f : 0.0f);
-  const float half = 0.5f * inv_tau, half_log_r = 0.5f * stats[1], half_log_f = 0.5f * stats[3];
-  for_each_vector<W, false>(C, [&]<bool kTail>(int64_t c, int64_t n) MMSD_LAMBDA_INLINE {
+  const float inv_r = inverse_sum(stats[1]), inv_f = inverse_sum(stats[3]);
+  const float inv_u = inverse_sum(stats[5]), inv_a = inverse_sum(stats[7]);
+  for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
     V xr = load<W>(r + c, n), xf = load<W>(f + c, n);
-    V pr, pf, pa;
+    V ar = (xr - stats[0]) * inv_tau, af = (xf - stats[2]) * inv_tau;
+    V er, ef, ea;
     if constexpr (kPaired) {
-      V hr = vexp<W>((xr - stats[0]) * half - half_log_r);
-      V hf = vexp<W>((xf - stats[2]) * half - half_log_f);
-      pr = hr * hr;
-      pf = hf * hf;
-      pa = hr * (hf * paired_scale);
+      V hr = vexp<W>(ar * 0.5f), hf = vexp<W>(af * 0.5f);
+      er = hr * hr;
+      ef = hf * hf;
+      ea = hr * (hf * paired_scale);
     } else {
-      pr = vexp<W>((xr - stats[0]) * inv_tau - stats[1]);
-      pf = vexp<W>((xf - stats[2]) * inv_tau - stats[3]);
-      pa = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau - stats[7]);
+      er = vexp<W>(ar);
+      ef = vexp<W>(af);
+      ea = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau);
     }
-    V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau - stats[5]);
-    V g1 = k * (pr - pf), g3 = k * (pu - pa);
+    V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau) * inv_u;
+    V g1 = k * (er * inv_r - ef * inv_f), g3 = k * (pu - ea * inv_a);
     if constexpr (kPaired) {  // only taken with all three teachers present
       store<W>(gr + c, g1, n);
       store<W>(gf + c, -g1, n);
@@ -386,11 +442,8 @@ MMSD_INLINE void mmsd_backward_row(const float* r, const float* f, const float* 
   }
   const float k = w * inv_tau;
   const float delta = paired_delta(stats[0], stats[2], stats[6], inv_tau);
-  if (ok1 && ok2 && ok3 && delta <= kMaxPairedExponent) {  // the forward's branch
-    // In double: delta reaches 50, and a float sum would round it by 50 * 6e-8.
-    const float scale = static_cast<float>(
-        std::exp(static_cast<double>(delta) + 0.5 * (static_cast<double>(stats[1]) + stats[3]) - stats[7]));
-    mmsd_backward_loop<W, true>(r, f, u, C, inv_tau, stats, k, scale, ok1, ok2, ok3, gr, gf, gu);
+  if (ok1 && ok2 && ok3 && delta <= kMaxPairedExponent) {  // the forward's branch, the forward's exp(delta)
+    mmsd_backward_loop<W, true>(r, f, u, C, inv_tau, stats, k, std::exp(delta), ok1, ok2, ok3, gr, gf, gu);
   } else {
     mmsd_backward_loop<W, false>(r, f, u, C, inv_tau, stats, k, 0.0f, ok1, ok2, ok3, gr, gf, gu);
   }
@@ -433,20 +486,27 @@ MMSD_ROW_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8)
 #endif
 MMSD_ROW_KERNELS(baseline, , 4)
 
+// The widest vector ISA the CPU has; MMSD_EXT_DISTILL_CPU_ISA=avx2|baseline picks a
+// narrower one (read once per process; the tests run every version this way).
 const RowKernels& row_kernels() {
   static const RowKernels kernels = [] {
+    const char* forced = std::getenv("MMSD_EXT_DISTILL_CPU_ISA");
+    const std::string want = forced != nullptr ? forced : "";
+    const RowKernels baseline{pair_forward_baseline, pair_backward_baseline, mmsd_forward_baseline,
+                              mmsd_backward_baseline, "baseline"};
+    if (want == "baseline") return baseline;
 #ifdef MMSD_X86_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (want != "avx2" && __builtin_cpu_supports("avx512f")) {
       return RowKernels{pair_forward_avx512, pair_backward_avx512, mmsd_forward_avx512, mmsd_backward_avx512,
                         "avx512"};
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (avx2) {
       return RowKernels{pair_forward_avx2, pair_backward_avx2, mmsd_forward_avx2, mmsd_backward_avx2, "avx2"};
     }
 #endif
-    return RowKernels{pair_forward_baseline, pair_backward_baseline, mmsd_forward_baseline,
-                      mmsd_backward_baseline, "baseline"};
+    return baseline;
   }();
   return kernels;
 }

@@ -14,13 +14,16 @@
 // not already). All arithmetic is float32 whatever the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+// c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in cuSPARSE and
+// cuBLAS headers, which the toolkit here does not ship (they come with the pip wheels).
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "distill_checks.h"
 #include "distill_math.h"
@@ -327,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> snippet_distill_loss_cuda(const a
   check_cuda("student", student);
   check_temperature(temperature);
   check_reduction(reduction);
-  const at::cuda::OptionalCUDAGuard guard(student.device());
+  const c10::cuda::OptionalCUDAGuard guard(student.device());
   const at::Tensor m = prepare_mask(mask, student, "student");
   const at::Tensor s = student.contiguous(), t = teacher.contiguous();
   const int64_t C = s.size(-1), R = s.numel() / C;
@@ -337,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> snippet_distill_loss_cuda(const a
   at::Tensor loss = reduction == kNone ? row_losses : at::empty({}, f32);
   at::Tensor count = at::empty({}, f32);
   const bool* mask_ptr = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (R > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "snippet_distill_loss_cuda", [&] {
       with_row_shape(C, [&](auto g, auto vpt) {
@@ -365,12 +368,12 @@ at::Tensor snippet_distill_loss_backward_cuda(const at::Tensor& grad, const at::
   check_reduction(reduction);
   check_row_stats(row_stats, student, kPairStats);
   check_backward_scalars(grad, count, student, reduction);
-  const at::cuda::OptionalCUDAGuard guard(student.device());
+  const c10::cuda::OptionalCUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.contiguous(), g = prepare_grad(grad);
   const int64_t C = s.size(-1), N = s.numel();
   at::Tensor out = at::empty(s.sizes(), s.options());
   if (N == 0) return out;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "snippet_distill_loss_backward_cuda",
                                   [&] {
                                     auto launch = [&](auto index) {
@@ -400,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cuda(const at::
   check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
   check_cuda("rgb", rgb);
   check_temperature(temperature);
-  const at::cuda::OptionalCUDAGuard guard(rgb.device());
+  const c10::cuda::OptionalCUDAGuard guard(rgb.device());
   const at::Tensor m = prepare_mask(mask, rgb, "rgb");
   const at::Tensor r = rgb.contiguous(), f = flow.contiguous(), u = fused.contiguous();
   const int64_t C = r.size(-1), R = r.numel() / C;
@@ -409,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cuda(const at::
   at::Tensor stats = stats_tensor(r, kMmsdStats);
   at::Tensor loss = at::empty({}, f32), count = at::empty({}, f32);
   const bool* mask_ptr = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (R > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_cuda", [&] {
       with_row_shape(C, [&](auto g, auto vpt) {
@@ -435,13 +438,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cuda(
   check_temperature(temperature);
   check_row_stats(row_stats, rgb, kMmsdStats);
   check_backward_scalars(grad, count, rgb, kMean);
-  const at::cuda::OptionalCUDAGuard guard(rgb.device());
+  const c10::cuda::OptionalCUDAGuard guard(rgb.device());
   const at::Tensor r = rgb.contiguous(), f = flow.contiguous(), u = fused.contiguous(), g = prepare_grad(grad);
   const int64_t C = r.size(-1), N = r.numel();
   at::Tensor gr = at::empty(r.sizes(), r.options()), gf = at::empty(r.sizes(), r.options()),
              gu = at::empty(r.sizes(), r.options());
   if (N == 0) return {gr, gf, gu};
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_backward_cuda", [&] {
     auto launch = [&](auto index) {
       using index_t = decltype(index);
