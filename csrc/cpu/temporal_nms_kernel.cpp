@@ -22,59 +22,13 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/nms_partition.h"
 #include "nms_checks.h"
 #include "nms_math.h"
 
 namespace mmsd_ext {
 namespace nms {
 namespace {
-
-// Groups as contiguous runs of an index permutation: members of group k are
-// order[starts[k] .. starts[k + 1]), in increasing index order.
-struct Partition {
-  std::vector<int64_t> order;
-  std::vector<int64_t> starts;
-};
-
-// Counting sort is linear; it is used when the group ids span at most this many
-// values per segment (ids like video * num_classes + class are dense), otherwise a
-// comparison sort. 4 keeps the count array at most 4x the index array.
-constexpr uint64_t kCountingSortSpanPerSegment = 4;
-
-Partition partition_by_group(const int64_t* g, int64_t n) {
-  Partition p;
-  p.order.resize(n);
-  std::iota(p.order.begin(), p.order.end(), int64_t{0});
-  if (g == nullptr || n == 0) {
-    p.starts = {0, n};
-    if (n == 0) p.starts = {0};
-    return p;
-  }
-  bool sorted = true;
-  int64_t lo = g[0], hi = g[0];
-  for (int64_t i = 1; i < n; ++i) {
-    sorted &= g[i] >= g[i - 1];
-    lo = std::min(lo, g[i]);
-    hi = std::max(hi, g[i]);
-  }
-  if (!sorted) {
-    const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);  // no signed overflow
-    if (span < kCountingSortSpanPerSegment * static_cast<uint64_t>(n) + 1024) {
-      std::vector<int64_t> count(span + 2, 0);
-      for (int64_t i = 0; i < n; ++i) ++count[static_cast<uint64_t>(g[i]) - static_cast<uint64_t>(lo) + 1];
-      for (size_t k = 1; k < count.size(); ++k) count[k] += count[k - 1];
-      for (int64_t i = 0; i < n; ++i) p.order[count[static_cast<uint64_t>(g[i]) - static_cast<uint64_t>(lo)]++] = i;
-    } else {
-      std::stable_sort(p.order.begin(), p.order.end(), [g](int64_t a, int64_t b) { return g[a] < g[b]; });
-    }
-  }
-  p.starts.push_back(0);
-  for (int64_t k = 1; k < n; ++k) {
-    if (g[p.order[k]] != g[p.order[k - 1]]) p.starts.push_back(k);
-  }
-  p.starts.push_back(n);
-  return p;
-}
 
 // Doubles as unsigned keys with the same order.
 inline uint64_t ordered_bits(double x) {
@@ -94,9 +48,10 @@ using KeyIndex = std::pair<uint64_t, int64_t>;
 
 // Groups at least this large are sorted by an LSD radix sort (8-bit digits, the
 // passes where all keys share the digit skipped; stable), smaller ones by
-// std::sort. At 10k segments the radix sort took ~4x less time than std::sort on
-// these machines; below ~1k the histograms dominate.
-constexpr int64_t kRadixSortMinSize = 1024;
+// std::sort. Measured here (best of 30, keys of uniform random doubles):
+// n = 2048: 18.6 us std::sort, 19.7 us radix (13.4 us for float32 scores, whose
+// low bytes are zero); n = 10k: 399 vs 109 us; n = 100k: 5.3 vs 1.2 ms.
+constexpr int64_t kRadixSortMinSize = 2048;
 
 // Sorts by (key, index): stable for the radix sort, whose input is in index order.
 void sort_keys(std::vector<KeyIndex>& v, std::vector<KeyIndex>& tmp) {
