@@ -79,6 +79,30 @@ void sort_keys(std::vector<KeyIndex>& v, std::vector<KeyIndex>& tmp) {
   }
 }
 
+// The first word >= w (or words) / the last word <= w (or -1) that holds a kept
+// segment, found 64 words at a time in the summary bitset.
+inline int64_t next_kept_word(const std::vector<uint64_t>& summary, int64_t w, int64_t words) {
+  if (w >= words) return words;
+  int64_t sw = w >> 6;
+  uint64_t bits = summary[sw] & (~uint64_t{0} << (w & 63));
+  while (!bits) {
+    if (++sw >= static_cast<int64_t>(summary.size())) return words;
+    bits = summary[sw];
+  }
+  return std::min((sw << 6) + __builtin_ctzll(bits), words);
+}
+
+inline int64_t prev_kept_word(const std::vector<uint64_t>& summary, int64_t w) {
+  if (w < 0) return -1;
+  int64_t sw = w >> 6;
+  uint64_t bits = summary[sw] & ((w & 63) == 63 ? ~uint64_t{0} : (uint64_t{1} << ((w & 63) + 1)) - 1);
+  while (!bits) {
+    if (--sw < 0) return -1;
+    bits = summary[sw];
+  }
+  return (sw << 6) + 63 - __builtin_clzll(bits);
+}
+
 // Per-thread scratch for one group, reused across the groups of a chunk.
 struct GroupScratch {
   std::vector<KeyIndex> visit;     // (visit key, position in members), sorted
@@ -88,6 +112,7 @@ struct GroupScratch {
   std::vector<int64_t> position_rank;        // start rank of members[k]
   std::vector<int64_t> visit_rank;           // start rank of the v-th visited segment
   std::vector<uint64_t> kept_bits;           // kept segments, by start rank
+  std::vector<uint64_t> kept_words;          // bit w: kept_bits[w] != 0
 };
 
 // Greedy NMS of one group: sets keep[i] = 1 for its kept members and, if
@@ -135,6 +160,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
   for (int64_t v = 0; v < size; ++v) s.visit_rank[v] = s.position_rank[s.visit[v].second];
 
   s.kept_bits.assign(ceil_div(size, 64), 0);
+  s.kept_words.assign(ceil_div(static_cast<int64_t>(s.kept_bits.size()), 64), 0);
   const double keep_frac = std::max(1.0 - threshold, 0.0);
   double maxlen = -1.0;  // longest kept end - start + offset; < 0 while nothing is kept
   const double* first = s.rank_start.data();
@@ -151,11 +177,11 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
       const double slack = 1e-9 * (std::fabs(cs) + std::fabs(ce) + offset + maxlen) + 1e-300;
       const double lo = cs - below - slack, hi = cs + above + slack;
       auto suppresses = [&](int64_t r) {
-        return segment_overlap(first[r], second[r], cs, ce, kind, offset) > threshold;
+        return overlap_exceeds(first[r], second[r], cs, ce, kind, offset, threshold);
       };
       // Outward from c's own rank rc: ranks > rc ascending until a start exceeds hi,
       // ranks < rc descending until a start falls below lo, a word of each in turn.
-      // A word without kept bits costs one comparison of its boundary start.
+      // Words without kept bits are skipped through the summary bitset.
       int64_t wr = rc >> 6, wl = rc >> 6;
       bool right = true, left = rc > 0;
       uint64_t right_bits = s.kept_bits[wr] & ((~uint64_t{0} << (rc & 63)) << 1);  // ranks > rc
@@ -172,7 +198,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
             right_bits &= right_bits - 1;
           }
           if (right && !suppressed) {
-            ++wr;
+            wr = next_kept_word(s.kept_words, wr + 1, words);
             if (wr >= words || first[wr << 6] > hi) {
               right = false;
             } else {
@@ -192,7 +218,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
             left_bits &= ~(uint64_t{1} << b);
           }
           if (left && !suppressed) {
-            --wl;
+            wl = prev_kept_word(s.kept_words, wl - 1);
             if (wl < 0 || first[(wl << 6) + 63] < lo) {
               left = false;
             } else {
@@ -204,6 +230,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
     }
     if (!suppressed) {
       s.kept_bits[rc >> 6] |= uint64_t{1} << (rc & 63);
+      s.kept_words[rc >> 12] |= uint64_t{1} << ((rc >> 6) & 63);
       maxlen = std::max(maxlen, len_c);
       if (kept_in_order != nullptr) kept_in_order->push_back(members[s.visit[v].second]);
     }

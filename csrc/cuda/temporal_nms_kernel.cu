@@ -74,7 +74,7 @@ __global__ void temporal_nms_mask_kernel(const double* __restrict__ seg, const i
   const int first = c == r ? static_cast<int>(threadIdx.x) + 1 : 0;
   unsigned long long bits = 0;
   for (int b = first; b < count; ++b) {
-    if (col_group[b] == g && segment_overlap(s, e, col_start[b], col_end[b], kind, offset) > threshold) {
+    if (col_group[b] == g && overlap_exceeds(s, e, col_start[b], col_end[b], kind, offset, threshold)) {
       bits |= 1ULL << b;
     }
   }
