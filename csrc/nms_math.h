@@ -24,25 +24,58 @@ C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 
 // Overlap kinds, as the schema's `overlap` string maps to them.
 enum OverlapKind : int { kIoU = 0, kOther = 1 };
 
-// Overlap of candidate b with kept (higher-ranked) segment a.
-// kIoU: intersection over union; kOther: intersection over the length of b.
-// Lengths are end - start + offset, the intersection
-// max(0, min(ends) - max(starts) + offset); an empty denominator gives 0.
-C10_HOST_DEVICE inline double segment_overlap(double a_start, double a_end, double b_start, double b_end, int kind,
-                                              double offset) {
+// Numerator and denominator of the overlap of candidate b with kept segment a, in
+// the reference's operation order: the intersection max(0, min(ends) - max(starts)
+// + offset) over the union (kIoU, lengths end - start + offset) or over the length
+// of b (kOther).
+C10_HOST_DEVICE inline void overlap_terms(double a_start, double a_end, double b_start, double b_end, int kind,
+                                          double offset, double& inter, double& den) {
   double lo = a_start > b_start ? a_start : b_start;
   double hi = a_end < b_end ? a_end : b_end;
-  double inter = hi - lo + offset;
+  inter = hi - lo + offset;
   if (!(inter > 0.0)) {
     inter = 0.0;
   }
   double len_b = b_end - b_start + offset;
   if (kind == kOther) {
-    return len_b > 0.0 ? inter / len_b : 0.0;
+    den = len_b;
+  } else {
+    double len_a = a_end - a_start + offset;
+    den = len_a + len_b - inter;
   }
-  double len_a = a_end - a_start + offset;
-  double uni = len_a + len_b - inter;
-  return uni > 0.0 ? inter / uni : 0.0;
+}
+
+// Overlap of candidate b with kept (higher-ranked) segment a; an empty denominator
+// gives 0.
+C10_HOST_DEVICE inline double segment_overlap(double a_start, double a_end, double b_start, double b_end, int kind,
+                                              double offset) {
+  double inter, den;
+  overlap_terms(a_start, a_end, b_start, b_end, kind, offset, inter, den);
+  return den > 0.0 ? inter / den : 0.0;
+}
+
+// segment_overlap(...) > threshold, the same decision bit for bit, mostly without
+// the division. With p = threshold * den a normal double (relative error <= 2^-53),
+// inter <= p (1 - 1e-12) implies inter / den < threshold (1 - 1e-12 + 2^-52), so
+// the correctly rounded quotient is <= threshold; inter >= p (1 + 1e-12) implies
+// it is > threshold. Only the 2e-12-wide band between divides. A subnormal
+// threshold or p (where the relative-error bound fails) always divides.
+C10_HOST_DEVICE inline bool overlap_exceeds(double a_start, double a_end, double b_start, double b_end, int kind,
+                                            double offset, double threshold) {
+  double inter, den;
+  overlap_terms(a_start, a_end, b_start, b_end, kind, offset, inter, den);
+  if (!(den > 0.0)) {
+    return 0.0 > threshold;
+  }
+  constexpr double kNormal = 1e-300;  // comfortably above the subnormal range (2.2e-308)
+  if (threshold >= kNormal) {
+    const double p = threshold * den;
+    if (p >= kNormal) {
+      if (inter <= p * (1.0 - 1e-12)) return false;
+      if (inter >= p * (1.0 + 1e-12)) return true;
+    }
+  }
+  return inter / den > threshold;
 }
 
 // Rank of a score in the visit order: true when score x comes strictly before

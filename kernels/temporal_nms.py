@@ -19,12 +19,13 @@ float64 tensor: Triton passes Python floats as float32.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Rows and columns of one suppression tile: the bits of one int64 word.
 TILE = 64
-# Segments per chunk of the soft-NMS loops: a power of two; 1024 float64 values per
-# chunk fill 8 warps' registers without spilling (the same block the CUDA kernel
-# uses per pass, 256 threads x 4).
+# Segments per chunk of the soft-NMS loops (a power of two) and warps per program.
+# Not yet tuned on a GPU: 1024 lanes over 8 warps are 4 float64 values per thread
+# and per array, so a group of up to 1024 segments (every THUMOS group) is one chunk.
 SOFT_BLOCK = 1024
 SOFT_NUM_WARPS = 8
 
@@ -126,6 +127,7 @@ def _soft_temporal_nms_kernel(
     count_ptr,  # int64 [n] out, at gs: number of selections of the group
     n,  # number of segments
     GAUSSIAN: tl.constexpr,  # gaussian decay (else linear)
+    LIBDEVICE_EXP: tl.constexpr,  # float64 exp via libdevice (GPU); tl.exp under the interpreter
     TILE: tl.constexpr,  # sorted positions per program
     BLOCK: tl.constexpr,  # segments per chunk
 ):
@@ -180,7 +182,10 @@ def _soft_temporal_nms_kernel(
                     qe = tl.load(seg_ptr + 2 * q + 1, mask=live, other=0.0)
                     iou = _segment_overlap(bs, be, qs, qe, offset, 0)
                     if GAUSSIAN:
-                        s = s * tl.exp(-(iou * iou) / sigma)
+                        if LIBDEVICE_EXP:
+                            s = s * libdevice.exp(-(iou * iou) / sigma)
+                        else:
+                            s = s * tl.exp(-(iou * iou) / sigma)
                     else:
                         s = tl.where(iou > threshold, s * (1.0 - iou), s)
                     survive = live & (s >= min_score) & (q != sel_p)
@@ -233,6 +238,7 @@ def soft_temporal_nms_select(seg_sorted, orig, cur, alive, is_start, end_of, gau
         count,
         n,
         GAUSSIAN=gaussian,
+        LIBDEVICE_EXP=cur.device.type == "cuda",
         TILE=TILE,
         BLOCK=SOFT_BLOCK,
         num_warps=SOFT_NUM_WARPS,

@@ -293,11 +293,10 @@ def _temporal_nms_triton_op(
     seg = segments.to(torch.float64).contiguous()
     first_bad = _first_bad_segment(seg)
     perm = torch.sort(-scores.to(torch.float64), stable=True).indices  # NaN sorts last
-    gperm, sorted_groups = perm, None
+    gperm, sorted_groups = perm, None  # gperm: sorted position -> original index
     if groups is not None:
-        g_visit = groups[perm]
-        by_group = torch.sort(g_visit, stable=True).indices
-        gperm, sorted_groups = perm[by_group], g_visit[by_group].contiguous()
+        sorted_groups, by_group = torch.sort(groups[perm], stable=True)  # by_group: sorted -> visit position
+        gperm = perm[by_group]
     tiles = -(-n // _TILE)
     width = tiles
     if sorted_groups is not None and n > _DENSE_MASK_MAX_SEGMENTS:
@@ -306,7 +305,9 @@ def _temporal_nms_triton_op(
         width = min(tiles, -(-largest // _TILE) + 1)
     mask = kernels.temporal_nms_mask(seg[gperm].contiguous(), sorted_groups, iou_threshold, OVERLAPS.index(overlap), offset, width)
     keep_sorted = torch.ops.mmsd_ext._temporal_nms_gather(mask, sorted_groups)
-    keep_visit = torch.zeros(n, dtype=torch.bool, device=seg.device).index_copy_(0, gperm, keep_sorted)[perm]
+    keep_visit = keep_sorted
+    if groups is not None:
+        keep_visit = torch.zeros_like(keep_sorted).index_copy_(0, by_group, keep_sorted)
     count = _read_count_and_check(keep_visit.sum(), first_bad, seg)
     return perm[torch.nonzero_static(keep_visit, size=count).squeeze(1)]
 
@@ -331,8 +332,7 @@ def _soft_temporal_nms_triton_op(
     first_bad = _first_bad_segment(seg)
     order, sorted_groups = torch.arange(n, device=seg.device), None
     if groups is not None:
-        order = torch.sort(groups, stable=True).indices
-        sorted_groups = groups[order].contiguous()
+        sorted_groups, order = torch.sort(groups, stable=True)
     is_start, end_of = _group_bounds(sorted_groups, n, seg.device)
     cur = scores.to(torch.float64)[order].contiguous()
     alive = (cur >= min_score).to(torch.int8)

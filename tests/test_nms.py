@@ -150,6 +150,28 @@ def test_temporal_nms_matches_torchvision_with_ties(backend):
         assert torch.equal(got.cpu(), torchvision.ops.nms(boxes, scores, threshold))
 
 
+@given(
+    a=st.tuples(st.floats(-100, 100), st.floats(0, 50)),
+    b=st.tuples(st.floats(-100, 100), st.floats(0, 50)),
+    overlap=st.sampled_from(["iou", "other"]),
+    offset=st.sampled_from([0.0, 1.0, 0.25]),
+)
+def test_temporal_nms_threshold_at_the_overlap(a, b, overlap, offset):
+    # A threshold equal to the (rounded) overlap keeps the second segment; the next
+    # double below suppresses it. The kernels decide without dividing away from the
+    # threshold, so this probes their exact band.
+    seg = torch.tensor([[a[0], a[0] + a[1]], [b[0], b[0] + b[1]]], dtype=torch.float64)
+    scores = torch.tensor([1.0, 0.5])
+    ov = nms_module._overlap_reference(seg[0].tolist(), seg[1].tolist(), overlap, offset)
+    backends = [n for n in mmsd_ext.available_backends() if n != "cuda"]
+    for threshold, expected in ((ov, [0, 1]), (math.nextafter(ov, -1.0), [0] if ov > 0 else [0, 1])):
+        if threshold < 0:
+            continue
+        for backend in backends:
+            got = mmsd_ext.temporal_nms(seg, scores, threshold, overlap=overlap, offset=offset, backend=backend)
+            assert got.tolist() == expected, (backend, threshold)
+
+
 # ----------------------------------------------------------------------------
 # hard NMS: properties
 

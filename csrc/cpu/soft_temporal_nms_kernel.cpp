@@ -31,6 +31,7 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/nms_partition.h"
 #include "nms_checks.h"
 #include "nms_math.h"
 
@@ -221,20 +222,12 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cpu(const at::Tensor& segme
   const double* score = score_t.data_ptr<double>();
   check_segment_values(seg, n);
 
-  // Members of each group, contiguous and in index order.
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), int64_t{0});
-  std::vector<int64_t> starts = {0};
-  if (groups.has_value() && n > 0) {
-    const at::Tensor g_t = groups->contiguous();
-    const int64_t* g = g_t.data_ptr<int64_t>();
-    std::stable_sort(order.begin(), order.end(), [g](int64_t a, int64_t b) { return g[a] < g[b]; });
-    for (int64_t k = 1; k < n; ++k) {
-      if (g[order[k]] != g[order[k - 1]]) starts.push_back(k);
-    }
-  }
-  starts.push_back(n);
-  const int64_t num_groups = n == 0 ? 0 : static_cast<int64_t>(starts.size()) - 1;
+  at::Tensor groups_t;
+  if (groups.has_value()) groups_t = groups->contiguous();
+  const Partition part = partition_by_group(groups.has_value() ? groups_t.data_ptr<int64_t>() : nullptr, n);
+  const std::vector<int64_t>& order = part.order;
+  const std::vector<int64_t>& starts = part.starts;
+  const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;
 
   std::vector<std::vector<Selection>> per_group(num_groups);
   const int64_t grain = n == 0 ? 1 : std::max<int64_t>(1, kSegmentsPerTask * num_groups / n);

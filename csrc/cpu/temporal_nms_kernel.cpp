@@ -22,59 +22,13 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/nms_partition.h"
 #include "nms_checks.h"
 #include "nms_math.h"
 
 namespace mmsd_ext {
 namespace nms {
 namespace {
-
-// Groups as contiguous runs of an index permutation: members of group k are
-// order[starts[k] .. starts[k + 1]), in increasing index order.
-struct Partition {
-  std::vector<int64_t> order;
-  std::vector<int64_t> starts;
-};
-
-// Counting sort is linear; it is used when the group ids span at most this many
-// values per segment (ids like video * num_classes + class are dense), otherwise a
-// comparison sort. 4 keeps the count array at most 4x the index array.
-constexpr uint64_t kCountingSortSpanPerSegment = 4;
-
-Partition partition_by_group(const int64_t* g, int64_t n) {
-  Partition p;
-  p.order.resize(n);
-  std::iota(p.order.begin(), p.order.end(), int64_t{0});
-  if (g == nullptr || n == 0) {
-    p.starts = {0, n};
-    if (n == 0) p.starts = {0};
-    return p;
-  }
-  bool sorted = true;
-  int64_t lo = g[0], hi = g[0];
-  for (int64_t i = 1; i < n; ++i) {
-    sorted &= g[i] >= g[i - 1];
-    lo = std::min(lo, g[i]);
-    hi = std::max(hi, g[i]);
-  }
-  if (!sorted) {
-    const uint64_t span = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo);  // no signed overflow
-    if (span < kCountingSortSpanPerSegment * static_cast<uint64_t>(n) + 1024) {
-      std::vector<int64_t> count(span + 2, 0);
-      for (int64_t i = 0; i < n; ++i) ++count[static_cast<uint64_t>(g[i]) - static_cast<uint64_t>(lo) + 1];
-      for (size_t k = 1; k < count.size(); ++k) count[k] += count[k - 1];
-      for (int64_t i = 0; i < n; ++i) p.order[count[static_cast<uint64_t>(g[i]) - static_cast<uint64_t>(lo)]++] = i;
-    } else {
-      std::stable_sort(p.order.begin(), p.order.end(), [g](int64_t a, int64_t b) { return g[a] < g[b]; });
-    }
-  }
-  p.starts.push_back(0);
-  for (int64_t k = 1; k < n; ++k) {
-    if (g[p.order[k]] != g[p.order[k - 1]]) p.starts.push_back(k);
-  }
-  p.starts.push_back(n);
-  return p;
-}
 
 // Doubles as unsigned keys with the same order.
 inline uint64_t ordered_bits(double x) {
@@ -94,9 +48,10 @@ using KeyIndex = std::pair<uint64_t, int64_t>;
 
 // Groups at least this large are sorted by an LSD radix sort (8-bit digits, the
 // passes where all keys share the digit skipped; stable), smaller ones by
-// std::sort. At 10k segments the radix sort took ~4x less time than std::sort on
-// these machines; below ~1k the histograms dominate.
-constexpr int64_t kRadixSortMinSize = 1024;
+// std::sort. Measured here (best of 30, keys of uniform random doubles):
+// n = 2048: 18.6 us std::sort, 19.7 us radix (13.4 us for float32 scores, whose
+// low bytes are zero); n = 10k: 399 vs 109 us; n = 100k: 5.3 vs 1.2 ms.
+constexpr int64_t kRadixSortMinSize = 2048;
 
 // Sorts by (key, index): stable for the radix sort, whose input is in index order.
 void sort_keys(std::vector<KeyIndex>& v, std::vector<KeyIndex>& tmp) {
@@ -124,6 +79,30 @@ void sort_keys(std::vector<KeyIndex>& v, std::vector<KeyIndex>& tmp) {
   }
 }
 
+// The first word >= w (or words) / the last word <= w (or -1) that holds a kept
+// segment, found 64 words at a time in the summary bitset.
+inline int64_t next_kept_word(const std::vector<uint64_t>& summary, int64_t w, int64_t words) {
+  if (w >= words) return words;
+  int64_t sw = w >> 6;
+  uint64_t bits = summary[sw] & (~uint64_t{0} << (w & 63));
+  while (!bits) {
+    if (++sw >= static_cast<int64_t>(summary.size())) return words;
+    bits = summary[sw];
+  }
+  return std::min((sw << 6) + __builtin_ctzll(bits), words);
+}
+
+inline int64_t prev_kept_word(const std::vector<uint64_t>& summary, int64_t w) {
+  if (w < 0) return -1;
+  int64_t sw = w >> 6;
+  uint64_t bits = summary[sw] & ((w & 63) == 63 ? ~uint64_t{0} : (uint64_t{1} << ((w & 63) + 1)) - 1);
+  while (!bits) {
+    if (--sw < 0) return -1;
+    bits = summary[sw];
+  }
+  return (sw << 6) + 63 - __builtin_clzll(bits);
+}
+
 // Per-thread scratch for one group, reused across the groups of a chunk.
 struct GroupScratch {
   std::vector<KeyIndex> visit;     // (visit key, position in members), sorted
@@ -133,6 +112,7 @@ struct GroupScratch {
   std::vector<int64_t> position_rank;        // start rank of members[k]
   std::vector<int64_t> visit_rank;           // start rank of the v-th visited segment
   std::vector<uint64_t> kept_bits;           // kept segments, by start rank
+  std::vector<uint64_t> kept_words;          // bit w: kept_bits[w] != 0
 };
 
 // Greedy NMS of one group: sets keep[i] = 1 for its kept members and, if
@@ -180,6 +160,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
   for (int64_t v = 0; v < size; ++v) s.visit_rank[v] = s.position_rank[s.visit[v].second];
 
   s.kept_bits.assign(ceil_div(size, 64), 0);
+  s.kept_words.assign(ceil_div(static_cast<int64_t>(s.kept_bits.size()), 64), 0);
   const double keep_frac = std::max(1.0 - threshold, 0.0);
   double maxlen = -1.0;  // longest kept end - start + offset; < 0 while nothing is kept
   const double* first = s.rank_start.data();
@@ -196,11 +177,11 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
       const double slack = 1e-9 * (std::fabs(cs) + std::fabs(ce) + offset + maxlen) + 1e-300;
       const double lo = cs - below - slack, hi = cs + above + slack;
       auto suppresses = [&](int64_t r) {
-        return segment_overlap(first[r], second[r], cs, ce, kind, offset) > threshold;
+        return overlap_exceeds(first[r], second[r], cs, ce, kind, offset, threshold);
       };
       // Outward from c's own rank rc: ranks > rc ascending until a start exceeds hi,
       // ranks < rc descending until a start falls below lo, a word of each in turn.
-      // A word without kept bits costs one comparison of its boundary start.
+      // Words without kept bits are skipped through the summary bitset.
       int64_t wr = rc >> 6, wl = rc >> 6;
       bool right = true, left = rc > 0;
       uint64_t right_bits = s.kept_bits[wr] & ((~uint64_t{0} << (rc & 63)) << 1);  // ranks > rc
@@ -217,7 +198,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
             right_bits &= right_bits - 1;
           }
           if (right && !suppressed) {
-            ++wr;
+            wr = next_kept_word(s.kept_words, wr + 1, words);
             if (wr >= words || first[wr << 6] > hi) {
               right = false;
             } else {
@@ -237,7 +218,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
             left_bits &= ~(uint64_t{1} << b);
           }
           if (left && !suppressed) {
-            --wl;
+            wl = prev_kept_word(s.kept_words, wl - 1);
             if (wl < 0 || first[(wl << 6) + 63] < lo) {
               left = false;
             } else {
@@ -249,6 +230,7 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
     }
     if (!suppressed) {
       s.kept_bits[rc >> 6] |= uint64_t{1} << (rc & 63);
+      s.kept_words[rc >> 12] |= uint64_t{1} << ((rc >> 6) & 63);
       maxlen = std::max(maxlen, len_c);
       if (kept_in_order != nullptr) kept_in_order->push_back(members[s.visit[v].second]);
     }

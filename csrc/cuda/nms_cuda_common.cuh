@@ -10,6 +10,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
@@ -19,20 +21,23 @@
 namespace mmsd_ext {
 namespace nms {
 namespace cuda_common {
+// Internal linkage: each .cu file that includes this gets its own copy of the
+// kernel below (a kernel defined in a header would otherwise be defined twice).
+namespace {
 
 // [is_start (uint8), end_of (int64)] of non-decreasing group ids (None: one group).
 inline std::tuple<at::Tensor, at::Tensor> group_bounds(const c10::optional<at::Tensor>& sorted_groups, int64_t n,
                                                        const at::TensorOptions& long_opts) {
-  at::Tensor pos = at::arange(n, long_opts);
-  at::Tensor is_start;
-  if (sorted_groups.has_value()) {
-    const at::Tensor& g = *sorted_groups;
-    is_start = at::ones({n}, long_opts.dtype(at::kBool));
-    if (n > 1) is_start.narrow(0, 1, n - 1).copy_(g.narrow(0, 1, n - 1) != g.narrow(0, 0, n - 1));
-  } else {
-    is_start = pos == 0;
+  if (!sorted_groups.has_value()) {
+    at::Tensor is_start = at::zeros({n}, long_opts.dtype(at::kByte));
+    is_start.narrow(0, 0, 1).fill_(1);
+    return {is_start, at::full({n}, n, long_opts)};
   }
-  // next[p] = the first start at a position > p, or n: a suffix minimum.
+  const at::Tensor& g = *sorted_groups;
+  at::Tensor is_start = at::ones({n}, long_opts.dtype(at::kBool));
+  if (n > 1) is_start.narrow(0, 1, n - 1).copy_(g.narrow(0, 1, n - 1) != g.narrow(0, 0, n - 1));
+  // end_of[p] = the first start at a position > p, or n: a suffix minimum.
+  at::Tensor pos = at::arange(n, long_opts);
   at::Tensor start_pos = at::where(is_start, pos, at::full({}, n, long_opts));
   at::Tensor shifted = at::full({n}, n, long_opts);
   if (n > 1) shifted.narrow(0, 0, n - 1).copy_(start_pos.narrow(0, 1, n - 1));
@@ -40,14 +45,26 @@ inline std::tuple<at::Tensor, at::Tensor> group_bounds(const c10::optional<at::T
   return {is_start.to(at::kByte).contiguous(), end_of};
 }
 
+// first_bad = min(first_bad, i) for every segment i that is not finite or has end < start.
+__global__ void first_bad_segment_kernel(const double* __restrict__ seg, int64_t n,
+                                         unsigned long long* __restrict__ first_bad) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const double s = seg[2 * i], e = seg[2 * i + 1];
+  if (!(isfinite(s) && isfinite(e) && e >= s)) atomicMin(first_bad, static_cast<unsigned long long>(i));
+}
+
 // First index of a segment that is not finite or has end < start, or n: a device
 // scalar, read on the host together with the result size (no extra sync).
 inline at::Tensor first_bad_segment(const at::Tensor& segments_double) {
   const int64_t n = segments_double.size(0);
-  at::Tensor s = segments_double.select(1, 0), e = segments_double.select(1, 1);
-  at::Tensor ok = at::isfinite(s).logical_and_(at::isfinite(e)).logical_and_(e >= s);
-  at::Tensor pos = at::arange(n, segments_double.options().dtype(at::kLong));
-  return at::where(ok, at::full({}, n, pos.options()), pos).min();
+  at::Tensor first_bad = at::full({}, n, segments_double.options().dtype(at::kLong));
+  constexpr int threads = 256;
+  first_bad_segment_kernel<<<static_cast<unsigned>(ceil_div(n, threads)), threads, 0,
+                             c10::cuda::getCurrentCUDAStream()>>>(
+      segments_double.data_ptr<double>(), n, reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return first_bad;
 }
 
 // Reads [count, first_bad] to the host (the op's one synchronisation) and raises
@@ -66,6 +83,7 @@ inline int64_t read_count_and_check(const at::Tensor& count, const at::Tensor& f
   return h[0];
 }
 
+}  // namespace
 }  // namespace cuda_common
 }  // namespace nms
 }  // namespace mmsd_ext

@@ -39,8 +39,9 @@ namespace mmsd_ext {
 namespace nms {
 namespace {
 
-// Threads per group-block: a group of THUMOS size (~60 segments) uses a fraction of
-// them; large groups (1e4) take ~40 strided elements per thread per pass.
+// Threads per group-block, not yet tuned on a GPU: a group of THUMOS size (~60
+// segments) uses a fraction of them; a group of 1e4 takes ~40 strided elements per
+// thread per pass.
 constexpr int kSoftThreads = 256;
 constexpr int kWarps = kSoftThreads / 32;
 
@@ -177,8 +178,9 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cuda(const at::Tensor& segm
   at::Tensor order = at::arange(n, long_opts);
   c10::optional<at::Tensor> sorted_groups;
   if (groups.has_value()) {
-    order = std::get<1>(at::sort(*groups, /*stable=*/true, 0, false));
-    sorted_groups = groups->index_select(0, order).contiguous();
+    at::Tensor g_sorted;
+    std::tie(g_sorted, order) = at::sort(*groups, /*stable=*/true, 0, false);
+    sorted_groups = g_sorted.contiguous();
   }
   at::Tensor is_start, end_of;
   std::tie(is_start, end_of) = cuda_common::group_bounds(sorted_groups, n, long_opts);

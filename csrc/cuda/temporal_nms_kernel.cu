@@ -36,8 +36,9 @@ namespace {
 // Below this many segments the band is the full triangle (no read of the largest
 // group size); the mask then takes at most 8192^2 / 8 bytes = 8 MiB.
 constexpr int64_t kDenseMaskMaxSegments = 8192;
-// Threads of the gather kernel: they share the OR of the kept rows' words into the
-// later tiles of the group (one word per thread per tile).
+// Threads of the gather kernel (not yet tuned on a GPU): they share the OR of the
+// kept rows' words into the later tiles of the group, one word per thread per tile,
+// so 256 cover groups of up to 16k segments in one round.
 constexpr int kGatherThreads = 256;
 
 // One 64 x 64 tile of suppression bits. Block (r, k): rows of tile r against the
@@ -73,7 +74,7 @@ __global__ void temporal_nms_mask_kernel(const double* __restrict__ seg, const i
   const int first = c == r ? static_cast<int>(threadIdx.x) + 1 : 0;
   unsigned long long bits = 0;
   for (int b = first; b < count; ++b) {
-    if (col_group[b] == g && segment_overlap(s, e, col_start[b], col_end[b], kind, offset) > threshold) {
+    if (col_group[b] == g && overlap_exceeds(s, e, col_start[b], col_end[b], kind, offset, threshold)) {
       bits |= 1ULL << b;
     }
   }
@@ -171,13 +172,14 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   // sort breaks ties by index. Then a stable sort by group keeps that order inside
   // each group.
   const at::Tensor perm = std::get<1>(at::sort(scores.to(at::kDouble).neg(), /*stable=*/true, 0, false));
-  at::Tensor gperm = perm;
+  at::Tensor gperm = perm;    // sorted position -> original index
+  at::Tensor by_group;        // sorted position -> visit position (with groups)
   c10::optional<at::Tensor> sorted_groups;
   if (groups.has_value()) {
-    const at::Tensor g_visit = groups->index_select(0, perm);
-    const at::Tensor by_group = std::get<1>(at::sort(g_visit, /*stable=*/true, 0, false));
+    at::Tensor g_sorted;
+    std::tie(g_sorted, by_group) = at::sort(groups->index_select(0, perm), /*stable=*/true, 0, false);
     gperm = perm.index_select(0, by_group);
-    sorted_groups = g_visit.index_select(0, by_group).contiguous();
+    sorted_groups = g_sorted.contiguous();
   }
   const at::Tensor seg_sorted = seg_d.index_select(0, gperm).contiguous();
   at::Tensor is_start, end_of;
@@ -202,10 +204,9 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   at::Tensor keep_sorted = at::zeros({n}, long_opts.dtype(at::kBool));
   launch_gather(mask, is_start, end_of, keep_sorted);
 
-  // Back to visit order, then compact.
-  at::Tensor keep_orig = at::zeros({n}, keep_sorted.options());
-  keep_orig.index_copy_(0, gperm, keep_sorted);
-  const at::Tensor keep_visit = keep_orig.index_select(0, perm).contiguous();
+  // Back to visit order (without groups the sorted order is the visit order), then compact.
+  const at::Tensor keep_visit =
+      groups.has_value() ? at::zeros({n}, keep_sorted.options()).index_copy_(0, by_group, keep_sorted) : keep_sorted;
   const at::Tensor pos = at::cumsum(keep_visit, 0, at::kLong);
   const int64_t count = cuda_common::read_count_and_check(pos[n - 1], first_bad, seg_d);
   at::Tensor out = at::empty({count}, long_opts);
