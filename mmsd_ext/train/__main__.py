@@ -1,0 +1,204 @@
+"""``python -m mmsd_ext.train`` / ``mmsd-train``: train and evaluate MMSD.
+
+With no arguments it trains on the embedded synthetic dataset, evaluates, and prints the
+mAP table. See ``--help`` for every flag; the defaults are MMSD's (THUMOS14) except where
+the synthetic preset says otherwise. Runs under ``torchrun --nproc_per_node=N`` too.
+"""
+
+import argparse
+import os
+import sys
+
+from .data import DataError
+from .engine import FROZEN_ON_RESUME, SYNTHETIC_PRESET, Config, UsageError, load_checkpoint, run
+
+S = argparse.SUPPRESS
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def build_parser():
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="mmsd-train",
+        description="Train and evaluate MMSD (multi-modality self-distillation for weakly-supervised temporal action "
+        "localization). Without --data-root: the embedded synthetic dataset.",
+        argument_default=S,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", metavar="DIR", help="folder holding <dataset>/ in the W-TALC layout (default: synthetic data)")
+    g.add_argument("--dataset", help=f"dataset folder name (default {d.dataset})")
+    g.add_argument("--synthetic-seed", type=int, metavar="N", help=f"seed of the synthetic dataset (default {d.synthetic_seed})")
+
+    g = p.add_argument_group(
+        "training (defaults: MMSD's; synthetic preset: " + ", ".join(f"{k} {v}" for k, v in SYNTHETIC_PRESET.items()) + ")"
+    )
+    g.add_argument("--epochs", type=_positive_int, help=f"(default {d.epochs})")
+    g.add_argument(
+        "--batch-size", type=_positive_int, help=f"videos per optimizer step, split across processes (default {d.batch_size})"
+    )
+    g.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--lr-decay", type=_positive_float, help=f"lr factor after --lr-decay-at (default {d.lr_decay})")
+    g.add_argument("--lr-decay-at", type=_fraction, help="fraction of training after which lr decays (default 70/240)")
+    g.add_argument("--weight-decay", type=float, help=f"Adam weight decay (default {d.weight_decay})")
+    g.add_argument("--embed-dim", type=_positive_int, help=f"embedding size (default {d.embed_dim})")
+    g.add_argument("--dropout", type=_fraction, help=f"(default {d.dropout})")
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument(
+        "--pseudo-threshold",
+        type=_fraction,
+        metavar="THETA",
+        help=f"attention above it makes a foreground pseudo label (MMSD's theta, default {d.pseudo_threshold})",
+    )
+    g.add_argument(
+        "--eval-every", type=_non_negative_int, metavar="N", help="also evaluate every N epochs (default 0: only at the end)"
+    )
+    g.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N epochs of this invocation (checkpoint kept; continue with --resume)",
+    )
+
+    g = p.add_argument_group("ablations")
+    g.add_argument("--no-distill", action="store_true", help="no multi-modality knowledge distillation")
+    g.add_argument("--no-voting", action="store_true", help="no self-voting pseudo-label loss")
+    g.add_argument(
+        "--no-fused-stream",
+        action="store_true",
+        help="only the RGB and flow streams (distillation RGB<->flow, voting between the two)",
+    )
+    g.add_argument(
+        "--single-stream", action="store_true", help="only the fused stream (so no distillation and no voting): the baseline"
+    )
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    g.add_argument(
+        "--threads", type=_non_negative_int, metavar="N", help="CPU threads per process (default: torch's; synthetic preset: 1)"
+    )
+    g.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="mmsd_ext op backend (default auto)")
+    g.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, train.log, results.json (default: runs/mmsd-<data>-<time>/)")
+    g.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --output-dir")
+    g.add_argument(
+        "--resume", metavar="CKPT", help="continue the run of this checkpoint (its folder is the output folder by default)"
+    )
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
+    g.add_argument("--checkpoint", metavar="CKPT", help="the checkpoint for --eval-only")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="print nothing but errors (results.json is still written)")
+    return p
+
+
+def config_from_args(args, parser):
+    """The run's Config: checkpoint settings (resume / eval-only), else preset and defaults, then flags."""
+    given = dict(vars(args))
+    flags = {
+        k: given.pop(k)
+        for k in list(given)
+        if k in ("output_dir", "overwrite", "resume", "eval_only", "checkpoint", "stop_after", "no_progress", "quiet")
+    }
+    if given.pop("no_distill", False):
+        given["distill"] = False
+    if given.pop("no_voting", False):
+        given["voting"] = False
+    no_fused = given.pop("no_fused_stream", False)
+    single = given.pop("single_stream", False)
+    if no_fused and single:
+        parser.error("--no-fused-stream and --single-stream contradict each other")
+    if no_fused:
+        given["streams"] = ("rgb", "flow")
+    if single:
+        given["streams"] = ("fused",)
+
+    if flags.get("eval_only") and not flags.get("checkpoint"):
+        parser.error("--eval-only needs --checkpoint CKPT")
+    if flags.get("checkpoint") and not flags.get("eval_only"):
+        parser.error("--checkpoint is for --eval-only; to continue training use --resume CKPT")
+    if flags.get("resume") and flags.get("eval_only"):
+        parser.error("--resume and --eval-only exclude each other")
+    if flags.get("stop_after") and flags.get("eval_only"):
+        parser.error("--stop-after has no meaning with --eval-only")
+
+    source = flags.get("resume") or flags.get("checkpoint")
+    if source:
+        saved = Config.from_dict(load_checkpoint(source)["config"])
+        base = saved.to_dict()
+        if flags.get("resume"):
+            for key in FROZEN_ON_RESUME:
+                if key in given and given[key] != getattr(saved, key):
+                    flag = "--" + key.replace("_", "-") if key != "streams" else "--no-fused-stream/--single-stream"
+                    parser.error(
+                        f"{flag}: the resumed run used {getattr(saved, key)!r}; a resumed run keeps its settings (only --epochs, --device, --backend, --eval-every change)"
+                    )
+        else:
+            # Evaluation: the model must match the checkpoint, the data may have moved.
+            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "eval_batch_size", "class_threshold")
+            for key in list(given):
+                if key not in allowed and given[key] != getattr(saved, key):
+                    parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")
+        base.update(given)
+        config = Config.from_dict(base)
+    else:
+        values = Config().to_dict()
+        if given.get("data_root") is None:
+            values.update(SYNTHETIC_PRESET)
+        values.update(given)
+        config = Config.from_dict(values)
+    return config, flags
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config, flags = config_from_args(args, parser)
+        result = run(
+            config,
+            output_dir=flags.get("output_dir"),
+            overwrite=flags.get("overwrite", False),
+            resume=flags.get("resume"),
+            eval_only=flags.get("eval_only", False),
+            checkpoint=flags.get("checkpoint"),
+            stop_after=flags.get("stop_after"),
+            progress=not flags.get("no_progress", False) and not os.environ.get("MMSD_EXT_NO_PROGRESS"),
+            quiet=flags.get("quiet", False),
+        )
+    except (UsageError, DataError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
+        return 130
+    del result  # rank 0 printed it and wrote results.json; other ranks have none
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

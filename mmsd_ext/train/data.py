@@ -1,0 +1,294 @@
+"""WTAL data in the W-TALC file layout (MMSD, W-TALC, CO2-Net), and padded batches.
+
+``<root>/<Dataset>/`` holds:
+
+===============================  ==========================================================
+``<Dataset>-I3D-JOINTFeatures.npy``  object array of [T_i, D] float arrays (RGB half, then flow)
+``labels_all.npy``               per video, the list of its class names (video-level labels)
+``segments.npy``                 per video, the list of [start, end] ground truth in seconds
+``labels.npy``                   per video, the class name of each of its segments
+``classlist.npy``                the class names (bytes), in class-index order
+``videoname.npy``                the video names (bytes)
+``subset.npy``                   the split of each video (bytes): for THUMOS14 "validation"
+                                 is the training data and "test" the test data
+``duration.npy``                 video durations in seconds
+``Ambiguous_test.txt``           optional: ``name  start end`` per line (seconds); predictions
+                                 that touch one are ignored by the THUMOS14 protocol
+===============================  ==========================================================
+
+The files are pickled object arrays (some written by Python 2), so they are
+read with ``allow_pickle=True``; names may be bytes or str. Every problem is
+reported as a ``DataError`` naming the file (and the video) at fault.
+"""
+
+import math
+import os
+
+import numpy as np
+import torch
+
+# Snippets per second of I3D features: one snippet per 16 frames at 25 fps.
+SNIPPETS_PER_SECOND = 25.0 / 16.0
+
+ARRAY_FILES = ("labels_all", "segments", "labels", "classlist", "videoname", "subset", "duration")
+AMBIGUOUS_FILE = "Ambiguous_test.txt"
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable, or disagrees with the others."""
+
+
+def features_file(dataset):
+    return f"{dataset}-I3D-JOINTFeatures.npy"
+
+
+def load_wtalc(root, dataset="Thumos14reduced"):
+    """Read ``<root>/<dataset>/`` into a ``WTALCData``."""
+    folder = os.path.join(root, dataset)
+    if not os.path.isdir(root):
+        raise DataError(f"--data-root: {root} is not a directory")
+    if not os.path.isdir(folder):
+        present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise DataError(f"{folder}: no such dataset folder (datasets in {root}: {', '.join(present) or 'none'})")
+    arrays = {"features": _load_npy(os.path.join(folder, features_file(dataset)))}
+    for name in ARRAY_FILES:
+        arrays[name] = _load_npy(os.path.join(folder, name + ".npy"))
+    ambiguous_path = os.path.join(folder, AMBIGUOUS_FILE)
+    arrays["ambiguous"] = _read_ambiguous(ambiguous_path) if os.path.isfile(ambiguous_path) else []
+    return WTALCData.from_arrays(arrays, dataset, source=folder)
+
+
+def _load_npy(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        return np.load(path, allow_pickle=True)
+    except UnicodeDecodeError:
+        # Object arrays pickled by Python 2 hold byte strings numpy cannot decode as ASCII.
+        try:
+            return np.load(path, allow_pickle=True, encoding="latin1")
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+            raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_ambiguous(path):
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3:
+                raise DataError(f"{path}: line {number}: expected 'name  start end', got {line.strip()!r}")
+            try:
+                start, end = float(parts[1]), float(parts[2])
+            except ValueError:
+                raise DataError(f"{path}: line {number}: start and end must be numbers, got {line.strip()!r}") from None
+            rows.append((parts[0], start, end))
+    return rows
+
+
+def _text(value):
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8")
+    return str(value)
+
+
+class WTALCData:
+    """One dataset in memory: ragged features, labels, ground truth, splits.
+
+    Attributes: ``name``, ``classes`` (list of str), ``videos`` (names),
+    ``subsets`` (str per video), ``features`` (list of float32 [T_i, D] arrays),
+    ``labels`` (float32 [N, C] multi-hot), ``segments`` (list of float64 [n_i, 2]
+    arrays, seconds), ``segment_classes`` (list of int64 [n_i] arrays),
+    ``durations``, ``ambiguous`` (list of (video, start, end) in seconds),
+    ``feature_dim``, ``num_classes``.
+    """
+
+    def __init__(
+        self, name, classes, videos, subsets, features, labels, segments, segment_classes, durations, ambiguous, source=None
+    ):
+        self.name = name
+        self.classes = classes
+        self.videos = videos
+        self.subsets = subsets
+        self.features = features
+        self.labels = labels
+        self.segments = segments
+        self.segment_classes = segment_classes
+        self.durations = durations
+        self.ambiguous = ambiguous
+        self.source = source
+        self.feature_dim = features[0].shape[1] if features else 0
+        self.num_classes = len(classes)
+
+    @classmethod
+    def from_arrays(cls, arrays, name, source=None):
+        """Validate and convert the arrays as stored in the files (see the module docstring)."""
+        where = source or f"<{name} in memory>"
+
+        def fail(file, message):
+            raise DataError(f"{os.path.join(where, file)}: {message}")
+
+        feat_file = features_file(name)
+        classes = [_text(c) for c in np.asarray(arrays["classlist"]).reshape(-1)]
+        if not classes:
+            fail("classlist.npy", "no classes")
+        if len(set(classes)) != len(classes):
+            fail("classlist.npy", "class names repeat")
+        index = {c: i for i, c in enumerate(classes)}
+
+        raw_features = arrays["features"]
+        n = len(raw_features)
+        if n == 0:
+            fail(feat_file, "no videos")
+        for file in ARRAY_FILES[:-1]:
+            if file != "classlist" and len(arrays[file]) != n:
+                fail(f"{file}.npy", f"{len(arrays[file])} entries, but {feat_file} has {n} videos")
+        durations = np.asarray(arrays["duration"], dtype=object).reshape(-1)
+        if len(durations) != n:
+            fail("duration.npy", f"{len(durations)} entries, but {feat_file} has {n} videos")
+
+        features = []
+        dim = None
+        for i, f in enumerate(raw_features):
+            try:
+                f = np.asarray(f, dtype=np.float32)
+            except (TypeError, ValueError):
+                fail(feat_file, f"video {i}: features are not numeric")
+            if f.ndim != 2 or f.shape[0] < 1:
+                fail(feat_file, f"video {i}: expected a [T, D] array with T >= 1, got shape {f.shape}")
+            if dim is None:
+                dim = f.shape[1]
+            if f.shape[1] != dim:
+                fail(feat_file, f"video {i}: feature dimension {f.shape[1]}, but video 0 has {dim}")
+            if not np.isfinite(f).all():
+                fail(feat_file, f"video {i}: features hold NaN or inf")
+            features.append(f)
+        if dim % 2:
+            fail(feat_file, f"feature dimension {dim} is odd; expected RGB and flow halves of equal size")
+
+        videos = [_text(v) for v in np.asarray(arrays["videoname"]).reshape(-1)]
+        subsets = [_text(s) for s in np.asarray(arrays["subset"]).reshape(-1)]
+
+        labels = np.zeros((n, len(classes)), dtype=np.float32)
+        for i, names in enumerate(arrays["labels_all"]):
+            for c in _names(names):
+                if c not in index:
+                    fail("labels_all.npy", f"video {i} ({videos[i]}): class {c!r} is not in classlist.npy")
+                labels[i, index[c]] = 1.0
+
+        segments, segment_classes = [], []
+        for i, (segs, labs) in enumerate(zip(arrays["segments"], arrays["labels"])):
+            try:
+                segs = np.asarray(list(segs) if not isinstance(segs, np.ndarray) else segs, dtype=np.float64).reshape(-1, 2)
+            except (TypeError, ValueError):
+                fail("segments.npy", f"video {i} ({videos[i]}): expected [start, end] pairs in seconds")
+            labs = _names(labs)
+            if len(labs) != len(segs):
+                fail("labels.npy", f"video {i} ({videos[i]}): {len(labs)} segment labels for {len(segs)} segments in segments.npy")
+            if len(segs) and not (np.isfinite(segs).all() and (segs[:, 1] >= segs[:, 0]).all()):
+                fail("segments.npy", f"video {i} ({videos[i]}): segments must be finite with end >= start")
+            for c in labs:
+                if c not in index:
+                    fail("labels.npy", f"video {i} ({videos[i]}): class {c!r} is not in classlist.npy")
+            segments.append(segs)
+            segment_classes.append(np.asarray([index[c] for c in labs], dtype=np.int64))
+
+        try:
+            durations = np.asarray([float(np.asarray(d).reshape(-1)[0]) for d in durations], dtype=np.float64)
+        except (TypeError, ValueError, IndexError):
+            fail("duration.npy", "expected one number per video")
+
+        ambiguous = [(str(v), float(s), float(e)) for v, s, e in arrays.get("ambiguous", [])]
+        return cls(name, classes, videos, subsets, features, labels, segments, segment_classes, durations, ambiguous, source)
+
+    # -- splits ---------------------------------------------------------------------------
+
+    def split_names(self):
+        """(train subset name, test subset name): THUMOS14 trains on "validation" and tests on
+        "test"; ActivityNet1.2 trains on "training" and tests on "validation"."""
+        present = set(self.subsets)
+        if "test" in present:
+            return "validation", "test"
+        if "training" in present:
+            return "training", "validation"
+        raise DataError(
+            f"{self.source or self.name}/subset.npy: cannot tell the splits apart: expected 'validation' and 'test' "
+            f"(THUMOS14) or 'training' and 'validation' (ActivityNet1.2), got {', '.join(sorted(present))}"
+        )
+
+    def indices(self, split):
+        """Video indices of ``split``: "train" or "test" (mapped to subset names), or a subset name."""
+        if split in ("train", "test"):
+            train_name, test_name = self.split_names()
+            split = train_name if split == "train" else test_name
+        found = [i for i, s in enumerate(self.subsets) if s == split]
+        if not found:
+            raise DataError(f"{self.source or self.name}/subset.npy: no video in subset {split!r}")
+        return found
+
+    # -- ground truth in snippets ---------------------------------------------------------
+
+    def ground_truth_snippets(self, video_indices):
+        """Rows (position in ``video_indices``, class, start, end) in snippets, MMSD's conversion
+        ``round(seconds * 25 / 16)``, as a float64 array [G, 4]."""
+        rows = []
+        for pos, i in enumerate(video_indices):
+            for (s, e), c in zip(self.segments[i], self.segment_classes[i]):
+                rows.append((pos, c, round(s * SNIPPETS_PER_SECOND), round(e * SNIPPETS_PER_SECOND)))
+        return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+    def ambiguous_snippets(self, video_indices):
+        """Rows (position in ``video_indices``, start, end) of the ambiguous segments, in snippets."""
+        position = {self.videos[i]: pos for pos, i in enumerate(video_indices)}
+        rows = [
+            (position[v], round(s * SNIPPETS_PER_SECOND), round(e * SNIPPETS_PER_SECOND))
+            for v, s, e in self.ambiguous
+            if v in position
+        ]
+        return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+    def describe(self):
+        train, test = self.indices("train"), self.indices("test")
+        lengths = np.asarray([f.shape[0] for f in self.features])
+        return (
+            f"{self.name}: {len(self.videos)} videos ({len(train)} train, {len(test)} test), {self.num_classes} classes, "
+            f"features {self.feature_dim}-d, lengths {lengths.min()}..{lengths.max()} (mean {lengths.mean():.0f})"
+        )
+
+
+def _names(value):
+    """A per-video list of class names as stored (list, array, a single name, or empty)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, np.str_, np.bytes_)):
+        return [_text(value)]
+    try:
+        items = list(value)
+    except TypeError:
+        return [_text(value)]
+    if items and isinstance(items[0], float) and math.isnan(items[0]):
+        return []
+    return [_text(v) for v in items]
+
+
+def collate(data, video_indices, device=None):
+    """A padded batch: ``features`` [B, T, D] float32 (zeros past each length), ``lengths`` [B]
+    int64, ``labels`` [B, C] float32, ``index`` [B] int64 (the dataset's video indices)."""
+    feats = [data.features[i] for i in video_indices]
+    lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
+    batch = torch.zeros(len(feats), int(lengths.max()), data.feature_dim, dtype=torch.float32)
+    for b, f in enumerate(feats):
+        batch[b, : f.shape[0]] = torch.from_numpy(f)
+    out = {
+        "features": batch,
+        "lengths": lengths,
+        "labels": torch.from_numpy(data.labels[list(video_indices)]),
+        "index": torch.tensor(list(video_indices), dtype=torch.int64),
+    }
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out

@@ -1,0 +1,713 @@
+"""Training and evaluation of MMSD: the loop, pseudo labels, checkpoints, DDP, results.
+
+``run(config)`` does what ``python -m mmsd_ext.train`` does. Batching: an optimizer step
+takes ``batch_size`` videos (MMSD: 10, accumulated one video at a time); here they go
+through the model as one padded batch (split across processes under DDP), and the loss is
+the sum of the videos' losses, as MMSD's accumulated gradient is.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import mmsd_ext
+
+from . import data as data_mod
+from .losses import PSEUDO_THRESHOLD, mmsd_loss, refresh_pseudo_labels
+from .model import MMSD, STREAMS, fuse
+
+TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+LOG = "train.log"
+CHECKPOINT_FORMAT = "mmsd_ext.train/1"
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a run. Defaults are MMSD's for THUMOS14 (LeonHLJ/MMSD train_options.py);
+    ``SYNTHETIC_PRESET`` replaces some of them when no --data-root is given."""
+
+    data_root: str = None
+    dataset: str = "Thumos14reduced"
+    synthetic_seed: int = 0
+    epochs: int = 240
+    batch_size: int = 10  # videos per optimizer step (MMSD accumulates 10 videos)
+    lr: float = 5e-5
+    lr_decay: float = 0.2  # lr x 0.2 ...
+    lr_decay_at: float = 70 / 240  # ... from this fraction of training on (MMSD: epoch 70 of 240)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 1e-3
+    embed_dim: int = 1024
+    dropout: float = 0.6
+    scale: float = 20.0
+    seed: int = 1
+    streams: tuple = STREAMS
+    distill: bool = True
+    voting: bool = True
+    pseudo_refreshes: int = 6  # MMSD: every 40 of 240 epochs
+    pseudo_threshold: float = PSEUDO_THRESHOLD  # MMSD's theta: attention above it is a foreground label
+    eval_every: int = 0  # 0: evaluate once, after training
+    eval_batch_size: int = 16
+    class_threshold: float = 0.2
+    device: str = "auto"
+    backend: str = "auto"
+    threads: int = 0  # CPU threads per process; 0: torch's default
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["streams"] = list(self.streams)
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "streams" in d:
+            d["streams"] = tuple(d["streams"])
+        return cls(**d)
+
+
+# The embedded synthetic set is small (128-d features, 8 classes, 160 training videos):
+# a smaller embedding and a higher learning rate let it train in a minute or two on 2 cores.
+# One thread: its matrices are too small to gain from two, and on a shared machine two
+# OpenMP threads wait on each other (measured on the loaded 2-core machine: 3.7-4.1 s per
+# epoch with 1 thread, 14-38 s with 2).
+SYNTHETIC_PRESET = {"epochs": 30, "lr": 1e-3, "embed_dim": 128, "threads": 1}
+
+# Settings a resumed run must keep (the model, the data and the objective).
+FROZEN_ON_RESUME = (
+    "data_root",
+    "dataset",
+    "synthetic_seed",
+    "batch_size",
+    "lr",
+    "lr_decay",
+    "lr_decay_at",
+    "beta1",
+    "beta2",
+    "weight_decay",
+    "embed_dim",
+    "dropout",
+    "scale",
+    "seed",
+    "streams",
+    "distill",
+    "voting",
+    "pseudo_refreshes",
+    "pseudo_threshold",
+)
+
+
+class UsageError(ValueError):
+    """A bad combination of settings or paths (reported without a traceback)."""
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+
+def refresh_epochs(epochs, refreshes):
+    """Epoch counts after which the pseudo labels are regenerated: MMSD's 40, 80, ..., 200 of 240,
+    scaled to ``epochs``. (MMSD also refreshes after the last epoch, which changes nothing.)"""
+    marks = {max(1, round(epochs * j / refreshes)) for j in range(1, refreshes + 1)}
+    return sorted(m for m in marks if m < epochs)
+
+
+def learning_rate(config, epoch):
+    """MMSD's step decay: lr until ``lr_decay_at`` of training (epoch 70 of 240), then x0.2."""
+    decay_epoch = round(config.epochs * config.lr_decay_at)
+    return config.lr * (config.lr_decay if epoch >= decay_epoch else 1.0)
+
+
+def _derived_seed(*parts):
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# -- distributed -------------------------------------------------------------------------------
+
+
+class Dist:
+    """The process group, or a single process."""
+
+    def __init__(self, device_kind):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # Under torchrun (which sets RANK), even with one process, so that the launch path is
+        # the same whatever the number of processes.
+        self.active = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.owns_group = False
+        self.nccl = self.active and device_kind == "cuda"
+        if self.active and not dist.is_initialized():
+            if self.nccl:
+                # Each process drives its own GPU; NCCL's communicator must know which.
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group("nccl" if self.nccl else "gloo")
+            self.owns_group = True
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def all_reduce(self, tensor):
+        if self.active:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def agree(self, error):
+        """Raise on every process if rank 0 met ``error`` (a UsageError or None), so that no
+        process waits forever in a collective the failed one never reaches."""
+        if self.active:
+            device = torch.device("cuda", self.local_rank) if self.nccl else torch.device("cpu")
+            flag = torch.tensor([1 if error is not None else 0], device=device)
+            dist.broadcast(flag, src=0)
+            if int(flag) and error is None:
+                error = UsageError("rank 0 stopped with an error (see its message)")
+        if error is not None:
+            raise error
+
+    def barrier(self):
+        if self.active:
+            dist.barrier(device_ids=[self.local_rank] if self.nccl else None)
+
+    def close(self):
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def _resolve_device(name, ddp):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is visible to torch")
+        if device.index is None:
+            device = torch.device("cuda", ddp.local_rank if ddp.active else torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def check_backend(backend, device):
+    """Fail early, with the op's own explanation, if the ops cannot run on ``backend`` here."""
+    name = None if backend == "auto" else backend
+    scores = torch.rand(1, 8, 3, device=device)
+    try:
+        with mmsd_ext.use_backend(name or "auto"):
+            mmsd_ext.topk_mil_pool(scores, 1)
+            mmsd_ext.mmsd_distill_loss(scores, scores, scores)
+            mmsd_ext.snippet_distill_loss(scores, scores)
+            mmsd_ext.temporal_nms(torch.tensor([[0.0, 1.0]], device=device), torch.ones(1, device=device), 0.5)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--backend {backend}: {exc}") from None
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def load_data(config):
+    if config.data_root is None:
+        from .synthetic import synthetic_dataset
+
+        return synthetic_dataset(config.synthetic_seed)
+    return data_mod.load_wtalc(config.data_root, config.dataset)
+
+
+def build_model(config, data):
+    torch.manual_seed(config.seed)
+    return MMSD(
+        data.num_classes,
+        modality_dim=data.feature_dim // 2,
+        embed_dim=config.embed_dim,
+        dropout=config.dropout,
+        scale=config.scale,
+        streams=config.streams,
+    )
+
+
+def _length_batches(data, positions, indices, batch_size):
+    """Position batches of similar lengths (less padding), for inference."""
+    order = sorted(positions, key=lambda p: data.features[indices[p]].shape[0])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """State of one run: model, optimizer, pseudo labels, progress."""
+
+    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None):
+        self.config = config
+        self.data = data
+        self.device = device
+        self.ddp = ddp
+        self.output_dir = output_dir
+        self.progress = progress and ddp.main
+        self.log_file = log_file
+        self.echo = True
+        self.train_idx = data.indices("train")
+        self.test_idx = data.indices("test")
+        self.model = build_model(config, data).to(device)
+        self.net = self.model
+        if ddp.active:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        )
+        S = len(self.model.streams)
+        t_max = max(data.features[i].shape[0] for i in self.train_idx)
+        self.pseudo_labels = torch.zeros(S, len(self.train_idx), t_max, device=device)
+        self.pseudo_conf = torch.zeros(S, len(self.train_idx), t_max, device=device)
+        self.refreshes_done = 0
+        self.epoch = 0  # epochs completed
+        self.history = []
+
+    @property
+    def voting_active(self):
+        return self.config.voting and len(self.model.streams) > 1 and self.refreshes_done > 0
+
+    def log(self, message):
+        if not self.ddp.main:
+            return
+        if self.echo:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+        if self.log_file:
+            with open(self.log_file, "a") as f:
+                f.write(message + "\n")
+
+    # -- training --------------------------------------------------------------------------
+
+    def train(self, stop_after=None):
+        from tqdm import tqdm
+
+        config = self.config
+        refresh_at = set(refresh_epochs(config.epochs, config.pseudo_refreshes))
+        first = self.epoch
+        last = config.epochs if stop_after is None else min(config.epochs, first + stop_after)
+        bar = tqdm(
+            range(first, last), desc="train", unit="epoch", disable=not self.progress, initial=0, total=last - first, file=sys.stderr
+        )
+        for epoch in bar:
+            start = time.perf_counter()
+            parts = self.train_epoch(epoch)
+            if config.voting and len(self.model.streams) > 1 and epoch + 1 in refresh_at:
+                self.refresh_pseudo_labels()
+            self.epoch = epoch + 1
+            record = {"epoch": self.epoch, "lr": learning_rate(config, epoch), "time_s": round(time.perf_counter() - start, 3)}
+            record.update({k: round(v, 6) for k, v in parts.items()})
+            record["pseudo_refreshes"] = self.refreshes_done
+            if config.eval_every and self.epoch % config.eval_every == 0 and self.epoch < config.epochs:
+                result = self.evaluate(desc=f"eval@{self.epoch}")
+                if result is not None:
+                    record["average_map"] = round(result["average_map"], 4)
+                    record["cmap"] = round(result["cmap"], 4)
+            self.history.append(record)
+            bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{record['lr']:.1e}")
+            self.log("epoch " + json.dumps(record))
+            self.save_checkpoint()
+        bar.close()
+
+    def train_epoch(self, epoch):
+        config = self.config
+        lr = learning_rate(config, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # Stateless per-epoch seeds: the shuffle is the same on every rank, dropout differs per
+        # rank, and a resumed run draws exactly what the uninterrupted run drew.
+        torch.manual_seed(_derived_seed(config.seed, epoch, self.ddp.rank, 1))
+        order = torch.randperm(
+            len(self.train_idx), generator=torch.Generator().manual_seed(_derived_seed(config.seed, epoch, 0))
+        ).tolist()
+        steps = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        totals = self.train_steps(steps)
+        # Per video, as MMSD prints its losses.
+        return {k: v / len(order) for k, v in totals.items()}
+
+    def train_steps(self, steps):
+        """One optimizer step per list of training positions; returns the summed losses."""
+        ddp = self.ddp
+        self.net.train()
+        totals = {}
+        for chunk in steps:
+            mine = chunk[ddp.rank :: ddp.world]
+            weight = 1.0
+            if not mine:  # a short last step: keep this rank in the collective with a null loss
+                mine, weight = chunk[:1], 0.0
+            batch = data_mod.collate(self.data, [self.train_idx[p] for p in mine], self.device)
+            T = batch["features"].shape[1]
+            # This process's share of the step's distillation mean (see mmsd_loss).
+            snippets = {p: self.data.features[self.train_idx[p]].shape[0] for p in chunk}
+            distill_scale = len(chunk) * sum(snippets[p] for p in mine) / sum(snippets.values())
+            outputs = self.net(batch["features"], batch["lengths"])
+            stored = self.pseudo_labels[:, torch.tensor(mine, device=self.device), :T] if self.voting_active else None
+            loss, parts = mmsd_loss(
+                outputs,
+                batch["labels"],
+                batch["lengths"],
+                self.model.streams,
+                stored_labels=stored,
+                distill=self.config.distill,
+                distill_scale=distill_scale,
+            )
+            # DDP averages gradients over ranks; scaling by the world size makes the step's
+            # gradient the sum over all of its videos, as in MMSD.
+            (loss * (weight * ddp.world)).backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            # Summed on the device: no host synchronisation per step. "attention" (the mean
+            # class-agnostic attention over the streams) shows whether it sinks below the
+            # pseudo-label threshold.
+            attention = outputs["attention"].detach().sum((0, 2)).sum() / (len(self.model.streams) * batch["lengths"].sum())
+            for name, value in [("total", loss.detach()), ("attention", attention * len(mine))] + list(parts.items()):
+                totals[name] = totals.get(name, 0.0) + value.double() * weight
+        names = sorted(totals)
+        packed = ddp.all_reduce(torch.stack([totals[n] for n in names]))
+        return dict(zip(names, packed.tolist()))
+
+    @torch.no_grad()
+    def refresh_pseudo_labels(self):
+        """Every training video through the model in eval mode; the rank's share, then summed."""
+        self.model.eval()
+        ddp = self.ddp
+        positions = list(range(len(self.train_idx)))[ddp.rank :: ddp.world]
+        new_labels = torch.zeros_like(self.pseudo_labels)
+        new_conf = torch.zeros_like(self.pseudo_conf)
+        for chunk in _length_batches(self.data, positions, self.train_idx, self.config.eval_batch_size):
+            batch = data_mod.collate(self.data, [self.train_idx[p] for p in chunk], self.device)
+            T = batch["features"].shape[1]
+            rows = torch.tensor(chunk, device=self.device)
+            outputs = self.model(batch["features"], batch["lengths"])
+            labels, conf = refresh_pseudo_labels(
+                outputs,
+                batch["labels"],
+                self.pseudo_labels[:, rows, :T],
+                self.pseudo_conf[:, rows, :T],
+                threshold=self.config.pseudo_threshold,
+            )
+            new_labels[:, rows, :T] = labels
+            new_conf[:, rows, :T] = conf
+        if ddp.active:
+            ddp.all_reduce(new_labels)
+            ddp.all_reduce(new_conf)
+        self.pseudo_labels, self.pseudo_conf = new_labels, new_conf
+        self.refreshes_done += 1
+        self.model.train()
+        # The share of foreground pseudo labels per stream: near 0 means the attention has
+        # sunk below the 0.55 threshold everywhere and voting only pushes it further down.
+        valid = torch.zeros(len(self.train_idx), new_labels.shape[2], dtype=torch.bool, device=self.device)
+        for p, i in enumerate(self.train_idx):
+            valid[p, : self.data.features[i].shape[0]] = True
+        share = (new_labels * valid).sum((1, 2)) / valid.sum()
+        self.log(
+            "pseudo labels "
+            + json.dumps(
+                {"refresh": self.refreshes_done, "foreground": dict(zip(self.model.streams, [round(x, 4) for x in share.tolist()]))}
+            )
+        )
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, desc="eval"):
+        """Rank 0 evaluates on the test split; other ranks wait. Returns the results dict (rank 0)."""
+        result = None
+        if self.ddp.main:
+            result = evaluate(self.model, self.data, self.test_idx, self.device, self.config, progress=self.progress, desc=desc)
+        self.ddp.barrier()
+        return result
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state(self):
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "pseudo_labels": self.pseudo_labels.cpu(),
+            "pseudo_conf": self.pseudo_conf.cpu(),
+            "refreshes_done": self.refreshes_done,
+            "history": self.history,
+            "torch": str(torch.__version__),
+            "mmsd_ext": mmsd_ext.__version__,
+        }
+
+    def save_checkpoint(self):
+        if not (self.ddp.main and self.output_dir):
+            return
+        path = os.path.join(self.output_dir, CHECKPOINT)
+        tmp = path + ".tmp"
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+
+    def load_state(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pseudo_labels = state["pseudo_labels"].to(self.device)
+        self.pseudo_conf = state["pseudo_conf"].to(self.device)
+        self.refreshes_done = int(state["refreshes_done"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+        raise UsageError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path}: not an mmsd_ext.train checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model, data, indices, device, batch_size=16, progress=False, desc="eval"):
+    """Fused CAS [V, T, C] (padded, float32), video scores [V, C] and lengths [V] for the videos
+    ``indices``, in that order (MMSD's 0.2 / 0.4 / 0.4 fusion), on ``device``: the proposals
+    then run there too, with the backend chosen for that device."""
+    from tqdm import tqdm
+
+    model.eval()
+    V = len(indices)
+    lengths = torch.tensor([data.features[i].shape[0] for i in indices], dtype=torch.int64, device=device)
+    cas = torch.zeros(V, int(lengths.max()), data.num_classes, device=device)
+    scores = torch.zeros(V, data.num_classes, device=device)
+    weights = model.fusion_weights()
+    batches = _length_batches(data, list(range(V)), indices, batch_size)
+    for chunk in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False, file=sys.stderr):
+        batch = data_mod.collate(data, [indices[p] for p in chunk], device)
+        outputs = model(batch["features"], batch["lengths"])
+        c, s = fuse(outputs, weights)
+        rows = torch.tensor(chunk, device=device)
+        cas[rows, : c.shape[1]] = c.float()
+        scores[rows] = s.float()
+    return cas, scores, lengths
+
+
+def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
+    """MMSD's THUMOS14 protocol: proposals on the fused CAS, detection mAP at tIoU 0.1..0.7 on
+    the test videos that have ground truth (MMSD drops the others), predictions touching an
+    ambiguous segment ignored, and cmAP over all test videos. Percentages."""
+    from mmsd_ext.evaluate import classification_map, detection_map
+    from mmsd_ext.localize import mmsd_proposals
+
+    start = time.perf_counter()
+    cas, scores, lengths = predict(model, data, indices, device, config.eval_batch_size, progress, desc)
+    cmap = float(classification_map(scores.cpu(), torch.from_numpy(data.labels[list(indices)])))
+
+    annotated = [p for p, i in enumerate(indices) if len(data.segments[i])]
+    sub = torch.tensor(annotated, dtype=torch.int64, device=device)
+    sub_indices = [indices[p] for p in annotated]
+    proposals = mmsd_proposals(cas[sub], scores[sub], lengths[sub], class_threshold=config.class_threshold)
+    proposals = proposals.double().cpu().numpy()
+    proposals = _drop_ambiguous(proposals, data.ambiguous_snippets(sub_indices))
+    ground_truth = data.ground_truth_snippets(sub_indices)
+    result = detection_map(proposals, ground_truth, tiou_thresholds=TIOUS)
+    maps = [100.0 * float(m) for m in result.map]  # AP in [0, 1] -> percent
+    return {
+        "map": {f"{t:.1f}": m for t, m in zip(TIOUS, maps)},
+        "average_map": float(np.mean(maps)),
+        "cmap": cmap,
+        "num_test_videos": len(indices),
+        "num_evaluated_videos": len(annotated),
+        "num_proposals": int(proposals.shape[0]),
+        "eval_time_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def _drop_ambiguous(proposals, ambiguous):
+    """MMSD's filter_segments: drop predictions sharing a snippet with an ambiguous segment of
+    their video (integer snippet ranges [start, end))."""
+    if len(proposals) == 0 or len(ambiguous) == 0:
+        return proposals
+    video = proposals[:, 0][:, None]
+    start = np.floor(proposals[:, 2])[:, None]
+    end = np.floor(proposals[:, 3])[:, None]
+    touches = (video == ambiguous[None, :, 0]) & (np.maximum(start, ambiguous[None, :, 1]) < np.minimum(end, ambiguous[None, :, 2]))
+    return proposals[~touches.any(1)]
+
+
+def format_table(result):
+    heads = [f"{float(t):.1f}" for t in result["map"]] + ["AVG"]
+    values = [f"{v:.1f}" for v in result["map"].values()] + [f"{result['average_map']:.1f}"]
+    width = max(5, max(len(v) for v in values) + 1)
+    lines = [
+        "tIoU " + "".join(h.rjust(width) for h in heads),
+        "mAP  " + "".join(v.rjust(width) for v in values),
+        f"cmAP {result['cmap']:.1f}",
+    ]
+    return "\n".join(lines)
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def _prepare_output_dir(path, overwrite, allow_existing=False):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--output-dir {path}: exists and is not a directory")
+    if os.path.isdir(path) and not (overwrite or allow_existing):
+        clashes = [name for name in (CHECKPOINT, RESULTS, LOG) if os.path.exists(os.path.join(path, name))]
+        if clashes:
+            raise UsageError(
+                f"--output-dir {path}: already holds {', '.join(clashes)} from another run; "
+                "pass --overwrite to replace them, --resume to continue that run, or choose another folder"
+            )
+    os.makedirs(path, exist_ok=True)
+    if overwrite:
+        for name in (CHECKPOINT, RESULTS, LOG):
+            target = os.path.join(path, name)
+            if os.path.exists(target):
+                os.remove(target)
+    return path
+
+
+def _default_output_dir(config):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"mmsd-{config.dataset if config.data_root else 'synthetic'}-{stamp}")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def run(
+    config,
+    *,
+    output_dir=None,
+    overwrite=False,
+    resume=None,
+    eval_only=False,
+    checkpoint=None,
+    stop_after=None,
+    progress=True,
+    quiet=False,
+    save=True,
+):
+    """Train (or resume, or only evaluate) and evaluate; returns the results dict on rank 0 (None elsewhere).
+
+    ``save=False`` writes nothing (no output folder); otherwise training writes checkpoint.pt,
+    train.log and results.json to ``output_dir`` (default: a new runs/mmsd-<data>-<time>/).
+    """
+    device_kind = "cuda" if (config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())) else "cpu"
+    ddp = Dist(device_kind)
+    # Process-wide settings this run changes, restored afterwards (run() may be called in-process).
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        return _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop_after, progress, quiet, save)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        ddp.close()
+
+
+def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop_after, progress, quiet, save):
+    device = _resolve_device(config.device, ddp)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if device.type == "cpu":
+        # Same seed, same numbers: deterministic kernels only (CPU; CUDA would need cuBLAS settings).
+        torch.use_deterministic_algorithms(True)
+    check_backend(config.backend, device)
+    backend = None if config.backend == "auto" else config.backend
+
+    state = None
+    if resume or eval_only:
+        state = load_checkpoint(resume or checkpoint)
+    # Read the data before any folder is made, so that a bad path leaves nothing behind.
+    data = load_data(config)
+
+    log_file = None
+    if not save:
+        output_dir = None
+    elif output_dir is None and not eval_only:
+        output_dir = os.path.dirname(os.path.abspath(resume)) if resume else _default_output_dir(config)
+        if resume:
+            overwrite = False
+    error = None
+    if output_dir is not None and ddp.main:
+        same_as_resume = bool(resume) and os.path.abspath(output_dir) == os.path.dirname(os.path.abspath(resume))
+        try:
+            _prepare_output_dir(output_dir, overwrite, allow_existing=same_as_resume)
+        except UsageError as exc:
+            error = exc
+        if not eval_only:
+            log_file = os.path.join(output_dir, LOG)
+    ddp.agree(error)
+
+    trainer = Trainer(
+        config,
+        data,
+        device,
+        ddp,
+        output_dir=output_dir if not eval_only else None,
+        progress=progress and not quiet,
+        log_file=log_file,
+    )
+    trainer.echo = not quiet
+    trainer.log(
+        f"mmsd_ext {mmsd_ext.__version__}, torch {torch.__version__}, device {device}, processes {ddp.world}, backend {config.backend}"
+    )
+    trainer.log(data.describe())
+    trainer.log("config " + json.dumps(config.to_dict()))
+    if state is not None:
+        trainer.load_state(state)
+        trainer.log(f"loaded {resume or checkpoint} (epoch {trainer.epoch})")
+
+    with mmsd_ext.use_backend(backend or "auto"):
+        train_time = 0.0
+        if not eval_only:
+            start = time.perf_counter()
+            trainer.train(stop_after=stop_after)
+            train_time = time.perf_counter() - start
+            if trainer.epoch < config.epochs:
+                where = f"; continue with --resume {os.path.join(output_dir, CHECKPOINT)}" if output_dir else ""
+                trainer.log(f"stopped after epoch {trainer.epoch} of {config.epochs}{where}")
+                return None
+        result = trainer.evaluate()
+    if not ddp.main:
+        return None
+    result.update(
+        {
+            "epoch": trainer.epoch,
+            "train_time_s": round(train_time, 3),
+            "processes": ddp.world,
+            "device": str(device),
+            "dataset": data.name,
+            "config": config.to_dict(),
+        }
+    )
+    if output_dir is not None:
+        path = os.path.join(output_dir, RESULTS)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
+        result["results_file"] = path
+    if not quiet:
+        trainer.log(format_table(result))
+        if output_dir is not None:
+            trainer.log(f"results in {os.path.join(output_dir, RESULTS)}")
+    return result
