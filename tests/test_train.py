@@ -106,18 +106,59 @@ def _stand_in_detection_map(predictions, ground_truth, tiou_thresholds=(0.1, 0.2
     return types.SimpleNamespace(tious=list(tiou_thresholds), classes=classes, ap=ap, map=ap.mean(1), average=float(ap.mean()))
 
 
+def _stand_in_thumos14_detection_map(
+    predictions,
+    video_names,
+    gt_segments,
+    gt_labels,
+    class_names,
+    *,
+    ambiguous=None,
+    tiou_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+):
+    factor = 25.0 / 16.0
+    index = {c: i for i, c in enumerate(class_names)}
+    gt = [
+        (v, index[lab], round(s * factor), round(e * factor))
+        for v in range(len(video_names))
+        for (s, e), lab in zip(gt_segments[v], gt_labels[v])
+    ]
+    annotated = {g[0] for g in gt}
+    pred = np.asarray(torch.as_tensor(predictions).double().cpu()).reshape(-1, 5)
+    pred = pred[[int(v) in annotated for v in pred[:, 0]]] if len(pred) else pred
+    pred[:, 2:4] = np.trunc(pred[:, 2:4])
+    keep = []
+    for row in pred:
+        name = video_names[int(row[0])]
+        touches = any(n == name and max(row[2], round(s * factor)) < min(row[3], round(e * factor)) for n, s, e in (ambiguous or []))
+        keep.append(not touches)
+    pred = pred[np.asarray(keep, bool)] if len(pred) else pred
+    return _stand_in_detection_map(pred, np.asarray(gt, float).reshape(-1, 4), tiou_thresholds)
+
+
 def _stand_in_classification_map(video_scores, labels):
     s = np.asarray(torch.as_tensor(video_scores).double().cpu())
     y = np.asarray(torch.as_tensor(labels).double().cpu())
     aps = []
     for c in range(y.shape[1]):
         hit = y[np.argsort(-s[:, c], kind="stable"), c] == 1
-        if hit.sum() == 0:
-            aps.append(0.0)
-            continue
-        tp, fp = np.cumsum(hit), np.cumsum(~hit)
-        aps.append(float(np.sum(hit * tp / (tp + fp)) / hit.sum()))
-    return 100.0 * float(np.mean(aps))
+        if hit.sum():
+            tp, fp = np.cumsum(hit), np.cumsum(~hit)
+            aps.append(float(np.sum(hit * tp / (tp + fp)) / hit.sum()))
+    return float(np.mean(aps))  # a fraction, as mmsd_ext.evaluate returns it
+
+
+def _stand_in_read_ambiguous(path):
+    entries = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 3:
+                raise ValueError(f"ambiguous: {path} line {number}: expected 'name start end', got {line.strip()!r}")
+            entries.append((fields[0], float(fields[1]), float(fields[2])))
+    return entries
 
 
 def _install_evaluation():
@@ -131,7 +172,9 @@ def _install_evaluation():
     localize.mmsd_proposals = _stand_in_proposals
     evaluate = types.ModuleType("mmsd_ext.evaluate")
     evaluate.detection_map = _stand_in_detection_map
+    evaluate.thumos14_detection_map = _stand_in_thumos14_detection_map
     evaluate.classification_map = _stand_in_classification_map
+    evaluate.read_ambiguous = _stand_in_read_ambiguous
     sys.modules["mmsd_ext.localize"], sys.modules["mmsd_ext.evaluate"] = localize, evaluate
     mmsd_ext.localize, mmsd_ext.evaluate = localize, evaluate
     return True
@@ -176,10 +219,12 @@ def test_loader_reads_what_was_written(tiny_root):
     assert loaded.indices("test") == list(range(TINY["num_train"], len(loaded.videos)))
     for i, names in enumerate(arrays["labels_all"]):
         assert {loaded.classes[c] for c in np.flatnonzero(loaded.labels[i])} == set(names)
-    # Ground truth in snippets: round(seconds * 25 / 16) recovers the generator's snippet bounds.
-    gt = loaded.ground_truth_snippets(loaded.indices("test"))
-    assert gt.shape[1] == 4 and (gt[:, 3] > gt[:, 2]).all()
-    np.testing.assert_array_equal(gt[:, 2:], np.round(gt[:, 2:]))
+    # Ground truth in seconds: round(seconds * 25 / 16) gives back the generator's snippet bounds.
+    for i, segments in enumerate(arrays["segments"]):
+        np.testing.assert_array_equal(loaded.segments[i], np.asarray(segments).reshape(-1, 2))
+        snippets = loaded.segments[i] * 25 / 16
+        np.testing.assert_allclose(snippets, np.round(snippets), atol=1e-9)
+        assert [loaded.classes[c] for c in loaded.segment_classes[i]] == list(arrays["labels"][i])
     # Ambiguous segments come from the text file (name, two spaces, start end).
     assert [a[0] for a in loaded.ambiguous] == [a[0] for a in arrays["ambiguous"]]
 
@@ -267,7 +312,45 @@ def test_synthetic_is_deterministic_and_varied():
     lengths = [f.shape[0] for f in full.features]
     assert 50 <= min(lengths) and max(lengths) <= 800 and max(lengths) - min(lengths) > 500
     assert (full.labels.sum(1) > 1).any() and (full.labels.sum(1) == 1).any()  # multi-label videos
-    assert full.feature_dim == 128 and full.num_classes == 8
+    assert full.feature_dim == 512 and full.num_classes == 8
+
+
+def test_synthetic_modalities_are_complementary():
+    """Appearance (even) classes show mainly in the RGB half, motion (odd) classes in flow."""
+    d = synthetic.synthetic_dataset(0)
+    F = d.feature_dim // 2
+    gain = {0: [], 1: []}
+    for i in d.indices("train"):
+        f = d.features[i]
+        inside = np.zeros(len(f), bool)
+        for s, e in np.round(d.segments[i] * 25 / 16).astype(int):
+            inside[s:e] = True
+        if len(set(d.segment_classes[i] % 2)) != 1 or inside.all():
+            continue
+        shift = f[inside].mean(0) - f[~inside].mean(0)
+        gain[int(d.segment_classes[i][0] % 2)].append(np.linalg.norm(shift[:F]) / np.linalg.norm(shift[F:]))
+    # Noise and the background difference dilute the 0.8 : 0.45 ratio of the patterns.
+    assert np.median(gain[0]) > 1.15 and np.median(gain[1]) < 1 / 1.15
+
+
+def test_evaluation_of_a_perfect_cas_is_perfect(tiny_root, monkeypatch):
+    """The glue between predictions, the protocol and the ground truth: the CAS of the ground
+    truth itself scores 100 at every tIoU."""
+    d = data_mod.load_wtalc(tiny_root, "Synthetic")
+    test = d.indices("test")
+
+    def oracle(model, data, indices, device, batch_size=16, progress=False, desc="eval"):
+        lengths = torch.tensor([data.features[i].shape[0] for i in indices])
+        cas = torch.zeros(len(indices), int(lengths.max()), data.num_classes)
+        for v, i in enumerate(indices):
+            for (s, e), c in zip(np.round(data.segments[i] * 25 / 16).astype(int), data.segment_classes[i]):
+                cas[v, s:e, c] = 1.0
+        return cas, torch.from_numpy(data.labels[indices]), lengths
+
+    monkeypatch.setattr(engine, "predict", oracle)
+    result = engine.evaluate(None, d, test, torch.device("cpu"), engine.Config())
+    assert result["map"] == {f"{t:.1f}": 100.0 for t in engine.TIOUS} and result["cmap"] == 100.0
+    assert result["num_evaluated_videos"] == len(test)
 
 
 def test_collate_pads_with_zeros(tiny_root):
@@ -515,6 +598,14 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     assert "not a readable checkpoint" in capsys.readouterr().err
     assert main(["--data-root", tiny_root, *FAST, "--backend", "cuda", "--device", "cpu", "--output-dir", str(tmp_path / "o2")]) == 2
     assert "--backend cuda" in capsys.readouterr().err
+
+    # A checkpoint evaluated on data it was not trained for.
+    other = tmp_path / "other"
+    synthetic.write(str(other), seed=1, **dict(TINY, num_classes=3))
+    first_ckpt = str(tmp_path / "c1")
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", first_ckpt]) == 0
+    assert main(["--eval-only", "--checkpoint", os.path.join(first_ckpt, "checkpoint.pt"), "--data-root", str(other), "--quiet"]) == 2
+    assert "does not fit Synthetic (3 classes" in capsys.readouterr().err
 
     # An earlier run's files are never overwritten without --overwrite.
     out = tmp_path / "run"

@@ -155,7 +155,8 @@ def config_from_args(args, parser):
                 if key in given and given[key] != getattr(saved, key):
                     flag = "--" + key.replace("_", "-") if key != "streams" else "--no-fused-stream/--single-stream"
                     parser.error(
-                        f"{flag}: the resumed run used {getattr(saved, key)!r}; a resumed run keeps its settings (only --epochs, --device, --backend, --eval-every change)"
+                        f"{flag}: the resumed run used {getattr(saved, key)!r}; a resumed run keeps its settings "
+                        "(only --epochs, --device, --backend, --eval-every change)"
                     )
         else:
             # Evaluation: the model must match the checkpoint, the data may have moved.

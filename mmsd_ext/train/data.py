@@ -74,20 +74,12 @@ def _load_npy(path):
 
 
 def _read_ambiguous(path):
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 3:
-                raise DataError(f"{path}: line {number}: expected 'name  start end', got {line.strip()!r}")
-            try:
-                start, end = float(parts[1]), float(parts[2])
-            except ValueError:
-                raise DataError(f"{path}: line {number}: start and end must be numbers, got {line.strip()!r}") from None
-            rows.append((parts[0], start, end))
-    return rows
+    from mmsd_ext.evaluate import read_ambiguous
+
+    try:
+        return read_ambiguous(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 def _text(value):
@@ -229,27 +221,6 @@ class WTALCData:
         if not found:
             raise DataError(f"{self.source or self.name}/subset.npy: no video in subset {split!r}")
         return found
-
-    # -- ground truth in snippets ---------------------------------------------------------
-
-    def ground_truth_snippets(self, video_indices):
-        """Rows (position in ``video_indices``, class, start, end) in snippets, MMSD's conversion
-        ``round(seconds * 25 / 16)``, as a float64 array [G, 4]."""
-        rows = []
-        for pos, i in enumerate(video_indices):
-            for (s, e), c in zip(self.segments[i], self.segment_classes[i]):
-                rows.append((pos, c, round(s * SNIPPETS_PER_SECOND), round(e * SNIPPETS_PER_SECOND)))
-        return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-
-    def ambiguous_snippets(self, video_indices):
-        """Rows (position in ``video_indices``, start, end) of the ambiguous segments, in snippets."""
-        position = {self.videos[i]: pos for pos, i in enumerate(video_indices)}
-        rows = [
-            (position[v], round(s * SNIPPETS_PER_SECOND), round(e * SNIPPETS_PER_SECOND))
-            for v, s, e in self.ambiguous
-            if v in position
-        ]
-        return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
 
     def describe(self):
         train, test = self.indices("train"), self.indices("test")

@@ -8,13 +8,20 @@ What it models (all knobs are arguments of ``make_arrays``):
 - Features: RGB half then flow half, ``modality_dim`` each. Background is a per-video scene
   (a mixture of shared background prototypes) plus temporally correlated noise.
 - Complementary modalities: even classes are "appearance" classes, visible mainly in RGB
-  (strong RGB pattern inside instances, a weak one in flow); odd classes are "motion"
-  classes, visible mainly in flow. In the other modality each class also leaves a
-  *context* (the scene or camera motion that goes with the action): strong in a window
-  around each instance (0.5 to 1.5 instance lengths on each side, background included),
-  weak over the whole video. Context tells which class the video holds but not exactly
-  where: the shortcut that makes a model on fused features over-extend its detections,
-  and the reason MMSD trains one stream per modality.
+  (pattern strength ``signal`` = 0.8 in RGB inside their instances, ``weak_signal`` = 0.45
+  in flow); odd classes are "motion" classes, visible mainly in flow.
+- Distractors: background stretches (about ``distractors_per_label`` per label) where a
+  label's pattern shows in its main modality only (a scene that looks like the action,
+  camera motion that moves like it): a stream that sees one modality fires there, the other
+  modality says background. This is what MMSD's distillation and voting between the
+  streams are for.
+- Actionness: every instance, whatever its class, also carries a shared pattern (strength
+  ``actionness``, scaled like the class pattern in each modality): the class-agnostic cue
+  that MMSD's foreground attention learns, as people moving are in I3D features.
+- Optional context (``context``, ``global_context``; off by default): a class's context
+  pattern in its other modality, strong within 0.5 to 1.5 instance lengths of each instance
+  and weak over the whole video (with it on, the streams disagree so much that MMSD's
+  distillation dominates training; kept for experiments).
 - Instances fade in and out over a few snippets, and carry instance-specific variation.
 - Some test videos hold an ambiguous, weaker instance outside the ground truth, listed in
   ``Ambiguous_test.txt`` as THUMOS14 does.
@@ -45,7 +52,7 @@ def make_arrays(
     global_context=0.0,
     distractor=0.7,
     distractors_per_label=1.5,
-    actionness=0.5,
+    actionness=0.25,
     noise=1.0,
     noise_smoothness=0.6,
     num_background=6,

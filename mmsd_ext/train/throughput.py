@@ -123,7 +123,8 @@ def main(argv=None):
     print(
         f"THUMOS14-like batches: {len(lengths) - 1} videos, lengths mean {lengths[:-1].mean():.0f}, max {lengths[:-1].max()}; "
         f"torch {torch.__version__}, device {_device_name(device)}; "
-        f"auto resolves to: topk_mil_pool -> {_resolved('topk_mil_pool', device)}, mmsd_distill_loss -> {_resolved('mmsd_distill_loss', device)}",
+        f"auto resolves to: topk_mil_pool -> {_resolved('topk_mil_pool', device)}, "
+        f"mmsd_distill_loss -> {_resolved('mmsd_distill_loss', device)}",
         file=sys.stderr,
     )
     rows = []
