@@ -2,17 +2,14 @@
 the main job end to end (train, resume, eval-only, DDP with 2 processes, bad flags).
 
 Everything runs on a tiny synthetic dataset written in the W-TALC layout, so the loader is
-exercised too. Runs as a script (``python tests/test_train.py ARGS``) it is the training job
-itself, with the stand-in evaluation below installed if needed (used for torchrun).
+exercised too.
 """
 
-import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -23,164 +20,6 @@ from mmsd_ext.train import data as data_mod
 from mmsd_ext.train import engine, losses, synthetic
 from mmsd_ext.train.__main__ import main
 from mmsd_ext.train.model import MMSD
-
-# ---------------------------------------------------------------------------------------------
-# Stand-ins for mmsd_ext.localize / mmsd_ext.evaluate (the localization issue's API), used only
-# while those modules have not landed: plain loops with MMSD's semantics. Once the real modules
-# import, ``_install_evaluation`` does nothing and the tests run against them.
-# ---------------------------------------------------------------------------------------------
-
-
-def _stand_in_proposals(
-    cas, video_scores, lengths=None, *, thresholds=None, class_threshold=0.2, min_len=2, outer_ratio=0.25, nms_threshold=0.4
-):
-    cas = torch.as_tensor(cas).double().cpu().numpy()
-    scores = torch.as_tensor(video_scores).double().cpu().numpy()
-    V, T, C = cas.shape
-    lengths = [T] * V if lengths is None else [int(x) for x in lengths]
-    thresholds = np.arange(0.0003, 0.01, 0.0005) if thresholds is None else np.asarray(thresholds)
-    out = []
-    for v in range(V):
-        for c in range(C):
-            if scores[v, c] < class_threshold:
-                continue
-            x = cas[v, : lengths[v], c]
-            rows = []
-            for th in thresholds:
-                edges = np.diff(np.concatenate([[0], (x > th).astype(np.int64), [0]]))
-                for s, e in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
-                    L = e - s
-                    if L < min_len:
-                        continue
-                    inner = x[s : e + 1].mean()
-                    outside = list(range(max(0, int(s - outer_ratio * L)), s)) + list(
-                        range(e + 1, min(len(x) - 1, int(e + outer_ratio * L + 1)))
-                    )
-                    outer = x[outside].mean() if outside else 0.0
-                    rows.append((v, c, s, e + 1, inner - outer))
-            if rows:
-                p = torch.tensor(rows, dtype=torch.float64)
-                keep = mmsd_ext.temporal_nms(p[:, 2:4].contiguous(), p[:, 4].contiguous(), nms_threshold, overlap="other", offset=1.0)
-                out.append(p[keep])
-    return torch.cat(out) if out else torch.zeros(0, 5, dtype=torch.float64)
-
-
-def _voc_ap(prec, rec):
-    mprec = np.concatenate([[0], prec, [0]])
-    mrec = np.concatenate([[0], rec, [1]])
-    for i in range(len(mprec) - 2, -1, -1):
-        mprec[i] = max(mprec[i], mprec[i + 1])
-    idx = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
-    return float(np.sum((mrec[idx] - mrec[idx - 1]) * mprec[idx]))
-
-
-def _stand_in_detection_map(predictions, ground_truth, tiou_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)):
-    pred = np.asarray(torch.as_tensor(predictions).double().cpu()).reshape(-1, 5)
-    gt = np.asarray(torch.as_tensor(ground_truth).double().cpu()).reshape(-1, 4)
-    classes = sorted(set(gt[:, 1].astype(int).tolist()))
-    ap = np.zeros((len(tiou_thresholds), len(classes)))
-    for ti, t in enumerate(tiou_thresholds):
-        for ci, c in enumerate(classes):
-            p = pred[pred[:, 1] == c]
-            p = p[np.argsort(-p[:, 4], kind="stable")]
-            g = gt[gt[:, 1] == c]
-            used = np.zeros(len(g), bool)
-            hits = []
-            for row in p:
-                best, best_j = -1.0, -1
-                for j, gr in enumerate(g):
-                    if used[j] or gr[0] != row[0]:
-                        continue
-                    inter = max(0.0, min(row[3], gr[3]) - max(row[2], gr[2]))
-                    union = (row[3] - row[2]) + (gr[3] - gr[2]) - inter
-                    iou = inter / union if union > 0 else 0.0
-                    if iou >= t and iou > best:
-                        best, best_j = iou, j
-                if best_j >= 0:
-                    used[best_j] = True
-                hits.append(best_j >= 0)
-            hits = np.asarray(hits, float)
-            if hits.sum():
-                tp, fp = np.cumsum(hits), np.cumsum(1 - hits)
-                ap[ti, ci] = _voc_ap(tp / (tp + fp), tp / len(g))
-    return types.SimpleNamespace(tious=list(tiou_thresholds), classes=classes, ap=ap, map=ap.mean(1), average=float(ap.mean()))
-
-
-def _stand_in_thumos14_detection_map(
-    predictions,
-    video_names,
-    gt_segments,
-    gt_labels,
-    class_names,
-    *,
-    ambiguous=None,
-    tiou_thresholds=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-):
-    factor = 25.0 / 16.0
-    index = {c: i for i, c in enumerate(class_names)}
-    gt = [
-        (v, index[lab], round(s * factor), round(e * factor))
-        for v in range(len(video_names))
-        for (s, e), lab in zip(gt_segments[v], gt_labels[v])
-    ]
-    annotated = {g[0] for g in gt}
-    pred = np.asarray(torch.as_tensor(predictions).double().cpu()).reshape(-1, 5)
-    pred = pred[[int(v) in annotated for v in pred[:, 0]]] if len(pred) else pred
-    pred[:, 2:4] = np.trunc(pred[:, 2:4])
-    keep = []
-    for row in pred:
-        name = video_names[int(row[0])]
-        touches = any(n == name and max(row[2], round(s * factor)) < min(row[3], round(e * factor)) for n, s, e in (ambiguous or []))
-        keep.append(not touches)
-    pred = pred[np.asarray(keep, bool)] if len(pred) else pred
-    return _stand_in_detection_map(pred, np.asarray(gt, float).reshape(-1, 4), tiou_thresholds)
-
-
-def _stand_in_classification_map(video_scores, labels):
-    s = np.asarray(torch.as_tensor(video_scores).double().cpu())
-    y = np.asarray(torch.as_tensor(labels).double().cpu())
-    aps = []
-    for c in range(y.shape[1]):
-        hit = y[np.argsort(-s[:, c], kind="stable"), c] == 1
-        if hit.sum():
-            tp, fp = np.cumsum(hit), np.cumsum(~hit)
-            aps.append(float(np.sum(hit * tp / (tp + fp)) / hit.sum()))
-    return float(np.mean(aps))  # a fraction, as mmsd_ext.evaluate returns it
-
-
-def _stand_in_read_ambiguous(path):
-    entries = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise ValueError(f"ambiguous: {path} line {number}: expected 'name start end', got {line.strip()!r}")
-            entries.append((fields[0], float(fields[1]), float(fields[2])))
-    return entries
-
-
-def _install_evaluation():
-    try:
-        importlib.import_module("mmsd_ext.evaluate")
-        importlib.import_module("mmsd_ext.localize")
-        return False
-    except ImportError:
-        pass
-    localize = types.ModuleType("mmsd_ext.localize")
-    localize.mmsd_proposals = _stand_in_proposals
-    evaluate = types.ModuleType("mmsd_ext.evaluate")
-    evaluate.detection_map = _stand_in_detection_map
-    evaluate.thumos14_detection_map = _stand_in_thumos14_detection_map
-    evaluate.classification_map = _stand_in_classification_map
-    evaluate.read_ambiguous = _stand_in_read_ambiguous
-    sys.modules["mmsd_ext.localize"], sys.modules["mmsd_ext.evaluate"] = localize, evaluate
-    mmsd_ext.localize, mmsd_ext.evaluate = localize, evaluate
-    return True
-
-
-_install_evaluation()
 
 # ---------------------------------------------------------------------------------------------
 # A tiny dataset in the W-TALC layout
@@ -639,7 +478,7 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(common + ["--output-dir", one]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", MMSD_EXT_QUIET="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmsd_ext.train"]
     proc = subprocess.run(cmd + common + ["--output-dir", two], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r1, r2 = _results(one), _results(two)
@@ -658,7 +497,3 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert _results(two) == r2
 
-
-if __name__ == "__main__":
-    # The training job with the stand-in evaluation (for torchrun in test_ddp_two_processes_match_one).
-    sys.exit(main(sys.argv[1:]))
