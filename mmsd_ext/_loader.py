@@ -26,14 +26,10 @@ def _read_build_info():
         return None
 
 
-def _same_torch(built, running):
-    # Local version labels (+cu130) are part of the ABI: compare them too.
-    return built == running
-
-
 def _load():
     info = _read_build_info()
-    if info is not None and not _same_torch(info.get("torch"), torch.__version__):
+    # Local version labels (+cu130) are part of the ABI, so the whole string must match.
+    if info is not None and info.get("torch") != torch.__version__:
         return None, info, (
             f"mmsd_ext: the compiled extension was built for torch {info.get('torch')}, "
             f"but this process runs torch {torch.__version__}; the cpu/cuda backends are disabled. "
@@ -43,7 +39,7 @@ def _load():
         module = importlib.import_module("mmsd_ext._C")
     except ImportError as exc:
         text = str(exc)
-        if "undefined symbol" in text or "version" in text.lower() and "GLIBC" not in text:
+        if "undefined symbol" in text or ("version" in text.lower() and "GLIBC" not in text):
             why = (
                 "mmsd_ext: the compiled extension does not match this torch "
                 f"(torch {torch.__version__}; loader said: {text}); the cpu/cuda backends are disabled. "
