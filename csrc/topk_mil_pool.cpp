@@ -13,7 +13,11 @@ namespace mmsd_ext {
 namespace {
 
 void check_index_vector(const char* name, const at::Tensor& value, const at::Tensor& scores, int64_t B) {
-  TORCH_CHECK(value.scalar_type() == at::kLong, name, ": expected an int64 tensor, got ", value.scalar_type());
+  TORCH_CHECK(
+      value.scalar_type() == at::kLong,
+      name,
+      ": expected an int64 tensor, got ",
+      c10::toString(value.scalar_type()));
   TORCH_CHECK(
       value.dim() == 1 && value.size(0) == B,
       name,
@@ -25,9 +29,9 @@ void check_index_vector(const char* name, const at::Tensor& value, const at::Ten
       value.device() == scores.device(),
       name,
       ": expected a tensor on ",
-      scores.device(),
+      device_text(scores.device()),
       " like scores, got ",
-      value.device());
+      device_text(value.device()));
 }
 
 void check_per_column(const char* name, const at::Tensor& value, const at::Tensor& scores) {
@@ -45,9 +49,9 @@ void check_per_column(const char* name, const at::Tensor& value, const at::Tenso
       value.device() == scores.device(),
       name,
       ": expected a tensor on ",
-      scores.device(),
+      device_text(scores.device()),
       " like scores, got ",
-      value.device());
+      device_text(value.device()));
 }
 
 }  // namespace
@@ -58,7 +62,7 @@ void check_topk_mil_pool_args(const at::Tensor& scores, const at::Tensor& k, con
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
       "scores: expected dtype float32, float16, bfloat16 or float64, got ",
-      dtype);
+      c10::toString(dtype));
   // Counts and time indices are 32-bit inside the kernels.
   TORCH_CHECK(
       scores.size(1) < std::numeric_limits<int32_t>::max(),
@@ -79,11 +83,14 @@ void check_topk_mil_pool_backward_args(
   TORCH_CHECK(
       at::isFloatingType(grad_out.scalar_type()),
       "grad_out: expected a floating-point tensor, got ",
-      grad_out.scalar_type());
+      c10::toString(grad_out.scalar_type()));
   check_per_column("grad_out", grad_out, scores);
-  TORCH_CHECK(kth_key.scalar_type() == at::kLong, "kth_key: expected an int64 tensor, got ", kth_key.scalar_type());
+  TORCH_CHECK(
+      kth_key.scalar_type() == at::kLong,
+      "kth_key: expected an int64 tensor, got ",
+      c10::toString(kth_key.scalar_type()));
   check_per_column("kth_key", kth_key, scores);
-  TORCH_CHECK(cut.scalar_type() == at::kLong, "cut: expected an int64 tensor, got ", cut.scalar_type());
+  TORCH_CHECK(cut.scalar_type() == at::kLong, "cut: expected an int64 tensor, got ", c10::toString(cut.scalar_type()));
   check_per_column("cut", cut, scores);
 }
 

@@ -3,24 +3,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <string>
+#include "format.h"
 
 namespace mmsd_ext {
-
-// Numbers and shapes for error messages, formatted without std::ostream. On the
-// GPU image we test on (torch 2.11), a TORCH_CHECK of this extension whose
-// message streams an integer crashed the process instead of raising, while
-// messages of strings and dtypes raised as they should.
-inline std::string num(int64_t value) {
-  return std::to_string(value);
-}
-inline std::string shape(c10::IntArrayRef sizes) {
-  std::string text = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    text += (i ? ", " : "") + std::to_string(sizes[i]);
-  }
-  return text + "]";
-}
 
 // Shapes, dtypes and devices of the forward's arguments (values are the kernels' business).
 void check_topk_mil_pool_args(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& lengths);

@@ -7,6 +7,8 @@ of eager PyTorch at that precision (the reference run in that dtype), with the
 tolerances of one table.
 """
 
+import re
+
 import pytest
 import torch
 from conftest import HAS_GPU, backend_device
@@ -365,6 +367,39 @@ def test_compiled_op_checks_its_arguments():
         backward(torch.ones(2, 4), x, k, lengths, kth, cut, True)
     with pytest.raises(RuntimeError, match="cut: expected"):
         backward(torch.ones(2, 3), x, k, lengths, kth, cut[:, :2], True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_op_messages_give_the_numbers(device):
+    # The kernels' own messages carry the offending sizes, dtypes and values, and
+    # raise (not crash) when called without the Python wrapper.
+    if device not in mmsd_ext.available_backends():
+        pytest.skip(f"{device} backend not available")
+    op = torch.ops.mmsd_ext.topk_mil_pool
+    x = torch.randn(2, 5, 3, device=device)
+    k, lengths = torch.tensor([1, 2], device=device), torch.tensor([5, 3], device=device)
+    cases = [
+        ((x[0], k, lengths, True), "scores: expected a 3-d tensor [B, T, C], got shape [5, 3]"),
+        ((x.long(), k, lengths, True), "scores: expected dtype float32, float16, bfloat16 or float64, got Long"),
+        ((x, k.int(), lengths, True), "k: expected an int64 tensor, got Int"),
+        ((x, k[:1], lengths, True), "k: expected shape [B] = [2], got [1]"),
+        ((x, k, torch.tensor([[5, 3]], device=device), True), "lengths: expected shape [B] = [2], got [1, 2]"),
+    ]
+    if device == "cpu":  # values are checked on the host only on the CPU
+        cases += [
+            ((x, k, torch.tensor([5, 9]), True), "lengths: expected values in [1, T] = [1, 5], got lengths[1] = 9"),
+            ((x, torch.tensor([1, 4]), lengths, True),
+             "k: expected 1 <= k[b] <= lengths[b], got k[1] = 4 with lengths[1] = 3"),
+        ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match="^" + re.escape(message)):
+            op(*args)
+    _, kth, cut = op(x, k, lengths, True)
+    backward = torch.ops.mmsd_ext._topk_mil_pool_backward
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad_out: expected shape [B, C] = [2, 3], got [2, 4]")):
+        backward(torch.ones(2, 4, device=device), x, k, lengths, kth, cut, True)
+    with pytest.raises(RuntimeError, match="^" + re.escape("kth_key: expected an int64 tensor, got Int")):
+        backward(torch.ones(2, 3, device=device), x, k, lengths, kth.int(), cut, True)
 
 
 def _invalid_k_lengths(device):
