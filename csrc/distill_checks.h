@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "distill_math.h"
+#include "format.h"
 
 namespace mmsd_ext {
 namespace distill {
@@ -25,27 +26,27 @@ inline void check_logits(const std::vector<std::pair<const char*, const at::Tens
     const at::Tensor& t = *tp;
     TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
     TORCH_CHECK(is_logit_dtype(t.scalar_type()), name,
-                ": expected dtype float32, float16, bfloat16 or float64, got ", t.scalar_type());
+                ": expected dtype float32, float16, bfloat16 or float64, got ", c10::toString(t.scalar_type()));
     TORCH_CHECK(t.dim() >= 1, name, ": expected shape [..., C], got a scalar");
-    TORCH_CHECK(t.size(-1) >= 1, name, ": expected at least one class (C >= 1), got shape ", t.sizes());
+    TORCH_CHECK(t.size(-1) >= 1, name, ": expected at least one class (C >= 1), got shape ", shape(t.sizes()));
     if (&t == &t0) continue;
-    TORCH_CHECK(t.sizes() == t0.sizes(), name, ": expected the shape of ", name0, " ", t0.sizes(), ", got ",
-                t.sizes());
-    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), name, ": expected dtype ", t0.scalar_type(), " like ", name0,
-                ", got ", t.scalar_type());
-    TORCH_CHECK(t.device() == t0.device(), name, ": expected a tensor on ", t0.device(), " like ", name0, ", got ",
-                t.device());
+    TORCH_CHECK(t.sizes() == t0.sizes(), name, ": expected the shape of ", name0, " ", shape(t0.sizes()), ", got ",
+                shape(t.sizes()));
+    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), name, ": expected dtype ", c10::toString(t0.scalar_type()),
+                " like ", name0, ", got ", c10::toString(t.scalar_type()));
+    TORCH_CHECK(t.device() == t0.device(), name, ": expected a tensor on ", device_text(t0.device()), " like ", name0,
+                ", got ", device_text(t.device()));
   }
 }
 
 inline void check_temperature(double temperature) {
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite number > 0, got ",
-              temperature);
+              real(temperature));
 }
 
 inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
-              "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+              "reduction: expected 0 (none), 1 (mean) or 2 (sum), got ", num(reduction));
 }
 
 // The mask as a contiguous bool tensor of the leading shape (undefined if absent);
@@ -55,12 +56,12 @@ inline at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::
   if (!mask.has_value() || !mask->defined()) return at::Tensor();
   const at::Tensor& m = *mask;
   auto leading = logits.sizes().slice(0, logits.dim() - 1);
-  TORCH_CHECK(m.sizes() == leading, "mask: expected the leading shape ", leading, " of ", logits_name, ", got ",
-              m.sizes());
+  TORCH_CHECK(m.sizes() == leading, "mask: expected the leading shape ", shape(leading), " of ", logits_name, ", got ",
+              shape(m.sizes()));
   TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
-              "mask: expected a bool or 0/1 float tensor, got ", m.scalar_type());
-  TORCH_CHECK(m.device() == logits.device(), "mask: expected a tensor on ", logits.device(), " like ", logits_name,
-              ", got ", m.device());
+              "mask: expected a bool or 0/1 float tensor, got ", c10::toString(m.scalar_type()));
+  TORCH_CHECK(m.device() == logits.device(), "mask: expected a tensor on ", device_text(logits.device()), " like ",
+              logits_name, ", got ", device_text(m.device()));
   at::Tensor b = m.scalar_type() == at::kBool ? m : m.ne(0);
   return b.contiguous();
 }
@@ -77,22 +78,22 @@ inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits, i
   expected.push_back(k);
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef(expected) &&
                   stats.is_contiguous() && stats.device() == logits.device(),
-              "row_stats: expected the contiguous float32 tensor of shape ", at::IntArrayRef(expected),
-              " that the forward returned, got ", stats.scalar_type(), " ", stats.sizes());
+              "row_stats: expected the contiguous float32 tensor of shape ", shape(expected),
+              " that the forward returned, got ", c10::toString(stats.scalar_type()), " ", shape(stats.sizes()));
 }
 
 inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& count, const at::Tensor& logits,
                                    int64_t reduction) {
   TORCH_CHECK(count.scalar_type() == at::kFloat && count.numel() == 1 && count.device() == logits.device(),
-              "count: expected the float32 scalar that the forward returned, got ", count.scalar_type(), " ",
-              count.sizes());
-  TORCH_CHECK(grad.device() == logits.device(), "grad: expected a tensor on ", logits.device(), ", got ",
-              grad.device());
+              "count: expected the float32 scalar that the forward returned, got ",
+              c10::toString(count.scalar_type()), " ", shape(count.sizes()));
+  TORCH_CHECK(grad.device() == logits.device(), "grad: expected a tensor on ", device_text(logits.device()), ", got ",
+              device_text(grad.device()));
   if (reduction == kNone) {
     auto leading = logits.sizes().slice(0, logits.dim() - 1);
-    TORCH_CHECK(grad.sizes() == leading, "grad: expected shape ", leading, ", got ", grad.sizes());
+    TORCH_CHECK(grad.sizes() == leading, "grad: expected shape ", shape(leading), ", got ", shape(grad.sizes()));
   } else {
-    TORCH_CHECK(grad.numel() == 1, "grad: expected a scalar, got shape ", grad.sizes());
+    TORCH_CHECK(grad.numel() == 1, "grad: expected a scalar, got shape ", shape(grad.sizes()));
   }
 }
 

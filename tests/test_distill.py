@@ -13,6 +13,7 @@ smaller than either.
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -546,6 +547,36 @@ def test_compiled_ops_check_their_arguments():
         ops._snippet_distill_loss_backward(torch.ones(()), s, t, stats[:2], count, 1.0, 1)
     with pytest.raises(RuntimeError, match="grad"):
         ops._snippet_distill_loss_backward(torch.ones(2), s, t, stats, count, 1.0, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_op_messages_give_the_numbers(device):
+    # The kernels' own messages carry the offending sizes, dtypes and values, and
+    # raise (not crash) when called without the Python wrapper.
+    if device not in mmsd_ext.available_backends():
+        pytest.skip(f"{device} backend not available")
+    ops = torch.ops.mmsd_ext
+    s, t = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    cases = [
+        ((s, t[:, :4], 1.0, None, 1), "teacher: expected the shape of student [3, 5], got [3, 4]"),
+        ((s, t.half(), 1.0, None, 1), "teacher: expected dtype Float like student, got Half"),
+        ((s[:, :0], t[:, :0], 1.0, None, 1), "student: expected at least one class (C >= 1), got shape [3, 0]"),
+        ((s, t, -0.5, None, 1), "temperature: expected a finite number > 0, got -0.5"),
+        ((s, t, math.inf, None, 1), "temperature: expected a finite number > 0, got inf"),
+        ((s, t, 1.0, None, 7), "reduction: expected 0 (none), 1 (mean) or 2 (sum), got 7"),
+        ((s, t, 1.0, torch.ones(4, dtype=torch.bool, device=device), 1),
+         "mask: expected the leading shape [3] of student, got [4]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match="^" + re.escape(message)):
+            ops.snippet_distill_loss(*args)
+    _, stats, count = ops.snippet_distill_loss(s, t, 1.0, None, 1)
+    message = ("row_stats: expected the contiguous float32 tensor of shape [3, 4] that the forward returned, "
+               "got Float [2, 4]")
+    with pytest.raises(RuntimeError, match="^" + re.escape(message)):
+        ops._snippet_distill_loss_backward(torch.ones((), device=device), s, t, stats[:2], count, 1.0, 1)
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected shape [3], got [2]")):
+        ops._snippet_distill_loss_backward(torch.ones(2, device=device), s, t, stats, count, 1.0, 0)
 
 
 # ------------------------------------------------- opcheck, compile, determinism

@@ -318,7 +318,7 @@ at::Tensor stats_tensor(const at::Tensor& logits, int64_t k) {
 }
 
 void check_cuda(const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", device_text(t.device()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> snippet_distill_loss_cuda(const at::Tensor& student,
