@@ -10,6 +10,7 @@
 #include <cmath>
 #include <string>
 
+#include "format.h"
 #include "nms_math.h"
 
 namespace mmsd_ext {
@@ -18,37 +19,41 @@ namespace nms {
 inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& scores,
                              const c10::optional<at::Tensor>& groups, double offset) {
   TORCH_CHECK_TYPE(segments.scalar_type() == at::kFloat || segments.scalar_type() == at::kDouble,
-                   "segments: expected dtype float32 or float64, got ", segments.scalar_type());
+                   "segments: expected dtype float32 or float64, got ", c10::toString(segments.scalar_type()));
   TORCH_CHECK_VALUE(segments.dim() == 2 && segments.size(1) == 2, "segments: expected shape [M, 2], got ",
-                    segments.sizes());
+                    shape(segments.sizes()));
   const int64_t m = segments.size(0);
   TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating dtype, got ",
-                   scores.scalar_type());
-  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == m, "scores: expected shape [M] = [", m, "], got ",
-                    scores.sizes());
-  TORCH_CHECK_VALUE(scores.device() == segments.device(), "scores: expected a tensor on ", segments.device(),
-                    " like segments, got ", scores.device());
+                   c10::toString(scores.scalar_type()));
+  TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == m, "scores: expected shape [M] = [", num(m), "], got ",
+                    shape(scores.sizes()));
+  TORCH_CHECK_VALUE(scores.device() == segments.device(), "scores: expected a tensor on ",
+                    device_text(segments.device()), " like segments, got ", device_text(scores.device()));
   if (groups.has_value()) {
     const at::Tensor& g = *groups;
-    TORCH_CHECK_TYPE(g.scalar_type() == at::kLong, "groups: expected an int64 tensor, got ", g.scalar_type());
-    TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == m, "groups: expected shape [M] = [", m, "], got ", g.sizes());
-    TORCH_CHECK_VALUE(g.device() == segments.device(), "groups: expected a tensor on ", segments.device(),
-                      " like segments, got ", g.device());
+    TORCH_CHECK_TYPE(g.scalar_type() == at::kLong, "groups: expected an int64 tensor, got ",
+                     c10::toString(g.scalar_type()));
+    TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == m, "groups: expected shape [M] = [", num(m), "], got ",
+                      shape(g.sizes()));
+    TORCH_CHECK_VALUE(g.device() == segments.device(), "groups: expected a tensor on ",
+                      device_text(segments.device()), " like segments, got ", device_text(g.device()));
   }
-  TORCH_CHECK_VALUE(std::isfinite(offset) && offset >= 0, "offset: expected a finite number >= 0, got ", offset);
+  TORCH_CHECK_VALUE(std::isfinite(offset) && offset >= 0, "offset: expected a finite number >= 0, got ",
+                    real(offset));
 }
 
 inline void check_threshold(const char* name, double value) {
-  TORCH_CHECK_VALUE(value >= 0, name, ": expected a number >= 0, got ", value);
+  TORCH_CHECK_VALUE(value >= 0, name, ": expected a number >= 0, got ", real(value));
 }
 
 // Host check of the coordinates of CPU segments (double, contiguous [M, 2]).
 inline void check_segment_values(const double* seg, int64_t m) {
   for (int64_t i = 0; i < m; ++i) {
     const double s = seg[2 * i], e = seg[2 * i + 1];
-    TORCH_CHECK_VALUE(std::isfinite(s) && std::isfinite(e), "segments: expected finite coordinates, got segment ", i,
-                      " = (", s, ", ", e, ")");
-    TORCH_CHECK_VALUE(e >= s, "segments: expected end >= start, got segment ", i, " = (", s, ", ", e, ")");
+    TORCH_CHECK_VALUE(std::isfinite(s) && std::isfinite(e), "segments: expected finite coordinates, got segment ",
+                      num(i), " = (", real(s), ", ", real(e), ")");
+    TORCH_CHECK_VALUE(e >= s, "segments: expected end >= start, got segment ", num(i), " = (", real(s), ", ",
+                      real(e), ")");
   }
 }
 

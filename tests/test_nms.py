@@ -10,6 +10,7 @@ numpy under the Triton interpreter).
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -474,6 +475,49 @@ def test_compiled_ops_check_their_arguments():
         torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, torch.zeros(2), 0.5, "iou", 0.0)
     with pytest.raises(ValueError, match="mask"):
         torch.ops.mmsd_ext._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64), None)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compiled_op_messages_give_the_numbers(device):
+    # The kernels' own messages carry the offending sizes, dtypes and values, and
+    # raise (not crash) when called without the Python wrapper.
+    if device not in mmsd_ext.available_backends():
+        pytest.skip(f"{device} backend not available")
+    ops = torch.ops.mmsd_ext
+    seg = torch.tensor([[0.0, 1.0], [2.0, 3.0]], device=device)
+    sc = torch.tensor([0.5, 0.4], device=device)
+    hard = [
+        ((seg.half(), sc, None, 0.5, "iou", 0.0), TypeError, "segments: expected dtype float32 or float64, got Half"),
+        ((seg[:, :1], sc, None, 0.5, "iou", 0.0), ValueError, "segments: expected shape [M, 2], got [2, 1]"),
+        ((seg, sc[:1], None, 0.5, "iou", 0.0), ValueError, "scores: expected shape [M] = [2], got [1]"),
+        ((seg, sc, torch.zeros(2, device=device), 0.5, "iou", 0.0), TypeError,
+         "groups: expected an int64 tensor, got Float"),
+        ((seg, sc, torch.zeros(3, dtype=torch.long, device=device), 0.5, "iou", 0.0), ValueError,
+         "groups: expected shape [M] = [2], got [3]"),
+        ((seg, sc, None, -0.5, "iou", 0.0), ValueError, "iou_threshold: expected a number >= 0, got -0.5"),
+        ((seg, sc, None, 0.5, "iou", -0.25), ValueError, "offset: expected a finite number >= 0, got -0.25"),
+    ]
+    for args, error, message in hard:
+        with pytest.raises(error, match="^" + re.escape(message)):
+            ops.temporal_nms(*args)
+    with pytest.raises(ValueError, match="^" + re.escape("sigma: expected a number > 0, got -1.5")):
+        ops.soft_temporal_nms(seg, sc, None, "gaussian", -1.5, 0.3, 0.0, 0.0)
+    bad = torch.tensor([[0.0, 1.0], [2.5, 1.25]], device=device)
+    expected = {
+        "cpu": "segments: expected end >= start, got segment 1 = (2.5, 1.25)",
+        "cuda": "segments: expected finite coordinates with end >= start, got segment 1 = (2.5, 1.25)",
+    }[device]
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        ops.temporal_nms(bad, sc, None, 0.5, "iou", 0.0)
+    with pytest.raises(ValueError, match="^" + re.escape("mask: expected shape [n, W], got [100]")):
+        ops._temporal_nms_gather(torch.zeros(100, dtype=torch.int64, device=device), None)
+    with pytest.raises(ValueError, match="^" + re.escape("sorted_groups: expected shape [10], got [9]")):
+        ops._temporal_nms_gather(torch.zeros(10, 1, dtype=torch.int64, device=device),
+                                 torch.zeros(9, dtype=torch.long, device=device))
+    if device == "cpu":  # the CUDA gather does not check the mask's width
+        message = "mask: expected at least 2 tiles per row for a group of 100 segments, got 1"
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            ops._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64), None)
 
 
 # ----------------------------------------------------------------------------

@@ -251,7 +251,8 @@ at::Tensor temporal_nms_cpu(const at::Tensor& segments, const at::Tensor& scores
   check_nms_inputs(segments, scores, groups, offset);
   check_threshold("iou_threshold", iou_threshold);
   const int kind = overlap_kind(std::string(overlap));
-  TORCH_CHECK_VALUE(segments.device().is_cpu(), "segments: expected a CPU tensor, got ", segments.device());
+  TORCH_CHECK_VALUE(segments.device().is_cpu(), "segments: expected a CPU tensor, got ",
+                    device_text(segments.device()));
   const int64_t n = segments.size(0);
   if (n == 0) return at::empty({0}, segments.options().dtype(at::kLong));
 
@@ -299,18 +300,20 @@ at::Tensor temporal_nms_cpu(const at::Tensor& segments, const at::Tensor& scores
 // temporal_nms.cpp), one group after another in parallel: the Triton backend's
 // second stage when it runs on CPU tensors under the Triton interpreter.
 at::Tensor temporal_nms_gather_cpu(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ",
+                   c10::toString(mask.scalar_type()));
+  TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", shape(mask.sizes()));
   const int64_t n = mask.size(0), width = mask.size(1);
   at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
   if (n == 0) return keep;
-  TORCH_CHECK_VALUE(width >= 1, "mask: expected at least one tile per row, got shape ", mask.sizes());
+  TORCH_CHECK_VALUE(width >= 1, "mask: expected at least one tile per row, got shape ",
+                    shape(mask.sizes()));
   at::Tensor g_t;
   if (sorted_groups.has_value()) {
     TORCH_CHECK_TYPE(sorted_groups->scalar_type() == at::kLong, "sorted_groups: expected an int64 tensor, got ",
-                     sorted_groups->scalar_type());
-    TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [", n,
-                      "], got ", sorted_groups->sizes());
+                     c10::toString(sorted_groups->scalar_type()));
+    TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [",
+                      num(n), "], got ", shape(sorted_groups->sizes()));
     g_t = sorted_groups->contiguous();
   }
   const at::Tensor mask_t = mask.contiguous();
@@ -324,8 +327,8 @@ at::Tensor temporal_nms_gather_cpu(const at::Tensor& mask, const c10::optional<a
   starts.push_back(n);
   for (size_t k = 0; k + 1 < starts.size(); ++k) {
     const int64_t need = (starts[k + 1] - 1) / kTile - starts[k] / kTile + 1;
-    TORCH_CHECK_VALUE(width >= need, "mask: expected at least ", need, " tiles per row for a group of ",
-                      starts[k + 1] - starts[k], " segments, got ", width);
+    TORCH_CHECK_VALUE(width >= need, "mask: expected at least ", num(need), " tiles per row for a group of ",
+                      num(starts[k + 1] - starts[k]), " segments, got ", num(width));
   }
   bool* keep_p = keep.data_ptr<bool>();
   const int64_t num_groups = static_cast<int64_t>(starts.size()) - 1;

@@ -77,8 +77,8 @@ inline int64_t read_count_and_check(const at::Tensor& count, const at::Tensor& f
   if (h[1] < n) {
     const at::Tensor bad = segments_double[h[1]].cpu();
     const double s = bad[0].item<double>(), e = bad[1].item<double>();
-    TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ", h[1], " = (", s,
-                      ", ", e, ")");
+    TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ",
+                      num(h[1]), " = (", real(s), ", ", real(e), ")");
   }
   return h[0];
 }

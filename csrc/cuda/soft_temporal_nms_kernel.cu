@@ -163,10 +163,11 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cuda(const at::Tensor& segm
   check_nms_inputs(segments, scores, groups, offset);
   TORCH_CHECK_VALUE(method == "gaussian" || method == "linear", "method: expected one of gaussian, linear, got '",
                     std::string(method), "'");
-  TORCH_CHECK_VALUE(sigma > 0, "sigma: expected a number > 0, got ", sigma);
+  TORCH_CHECK_VALUE(sigma > 0, "sigma: expected a number > 0, got ", real(sigma));
   check_threshold("iou_threshold", iou_threshold);
   TORCH_CHECK_VALUE(!std::isnan(min_score), "min_score: expected a number, got nan");
-  TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ", segments.device());
+  TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ",
+                    device_text(segments.device()));
   at::cuda::CUDAGuard guard(segments.device());
   const int64_t n = segments.size(0);
   const auto long_opts = segments.options().dtype(at::kLong);

@@ -160,7 +160,8 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   check_nms_inputs(segments, scores, groups, offset);
   check_threshold("iou_threshold", iou_threshold);
   const int kind = overlap_kind(std::string(overlap));
-  TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ", segments.device());
+  TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ",
+                    device_text(segments.device()));
   at::cuda::CUDAGuard guard(segments.device());
   const int64_t n = segments.size(0);
   const auto long_opts = segments.options().dtype(at::kLong);
@@ -192,7 +193,8 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
     const int64_t largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
     width = std::min(tiles, ceil_div(largest, kTile) + 1);
   }
-  TORCH_CHECK(width <= 65535, "segments: a group of ", n, " segments needs a suppression mask too large for the GPU");
+  TORCH_CHECK(width <= 65535, "segments: a group of ", num(n),
+              " segments needs a suppression mask too large for the GPU");
   at::Tensor mask = at::empty({n, width}, long_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(width));
@@ -220,21 +222,23 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
 }
 
 at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
-  TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ", mask.scalar_type());
-  TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ",
+                   c10::toString(mask.scalar_type()));
+  TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", shape(mask.sizes()));
   at::cuda::CUDAGuard guard(mask.device());
   const int64_t n = mask.size(0);
   at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
   if (n == 0) return keep;
-  TORCH_CHECK_VALUE(mask.size(1) >= 1, "mask: expected at least one tile per row, got shape ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.size(1) >= 1, "mask: expected at least one tile per row, got shape ",
+                    shape(mask.sizes()));
   c10::optional<at::Tensor> g;
   if (sorted_groups.has_value()) {
     TORCH_CHECK_TYPE(sorted_groups->scalar_type() == at::kLong, "sorted_groups: expected an int64 tensor, got ",
-                     sorted_groups->scalar_type());
-    TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [", n,
-                      "], got ", sorted_groups->sizes());
-    TORCH_CHECK_VALUE(sorted_groups->device() == mask.device(), "sorted_groups: expected a tensor on ", mask.device(),
-                      ", got ", sorted_groups->device());
+                     c10::toString(sorted_groups->scalar_type()));
+    TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [",
+                      num(n), "], got ", shape(sorted_groups->sizes()));
+    TORCH_CHECK_VALUE(sorted_groups->device() == mask.device(), "sorted_groups: expected a tensor on ",
+                      device_text(mask.device()), ", got ", device_text(sorted_groups->device()));
     g = sorted_groups->contiguous();
   }
   at::Tensor is_start, end_of;
