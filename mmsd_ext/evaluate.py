@@ -238,7 +238,7 @@ def mmsd_detection_map(
     min_len=2,
     outer_ratio=0.25,
     nms_threshold=0.4,
-    nms_backend=None,
+    backend=None,
 ):
     """MMSD's whole localization evaluation: ``mmsd_proposals`` then ``thumos14_detection_map``.
 
@@ -250,7 +250,7 @@ def mmsd_detection_map(
         video_names, gt_segments, gt_labels, class_names, ambiguous, tiou_thresholds,
             factor, zero_map_if_class_empty: as in ``thumos14_detection_map``.
         lengths: [V] valid lengths of a padded ``cas`` (not allowed with a list).
-        thresholds, class_threshold, min_len, outer_ratio, nms_threshold, nms_backend:
+        thresholds, class_threshold, min_len, outer_ratio, nms_threshold, backend:
             as in ``mmsd_proposals``.
 
     Returns:
@@ -290,7 +290,7 @@ def mmsd_detection_map(
         min_len=min_len,
         outer_ratio=outer_ratio,
         nms_threshold=nms_threshold,
-        nms_backend=nms_backend,
+        backend=backend,
     )
     return thumos14_detection_map(
         rows,

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from . import _checks
+from . import _backend, _checks
 from .nms import temporal_nms
 
 #: MMSD's activation thresholds, ``numpy.arange(0.0003, 0.01, 0.0005)`` (20 values,
@@ -19,6 +19,9 @@ from .nms import temporal_nms
 MMSD_THRESHOLDS = tuple(np.arange(0.0003, 0.01, 0.0005).tolist())
 
 _CAS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Backends of mmsd_proposals: "cpu" has its own run kernel; on a GPU the run finding
+# is the vectorised PyTorch code and the backend names the temporal_nms kernel.
+_SUPPORTED = ("reference", "cpu", "cuda", "triton")
 
 
 def mmsd_proposals(
@@ -31,7 +34,7 @@ def mmsd_proposals(
     min_len=2,
     outer_ratio=0.25,
     nms_threshold=0.4,
-    nms_backend=None,
+    backend=None,
 ):
     """Scored temporal proposals from class activation sequences, exactly as MMSD's ``getActLoc``.
 
@@ -81,7 +84,13 @@ def mmsd_proposals(
         min_len: minimum run length in snippets (int >= 1).
         outer_ratio: r above (finite, >= 0).
         nms_threshold: overlap strictly above which a proposal is suppressed (>= 0).
-        nms_backend: backend of ``temporal_nms`` (None: auto).
+        backend: None (auto), "reference", "cpu", "cuda" or "triton". "cpu" finds and
+            scores the runs in one C++ pass (the default for CPU tensors when the
+            extension is built) and suppresses with the ``cpu`` NMS kernel;
+            "reference" does both with the vectorised PyTorch code below;
+            "cuda" / "triton" run that PyTorch code on the GPU and suppress with
+            that ``temporal_nms`` backend. Every backend gives the same rows,
+            bit for bit.
 
     Returns:
         float64 tensor [P, 5] on the device of ``cas``, rows
@@ -114,6 +123,15 @@ def mmsd_proposals(
         raise ValueError(f"nms_threshold: expected a number >= 0, got {nms_threshold}")
 
     device = cas.device
+    explicit = (backend or _backend._current_override() or "auto") != "auto"
+    backend = _backend.resolve("mmsd_proposals", backend, device, supported=_SUPPORTED)
+    if backend == "cpu" and not _has_runs_kernel():
+        if explicit:
+            raise RuntimeError(
+                "backend='cpu': this build of mmsd_ext._C predates the proposal kernel (_threshold_runs); "
+                "rebuild it with: pip install --no-build-isolation -e ."
+            )
+        backend = "reference"  # same rows, from the PyTorch code
     V, T, C = cas.shape
     empty = torch.zeros(0, 5, dtype=torch.float64, device=device)
 
@@ -135,15 +153,24 @@ def mmsd_proposals(
     # it is suppressed by it, or by whatever suppresses it: when nms_threshold
     # < 1, keeping only the first copy changes nothing and shrinks the work
     # after this point several-fold.
-    runs = _threshold_runs(flat, seq_of, t_of, length, thresholds, min_len, first_copies_only=nms_threshold < 1)
-    if runs is None:
-        return empty
-    seq, start, end = runs  # end is exclusive: the run is [start, end)
-    score = _run_scores(flat, offset, length, seq, start, end, outer_ratio)
+    prefix = torch.zeros(flat.numel() + 1, dtype=torch.float64, device=device)
+    prefix[1:] = torch.cumsum(flat, 0)
+    if backend == "cpu":
+        seq, start, end, score = torch.ops.mmsd_ext._threshold_runs(
+            flat, prefix, offset, length, thresholds, min_len, outer_ratio, nms_threshold < 1
+        )
+        if seq.numel() == 0:
+            return empty
+    else:
+        runs = _threshold_runs(flat, seq_of, t_of, length, thresholds, min_len, first_copies_only=nms_threshold < 1)
+        if runs is None:
+            return empty
+        seq, start, end = runs  # end is exclusive: the run is [start, end)
+        score = _run_scores(prefix, offset, length, seq, start, end, outer_ratio)
 
     groups = _take(video, seq) * C + _take(cls, seq)
     segments = torch.stack([start, end + 1], dim=1).to(torch.float64)
-    kept = temporal_nms(segments, score, nms_threshold, groups=groups, overlap="other", offset=1, backend=nms_backend)
+    kept = temporal_nms(segments, score, nms_threshold, groups=groups, overlap="other", offset=1, backend=backend)
     # NMS returns kept indices in global score order; a stable sort by group
     # (monotone in the sequence index) gives video, class, then NMS order.
     kept = _take(kept, torch.sort(_take(groups, kept), stable=True).indices)
@@ -159,6 +186,10 @@ def mmsd_proposals(
         dim=1,
     )
     return rows
+
+
+def _has_runs_kernel():
+    return hasattr(torch.ops.mmsd_ext, "_threshold_runs")
 
 
 def _take(values, index):
@@ -254,10 +285,13 @@ def _threshold_runs(flat, seq_of, t_of, length, thresholds, min_len, first_copie
     return seq, start, end
 
 
-def _run_scores(flat, offset, length, seq, start, end, outer_ratio):
-    """MMSD's inner - outer contrast of each run [start, end) of sequence ``seq``, float64."""
-    prefix = torch.zeros(flat.numel() + 1, dtype=torch.float64, device=flat.device)
-    prefix[1:] = torch.cumsum(flat, 0)
+def _run_scores(prefix, offset, length, seq, start, end, outer_ratio):
+    """MMSD's inner - outer contrast of each run [start, end) of sequence ``seq``, float64.
+
+    ``prefix``: the float64 prefix sum of the sequences laid end to end. The C++
+    kernel (csrc/cpu/threshold_runs_kernel.cpp) repeats these operations in this
+    order, so both give the same numbers.
+    """
     base = _take(offset, seq)
 
     def window_sum(a, b):  # sum of the sequence's values[a:b]

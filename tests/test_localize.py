@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from conftest import AVAILABLE
 from localization_reference import mmsd_proposals_loops
 
 from mmsd_ext.localize import MMSD_THRESHOLDS, mmsd_proposals, pad_cas
@@ -42,26 +43,120 @@ def proposal_inputs(draw, dyadic=None):
     return torch.tensor(cas), torch.tensor(scores), torch.tensor(lengths)
 
 
-@given(proposal_inputs())
-def test_matches_loops_default_options(inputs):
+# The CPU backends of mmsd_proposals: "cpu" finds and scores the runs in C++
+# (csrc/cpu/threshold_runs_kernel.cpp), "reference" in vectorised PyTorch.
+CPU_BACKENDS = [
+    pytest.param(name, id=name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"backend {name!r} is not built"))
+    for name in ("reference", "cpu")
+]
+needs_cpu_backend = pytest.mark.skipif("cpu" not in AVAILABLE, reason="the cpu backend is not built")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(inputs=proposal_inputs())
+def test_matches_loops_default_options(inputs, backend):
     cas, scores, lengths = inputs
-    assert_same_rows(mmsd_proposals(cas, scores, lengths), mmsd_proposals_loops(cas, scores, lengths))
+    assert_same_rows(mmsd_proposals(cas, scores, lengths, backend=backend), mmsd_proposals_loops(cas, scores, lengths))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @given(
-    proposal_inputs(),
-    st.sampled_from([None, (0.001, 0.004), (0.002, 0.002, 0.005), (0.006, 0.002, 0.004, 0.002), ()]),
-    st.sampled_from([0.0, 0.2, 0.9]),
-    st.integers(1, 4),
-    st.sampled_from([0.0, 0.25, 0.5, 1.7]),
-    st.sampled_from([0.0, 0.4, 0.7, 1.0, 1.5]),
+    inputs=proposal_inputs(),
+    thresholds=st.sampled_from([None, (0.001, 0.004), (0.002, 0.002, 0.005), (0.006, 0.002, 0.004, 0.002), ()]),
+    class_threshold=st.sampled_from([0.0, 0.2, 0.9]),
+    min_len=st.integers(1, 4),
+    outer_ratio=st.sampled_from([0.0, 0.25, 0.5, 1.7]),
+    nms_threshold=st.sampled_from([0.0, 0.4, 0.7, 1.0, 1.5]),
 )
-def test_matches_loops_any_options(inputs, thresholds, class_threshold, min_len, outer_ratio, nms_threshold):
+def test_matches_loops_any_options(inputs, thresholds, class_threshold, min_len, outer_ratio, nms_threshold, backend):
     cas, scores, lengths = inputs
     options = dict(
         thresholds=thresholds, class_threshold=class_threshold, min_len=min_len, outer_ratio=outer_ratio, nms_threshold=nms_threshold
     )
-    assert_same_rows(mmsd_proposals(cas, scores, lengths, **options), mmsd_proposals_loops(cas, scores, lengths, **options))
+    got = mmsd_proposals(cas, scores, lengths, backend=backend, **options)
+    assert_same_rows(got, mmsd_proposals_loops(cas, scores, lengths, **options))
+
+
+@needs_cpu_backend
+@given(
+    inputs=proposal_inputs(),
+    thresholds=st.lists(st.sampled_from([k / 2048.0 for k in range(0, 26, 2)]), min_size=0, max_size=8),
+    min_len=st.integers(1, 5),
+    outer_ratio=st.sampled_from([0.0, 0.25, 0.5, 3.0]),
+    nms_threshold=st.sampled_from([0.0, 0.4, 1.0]),
+)
+def test_cpu_kernel_gives_the_reference_rows_bit_for_bit(inputs, thresholds, min_len, outer_ratio, nms_threshold):
+    # Thresholds in any order, repeated, and equal to activation values (the
+    # dyadic inputs), so that runs repeat across thresholds and comparisons tie.
+    cas, scores, lengths = inputs
+    options = dict(thresholds=thresholds, min_len=min_len, outer_ratio=outer_ratio, nms_threshold=nms_threshold, class_threshold=0.0)
+    cpu = mmsd_proposals(cas, scores, lengths, backend="cpu", **options)
+    reference = mmsd_proposals(cas, scores, lengths, backend="reference", **options)
+    assert torch.equal(cpu, reference)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("first_copies_only", [True, False])
+def test_threshold_runs_op_in_caller_threshold_order(first_copies_only):
+    # values of one sequence [0.5, 0.9, 0.9, 0.2, 0.9]; thresholds (caller order) 0.6, 0.1, 0.3.
+    values = torch.tensor([0.5, 0.9, 0.9, 0.2, 0.9], dtype=torch.float64)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
+    seq, start, end, score = torch.ops.mmsd_ext._threshold_runs(
+        values, prefix, torch.tensor([0]), torch.tensor([5]), torch.tensor([0.6, 0.1, 0.3], dtype=torch.float64), 1, 0.0, first_copies_only
+    )
+    runs = list(zip(start.tolist(), end.tolist()))
+    # 0.6: [1, 3) and [4, 5); 0.1: [0, 5); 0.3: [0, 3) and [4, 5), where [4, 5) repeats the run of 0.6.
+    want = [(1, 3), (4, 5), (0, 5), (0, 3)] + ([] if first_copies_only else [(4, 5)])
+    assert runs == want and seq.tolist() == [0] * len(want)
+    # outer_ratio 0: inner only, the mean of values[s : min(e + 1, T)].
+    inner = [float(values[s : min(e + 1, 5)].mean()) for s, e in want]
+    np.testing.assert_allclose(score.numpy(), inner, rtol=0, atol=1e-15)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(values=torch.zeros(5)), TypeError, "values: expected dtype Double"),
+        (dict(prefix=torch.zeros(5, dtype=torch.float64)), ValueError, r"prefix: expected shape \[S \+ 1\] = \[6\], got \[5\]"),
+        (dict(offsets=torch.tensor([3])), ValueError, r"offsets, lengths: sequence 0 = \[3, 8\)"),
+        (dict(lengths=torch.tensor([5, 1])), ValueError, r"lengths: expected shape \[N\] = \[1\]"),
+        (dict(thresholds=torch.tensor([float("nan")], dtype=torch.float64)), ValueError, "thresholds: expected finite values, got nan at 0"),
+        (dict(min_len=0), ValueError, "min_len: expected an int >= 1, got 0"),
+        (dict(outer_ratio=-1.0), ValueError, "outer_ratio: expected a finite number >= 0, got -1"),
+        (dict(values=torch.zeros(5, 1, dtype=torch.float64)), ValueError, r"values: expected a 1-d tensor, got shape \[5, 1\]"),
+    ],
+)
+def test_threshold_runs_op_bad_inputs(change, error, match):
+    args = dict(
+        values=torch.zeros(5, dtype=torch.float64),
+        prefix=torch.zeros(6, dtype=torch.float64),
+        offsets=torch.tensor([0]),
+        lengths=torch.tensor([5]),
+        thresholds=torch.tensor([0.5], dtype=torch.float64),
+        min_len=1,
+        outer_ratio=0.25,
+        first_copies_only=True,
+    )
+    args.update(change)
+    with pytest.raises(error, match=match):
+        torch.ops.mmsd_ext._threshold_runs(*args.values())
+
+
+@needs_cpu_backend
+def test_threshold_runs_opcheck():
+    values = torch.tensor([0.5, 0.9, 0.9, 0.2, 0.9, 0.0, 0.7], dtype=torch.float64)
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
+    args = (values, prefix, torch.tensor([0, 5]), torch.tensor([5, 2]), torch.tensor([0.6, 0.1], dtype=torch.float64), 1, 0.25, True)
+    # Data-dependent output sizes and no fake kernel (mmsd_proposals is not traceable
+    # as a whole), so the schema and autograd-registration checks only.
+    torch.library.opcheck(torch.ops.mmsd_ext._threshold_runs.default, args, test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.skipif("cpu" in AVAILABLE, reason="only where the extension is not built")
+def test_explicit_cpu_backend_without_the_extension_is_an_error():
+    with pytest.raises((RuntimeError, ValueError), match="cpu"):
+        mmsd_proposals(torch.rand(1, 5, 1), torch.ones(1, 1), backend="cpu")
 
 
 @given(proposal_inputs(dyadic=True))
@@ -171,10 +266,10 @@ def test_padding_is_never_read():
     assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2), lengths), mmsd_proposals(garbage, torch.ones(2, 2), lengths))
 
 
-def test_explicit_nms_backend():
+def test_explicit_reference_backend():
     rng = np.random.default_rng(7)
     cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2)))
-    assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2)), mmsd_proposals(cas, torch.ones(2, 2), nms_backend="reference"))
+    assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2)), mmsd_proposals(cas, torch.ones(2, 2), backend="reference"))
 
 
 def test_pad_cas():
