@@ -1,9 +1,11 @@
 """From class activation sequences to scored segments: ``mmsd_proposals`` (MMSD's ``getActLoc``).
 
-Everything is vectorised over videos, classes, thresholds and runs: the
-thresholded sequences of every selected (video, class) pair are laid end to
-end, runs are found from their edges, scored from prefix sums, and one batched
-``temporal_nms`` call suppresses within each (video, class).
+No Python loop over videos, classes, thresholds or runs: the sequences of every
+selected (video, class) pair are laid end to end, the maximal runs above every
+threshold are found and scored from one prefix sum (on the CPU by a C++ sweep,
+csrc/cpu/threshold_runs_kernel.cpp; elsewhere by the vectorised PyTorch code
+here, which gives the same numbers), and one batched ``temporal_nms`` call
+suppresses within each (video, class).
 """
 
 import math
