@@ -322,6 +322,20 @@ def test_wide_rows_use_the_looped_path(backend, num_classes):
     _check_mmsd_case(backend, case, torch.float32)
 
 
+# Both sides of each change of row layout in the CUDA kernels (8 lanes x 4 values
+# up to 32 classes, 16 x 4 up to 64, a warp x 4, 8 or 16 up to 512, looped beyond)
+# and of the CPU's vector widths, with -inf entries, a mask and a strided layout.
+@pytest.mark.parametrize("num_classes", [32, 33, 64, 65, 128, 129, 256, 257, 512, 513])
+def test_row_layout_boundaries(backend, num_classes):
+    if backend == "triton" and INTERPRETED:
+        pytest.skip("the interpreter is too slow for ten widths; the property tests cover it")
+    for reduction, mask in (("none", "bool"), ("mean", "float")):
+        case = dict(shape=(3, 5, num_classes), tau=0.5, mask=mask, reduction=reduction, scale=5.0, layout="strided",
+                    neg_inf=0.3, grad_out=-0.7, seed=num_classes)
+        _check_pair_case(backend, case, torch.float32)
+        _check_mmsd_case(backend, case, torch.float32)
+
+
 # ------------------------------------------------------------- edge values
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tau", [0.1, 10.0])
@@ -775,3 +789,29 @@ def test_cuda_graph_capture_without_host_sync(gpu_backend):
     ref = [x.detach().double().cpu().requires_grad_() for x in xs]
     ref_loss = REFERENCE_MMSD(*ref, 0.2, mask.cpu())
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * (1 + abs(ref_loss.item()))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_cuda_grid_stride_loops_against_cpu():
+    # More rows than the forward's 65535 blocks cover in one sweep (2,097,120 rows of
+    # <= 32 classes) and more elements than the backward's (16,776,960): every
+    # kernel loops; the result must still match the CPU kernel row for row.
+    if "cuda" not in mmsd_ext.available_backends() or "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cuda or cpu backend not available")
+    gen = torch.Generator().manual_seed(12)
+    shape = (2_100_000, 21)
+    xs = [torch.randn(shape, generator=gen) * 3 for _ in range(3)]
+    mask = torch.rand(shape[0], generator=gen) < 0.9
+    weights = torch.randn(shape[0], generator=gen)
+    results = {}
+    for device in ("cpu", "cuda"):
+        inputs = [x.to(device).requires_grad_() for x in xs]
+        m, w = mask.to(device), weights.to(device)
+        rows = mmsd_ext.snippet_distill_loss(inputs[0], inputs[1], 0.5, mask=m, reduction="none", backend=device)
+        (g_pair,) = torch.autograd.grad(rows, inputs[0], w)
+        loss = mmsd_ext.mmsd_distill_loss(*inputs, 0.5, mask=m, backend=device)
+        grads = torch.autograd.grad(loss * 1e6, inputs)  # 1e6: the mean's 1 / 1.9e6 rows brought back near 1
+        results[device] = [rows, g_pair, loss, *grads]
+    for name, got, expected in zip(("rows", "grad pair", "loss", "grad rgb", "grad flow", "grad fused"),
+                                   results["cuda"], results["cpu"]):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5, msg=name)

@@ -514,10 +514,18 @@ def test_compiled_op_messages_give_the_numbers(device):
     with pytest.raises(ValueError, match="^" + re.escape("sorted_groups: expected shape [10], got [9]")):
         ops._temporal_nms_gather(torch.zeros(10, 1, dtype=torch.int64, device=device),
                                  torch.zeros(9, dtype=torch.long, device=device))
-    if device == "cpu":  # the CUDA gather does not check the mask's width
-        message = "mask: expected at least 2 tiles per row for a group of 100 segments, got 1"
-        with pytest.raises(ValueError, match="^" + re.escape(message)):
-            ops._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64), None)
+    # A mask narrower than a group's tiles, or unsorted group ids, is an error (not a wrong answer).
+    message = "mask: expected at least 2 tiles per row for a group of 100 segments, got 1"
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        ops._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64, device=device), None)
+    groups = torch.tensor([0] * 10 + [1] * 70 + [2] * 20, device=device)  # group 1 spans tiles 0 and 1
+    message = "mask: expected at least 2 tiles per row for a group of 70 segments, got 1"
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        ops._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64, device=device), groups)
+    assert ops._temporal_nms_gather(torch.zeros(100, 2, dtype=torch.int64, device=device), groups).all()
+    with pytest.raises(ValueError, match="^" + re.escape("sorted_groups: expected non-decreasing group ids")):
+        ops._temporal_nms_gather(torch.zeros(3, 1, dtype=torch.int64, device=device),
+                                 torch.tensor([0, 1, 0], device=device))
 
 
 # ----------------------------------------------------------------------------
@@ -597,6 +605,54 @@ def test_gpu_large_against_cpu(gpu_backend):
         idx, val = mmsd_ext.soft_temporal_nms(seg.cuda(), scores.cuda(), groups=None if groups is None else groups.cuda(), backend=gpu_backend)
         assert torch.equal(idx.cpu(), idx_cpu)
         torch.testing.assert_close(val.cpu(), val_cpu, **SOFT_SCORE_TOL[torch.float32])
+
+
+def _band_mask(sup, width):
+    """Suppression tiles [n, width] of a dense bool matrix sup [n, n] (bit b of
+    mask[i, k]: sup[i, 64 * (i // 64 + k) + b]), as the mask kernels write them."""
+    n = sup.shape[0]
+    weights = torch.tensor([1 << b for b in range(63)] + [-(1 << 63)], dtype=torch.int64)
+    mask = torch.zeros(n, width, dtype=torch.int64)
+    for i in range(n):
+        for k in range(width):
+            col0 = 64 * (i // 64 + k)
+            bits = torch.zeros(64, dtype=torch.int64)
+            cols = sup[i, col0 : col0 + 64]
+            bits[: cols.numel()] = cols.long()
+            mask[i, k] = (bits * weights).sum()
+    return mask
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+def test_gpu_gather_matches_cpu():
+    # The CUDA keep-gather on its own, against the CPU one, for valid band masks
+    # (bits only towards later segments of the same group): groups that share
+    # tiles, a group spanning several tiles, a narrow band and the full width.
+    if "cuda" not in mmsd_ext.available_backends() or "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cuda or cpu backend not available")
+    gen = torch.Generator().manual_seed(11)
+    n = 300
+    sizes = [1, 5, 60, 70, 2, 130, 32]
+    groups = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    same = groups[:, None] == groups[None, :]
+    later = torch.arange(n)[None, :] > torch.arange(n)[:, None]
+    for density in (0.02, 0.3):
+        sup = same & later & (torch.rand(n, n, generator=gen) < density)
+        for width, g in ((5, groups), (4, groups), (5, None)):
+            s = sup if g is not None else later & (torch.rand(n, n, generator=gen) < density)
+            mask = _band_mask(s, width)
+            expected = torch.ops.mmsd_ext._temporal_nms_gather(mask, g)
+            got = torch.ops.mmsd_ext._temporal_nms_gather(mask.cuda(), None if g is None else g.cuda())
+            assert torch.equal(got.cpu(), expected)
+    # Any mask, also one with bits towards other groups or earlier segments: the
+    # gather reads only the bits of a row's own group, as the CPU one does.
+    def random_words():
+        return torch.randint(0, 256, (n, 4, 8), generator=gen, dtype=torch.uint8).view(torch.int64).squeeze(2)
+
+    for mask in (random_words(), random_words() & random_words() & random_words() & random_words()):
+        expected = torch.ops.mmsd_ext._temporal_nms_gather(mask, groups)
+        got = torch.ops.mmsd_ext._temporal_nms_gather(mask.cuda(), groups.cuda())
+        assert torch.equal(got.cpu(), expected)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")

@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cuda(const at::Tensor& segm
   TORCH_CHECK_VALUE(!std::isnan(min_score), "min_score: expected a number, got nan");
   TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ",
                     device_text(segments.device()));
-  at::cuda::CUDAGuard guard(segments.device());
+  c10::cuda::CUDAGuard guard(segments.device());
   const int64_t n = segments.size(0);
   const auto long_opts = segments.options().dtype(at::kLong);
   const auto double_opts = segments.options().dtype(at::kDouble);

@@ -130,6 +130,9 @@ __global__ void temporal_nms_gather_kernel(const unsigned long long* __restrict_
           rest &= rest - 1;
           acc |= mask[(row0 + b) * width + k];
         }
+        // The group's last tile may be shared with the next group: only this
+        // group's bits go in (as in the CPU gather, whatever else the mask holds).
+        if (r + k == t_last && ge - t_last * kTile < kTile) acc &= (1ULL << (ge - t_last * kTile)) - 1ULL;
         if (acc) atomicOr(removed + r + k, acc);
       }
       __syncthreads();
@@ -162,7 +165,7 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   const int kind = overlap_kind(std::string(overlap));
   TORCH_CHECK_VALUE(segments.is_cuda(), "segments: expected a CUDA tensor, got ",
                     device_text(segments.device()));
-  at::cuda::CUDAGuard guard(segments.device());
+  c10::cuda::CUDAGuard guard(segments.device());
   const int64_t n = segments.size(0);
   const auto long_opts = segments.options().dtype(at::kLong);
   if (n == 0) return at::empty({0}, long_opts);
@@ -188,12 +191,13 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
 
   const int64_t tiles = ceil_div(n, kTile);
   int64_t width = tiles;
+  int64_t largest = n;  // the largest group (all of them without groups)
   if (sorted_groups.has_value() && n > kDenseMaskMaxSegments) {
     const at::Tensor sizes = end_of - at::arange(n, long_opts);
-    const int64_t largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
+    largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
     width = std::min(tiles, ceil_div(largest, kTile) + 1);
   }
-  TORCH_CHECK(width <= 65535, "segments: a group of ", num(n),
+  TORCH_CHECK(width <= 65535, "segments: a group of ", num(largest),
               " segments needs a suppression mask too large for the GPU");
   at::Tensor mask = at::empty({n, width}, long_opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -225,7 +229,7 @@ at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ",
                    c10::toString(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", shape(mask.sizes()));
-  at::cuda::CUDAGuard guard(mask.device());
+  c10::cuda::CUDAGuard guard(mask.device());
   const int64_t n = mask.size(0);
   at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
   if (n == 0) return keep;
@@ -241,8 +245,30 @@ at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<
                       device_text(mask.device()), ", got ", device_text(sorted_groups->device()));
     g = sorted_groups->contiguous();
   }
+  const auto long_opts = mask.options().dtype(at::kLong);
   at::Tensor is_start, end_of;
-  std::tie(is_start, end_of) = cuda_common::group_bounds(g, n, mask.options().dtype(at::kLong));
+  std::tie(is_start, end_of) = cuda_common::group_bounds(g, n, long_opts);
+  // The checks of the CPU kernel, from one read to the host: the group ids must not
+  // decrease, and each row must hold the tiles up to its group's end (a narrower
+  // mask would silently drop suppressions). need[p] = the tiles a group starting at
+  // p spans; reported for the group that needs the most.
+  const at::Tensor pos = at::arange(n, long_opts);
+  const at::Tensor need = at::where(is_start.to(at::kBool),
+                                    at::div(end_of - 1, kTile, "floor") - at::div(pos, kTile, "floor") + 1,
+                                    at::zeros_like(pos));
+  const at::Tensor widest = need.argmax();
+  const at::Tensor decreasing =
+      g.has_value() && n > 1 ? (g->narrow(0, 1, n - 1) < g->narrow(0, 0, n - 1)).any().to(at::kLong)
+                             : at::zeros({}, long_opts);
+  const at::Tensor host =
+      at::stack({decreasing, need.index_select(0, widest.reshape({1})).reshape({}),
+                 (end_of.index_select(0, widest.reshape({1})) - widest).reshape({})})
+          .cpu();
+  const int64_t* h = host.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(h[0] == 0, "sorted_groups: expected non-decreasing group ids");
+  const int64_t width = mask.size(1);
+  TORCH_CHECK_VALUE(width >= h[1], "mask: expected at least ", num(h[1]), " tiles per row for a group of ", num(h[2]),
+                    " segments, got ", num(width));
   launch_gather(mask.contiguous(), is_start, end_of, keep);
   return keep;
 }
