@@ -160,12 +160,17 @@ run_train() {
     cd /tmp && MMSD_EXT_NO_PROGRESS=1 timeout 100 $PY -m mmsd_ext.train --device cuda --output-dir "$dir/run" --no-progress
     local rc=$?
     cp "$dir/run/results.json" "$OUT/train_results.json" 2>/dev/null
+    rm -rf "$dir"
     cd /tmp && timeout 60 $PY -m mmsd_ext.train.throughput --device cuda --steps 4 --backends auto reference cuda triton
     return $(( rc || $? ))
 }
 export -f run_train
 : >"$OUT/train.log"
-stage train "$(budget 170 5)" "$OUT/train.log" run_train
+if (( START + TOTAL - $(now) >= 30 )); then
+    stage train "$(budget 170 5)" "$OUT/train.log" run_train
+else
+    SUMMARY+=("train: skipped (under 30 s of the budget left)")
+fi
 
 # ------------------------------------------------------------------ summary
 {
