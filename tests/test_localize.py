@@ -96,6 +96,24 @@ def test_cpu_kernel_gives_the_reference_rows_bit_for_bit(inputs, thresholds, min
 
 
 @needs_cpu_backend
+@pytest.mark.parametrize("nms_threshold", [0.4, 1.0])
+def test_cpu_kernel_on_long_videos(nms_threshold):
+    # The kernel counts threshold levels in blocks of 512 snippets: runs across
+    # block edges, videos longer than several blocks, and one of exactly 512.
+    rng = np.random.default_rng(11)
+    V, T, C = 4, 1600, 3
+    smooth = np.cumsum(rng.normal(size=(V, T, C)), axis=1) * 0.15
+    cas = torch.tensor(np.exp(-6.0 + smooth - smooth.mean(axis=1, keepdims=True)))
+    lengths = torch.tensor([1600, 512, 1025, 3])
+    scores = torch.ones(V, C)
+    options = dict(nms_threshold=nms_threshold)
+    cpu = mmsd_proposals(cas, scores, lengths, backend="cpu", **options)
+    assert len(cpu) > 100
+    assert torch.equal(cpu, mmsd_proposals(cas, scores, lengths, backend="reference", **options))
+    assert_same_rows(cpu, mmsd_proposals_loops(cas, scores, lengths, **options))
+
+
+@needs_cpu_backend
 @pytest.mark.parametrize("first_copies_only", [True, False])
 def test_threshold_runs_op_in_caller_threshold_order(first_copies_only):
     # values of one sequence [0.5, 0.9, 0.9, 0.2, 0.9]; thresholds (caller order) 0.6, 0.1, 0.3.
