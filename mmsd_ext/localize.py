@@ -125,15 +125,7 @@ def mmsd_proposals(
         raise ValueError(f"nms_threshold: expected a number >= 0, got {nms_threshold}")
 
     device = cas.device
-    explicit = (backend or _backend._current_override() or "auto") != "auto"
     backend = _backend.resolve("mmsd_proposals", backend, device, supported=_SUPPORTED)
-    if backend == "cpu" and not _has_runs_kernel():
-        if explicit:
-            raise RuntimeError(
-                "backend='cpu': this build of mmsd_ext._C predates the proposal kernel (_threshold_runs); "
-                "rebuild it with: pip install --no-build-isolation -e ."
-            )
-        backend = "reference"  # same rows, from the PyTorch code
     V, T, C = cas.shape
     empty = torch.zeros(0, 5, dtype=torch.float64, device=device)
 
@@ -188,10 +180,6 @@ def mmsd_proposals(
         dim=1,
     )
     return rows
-
-
-def _has_runs_kernel():
-    return hasattr(torch.ops.mmsd_ext, "_threshold_runs")
 
 
 def _take(values, index):
