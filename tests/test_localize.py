@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from conftest import AVAILABLE
+from conftest import AVAILABLE, backend_device
 from localization_reference import mmsd_proposals_loops
 
 from mmsd_ext.localize import MMSD_THRESHOLDS, mmsd_proposals, pad_cas
@@ -43,23 +43,30 @@ def proposal_inputs(draw, dyadic=None):
     return torch.tensor(cas), torch.tensor(scores), torch.tensor(lengths)
 
 
-# The CPU backends of mmsd_proposals: "cpu" finds and scores the runs in C++
-# (csrc/cpu/threshold_runs_kernel.cpp), "reference" in vectorised PyTorch.
-CPU_BACKENDS = [
-    pytest.param(name, id=name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"backend {name!r} is not built"))
-    for name in ("reference", "cpu")
+# The backends of mmsd_proposals: "cpu" finds and scores the runs in C++
+# (csrc/cpu/threshold_runs_kernel.cpp), the others with the vectorised PyTorch code;
+# each suppresses with its own temporal_nms kernel. Inputs go to the backend's device.
+BACKENDS = [
+    pytest.param(name, id=name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"backend {name!r} is not available"))
+    for name in ("reference", "cpu", "cuda", "triton")
 ]
 needs_cpu_backend = pytest.mark.skipif("cpu" not in AVAILABLE, reason="the cpu backend is not built")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def on(backend, *tensors):
+    dev = backend_device(backend)
+    return [t.to(dev) for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(inputs=proposal_inputs())
 def test_matches_loops_default_options(inputs, backend):
     cas, scores, lengths = inputs
-    assert_same_rows(mmsd_proposals(cas, scores, lengths, backend=backend), mmsd_proposals_loops(cas, scores, lengths))
+    got = mmsd_proposals(*on(backend, cas, scores, lengths), backend=backend)
+    assert_same_rows(got, mmsd_proposals_loops(cas, scores, lengths))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(
     inputs=proposal_inputs(),
     thresholds=st.sampled_from([None, (0.001, 0.004), (0.002, 0.002, 0.005), (0.006, 0.002, 0.004, 0.002), ()]),
@@ -73,7 +80,7 @@ def test_matches_loops_any_options(inputs, thresholds, class_threshold, min_len,
     options = dict(
         thresholds=thresholds, class_threshold=class_threshold, min_len=min_len, outer_ratio=outer_ratio, nms_threshold=nms_threshold
     )
-    got = mmsd_proposals(cas, scores, lengths, backend=backend, **options)
+    got = mmsd_proposals(*on(backend, cas, scores, lengths), backend=backend, **options)
     assert_same_rows(got, mmsd_proposals_loops(cas, scores, lengths, **options))
 
 
