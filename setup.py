@@ -23,11 +23,23 @@ import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+# kernels/ installs as mmsd_ext.kernels (package_dir). The legacy editable install,
+# `setup.py develop` (what pip runs for -e when it cannot use setuptools' PEP 660
+# install, e.g. setuptools < 64), only puts this folder on sys.path: kernels/ would
+# import as a top-level package and mmsd_ext.kernels (the triton backend) would be
+# missing. Refuse it rather than build that.
+if "develop" in sys.argv[1:]:
+    sys.exit(
+        f"setup.py: `setup.py develop` (the legacy editable install; setuptools here is {setuptools.__version__}) "
+        "cannot install kernels/ as mmsd_ext.kernels. Use setuptools >= 64 "
+        "(pip install 'setuptools>=64'; requirements.txt pins one) with "
+        "`pip install --no-build-isolation -e .`, or install without -e."
+    )
 
 
 def _flag(name):
@@ -78,8 +90,15 @@ if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME
     os.environ["PATH"] = os.path.join(CUDA_HOME, "bin") + os.pathsep + os.environ.get("PATH", "")
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+try:
+    import torch  # noqa: E402
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+except ImportError as error:
+    sys.exit(
+        f"setup.py: torch cannot be imported here ({error}). The extension is compiled against the "
+        "installed torch: install it first (pip install -r requirements.txt), then build without "
+        "isolation: pip install --no-build-isolation -e ."
+    )
 
 
 def _nvcc_version(cuda_home):
