@@ -710,56 +710,6 @@ def test_cpu_kernels_of_every_vector_width(isa):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-_TRITON_COMPILE_CHECK = textwrap.dedent(
-    """
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mmsd_ext.kernels import distill as k
-
-    def compile_for_sm90(fn, signature, constexprs):
-        signature = dict(signature, **{name: "constexpr" for name in constexprs})
-        out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                             target=GPUTarget("cuda", 90, 32), options={"num_warps": k.NUM_WARPS})
-        assert ".local" not in out.asm["ptx"], fn  # no register spills
-
-    rows = {"R": "i32", "C": "i32", "inv_tau": "fp32"}
-    for single, block_r, block_c in ((True, 8, 256), (False, 1, k.MAX_TILE_C)):
-        tiles = {"SINGLE_TILE": single, "BLOCK_R": block_r, "BLOCK_C": block_c}
-        compile_for_sm90(k._snippet_distill_forward_kernel,
-                         dict(s_ptr="*bf16", t_ptr="*bf16", mask_ptr="*i1", loss_ptr="*fp32", stats_ptr="*fp32", **rows),
-                         dict(HAS_MASK=True, **tiles))
-        compile_for_sm90(k._mmsd_distill_forward_kernel,
-                         dict(r_ptr="*fp32", f_ptr="*fp32", u_ptr="*fp32", mask_ptr="*i1", loss_ptr="*fp32",
-                              stats_ptr="*fp32", **rows), dict(HAS_MASK=True, **tiles))
-    compile_for_sm90(k._snippet_distill_backward_kernel,
-                     dict(grad_ptr="*fp32", count_ptr="*fp32", s_ptr="*fp16", t_ptr="*fp16", stats_ptr="*fp32",
-                          out_ptr="*fp16", **rows), dict(REDUCTION=0, BLOCK_R=16, BLOCK_C=256))
-    compile_for_sm90(k._mmsd_distill_backward_kernel,
-                     dict(grad_ptr="*fp32", count_ptr="*fp32", r_ptr="*fp32", f_ptr="*fp32", u_ptr="*fp32",
-                          stats_ptr="*fp32", gr_ptr="*fp32", gf_ptr="*fp32", gu_ptr="*fp32", **rows),
-                     dict(BLOCK_R=16, BLOCK_C=256))
-    print("ok")
-    """
-)
-
-
-@pytest.mark.skipif(HAS_GPU, reason="with a GPU the Triton tests compile and run the kernels")
-@pytest.mark.skipif("triton" not in mmsd_ext.available_backends(), reason="triton cannot run here")
-def test_triton_kernels_compile_for_sm90():
-    """The interpreter does not compile; this does, for an H100 (sm_90), without a GPU."""
-    env = dict(os.environ, MMSD_EXT_QUIET="1")
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", _TRITON_COMPILE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode != 0 and ("ImportError" in done.stderr or "ModuleNotFoundError" in done.stderr):
-        pytest.skip(f"this triton has no ahead-of-time compile API: {done.stderr.strip().splitlines()[-1]}")
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
-
-
-# ----------------------------------------------------------------- GPU only
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
 def test_cuda_graph_capture_without_host_sync(gpu_backend):
