@@ -20,14 +20,21 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.runtime.jit import JITFunction
 
 # Rows and columns of one suppression tile: the bits of one int64 word.
 TILE = 64
-# Segments per chunk of the soft-NMS loops (a power of two) and warps per program.
-# Not yet tuned on a GPU: 1024 lanes over 8 warps are 4 float64 values per thread
-# and per array, so a group of up to 1024 segments (every THUMOS group) is one chunk.
-SOFT_BLOCK = 1024
-SOFT_NUM_WARPS = 8
+# Warps per 64 x 64 suppression tile of float64 overlaps: 16 a thread. From ptxas's
+# register counts for sm_90 (tests/triton_aot.py), not timed on a GPU: with 4 warps
+# the IoU tile needs 255 registers a thread and spills 280 bytes, with 8 at most 148.
+MASK_NUM_WARPS = 8
+# Segments per chunk of the soft-NMS loops (a power of two) and warps per program:
+# 4 float64 values a thread and per array. Not yet timed on a GPU; chosen from
+# ptxas's register counts for sm_90 (tests/triton_aot.py): 1024 lanes over 8 warps
+# spill with triton 3.6, 512 over 4 spill with neither 3.6 nor 3.8. Groups of up to
+# 512 segments are one chunk; larger ones loop.
+SOFT_BLOCK = 512
+SOFT_NUM_WARPS = 4
 
 
 @triton.jit
@@ -107,6 +114,7 @@ def temporal_nms_mask(seg_sorted, groups_sorted, iou_threshold, kind, offset, wi
         KIND=kind,
         HAS_GROUPS=groups_sorted is not None,
         TILE=TILE,
+        num_warps=MASK_NUM_WARPS,
     )
     return mask
 
@@ -127,7 +135,7 @@ def _soft_temporal_nms_kernel(
     count_ptr,  # int64 [n] out, at gs: number of selections of the group
     n,  # number of segments
     GAUSSIAN: tl.constexpr,  # gaussian decay (else linear)
-    LIBDEVICE_EXP: tl.constexpr,  # float64 exp via libdevice (GPU); tl.exp under the interpreter
+    LIBDEVICE_EXP: tl.constexpr,  # float64 exp via libdevice when compiled; tl.exp under the interpreter
     TILE: tl.constexpr,  # sorted positions per program
     BLOCK: tl.constexpr,  # segments per chunk
 ):
@@ -238,7 +246,7 @@ def soft_temporal_nms_select(seg_sorted, orig, cur, alive, is_start, end_of, gau
         count,
         n,
         GAUSSIAN=gaussian,
-        LIBDEVICE_EXP=cur.device.type == "cuda",
+        LIBDEVICE_EXP=isinstance(_soft_temporal_nms_kernel, JITFunction),
         TILE=TILE,
         BLOCK=SOFT_BLOCK,
         num_warps=SOFT_NUM_WARPS,

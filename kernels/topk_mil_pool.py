@@ -281,7 +281,9 @@ def topk_mil_pool_forward(scores, k, lengths, largest):
     cut = torch.empty((B, C), dtype=torch.int64, device=scores.device)
     if B * C == 0:
         return out.to(scores.dtype), kth, cut
-    block_t, block_c = _tiles(T, C, min(MAX_TILE_ELEMENTS, FORWARD_COMPARE_ELEMENTS >> DIGIT_BITS))
+    # float64 keys take two registers each: half the tile keeps the forward from spilling.
+    tile = min(MAX_TILE_ELEMENTS, FORWARD_COMPARE_ELEMENTS >> DIGIT_BITS) >> (scores.dtype == torch.float64)
+    block_t, block_c = _tiles(T, C, tile)
     grid = (B, triton.cdiv(C, block_c))
     with _device_guard(scores):
         _topk_mil_pool_forward_kernel[grid](

@@ -297,6 +297,31 @@ def test_temporal_nms_triton_band_mask(monkeypatch):
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_temporal_nms_triton_groups_over_several_chunks(monkeypatch, method):
+    # Groups larger than SOFT_BLOCK take the chunked loops (argmax merged across
+    # chunks, decay chunk by chunk); shrink the chunk so a small input reaches them.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext.kernels import temporal_nms as soft_kernels
+
+    monkeypatch.setattr(soft_kernels, "SOFT_BLOCK", 16)
+    gen = torch.Generator().manual_seed(6)
+    dev = backend_device("triton")
+    M = 90
+    groups = torch.randint(0, 2, (M,), generator=gen)  # two groups of about 45: 3 chunks each
+    start = torch.randint(0, 30, (M,), generator=gen).double()
+    seg = torch.stack([start, start + torch.randint(1, 10, (M,), generator=gen).double()], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64)
+    scores[::7] = scores[3]  # ties across chunks: lower index first
+    kw = dict(method=method, sigma=0.5, iou_threshold=0.2, min_score=0.05, groups=groups, offset=1.0)
+    ref_index, ref_score = mmsd_ext.soft_temporal_nms(seg, scores, backend="reference", **kw)
+    index, score = mmsd_ext.soft_temporal_nms(seg.to(dev), scores.to(dev), backend="triton", **dict(kw, groups=groups.to(dev)))
+    assert ref_index.numel() > 6
+    assert torch.equal(index.cpu(), ref_index)
+    assert torch.allclose(score.cpu(), ref_score, rtol=1e-12, atol=0)
+
+
 def test_temporal_nms_cpu_million_segments():
     # M = 1e6 on the CPU: 2000 disjoint windows of 500 segments. One group and
     # groups = window id must agree (no segment reaches across windows), and
