@@ -27,6 +27,8 @@ import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 # kernels/ installs as mmsd_ext.kernels (package_dir). The legacy editable install,
 # `setup.py develop` (what pip runs for -e when it cannot use setuptools' PEP 660
