@@ -497,3 +497,37 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr
     assert _results(two) == r2
 
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps: expected at least 1"),
+        (["--threads", "-1"], "--threads: expected 0"),
+        (["--device", "tpu"], "--device:"),
+        (["--backends", "bogus"], "--backend bogus:"),
+        (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device cuda"),
+    ],
+)
+def test_throughput_bad_flags(argv, message, capsys):
+    from mmsd_ext.train import throughput
+
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
+def test_throughput_table():
+    # One timed step on the CPU kernels: the table names the backend and its times.
+    done = subprocess.run(
+        [sys.executable, "-m", "mmsd_ext.train.throughput", "--steps", "1", "--backends", "cpu"],
+        capture_output=True, text=True, cwd="/", timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = [line for line in done.stdout.splitlines() if line.startswith("| cpu |")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1].endswith(" ms") and float(cells[1][:-3]) > 0
+    assert cells[3].endswith(" ms") and float(cells[3][:-3]) > 0

@@ -14,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch
 import mmsd_ext
 
 from .data import WTALCData
-from .engine import Config, Dist, Trainer, check_backend
+from .engine import Config, Dist, Trainer, UsageError, _resolve_device, check_backend
 from .losses import attention_loss, distill_loss
 
 TRAIN_VIDEOS = 200
@@ -114,9 +115,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    if args.steps < 1:
+        p.error(f"--steps: expected at least 1, got {args.steps}")
+    if args.threads < 0:
+        p.error(f"--threads: expected 0 (torch's) or more, got {args.threads}")
+    try:
+        device = _resolve_device(args.device, types.SimpleNamespace(active=False, local_rank=0))
+        for backend in args.backends:
+            check_backend(backend, device)
+    except UsageError as exc:
+        p.error(str(exc))
 
     data, lengths = thumos_like((args.steps + 1) * 10 + 1)
     steps_per_epoch = TRAIN_VIDEOS // 10
