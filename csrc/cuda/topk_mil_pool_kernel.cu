@@ -307,34 +307,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_mil_pool_cuda", [&] {
     using key_t = typename KeyOf<at::opmath_type<scalar_t>>::type;
     const int64_t cache_bytes = T * static_cast<int64_t>(sizeof(key_t));
+    // The keys of a column cached in shared memory when they fit, else re-read.
+    auto launch = [&](auto kernel, int64_t shared_bytes) {
+      kernel<<<B * C, threads, shared_bytes, stream>>>(
+          scores.const_data_ptr<scalar_t>(),
+          scores.stride(0),
+          scores.stride(1),
+          scores.stride(2),
+          T,
+          C,
+          k.const_data_ptr<int64_t>(),
+          lengths.const_data_ptr<int64_t>(),
+          largest,
+          out.mutable_data_ptr<scalar_t>(),
+          kth.mutable_data_ptr<int64_t>(),
+          cut.mutable_data_ptr<int64_t>());
+    };
     if (cache_bytes <= kCacheBytes) {
-      topk_mil_pool_forward_kernel<scalar_t, true><<<B * C, threads, cache_bytes, stream>>>(
-          scores.const_data_ptr<scalar_t>(),
-          scores.stride(0),
-          scores.stride(1),
-          scores.stride(2),
-          T,
-          C,
-          k.const_data_ptr<int64_t>(),
-          lengths.const_data_ptr<int64_t>(),
-          largest,
-          out.mutable_data_ptr<scalar_t>(),
-          kth.mutable_data_ptr<int64_t>(),
-          cut.mutable_data_ptr<int64_t>());
+      launch(topk_mil_pool_forward_kernel<scalar_t, true>, cache_bytes);
     } else {
-      topk_mil_pool_forward_kernel<scalar_t, false><<<B * C, threads, 0, stream>>>(
-          scores.const_data_ptr<scalar_t>(),
-          scores.stride(0),
-          scores.stride(1),
-          scores.stride(2),
-          T,
-          C,
-          k.const_data_ptr<int64_t>(),
-          lengths.const_data_ptr<int64_t>(),
-          largest,
-          out.mutable_data_ptr<scalar_t>(),
-          kth.mutable_data_ptr<int64_t>(),
-          cut.mutable_data_ptr<int64_t>());
+      launch(topk_mil_pool_forward_kernel<scalar_t, false>, 0);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
