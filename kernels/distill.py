@@ -66,6 +66,25 @@ def _load_tile(ptr, offs, m):
 
 
 @triton.jit
+def _row_block(mask_ptr, R, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr):
+    # This program's rows; those in range; those in range and not masked out.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    valid = row_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    return rows, row_ok, valid
+
+
+@triton.jit
+def _store_stats(ptr, shift, total, valid, row_ok):
+    # One softmax's (shift, log S); log S = -inf at a masked-out row (all its loads
+    # are -inf, so S = 0 there anyway) tells the backward the row has no gradient.
+    tl.store(ptr, shift, mask=row_ok)
+    tl.store(ptr + 1, tl.where(valid, tl.log(total), float("-inf")), mask=row_ok)
+
+
+@triton.jit
 def _snippet_distill_forward_kernel(
     s_ptr,  # student logits [R, C], contiguous, any float dtype
     t_ptr,  # teacher logits [R, C], same dtype
@@ -80,11 +99,7 @@ def _snippet_distill_forward_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # classes per tile (a power of 2)
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    valid = row_ok
-    if HAS_MASK:
-        valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    rows, row_ok, valid = _row_block(mask_ptr, R, HAS_MASK, BLOCK_R)
     base = rows.to(tl.int64)[:, None] * C
     cols = tl.arange(0, BLOCK_C)
     if SINGLE_TILE:
@@ -131,10 +146,8 @@ def _snippet_distill_forward_kernel(
     loss = tl.where(valid, _row_loss(sum_s, sum_t, cross), 0.0)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     st = stats_ptr + rows.to(tl.int64) * 4
-    tl.store(st + 0, shift_s, mask=row_ok)
-    tl.store(st + 1, tl.log(sum_s), mask=row_ok)
-    tl.store(st + 2, shift_t, mask=row_ok)
-    tl.store(st + 3, tl.where(valid, tl.log(sum_t), float("-inf")), mask=row_ok)
+    _store_stats(st, shift_s, sum_s, valid, row_ok)
+    _store_stats(st + 2, shift_t, sum_t, valid, row_ok)
 
 
 @triton.jit
@@ -193,11 +206,7 @@ def _mmsd_distill_forward_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # classes per tile (a power of 2)
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    valid = row_ok
-    if HAS_MASK:
-        valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    rows, row_ok, valid = _row_block(mask_ptr, R, HAS_MASK, BLOCK_R)
     base = rows.to(tl.int64)[:, None] * C
     cols = tl.arange(0, BLOCK_C)
     if SINGLE_TILE:
@@ -277,14 +286,10 @@ def _mmsd_distill_forward_kernel(
     loss = _row_loss(sum_r, sum_f, cross1) + _row_loss(sum_f, sum_r, cross2) + _row_loss(sum_u, sum_a, cross3)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
     st = stats_ptr + rows.to(tl.int64) * 8
-    tl.store(st + 0, shift_r, mask=row_ok)
-    tl.store(st + 1, tl.where(valid, tl.log(sum_r), float("-inf")), mask=row_ok)
-    tl.store(st + 2, shift_f, mask=row_ok)
-    tl.store(st + 3, tl.where(valid, tl.log(sum_f), float("-inf")), mask=row_ok)
-    tl.store(st + 4, shift_u, mask=row_ok)
-    tl.store(st + 5, tl.where(valid, tl.log(sum_u), float("-inf")), mask=row_ok)
-    tl.store(st + 6, shift_a, mask=row_ok)
-    tl.store(st + 7, tl.where(valid, tl.log(sum_a), float("-inf")), mask=row_ok)
+    _store_stats(st, shift_r, sum_r, valid, row_ok)
+    _store_stats(st + 2, shift_f, sum_f, valid, row_ok)
+    _store_stats(st + 4, shift_u, sum_u, valid, row_ok)
+    _store_stats(st + 6, shift_a, sum_a, valid, row_ok)
 
 
 @triton.jit
