@@ -80,7 +80,7 @@ stage() {
     $PY - <<'EOF' 2>&1
 import platform, sys
 print("python", sys.version.split()[0], sys.executable, platform.platform())
-for name in ("torch", "triton", "torchvision", "numpy", "pytest", "hypothesis", "tqdm", "matplotlib", "setuptools", "ninja", "pybind11"):
+for name in ("torch", "triton", "torchvision", "numpy", "pytest", "xdist", "hypothesis", "tqdm", "matplotlib", "setuptools", "ninja", "pybind11"):
     try:
         m = __import__(name)
         print(f"{name:12s} {getattr(m, '__version__', '?')}")
@@ -126,8 +126,17 @@ SUMMARY+=("build_info: $BUILD_INFO")
 # which CI runs anyway, runs last (stage 7) in whatever time is left.
 GPU_TESTS="(cuda or triton or gpu or GPU) and not test_triton_compile"
 export GPU_TESTS
+# With pytest-xdist (in the GPU image), tests run in up to 8 processes: the Triton
+# tests are bound by kernel compiles, which then use the machine's cores.
+XDIST=""
+if $PY -c "import xdist" 2>/dev/null; then
+    WORKERS=$(( $(nproc) / 2 ))
+    (( WORKERS > 8 )) && WORKERS=8
+    (( WORKERS >= 2 )) && XDIST="-n $WORKERS"
+fi
+export XDIST
 run_tests() {
-    cd /tmp && MMSD_EXT_REQUIRE_CUDA_BUILD=1 $PY -m pytest -v -rfEs --maxfail=25 --durations=15 \
+    cd /tmp && MMSD_EXT_REQUIRE_CUDA_BUILD=1 $PY -m pytest -v -rfEs --maxfail=25 --durations=15 $XDIST \
         -p no:cacheprovider -k "$1" "$REPO/tests"
 }
 export -f run_tests
