@@ -217,16 +217,18 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block: the sum of the row losses (reduction mean or sum) and the number of
-// valid rows, in a fixed order.
+// valid rows, in a fixed order. As on the CPU, the sum is a double and the count an
+// integer (a float count stops being exact past 2**24 rows).
 __global__ void __launch_bounds__(kFinalizeThreads)
     distill_finalize_kernel(const float* __restrict__ row_losses, const bool* __restrict__ mask, int64_t R,
                             int64_t reduction, float* __restrict__ loss, float* __restrict__ count) {
-  __shared__ float sums[kFinalizeThreads];
-  __shared__ float counts[kFinalizeThreads];
-  float sum = 0.0f, valid = 0.0f;
+  __shared__ double sums[kFinalizeThreads];
+  __shared__ unsigned long long counts[kFinalizeThreads];
+  double sum = 0.0;
+  unsigned long long valid = 0;
   for (int64_t row = threadIdx.x; row < R; row += kFinalizeThreads) {
-    sum += row_losses[row];
-    valid += (mask == nullptr || mask[row]) ? 1.0f : 0.0f;
+    sum += static_cast<double>(row_losses[row]);
+    valid += (mask == nullptr || mask[row]) ? 1 : 0;
   }
   sums[threadIdx.x] = sum;
   counts[threadIdx.x] = valid;
@@ -239,9 +241,10 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    count[0] = counts[0];
-    if (reduction == kMean) loss[0] = sums[0] / fmaxf(counts[0], 1.0f);
-    if (reduction == kSum) loss[0] = sums[0];
+    const unsigned long long n = counts[0];
+    count[0] = static_cast<float>(n);
+    if (reduction == kMean) loss[0] = static_cast<float>(sums[0] / static_cast<double>(n > 0 ? n : 1));
+    if (reduction == kSum) loss[0] = static_cast<float>(sums[0]);
   }
 }
 
