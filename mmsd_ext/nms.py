@@ -162,6 +162,20 @@ def _check_segment_values(segments):
 # reference
 
 
+def _descending_order(values):
+    """Stable order by descending value (ties to the lower index), NaN last, -0.0 == +0.0.
+
+    The device-side counterpart of ``_visit_order``. One sort of ``-values`` is not
+    that on CUDA: its radix sort orders NaNs by their sign bit (which negation flips)
+    and keeps -0.0 apart from +0.0. NaNs sort as 0, then a second stable sort moves
+    them last; ``+ 0.0`` folds -0.0 into +0.0.
+    """
+    v = values.to(torch.float64)
+    nan = v.isnan()
+    perm = torch.sort(torch.where(nan, 0.0, -v + 0.0), stable=True).indices
+    return perm[torch.sort(nan[perm].to(torch.uint8), stable=True).indices]
+
+
 def _visit_order(scores):
     """Indices by descending score, ties by lower index, NaN last."""
     values = scores.detach().to(torch.float64).cpu().tolist()
@@ -292,7 +306,7 @@ def _temporal_nms_triton_op(
     _gather_available()
     seg = segments.to(torch.float64).contiguous()
     first_bad = _first_bad_segment(seg)
-    perm = torch.sort(-scores.to(torch.float64), stable=True).indices  # NaN sorts last
+    perm = _descending_order(scores)
     gperm, sorted_groups = perm, None  # gperm: sorted position -> original index
     if groups is not None:
         sorted_groups, by_group = torch.sort(groups[perm], stable=True)  # by_group: sorted -> visit position
@@ -345,7 +359,7 @@ def _soft_temporal_nms_triton_op(
     start_of = torch.cummax(torch.where(is_start, pos, 0), 0).values
     valid = (pos - start_of) < count[start_of]
     perm = torch.sort(run_index, stable=True).indices
-    perm = perm[torch.sort(-run_score[perm], stable=True).indices]
+    perm = perm[_descending_order(run_score[perm])]
     perm = perm[torch.sort((~valid[perm]).to(torch.uint8), stable=True).indices]
     total = _read_count_and_check(valid.sum(), first_bad, seg)
     chosen = perm[:total]

@@ -634,6 +634,50 @@ def test_gpu_large_against_cpu(gpu_backend):
         torch.testing.assert_close(val.cpu(), val_cpu, **SOFT_SCORE_TOL[torch.float32])
 
 
+def _special_scores(M, gen):
+    """Scores of M segments with ties, +-0.0, +-inf and NaNs of both signs (a NaN's sign
+    bit changes where a radix sort puts it)."""
+    scores = torch.randint(0, 50, (M,), generator=gen).double() / 7 - 3
+    pick = torch.randint(0, 12, (M,), generator=gen)
+    for value, which in ((math.nan, 0), (-math.nan, 1), (0.0, 2), (-0.0, 3), (math.inf, 4), (-math.inf, 5)):
+        scores[pick == which] = value
+    scores[M // 3], scores[M // 2] = math.nan, -math.nan
+    return scores
+
+
+@pytest.mark.parametrize("M", [10, 300, 5000])
+def test_descending_order_puts_every_nan_last(M):
+    # 300 and 5000 reach the CUDA sort's block and device radix paths.
+    gen = torch.Generator().manual_seed(M)
+    scores = _special_scores(M, gen)
+    assert torch.signbit(scores[scores.isnan()]).any() and not torch.signbit(scores[scores.isnan()]).all()
+    expected = nms_module._visit_order(scores)
+    for dev in ["cpu"] + (["cuda"] if HAS_GPU else []):
+        assert nms_module._descending_order(scores.to(dev)).cpu().tolist() == expected, dev
+
+
+@pytest.mark.parametrize("M", [300, 5000])
+def test_temporal_nms_nan_scores_visit_last(backend, M):
+    # NaN scores (of either sign) are visited last, on every backend and past the
+    # sizes where CUDA's sort changes algorithm.
+    if backend == "triton" and not HAS_GPU and M > 300:
+        pytest.skip("interpreted Triton: the small size only")
+    gen = torch.Generator().manual_seed(11 + M)
+    dev = backend_device(backend)
+    start = torch.rand(M, generator=gen, dtype=torch.float64) * M / 4
+    seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64) * 20], 1)
+    scores = _special_scores(M, gen)
+    groups = torch.randint(0, 3, (M,), generator=gen)
+    for g in (None, groups):
+        expected = mmsd_ext.temporal_nms(seg, scores, 0.3, groups=g, backend="reference")
+        got = mmsd_ext.temporal_nms(seg.to(dev), scores.to(dev), 0.3, groups=None if g is None else g.to(dev), backend=backend)
+        assert torch.equal(got.cpu(), expected)
+        if g is None:
+            assert scores[expected].isnan().any()  # NaN-scored segments are kept, after all others
+            first_nan = int(scores[expected].isnan().nonzero()[0])
+            assert scores[expected][first_nan:].isnan().all()
+
+
 def _band_mask(sup, width):
     """Suppression tiles [n, width] of a dense bool matrix sup [n, n] (bit b of
     mask[i, k]: sup[i, 64 * (i // 64 + k) + b]), as the mask kernels write them."""

@@ -45,6 +45,20 @@ inline std::tuple<at::Tensor, at::Tensor> group_bounds(const c10::optional<at::T
   return {is_start.to(at::kByte).contiguous(), end_of};
 }
 
+// Stable order by descending value (ties to the lower index), NaN last, -0.0 equal to
+// +0.0: the visit order of the CPU kernels. One sort of -values is not that on CUDA:
+// its radix sort orders NaNs by their sign bit (which neg() flips) and keeps -0.0
+// apart from +0.0. So NaNs sort as 0, then a second stable sort moves them last, and
+// + 0.0 folds -0.0 into +0.0.
+inline at::Tensor descending_order(const at::Tensor& values) {
+  const at::Tensor v = values.to(at::kDouble);
+  const at::Tensor nan = at::isnan(v);
+  const at::Tensor key = at::where(nan, at::zeros_like(v), v.neg() + 0.0);
+  const at::Tensor perm = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
+  const at::Tensor nan_last = std::get<1>(at::sort(nan.index_select(0, perm).to(at::kByte), /*stable=*/true, 0, false));
+  return perm.index_select(0, nan_last);
+}
+
 // first_bad = min(first_bad, i) for every segment i that is not finite or has end < start.
 __global__ void first_bad_segment_kernel(const double* __restrict__ seg, int64_t n,
                                          unsigned long long* __restrict__ first_bad) {

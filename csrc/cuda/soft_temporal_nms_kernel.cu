@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cuda(const at::Tensor& segm
   // Stable sorts, least significant key first: slots are in (group, step) order;
   // then run index asc, run score desc, and the empty slots last.
   at::Tensor perm = std::get<1>(at::sort(out_run_index, /*stable=*/true, 0, false));
-  perm = perm.index_select(0, std::get<1>(at::sort(out_run_score.index_select(0, perm).neg(), true, 0, false)));
+  perm = perm.index_select(0, cuda_common::descending_order(out_run_score.index_select(0, perm)));
   perm = perm.index_select(0, std::get<1>(at::sort(valid.logical_not().index_select(0, perm).to(at::kByte), true, 0, false)));
   const int64_t total = cuda_common::read_count_and_check(valid.sum(), first_bad, seg_d);
   const at::Tensor chosen = perm.narrow(0, 0, total);

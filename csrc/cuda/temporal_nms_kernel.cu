@@ -172,10 +172,9 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
 
   const at::Tensor seg_d = segments.to(at::kDouble).contiguous();
   const at::Tensor first_bad = cuda_common::first_bad_segment(seg_d);
-  // Visit order: ascending -score is descending score with NaN last; the stable
-  // sort breaks ties by index. Then a stable sort by group keeps that order inside
-  // each group.
-  const at::Tensor perm = std::get<1>(at::sort(scores.to(at::kDouble).neg(), /*stable=*/true, 0, false));
+  // Visit order: descending score, ties by index, NaN last. Then a stable sort by
+  // group keeps that order inside each group.
+  const at::Tensor perm = cuda_common::descending_order(scores);
   at::Tensor gperm = perm;    // sorted position -> original index
   at::Tensor by_group;        // sorted position -> visit position (with groups)
   c10::optional<at::Tensor> sorted_groups;
