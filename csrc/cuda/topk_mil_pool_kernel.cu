@@ -299,6 +299,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
       B * C <= std::numeric_limits<int32_t>::max(),
       "scores: expected B * C < 2**31 (one CUDA block per column), got B * C = ",
       num(B * C));
+  // The time loops count in int and step by the block: t + blockDim.x must not overflow.
+  TORCH_CHECK(
+      T <= std::numeric_limits<int32_t>::max() - kMaxThreads,
+      "scores: expected T <= 2**31 - 1 - ", num(kMaxThreads), " on CUDA (32-bit time loops), got T = ",
+      num(T));
   // A warp per column for short videos, up to 256 threads for long ones.
   const int threads = T <= 32 ? 32 : T <= 64 ? 64 : T <= 128 ? 128 : kMaxThreads;
   // c10's stream header, not ATen/cuda/CUDAContext.h: that one needs cusparse.h,
