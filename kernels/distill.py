@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import device_guard
+
 # Classes held in one tile. 1024 float32 x 3 inputs per row stay in registers with
 # 4 warps; WTAL's C (21, 101, 201) is one tile, wider rows loop.
 MAX_TILE_C = 1024
@@ -68,7 +70,7 @@ def _load_tile(ptr, offs, m):
 @triton.jit
 def _row_block(mask_ptr, R, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr):
     # This program's rows; those in range; those in range and not masked out.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # R may pass 2**31
     row_ok = rows < R
     valid = row_ok
     if HAS_MASK:
@@ -100,7 +102,7 @@ def _snippet_distill_forward_kernel(
     BLOCK_C: tl.constexpr,  # classes per tile (a power of 2)
 ):
     rows, row_ok, valid = _row_block(mask_ptr, R, HAS_MASK, BLOCK_R)
-    base = rows.to(tl.int64)[:, None] * C
+    base = rows[:, None] * C
     cols = tl.arange(0, BLOCK_C)
     if SINGLE_TILE:
         m = valid[:, None] & (cols[None, :] < C)
@@ -145,7 +147,7 @@ def _snippet_distill_forward_kernel(
         cross = tl.sum(acc_cross, axis=1)
     loss = tl.where(valid, _row_loss(sum_s, sum_t, cross), 0.0)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    st = stats_ptr + rows.to(tl.int64) * 4
+    st = stats_ptr + rows * 4
     _store_stats(st, shift_s, sum_s, valid, row_ok)
     _store_stats(st + 2, shift_t, sum_t, valid, row_ok)
 
@@ -165,7 +167,7 @@ def _snippet_distill_backward_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # classes per program
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # R may pass 2**31
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
     if REDUCTION == 0:
@@ -174,12 +176,12 @@ def _snippet_distill_backward_kernel(
         w = tl.load(grad_ptr) / tl.maximum(tl.load(count_ptr), 1.0) + tl.zeros([BLOCK_R], tl.float32)
     else:
         w = tl.load(grad_ptr) + tl.zeros([BLOCK_R], tl.float32)
-    st = stats_ptr + rows.to(tl.int64) * 4
+    st = stats_ptr + rows * 4
     shift_s = tl.load(st + 0, mask=row_ok, other=0.0)
     log_s = tl.load(st + 1, mask=row_ok, other=0.0)
     shift_t = tl.load(st + 2, mask=row_ok, other=0.0)
     log_t = tl.load(st + 3, mask=row_ok, other=float("-inf"))
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     m = row_ok[:, None] & (cols[None, :] < C)
     s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -207,7 +209,7 @@ def _mmsd_distill_forward_kernel(
     BLOCK_C: tl.constexpr,  # classes per tile (a power of 2)
 ):
     rows, row_ok, valid = _row_block(mask_ptr, R, HAS_MASK, BLOCK_R)
-    base = rows.to(tl.int64)[:, None] * C
+    base = rows[:, None] * C
     cols = tl.arange(0, BLOCK_C)
     if SINGLE_TILE:
         m = valid[:, None] & (cols[None, :] < C)
@@ -285,7 +287,7 @@ def _mmsd_distill_forward_kernel(
         cross3 = tl.sum(acc_3, axis=1)
     loss = _row_loss(sum_r, sum_f, cross1) + _row_loss(sum_f, sum_r, cross2) + _row_loss(sum_u, sum_a, cross3)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
-    st = stats_ptr + rows.to(tl.int64) * 8
+    st = stats_ptr + rows * 8
     _store_stats(st, shift_r, sum_r, valid, row_ok)
     _store_stats(st + 2, shift_f, sum_f, valid, row_ok)
     _store_stats(st + 4, shift_u, sum_u, valid, row_ok)
@@ -309,11 +311,11 @@ def _mmsd_distill_backward_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # classes per program
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # R may pass 2**31
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
     k = tl.load(grad_ptr) / tl.maximum(tl.load(count_ptr), 1.0) * inv_tau
-    st = stats_ptr + rows.to(tl.int64) * 8
+    st = stats_ptr + rows * 8
     shift_r = tl.load(st + 0, mask=row_ok, other=0.0)[:, None]
     log_r = tl.load(st + 1, mask=row_ok, other=float("-inf"))[:, None]
     shift_f = tl.load(st + 2, mask=row_ok, other=0.0)[:, None]
@@ -322,7 +324,7 @@ def _mmsd_distill_backward_kernel(
     log_u = tl.load(st + 5, mask=row_ok, other=0.0)[:, None]
     shift_a = tl.load(st + 6, mask=row_ok, other=0.0)[:, None]
     log_a = tl.load(st + 7, mask=row_ok, other=float("-inf"))[:, None]
-    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     m = row_ok[:, None] & (cols[None, :] < C)
     r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -413,10 +415,11 @@ def snippet_distill_forward(student, teacher, temperature, mask, reduction):
     stats = torch.empty(R, _PAIR_STATS, dtype=torch.float32, device=s.device)
     if R > 0:
         single, block_r, block_c = _forward_tiles(C)
-        _snippet_distill_forward_kernel[(triton.cdiv(R, block_r),)](
-            s, t, mask if mask is not None else s, row_losses, stats, R, C, 1.0 / temperature,
-            HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
-        )
+        with device_guard(s):
+            _snippet_distill_forward_kernel[(triton.cdiv(R, block_r),)](
+                s, t, mask if mask is not None else s, row_losses, stats, R, C, 1.0 / temperature,
+                HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            )
     count = _count(mask, R, s)
     leading = student.shape[:-1]
     if reduction == _REDUCTION_NONE:
@@ -436,10 +439,11 @@ def snippet_distill_backward(grad, student, teacher, row_stats, count, temperatu
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if R > 0:
         block_r, block_c = _backward_tiles(C)
-        _snippet_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
-            grad.to(torch.float32).contiguous(), count, s, t, row_stats.contiguous(), out, R, C, 1.0 / temperature,
-            REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
-        )
+        with device_guard(s):
+            _snippet_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+                grad.to(torch.float32).contiguous(), count, s, t, row_stats.contiguous(), out, R, C, 1.0 / temperature,
+                REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            )
     return out
 
 
@@ -454,10 +458,11 @@ def mmsd_distill_forward(rgb, flow, fused, temperature, mask):
     stats = torch.empty(R, _MMSD_STATS, dtype=torch.float32, device=r.device)
     if R > 0:
         single, block_r, block_c = _forward_tiles(C)
-        _mmsd_distill_forward_kernel[(triton.cdiv(R, block_r),)](
-            r, f, u, mask if mask is not None else r, row_losses, stats, R, C, 1.0 / temperature,
-            HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
-        )
+        with device_guard(r):
+            _mmsd_distill_forward_kernel[(triton.cdiv(R, block_r),)](
+                r, f, u, mask if mask is not None else r, row_losses, stats, R, C, 1.0 / temperature,
+                HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            )
     count = _count(mask, R, r)
     loss = row_losses.sum() / count.clamp(min=1.0)
     return loss, stats.view(*rgb.shape[:-1], _MMSD_STATS), count
@@ -471,8 +476,9 @@ def mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature)
     grads = [torch.empty(rgb.shape, dtype=rgb.dtype, device=rgb.device) for _ in range(3)]
     if R > 0:
         block_r, block_c = _backward_tiles(C)
-        _mmsd_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
-            grad.to(torch.float32).contiguous(), count, r, f, u, row_stats.contiguous(), *grads, R, C,
-            1.0 / temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
-        )
+        with device_guard(r):
+            _mmsd_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+                grad.to(torch.float32).contiguous(), count, r, f, u, row_stats.contiguous(), *grads, R, C,
+                1.0 / temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            )
     return tuple(grads)

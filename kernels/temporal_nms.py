@@ -22,6 +22,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.jit import JITFunction
 
+from ._device import device_guard
+
 # Rows and columns of one suppression tile: the bits of one int64 word.
 TILE = 64
 # Warps per 64 x 64 suppression tile of float64 overlaps: 16 a thread. From ptxas's
@@ -104,18 +106,19 @@ def temporal_nms_mask(seg_sorted, groups_sorted, iou_threshold, kind, offset, wi
     mask = seg_sorted.new_empty((n, width), dtype=torch.int64)
     params = seg_sorted.new_tensor([iou_threshold, offset], dtype=seg_sorted.dtype)
     grid = (triton.cdiv(n, TILE), width)
-    _temporal_nms_mask_kernel[grid](
-        seg_sorted,
-        groups_sorted if groups_sorted is not None else mask,
-        params,
-        mask,
-        n,
-        width,
-        KIND=kind,
-        HAS_GROUPS=groups_sorted is not None,
-        TILE=TILE,
-        num_warps=MASK_NUM_WARPS,
-    )
+    with device_guard(seg_sorted):
+        _temporal_nms_mask_kernel[grid](
+            seg_sorted,
+            groups_sorted if groups_sorted is not None else mask,
+            params,
+            mask,
+            n,
+            width,
+            KIND=kind,
+            HAS_GROUPS=groups_sorted is not None,
+            TILE=TILE,
+            num_warps=MASK_NUM_WARPS,
+        )
     return mask
 
 
@@ -231,24 +234,25 @@ def soft_temporal_nms_select(seg_sorted, orig, cur, alive, is_start, end_of, gau
     out_run_index = orig.new_zeros(n)
     count = orig.new_zeros(n)
     params = cur.new_tensor([sigma, iou_threshold, min_score, offset])
-    _soft_temporal_nms_kernel[(triton.cdiv(n, TILE),)](
-        seg_sorted,
-        orig,
-        cur,
-        alive,
-        is_start,
-        end_of,
-        params,
-        out_index,
-        out_score,
-        out_run_score,
-        out_run_index,
-        count,
-        n,
-        GAUSSIAN=gaussian,
-        LIBDEVICE_EXP=isinstance(_soft_temporal_nms_kernel, JITFunction),
-        TILE=TILE,
-        BLOCK=SOFT_BLOCK,
-        num_warps=SOFT_NUM_WARPS,
-    )
+    with device_guard(seg_sorted):
+        _soft_temporal_nms_kernel[(triton.cdiv(n, TILE),)](
+            seg_sorted,
+            orig,
+            cur,
+            alive,
+            is_start,
+            end_of,
+            params,
+            out_index,
+            out_score,
+            out_run_score,
+            out_run_index,
+            count,
+            n,
+            GAUSSIAN=gaussian,
+            LIBDEVICE_EXP=isinstance(_soft_temporal_nms_kernel, JITFunction),
+            TILE=TILE,
+            BLOCK=SOFT_BLOCK,
+            num_warps=SOFT_NUM_WARPS,
+        )
     return out_index, out_score, out_run_score, out_run_index, count

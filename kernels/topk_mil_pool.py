@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import device_guard
+
 # Scores per tile, at most. 4096 fp32 keys and values over 4 warps are 32 + 32
 # registers a thread: larger tiles spill.
 MAX_TILE_ELEMENTS = 4096
@@ -88,6 +90,15 @@ def _load_tile(base, t, offs_c, mask_c, L, stride_t, stride_c, LARGEST: tl.const
 
 
 @triton.jit
+def _video_and_columns(C, BLOCK_C: tl.constexpr):
+    """This program's video and columns. Grid axis 0 runs over (video, column block)
+    pairs, column blocks fastest: axes 1 and 2 are limited to 65535 programs, axis 0 is not."""
+    blocks_c = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    return pid // blocks_c, (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+
+
+@triton.jit
 def _topk_mil_pool_forward_kernel(
     scores_ptr,  # [B, T, C] scores, any strides
     k_ptr,  # [B] int64: how many scores each video pools
@@ -107,8 +118,7 @@ def _topk_mil_pool_forward_kernel(
     ONE_TILE: tl.constexpr,  # T <= BLOCK_T: the tile is loaded once and stays in registers
     DIGIT_BITS: tl.constexpr,  # radix digit width: KEY_BITS / DIGIT_BITS passes over the column
 ):
-    b = tl.program_id(0)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, offs_c = _video_and_columns(C, BLOCK_C)
     mask_c = offs_c < C
     length = tl.load(lengths_ptr + b)
     k = tl.load(k_ptr + b)
@@ -234,9 +244,8 @@ def _topk_mil_pool_backward_kernel(
     BLOCK_T: tl.constexpr,  # time steps per program
     BLOCK_C: tl.constexpr,  # columns per program
 ):
-    b = tl.program_id(0)
+    b, offs_c = _video_and_columns(C, BLOCK_C)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     length = tl.load(lengths_ptr + b)
     k = tl.load(k_ptr + b)
@@ -264,14 +273,6 @@ def _tiles(T, C, elements):
     return block_t, block_c
 
 
-def _device_guard(tensor):
-    if tensor.is_cuda:
-        return torch.cuda.device(tensor.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 def topk_mil_pool_forward(scores, k, lengths, largest):
     """Launches the forward: (out [B, C], kth_key [B, C] int64, cut [B, C] int64)."""
     B, T, C = scores.shape
@@ -281,11 +282,13 @@ def topk_mil_pool_forward(scores, k, lengths, largest):
     cut = torch.empty((B, C), dtype=torch.int64, device=scores.device)
     if B * C == 0:
         return out.to(scores.dtype), kth, cut
-    # float64 keys take two registers each: half the tile keeps the forward from spilling.
-    tile = min(MAX_TILE_ELEMENTS, FORWARD_COMPARE_ELEMENTS >> DIGIT_BITS) >> (scores.dtype == torch.float64)
+    # float64 keys take two registers each: half the tile, and twice the warps, keep the
+    # forward from spilling (ptxas on sm_90, tests/triton_aot.py; not timed on a GPU).
+    fp64 = scores.dtype == torch.float64
+    tile = min(MAX_TILE_ELEMENTS, FORWARD_COMPARE_ELEMENTS >> DIGIT_BITS) >> fp64
     block_t, block_c = _tiles(T, C, tile)
-    grid = (B, triton.cdiv(C, block_c))
-    with _device_guard(scores):
+    grid = (B * triton.cdiv(C, block_c),)
+    with device_guard(scores):
         _topk_mil_pool_forward_kernel[grid](
             scores,
             k.contiguous(),
@@ -304,7 +307,7 @@ def topk_mil_pool_forward(scores, k, lengths, largest):
             BLOCK_C=block_c,
             ONE_TILE=T <= block_t,
             DIGIT_BITS=DIGIT_BITS,
-            num_warps=NUM_WARPS,
+            num_warps=NUM_WARPS * (2 if fp64 else 1),
         )
     # Rounded to the dtype of scores here, by torch: round-to-nearest-even on every
     # device (Triton's interpreter truncates when it narrows to bf16).
@@ -323,8 +326,8 @@ def topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     g = (grad_out.to(acc) / k.to(acc)[:, None]).to(scores.dtype).contiguous()
     block_t, block_c = _tiles(T, C, MAX_TILE_ELEMENTS)
-    grid = (B, triton.cdiv(T, block_t), triton.cdiv(C, block_c))
-    with _device_guard(scores):
+    grid = (B * triton.cdiv(C, block_c), triton.cdiv(T, block_t))
+    with device_guard(scores):
         _topk_mil_pool_backward_kernel[grid](
             g,
             scores,
