@@ -165,15 +165,16 @@ def _check_segment_values(segments):
 def _descending_order(values):
     """Stable order by descending value (ties to the lower index), NaN last, -0.0 == +0.0.
 
-    The device-side counterpart of ``_visit_order``. One sort of ``-values`` is not
-    that on CUDA: its radix sort orders NaNs by their sign bit (which negation flips)
-    and keeps -0.0 apart from +0.0. NaNs sort as 0, then a second stable sort moves
-    them last; ``+ 0.0`` folds -0.0 into +0.0.
+    The device-side counterpart of ``_visit_order``. Not a sort of ``-values``: CUDA's
+    radix sort orders NaNs by their sign bit (which negation flips) and keeps -0.0
+    apart from +0.0. Integer keys instead: a double's bits read as int64 order the
+    non-negative values, flipping the magnitude bits orders the negative ones, ``+ 0.0``
+    folds -0.0 into +0.0, and NaN takes the lowest key.
     """
-    v = values.to(torch.float64)
-    nan = v.isnan()
-    perm = torch.sort(torch.where(nan, 0.0, -v + 0.0), stable=True).indices
-    return perm[torch.sort(nan[perm].to(torch.uint8), stable=True).indices]
+    v = values.to(torch.float64) + 0.0
+    bits = v.view(torch.int64)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits).masked_fill_(v.isnan(), torch.iinfo(torch.int64).min)
+    return torch.sort(key, stable=True, descending=True).indices
 
 
 def _visit_order(scores):

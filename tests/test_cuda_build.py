@@ -27,6 +27,7 @@ KERNELS = {
     "temporal_nms_mask_kernel",
     "temporal_nms_gather_kernel",
     "soft_temporal_nms_kernel",
+    "descending_key_kernel",
 }
 
 

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Optional.h>
 
+#include <limits>
 #include <tuple>
 
 #include "nms_checks.h"
@@ -45,18 +46,36 @@ inline std::tuple<at::Tensor, at::Tensor> group_bounds(const c10::optional<at::T
   return {is_start.to(at::kByte).contiguous(), end_of};
 }
 
+// Sort key of a value for a descending visit: ordered as the values, -0.0 equal to
+// +0.0, every NaN below -inf. A double's bits, read as int64, order the non-negative
+// values; flipping the magnitude bits of the negative ones orders those too.
+__global__ void descending_key_kernel(const double* __restrict__ values, int64_t n, int64_t* __restrict__ key) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const double v = values[i];
+  if (isnan(v)) {
+    key[i] = std::numeric_limits<int64_t>::min();
+    return;
+  }
+  const long long bits = __double_as_longlong(v + 0.0);  // + 0.0: -0.0 becomes +0.0
+  key[i] = bits < 0 ? bits ^ 0x7FFFFFFFFFFFFFFFLL : bits;
+}
+
 // Stable order by descending value (ties to the lower index), NaN last, -0.0 equal to
-// +0.0: the visit order of the CPU kernels. One sort of -values is not that on CUDA:
-// its radix sort orders NaNs by their sign bit (which neg() flips) and keeps -0.0
-// apart from +0.0. So NaNs sort as 0, then a second stable sort moves them last, and
-// + 0.0 folds -0.0 into +0.0.
+// +0.0: the visit order of the CPU kernels. Not a sort of -values: CUDA's radix sort
+// orders NaNs by their sign bit (which negation flips) and keeps -0.0 apart from
+// +0.0. One launch for the integer keys, then one stable sort.
 inline at::Tensor descending_order(const at::Tensor& values) {
-  const at::Tensor v = values.to(at::kDouble);
-  const at::Tensor nan = at::isnan(v);
-  const at::Tensor key = at::where(nan, at::zeros_like(v), v.neg() + 0.0);
-  const at::Tensor perm = std::get<1>(at::sort(key, /*stable=*/true, 0, false));
-  const at::Tensor nan_last = std::get<1>(at::sort(nan.index_select(0, perm).to(at::kByte), /*stable=*/true, 0, false));
-  return perm.index_select(0, nan_last);
+  const at::Tensor v = values.to(at::kDouble).contiguous();
+  const int64_t n = v.numel();
+  at::Tensor key = at::empty({n}, v.options().dtype(at::kLong));
+  if (n > 0) {
+    constexpr int threads = 256;
+    descending_key_kernel<<<static_cast<unsigned>(ceil_div(n, threads)), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        v.data_ptr<double>(), n, key.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return std::get<1>(at::sort(key, /*stable=*/true, 0, /*descending=*/true));
 }
 
 // first_bad = min(first_bad, i) for every segment i that is not finite or has end < start.
