@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <string>
@@ -44,6 +45,15 @@ inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& score
 
 inline void check_threshold(const char* name, double value) {
   TORCH_CHECK_VALUE(value >= 0, name, ": expected a number >= 0, got ", real(value));
+}
+
+// The arguments of soft_temporal_nms beyond the tensors (checked after check_nms_inputs).
+inline void check_soft_nms_params(c10::string_view method, double sigma, double iou_threshold, double min_score) {
+  TORCH_CHECK_VALUE(method == "gaussian" || method == "linear", "method: expected one of gaussian, linear, got '",
+                    std::string(method), "'");
+  TORCH_CHECK_VALUE(sigma > 0, "sigma: expected a number > 0, got ", real(sigma));
+  check_threshold("iou_threshold", iou_threshold);
+  TORCH_CHECK_VALUE(!std::isnan(min_score), "min_score: expected a number, got nan");
 }
 
 // Host check of the coordinates of CPU segments (double, contiguous [M, 2]).

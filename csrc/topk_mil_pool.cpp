@@ -12,6 +12,16 @@ namespace mmsd_ext {
 
 namespace {
 
+void check_device_of_scores(const char* name, const at::Tensor& value, const at::Tensor& scores) {
+  TORCH_CHECK(
+      value.device() == scores.device(),
+      name,
+      ": expected a tensor on ",
+      device_text(scores.device()),
+      " like scores, got ",
+      device_text(value.device()));
+}
+
 void check_index_vector(const char* name, const at::Tensor& value, const at::Tensor& scores, int64_t B) {
   TORCH_CHECK(
       value.scalar_type() == at::kLong,
@@ -25,13 +35,7 @@ void check_index_vector(const char* name, const at::Tensor& value, const at::Ten
       num(B),
       "], got ",
       shape(value.sizes()));
-  TORCH_CHECK(
-      value.device() == scores.device(),
-      name,
-      ": expected a tensor on ",
-      device_text(scores.device()),
-      " like scores, got ",
-      device_text(value.device()));
+  check_device_of_scores(name, value, scores);
 }
 
 void check_per_column(const char* name, const at::Tensor& value, const at::Tensor& scores) {
@@ -45,13 +49,7 @@ void check_per_column(const char* name, const at::Tensor& value, const at::Tenso
       num(C),
       "], got ",
       shape(value.sizes()));
-  TORCH_CHECK(
-      value.device() == scores.device(),
-      name,
-      ": expected a tensor on ",
-      device_text(scores.device()),
-      " like scores, got ",
-      device_text(value.device()));
+  check_device_of_scores(name, value, scores);
 }
 
 }  // namespace

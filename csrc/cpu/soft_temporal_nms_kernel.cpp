@@ -207,11 +207,7 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cpu(const at::Tensor& segme
                                                          c10::string_view method, double sigma, double iou_threshold,
                                                          double min_score, double offset) {
   check_nms_inputs(segments, scores, groups, offset);
-  TORCH_CHECK_VALUE(method == "gaussian" || method == "linear", "method: expected one of gaussian, linear, got '",
-                    std::string(method), "'");
-  TORCH_CHECK_VALUE(sigma > 0, "sigma: expected a number > 0, got ", real(sigma));
-  check_threshold("iou_threshold", iou_threshold);
-  TORCH_CHECK_VALUE(!std::isnan(min_score), "min_score: expected a number, got nan");
+  check_soft_nms_params(method, sigma, iou_threshold, min_score);
   TORCH_CHECK_VALUE(segments.device().is_cpu(), "segments: expected a CPU tensor, got ",
                     device_text(segments.device()));
   const int64_t n = segments.size(0);
