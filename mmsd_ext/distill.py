@@ -23,9 +23,9 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
 
     Args:
         student, teacher: logits of one shape [..., C] (typically [B, T, C], C >= 1),
-            float32, float16 or bfloat16 (float64 is accepted; the compiled
-            backends compute it in float32), any strides. ``-inf`` in the
-            teacher excludes a class (probability 0; it adds 0 even where the
+            float32, float16 or bfloat16 (float64 is accepted; every backend
+            computes it in float32), any strides. ``-inf`` in the teacher
+            excludes a class (probability 0; it adds 0 even where the
             student is ``-inf`` too). A teacher row that is all ``-inf`` has no
             target: its loss and its gradient are 0 (it still counts as a valid
             row for "mean"). Different dtypes are promoted to a common one.
@@ -40,7 +40,9 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
         float32 tensor (scalar, or [...] for "none"), accumulated in float32 for
         any input dtype. An all-masked input gives 0 for "mean" and "sum" (and
         zero gradients), not NaN. Logits of magnitude 1e4 are fine at any tau;
-        NaN or +inf in a row makes that row's loss NaN.
+        NaN or +inf in a valid row that has a target makes that row's loss
+        and gradient NaN (other rows keep theirs); masked-out rows and rows
+        without a target give 0 whatever they hold.
 
     Raises:
         TypeError / ValueError naming the argument: shapes that differ, C == 0,
@@ -121,26 +123,34 @@ def _check_pair(student, teacher, temperature, mask, names=("student", "teacher"
     return student, teacher, tau, mask
 
 
-def _row_losses_reference(student, teacher, tau):
-    # float32 accumulation for low precision, float64 stays float64 (the test oracle).
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    teacher = teacher.detach()
-    log_p_student = torch.log_softmax(student.to(acc) / tau, dim=-1)
-    p_teacher = torch.softmax(teacher.to(acc) / tau, dim=-1)
-    # A teacher row that is all -inf has no target (softmax would give NaN): loss 0.
-    no_target = torch.isneginf(teacher).all(dim=-1, keepdim=True)
-    p_teacher = torch.where(no_target, torch.zeros_like(p_teacher), p_teacher)
+def _row_losses_reference(student, teacher, tau, mask, acc):
+    """Per-row losses in dtype acc; exactly 0, with a zero gradient, at dropped rows."""
+    student = student.to(acc)
+    teacher = teacher.detach().to(acc)
+    # Dropped rows: a teacher row that is all -inf has no target (its softmax would be
+    # NaN), and masked-out rows may hold anything (-inf or NaN padding). Their inputs
+    # are replaced by 0 before the softmaxes, not only their losses after: otherwise
+    # a NaN from the softmax would flow back into the gradient.
+    drop = torch.isneginf(teacher).all(dim=-1)
+    if mask is not None:
+        drop = drop | ~mask.bool()
+    student = torch.where(drop[..., None], 0.0, student)
+    teacher = torch.where(drop[..., None], 0.0, teacher)
+    log_p_student = torch.log_softmax(student / tau, dim=-1)
+    p_teacher = torch.softmax(teacher / tau, dim=-1)
     # Excluded classes (p_teacher == 0) contribute 0 even where log_p_student is
     # -inf; a NaN teacher stays NaN.
-    terms = torch.where(p_teacher == 0, torch.zeros_like(log_p_student), p_teacher * log_p_student)
-    return -terms.sum(dim=-1)
+    terms = torch.where(p_teacher == 0, 0.0, p_teacher * log_p_student)
+    return torch.where(drop, 0.0, -terms.sum(dim=-1))
 
 
-def snippet_distill_loss_reference(student, teacher, tau, mask, reduction):
-    """Plain PyTorch, autograd does the backward."""
-    rows = _row_losses_reference(student, teacher, tau)
-    if mask is not None:
-        rows = torch.where(mask.bool(), rows, torch.zeros_like(rows))
+def snippet_distill_loss_reference(student, teacher, tau, mask, reduction, acc=torch.float32):
+    """Plain PyTorch, autograd does the backward.
+
+    acc: the dtype computed in and returned; float32 as the other backends (the
+    tests' oracle passes float64).
+    """
+    rows = _row_losses_reference(student, teacher, tau, mask, acc)
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -150,13 +160,13 @@ def snippet_distill_loss_reference(student, teacher, tau, mask, reduction):
     return total / count.clamp(min=1)
 
 
-def mmsd_distill_loss_reference(rgb, flow, fused, tau, mask):
-    """MMSD's three terms composed from the single-pair reference."""
-    mean_teacher = (rgb.detach() + flow.detach()) / 2
+def mmsd_distill_loss_reference(rgb, flow, fused, tau, mask, acc=torch.float32):
+    """MMSD's three terms composed from the single-pair reference (acc: as there)."""
+    mean_teacher = (rgb.detach().to(acc) + flow.detach().to(acc)) / 2
     return (
-        snippet_distill_loss_reference(rgb, flow, tau, mask, "mean")
-        + snippet_distill_loss_reference(flow, rgb, tau, mask, "mean")
-        + snippet_distill_loss_reference(fused, mean_teacher, tau, mask, "mean")
+        snippet_distill_loss_reference(rgb, flow, tau, mask, "mean", acc)
+        + snippet_distill_loss_reference(flow, rgb, tau, mask, "mean", acc)
+        + snippet_distill_loss_reference(fused, mean_teacher, tau, mask, "mean", acc)
     )
 
 

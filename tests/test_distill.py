@@ -11,6 +11,7 @@ a difference of two probabilities each good to a few roundings, which can be far
 smaller than either.
 """
 
+import functools
 import math
 import os
 import re
@@ -32,8 +33,9 @@ from mmsd_ext import distill as distill_module
 # intended log(0) = -inf and -inf arithmetic of excluded classes and masked rows.
 pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|invalid value) encountered:RuntimeWarning")
 
-REFERENCE_PAIR = distill_module.snippet_distill_loss_reference
-REFERENCE_MMSD = distill_module.mmsd_distill_loss_reference
+# The oracle: the reference computing in float64 (as a backend it computes in float32).
+REFERENCE_PAIR = functools.partial(distill_module.snippet_distill_loss_reference, acc=torch.float64)
+REFERENCE_MMSD = functools.partial(distill_module.mmsd_distill_loss_reference, acc=torch.float64)
 
 # dtype: (MULTIPLE of eager's error, FLOOR relative to the terms' magnitude).
 # float32: 8 units in the last place (2**-21): exp is good to ~1.3 ulp, and a
@@ -56,29 +58,12 @@ def _examples(backend):
 
 # ----------------------------------------------------------------- helpers
 def _eager_at_precision_pair(student, teacher, tau, mask, reduction):
-    """The reference's maths without its float32 upcast: eager PyTorch at the input's dtype."""
-    log_p = torch.log_softmax(student / tau, dim=-1)
-    p_t = torch.softmax(teacher.detach() / tau, dim=-1)
-    no_target = torch.isneginf(teacher).all(dim=-1, keepdim=True)
-    p_t = torch.where(no_target, torch.zeros_like(p_t), p_t)
-    rows = -torch.where(p_t == 0, torch.zeros_like(log_p), p_t * log_p).sum(dim=-1)
-    if mask is not None:
-        rows = torch.where(mask.bool(), rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    count = rows.new_tensor(rows.numel()) if mask is None else mask.bool().sum().to(rows.dtype)
-    return rows.sum() / count.clamp(min=1)
+    """The reference's maths at the input's dtype (no float32 upcast): eager PyTorch at that precision."""
+    return distill_module.snippet_distill_loss_reference(student, teacher, tau, mask, reduction, acc=student.dtype)
 
 
 def _eager_at_precision_mmsd(rgb, flow, fused, tau, mask):
-    avg = (rgb.detach() + flow.detach()) / 2
-    return (
-        _eager_at_precision_pair(rgb, flow, tau, mask, "mean")
-        + _eager_at_precision_pair(flow, rgb, tau, mask, "mean")
-        + _eager_at_precision_pair(fused, avg, tau, mask, "mean")
-    )
+    return distill_module.mmsd_distill_loss_reference(rgb, flow, fused, tau, mask, acc=rgb.dtype)
 
 
 def _loss_and_grads(fn, inputs, grad_out_scale, needs_grad):
@@ -683,7 +668,7 @@ _ISA_CHECK = textwrap.dedent(
         for reduction in ("mean", "sum", "none"):
             s, s64 = xs[0].float().requires_grad_(), xs[0].clone().requires_grad_()
             loss = mmsd_ext.snippet_distill_loss(s, xs[1].float(), 0.3, mask=mask, reduction=reduction, backend="cpu")
-            ref = d.snippet_distill_loss_reference(s64, xs[1], 0.3, mask, reduction)
+            ref = d.snippet_distill_loss_reference(s64, xs[1], 0.3, mask, reduction, acc=torch.float64)
             (g,) = torch.autograd.grad(loss.sum(), s)
             (rg,) = torch.autograd.grad(ref.sum(), s64)
             assert torch.allclose(loss.double(), ref, rtol=1e-5, atol=1e-5), (C, reduction)
@@ -692,7 +677,7 @@ _ISA_CHECK = textwrap.dedent(
             ins = [x.float().requires_grad_() for x in xs]
             ins64 = [x.clone().requires_grad_() for x in xs]
             loss = mmsd_ext.mmsd_distill_loss(*ins, tau, mask=mask, backend="cpu")
-            ref = d.mmsd_distill_loss_reference(*ins64, tau, mask)
+            ref = d.mmsd_distill_loss_reference(*ins64, tau, mask, acc=torch.float64)
             assert torch.allclose(loss.double(), ref, rtol=1e-5, atol=1e-5), (C, tau)
             for g, rg in zip(torch.autograd.grad(loss, ins), torch.autograd.grad(ref, ins64)):
                 assert torch.allclose(g.double(), rg, rtol=1e-4, atol=1e-5 / tau), (C, tau)
