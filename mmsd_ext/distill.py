@@ -1,5 +1,6 @@
 """Snippet-level knowledge distillation losses: ``snippet_distill_loss`` and ``mmsd_distill_loss``."""
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -29,7 +30,7 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
             student is ``-inf`` too). A teacher row that is all ``-inf`` has no
             target: its loss and its gradient are 0 (it still counts as a valid
             row for "mean"). Different dtypes are promoted to a common one.
-        temperature: tau > 0.
+        temperature: tau, a finite number > 0.
         mask: optional bool or 0/1 float tensor of the leading shape [...];
             rows where it is False/0 (padding) contribute nothing.
         reduction: "mean" over the valid rows, "sum", or "none" (per-row values
@@ -46,8 +47,8 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
 
     Raises:
         TypeError / ValueError naming the argument: shapes that differ, C == 0,
-        a non-float tensor, tau <= 0, a mask of the wrong shape or dtype, an
-        unknown reduction, tensors on different devices.
+        a non-float tensor, tau <= 0 or not finite, a mask of the wrong shape or
+        dtype, an unknown reduction, tensors on different devices.
 
     Example::
 
@@ -75,7 +76,7 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
         rgb, flow, fused: snippet class logits of one shape [..., C] (cas_logits
             of the three streams), float32/float16/bfloat16, any strides; edge
             cases (-inf, all -inf rows, dtypes) as in ``snippet_distill_loss``.
-        temperature: tau > 0 (MMSD: 0.2).
+        temperature: tau, a finite number > 0 (MMSD: 0.2).
         mask: optional bool or 0/1 float tensor [...] of valid snippets.
         backend: "reference", "cpu", "cuda", "triton" or None (auto).
 
@@ -113,6 +114,8 @@ def _check_pair(student, teacher, temperature, mask, names=("student", "teacher"
         raise ValueError(f"{t_name}: expected the shape of {s_name} {tuple(student.shape)}, got {tuple(teacher.shape)}")
     _checks.same_device(s_name, student, **{t_name: teacher})
     tau = _checks.positive_number("temperature", temperature)
+    if not math.isfinite(tau):  # tau = inf would make every softmax uniform
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
     if mask is not None:
         _checks.tensor("mask", mask)
         if mask.shape != student.shape[:-1]:

@@ -493,6 +493,10 @@ def test_bad_inputs_name_the_argument(any_backend):
         call(s, t, 0.0)
     with pytest.raises(ValueError, match="temperature"):
         call(s, t, -1.0)
+    with pytest.raises(ValueError, match="^temperature: expected a finite number > 0, got inf"):
+        call(s, t, math.inf)
+    with pytest.raises(ValueError, match="^temperature: expected a number > 0, got nan"):
+        call(s, t, math.nan)
     with pytest.raises(ValueError, match="mask"):
         call(s, t, mask=torch.ones(2, 4, dtype=torch.bool, device=device))
     with pytest.raises(TypeError, match="mask"):
@@ -521,6 +525,8 @@ def test_bad_inputs_name_the_argument(any_backend):
         mm(s, t, s.to(other))
     with pytest.raises(ValueError, match="temperature"):
         mm(s, t, s, float("nan"))
+    with pytest.raises(ValueError, match="^temperature: expected a finite number > 0"):
+        mm(s, t, s, math.inf)
 
 
 @pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
