@@ -397,9 +397,19 @@ def _backward_tiles(C):
 
 
 def _count(mask, R, like):
+    """Valid rows, an int64 scalar on the device (a float32 count is inexact past 2**24 rows)."""
     if mask is None:
-        return torch.full((), float(R), dtype=torch.float32, device=like.device)
-    return mask.sum(dtype=torch.float32)
+        return torch.full((), R, dtype=torch.int64, device=like.device)
+    return mask.sum(dtype=torch.int64)
+
+
+def _reduce(row_losses, count, reduction):
+    """The loss as the C++ kernels give it: row losses summed in float64, the mean over
+    the integer count, one rounding to float32 at the end; no host synchronisation."""
+    total = row_losses.sum(dtype=torch.float64)
+    if reduction == _REDUCTION_MEAN:
+        total = total / count.clamp(min=1)
+    return total.to(torch.float32)
 
 
 def snippet_distill_forward(student, teacher, temperature, mask, reduction):
@@ -422,13 +432,9 @@ def snippet_distill_forward(student, teacher, temperature, mask, reduction):
             )
     count = _count(mask, R, s)
     leading = student.shape[:-1]
-    if reduction == _REDUCTION_NONE:
-        loss = row_losses.view(leading)
-    elif reduction == _REDUCTION_SUM:
-        loss = row_losses.sum()
-    else:
-        loss = row_losses.sum() / count.clamp(min=1.0)
-    return loss, stats.view(*leading, _PAIR_STATS), count
+    loss = row_losses.view(leading) if reduction == _REDUCTION_NONE else _reduce(row_losses, count, reduction)
+    # count is a float32 output, as the C++ ops' (the backward divides by it in float32).
+    return loss, stats.view(*leading, _PAIR_STATS), count.to(torch.float32)
 
 
 def snippet_distill_backward(grad, student, teacher, row_stats, count, temperature, reduction):
@@ -464,8 +470,8 @@ def mmsd_distill_forward(rgb, flow, fused, temperature, mask):
                 HAS_MASK=mask is not None, SINGLE_TILE=single, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
             )
     count = _count(mask, R, r)
-    loss = row_losses.sum() / count.clamp(min=1.0)
-    return loss, stats.view(*rgb.shape[:-1], _MMSD_STATS), count
+    loss = _reduce(row_losses, count, _REDUCTION_MEAN)
+    return loss, stats.view(*rgb.shape[:-1], _MMSD_STATS), count.to(torch.float32)
 
 
 def mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature):
