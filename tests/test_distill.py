@@ -85,10 +85,17 @@ def _max_err(value, oracle):
     return diff.max().item() if diff.numel() else 0.0
 
 
+def _finite_max_abs(x):
+    x = x.detach().double().cpu()
+    x = x[torch.isfinite(x)]
+    return x.abs().max().item() if x.numel() else 0.0
+
+
 def _assert_close(value, oracle, eager, dtype, what, scale=None):
     """Flash-attention style: |value - oracle| <= MULTIPLE * |eager - oracle| + FLOOR * scale.
 
-    scale: the magnitude of the terms (default: max |oracle|).
+    scale: the magnitude of the terms (default: max |oracle| over its finite values).
+    Where the oracle is not finite, value must be the same inf, or NaN.
     """
     multiple, floor = TOLERANCES[dtype]
     oracle = oracle.detach().double().cpu()
@@ -97,13 +104,15 @@ def _assert_close(value, oracle, eager, dtype, what, scale=None):
     assert torch.equal(torch.isfinite(value), torch.isfinite(oracle)), f"{what}: finiteness differs"
     finite = torch.isfinite(oracle)
     if not finite.all():
-        assert torch.equal(value[~finite], oracle[~finite]), f"{what}: non-finite values differ"
+        v, o = value[~finite], oracle[~finite]
+        assert torch.equal(v.isnan(), o.isnan()), f"{what}: NaN where the oracle is inf, or inf where it is NaN"
+        assert torch.equal(v[~v.isnan()], o[~o.isnan()]), f"{what}: infinities of another sign"
     value, oracle, eager = value[finite], oracle[finite], eager.detach().double().cpu()[finite]
     eager_err = _max_err(eager, oracle)
     if not math.isfinite(eager_err):
         eager_err = 0.0  # eager overflowed at this precision: only the floor applies
     if scale is None:
-        scale = oracle.abs().max().item() if oracle.numel() else 0.0
+        scale = _finite_max_abs(oracle)
     bound = multiple * eager_err + floor * max(scale, 1e-30)
     err = _max_err(value, oracle)
     assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (eager error {eager_err:.3g}, scale {scale:.3g})"
@@ -125,30 +134,44 @@ def _valid_rows(shape, mask):
     return math.prod(shape[:-1]) if mask is None else int(mask.bool().sum())
 
 
-def _make_logits(gen, shape, scale, layout, dtype, device):
-    """Random logits of `shape` in one of three memory layouts."""
-    if layout == "contiguous":
-        x = torch.randn(shape, generator=gen, dtype=torch.float64)
-    elif layout == "transposed" and len(shape) >= 3:
+def _make_logits(gen, shape, scale):
+    """Random float64 logits on the CPU; edge values go in before _finish."""
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+
+def _finish(x, dtype, device, layout):
+    """x in dtype on device, in one of three memory layouts (the values unchanged)."""
+    x = x.to(dtype).to(device)
+    if layout == "transposed" and x.dim() >= 3:
         # [B, T, C] as the transpose of a [T, B, C] tensor (rows not evenly strided)
-        x = torch.randn((shape[1], shape[0], *shape[2:]), generator=gen, dtype=torch.float64).transpose(0, 1)
-    else:
-        # every other class of a wider tensor (class stride 2)
-        x = torch.randn((*shape[:-1], 2 * shape[-1]), generator=gen, dtype=torch.float64)[..., ::2]
-    x = x * scale
-    return x.to(dtype).to(device)
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "strided":
+        # every other class of a wider tensor (class stride 2); NaN in the gaps
+        wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=dtype, device=device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
 
 
-def _make_mask(gen, leading, kind, device):
+def _make_mask(gen, leading, kind):
     if kind is None:
         return None
     valid = torch.rand(leading, generator=gen) < 0.7
-    return (valid if kind == "bool" else valid.float()).to(device)
+    return valid if kind == "bool" else valid.float()
+
+
+def _pad_masked_rows(xs, mask, value):
+    """Masked-out rows filled with value (-inf or NaN padding): they must still give 0."""
+    if mask is None or value is None:
+        return xs
+    out = ~mask.bool()[..., None]
+    return [x.masked_fill(out, value) for x in xs]
 
 
 @st.composite
 def cases(draw, small):
-    """Shapes, temperature, mask, reduction, value scale, layout, -inf teacher entries."""
+    """Shapes, temperature, mask and the padding of its masked rows, reduction, value scale,
+    layout, -inf entries."""
     if small:
         leading = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
         num_classes = draw(st.sampled_from([1, 2, 7, 21, 33]))
@@ -159,6 +182,7 @@ def cases(draw, small):
         shape=(*leading, num_classes),
         tau=draw(st.floats(0.1, 10.0)),
         mask=draw(st.sampled_from([None, "bool", "float"])),
+        padding=draw(st.sampled_from([None, None, float("-inf"), float("nan")])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         scale=draw(st.sampled_from([0.1, 1.0, 5.0, 30.0])),
         layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
@@ -170,84 +194,117 @@ def cases(draw, small):
 
 def _pair_inputs(case, dtype, device):
     gen = torch.Generator().manual_seed(case["seed"])
-    student = _make_logits(gen, case["shape"], case["scale"], case["layout"], dtype, device)
-    teacher = _make_logits(gen, case["shape"], case["scale"], case["layout"], dtype, device)
+    shape = case["shape"]
+    student = _make_logits(gen, shape, case["scale"])
+    teacher = _make_logits(gen, shape, case["scale"])
     if case["neg_inf"]:
-        # Excluded classes in the teacher (whole rows at times); the student is -inf
-        # at some of them too, never in class 0 (a student row of only -inf has no
-        # log-softmax; the reference's gradient there is NaN).
-        drop = (torch.rand(case["shape"], generator=gen) < case["neg_inf"]).to(device)
-        both = drop & (torch.rand(case["shape"], generator=gen) < 0.5).to(device)
+        # Excluded classes in the teacher, and rows without a target (all -inf). The
+        # student is -inf at some excluded classes too, never in class 0 of a row
+        # with a target (a student row of only -inf against a target is NaN), and
+        # all -inf in some rows without a target (their loss and gradient are 0).
+        no_target = torch.rand(shape[:-1], generator=gen) < 0.2
+        drop = (torch.rand(shape, generator=gen) < case["neg_inf"]) | no_target[..., None]
+        both = drop & (torch.rand(shape, generator=gen) < 0.5)
         both[..., 0] = False
+        both |= (no_target & (torch.rand(shape[:-1], generator=gen) < 0.5))[..., None]
         teacher = teacher.masked_fill(drop, float("-inf"))
         student = student.masked_fill(both, float("-inf"))
-    mask = _make_mask(gen, case["shape"][:-1], case["mask"], device)
-    return student, teacher, mask
+    mask = _make_mask(gen, shape[:-1], case["mask"])
+    student, teacher = _pad_masked_rows([student, teacher], mask, case["padding"])
+    student, teacher = (_finish(x, dtype, device, case["layout"]) for x in (student, teacher))
+    return student, teacher, None if mask is None else mask.to(device)
 
 
 def _check_pair_case(backend, case, dtype):
-    device = backend_device(backend)
-    student, teacher, mask = _pair_inputs(case, dtype, device)
-    tau, reduction = case["tau"], case["reduction"]
+    student, teacher, mask = _pair_inputs(case, dtype, backend_device(backend))
+    _check_pair(backend, student, teacher, mask, case["tau"], case["reduction"], case["grad_out"])
+
+
+def _check_pair(backend, student, teacher, mask, tau, reduction, grad_out):
+    """The backend's loss and student gradient on these inputs against the oracle
+    (the tolerance row of student's dtype)."""
 
     def run(s, t):
         return mmsd_ext.snippet_distill_loss(s, t, tau, mask=mask, reduction=reduction, backend=backend)
 
+    loss, (grad,) = _loss_and_grads(run, (student, teacher), grad_out, (True, False))
+    _assert_pair_matches_oracle(loss, grad, student, teacher, mask, tau, reduction, grad_out)
+
+
+def _assert_pair_matches_oracle(loss, grad, student, teacher, mask, tau, reduction, grad_out):
+    """loss and grad (of grad_out * loss, see _loss_and_grads) against the oracle and eager PyTorch."""
+    dtype = student.dtype
+    cpu_mask = None if mask is None else mask.cpu()
+
     def oracle(s, t):
-        return REFERENCE_PAIR(s, t, tau, None if mask is None else mask.cpu(), reduction)
+        return REFERENCE_PAIR(s, t, tau, cpu_mask, reduction)
 
     def eager(s, t):
-        return _eager_at_precision_pair(s, t, tau, None if mask is None else mask.cpu(), reduction)
+        return _eager_at_precision_pair(s, t, tau, cpu_mask, reduction)
 
-    loss, (grad,) = _loss_and_grads(run, (student, teacher), case["grad_out"], (True, False))
     as64 = [_oracle_input(x) for x in (student, teacher)]
-    ref_loss, (ref_grad,) = _loss_and_grads(oracle, as64, case["grad_out"], (True, False))
+    ref_loss, (ref_grad,) = _loss_and_grads(oracle, as64, grad_out, (True, False))
     low = [_eager_input(x) for x in (student, teacher)]
-    eager_loss, (eager_grad,) = _loss_and_grads(eager, low, case["grad_out"], (True, False))
-    assert loss.dtype == torch.float32 and grad.dtype == student.dtype
-    terms = _valid_rows(case["shape"], mask) if reduction == "sum" else 1
-    _assert_close(loss, ref_loss, eager_loss, dtype, "loss", scale=ref_loss.abs().max().item() + terms)
-    weight = abs(case["grad_out"]) * (2.0 if reduction == "none" else 1.0)  # max |grad_out| of a row
+    eager_loss, (eager_grad,) = _loss_and_grads(eager, low, grad_out, (True, False))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    terms = _valid_rows(student.shape, mask) if reduction == "sum" else 1
+    _assert_close(loss, ref_loss, eager_loss, dtype, "loss", scale=_finite_max_abs(ref_loss) + terms)
+    weight = abs(grad_out) * (2.0 if reduction == "none" else 1.0)  # max |grad_out| of a row
     if reduction == "mean":
-        weight /= max(_valid_rows(case["shape"], mask), 1)
+        weight /= max(_valid_rows(student.shape, mask), 1)
     _assert_close(grad, ref_grad, eager_grad, dtype, "grad student", scale=weight / tau)
 
 
 def _mmsd_inputs(case, dtype, device):
     gen = torch.Generator().manual_seed(case["seed"])
-    xs = [_make_logits(gen, case["shape"], case["scale"], case["layout"], dtype, device) for _ in range(3)]
+    shape = case["shape"]
+    xs = [_make_logits(gen, shape, case["scale"]) for _ in range(3)]
     if case["neg_inf"]:
-        # Classes excluded in every stream (so every term stays finite), never
-        # class 0: rows of only -inf are tested with the single pair.
-        drop = (torch.rand(case["shape"], generator=gen) < case["neg_inf"]).to(device)
+        # Classes excluded in every stream, never class 0; more excluded in rgb and
+        # flow only (the mean teacher is -inf there, the fused student finite); and
+        # rows where rgb and flow are all -inf (no term of the row has a target).
+        # rgb and flow share their -inf entries, so every term stays finite.
+        drop = torch.rand(shape, generator=gen) < case["neg_inf"]
         drop[..., 0] = False
-        xs[0] = xs[0].masked_fill(drop, float("-inf"))
-        xs[1] = xs[1].masked_fill(drop, float("-inf"))
+        no_target = torch.rand(shape[:-1], generator=gen) < 0.2
+        streams = drop | (torch.rand(shape, generator=gen) < case["neg_inf"]) | no_target[..., None]
+        xs[0] = xs[0].masked_fill(streams, float("-inf"))
+        xs[1] = xs[1].masked_fill(streams, float("-inf"))
         xs[2] = xs[2].masked_fill(drop, float("-inf"))
-    mask = _make_mask(gen, case["shape"][:-1], case["mask"], device)
-    return xs, mask
+    mask = _make_mask(gen, shape[:-1], case["mask"])
+    xs = [_finish(x, dtype, device, case["layout"]) for x in _pad_masked_rows(xs, mask, case["padding"])]
+    return xs, None if mask is None else mask.to(device)
 
 
 def _check_mmsd_case(backend, case, dtype):
-    device = backend_device(backend)
-    xs, mask = _mmsd_inputs(case, dtype, device)
-    tau = case["tau"]
-    cpu_mask = None if mask is None else mask.cpu()
+    xs, mask = _mmsd_inputs(case, dtype, backend_device(backend))
+    _check_mmsd(backend, xs, mask, case["tau"], case["grad_out"])
+
+
+def _check_mmsd(backend, xs, mask, tau, grad_out):
+    """The backend's loss and three gradients on these inputs against the oracle."""
     loss, grads = _loss_and_grads(
         lambda r, f, u: mmsd_ext.mmsd_distill_loss(r, f, u, tau, mask=mask, backend=backend),
-        xs, case["grad_out"], (True, True, True),
+        xs, grad_out, (True, True, True),
     )
+    _assert_mmsd_matches_oracle(loss, grads, xs, mask, tau, grad_out)
+
+
+def _assert_mmsd_matches_oracle(loss, grads, xs, mask, tau, grad_out):
+    """loss and the gradients of grad_out * loss against the oracle and eager PyTorch."""
+    dtype = xs[0].dtype
+    cpu_mask = None if mask is None else mask.cpu()
     ref_loss, ref_grads = _loss_and_grads(
         lambda r, f, u: REFERENCE_MMSD(r, f, u, tau, cpu_mask),
-        [_oracle_input(x) for x in xs], case["grad_out"], (True, True, True),
+        [_oracle_input(x) for x in xs], grad_out, (True, True, True),
     )
     eager_loss, eager_grads = _loss_and_grads(
         lambda r, f, u: _eager_at_precision_mmsd(r, f, u, tau, cpu_mask),
-        [_eager_input(x) for x in xs], case["grad_out"], (True, True, True),
+        [_eager_input(x) for x in xs], grad_out, (True, True, True),
     )
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    _assert_close(loss, ref_loss, eager_loss, dtype, "loss", scale=ref_loss.abs().item() + 3)
-    weight = abs(case["grad_out"]) / max(_valid_rows(case["shape"], mask), 1)
+    _assert_close(loss, ref_loss, eager_loss, dtype, "loss", scale=_finite_max_abs(ref_loss) + 3)
+    weight = abs(grad_out) / max(_valid_rows(xs[0].shape, mask), 1)
     for name, g, ref, eg in zip(("rgb", "flow", "fused"), grads, ref_grads, eager_grads):
         assert g.dtype == dtype
         _assert_close(g, ref, eg, dtype, f"grad {name}", scale=weight / tau)
@@ -301,22 +358,23 @@ def test_mixed_dtypes_are_promoted(backend):
 def test_wide_rows_use_the_looped_path(backend, num_classes):
     if backend == "triton" and INTERPRETED and num_classes > 1100:
         pytest.skip("one wide case is enough under the interpreter")
-    case = dict(shape=(2, num_classes), tau=0.7, mask=None, reduction="sum", scale=4.0, layout="contiguous",
-                neg_inf=0.1, grad_out=1.3, seed=11)
+    case = dict(shape=(2, num_classes), tau=0.7, mask=None, padding=None, reduction="sum", scale=4.0,
+                layout="contiguous", neg_inf=0.1, grad_out=1.3, seed=11)
     _check_pair_case(backend, case, torch.float32)
     _check_mmsd_case(backend, case, torch.float32)
 
 
 # Both sides of each change of row layout in the CUDA kernels (8 lanes x 4 values
 # up to 32 classes, 16 x 4 up to 64, a warp x 4, 8 or 16 up to 512, looped beyond)
-# and of the CPU's vector widths, with -inf entries, a mask and a strided layout.
+# and of the CPU's vector widths, with -inf entries, a mask (-inf or NaN in its masked
+# rows) and a strided layout.
 @pytest.mark.parametrize("num_classes", [32, 33, 64, 65, 128, 129, 256, 257, 512, 513])
 def test_row_layout_boundaries(backend, num_classes):
     if backend == "triton" and INTERPRETED:
         pytest.skip("the interpreter is too slow for ten widths; the property tests cover it")
-    for reduction, mask in (("none", "bool"), ("mean", "float")):
-        case = dict(shape=(3, 5, num_classes), tau=0.5, mask=mask, reduction=reduction, scale=5.0, layout="strided",
-                    neg_inf=0.3, grad_out=-0.7, seed=num_classes)
+    for reduction, mask, padding in (("none", "bool", float("-inf")), ("mean", "float", float("nan"))):
+        case = dict(shape=(3, 5, num_classes), tau=0.5, mask=mask, padding=padding, reduction=reduction, scale=5.0,
+                    layout="strided", neg_inf=0.3, grad_out=-0.7, seed=num_classes)
         _check_pair_case(backend, case, torch.float32)
         _check_mmsd_case(backend, case, torch.float32)
 
