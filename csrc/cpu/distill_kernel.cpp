@@ -47,11 +47,13 @@ namespace {
 // and a large tensor splits into many tasks.
 constexpr int64_t kElementsPerTask = 8192;
 
-// Recompute in the backward rather than save the gradients in the forward:
-// fwd+bwd of mmsd_distill_loss at (32, 2304, 201) float32, 2 threads,
-// torch.utils.benchmark medians on a shared, loaded 2-core AMD EPYC (AVX-512):
-//   recompute (this file): 227 and 258 ms;  gradients saved in the forward (from the
-//   rows in cache) then scaled by grad_out in the backward: 593 and 608 ms.
+// Recompute in the backward rather than save the gradients in the forward, measured
+// on the first version of these kernels (commit c8553f8; the row loops have changed
+// since, the comparison has not been rerun): fwd+bwd of mmsd_distill_loss at
+// (32, 2304, 201) float32, 2 threads, torch.utils.benchmark medians on a shared,
+// loaded 2-core AMD EPYC (AVX-512):
+//   recompute (that version): 227 and 258 ms;  gradients saved in the forward (from
+//   the rows in cache) then scaled by grad_out in the backward: 593 and 608 ms.
 //   With THP_MEM_ALLOC_ENABLE=1: 151-186 ms against 198-220 ms.
 // Saving writes three gradients in the forward and reads and writes them again in
 // the backward (12 N floats of traffic and twice the new pages); recomputing reads
