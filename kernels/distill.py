@@ -38,7 +38,9 @@ MAX_TILE_C = 1024
 # (a 2-D grid of tiles, no reduction): 8 per thread with 4 warps. Chosen from the
 # registers ptxas gives each sm_90 kernel (tests/triton_aot.py), not yet timed on a
 # GPU: with 2048 the three-way forward at C = 21 needs 255 registers a thread, and
-# with 4096 its backward spills; with 1024 none needs more than 117.
+# with 4096 its backward spills; with 1024 none spills and none needs more than 127
+# (triton 3.8; 126 with triton 3.6): the three-way kernels at float64 C = 21 (127
+# forward and backward) and at C = 1 (121 forward).
 TILE_ELEMENTS = 1024
 BACKWARD_TILE_ELEMENTS = 1024
 NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU

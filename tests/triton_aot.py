@@ -131,13 +131,24 @@ def _cases():
         cases.append((f"topk_mil_pool forward {dtype} T={T} largest={largest}", topk_forward(dtype, T, largest)))
     for dtype in (f32, f16, bf16, f64):
         cases.append((f"topk_mil_pool backward {dtype}", topk_backward(dtype, 3000, True)))
-    for dtype, C, masked, reduction in [(f32, 21, False, 1), (f16, 201, True, 0), (bf16, 4096, True, 2), (f32, 1100, False, 1)]:
+    # Distillation: WTAL's C (21, 101, 201), C = 1, the looped wide rows, and float64
+    # (computed in float32 but loaded as float64: other registers).
+    for dtype, C, masked, reduction in [
+        (f32, 21, False, 1), (f16, 201, True, 0), (bf16, 4096, True, 2), (f32, 1100, False, 1),
+        (f32, 1, False, 1), (f64, 21, True, 0), (f64, 1100, False, 2),
+    ]:
         cases.append((f"snippet_distill forward {dtype} C={C} mask={masked}", pair_forward(dtype, C, masked, reduction)))
-    for dtype, C, reduction in [(f32, 21, 0), (f32, 201, 1), (bf16, 4096, 2), (f16, 101, 1)]:
+    for dtype, C, reduction in [
+        (f32, 21, 0), (f32, 201, 1), (bf16, 4096, 2), (f16, 101, 1),
+        (f32, 1, 0), (f64, 21, 1),
+    ]:
         cases.append((f"snippet_distill backward {dtype} C={C} reduction={reduction}", pair_backward(dtype, C, reduction)))
-    for dtype, C, masked in [(f32, 21, False), (bf16, 201, True), (f32, 1024, True), (f32, 2000, False), (f16, 4096, True)]:
+    for dtype, C, masked in [
+        (f32, 21, False), (bf16, 201, True), (f32, 1024, True), (f32, 2000, False), (f16, 4096, True),
+        (f32, 1, False), (f64, 21, True), (f64, 2000, False),
+    ]:
         cases.append((f"mmsd_distill forward {dtype} C={C} mask={masked}", mmsd_forward(dtype, C, masked)))
-    for dtype, C in [(f32, 21), (bf16, 2000)]:
+    for dtype, C in [(f32, 21), (bf16, 2000), (f32, 1), (f64, 21)]:
         cases.append((f"mmsd_distill backward {dtype} C={C}", mmsd_backward(dtype, C)))
     for kind in (0, 1):
         for grouped in (False, True):
