@@ -148,13 +148,14 @@ def thumos14_detection_map(
     has no prediction left after step 4, every mAP (and the average) is 0; ``ap``
     keeps the per-class values. Off by default.
 
-    Known differences from MMSD's code, all outside THUMOS14's normal use:
-    ties in score are ranked by input order (numpy's default sort, which MMSD
-    uses, leaves their order unspecified); ``getLocMAP`` indexes its per-class
-    lists by class index although ``getActLoc`` builds them in the order of the
-    sorted class names present in the ground truth -- the two agree when every
-    class has ground truth and ``class_names`` is sorted, as for THUMOS14 -- here
-    each class is simply scored with its own predictions.
+    Known differences from MMSD's code: ties in score are ranked by input order
+    (numpy's default sort, which MMSD uses, leaves their order unspecified; for
+    the proposals' own tie rule see ``mmsd_proposals``); outside THUMOS14's
+    normal use, ``getLocMAP`` indexes its per-class lists by class index
+    although ``getActLoc`` builds them in the order of the sorted class names
+    present in the ground truth -- the two agree when every class has ground
+    truth and ``class_names`` is sorted, as for THUMOS14 -- here each class is
+    simply scored with its own predictions.
 
     Args:
         predictions: [P, 5] rows (video, class, start, end, score) in snippets, video an

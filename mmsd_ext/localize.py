@@ -2,11 +2,10 @@
 
 No Python loop over videos, classes, thresholds or runs: the sequences of every
 selected (video, class) pair are laid end to end, the maximal runs above every
-threshold are found and scored from one prefix sum (on the CPU by a C++ sweep,
+threshold are found and scored (on the CPU by a C++ sweep,
 csrc/cpu/threshold_runs_kernel.cpp; elsewhere by the vectorised PyTorch code
 here, which gives the same numbers), and one batched ``temporal_nms`` call
-suppresses within each (video, class).
-"""
+suppresses within each (video, class)."""
 
 import math
 
@@ -57,18 +56,26 @@ def mmsd_proposals(
     greedy NMS: by descending score, ties by lower (threshold, start) order,
     a proposal is dropped when a kept one covers strictly more than
     ``nms_threshold`` of its own length, lengths and intersections counted
-    inclusively (``temporal_nms(..., overlap="other", offset=1)``). (MMSD's
-    own NMS takes the last of equal scores in ``numpy.argsort`` order, which is
-    the higher index for short inputs and unspecified in general; equal scores
-    of different segments need exactly tied means, so this rarely matters.)
+    inclusively (``temporal_nms(..., overlap="other", offset=1)``).
+
+    Ties, and how they differ from MMSD's code: MMSD's NMS visits equal scores
+    in the reverse of ``numpy.argsort``'s order, which numpy leaves unspecified
+    (with numpy 2.4 on a CPU with AVX-512, a quarter of 5-element inputs with
+    ties come out of input order), and it compares float32 means. So its tie
+    decisions depend on the machine and can differ from the rule above. One
+    case is systematic, not rare: the inner slice is clipped at the end of the
+    video, so the run ``[s, T)`` of a threshold and the run ``[s, T - 1)`` of a
+    higher one (when ``cas[T - 1]`` lies between them) average the same
+    snippets and usually share their outer window. Their scores are equal; this
+    function keeps ``(s, T + 1)``, from the lower threshold, where MMSD, when
+    argsort keeps input order, keeps ``(s, T)``.
 
     Arithmetic is float64 whatever the dtype of ``cas``: thresholds are compared
     with float64 values (as numpy >= 2 compares a float32 array with a float64
-    scalar) and means are differences of one float64 prefix sum over all
-    selected snippets, so a score differs from the directly summed float64 mean
-    by about 1e-16 times that total (3e-13 on THUMOS14-sized inputs); sums of
-    dyadic values are exact, so exact ties stay exact. (MMSD's float32
-    ``np.mean`` differs from both by ~1e-7 relative.)
+    scalar), and every mean is its window's sum, added left to right from 0 as a
+    plain loop adds, divided by the count. So every backend gives the same
+    scores bit for bit, and runs over equal values get exactly equal scores.
+    (MMSD's float32 ``np.mean`` differs by about 1e-7 relative.)
 
     Args:
         cas: [V, T, C] float16/bfloat16/float32/float64 class activation sequences,
@@ -92,7 +99,7 @@ def mmsd_proposals(
             "reference" does both with the vectorised PyTorch code below;
             "cuda" / "triton" run that PyTorch code on the GPU and suppress with
             that ``temporal_nms`` backend. Every backend gives the same rows,
-            bit for bit.
+            bit for bit (the scores as above; NMS decisions are exact).
 
     Returns:
         float64 tensor [P, 5] on the device of ``cas``, rows
@@ -147,11 +154,9 @@ def mmsd_proposals(
     # it is suppressed by it, or by whatever suppresses it: when nms_threshold
     # < 1, keeping only the first copy changes nothing and shrinks the work
     # after this point several-fold.
-    prefix = torch.zeros(flat.numel() + 1, dtype=torch.float64, device=device)
-    prefix[1:] = torch.cumsum(flat, 0)
     if backend == "cpu":
         seq, start, end, score = torch.ops.mmsd_ext._threshold_runs(
-            flat, prefix, offset, length, thresholds, min_len, outer_ratio, nms_threshold < 1
+            flat, offset, length, thresholds, min_len, outer_ratio, nms_threshold < 1
         )
         if seq.numel() == 0:
             return empty
@@ -160,7 +165,7 @@ def mmsd_proposals(
         if runs is None:
             return empty
         seq, start, end = runs  # end is exclusive: the run is [start, end)
-        score = _run_scores(prefix, offset, length, seq, start, end, outer_ratio)
+        score = _run_scores(flat, offset, length, seq, start, end, outer_ratio)
 
     groups = _take(video, seq) * C + _take(cls, seq)
     segments = torch.stack([start, end + 1], dim=1).to(torch.float64)
@@ -275,22 +280,16 @@ def _threshold_runs(flat, seq_of, t_of, length, thresholds, min_len, first_copie
     return seq, start, end
 
 
-def _run_scores(prefix, offset, length, seq, start, end, outer_ratio):
+def _run_scores(flat, offset, length, seq, start, end, outer_ratio):
     """MMSD's inner - outer contrast of each run [start, end) of sequence ``seq``, float64.
 
-    ``prefix``: the float64 prefix sum of the sequences laid end to end. The C++
-    kernel (csrc/cpu/threshold_runs_kernel.cpp) repeats these operations in this
-    order, so both give the same numbers.
+    ``flat``: the float64 values of the sequences laid end to end. The C++ kernel
+    (csrc/cpu/threshold_runs_kernel.cpp) repeats these operations in this order,
+    so both give the same numbers.
     """
     base = _take(offset, seq)
-
-    def window_sum(a, b):  # sum of the sequence's values[a:b]
-        return _take(prefix, base + b) - _take(prefix, base + a)
-
     T = _take(length, seq)
     inner_end = torch.minimum(end + 1, T)
-    inner = window_sum(start, inner_end) / (inner_end - start).to(torch.float64)
-
     run_len = (end - start).to(torch.float64)
     reach = outer_ratio * run_len
     # int(x) truncates toward zero, like MMSD's int(); the order of the
@@ -301,10 +300,41 @@ def _run_scores(prefix, offset, length, seq, start, end, outer_ratio):
     n_right = torch.clamp(right - (end + 1), min=0)
     right_from = torch.minimum(end + 1, right).clamp(min=0)
     right_to = torch.maximum(right, right_from)
-    total = window_sum(left, start) + window_sum(right_from, right_to)
+    # The inner and left windows in one pass; the right window continues the
+    # left one's sum, as MMSD's mean over the concatenated index list adds them.
+    first = torch.cat([base + start, base + left])
+    stop = torch.cat([base + inner_end, base + start])
+    inner_sum, left_sum = _window_sums(flat, first, stop, torch.zeros(first.shape, dtype=flat.dtype, device=flat.device)).chunk(2)
+    total = _window_sums(flat, base + right_from, base + right_to, left_sum)
+    inner = inner_sum / (inner_end - start).to(torch.float64)
     count = n_left + n_right
     outer = torch.where(count > 0, total / count.clamp(min=1).to(torch.float64), torch.zeros_like(total))
     return inner - outer
+
+
+def _window_sums(values, first, stop, initial):
+    """``initial[i] + values[first[i]] + ... + values[stop[i] - 1]``, added left to right as a plain loop adds.
+
+    Not a difference of prefix sums: that rounds differently at each position, so
+    runs over equal values would get scores a few ulps apart and NMS would no
+    longer see them as tied. Windows are visited longest first; step j adds the
+    j-th value of every window longer than j, so the work is the total window
+    length and the loop runs once per position of the longest window.
+    """
+    count = stop - first
+    if count.numel() == 0:
+        return initial.clone()
+    count, order = torch.sort(count, descending=True, stable=True)
+    first = _take(first, order)
+    running = _take(initial, order)
+    # active[j]: how many windows are longer than j (a prefix of the sorted ones).
+    steps = torch.arange(int(count[0]), device=count.device)
+    active = (count.numel() - torch.searchsorted(count.flip(0), steps, right=True)).tolist()
+    for j, n in enumerate(active):
+        running[:n] += _take(values, first[:n] + j)
+    total = torch.empty_like(running)
+    total[order] = running
+    return total
 
 
 def _first_occurrences(seq, start, end, max_len):

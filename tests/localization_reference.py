@@ -70,17 +70,29 @@ def mmsd_proposals_loops(
                     if e - s < min_len:
                         continue
                     inner_values = x[s : e + 1]
-                    inner = sum(inner_values) / len(inner_values)
+                    inner = _sum_left_to_right(inner_values) / len(inner_values)
                     length = e - s
                     left = max(0, int(s - outer_ratio * length))
                     right = min(T - 1, int(e + outer_ratio * length + 1))
                     outer_values = [x[i] for i in range(left, s)] + [x[i] for i in range(e + 1, right)]
-                    outer = sum(outer_values) / len(outer_values) if outer_values else 0.0
+                    outer = _sum_left_to_right(outer_values) / len(outer_values) if outer_values else 0.0
                     proposals.append((s, e + 1, inner - outer))
             for i in _nms_other_loops(proposals, nms_threshold):
                 s, e, score = proposals[i]
                 rows.append([v, c, s, e, score])
     return rows
+
+
+def _sum_left_to_right(values):
+    """0 + values[0] + values[1] + ..., one float64 addition at a time.
+
+    Spelled out because the built-in sum() compensates its rounding from Python
+    3.12 on: the proposal scores are defined as this plain loop's sums.
+    """
+    total = 0.0
+    for value in values:
+        total += value
+    return total
 
 
 def _nms_other_loops(proposals, threshold):
