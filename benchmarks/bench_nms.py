@@ -19,7 +19,11 @@ batched_nms loops over the groups itself); ``numpy_loop``: the
 per-(video, class) loop of MMSD-style code (its ``NonMaximumSuppression``:
 argsort, then ``np.delete`` of what the top segment suppresses), over groups
 already split into lists as such code holds them. Box building and group
-splitting are not timed, in the anchors' favour. Not an anchor: one
+splitting are not timed, in the anchors' favour. For a large batch on the
+CPU, batched_nms scans all M segments once per group (``idxs == group``),
+O(groups x M): 1.8 s for the THUMOS batch, minutes for the ActivityNet-like
+one, so it is left out above ``TORCHVISION_CPU_MAX_WORK`` and the numpy loop
+is the eager anchor there. Not an anchor: one
 ``ops.nms`` call on boxes shifted apart per group (the coordinate trick) is
 both slower on the CPU (its kernel compares every later box) and wrong at
 this size in float32 (shifts of 4240 * 2600 leave no fractional bits).
@@ -30,9 +34,10 @@ code (CO2-Net's and DELU's ``soft_nms``: argmax, decay the rest by
 ``exp(-iou^2 / sigma)``, drop what falls under the threshold, repeat), with
 the API's semantics (lower index first on ties, segments under ``min_score``
 dropped from the start, lengths without the +1), over groups already split
-into lists. On a 2-core machine it takes about 10 us a segment for small
-groups (2.6 s for the THUMOS batch) and 0.5 s for 10k segments in one group,
-growing quadratically with a group's size, so it is left out above
+into lists. On a 2-core machine it takes 2.6 s for the THUMOS batch, about
+30 s for the ActivityNet-like one (per-group overhead: 100k groups) and 0.5 s
+for 10k segments in one group, growing quadratically with a group's size, so
+it is left out above
 ``SOFT_LOOP_MAX_GROUP`` segments in a group (M=100k in one group would take
 about a minute). On a GPU both run on the CPU.
 
@@ -62,6 +67,9 @@ SOFT = dict(method="gaussian", sigma=0.5, iou_threshold=0.3, min_score=1e-3)  # 
 # CPU) always runs up to 10k: the GPU goal is set against it there.
 REFERENCE_MAX_M = {"tiny": 10_000, "quick": 2_000, "full": 10_000}
 SOFT_CPU_ANCHOR_MAX_M = 10_000
+# groups x M above which torchvision's batched_nms is left out on the CPU
+# (THUMOS: 4240 x 254k = 1.1e9, 1.8 s; ActivityNet-like: 100k x 800k = 8e10).
+TORCHVISION_CPU_MAX_WORK = 5e9
 # The numpy soft-NMS loop is quadratic within a group: 0.5 s at 10k segments
 # in one group on a 2-core machine, so 20k stays within a few seconds.
 SOFT_LOOP_MAX_GROUP = 20_000
@@ -182,12 +190,14 @@ def _hard_case(ctx, spec):
 
         providers.append(fwd_provider(backend, "mmsd_ext", make, skip=skip))
 
-    roles = {"loop": "numpy_loop", "reference": "reference"}
-    if overlap == "iou":
+    roles = {"loop": "numpy_loop", "reference": "reference", "eager": "numpy_loop"}
+    work = m * (0 if groups is None else len(np.unique(groups)))
+    if overlap == "iou" and device == "cpu" and work > TORCHVISION_CPU_MAX_WORK:
+        why = f"batched_nms scans all segments once per group on the CPU, groups x M = {work:.1g}: minutes a call"
+        providers.append(fwd_provider("torchvision", "anchor", lambda: None, skip=why))
+    elif overlap == "iou":
         providers.append(fwd_provider("torchvision", "anchor", lambda: _torchvision(tensors())))
         roles["eager"] = "torchvision"
-    else:
-        roles["eager"] = "numpy_loop"
     providers.append(fwd_provider("numpy_loop", "anchor", lambda: _numpy_loop(segments, scores, groups, overlap, offset), dev="cpu"))
     return Case(
         op="temporal_nms",
