@@ -37,8 +37,9 @@
 #                                              best effort: running out of time is not a
 #                                              failure, a failed test is
 #
-# Every process a stage starts carries DEVICE_CHECK_TAG=<stage> in its
-# environment; when the stage ends (done, failed or out of time), whatever still
+# Every process a stage starts carries DEVICE_CHECK_TAG=<stage>.<this run> in
+# its environment (unique to this run, so a check run inside a test of another
+# never ends the other's processes); when the stage ends (done, failed or out of time), whatever still
 # runs with its tag is ended, wherever it went (GNU timeout and ninja put their
 # children in process groups of their own, out of reach of the stage's
 # `timeout`). So nothing of the check keeps running, on the GPU or elsewhere,
@@ -70,6 +71,7 @@ export REPO OUT PY
 
 SUMMARY=()
 BAD=()          # stages that failed or ran out of time
+RUN_ID="$$.$START"
 CURRENT_TAG=""  # the tag of the stage running now (for the exit trap)
 
 now() { date +%s; }
@@ -91,7 +93,7 @@ budget() {
 # their descendants have it in /proc/PID/environ).
 tagged_pids() {
     local f pid
-    grep -lzx -- "DEVICE_CHECK_TAG=$1" /proc/[0-9]*/environ 2>/dev/null | while read -r f; do
+    grep -lzxF -- "DEVICE_CHECK_TAG=$1" /proc/[0-9]*/environ 2>/dev/null | while read -r f; do
         pid=${f#/proc/}
         echo "${pid%/environ}"
     done
@@ -102,7 +104,7 @@ end_tagged() {
     local pids
     pids=$(tagged_pids "$1")
     [ -z "$pids" ] && return 0
-    echo "[$(elapsed) s] $1: ending what it left running: $(echo "$pids" | tr '\n' ' ')"
+    echo "[$(elapsed) s] ${1%%.*}: ending what it left running: $(echo "$pids" | tr '\n' ' ')"
     # shellcheck disable=SC2086 # one pid a word
     kill -TERM $pids 2>/dev/null
     sleep 3
@@ -121,13 +123,13 @@ stage() {
     local t0 rc what
     t0=$(now)
     echo "[$(elapsed) s] $name: start (limit $secs s, log $(basename "$log"))"
-    CURRENT_TAG=$name
+    CURRENT_TAG=$name.$RUN_ID
     # In the background and waited for, so that a signal to this script runs
     # its trap at once (it ends the stage's processes, then writes the summary).
-    DEVICE_CHECK_TAG=$name timeout -k 10 "$secs" bash -c "$cmd" >>"$log" 2>&1 &
+    DEVICE_CHECK_TAG=$CURRENT_TAG timeout -k 10 "$secs" bash -c "$cmd" >>"$log" 2>&1 &
     wait $!
     rc=$?
-    end_tagged "$name" >>"$log" 2>&1
+    end_tagged "$CURRENT_TAG" >>"$log" 2>&1
     CURRENT_TAG=""
     case $rc in
         0) what="ok" ;;

@@ -344,3 +344,55 @@ def test_localization_traffic_counts_float64_rows():
 
 def case_gt_bytes(case):
     return int(case.shape.split("GT=")[1]) * 4 * 8
+
+
+# ---------------------------------------------------------------- device_check.sh, with a stand-in python
+
+_STUB_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python in device_check.sh: each stage's command answers at once.
+case "$*" in
+  "-m pip"*) echo "pip: built"; exit 0 ;;
+  "-c import xdist") exit 1 ;;
+  "-c import mmsd_ext"*) echo "{'backends': [...]}"; echo "cuda backend: ${STUB_CUDA:-False}"; exit 0 ;;
+  "-") cat >/dev/null; echo "device Stub GPU"; exit 0 ;;
+  "-m benchmarks.plot"*) : >"$OUT/bench.png"; exit 0 ;;
+  "-m benchmarks"*) echo "bench args: $*"; echo "op" >>"$OUT/bench.csv"; echo "device: stub"; exit 0 ;;
+  "-m pytest"*"not ("*) echo "===== 3 passed in 0.1s ====="; exit 0 ;;
+  "-m pytest"*) echo "===== 5 passed, 2 skipped in 0.1s ====="; exit 0 ;;
+  "-m mmsd_ext.train.throughput"*) exit 0 ;;
+  "-m mmsd_ext.train"*) shift 2; while [ "$#" -gt 0 ] && [ "$1" != --output-dir ]; do shift; done
+                        mkdir -p "$2" && echo '{"average_map": 1.0}' >"$2/results.json"; exit 0 ;;
+esac
+echo "unexpected: $*"; exit 3
+"""
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_check_writes_at_most_8_files_and_fails_without_a_cuda_build(tmp_path, cuda):
+    stub = tmp_path / "python"
+    stub.write_text(_STUB_PYTHON)
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(stub), DEVICE_CHECK_SECONDS="300", BENCH_COMMIT="abc", STUB_CUDA=str(cuda))
+    # A process of an outer check's stage (as when this test runs inside one on the
+    # GPU machine): the inner check must not take it for one of its own.
+    outer = subprocess.Popen(["sleep", "60"], env=dict(os.environ, DEVICE_CHECK_TAG="tests-cpu"))
+    try:
+        proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "device_check.sh")], env=env, capture_output=True, text=True, timeout=120)
+        assert outer.poll() is None, "device_check.sh ended a process it did not start"
+    finally:
+        outer.kill()
+        outer.wait()
+    files = sorted(p.name for p in out.iterdir())
+    # The device tool returns at most 8 files.
+    assert files == sorted(["build.log", "tests.log", "bench.log", "bench.csv", "bench.png", "train.log", "train_results.json", "summary.txt"])
+    summary = (out / "summary.txt").read_text()
+    # Each test stage reports its own pytest line.
+    assert "tests (GPU): ===== 5 passed, 2 skipped in 0.1s =====" in summary
+    assert "tests (CPU-only): ===== 3 passed in 0.1s =====" in summary
+    assert "--quick" in (out / "bench.log").read_text() and "--time-budget" in (out / "bench.log").read_text()
+    if cuda:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "every stage that ran passed" in summary
+    else:
+        assert proc.returncode == 1 and "NOT OK: build_info" in summary
