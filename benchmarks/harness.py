@@ -137,9 +137,9 @@ class Provider:
     understands; it is called once before any timing, which warms every pass
     up and tells whether this provider can run the case at all), optionally
     ``result_pass`` (the pass whose work ``result`` does: for a provider that
-    does not compile, a result call over the slow budget is that pass's only
-    sample, so a Python loop of minutes is not run twice; see ``measure``) and
-    ``release``.
+    does not compile, a result call over the slow budget and a few seconds
+    is that pass's only sample, so a Python loop of minutes is not run twice;
+    see ``measure``) and ``release``.
     """
 
     name: str
