@@ -13,6 +13,7 @@ the anchors, inputs and byte counts of an op.
 
 import argparse
 import functools
+import importlib.util
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ os.environ.setdefault("MMSD_EXT_QUIET", "1")
 import torch  # noqa: E402
 
 from . import bench_distill, bench_localization, bench_nms, bench_topk_mil_pool  # noqa: E402
-from .harness import Context, Runner, Settings, format_table  # noqa: E402
+from .harness import Context, Runner, Settings, format_left_out, format_table  # noqa: E402
 
 OPS = {
     "topk_mil_pool": bench_topk_mil_pool.cases,
@@ -63,20 +64,28 @@ def parse_args(argv=None):
         nargs="+",
         metavar="SIZE",
         help="a preset (tiny, quick, full) or sizes: BxTxC for topk/distillation (e.g. 32x2304x201), "
-        "M=N for NMS in one group, thumos / thumos-mmsd for the THUMOS-like NMS batch, "
-        "thumos or videos=N for localization; each op takes the sizes it understands",
+        "M=N for NMS in one group, thumos / thumos-mmsd / activitynet for the NMS batches, "
+        "thumos, videos=N or activitynet for localization; each op takes the sizes it understands",
     )
     p.add_argument("--dtypes", nargs="+", default=["float32"], help=f"for topk and distillation: {', '.join(DTYPES)} (default float32)")
     p.add_argument(
         "--passes",
         nargs="+",
         metavar="PASS",
-        help=f"only these passes ({', '.join(PASSES)}); default: all, except --quick on the CPU, "
-        "which times fwd+bwd only for ops with a backward",
+        help=f"only these passes ({', '.join(PASSES)}); default: all, except --quick, which times the passes "
+        "the goals name: fwd+bwd for ops with a backward, fwd for NMS, proposals / pipeline / mmsd_protocol for localization",
     )
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile anchors (a cold compile takes seconds to a minute per shape)")
     p.add_argument("--csv", metavar="PATH", help="append the results to this CSV (long format, one row per op/provider/shape/pass)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of this run's results (needs matplotlib)")
-    p.add_argument("--time-budget", type=float, metavar="S", help="start no new case after S seconds (what ran is kept)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="S",
+        help="start no new case after S seconds (what ran is kept); each op gets an equal share of the time left when "
+        "it starts (an op's unused time goes to the ops after it), and optional anchors (torch.compile where no goal "
+        "is set against it) are left out once their op's share is spent",
+    )
     p.add_argument("--min-run-time", type=float, metavar="S", help="seconds of timed runs per measurement (default by preset)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
     p.add_argument("--seed", type=int, default=0)
@@ -108,21 +117,22 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
     if args.plot and not args.list:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             p.error("--plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot]); run without --plot")
     return args
 
 
 def _select_passes(cases, passes, main_only):
-    """Keep the asked passes; a quick CPU run keeps fwd+bwd alone where an op has it (what the goals name)."""
+    """Keep the asked passes; a quick run keeps each case's main passes (what the goals name)."""
     kept = []
     for case in cases:
         if passes:
             case.passes = tuple(x for x in case.passes if x in passes)
-        elif main_only and "fwd+bwd" in case.passes:
-            case.passes = ("fwd+bwd",)
+        elif main_only:
+            if case.main_passes is not None:
+                case.passes = tuple(x for x in case.passes if x in case.main_passes)
+            elif "fwd+bwd" in case.passes:
+                case.passes = ("fwd+bwd",)
         if case.passes:
             kept.append(case)
     return kept
@@ -154,7 +164,9 @@ def main(argv=None):
     if args.min_run_time is not None:
         min_run = args.min_run_time
     settings = Settings(device=args.device, min_run_time=min_run, slow_s=slow_s, slow_budget_s=slow_budget, progress=not args.no_progress)
-    ctx = Context(device=args.device, dtypes=args.dtype_list, preset=args.preset, tokens=args.tokens, seed=args.seed)
+    ctx = Context(
+        device=args.device, dtypes=args.dtype_list, preset=args.preset, tokens=args.tokens, seed=args.seed, compile_anchors=not args.no_compile
+    )
 
     info = mmsd_ext.build_info()
     print(f"mmsd_ext {info['version']}: backends here {info['backends']}, on {args.device}: {ctx.mmsd_backends()}", flush=True)
@@ -170,7 +182,7 @@ def main(argv=None):
             cases.extend(OPS[op](ctx))
     for n in notes:
         print(n, flush=True)
-    cases = _select_passes(cases, args.passes, main_only=args.passes is None and args.preset == "quick" and args.device == "cpu")
+    cases = _select_passes(cases, args.passes, main_only=args.passes is None and (args.quick or args.preset == "quick"))
     if args.list:
         for c in cases:
             print(f"{c.op:22s} {c.shape:34s} {c.dtype:9s} {'/'.join(c.passes):22s} " + ", ".join(p.name + (" (skip)" if p.skip else "") for p in c.providers))
@@ -194,12 +206,9 @@ def main(argv=None):
     end_warning = _load_warning()
     if end_warning:
         print(end_warning)
-    if runner.skipped:
-        print("\nnot measured:")
-        for op, shape, prov, why in runner.skipped:
-            print(f"  {op} {shape} {prov}: {why}")
-    if runner.not_run:
-        print(f"\nleft out by --time-budget {args.time_budget:g} s: " + "; ".join(f"{c.op} {c.shape}" for c in runner.not_run))
+    left_out = format_left_out(runner)
+    if left_out:
+        print("\n" + left_out)
     print(f"\n{len(rows)} measurements in {elapsed:.0f} s" + (f", appended to {args.csv}" if args.csv else ""))
     if args.plot:
         from .plot import plot_rows

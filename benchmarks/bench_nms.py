@@ -7,6 +7,10 @@ Workloads (benchmarks/workloads.py):
   proposals (about 254k segments in 4240 groups); hard NMS at IoU 0.4.
 - ``thumos-mmsd``: the same proposals under MMSD's own NMS (overlap over the
   candidate's length, inclusive ends: ``overlap="other", offset=1``).
+- ``activitynet`` (the full preset only): an ActivityNet-like evaluation that
+  scores every class, 500 videos (a tenth of ActivityNet 1.3's 4926
+  validation videos, so the loop anchors stay within seconds) x 200 classes
+  x ~8 proposals (about 800k segments in 100k groups): many small groups.
 
 Hard NMS anchors: ``torchvision`` (``ops.nms`` for one group,
 ``ops.batched_nms`` with the group ids for a batch, on boxes
@@ -15,11 +19,30 @@ batched_nms loops over the groups itself); ``numpy_loop``: the
 per-(video, class) loop of MMSD-style code (its ``NonMaximumSuppression``:
 argsort, then ``np.delete`` of what the top segment suppresses), over groups
 already split into lists as such code holds them. Box building and group
-splitting are not timed, in the anchors' favour. Not an anchor: one
+splitting are not timed, in the anchors' favour. For a large batch on the
+CPU, batched_nms scans all M segments once per group (``idxs == group``),
+O(groups x M): 1.8 s for the THUMOS batch, minutes for the ActivityNet-like
+one, so it is left out above ``TORCHVISION_CPU_MAX_WORK`` and the numpy loop
+is the eager anchor there. Not an anchor: one
 ``ops.nms`` call on boxes shifted apart per group (the coordinate trick) is
 both slower on the CPU (its kernel compares every later box) and wrong at
 this size in float32 (shifts of 4240 * 2600 leave no fractional bits).
-Soft-NMS anchor: mmsd_ext's reference (a Python loop) on the CPU.
+
+Soft-NMS anchors: mmsd_ext's reference (a Python loop) on the CPU, for one
+group; ``numpy_loop``: the per-(video, class) numpy soft-NMS loop of WTAL
+code (CO2-Net's and DELU's ``soft_nms``: argmax, decay the rest by
+``exp(-iou^2 / sigma)``, drop what falls under the threshold, repeat), with
+the API's semantics (lower index first on ties, segments under ``min_score``
+dropped from the start, lengths without the +1), over groups already split
+into lists. On a 2-core machine it takes 2.6 s for the THUMOS batch, about
+30 s for the ActivityNet-like one (per-group overhead: 100k groups) and 0.5 s
+for 10k segments in one group, growing quadratically with a group's size, so
+it is left out above
+``SOFT_LOOP_MAX_GROUP`` segments in a group (M=100k in one group would take
+about a minute). On a GPU both run on the CPU.
+
+The tiny preset adds ``thumos-tiny``: THUMOS-shaped groups of 3 videos (a
+batch small enough for tests).
 
 The reference backend is a Python loop, O(M * kept) for hard NMS and O(M^2)
 over all groups for soft-NMS: it is left out above ``REFERENCE_MAX_M``
@@ -44,18 +67,28 @@ SOFT = dict(method="gaussian", sigma=0.5, iou_threshold=0.3, min_score=1e-3)  # 
 # CPU) always runs up to 10k: the GPU goal is set against it there.
 REFERENCE_MAX_M = {"tiny": 10_000, "quick": 2_000, "full": 10_000}
 SOFT_CPU_ANCHOR_MAX_M = 10_000
+# groups x M above which torchvision's batched_nms is left out on the CPU
+# (THUMOS: 4240 x 254k = 1.1e9, 1.8 s; ActivityNet-like: 100k x 800k = 8e10).
+TORCHVISION_CPU_MAX_WORK = 5e9
+# The numpy soft-NMS loop is quadratic within a group: 0.5 s at 10k segments
+# in one group on a 2-core machine, so 20k stays within a few seconds.
+SOFT_LOOP_MAX_GROUP = 20_000
 
 PRESETS = {
     "temporal_nms": {
-        "tiny": [("one", 64)],
+        "tiny": [("one", 64), ("thumos-tiny", "iou")],
         "quick": {"cpu": [("one", 1_000), ("one", 10_000), ("thumos", "iou")],
                   "cuda": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou")]},
-        "full": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou"), ("thumos", "other")],
+        "full": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou"), ("thumos", "other"),
+                 ("activitynet", "iou")],
     },
     "soft_temporal_nms": {
-        "tiny": [("one", 64)],
-        "quick": {"cpu": [("one", 1_000), ("thumos", "iou")], "cuda": [("one", 1_000), ("one", 10_000), ("thumos", "iou")]},
-        "full": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou")],
+        "tiny": [("one", 64), ("thumos-tiny", "iou")],
+        # On a GPU the goal size (M=10k, against the CPU reference) first: it is
+        # the costly case (the reference takes tens of seconds), and a spent
+        # time share then drops the others rather than it.
+        "quick": {"cpu": [("one", 1_000), ("thumos", "iou")], "cuda": [("one", 10_000), ("one", 1_000), ("thumos", "iou")]},
+        "full": [("one", 100), ("one", 1_000), ("one", 10_000), ("one", 100_000), ("thumos", "iou"), ("activitynet", "iou")],
     },
 }
 
@@ -66,6 +99,8 @@ def parse(token):
         return ("thumos", "iou")
     if t == "thumos-mmsd":
         return ("thumos", "other")
+    if t in ("activitynet", "anet"):
+        return ("activitynet", "iou")
     if t.startswith("m="):
         t = t[2:]
     try:
@@ -85,14 +120,23 @@ def cases(op, ctx):
     return out
 
 
+# The tiny preset's batch: THUMOS-shaped groups, few videos (a test-sized run).
+_TINY_VIDEOS = 3
+
+
 def _workload(ctx, spec):
     rng = np.random.RandomState(ctx.seed)
     if spec[0] == "one":
         segments, scores = workloads.one_group_segments(rng, spec[1])
         return segments, scores, None, f"M={spec[1]}"
-    segments, scores, groups = workloads.thumos_segments(rng)
+    if spec[0] == "activitynet":
+        videos, classes = workloads.ACTIVITYNET_VIDEOS, workloads.ACTIVITYNET_CLASSES
+        segments, scores, groups = workloads.activitynet_segments(rng, videos, classes)
+        return segments, scores, groups, f"activitynet {videos}x{classes} M={len(scores)}"
+    videos = _TINY_VIDEOS if spec[0] == "thumos-tiny" else workloads.THUMOS_VIDEOS
+    segments, scores, groups = workloads.thumos_segments(rng, videos=videos)
     name = "thumos" if spec[1] == "iou" else "thumos-mmsd"
-    return segments, scores, groups, f"{name} {workloads.THUMOS_VIDEOS}x{workloads.THUMOS_CLASSES} M={len(scores)}"
+    return segments, scores, groups, f"{name} {videos}x{workloads.THUMOS_CLASSES} M={len(scores)}"
 
 
 def _least_bytes(m, grouped, per_kept):
@@ -113,7 +157,7 @@ def _tensors(segments, scores, groups, device):
 
 def _hard_case(ctx, spec):
     segments, scores, groups, label = _workload(ctx, spec)
-    overlap = spec[1] if spec[0] == "thumos" else "iou"
+    overlap = spec[1] if groups is not None else "iou"
     offset = 1.0 if overlap == "other" else 0.0
     m = len(scores)
     device = ctx.device
@@ -146,12 +190,14 @@ def _hard_case(ctx, spec):
 
         providers.append(fwd_provider(backend, "mmsd_ext", make, skip=skip))
 
-    roles = {"loop": "numpy_loop", "reference": "reference"}
-    if overlap == "iou":
+    roles = {"loop": "numpy_loop", "reference": "reference", "eager": "numpy_loop"}
+    work = m * (0 if groups is None else len(np.unique(groups)))
+    if overlap == "iou" and device == "cpu" and work > TORCHVISION_CPU_MAX_WORK:
+        why = f"batched_nms scans all segments once per group on the CPU, groups x M = {work:.1g}: minutes a call"
+        providers.append(fwd_provider("torchvision", "anchor", lambda: None, skip=why))
+    elif overlap == "iou":
         providers.append(fwd_provider("torchvision", "anchor", lambda: _torchvision(tensors())))
         roles["eager"] = "torchvision"
-    else:
-        roles["eager"] = "numpy_loop"
     providers.append(fwd_provider("numpy_loop", "anchor", lambda: _numpy_loop(segments, scores, groups, overlap, offset), dev="cpu"))
     return Case(
         op="temporal_nms",
@@ -190,14 +236,30 @@ def _soft_case(ctx, spec):
             skip = f"Python loop, O(M^2) over all groups: left out above M={limit} and for batches"
         return Provider(name, kind, build, device=dev, jit=backend == "triton", skip=skip)
 
+    def loop_provider():
+        def build():
+            fn = _soft_numpy_loop(segments, scores, groups)
+            return {"passes": {"fwd": fn}, "result": fn, "result_pass": "fwd"}
+
+        largest = m if groups is None else int(np.bincount(groups).max(initial=0))
+        skip = None
+        if largest > SOFT_LOOP_MAX_GROUP:
+            skip = f"numpy loop, quadratic within a group: left out above {SOFT_LOOP_MAX_GROUP} segments in a group"
+        return Provider("numpy_loop", "anchor", build, device="cpu", skip=skip)
+
     limit = REFERENCE_MAX_M[ctx.preset]
 
     providers = [provider(b, "mmsd_ext", b, device, limit) for b in ctx.mmsd_backends()]
     if device != "cpu":
         providers.append(provider("reference(cpu)", "anchor", "reference", "cpu", SOFT_CPU_ANCHOR_MAX_M))
-        eager = "reference(cpu)"
+    providers.append(loop_provider())
+    # The eager anchor: the reference on the CPU for one group (the soft-NMS
+    # goals are set against it), the per-group loop for a batch (the
+    # reference leaves batches out).
+    if groups is not None:
+        eager = "numpy_loop"
     else:
-        eager = "reference"
+        eager = "reference(cpu)" if device != "cpu" else "reference"
     return Case(
         op="soft_temporal_nms",
         shape=label,
@@ -205,8 +267,8 @@ def _soft_case(ctx, spec):
         passes=("fwd",),
         least_bytes=_least_bytes(m, groups is not None, 8 + 4),
         providers=providers,
-        roles={"eager": eager, "reference": "reference"},
-        compare=_compare_soft,
+        roles={"eager": eager, "loop": "numpy_loop", "reference": "reference"},
+        compare=lambda expected, got: _compare_soft(expected, got, groups),
         note=", ".join(f"{k}={v}" for k, v in SOFT.items()),
     )
 
@@ -261,6 +323,48 @@ def _nms_numpy(s, e, scores, threshold, overlap, offset):
     return np.asarray(pick, dtype=np.int64)
 
 
+def _soft_numpy_loop(segments, scores, groups):
+    seg = segments.astype(np.float64)
+    sc = scores.astype(np.float64)
+    index_lists = [np.arange(len(sc))] if groups is None else workloads.split_groups(groups)
+    per_group = [(idx, seg[idx, 0], seg[idx, 1], sc[idx]) for idx in index_lists]
+
+    def run():
+        picked, picked_scores = [], []
+        for idx, s, e, score in per_group:
+            p, v = _soft_nms_numpy(idx, s, e, score, **SOFT)
+            picked.append(p)
+            picked_scores.append(v)
+        if not picked:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        return np.concatenate(picked), np.concatenate(picked_scores)
+
+    return run
+
+
+def _soft_nms_numpy(idx, s, e, scores, method, sigma, iou_threshold, min_score):
+    """One group's soft-NMS as WTAL code's numpy ``soft_nms`` does it; (indices, scores) in selection order."""
+    live = scores >= min_score
+    idx, s, e, scores = idx[live], s[live], e[live], scores[live].copy()
+    length = e - s
+    picked, picked_scores = [], []
+    while len(idx) > 0:
+        best = int(np.argmax(scores))  # the first maximum: the lower index on ties
+        picked.append(idx[best])
+        picked_scores.append(scores[best])
+        inter = np.maximum(0.0, np.minimum(e[best], e) - np.maximum(s[best], s))
+        union = length[best] + length - inter
+        iou = inter / np.where(union > 0, union, 1.0) * (union > 0)
+        if method == "gaussian":
+            scores = scores * np.exp(-(iou * iou) / sigma)
+        else:
+            scores = np.where(iou > iou_threshold, scores * (1.0 - iou), scores)
+        keep = scores >= min_score
+        keep[best] = False
+        idx, s, e, scores, length = idx[keep], s[keep], e[keep], scores[keep], length[keep]
+    return np.asarray(picked, dtype=np.int64), np.asarray(picked_scores)
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -279,14 +383,30 @@ def _compare_kept(expected, got):
     return f"differs: {sym} segments kept by one only (of {len(e)})"
 
 
-def _compare_soft(expected, got):
+def _compare_soft(expected, got, groups):
+    """Same selections with the same scores (1e-5), in the same order within each group.
+
+    Per-group loops list group after group; one batched call interleaves the
+    groups in the order of selection. A stable sort by group makes both the
+    per-group selection orders, which must agree.
+    """
     ei, es = expected
     gi, gs = got
     ei, gi = _as_index_array(ei), _as_index_array(gi)
+    es, gs = _as_float_array(es), _as_float_array(gs)
+    if groups is not None:
+        eo = np.argsort(groups[ei], kind="stable")
+        go = np.argsort(groups[gi], kind="stable")
+        ei, es, gi, gs = ei[eo], es[eo], gi[go], gs[go]
     if len(ei) != len(gi) or not np.array_equal(ei, gi):
-        same = int(np.sum(ei[: min(len(ei), len(gi))] == gi[: min(len(ei), len(gi))]))
-        return f"differs: selection order agrees on {same} of {len(ei)}"
-    es = es.detach().cpu().to(torch.float64)
-    gs = gs.detach().cpu().to(torch.float64)
-    err = float((es - gs).abs().max()) if len(es) else 0.0
+        n = min(len(ei), len(gi))
+        same = int(np.sum(ei[:n] == gi[:n]))
+        return f"differs: {len(gi)} selected, expected {len(ei)}; selection order agrees on {same}"
+    err = float(np.abs(es - gs).max()) if len(es) else 0.0
     return "ok" if err <= 1e-5 else f"differs: scores by up to {err:.2g}"
+
+
+def _as_float_array(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)

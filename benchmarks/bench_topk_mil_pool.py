@@ -6,6 +6,11 @@ k = max(1, T // 8) for every video (MMSD's rule), grad_out [B, C] ~ N(0, 1).
 Anchors, measured in the same run on the same tensors:
 - ``torch.topk`` (eager): ``torch.topk(scores, k, dim=1).values.mean(1)`` on
   the padded tensor, autograd for the backward (MMSD's FrmScrLoss).
+- ``torch.compile``: ``torch.compile`` of that eager formulation (default
+  mode, static shapes, compiled in the untimed check call, as the distillation
+  benchmark's anchor). No goal is set against it, so it is optional (left out
+  when the op's share of ``--time-budget`` is spent); ``--no-compile`` leaves
+  it out.
 - ``loop``: the per-video loop W-TALC-style code writes:
   ``torch.topk(scores[b, :L_b], k_b, dim=0).values.mean(0)`` for each video, then cat,
   with L_b and k_b host integers as those codes have them.
@@ -18,7 +23,7 @@ the sum.
 
 import torch
 
-from .harness import AUTOGRAD_RESULT_PASS, TOLERANCES, Case, Provider, autograd_passes, compare_tensors, dtype_name, parse_btc
+from .harness import AUTOGRAD_RESULT_PASS, TOLERANCES, Case, Provider, autograd_passes, compare_tensors, compiled_anchor, dtype_name, parse_btc
 
 OP = "topk_mil_pool"
 
@@ -63,21 +68,24 @@ def _case(ctx, shape, dtype):
             inputs["lengths"] = torch.full((B,), T, dtype=torch.int64, device=device)
         return inputs
 
-    def provider(name, kind, forward):
+    def provider(name, kind, make_forward, optional=False):
         def build():
             t = tensors()
+            forward = make_forward()
             passes, result, release = autograd_passes(lambda: forward(t), [t["scores"]], t["grad_out"])
             return {"passes": passes, "result": result, "result_pass": AUTOGRAD_RESULT_PASS, "release": release}
 
-        return Provider(name, kind, build, device=device, jit=name == "triton")
+        return Provider(name, kind, build, device=device, jit=name in ("triton", "torch.compile"), optional=optional)
 
     providers = []
     for backend in ctx.mmsd_backends():
-        providers.append(provider(backend, "mmsd_ext", _mmsd(backend)))
-    providers.append(provider("torch.topk", "anchor", lambda t: torch.topk(t["scores"], k, dim=1).values.mean(1)))
+        providers.append(provider(backend, "mmsd_ext", lambda backend=backend: _mmsd(backend)))
+    providers.append(provider("torch.topk", "anchor", lambda: lambda t: topk_mean(t["scores"], k)))
+    if ctx.compile_anchors:
+        providers.append(provider("torch.compile", "anchor", lambda: _compiled(k), optional=True))
     lengths_host = [T] * B
     k_host = [k] * B
-    providers.append(provider("loop", "anchor", lambda t: _per_video_loop(t["scores"], lengths_host, k_host)))
+    providers.append(provider("loop", "anchor", lambda: lambda t: _per_video_loop(t["scores"], lengths_host, k_host)))
 
     rtol, atol = TOLERANCES[dtype]
 
@@ -95,10 +103,20 @@ def _case(ctx, shape, dtype):
         passes=("fwd", "bwd", "fwd+bwd"),
         least_bytes=least_bytes(shape, dtype),
         providers=providers,
-        roles={"eager": "torch.topk", "loop": "loop", "reference": "reference"},
+        roles={"eager": "torch.topk", "compile": "torch.compile", "loop": "loop", "reference": "reference"},
         compare=compare,
         note=f"k = {k}",
     )
+
+
+def topk_mean(scores, k):
+    """The eager anchor: MMSD's top-k mean over time on the padded tensor."""
+    return torch.topk(scores, k, dim=1).values.mean(1)
+
+
+def _compiled(k):
+    compiled = compiled_anchor(topk_mean)
+    return lambda t: compiled(t["scores"], k)
 
 
 def _mmsd(backend):

@@ -2,26 +2,60 @@
 # The one prepared check for a lent GPU machine (H100 / H200, torch + triton +
 # nvcc installed, nothing downloadable). Run from the repository root:
 #
-#     OUT=/some/folder bash benchmarks/device_check.sh
+#     OUT=/some/folder BENCH_COMMIT=<hash> bash benchmarks/device_check.sh
 #
-# Where the tree travels without its .git, set BENCH_COMMIT=<hash> so that the
-# CSV rows name the commit measured.
+# BENCH_COMMIT names the commit measured in the CSV rows where the tree travels
+# without its .git. Exit status: 0 when every stage that ran passed, 1 when a
+# stage failed or ran out of time (except the best-effort CPU-only tests, see
+# below) or the build has no cuda backend; all logs and the summary are
+# written first.
 #
-# Stages, each under its own `timeout`, all inside DEVICE_CHECK_SECONDS (default
-# 450 s, so the whole check ends well under 8 minutes); a failed stage does not
-# stop the next one:
-#   1. env:   nvidia-smi, versions of python, torch, triton, torchvision, nvcc
-#   2. build: the extension with its CUDA kernels for sm_90, editable, offline
-#             (pip --no-index --no-build-isolation; falls back to
-#             `setup.py build_ext --inplace` with the kernels/ package linked)
-#   3. tests: the tests that need the GPU (cuda and triton backends, CUDA-only cases)
-#   4. bench: python -m benchmarks --device cuda --quick, CSV appended per case
-#   5. plot:  PNG of the benchmark CSV
-#   6. train: the main job on the GPU (synthetic set) and the training
-#             throughput per op backend at THUMOS14 sizes, in what time is left
-#   7. the CPU-only tests (stage 3 runs those that need the GPU), in what time is left
-# Files under $OUT (9, flat): env.log build.log tests.log bench.log bench.csv
-# bench.png train.log train_results.json summary.txt. The summary is printed last.
+# Time plan: everything inside DEVICE_CHECK_SECONDS (default 460 s). Each stage
+# runs under its own `timeout` with a limit taken from the time actually left,
+# so that the stages after it keep a reserve; a failed stage does not stop the
+# next. A stage can overrun its limit by the 10 s grace of `timeout -k` and 3 s
+# of clean-up; later limits absorb that, so only the last stage's overrun
+# passes 460 s and the check ends within 8 minutes. In order of importance,
+# which is also the order they run in:
+#
+#   stage       limit                          estimate (not yet measured on a GPU)
+#   env         20 s / 60 s per command        ~10 s    versions, nvidia-smi (top of build.log)
+#   build       <= 210 s, keeps 240 s          ~60-120 s  CUDA kernels for sm_90, editable,
+#                                                       offline; fallback: build_ext --inplace
+#   bench       <= 200 s, keeps 110 s          <= 200 s  python -m benchmarks --device cuda --quick:
+#                                                       goal passes only (fwd+bwd, fwd, pipeline),
+#                                                       --time-budget = limit - 60 s shared out
+#                                                       per op, so no op is starved (the rest of
+#                                                       the limit is for the last case started)
+#   plot        <= 30 s, keeps 90 s            ~10 s
+#   tests       <= 170 s, keeps 0 s            ~100-170 s  the tests that need the GPU (after the
+#                                                       benchmark, whose Triton kernels they reuse
+#                                                       from the on-disk cache), xdist
+#   train       100 s, if that much is left    the main job on the GPU (synthetic set)
+#   throughput  60 s, if that much is left     training throughput per op backend
+#   tests-cpu   what is left, if >= 40 s       the CPU-only tests (CI runs them anyway);
+#                                              best effort: running out of time is not a
+#                                              failure, a failed test is
+#
+# Every process a stage starts carries DEVICE_CHECK_TAG=<stage>.<this run> in
+# its environment (unique to this run, so a check run inside a test of another
+# never ends the other's processes); when the stage ends (done, failed or out of time), whatever still
+# runs with its tag is ended, wherever it went (GNU timeout and ninja put their
+# children in process groups of their own, out of reach of the stage's
+# `timeout`). So nothing of the check keeps running, on the GPU or elsewhere,
+# after it ends; the summary lists the GPU's compute processes at the end.
+#
+# Files under $OUT (8, flat; the device tool returns at most 8):
+#   build.log           environment, then the build
+#   tests.log           both test stages, each after a "#### tests: ..." line
+#   bench.log           the benchmark's output and table, then the plot's
+#   bench.csv bench.png the benchmark's rows and their plot
+#   train.log           the main job, then the throughput run
+#   train_results.json  the main job's results
+#   summary.txt         every stage's outcome and the benchmark table (printed last)
+
+# Stage commands are single-quoted on purpose: the stage's own bash expands them.
+# shellcheck disable=SC2016
 
 set -u
 
@@ -30,54 +64,148 @@ cd "$REPO" || exit 1
 OUT=${OUT:-$REPO/out/device}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-TOTAL=${DEVICE_CHECK_SECONDS:-450}
+TOTAL=${DEVICE_CHECK_SECONDS:-460}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 export REPO OUT PY
 
 SUMMARY=()
+BAD=()          # stages that failed or ran out of time
+RUN_ID="$$.$START"
+CURRENT_TAG=""  # the tag of the stage running now (for the exit trap)
 
 now() { date +%s; }
 elapsed() { echo $(( $(now) - START )); }
+left() { echo $(( START + TOTAL - $(now) )); }
 
 # budget MAX RESERVE: seconds for the next stage, at most MAX, leaving RESERVE
-# seconds for the stages after it (at least 20).
+# seconds for the stages after it; at least 20 (or what is left, if less).
 budget() {
-    local left=$(( START + TOTAL - $(now) - $2 ))
-    (( left > $1 )) && left=$1
-    (( left < 20 )) && left=20
-    echo "$left"
+    local n=$(( $(left) - $2 )) floor=20
+    (( $(left) < floor )) && floor=$(left)
+    (( floor < 1 )) && floor=1
+    (( n > $1 )) && n=$1
+    (( n < floor )) && n=$floor
+    echo "$n"
 }
 
-# stage NAME SECONDS LOG COMMAND: run the bash COMMAND (a string; may call the
-# exported functions below) under timeout, log to LOG, record the outcome.
+# The pids of the processes started with DEVICE_CHECK_TAG=$1 (they and all
+# their descendants have it in /proc/PID/environ).
+tagged_pids() {
+    local f pid
+    grep -lzxF -- "DEVICE_CHECK_TAG=$1" /proc/[0-9]*/environ 2>/dev/null | while read -r f; do
+        pid=${f#/proc/}
+        echo "${pid%/environ}"
+    done
+}
+
+# end_tagged TAG: end whatever still runs with that tag (TERM, then KILL).
+end_tagged() {
+    local pids
+    pids=$(tagged_pids "$1")
+    [ -z "$pids" ] && return 0
+    echo "[$(elapsed) s] ${1%%.*}: ending what it left running: $(echo "$pids" | tr '\n' ' ')"
+    # shellcheck disable=SC2086 # one pid a word
+    kill -TERM $pids 2>/dev/null
+    sleep 3
+    pids=$(tagged_pids "$1")
+    # shellcheck disable=SC2086
+    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+    return 0
+}
+
+# stage NAME SECONDS LOG COMMAND [best-effort]: run the bash COMMAND (a string;
+# may call the exported functions below) under timeout, log to LOG, record the
+# outcome. A failure or a time-out makes the check fail, except a time-out of a
+# best-effort stage (one given only the time that happens to be left).
 stage() {
-    local name=$1 secs=$2 log=$3 cmd=$4
+    local name=$1 secs=$2 log=$3 cmd=$4 best_effort=${5:-}
     local t0 rc what
     t0=$(now)
     echo "[$(elapsed) s] $name: start (limit $secs s, log $(basename "$log"))"
-    timeout -k 10 "$secs" bash -c "$cmd" >>"$log" 2>&1
+    CURRENT_TAG=$name.$RUN_ID
+    # In the background and waited for, so that a signal to this script runs
+    # its trap at once (it ends the stage's processes, then writes the summary).
+    DEVICE_CHECK_TAG=$CURRENT_TAG timeout -k 10 "$secs" bash -c "$cmd" >>"$log" 2>&1 &
+    wait $!
     rc=$?
+    end_tagged "$CURRENT_TAG" >>"$log" 2>&1
+    CURRENT_TAG=""
     case $rc in
         0) what="ok" ;;
         124|137) what="TIMED OUT" ;;
         *) what="FAILED" ;;
     esac
+    if [ -n "$best_effort" ] && [ "$what" = "TIMED OUT" ]; then
+        what="TIMED OUT (best effort: the time left ran out)"
+    elif (( rc != 0 )); then
+        BAD+=("$name")
+    fi
     echo "[$(elapsed) s] $name: $what (rc $rc, $(( $(now) - t0 )) s)"
     SUMMARY+=("$name: $what (rc $rc, $(( $(now) - t0 )) s of $secs s)")
     return $rc
 }
 
-# ------------------------------------------------------------------ 1. env
+# skip NAME WHY: a stage not run for lack of time.
+skip() {
+    echo "[$(elapsed) s] $1: skipped ($2)"
+    SUMMARY+=("$1: skipped ($2)")
+}
+
+# Files come back from the device only up to 16 MiB each: keep the head and
+# the tail of any larger one.
+fit() {
+    local f tmp
+    for f in "$OUT"/*; do
+        [ -f "$f" ] || continue
+        if (( $(stat -c %s "$f") > 15 * 1024 * 1024 )); then
+            tmp="$f.fit"
+            { head -c $(( 2 * 1024 * 1024 )) "$f"; printf '\n[... cut to fit the 16 MiB limit ...]\n'; tail -c $(( 12 * 1024 * 1024 )) "$f"; } >"$tmp" && mv "$tmp" "$f"
+        fi
+    done
+}
+
+# The last pytest summary line after MARKER in LOG (before the next marker).
+pytest_line() {
+    local line
+    line=$(awk -v m="$2" 'index($0, m) == 1 { on = 1; next } /^#### / { on = 0 } on' "$1" |
+        grep -E '^=+ .*(passed|failed|error|skipped|deselected).* =+$' | tail -n 1)
+    echo "${line:-(no pytest summary line)}"
+}
+
+finish() {
+    local gpu
+    [ -n "$CURRENT_TAG" ] && end_tagged "$CURRENT_TAG"
+    if command -v nvidia-smi >/dev/null; then
+        gpu=$(timeout -k 5 20 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>&1 | head -n 5 | tr '\n' ';')
+    else
+        gpu="(no nvidia-smi)"
+    fi
+    {
+        echo "device check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed) s in all (limit $TOTAL s), commit ${BENCH_COMMIT:-$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
+        for line in "${SUMMARY[@]}"; do echo "  $line"; done
+        echo "  GPU compute processes at the end: ${gpu:-none}"
+        if (( ${#BAD[@]} )); then echo "  NOT OK: ${BAD[*]}"; else echo "  every stage that ran passed"; fi
+        echo
+        echo "benchmark table (bench.log):"
+        sed -n '/^device: /,$p' "$OUT/bench.log" 2>/dev/null
+    } >"$OUT/summary.txt"
+    fit
+    cat "$OUT/summary.txt"
+}
+trap 'echo "[$(elapsed) s] interrupted"; BAD+=("interrupted"); finish; exit 1' INT TERM
+
+# ------------------------------------------------------------------ env
+: >"$OUT/build.log"
 {
     echo "== date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  repo commit: ${BENCH_COMMIT:-$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
     echo "== nvidia-smi"
-    nvidia-smi 2>&1 || echo "nvidia-smi failed"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1
+    timeout -k 5 20 nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1
     echo "== nvcc"
-    nvcc --version 2>&1 || ls -d /usr/local/cuda* 2>&1
+    timeout -k 5 20 nvcc --version 2>&1 || ls -d /usr/local/cuda* 2>&1
     echo "== python"
-    $PY - <<'EOF' 2>&1
+    timeout -k 5 60 "$PY" - <<'EOF' 2>&1
 import platform, sys
 print("python", sys.version.split()[0], sys.executable, platform.platform())
 for name in ("torch", "triton", "torchvision", "numpy", "pytest", "xdist", "hypothesis", "tqdm", "matplotlib", "setuptools", "ninja", "pybind11"):
@@ -93,11 +221,13 @@ if torch.cuda.is_available():
     print("device", torch.cuda.get_device_name(0), f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs", f"sm_{p.major}{p.minor}")
 EOF
     echo "== cpu: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
-} >"$OUT/env.log" 2>&1
-SUMMARY+=("env: $(grep -m1 '^device' "$OUT/env.log" || echo 'no CUDA device seen by torch')")
-echo "[$(elapsed) s] env: done ($(grep -m1 '^device' "$OUT/env.log" || echo 'no GPU seen by torch'))"
+    echo
+} >>"$OUT/build.log" 2>&1
+DEVICE=$(grep -m1 '^device' "$OUT/build.log" || echo 'no CUDA device seen by torch')
+SUMMARY+=("env: $DEVICE")
+echo "[$(elapsed) s] env: done ($DEVICE)"
 
-# ------------------------------------------------------------------ 2. build
+# ------------------------------------------------------------------ build
 build_pip() {
     TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
         $PY -m pip install -v --no-build-isolation --no-deps --no-index -e "$REPO"
@@ -109,21 +239,51 @@ build_inplace() {
         { [ -e mmsd_ext/kernels ] || ln -s ../kernels mmsd_ext/kernels; }
 }
 export -f build_pip build_inplace
-: >"$OUT/build.log"
-if ! stage build "$(budget 240 220)" "$OUT/build.log" build_pip; then
+echo "== build" >>"$OUT/build.log"
+if ! stage build "$(budget 210 240)" "$OUT/build.log" build_pip; then
     echo "== pip install failed; trying setup.py build_ext --inplace" >>"$OUT/build.log"
-    if stage build-inplace "$(budget 200 200)" "$OUT/build.log" build_inplace; then
+    if stage build-inplace "$(budget 180 240)" "$OUT/build.log" build_inplace; then
         export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        BAD=()  # the in-place build stands in for the failed pip build
     fi
 fi
-BUILD_INFO=$(cd /tmp && timeout 60 $PY -c "import mmsd_ext, mmsd_ext.kernels; print(mmsd_ext.build_info())" 2>&1 | tail -n 3)
+BUILD_INFO=$(cd /tmp && timeout -k 5 60 "$PY" -c "import mmsd_ext, mmsd_ext.kernels; i = mmsd_ext.build_info(); print(i); print('cuda backend:', 'cuda' in i['backends'])" 2>&1 | tail -n 4 | tr '\n' ' ')
 echo "build_info: $BUILD_INFO" | tee -a "$OUT/build.log"
 SUMMARY+=("build_info: $BUILD_INFO")
+case $BUILD_INFO in
+    *"cuda backend: True"*) ;;
+    *) BAD+=("build_info") ;;
+esac
 
-# ------------------------------------------------------------------ 3. tests
+# ------------------------------------------------------------------ bench
+BENCH_LIMIT=$(budget 200 110)
+# Start-up (imports, workloads, copy bandwidth) and the last case started
+# (a cold torch.compile, say) take the other 60 s.
+BENCH_BUDGET=$(( BENCH_LIMIT - 60 ))
+(( BENCH_BUDGET < 15 )) && BENCH_BUDGET=15
+export BENCH_BUDGET
+run_bench() {
+    # Each op gets its share of the time budget (benchmarks/harness.py); the
+    # ops whose GPU goals cost the most anchor time come first.
+    cd "$REPO" && $PY -m benchmarks --device cuda --quick --csv "$OUT/bench.csv" --time-budget "$BENCH_BUDGET" --no-progress \
+        --ops temporal_nms soft_temporal_nms mmsd_distill_loss topk_mil_pool localization snippet_distill_loss
+}
+export -f run_bench
+: >"$OUT/bench.log"
+stage bench "$BENCH_LIMIT" "$OUT/bench.log" run_bench
+
+# ------------------------------------------------------------------ plot
+if [ -s "$OUT/bench.csv" ]; then
+    echo "== plot" >>"$OUT/bench.log"
+    stage plot "$(budget 30 90)" "$OUT/bench.log" 'cd "$REPO" && $PY -m benchmarks.plot "$OUT/bench.csv" --out "$OUT/bench.png"'
+else
+    SUMMARY+=("plot: no CSV to plot")
+fi
+
+# ------------------------------------------------------------------ tests
 # From outside the tree, so the installed package is what is tested. The tests that
 # need the GPU (cuda and triton backends, CUDA-only cases) run here; the CPU-only rest,
-# which CI runs anyway, runs last (stage 7) in whatever time is left.
+# which CI runs anyway, runs last in whatever time is left.
 GPU_TESTS="(cuda or triton or gpu or GPU) and not test_triton_compile"
 export GPU_TESTS
 # With pytest-xdist (in the GPU image), tests run in up to 8 processes: the Triton
@@ -136,73 +296,57 @@ if $PY -c "import xdist" 2>/dev/null; then
 fi
 export XDIST
 run_tests() {
+    # shellcheck disable=SC2086 # XDIST is empty or two words
     cd /tmp && MMSD_EXT_REQUIRE_CUDA_BUILD=1 $PY -m pytest -v -rfEs --maxfail=25 --durations=15 $XDIST \
         -p no:cacheprovider -k "$1" "$REPO/tests"
 }
 export -f run_tests
-pytest_line() {
-    grep -E '(passed|failed|error)' "$1" | grep -E '^=+ .* =+$' | tail -n 1
-}
-: >"$OUT/tests.log"
-stage tests "$(budget 170 140)" "$OUT/tests.log" 'run_tests "$GPU_TESTS"'
-SUMMARY+=("tests (GPU): $(pytest_line "$OUT/tests.log" || true)")
-
-# ------------------------------------------------------------------ 4. bench
-BENCH_LIMIT=$(budget 260 70)
-BENCH_BUDGET=$(( BENCH_LIMIT - 45 ))
-(( BENCH_BUDGET < 15 )) && BENCH_BUDGET=15
-export BENCH_BUDGET
-run_bench() {
-    # Ops with GPU goals first, so a cut-short run still has them.
-    cd "$REPO" && $PY -m benchmarks --device cuda --quick --csv "$OUT/bench.csv" --time-budget "$BENCH_BUDGET" \
-        --ops topk_mil_pool mmsd_distill_loss temporal_nms soft_temporal_nms localization snippet_distill_loss
-}
-export -f run_bench
-: >"$OUT/bench.log"
-stage bench "$BENCH_LIMIT" "$OUT/bench.log" run_bench
-
-# ------------------------------------------------------------------ 5. plot
-if [ -s "$OUT/bench.csv" ]; then
-    stage plot "$(budget 30 0)" "$OUT/bench.log" 'cd "$REPO" && $PY -m benchmarks.plot "$OUT/bench.csv" --out "$OUT/bench.png"'
+GPU_MARK="#### tests: those that need the GPU"
+CPU_MARK="#### tests: the CPU-only ones"
+echo "$GPU_MARK" >"$OUT/tests.log"
+if (( $(left) >= 20 )); then
+    stage tests "$(budget 170 0)" "$OUT/tests.log" 'run_tests "$GPU_TESTS"'
+    SUMMARY+=("tests (GPU): $(pytest_line "$OUT/tests.log" "$GPU_MARK")")
 else
-    SUMMARY+=("plot: no CSV to plot")
+    skip tests "$(left) s left"
+    BAD+=("tests (no time)")
 fi
 
-# ------------------------------------------------------------------ 6. train
-run_train() {
-    # Checkpoints stay out of $OUT (tens of MB); the results and the log come back.
-    local dir
-    dir=$(mktemp -d)
-    cd /tmp && MMSD_EXT_NO_PROGRESS=1 timeout 100 $PY -m mmsd_ext.train --device cuda --output-dir "$dir/run" --no-progress
-    local rc=$?
-    cp "$dir/run/results.json" "$OUT/train_results.json" 2>/dev/null
-    rm -rf "$dir"
-    cd /tmp && timeout 60 $PY -m mmsd_ext.train.throughput --device cuda --steps 4 --backends auto reference cuda triton
-    return $(( rc || $? ))
-}
-export -f run_train
+# ------------------------------------------------------------------ train
+TRAIN_DIR=$(mktemp -d)
+export TRAIN_DIR
 : >"$OUT/train.log"
-if (( START + TOTAL - $(now) >= 30 )); then
-    stage train "$(budget 170 5)" "$OUT/train.log" run_train
+if (( $(left) >= 100 )); then
+    # Checkpoints stay out of $OUT (tens of MB); the results and the log come back.
+    stage train 100 "$OUT/train.log" \
+        'cd /tmp && MMSD_EXT_NO_PROGRESS=1 $PY -m mmsd_ext.train --device cuda --output-dir "$TRAIN_DIR/run" --no-progress'
+    cp "$TRAIN_DIR/run/results.json" "$OUT/train_results.json" 2>/dev/null || SUMMARY+=("train: no results.json")
 else
-    SUMMARY+=("train: skipped (under 30 s of the budget left)")
+    skip train "$(left) s left, under 100 s"
+fi
+rm -rf "$TRAIN_DIR"
+if (( $(left) >= 60 )); then
+    echo "== training throughput" >>"$OUT/train.log"
+    stage throughput 60 "$OUT/train.log" \
+        'cd /tmp && $PY -m mmsd_ext.train.throughput --device cuda --steps 4 --backends auto reference cuda triton'
+else
+    skip throughput "$(left) s left, under 60 s"
 fi
 
-# ------------------------------------------------------------------ 7. the other tests
-if (( START + TOTAL - $(now) >= 30 )); then
-    echo "== the CPU-only tests" >>"$OUT/tests.log"
-    stage tests-cpu "$(budget 120 0)" "$OUT/tests.log" 'run_tests "not ($GPU_TESTS)"'
-    SUMMARY+=("tests (CPU-only): $(pytest_line "$OUT/tests.log" || true)")
+# ------------------------------------------------------------------ the other tests
+if (( $(left) >= 40 )); then
+    echo "$CPU_MARK" >>"$OUT/tests.log"
+    stage tests-cpu "$(budget 170 0)" "$OUT/tests.log" 'run_tests "not ($GPU_TESTS)"' best-effort
+    SUMMARY+=("tests (CPU-only): $(pytest_line "$OUT/tests.log" "$CPU_MARK")")
+    # Cut short or not, a test that failed fails the check.
+    if awk -v m="$CPU_MARK" 'index($0, m) == 1 { on = 1; next } on' "$OUT/tests.log" | grep -qE '(FAILED|ERROR)( |$)'; then
+        [[ " ${BAD[*]} " == *" tests-cpu "* ]] || BAD+=("tests-cpu")
+    fi
 else
-    SUMMARY+=("tests (CPU-only): skipped (under 30 s of the budget left; CI runs them)")
+    skip tests-cpu "$(left) s left, under 40 s; CI runs them"
 fi
 
 # ------------------------------------------------------------------ summary
-{
-    echo "device check, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed) s in all (limit $TOTAL s)"
-    for line in "${SUMMARY[@]}"; do echo "  $line"; done
-    echo
-    echo "benchmark table (bench.log):"
-    sed -n '/^device: /,$p' "$OUT/bench.log"
-} >"$OUT/summary.txt"
-cat "$OUT/summary.txt"
+trap - INT TERM
+finish
+(( ${#BAD[@]} == 0 ))

@@ -7,26 +7,39 @@ the loops WTAL code writes), all measured in the same run on the same inputs.
 
 Method, per (case, provider, pass):
 
-- Warm-up: each provider computes the case once before any timing (the
-  correctness check below), which pays for Triton JIT, torch.compile, lazy
-  imports and allocator growth of every pass.
+- Correctness check first: each provider computes the case once before any
+  timing and its result is compared with the eager anchor's (the ``check``
+  column says ``ok`` or how it differs). That call is cold: it pays for
+  Triton JIT, torch.compile, lazy imports, autograd's first backward and
+  allocator growth.
+- Warm-up: every pass then makes at least one more, warm, call before or as
+  its first sample; the cold check call is never a sample, with one
+  exception: for a provider that compiles nothing, a check call that did the
+  pass's work and took longer than ``slow_budget_s`` and a few seconds (a
+  Python loop of minutes) is used as the only sample rather than run again
+  (``reps`` 1, the table says "1 run, cold").
 - Timing on the CPU: ``torch.utils.benchmark.Timer`` with torch's thread count,
   blocks of >= 20 ms, at least 5 blocks and ``min_run_time`` seconds; the
   median of the blocks. On a GPU: ``triton.testing.do_bench`` (CUDA events, L2
   flushed before each run), the median of all runs; a plain CUDA-event loop
   when triton is missing.
-- Slow functions (a call over ``slow_s``, e.g. Python loops at large sizes)
-  get at most 5 timed calls within ``slow_budget_s`` instead (at least one;
-  ``reps`` says how many). For a provider that compiles nothing, the check's
-  call itself counts as the first one when it did the same work.
+- Slow functions (a warm call over ``slow_s``, e.g. Python loops at large
+  sizes) get at most 5 timed calls within ``slow_budget_s`` instead (at least
+  one; ``reps`` says how many).
 - Peak memory (GPU): ``torch.cuda.max_memory_allocated`` during one call, above
   what was allocated before it (inputs excluded).
 - GB/s: the op's least traffic (each module documents its byte count: every
   input read once, every output written once) over the median time, and the
   same as a percentage of the copy bandwidth measured at the start of the run
   (a large ``dst.copy_(src)``, bytes read + written): the physical limit.
-- Correctness: each provider's result is compared once with the eager
-  anchor's before timing; the ``check`` column says ``ok`` or how it differs.
+- Time budget (``Runner(time_budget=S)``): no case starts later than S
+  seconds after ``run`` began (the copy measurement before it is not counted), and
+  each op gets an equal share of the time left when its first case starts
+  (what an op leaves unused goes to the ops after it), so one slow op cannot
+  starve the others. A case that has started runs to its end, except its
+  ``optional`` providers (anchors no goal is set against on this device, such
+  as torch.compile on a GPU), which run last and are left out once the op's
+  share is spent.
 
 Each finished case is appended to the CSV at once, so a run cut short keeps
 what it measured.
@@ -95,6 +108,11 @@ ROLES = ("eager", "compile", "loop", "reference")
 _BLOCK_S = 0.02
 # A CPU timing has at least this many blocks, whatever min_run_time says.
 _MIN_BLOCKS = 5
+# A cold check call is reused as the only sample only above this many seconds
+# (and above the slow budget): first calls carry one-off costs (torch.topk's
+# first fwd+bwd took 0.4 to 0.6 s against 0.1 ms warm on a loaded 2-core
+# machine, more than the tiny preset's whole slow budget of 0.2 s).
+_COLD_REUSE_MIN_S = 2.0
 
 
 @dataclass
@@ -119,8 +137,9 @@ class Provider:
     understands; it is called once before any timing, which warms every pass
     up and tells whether this provider can run the case at all), optionally
     ``result_pass`` (the pass whose work ``result`` does: for a provider that
-    does not compile, a slow result call counts as that pass's first sample, so
-    a Python loop of a minute is not run twice) and ``release``.
+    does not compile, a result call over the slow budget and a few seconds
+    is that pass's only sample, so a Python loop of minutes is not run twice;
+    see ``measure``) and ``release``.
     """
 
     name: str
@@ -129,6 +148,7 @@ class Provider:
     device: str = "cpu"
     jit: bool = False  # compiles on its first call (Triton, torch.compile): that call is never a sample
     skip: str = None  # a reason not to run it at this size (e.g. quadratic Python loop)
+    optional: bool = False  # no goal is set against it on this device: runs last, left out when the op's time share is spent
 
 
 @dataclass
@@ -142,6 +162,7 @@ class Case:
     roles: dict  # role -> provider name ("eager" is required when an anchor exists)
     compare: object = None  # (expected, got) -> "ok" or a description of the difference
     note: str = ""
+    main_passes: tuple = None  # the passes --quick keeps (None: fwd+bwd where the case has it, else every pass)
 
 
 def autograd_passes(forward, leaves, grad_out=None):
@@ -188,6 +209,24 @@ def autograd_passes(forward, leaves, grad_out=None):
         clear()
 
     return {"fwd": fwd, "bwd": (prepare_bwd, bwd, after_bwd), "fwd+bwd": fwd_bwd}, result, release
+
+
+def compiled_anchor(fn):
+    """``torch.compile`` of an eager formulation, as the compile anchors use it.
+
+    Default mode, static shapes, a fresh dynamo state (each shape compiles
+    afresh, within dynamo's recompile limit). The compile happens in the
+    provider's first (check) call, so it is never timed.
+    """
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+
+    # The bwd pass reruns backward on a retained graph; AOTAutograd's donated
+    # buffers forbid that (it raises). Turning them off changes memory reuse in
+    # the compiled backward, not its kernels.
+    functorch_config.donated_buffer = False
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
 
 
 # What ``result`` of autograd_passes does besides a fwd+bwd (clone the
@@ -261,6 +300,7 @@ def _timed_call(fn, device):
 class Timing:
     times_ms: list
     reps: int
+    cold: bool = False  # the one sample is the cold correctness-check call (see measure)
 
     @property
     def median(self):
@@ -285,23 +325,30 @@ def _quantile(values, q):
 
 
 def measure(fn, device, settings, first_s=None):
-    """Median-based timing of ``fn`` on ``device``, already warmed up (see the module docstring).
+    """Median-based timing of ``fn`` on ``device`` (see the module docstring).
 
-    ``first_s``: the time of a warm call of ``fn`` already made, used as the
-    first sample instead of a new call.
+    ``first_s``: how long the provider's correctness-check call took, when that
+    call did this pass's work and compiled nothing. It was cold, so it is a
+    sample only when it is over ``slow_budget_s`` and over ``_COLD_REUSE_MIN_S``
+    (then the only one: a loop that long is not run twice). Otherwise a warm
+    call is timed first; the faster of the two decides between the slow and
+    the normal method.
     """
-    first = _timed_call(fn, device) if first_s is None else first_s
-    if first > settings.slow_s:
-        times = [first]
-        spent = first
-        while len(times) < 5 and spent + first <= settings.slow_budget_s:
+    if first_s is not None and first_s > max(settings.slow_budget_s, _COLD_REUSE_MIN_S):
+        return Timing([first_s * 1e3], 1, cold=True)
+    warm = _timed_call(fn, device)
+    estimate = warm if first_s is None else min(first_s, warm)
+    if estimate > settings.slow_s:
+        times = [warm]
+        spent = warm
+        while len(times) < 5 and spent + estimate <= settings.slow_budget_s:
             t = _timed_call(fn, device)
             times.append(t)
             spent += t
         return Timing([t * 1e3 for t in times], len(times))
     if device == "cuda":
-        return _measure_cuda(fn, settings, first)
-    return _measure_cpu(fn, settings, first)
+        return _measure_cuda(fn, settings, estimate)
+    return _measure_cpu(fn, settings, estimate)
 
 
 def _measure_cpu(fn, settings, estimate_s):
@@ -461,7 +508,8 @@ class Runner:
     def __init__(self, settings, csv_path=None, time_budget=None):
         self.settings = settings
         self.csv_path = csv_path
-        self.deadline = None if time_budget is None else time.monotonic() + time_budget
+        self.time_budget = time_budget
+        self.deadline = None  # set when run() starts
         self.rows = []
         self.skipped = []  # (op, shape, provider, reason)
         self.not_run = []  # cases left out by the time budget
@@ -481,14 +529,25 @@ class Runner:
         tasks = sum(len(c.providers) * len(c.passes) for c in cases)
         if not tasks:
             return self.rows
+        if self.time_budget is not None and self.deadline is None:
+            self.deadline = time.monotonic() + self.time_budget
         bar = _progress(tasks, self.settings.progress)
+        ops = list(dict.fromkeys(c.op for c in cases))
+        current, op_deadline = None, None
         try:
             for case in cases:
-                if self.deadline is not None and time.monotonic() > self.deadline:
+                now = time.monotonic()
+                if case.op != current:
+                    current = case.op
+                    if self.deadline is not None:
+                        # An equal share of what is left for each op not started yet.
+                        ops_left = len(ops) - ops.index(case.op)
+                        op_deadline = now + max(0.0, self.deadline - now) / ops_left
+                if op_deadline is not None and now >= op_deadline:
                     self.not_run.append(case)
                     bar.update(len(case.providers) * len(case.passes))
                     continue
-                rows = self._run_case(case, bar)
+                rows = self._run_case(case, bar, op_deadline)
                 case.providers.clear()  # their inputs (closures) go now, not at the end of the run
                 self._fill_speedups(case, rows)
                 self.rows.extend(rows)
@@ -504,18 +563,22 @@ class Runner:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def _run_case(self, case, bar):
+    def _run_case(self, case, bar, deadline=None):
         rows = []
         expected, expected_from, least = None, None, {}
         eager = case.roles.get("eager")
-        # The eager anchor first: its result is what the others are checked against.
-        ordered = sorted(case.providers, key=lambda p: p.name != eager)
+        # The eager anchor first: its result is what the others are checked
+        # against. Optional providers last: they are the ones a spent time share drops.
+        ordered = sorted(case.providers, key=lambda p: (p.name != eager, p.optional))
         for prov in ordered:
             label = f"{case.op} {case.shape} {case.dtype} {prov.name}"
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(label[-60:], refresh=False)
-            if prov.skip:
-                self.skipped.append((case.op, f"{case.shape} {case.dtype}", prov.name, prov.skip))
+            skip = prov.skip
+            if not skip and prov.optional and deadline is not None and time.monotonic() >= deadline:
+                skip = "left out: this op's share of the time budget was spent (no goal is set against this anchor here)"
+            if skip:
+                self.skipped.append((case.op, f"{case.shape} {case.dtype}", prov.name, skip))
                 bar.update(len(case.passes))
                 continue
             try:
@@ -588,6 +651,7 @@ class Runner:
             "p20_ms": timing.p20,
             "p80_ms": timing.p80,
             "reps": timing.reps,
+            "cold": timing.cold,
             "bytes": nbytes,
             "gbps": gbps,
             "copy_gbps": self.copy_gbps,
@@ -743,9 +807,20 @@ def format_table(rows, copy_gbps=None, device_name="", machine=""):
 
 def _spread(r):
     if r["reps"] <= 1:
-        return "(1 run)"
+        return "(1 run, cold)" if r.get("cold") else "(1 run)"
     text = f"{_fmt(r['p20_ms'], '.4g')}-{_fmt(r['p80_ms'], '.4g')}"
     return text + (f" ({r['reps']} runs)" if r["reps"] < 5 else "")
+
+
+def format_left_out(runner):
+    """What a run did not measure, and why (empty when it measured everything asked)."""
+    out = []
+    if runner.skipped:
+        out.append("not measured:")
+        out.extend(f"  {op} {shape} {prov}: {why}" for op, shape, prov, why in runner.skipped)
+    if runner.not_run:
+        out.append(f"left out by --time-budget {runner.time_budget:g} s: " + "; ".join(f"{c.op} {c.shape}" for c in runner.not_run))
+    return "\n".join(out)
 
 
 def _align(table):
@@ -773,6 +848,7 @@ class Context:
     tokens: list = None  # explicit sizes from --sizes, or None for the preset
     seed: int = 0
     passes: tuple = None  # only these passes (None: every pass of each op)
+    compile_anchors: bool = True  # torch.compile anchors (--no-compile leaves them out)
 
     def mmsd_backends(self):
         """mmsd_ext backends that run on this device, discovered now (never a fixed list).

@@ -24,24 +24,26 @@ REQUIRED_COLUMNS = {"op", "provider", "shape", "dtype", "device", "pass", "media
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One CLI run: top-k at a tiny size and hard NMS on 64 segments, one thread, few repetitions."""
+    """One CLI run of the tiny preset at its own (tiny) effort, one thread: top-k, hard and
+    soft NMS (one group and a small THUMOS-shaped batch), and the real localization
+    functions beside their Python loops."""
     out = tmp_path_factory.mktemp("bench")
     csv_path = out / "bench.csv"
     png_path = out / "bench.png"
     cmd = [
         sys.executable, "-m", "benchmarks",
         "--device", "cpu",
-        "--ops", "topk_mil_pool", "temporal_nms",
-        "--sizes", "2x64x5", "M=64",
+        "--ops", "topk_mil_pool", "temporal_nms", "soft_temporal_nms", "localization",
+        "--sizes", "tiny",
         "--threads", "1",
-        "--min-run-time", "0.01",
+        "--no-compile",
         "--no-progress",
         "--csv", str(csv_path),
     ]  # fmt: skip
     if HAS_MATPLOTLIB:
         cmd += ["--plot", str(png_path)]
     env = dict(os.environ, MMSD_EXT_QUIET="1")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -83,20 +85,59 @@ def test_every_provider_computes_what_the_eager_anchor_computes(tiny_run):
     checked = [r for r in rows if r["check"]]
     assert checked, "the anchors' results were compared with nothing"
     assert all(r["check"] == "ok" for r in checked), [(r["op"], r["provider"], r["check"]) for r in checked]
+    # Every row but the eager anchor's own is checked against it.
+    assert {(r["op"], r["provider"]) for r in rows if not r["check"]} == {(r["op"], r["eager_anchor"]) for r in rows}
+
+
+def test_fast_providers_are_timed_warm_and_repeatedly_at_tiny_effort(tiny_run):
+    # The check call is each provider's first, cold one (torch.topk's first
+    # backward took 0.4 s against 0.1 ms warm): it must never be the measurement.
+    _, rows, _, _ = tiny_run
+    topk = [r for r in rows if r["op"] == "topk_mil_pool" and r["provider"] == "torch.topk"]
+    assert {r["pass"] for r in topk} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(int(r["reps"]) > 1 for r in topk), [(r["pass"], r["reps"], r["median_ms"]) for r in topk]
+    # tiny effort: a call over 50 ms is "slow" (few timed calls); nothing here is.
+    single = [(r["op"], r["provider"], r["pass"], r["median_ms"]) for r in rows if int(r["reps"]) <= 1 and float(r["median_ms"]) < 50]
+    assert not single
 
 
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is the hard-NMS anchor")
 def test_nms_is_timed_against_torchvision_and_the_numpy_loop(tiny_run):
     _, rows, _, _ = tiny_run
-    nms = {r["provider"]: r for r in rows if r["op"] == "temporal_nms"}
-    assert {"torchvision", "numpy_loop", "reference"} <= set(nms)
-    assert nms["reference"]["check"] == "ok" and nms["numpy_loop"]["check"] == "ok"
+    one = {r["provider"]: r for r in rows if r["op"] == "temporal_nms" and r["shape"] == "M=64"}
+    assert {"torchvision", "numpy_loop", "reference", "cpu"} <= set(one)
+    assert one["reference"]["check"] == "ok" and one["numpy_loop"]["check"] == "ok"
+    batch = {r["provider"]: r for r in rows if r["op"] == "temporal_nms" and r["shape"].startswith("thumos")}
+    assert {"torchvision", "numpy_loop", "cpu"} <= set(batch) and batch["cpu"]["check"] == "ok"
 
 
-def test_the_run_prints_a_table_and_says_what_it_did_not_measure(tiny_run):
+def test_soft_nms_of_a_batch_is_timed_against_the_per_group_numpy_loop(tiny_run):
+    _, rows, _, _ = tiny_run
+    batch = {r["provider"]: r for r in rows if r["op"] == "soft_temporal_nms" and r["shape"].startswith("thumos")}
+    assert {"numpy_loop", "cpu"} <= set(batch)
+    assert batch["cpu"]["eager_anchor"] == "numpy_loop" and batch["cpu"]["check"] == "ok"
+    assert float(batch["cpu"]["speedup_vs_eager"]) > 0
+    one = {r["provider"]: r for r in rows if r["op"] == "soft_temporal_nms" and r["shape"] == "M=64"}
+    assert one["cpu"]["eager_anchor"] == "reference" and one["numpy_loop"]["check"] == "ok"
+
+
+def test_localization_runs_every_backend_against_the_python_loops(tiny_run):
+    # The real mmsd_ext.localize / evaluate functions and tests/localization_reference.py.
+    _, rows, _, _ = tiny_run
+    loc = [r for r in rows if r["op"] == "localization"]
+    got = {(r["provider"], r["pass"]) for r in loc}
+    for prov in ("reference", "cpu", "python_loops"):
+        assert {(prov, x) for x in ("proposals", "pipeline", "mmsd_protocol")} <= got
+    # detection_map has no backends: timed once beside the anchor.
+    assert {p for p, x in got if x == "map"} == {"cpu", "python_loops"}
+    assert all(r["check"] == "ok" for r in loc if r["provider"] != "python_loops"), [(r["provider"], r["check"]) for r in loc]
+
+
+def test_the_run_prints_a_table(tiny_run):
     proc, _, _, _ = tiny_run
     assert "== topk_mil_pool" in proc.stdout and "x eager" in proc.stdout
     assert "copy bandwidth" in proc.stdout
+    assert "== localization" in proc.stdout
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is an optional extra")
@@ -145,54 +186,213 @@ def test_bad_options_are_refused_with_the_option_named():
     assert proc.returncode == 2 and "--ops" in proc.stderr and "topk_mil_pool" in proc.stderr
 
 
-def _stand_in_proposals(cas, video_scores, lengths, thresholds=(0.002, 0.006), class_threshold=0.2):
-    """Runs of cas > threshold per labelled (video, class): the shape of MMSD's proposals, nothing more."""
+# ---------------------------------------------------------------- the harness, unit by unit
+
+
+def _tiny_settings(**kw):
+    values = dict(device="cpu", min_run_time=0.01, slow_s=0.05, slow_budget_s=0.2, progress=False)
+    values.update(kw)
+    return harness.Settings(**values)
+
+
+def test_a_cold_check_time_is_not_a_sample_unless_over_the_slow_budget():
+    settings = _tiny_settings()
+    fast = lambda: sum(range(10))  # noqa: E731
+    # A check call of 0.15 s (cold) before a function that takes microseconds warm.
+    timing = harness.measure(fast, "cpu", settings, first_s=0.15)
+    assert timing.reps > 1 and not timing.cold
+    assert timing.median < 1.0  # ms
+    # Over the slow budget but within a cold start's cost: still timed warm.
+    timing = harness.measure(fast, "cpu", settings, first_s=0.5)
+    assert timing.reps > 1 and not timing.cold
+    # Over both, the check call is the one sample (a loop that long is not run again).
+    timing = harness.measure(fast, "cpu", settings, first_s=2.5)
+    assert timing.reps == 1 and timing.cold and timing.median == pytest.approx(2500.0)
+
+
+def _case(op, providers, eager="eager", sleep_s=0.0, shape="s"):
+    import time
+
+    def make(name, optional=False, skip=None, fail=False):
+        def build():
+            if fail:
+                raise RuntimeError("cannot run this case")
+
+            def result():
+                time.sleep(sleep_s)
+                return torch.ones(3)
+
+            return {"passes": {"fwd": lambda: torch.ones(3)}, "result": result}
+
+        return harness.Provider(name, "anchor" if name == eager else "mmsd_ext", build, optional=optional, skip=skip)
+
+    return harness.Case(
+        op=op,
+        shape=shape,
+        dtype="float32",
+        passes=("fwd",),
+        least_bytes={"fwd": 12},
+        providers=[make(*p) if isinstance(p, tuple) else make(p) for p in providers],
+        roles={"eager": eager},
+        compare=lambda e, g: harness.compare_tensors(e, g, 1e-6, 1e-6),
+    )
+
+
+def test_the_run_says_what_it_did_not_measure_and_why():
+    runner = harness.Runner(_tiny_settings())
+    case = _case("op", ["eager", ("slow", False, "a Python loop, too slow at this size"), ("broken", False, None, True)])
+    rows = runner.run([case])
+    assert {r["provider"] for r in rows} == {"eager"}
+    text = harness.format_left_out(runner)
+    assert text.startswith("not measured:")
+    assert "op s float32 slow: a Python loop, too slow at this size" in text
+    assert "op s float32 broken: RuntimeError: cannot run this case" in text
+    assert harness.format_left_out(harness.Runner(_tiny_settings())) == ""
+
+
+def test_each_op_gets_a_share_of_the_time_budget():
+    # Op a's cases each take 0.3 s (their check calls), more than a's share
+    # (half of 0.5 s): a stops after one, and op b still runs.
+    runner = harness.Runner(_tiny_settings(), time_budget=0.5)
+    cases = [_case("a", ["eager"], sleep_s=0.3, shape=f"a{i}") for i in range(3)]
+    cases.append(_case("b", ["eager", "kernel"], shape="b0"))
+    rows = runner.run(cases)
+    assert [(r["op"], r["shape"]) for r in rows if r["provider"] == "eager"] == [("a", "a0"), ("b", "b0")]
+    assert [c.shape for c in runner.not_run] == ["a1", "a2"]
+    assert "left out by --time-budget 0.5 s: a a1; a a2" in harness.format_left_out(runner)
+
+
+def test_optional_providers_run_last_and_only_within_their_ops_share():
+    runner = harness.Runner(_tiny_settings(), time_budget=0.2)
+    case = _case("a", [("compiled", True), "eager", "kernel"], sleep_s=0.25)
+    rows = runner.run([case])
+    assert [r["provider"] for r in rows] == ["eager", "kernel"]
+    assert runner.skipped[0][2] == "compiled" and "share of the time budget" in runner.skipped[0][3]
+    # Without a budget the optional provider runs, after the others.
+    case = _case("a", [("compiled", True), "eager", "kernel"])
+    assert [r["provider"] for r in harness.Runner(_tiny_settings()).run([case])] == ["eager", "kernel", "compiled"]
+
+
+def test_quick_keeps_the_passes_the_goals_name():
+    from benchmarks.__main__ import _select_passes
+
+    autograd = _case("x", ["eager"])
+    autograd.passes = ("fwd", "bwd", "fwd+bwd")
+    nms = _case("y", ["eager"])
+    loc = _case("localization", ["eager"])
+    loc.passes, loc.main_passes = ("proposals", "map", "pipeline", "mmsd_protocol"), ("proposals", "pipeline", "mmsd_protocol")
+    kept = _select_passes([autograd, nms, loc], None, main_only=True)
+    assert [c.passes for c in kept] == [("fwd+bwd",), ("fwd",), ("proposals", "pipeline", "mmsd_protocol")]
+
+
+def test_compile_anchors_are_listed_and_optional_where_no_goal_is_set_against_them():
+    from benchmarks import bench_topk_mil_pool
+
+    def providers(mod_cases, **kw):
+        (case,) = mod_cases(harness.Context(preset="tiny", **kw))
+        return {p.name: p for p in case.providers}
+
+    topk = providers(bench_topk_mil_pool.cases)
+    assert topk["torch.compile"].optional and topk["torch.compile"].jit
+    assert "torch.compile" not in providers(bench_topk_mil_pool.cases, compile_anchors=False)
+    # The CPU goal of mmsd_distill_loss is set against torch.compile: not optional there.
+    mmsd = providers(lambda ctx: bench_distill.cases("mmsd_distill_loss", ctx))
+    assert not mmsd["torch.compile"].optional
+    snippet = providers(lambda ctx: bench_distill.cases("snippet_distill_loss", ctx))
+    assert snippet["torch.compile"].optional
+
+
+def test_activitynet_sizes_are_in_the_full_preset_only():
+    from benchmarks import bench_localization, bench_nms
+
+    full = bench_localization.cases(harness.Context(preset="full"))
+    assert [c.shape.split()[0] for c in full] == ["V=212", "activitynet"]
+    assert "C=200" in full[1].shape and full[1].passes == ("proposals", "map", "pipeline")
+    assert len(bench_localization.cases(harness.Context(preset="quick"))) == 1
+    for op in ("temporal_nms", "soft_temporal_nms"):
+        assert ("activitynet", "iou") in bench_nms.PRESETS[op]["full"]
+        assert all(spec[0] != "activitynet" for dev in ("cpu", "cuda") for spec in bench_nms.PRESETS[op]["quick"][dev])
+
+
+def test_localization_check_wants_the_same_rows_in_the_same_order_to_1e12():
     import numpy as np
 
-    cas, video_scores, lengths = (np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x) for x in (cas, video_scores, lengths))
-    rows = []
-    for v, c in zip(*np.nonzero(video_scores >= class_threshold)):
-        x = cas[v, : lengths[v], c]
-        for th in thresholds:
-            edges = np.diff(np.concatenate([[0], (x > th).astype(np.int8), [0]]))
-            for s, e in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
-                rows.append((v, c, s, e, float(x[s:e].mean())))
-    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
-
-
-class _MapResult:
-    def __init__(self, values):
-        self.map = values
-
-
-def _stand_in_map(predictions, ground_truth, tious):
-    """Share of predictions overlapping a ground truth of their video and class by >= t."""
-    import numpy as np
-
-    p = np.asarray(predictions.cpu() if isinstance(predictions, torch.Tensor) else predictions, dtype=np.float64)
-    g = np.asarray(ground_truth.cpu() if isinstance(ground_truth, torch.Tensor) else ground_truth, dtype=np.float64)
-    same = (p[:, None, 0] == g[None, :, 0]) & (p[:, None, 1] == g[None, :, 1])
-    inter = np.clip(np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 2], g[None, :, 2]), 0, None)
-    union = (p[:, None, 3] - p[:, None, 2]) + (g[None, :, 3] - g[None, :, 2]) - inter
-    iou = np.where(same, inter / np.maximum(union, 1e-12), 0.0).max(axis=1, initial=0.0)
-    return _MapResult(np.array([float((iou >= t).mean()) if len(iou) else 0.0 for t in tious]))
-
-
-def test_localization_benchmark_runs_the_public_functions_beside_the_loops(monkeypatch):
-    """With stand-ins for mmsd_ext.localize/evaluate and tests/localization_reference.py (written elsewhere)."""
     from benchmarks import bench_localization
 
-    def public_proposals(cas, video_scores, lengths):
-        return torch.from_numpy(_stand_in_proposals(cas, video_scores, lengths)).to(torch.float32)
+    rows = np.array([[0, 1, 3, 9, 0.25], [0, 1, 12, 20, 0.125], [1, 0, 0, 4, 0.5]])
+    mean_ap = np.array([0.5, 0.25])
+    expected = (rows, mean_ap, None)
+    assert bench_localization._compare(expected, (rows.copy(), mean_ap.copy(), None)) == "ok"
+    nudged = rows.copy()
+    nudged[1, 4] += 1e-11
+    assert "1 proposal rows differ" in bench_localization._compare(expected, (nudged, mean_ap, None))
+    assert "proposal rows differ" in bench_localization._compare(expected, (rows[[1, 0, 2]], mean_ap, None))
+    assert "2 proposals, expected 3" in bench_localization._compare(expected, (rows[:2], mean_ap, None))
+    assert "mAP by" in bench_localization._compare(expected, (rows, mean_ap + 1e-8, None))
 
-    monkeypatch.setattr(bench_localization, "public_functions", lambda: ((public_proposals, _stand_in_map, None), None))
-    monkeypatch.setattr(bench_localization, "loop_functions", lambda: ((_stand_in_proposals, _stand_in_map, None), None))
-    ctx = harness.Context(device="cpu", preset="tiny")
-    cases = bench_localization.cases(ctx)
-    settings = harness.Settings(device="cpu", min_run_time=0.01, slow_s=0.05, slow_budget_s=0.2, progress=False)
-    rows = harness.Runner(settings).run(cases)
-    got = {(r["provider"], r["pass"]): r for r in rows}
-    assert set(got) == {(p, x) for p in ("mmsd_ext", "python_loops") for x in ("proposals", "map", "pipeline")}
-    assert all(r["check"] in ("", "ok") for r in rows), [r["check"] for r in rows]
-    assert got[("mmsd_ext", "pipeline")]["check"] == "ok"
-    assert got[("python_loops", "pipeline")]["speedup_vs_eager"] == pytest.approx(1.0)
+
+def test_localization_traffic_counts_float64_rows():
+    import numpy as np
+
+    from benchmarks import bench_localization
+
+    (case,) = bench_localization.cases(harness.Context(preset="tiny"))
+    least = case.least_bytes((np.zeros((7, 5)), None, None))
+    assert least["proposals"] - least["pipeline"] == 7 * 5 * 8 - case_gt_bytes(case)
+    assert least["map"] - 7 * 5 * 8 == case_gt_bytes(case)
+
+
+def case_gt_bytes(case):
+    return int(case.shape.split("GT=")[1]) * 4 * 8
+
+
+# ---------------------------------------------------------------- device_check.sh, with a stand-in python
+
+_STUB_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for python in device_check.sh: each stage's command answers at once.
+case "$*" in
+  "-m pip"*) echo "pip: built"; exit 0 ;;
+  "-c import xdist") exit 1 ;;
+  "-c import mmsd_ext"*) echo "{'backends': [...]}"; echo "cuda backend: ${STUB_CUDA:-False}"; exit 0 ;;
+  "-") cat >/dev/null; echo "device Stub GPU"; exit 0 ;;
+  "-m benchmarks.plot"*) : >"$OUT/bench.png"; exit 0 ;;
+  "-m benchmarks"*) echo "bench args: $*"; echo "op" >>"$OUT/bench.csv"; echo "device: stub"; exit 0 ;;
+  "-m pytest"*"not ("*) echo "===== 3 passed in 0.1s ====="; exit 0 ;;
+  "-m pytest"*) echo "===== 5 passed, 2 skipped in 0.1s ====="; exit 0 ;;
+  "-m mmsd_ext.train.throughput"*) exit 0 ;;
+  "-m mmsd_ext.train"*) shift 2; while [ "$#" -gt 0 ] && [ "$1" != --output-dir ]; do shift; done
+                        mkdir -p "$2" && echo '{"average_map": 1.0}' >"$2/results.json"; exit 0 ;;
+esac
+echo "unexpected: $*"; exit 3
+"""
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_device_check_writes_at_most_8_files_and_fails_without_a_cuda_build(tmp_path, cuda):
+    stub = tmp_path / "python"
+    stub.write_text(_STUB_PYTHON)
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=str(stub), DEVICE_CHECK_SECONDS="300", BENCH_COMMIT="abc", STUB_CUDA=str(cuda))
+    # A process of an outer check's stage (as when this test runs inside one on the
+    # GPU machine): the inner check must not take it for one of its own.
+    outer = subprocess.Popen(["sleep", "60"], env=dict(os.environ, DEVICE_CHECK_TAG="tests-cpu"))
+    try:
+        proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "device_check.sh")], env=env, capture_output=True, text=True, timeout=120)
+        assert outer.poll() is None, "device_check.sh ended a process it did not start"
+    finally:
+        outer.kill()
+        outer.wait()
+    files = sorted(p.name for p in out.iterdir())
+    # The device tool returns at most 8 files.
+    assert files == sorted(["build.log", "tests.log", "bench.log", "bench.csv", "bench.png", "train.log", "train_results.json", "summary.txt"])
+    summary = (out / "summary.txt").read_text()
+    # Each test stage reports its own pytest line.
+    assert "tests (GPU): ===== 5 passed, 2 skipped in 0.1s =====" in summary
+    assert "tests (CPU-only): ===== 3 passed in 0.1s =====" in summary
+    assert "--quick" in (out / "bench.log").read_text() and "--time-budget" in (out / "bench.log").read_text()
+    if cuda:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "every stage that ran passed" in summary
+    else:
+        assert proc.returncode == 1 and "NOT OK: build_info" in summary
