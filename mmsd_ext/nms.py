@@ -67,7 +67,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
-    name = _backend.resolve("temporal_nms", backend, segments.device, supported=_HARD_SUPPORTED, gpu_order=_GPU_ORDER)
+    name = _resolve_hard(backend, segments.device)
     return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, float(offset))
 
 
@@ -111,8 +111,30 @@ def soft_temporal_nms(
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or math.isnan(min_score):
         raise TypeError(f"min_score: expected a number, got {min_score!r}")
-    name = _backend.resolve("soft_temporal_nms", backend, segments.device, supported=_SOFT_SUPPORTED, gpu_order=_GPU_ORDER)
+    name = _resolve_soft(backend, segments.device)
     return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, float(min_score), groups, float(offset))
+
+
+def _resolve_hard(backend, device):
+    """The backend of temporal_nms for tensors on ``device``.
+
+    The triton backend gathers its mask with the compiled op _temporal_nms_gather,
+    which has a kernel for CUDA tensors only in a build with the CUDA kernels (and
+    for CPU tensors, under the Triton interpreter, in any build of the extension).
+    Where it has none, auto skips "triton" (so a CPU-only build on a GPU machine
+    gets "reference"), and asking for it raises with the reason.
+    """
+    gpu_order = _GPU_ORDER if _gather_compiled(device) else tuple(n for n in _GPU_ORDER if n != "triton")
+    name = _backend.resolve("temporal_nms", backend, device, supported=_HARD_SUPPORTED, gpu_order=gpu_order)
+    if name == "triton":
+        _check_gather(device)
+    return name
+
+
+def _resolve_soft(backend, device):
+    """The backend of soft_temporal_nms for tensors on ``device`` (its triton
+    backend is Triton and PyTorch only, with no compiled op)."""
+    return _backend.resolve("soft_temporal_nms", backend, device, supported=_SOFT_SUPPORTED, gpu_order=_GPU_ORDER)
 
 
 def _non_negative(name, value):
@@ -287,12 +309,25 @@ def _read_count_and_check(count, first_bad, seg):
     return count
 
 
-def _gather_available():
-    if not _loader.compiled_available():
-        raise RuntimeError(
-            "backend='triton': temporal_nms computes its suppression mask in Triton but gathers it with the "
-            f"compiled op mmsd_ext::_temporal_nms_gather, and the extension is not loaded: {_loader.LOAD_ERROR}"
-        )
+def _gather_compiled(device):
+    """Whether mmsd_ext::_temporal_nms_gather has a kernel for tensors on ``device``."""
+    if torch.device(device).type == "cuda":
+        return _loader.cuda_compiled()
+    return _loader.compiled_available()
+
+
+def _check_gather(device):
+    if _gather_compiled(device):
+        return
+    why = _loader.LOAD_ERROR if not _loader.compiled_available() else (
+        "this build of the extension has no CUDA kernels; rebuild it on a machine with the CUDA toolkit: "
+        "`FORCE_CUDA=1 pip install --no-build-isolation -e .`"
+    )
+    raise RuntimeError(
+        "backend='triton': temporal_nms computes its suppression mask in Triton but gathers it with the "
+        f"compiled op mmsd_ext::_temporal_nms_gather, which cannot run on {torch.device(device)} tensors here: {why} "
+        "(backend='reference' always runs)"
+    )
 
 
 @torch.library.custom_op("mmsd_ext::temporal_nms_triton", mutates_args=())
@@ -304,7 +339,7 @@ def _temporal_nms_triton_op(
     n = segments.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=segments.device)
-    _gather_available()
+    _check_gather(segments.device)
     seg = segments.to(torch.float64).contiguous()
     first_bad = _first_bad_segment(seg)
     perm = _descending_order(scores)

@@ -556,6 +556,58 @@ def test_compiled_op_messages_give_the_numbers(device):
 
 
 # ----------------------------------------------------------------------------
+# backend choice
+
+
+@pytest.mark.parametrize("extension,cuda_kernels", [(True, True), (True, False), (False, False)])
+def test_backend_choice_on_cuda_tensors(monkeypatch, extension, cuda_kernels):
+    # The triton backend of hard NMS gathers with the compiled op
+    # _temporal_nms_gather, whose CUDA kernel exists only in a build with the CUDA
+    # kernels: without it, auto must not pick "triton" for CUDA tensors (the
+    # reference runs instead) and asking for it must say why. Soft-NMS's triton
+    # backend needs no compiled op. Resolution takes a device, so no GPU is needed.
+    from mmsd_ext import _backend, _loader
+
+    monkeypatch.setattr(_loader, "compiled_available", lambda: extension)
+    monkeypatch.setattr(_loader, "cuda_compiled", lambda: cuda_kernels)
+    monkeypatch.setattr(_loader, "LOAD_ERROR", None if extension else "mmsd_ext: the compiled extension is not built")
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    cuda = torch.device("cuda")
+    assert nms_module._resolve_hard(None, cuda) == ("cuda" if cuda_kernels else "reference")
+    assert nms_module._resolve_soft(None, cuda) == ("cuda" if cuda_kernels else "triton")
+    assert nms_module._resolve_soft("triton", cuda) == "triton"
+    if cuda_kernels:
+        assert nms_module._resolve_hard("triton", cuda) == "triton"
+    else:
+        why = "no CUDA kernels" if extension else "not built"
+        with pytest.raises(RuntimeError, match=f"_temporal_nms_gather.*{why}"):
+            nms_module._resolve_hard("triton", cuda)
+        with mmsd_ext.use_backend("triton"), pytest.raises(RuntimeError, match="_temporal_nms_gather"):
+            nms_module._resolve_hard(None, cuda)
+    # CPU tensors: the extension's CPU kernels decide.
+    assert nms_module._resolve_hard(None, torch.device("cpu")) == ("cpu" if extension else "reference")
+
+
+def test_triton_hard_nms_without_the_extension_raises(monkeypatch):
+    # Under the interpreter, CPU tensors gather with the C++ kernel; without the
+    # extension both the public function and the custom op say so, before any work.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext import _loader
+
+    seg, scores, groups = _opcheck_inputs(backend_device("triton"))
+    monkeypatch.setattr(_loader, "compiled_available", lambda: False)
+    monkeypatch.setattr(_loader, "cuda_compiled", lambda: False)
+    monkeypatch.setattr(_loader, "LOAD_ERROR", "mmsd_ext: the compiled extension is not built")
+    with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
+        mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend="triton")
+    with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
+        torch.ops.mmsd_ext.temporal_nms_triton(seg, scores, groups, 0.5, "iou", 0.0)
+    idx, _ = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="triton")
+    assert torch.equal(idx.cpu(), mmsd_ext.soft_temporal_nms(seg.cpu(), scores.cpu(), groups=groups.cpu(), backend="reference")[0])
+
+
+# ----------------------------------------------------------------------------
 # opcheck and torch.compile
 
 
