@@ -39,22 +39,39 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
             snippet convention of MMSD and BaS-Net. A zero length gives overlap 0.
         backend: "reference", "cpu", "cuda", "triton" or None (auto). "triton"
             computes the suppression tiles in Triton and gathers them with the
-            compiled op, so it needs the compiled extension too.
+            compiled op ``mmsd_ext::_temporal_nms_gather``, so it needs the compiled
+            extension too, built with its CUDA kernels for CUDA tensors; auto does
+            not pick it where that op cannot run (it falls back to "reference").
 
     Returns:
         int64 tensor of kept indices, in descending score order (ties: lower index first).
-        With overlap="iou", offset=0 it equals ``torchvision.ops.batched_nms`` on
-        boxes (start, 0, end, 1). Not differentiable.
+        With overlap="iou", offset=0 and float64 coordinates it equals
+        ``torchvision.ops.batched_nms`` on CPU boxes (start, 0, end, 1). Elsewhere
+        they agree except where an IoU lies within float32 rounding of the
+        threshold, since torchvision computes the IoU of float32 boxes in float32
+        (and its CUDA kernel rounds the threshold to float32), this op always in
+        float64: float32 segments [0, 2], [1, 3] (IoU 1/3) at threshold 1/3 are
+        both kept here, only the first by torchvision. Not differentiable.
 
     Raises:
         TypeError / ValueError naming the argument: wrong dtype or shape, tensors on
         different devices, negative ``iou_threshold`` or ``offset``, an unknown
         ``overlap``, and segments with end < start or non-finite coordinates (on
-        CUDA tensors this check rides on the op's one read of its result size).
+        CUDA tensors this check rides on the op's read of its result size).
+        RuntimeError for a backend that cannot run here.
 
-    Cost: cpu, O(M log M) plus, per candidate, the kept segments whose start lies
-    within reach of it; cuda/triton, a suppression mask of G^2 / 8 bytes for a group
-    of G segments (1.25 GB at G = 1e5) and one read of the result size to the host.
+    Cost: cpu, O(M log M) plus, per candidate, a test of each kept segment that
+    its position and length allow to overlap it by more than the threshold (found
+    by max-trees over the kept segments, csrc/cpu/temporal_nms_kernel.cpp).
+    cuda/triton: a suppression mask of n * W * 8 bytes for n segments, W =
+    ceil(n / 64) without groups or with n <= 8192 (n^2 / 8 bytes: 1.25 GB at
+    n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
+    largest group Gmax. Host synchronisations (each waits for the queued GPU work):
+    cuda, one (the read of the result size); with groups and n > 8192, one more
+    (the read of Gmax). triton, three: the copy of its float parameters to the
+    device (from pageable memory, which PyTorch ends with a stream synchronisation),
+    the gather op's read of its input checks and the read of the result size; with
+    groups and n > 8192, one more (Gmax).
 
     Example::
 
@@ -85,6 +102,11 @@ def soft_temporal_nms(
 
     NaN scores are dropped (a NaN is not >= min_score), also a NaN made by a decay
     (an infinite score times a zero factor).
+
+    Cost: cpu, O(M log M) plus, per selection, the live segments of its group that
+    intersect it (found by a max-tree of the live ends). Host synchronisations:
+    cuda, one (the read of the result size); triton, two (the copy of its float
+    parameters to the device, as in ``temporal_nms``, and the read of the result size).
 
     Args:
         segments, scores, groups, offset, backend: as in ``temporal_nms``.
@@ -301,7 +323,7 @@ def _first_bad_segment(seg):
 
 
 def _read_count_and_check(count, first_bad, seg):
-    """The one read to the host: the result size, and whether a segment was invalid."""
+    """The read of the result size to the host, with whether a segment was invalid."""
     count, bad = torch.stack([count.to(torch.int64), first_bad]).tolist()
     if bad < seg.shape[0]:
         s, e = seg[bad].tolist()

@@ -125,11 +125,28 @@ def test_temporal_nms_matches_torchvision_distinct_scores(backend, dtype):
     for threshold in (0.3, 0.5, 0.7):
         expected = torchvision.ops.batched_nms(boxes, scores, groups, threshold)
         got = mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, groups=groups.to(dev), backend=backend)
-        # torchvision rounds the IoU in float32 for float32 boxes; with these random
-        # coordinates no IoU falls within float32 rounding of the threshold.
+        # float64: the same IoU in the same operation order as torchvision's CPU
+        # kernel. float32: torchvision rounds the IoU to float32 (this op does not,
+        # see the docstring and the next test); with these random coordinates no IoU
+        # lies within float32 rounding of a threshold.
         assert torch.equal(got.cpu(), expected)
         expected = torchvision.ops.nms(boxes, scores, threshold)
         assert torch.equal(mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, backend=backend).cpu(), expected)
+
+
+def test_temporal_nms_float32_iou_at_the_threshold_unlike_torchvision(any_backend):
+    # The docstring's example: [0, 2] and [1, 3] overlap by IoU 1/3 exactly. torchvision
+    # computes it in float32 for float32 boxes (0.33333334 > 1/3, so it suppresses the
+    # second); this op computes it in float64 (1/3, not above 1/3: both kept). With
+    # float64 boxes the two agree.
+    dev = backend_device(any_backend)
+    for dtype, torchvision_keeps in ((torch.float32, [0]), (torch.float64, [0, 1])):
+        seg = torch.tensor([[0.0, 2.0], [1.0, 3.0]], dtype=dtype)
+        scores = torch.tensor([0.9, 0.8], dtype=dtype)
+        boxes = torch.stack([seg[:, 0], torch.zeros(2, dtype=dtype), seg[:, 1], torch.ones(2, dtype=dtype)], 1)
+        assert torchvision.ops.batched_nms(boxes, scores, torch.zeros(2, dtype=torch.int64), 1 / 3).tolist() == torchvision_keeps
+        got = mmsd_ext.temporal_nms(seg.to(dev), scores.to(dev), 1 / 3, backend=any_backend)
+        assert got.tolist() == [0, 1]
 
 
 def test_temporal_nms_matches_torchvision_with_ties(backend):
