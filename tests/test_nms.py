@@ -362,6 +362,109 @@ def test_temporal_nms_cpu_million_segments():
     assert torch.equal(kept[window[kept] == 7], idx[sub])
 
 
+def _short_segments_with_long_ones(M, gen):
+    """M segments: short ones (lengths 0..6) spread over [0, 3M], plus, at the top
+    score, one covering the whole timeline (a whole-video proposal), one at the lowest
+    score covering it too, one far after everything, and a few of medium length."""
+    start = torch.rand(M, generator=gen, dtype=torch.float64) * 3 * M
+    seg = torch.stack([start, start + torch.randint(0, 7, (M,), generator=gen).double()], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64)
+    seg[0], scores[0] = torch.tensor([0.0, 3.0 * M]), 2.0
+    seg[1], scores[1] = torch.tensor([-1.0, 3.0 * M + 6]), -1.0
+    seg[2], scores[2] = torch.tensor([5.0 * M, 9.0 * M]), 1.5
+    for k in range(3, 8):
+        seg[k, 1] = seg[k, 0] + M / 4 * k
+    return seg, scores
+
+
+@pytest.mark.parametrize("overlap", ["iou", "other"])
+def test_temporal_nms_long_segments_among_short_ones(backend, overlap):
+    # A long kept segment once widened every candidate's search window on the CPU;
+    # the results must not depend on how the kernel finds the kept segments to test.
+    gen = torch.Generator().manual_seed(12)
+    dev = backend_device(backend)
+    M = 100 if backend == "triton" and not HAS_GPU else 400
+    seg, scores = _short_segments_with_long_ones(M, gen)
+    groups = torch.randint(0, 2, (M,), generator=gen)
+    for threshold, offset, g in ((0.0, 0.0, None), (0.3, 1.0, None), (0.6, 0.0, groups), (1 / 3, 0.0, None)):
+        expected = mmsd_ext.temporal_nms(seg, scores, threshold, groups=g, overlap=overlap, offset=offset, backend="reference")
+        got = mmsd_ext.temporal_nms(
+            seg.to(dev), scores.to(dev), threshold, groups=None if g is None else g.to(dev), overlap=overlap, offset=offset, backend=backend
+        )
+        assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_temporal_nms_long_segments_among_short_ones(backend, method):
+    gen = torch.Generator().manual_seed(13)
+    M = 64 if backend == "triton" and not HAS_GPU else 300
+    seg, scores = _short_segments_with_long_ones(M, gen)
+    for offset in (0.0, 1.0):
+        params = dict(method=method, sigma=0.5, iou_threshold=0.1, min_score=1e-3, offset=offset)
+        _check_soft(backend, seg, scores, None, params)
+
+
+def _windows_and_one_long(M, long_kind, gen):
+    """M short segments (lengths below 1) in M / 100 disjoint windows of 100 (window w
+    spans [100 w, 100 w + 81]), sparse enough that NMS keeps most of them, then one
+    long segment, scored above all: "cover" spans every window, "far" lies after them
+    all. Returns segments, scores, window ids."""
+    window = torch.arange(M) % (M // 100)
+    start = window * 100.0 + torch.rand(M, generator=gen, dtype=torch.float64) * 80
+    seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64)], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64)
+    span = 100.0 * (M // 100)
+    long = [0.0, span] if long_kind == "cover" else [2 * span, 3 * span]
+    return torch.cat([seg, torch.tensor([long], dtype=torch.float64)]), torch.cat([scores, torch.tensor([2.0], dtype=torch.float64)]), window
+
+
+@pytest.mark.parametrize("overlap,long_kind", [("iou", "cover"), ("other", "far")])
+def test_temporal_nms_cpu_long_segment_at_scale(overlap, long_kind):
+    # 200k short segments and one long one scored first that suppresses none of them
+    # (IoU below 5e-6 with the cover; the far one touches nothing): the kept
+    # segments are the long one, then those of the short ones alone. The CPU kernel
+    # once let the long segment widen every candidate's search window to the whole
+    # timeline, O(M x kept): about 20 s at this size on a 2-core machine (measured
+    # 0.19 s at M = 2e4, growing with M^2); now tens of milliseconds.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    gen = torch.Generator().manual_seed(14)
+    M = 200_000
+    seg, scores, window = _windows_and_one_long(M, long_kind, gen)
+    kept = mmsd_ext.temporal_nms(seg, scores, 0.4, overlap=overlap, backend="cpu")
+    short = mmsd_ext.temporal_nms(seg[:M], scores[:M], 0.4, overlap=overlap, backend="cpu")
+    assert kept[0] == M and torch.equal(kept[1:], short)
+    assert 0 < short.numel() < M
+    # One window against the reference.
+    idx = (window == 3).nonzero().squeeze(1)
+    sub = mmsd_ext.temporal_nms(seg[idx], scores[idx], 0.4, overlap=overlap, backend="reference")
+    assert torch.equal(short[window[short] == 3], idx[sub])
+
+
+@pytest.mark.parametrize("method,long_kind", [("linear", "cover"), ("gaussian", "far")])
+def test_soft_temporal_nms_cpu_long_segment_at_scale(method, long_kind):
+    # As above for soft-NMS (once about 25 s at this size, now tens of milliseconds):
+    # the long segment is selected first and decays nothing (linear: IoU below the
+    # threshold; far: no intersection), so the selections are the long one, then
+    # those of the short segments alone.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    gen = torch.Generator().manual_seed(15)
+    M = 200_000
+    seg, scores, window = _windows_and_one_long(M, long_kind, gen)
+    params = dict(method=method, sigma=0.5, iou_threshold=0.3, min_score=1e-3)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, backend="cpu", **params)
+    short_idx, short_val = mmsd_ext.soft_temporal_nms(seg[:M], scores[:M], backend="cpu", **params)
+    assert idx[0] == M and val[0] == 2.0
+    assert torch.equal(idx[1:], short_idx) and torch.equal(val[1:], short_val)
+    # One window against the reference: its selections, in their order, are its own.
+    members = (window == 3).nonzero().squeeze(1)
+    ref_idx, ref_val = mmsd_ext.soft_temporal_nms(seg[members], scores[members], backend="reference", **params)
+    mine = window[short_idx] == 3
+    assert torch.equal(short_idx[mine], members[ref_idx])
+    torch.testing.assert_close(short_val[mine], ref_val, **SOFT_SCORE_TOL[torch.float64])
+
+
 # ----------------------------------------------------------------------------
 # soft-NMS
 
