@@ -497,6 +497,23 @@ def test_soft_temporal_nms_matches_reference(backend, data, params):
     _check_soft(backend, seg, scores, groups, params)
 
 
+@given(data=nms_inputs(max_m=60, allow_nan_scores=False), seed=st.integers(0, 2**16), params=soft_params())
+def test_soft_temporal_nms_permutation_invariance(data, seed, params):
+    # Distinct continuous scores: no ties in the input, and (but for a coincidence of
+    # measure zero) none after decays, so the selections and their scores (the same
+    # products in the same order) only follow the relabelling.
+    seg, _, groups = data
+    M = seg.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64) + 0.01
+    perm = torch.randperm(M, generator=gen)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu", **params)
+    g_perm = None if groups is None else groups[perm]
+    idx_perm, val_perm = mmsd_ext.soft_temporal_nms(seg[perm], scores[perm], groups=g_perm, backend="cpu", **params)
+    assert torch.equal(perm[idx_perm], idx)
+    assert torch.equal(val_perm, val)
+
+
 def test_soft_temporal_nms_reference_small_example():
     # Gaussian, sigma 0.5: 0 is selected (0.9); 1 overlaps it by IoU 9/11 and decays
     # to 0.8 exp(-(9/11)^2 / 0.5) = 0.2104...; 2 is untouched (0.7) and comes before it.
@@ -755,20 +772,23 @@ def test_opcheck(backend):
     torch.library.opcheck(soft, (seg, scores.double(), None, "linear", 0.5, 0.3, 1e-3, 1.0))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiled_backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(compiled_backend):
     # The result size depends on the data: with capture_dynamic_output_shape_ops the
     # op's fake kernel (a new unbacked size) lets the whole function compile as one
-    # graph; without it dynamo would have to break the graph at the op.
-    if "cpu" not in mmsd_ext.available_backends():
-        pytest.skip("cpu backend not available")
+    # graph; without it dynamo would have to break the graph at the op. "triton":
+    # the custom ops temporal_nms_triton and soft_temporal_nms_triton (under the
+    # interpreter without a GPU: 20 segments, one program per kernel).
+    if compiled_backend not in mmsd_ext.available_backends():
+        pytest.skip(f"{compiled_backend} backend not available")
     import torch._dynamo
 
     def pipeline(seg, scores, groups):
-        keep = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend="cpu")
-        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu")
+        keep = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend=compiled_backend)
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=compiled_backend)
         return seg[keep].sum() + val.sum(), keep, idx
 
-    seg, scores, groups = _opcheck_inputs(torch.device("cpu"))
+    seg, scores, groups = _opcheck_inputs(backend_device(compiled_backend))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         compiled = torch.compile(pipeline, fullgraph=True, backend="inductor")
