@@ -39,22 +39,39 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
             snippet convention of MMSD and BaS-Net. A zero length gives overlap 0.
         backend: "reference", "cpu", "cuda", "triton" or None (auto). "triton"
             computes the suppression tiles in Triton and gathers them with the
-            compiled op, so it needs the compiled extension too.
+            compiled op ``mmsd_ext::_temporal_nms_gather``, so it needs the compiled
+            extension too, built with its CUDA kernels for CUDA tensors; auto does
+            not pick it where that op cannot run (it falls back to "reference").
 
     Returns:
         int64 tensor of kept indices, in descending score order (ties: lower index first).
-        With overlap="iou", offset=0 it equals ``torchvision.ops.batched_nms`` on
-        boxes (start, 0, end, 1). Not differentiable.
+        With overlap="iou", offset=0 and float64 coordinates it equals
+        ``torchvision.ops.batched_nms`` on CPU boxes (start, 0, end, 1). Elsewhere
+        they agree except where an IoU lies within float32 rounding of the
+        threshold, since torchvision computes the IoU of float32 boxes in float32
+        (and its CUDA kernel rounds the threshold to float32), this op always in
+        float64: float32 segments [0, 2], [1, 3] (IoU 1/3) at threshold 1/3 are
+        both kept here, only the first by torchvision. Not differentiable.
 
     Raises:
         TypeError / ValueError naming the argument: wrong dtype or shape, tensors on
         different devices, negative ``iou_threshold`` or ``offset``, an unknown
         ``overlap``, and segments with end < start or non-finite coordinates (on
-        CUDA tensors this check rides on the op's one read of its result size).
+        CUDA tensors this check rides on the op's read of its result size).
+        RuntimeError for a backend that cannot run here.
 
-    Cost: cpu, O(M log M) plus, per candidate, the kept segments whose start lies
-    within reach of it; cuda/triton, a suppression mask of G^2 / 8 bytes for a group
-    of G segments (1.25 GB at G = 1e5) and one read of the result size to the host.
+    Cost: cpu, O(M log M) plus, per candidate, a test of each kept segment that
+    its position and length allow to overlap it by more than the threshold (found
+    by max-trees over the kept segments, csrc/cpu/temporal_nms_kernel.cpp).
+    cuda/triton: a suppression mask of n * W * 8 bytes for n segments, W =
+    ceil(n / 64) without groups or with n <= 8192 (n^2 / 8 bytes: 1.25 GB at
+    n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
+    largest group Gmax. Host synchronisations (each waits for the queued GPU work):
+    cuda, one (the read of the result size); with groups and n > 8192, one more
+    (the read of Gmax). triton, three: the copy of its float parameters to the
+    device (from pageable memory, which PyTorch ends with a stream synchronisation),
+    the gather op's read of its input checks and the read of the result size; with
+    groups and n > 8192, one more (Gmax).
 
     Example::
 
@@ -67,7 +84,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
-    name = _backend.resolve("temporal_nms", backend, segments.device, supported=_HARD_SUPPORTED, gpu_order=_GPU_ORDER)
+    name = _resolve_hard(backend, segments.device)
     return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, float(offset))
 
 
@@ -85,6 +102,11 @@ def soft_temporal_nms(
 
     NaN scores are dropped (a NaN is not >= min_score), also a NaN made by a decay
     (an infinite score times a zero factor).
+
+    Cost: cpu, O(M log M) plus, per selection, the live segments of its group that
+    intersect it (found by a max-tree of the live ends). Host synchronisations:
+    cuda, one (the read of the result size); triton, two (the copy of its float
+    parameters to the device, as in ``temporal_nms``, and the read of the result size).
 
     Args:
         segments, scores, groups, offset, backend: as in ``temporal_nms``.
@@ -111,8 +133,30 @@ def soft_temporal_nms(
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or math.isnan(min_score):
         raise TypeError(f"min_score: expected a number, got {min_score!r}")
-    name = _backend.resolve("soft_temporal_nms", backend, segments.device, supported=_SOFT_SUPPORTED, gpu_order=_GPU_ORDER)
+    name = _resolve_soft(backend, segments.device)
     return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, float(min_score), groups, float(offset))
+
+
+def _resolve_hard(backend, device):
+    """The backend of temporal_nms for tensors on ``device``.
+
+    The triton backend gathers its mask with the compiled op _temporal_nms_gather,
+    which has a kernel for CUDA tensors only in a build with the CUDA kernels (and
+    for CPU tensors, under the Triton interpreter, in any build of the extension).
+    Where it has none, auto skips "triton" (so a CPU-only build on a GPU machine
+    gets "reference"), and asking for it raises with the reason.
+    """
+    gpu_order = _GPU_ORDER if _gather_compiled(device) else tuple(n for n in _GPU_ORDER if n != "triton")
+    name = _backend.resolve("temporal_nms", backend, device, supported=_HARD_SUPPORTED, gpu_order=gpu_order)
+    if name == "triton":
+        _check_gather(device)
+    return name
+
+
+def _resolve_soft(backend, device):
+    """The backend of soft_temporal_nms for tensors on ``device`` (its triton
+    backend is Triton and PyTorch only, with no compiled op)."""
+    return _backend.resolve("soft_temporal_nms", backend, device, supported=_SOFT_SUPPORTED, gpu_order=_GPU_ORDER)
 
 
 def _non_negative(name, value):
@@ -279,7 +323,7 @@ def _first_bad_segment(seg):
 
 
 def _read_count_and_check(count, first_bad, seg):
-    """The one read to the host: the result size, and whether a segment was invalid."""
+    """The read of the result size to the host, with whether a segment was invalid."""
     count, bad = torch.stack([count.to(torch.int64), first_bad]).tolist()
     if bad < seg.shape[0]:
         s, e = seg[bad].tolist()
@@ -287,12 +331,25 @@ def _read_count_and_check(count, first_bad, seg):
     return count
 
 
-def _gather_available():
-    if not _loader.compiled_available():
-        raise RuntimeError(
-            "backend='triton': temporal_nms computes its suppression mask in Triton but gathers it with the "
-            f"compiled op mmsd_ext::_temporal_nms_gather, and the extension is not loaded: {_loader.LOAD_ERROR}"
-        )
+def _gather_compiled(device):
+    """Whether mmsd_ext::_temporal_nms_gather has a kernel for tensors on ``device``."""
+    if torch.device(device).type == "cuda":
+        return _loader.cuda_compiled()
+    return _loader.compiled_available()
+
+
+def _check_gather(device):
+    if _gather_compiled(device):
+        return
+    why = _loader.LOAD_ERROR if not _loader.compiled_available() else (
+        "this build of the extension has no CUDA kernels; rebuild it on a machine with the CUDA toolkit: "
+        "`FORCE_CUDA=1 pip install --no-build-isolation -e .`"
+    )
+    raise RuntimeError(
+        "backend='triton': temporal_nms computes its suppression mask in Triton but gathers it with the "
+        f"compiled op mmsd_ext::_temporal_nms_gather, which cannot run on {torch.device(device)} tensors here: {why} "
+        "(backend='reference' always runs)"
+    )
 
 
 @torch.library.custom_op("mmsd_ext::temporal_nms_triton", mutates_args=())
@@ -304,7 +361,7 @@ def _temporal_nms_triton_op(
     n = segments.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=segments.device)
-    _gather_available()
+    _check_gather(segments.device)
     seg = segments.to(torch.float64).contiguous()
     first_bad = _first_bad_segment(seg)
     perm = _descending_order(scores)

@@ -125,11 +125,28 @@ def test_temporal_nms_matches_torchvision_distinct_scores(backend, dtype):
     for threshold in (0.3, 0.5, 0.7):
         expected = torchvision.ops.batched_nms(boxes, scores, groups, threshold)
         got = mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, groups=groups.to(dev), backend=backend)
-        # torchvision rounds the IoU in float32 for float32 boxes; with these random
-        # coordinates no IoU falls within float32 rounding of the threshold.
+        # float64: the same IoU in the same operation order as torchvision's CPU
+        # kernel. float32: torchvision rounds the IoU to float32 (this op does not,
+        # see the docstring and the next test); with these random coordinates no IoU
+        # lies within float32 rounding of a threshold.
         assert torch.equal(got.cpu(), expected)
         expected = torchvision.ops.nms(boxes, scores, threshold)
         assert torch.equal(mmsd_ext.temporal_nms(*_to(dev, seg, scores), threshold, backend=backend).cpu(), expected)
+
+
+def test_temporal_nms_float32_iou_at_the_threshold_unlike_torchvision(any_backend):
+    # The docstring's example: [0, 2] and [1, 3] overlap by IoU 1/3 exactly. torchvision
+    # computes it in float32 for float32 boxes (0.33333334 > 1/3, so it suppresses the
+    # second); this op computes it in float64 (1/3, not above 1/3: both kept). With
+    # float64 boxes the two agree.
+    dev = backend_device(any_backend)
+    for dtype, torchvision_keeps in ((torch.float32, [0]), (torch.float64, [0, 1])):
+        seg = torch.tensor([[0.0, 2.0], [1.0, 3.0]], dtype=dtype)
+        scores = torch.tensor([0.9, 0.8], dtype=dtype)
+        boxes = torch.stack([seg[:, 0], torch.zeros(2, dtype=dtype), seg[:, 1], torch.ones(2, dtype=dtype)], 1)
+        assert torchvision.ops.batched_nms(boxes, scores, torch.zeros(2, dtype=torch.int64), 1 / 3).tolist() == torchvision_keeps
+        got = mmsd_ext.temporal_nms(seg.to(dev), scores.to(dev), 1 / 3, backend=any_backend)
+        assert got.tolist() == [0, 1]
 
 
 def test_temporal_nms_matches_torchvision_with_ties(backend):
@@ -345,6 +362,109 @@ def test_temporal_nms_cpu_million_segments():
     assert torch.equal(kept[window[kept] == 7], idx[sub])
 
 
+def _short_segments_with_long_ones(M, gen):
+    """M segments: short ones (lengths 0..6) spread over [0, 3M], plus, at the top
+    score, one covering the whole timeline (a whole-video proposal), one at the lowest
+    score covering it too, one far after everything, and a few of medium length."""
+    start = torch.rand(M, generator=gen, dtype=torch.float64) * 3 * M
+    seg = torch.stack([start, start + torch.randint(0, 7, (M,), generator=gen).double()], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64)
+    seg[0], scores[0] = torch.tensor([0.0, 3.0 * M]), 2.0
+    seg[1], scores[1] = torch.tensor([-1.0, 3.0 * M + 6]), -1.0
+    seg[2], scores[2] = torch.tensor([5.0 * M, 9.0 * M]), 1.5
+    for k in range(3, 8):
+        seg[k, 1] = seg[k, 0] + M / 4 * k
+    return seg, scores
+
+
+@pytest.mark.parametrize("overlap", ["iou", "other"])
+def test_temporal_nms_long_segments_among_short_ones(backend, overlap):
+    # A long kept segment once widened every candidate's search window on the CPU;
+    # the results must not depend on how the kernel finds the kept segments to test.
+    gen = torch.Generator().manual_seed(12)
+    dev = backend_device(backend)
+    M = 100 if backend == "triton" and not HAS_GPU else 400
+    seg, scores = _short_segments_with_long_ones(M, gen)
+    groups = torch.randint(0, 2, (M,), generator=gen)
+    for threshold, offset, g in ((0.0, 0.0, None), (0.3, 1.0, None), (0.6, 0.0, groups), (1 / 3, 0.0, None)):
+        expected = mmsd_ext.temporal_nms(seg, scores, threshold, groups=g, overlap=overlap, offset=offset, backend="reference")
+        got = mmsd_ext.temporal_nms(
+            seg.to(dev), scores.to(dev), threshold, groups=None if g is None else g.to(dev), overlap=overlap, offset=offset, backend=backend
+        )
+        assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+def test_soft_temporal_nms_long_segments_among_short_ones(backend, method):
+    gen = torch.Generator().manual_seed(13)
+    M = 64 if backend == "triton" and not HAS_GPU else 300
+    seg, scores = _short_segments_with_long_ones(M, gen)
+    for offset in (0.0, 1.0):
+        params = dict(method=method, sigma=0.5, iou_threshold=0.1, min_score=1e-3, offset=offset)
+        _check_soft(backend, seg, scores, None, params)
+
+
+def _windows_and_one_long(M, long_kind, gen):
+    """M short segments (lengths below 1) in M / 100 disjoint windows of 100 (window w
+    spans [100 w, 100 w + 81]), sparse enough that NMS keeps most of them, then one
+    long segment, scored above all: "cover" spans every window, "far" lies after them
+    all. Returns segments, scores, window ids."""
+    window = torch.arange(M) % (M // 100)
+    start = window * 100.0 + torch.rand(M, generator=gen, dtype=torch.float64) * 80
+    seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64)], 1)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64)
+    span = 100.0 * (M // 100)
+    long = [0.0, span] if long_kind == "cover" else [2 * span, 3 * span]
+    return torch.cat([seg, torch.tensor([long], dtype=torch.float64)]), torch.cat([scores, torch.tensor([2.0], dtype=torch.float64)]), window
+
+
+@pytest.mark.parametrize("overlap,long_kind", [("iou", "cover"), ("other", "far")])
+def test_temporal_nms_cpu_long_segment_at_scale(overlap, long_kind):
+    # 200k short segments and one long one scored first that suppresses none of them
+    # (IoU below 5e-6 with the cover; the far one touches nothing): the kept
+    # segments are the long one, then those of the short ones alone. The CPU kernel
+    # once let the long segment widen every candidate's search window to the whole
+    # timeline, O(M x kept): about 20 s at this size on a 2-core machine (measured
+    # 0.19 s at M = 2e4, growing with M^2); now tens of milliseconds.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    gen = torch.Generator().manual_seed(14)
+    M = 200_000
+    seg, scores, window = _windows_and_one_long(M, long_kind, gen)
+    kept = mmsd_ext.temporal_nms(seg, scores, 0.4, overlap=overlap, backend="cpu")
+    short = mmsd_ext.temporal_nms(seg[:M], scores[:M], 0.4, overlap=overlap, backend="cpu")
+    assert kept[0] == M and torch.equal(kept[1:], short)
+    assert 0 < short.numel() < M
+    # One window against the reference.
+    idx = (window == 3).nonzero().squeeze(1)
+    sub = mmsd_ext.temporal_nms(seg[idx], scores[idx], 0.4, overlap=overlap, backend="reference")
+    assert torch.equal(short[window[short] == 3], idx[sub])
+
+
+@pytest.mark.parametrize("method,long_kind", [("linear", "cover"), ("gaussian", "far")])
+def test_soft_temporal_nms_cpu_long_segment_at_scale(method, long_kind):
+    # As above for soft-NMS (once about 25 s at this size, now tens of milliseconds):
+    # the long segment is selected first and decays nothing (linear: IoU below the
+    # threshold; far: no intersection), so the selections are the long one, then
+    # those of the short segments alone.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    gen = torch.Generator().manual_seed(15)
+    M = 200_000
+    seg, scores, window = _windows_and_one_long(M, long_kind, gen)
+    params = dict(method=method, sigma=0.5, iou_threshold=0.3, min_score=1e-3)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, backend="cpu", **params)
+    short_idx, short_val = mmsd_ext.soft_temporal_nms(seg[:M], scores[:M], backend="cpu", **params)
+    assert idx[0] == M and val[0] == 2.0
+    assert torch.equal(idx[1:], short_idx) and torch.equal(val[1:], short_val)
+    # One window against the reference: its selections, in their order, are its own.
+    members = (window == 3).nonzero().squeeze(1)
+    ref_idx, ref_val = mmsd_ext.soft_temporal_nms(seg[members], scores[members], backend="reference", **params)
+    mine = window[short_idx] == 3
+    assert torch.equal(short_idx[mine], members[ref_idx])
+    torch.testing.assert_close(short_val[mine], ref_val, **SOFT_SCORE_TOL[torch.float64])
+
+
 # ----------------------------------------------------------------------------
 # soft-NMS
 
@@ -375,6 +495,23 @@ def _check_soft(backend, seg, scores, groups, params):
 def test_soft_temporal_nms_matches_reference(backend, data, params):
     seg, scores, groups = data
     _check_soft(backend, seg, scores, groups, params)
+
+
+@given(data=nms_inputs(max_m=60, allow_nan_scores=False), seed=st.integers(0, 2**16), params=soft_params())
+def test_soft_temporal_nms_permutation_invariance(data, seed, params):
+    # Distinct continuous scores: no ties in the input, and (but for a coincidence of
+    # measure zero) none after decays, so the selections and their scores (the same
+    # products in the same order) only follow the relabelling.
+    seg, _, groups = data
+    M = seg.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(M, generator=gen, dtype=torch.float64) + 0.01
+    perm = torch.randperm(M, generator=gen)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu", **params)
+    g_perm = None if groups is None else groups[perm]
+    idx_perm, val_perm = mmsd_ext.soft_temporal_nms(seg[perm], scores[perm], groups=g_perm, backend="cpu", **params)
+    assert torch.equal(perm[idx_perm], idx)
+    assert torch.equal(val_perm, val)
 
 
 def test_soft_temporal_nms_reference_small_example():
@@ -556,6 +693,58 @@ def test_compiled_op_messages_give_the_numbers(device):
 
 
 # ----------------------------------------------------------------------------
+# backend choice
+
+
+@pytest.mark.parametrize("extension,cuda_kernels", [(True, True), (True, False), (False, False)])
+def test_backend_choice_on_cuda_tensors(monkeypatch, extension, cuda_kernels):
+    # The triton backend of hard NMS gathers with the compiled op
+    # _temporal_nms_gather, whose CUDA kernel exists only in a build with the CUDA
+    # kernels: without it, auto must not pick "triton" for CUDA tensors (the
+    # reference runs instead) and asking for it must say why. Soft-NMS's triton
+    # backend needs no compiled op. Resolution takes a device, so no GPU is needed.
+    from mmsd_ext import _backend, _loader
+
+    monkeypatch.setattr(_loader, "compiled_available", lambda: extension)
+    monkeypatch.setattr(_loader, "cuda_compiled", lambda: cuda_kernels)
+    monkeypatch.setattr(_loader, "LOAD_ERROR", None if extension else "mmsd_ext: the compiled extension is not built")
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
+    cuda = torch.device("cuda")
+    assert nms_module._resolve_hard(None, cuda) == ("cuda" if cuda_kernels else "reference")
+    assert nms_module._resolve_soft(None, cuda) == ("cuda" if cuda_kernels else "triton")
+    assert nms_module._resolve_soft("triton", cuda) == "triton"
+    if cuda_kernels:
+        assert nms_module._resolve_hard("triton", cuda) == "triton"
+    else:
+        why = "no CUDA kernels" if extension else "not built"
+        with pytest.raises(RuntimeError, match=f"_temporal_nms_gather.*{why}"):
+            nms_module._resolve_hard("triton", cuda)
+        with mmsd_ext.use_backend("triton"), pytest.raises(RuntimeError, match="_temporal_nms_gather"):
+            nms_module._resolve_hard(None, cuda)
+    # CPU tensors: the extension's CPU kernels decide.
+    assert nms_module._resolve_hard(None, torch.device("cpu")) == ("cpu" if extension else "reference")
+
+
+def test_triton_hard_nms_without_the_extension_raises(monkeypatch):
+    # Under the interpreter, CPU tensors gather with the C++ kernel; without the
+    # extension both the public function and the custom op say so, before any work.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext import _loader
+
+    seg, scores, groups = _opcheck_inputs(backend_device("triton"))
+    monkeypatch.setattr(_loader, "compiled_available", lambda: False)
+    monkeypatch.setattr(_loader, "cuda_compiled", lambda: False)
+    monkeypatch.setattr(_loader, "LOAD_ERROR", "mmsd_ext: the compiled extension is not built")
+    with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
+        mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend="triton")
+    with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
+        torch.ops.mmsd_ext.temporal_nms_triton(seg, scores, groups, 0.5, "iou", 0.0)
+    idx, _ = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="triton")
+    assert torch.equal(idx.cpu(), mmsd_ext.soft_temporal_nms(seg.cpu(), scores.cpu(), groups=groups.cpu(), backend="reference")[0])
+
+
+# ----------------------------------------------------------------------------
 # opcheck and torch.compile
 
 
@@ -583,20 +772,23 @@ def test_opcheck(backend):
     torch.library.opcheck(soft, (seg, scores.double(), None, "linear", 0.5, 0.3, 1e-3, 1.0))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("compiled_backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph(compiled_backend):
     # The result size depends on the data: with capture_dynamic_output_shape_ops the
     # op's fake kernel (a new unbacked size) lets the whole function compile as one
-    # graph; without it dynamo would have to break the graph at the op.
-    if "cpu" not in mmsd_ext.available_backends():
-        pytest.skip("cpu backend not available")
+    # graph; without it dynamo would have to break the graph at the op. "triton":
+    # the custom ops temporal_nms_triton and soft_temporal_nms_triton (under the
+    # interpreter without a GPU: 20 segments, one program per kernel).
+    if compiled_backend not in mmsd_ext.available_backends():
+        pytest.skip(f"{compiled_backend} backend not available")
     import torch._dynamo
 
     def pipeline(seg, scores, groups):
-        keep = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend="cpu")
-        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu")
+        keep = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend=compiled_backend)
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=compiled_backend)
         return seg[keep].sum() + val.sum(), keep, idx
 
-    seg, scores, groups = _opcheck_inputs(torch.device("cpu"))
+    seg, scores, groups = _opcheck_inputs(backend_device(compiled_backend))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         compiled = torch.compile(pipeline, fullgraph=True, backend="inductor")

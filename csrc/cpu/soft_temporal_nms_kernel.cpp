@@ -3,12 +3,17 @@
 // Per group (groups in parallel with at::parallel_for):
 // - the live segments (score >= min_score) sit in an indexed binary max-heap keyed
 //   by (current score desc, index asc), so each selection is O(log G);
-// - a decay changes only segments that overlap the selected one (IoU 0 gives the
-//   gaussian factor exp(-0) = 1 exactly, and never passes the linear threshold),
-//   so, as in temporal_nms, only segments whose start lies in
-//   [start - offset - maxlen, end + offset] of the selected one are visited, found
-//   by binary search in the group's starts; a decayed segment moves in the heap,
-//   or leaves it when its score falls below min_score.
+// - a decay changes only segments that intersect the selected one b (IoU 0 gives
+//   the gaussian factor exp(-0) = 1 exactly, and never passes the linear
+//   threshold): live segments with start <= end_b + offset and end >= start_b -
+//   offset (each up to a rounding slack). The live segments are ranked by start,
+//   in blocks of 64 ranks, under a max-tree of each block's longest live end
+//   (EndTree). The first condition is a prefix of the ranks (a galloping search
+//   from b's rank), the second prunes every subtree whose live ends all lie
+//   before b, so a selection visits the blocks holding segments that intersect it
+//   and no others, however long the longest segment of the group is. A decayed
+//   segment moves in the heap, or leaves it (and the tree) when its score falls
+//   below min_score.
 //
 // Global order. The reference selects the best live segment over all groups, and
 // a decay touches only its own group, so the result is the merge of the per-group
@@ -28,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -124,6 +130,51 @@ class LiveHeap {
   std::vector<int64_t> pos_;
 };
 
+// The longest live end of each block of 64 start ranks, under a max-tree: finds
+// the blocks before a given one that hold a live end >= x without looking at the
+// others, in O(log blocks) each and usually a step or two. Leaves are blocks;
+// node p has children 2p and 2p + 1; a block without live segments holds -inf.
+class EndTree {
+ public:
+  // Builds the tree over ranks 0..n-1 (n >= 1), all live.
+  void reset(const double* end, int64_t n) {
+    const int64_t blocks = ceil_div(n, 64);
+    leaves_ = 1;
+    while (leaves_ < blocks) leaves_ *= 2;
+    node_.assign(2 * leaves_, -std::numeric_limits<double>::infinity());
+    for (int64_t r = 0; r < n; ++r) node_[leaves_ + (r >> 6)] = std::max(node_[leaves_ + (r >> 6)], end[r]);
+    for (int64_t p = leaves_ - 1; p >= 1; --p) node_[p] = std::max(node_[2 * p], node_[2 * p + 1]);
+  }
+  double block_max(int64_t w) const { return node_[leaves_ + w]; }
+  // Recomputes block w from its live bits, after members of it died.
+  void refresh(int64_t w, uint64_t live_bits, const double* end) {
+    double m = -std::numeric_limits<double>::infinity();
+    for (; live_bits; live_bits &= live_bits - 1) m = std::max(m, end[(w << 6) + __builtin_ctzll(live_bits)]);
+    int64_t p = leaves_ + w;
+    node_[p] = m;
+    for (p >>= 1; p >= 1; p >>= 1) {
+      const double up = std::max(node_[2 * p], node_[2 * p + 1]);
+      if (node_[p] == up) break;
+      node_[p] = up;
+    }
+  }
+  // The largest block < w whose longest live end is >= x, or -1.
+  int64_t prev_at_least(int64_t w, double x) const {
+    int64_t p = leaves_ + w;
+    while (true) {
+      if (p == 1) return -1;
+      if ((p & 1) && node_[p - 1] >= x) break;
+      p >>= 1;
+    }
+    for (--p; p < leaves_;) p = node_[2 * p + 1] >= x ? 2 * p + 1 : 2 * p;
+    return p - leaves_;
+  }
+
+ private:
+  int64_t leaves_ = 1;
+  std::vector<double> node_;
+};
+
 struct SoftParams {
   bool gaussian;
   double sigma, threshold, min_score, offset;
@@ -144,41 +195,60 @@ void soft_one_group(const int64_t* members, int64_t size, const double* seg, con
   if (n == 0) return;
   std::vector<double> start(n), end(n), cur(n);
   std::vector<int64_t> index(n);
-  double maxlen = 0.0;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t i = by_start[r].second;
     index[r] = i;
     start[r] = seg[2 * i];
     end[r] = seg[2 * i + 1];
     cur[r] = score[i];
-    maxlen = std::max(maxlen, end[r] - start[r]);
   }
   LiveHeap heap(cur.data(), index.data());
   heap.reset(n);
-  std::vector<uint64_t> live(ceil_div(n, 64), ~uint64_t{0});  // bits past n are never in a window
+  EndTree ends;
+  ends.reset(end.data(), n);
+  std::vector<uint64_t> live(ceil_div(n, 64), ~uint64_t{0});
+  if (n & 63) live.back() = ~uint64_t{0} >> (64 - (n & 63));  // no ranks past n
+  std::vector<int64_t> dirty;  // blocks that lost their longest live end during one selection
+  // Removes rank r from the live set; its block needs a refresh only if r held the
+  // block's longest end.
+  auto kill = [&](int64_t r) {
+    live[r >> 6] &= ~(uint64_t{1} << (r & 63));
+    if (end[r] >= ends.block_max(r >> 6) && (dirty.empty() || dirty.back() != (r >> 6))) dirty.push_back(r >> 6);
+  };
   double run_score = 0.0;
   int64_t run_index = -1;
   int64_t step = 0;
   while (!heap.empty()) {
     const int64_t b = heap.top();
     heap.remove(b);
-    live[b >> 6] &= ~(uint64_t{1} << (b & 63));
+    dirty.clear();
+    kill(b);
     if (run_index < 0 || cur[b] < run_score || (cur[b] == run_score && index[b] > run_index)) {
       run_score = cur[b];
       run_index = index[b];
     }
     out.push_back({index[b], cur[b], run_score, run_index, step++});
+    // Segment r can intersect b (intersection > 0) only if start_r <= be + offset
+    // and end_r >= bs - offset; the slack, far above the rounding error of the
+    // intersection, makes both tests conservative, so the exact IoU decides.
     const double bs = start[b], be = end[b];
-    const double slack = 1e-12 * (std::fabs(bs) + std::fabs(be) + p.offset + maxlen) + 1e-300;
-    const int64_t r0 = std::lower_bound(start.begin(), start.end(), bs - p.offset - maxlen - slack) - start.begin();
-    const int64_t r1 = std::upper_bound(start.begin(), start.end(), be + p.offset + slack) - start.begin();
-    // Live ranks of the window, by their bits (a dead rank costs nothing).
-    for (int64_t w = r0 >> 6; r0 < r1 && w <= (r1 - 1) >> 6; ++w) {
+    const double slack = 1e-12 * (std::fabs(bs) + std::fabs(be) + p.offset) + 1e-300;
+    const double lo = bs - p.offset - slack, hi = be + p.offset + slack;
+    // r1: the first rank whose start is > hi (start[b] <= hi, so r1 > b), by
+    // galloping from b then a binary search: O(log (r1 - b)).
+    int64_t stride = 1;
+    while (b + stride < n && start[b + stride] <= hi) stride *= 2;
+    const int64_t r1 =
+        std::upper_bound(start.begin() + b + stride / 2 + 1, start.begin() + std::min(b + stride, n), hi) - start.begin();
+    // Blocks from the one of rank r1 - 1 down, those holding a live end >= lo.
+    const int64_t last = (r1 - 1) >> 6;
+    for (int64_t w = ends.block_max(last) >= lo ? last : ends.prev_at_least(last, lo); w >= 0;
+         w = ends.prev_at_least(w, lo)) {
       uint64_t bits = live[w];
-      if (w == (r0 >> 6)) bits &= ~uint64_t{0} << (r0 & 63);
-      if (w == ((r1 - 1) >> 6) && (r1 & 63) != 0) bits &= ~uint64_t{0} >> (64 - (r1 & 63));
+      if (w == last && (r1 & 63) != 0) bits &= ~uint64_t{0} >> (64 - (r1 & 63));
       for (; bits; bits &= bits - 1) {
         const int64_t r = (w << 6) + __builtin_ctzll(bits);
+        if (end[r] < lo) continue;
         const double iou = segment_overlap(bs, be, start[r], end[r], kIoU, p.offset);
         if (iou == 0.0) continue;  // factor exactly 1 (gaussian), or no decay (linear)
         if (p.gaussian) {
@@ -192,10 +262,12 @@ void soft_one_group(const int64_t* members, int64_t size, const double* seg, con
           heap.update(r);
         } else {
           heap.remove(r);  // below min_score, or NaN (an infinite score decayed by 0)
-          live[w] &= ~(uint64_t{1} << (r & 63));
+          kill(r);
         }
       }
     }
+    // The tree changes after the walk, which reads it.
+    for (const int64_t w : dirty) ends.refresh(w, live[w], end.data());
   }
 }
 

@@ -1,15 +1,20 @@
 // CPU kernels of temporal_nms and of _temporal_nms_gather.
 //
 // temporal_nms exploits the 1-D structure instead of comparing all pairs. Per
-// group, the segments are ranked by start, and the kept ones are a bitset over
-// those ranks. A kept segment a can overlap candidate c (intersection > 0, which
-// any overlap > threshold >= 0 needs) only if
-//     start_a <= end_c + offset   and   end_a > start_c - offset,
-// and end_a <= start_a + maxlen (the longest kept length), so only kept starts in
-// [start_c - offset - maxlen, end_c + offset] are looked at: two binary searches in
-// the sorted starts, then the set bits of that window, 64 ranks per word. Groups
-// run in parallel (at::parallel_for); within a group the greedy scan is sequential
-// by nature.
+// group, the segments are ranked by start and visited by score; the kept ones are
+// a bitset over start ranks. A candidate c is compared only with kept segments
+// that pass two necessary conditions for an overlap above the threshold t (both
+// follow from intersection > t * length of c, see nms_one_group):
+// - kept starts at or before c's: its end must pass start_c - offset + t L_c;
+// - kept starts after c's: its start must lie within (1 - t) L_c of c's, and its
+//   length must exceed t L_c.
+// Two max-trees over 64-rank words of kept segments (longest end, longest length)
+// skip whole words that fail them, so one long kept segment (a whole-video
+// proposal) costs a candidate one extra test, not a scan over every kept segment
+// between them. Kept segments are scanned outward from c's rank, where a
+// suppressor usually is; the exact overlap test (nms_math.h) decides. Groups run
+// in parallel (at::parallel_for); within a group the greedy scan is sequential by
+// nature.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -79,29 +84,47 @@ void sort_keys(std::vector<KeyIndex>& v, std::vector<KeyIndex>& tmp) {
   }
 }
 
-// The first word >= w (or words) / the last word <= w (or -1) that holds a kept
-// segment, found 64 words at a time in the summary bitset.
-inline int64_t next_kept_word(const std::vector<uint64_t>& summary, int64_t w, int64_t words) {
-  if (w >= words) return words;
-  int64_t sw = w >> 6;
-  uint64_t bits = summary[sw] & (~uint64_t{0} << (w & 63));
-  while (!bits) {
-    if (++sw >= static_cast<int64_t>(summary.size())) return words;
-    bits = summary[sw];
+// Maximum of a value over words of 64 kept ranks, as a binary tree: finds the
+// nearest word before or after a given one whose maximum exceeds a bound in
+// O(log words), usually in a step or two (the neighbour qualifies). Leaves of
+// words without kept segments hold -inf.
+class WordMaxTree {
+ public:
+  void reset(int64_t words) {
+    leaves_ = 1;
+    while (leaves_ < words) leaves_ *= 2;
+    node_.assign(2 * leaves_, -std::numeric_limits<double>::infinity());
   }
-  return std::min((sw << 6) + __builtin_ctzll(bits), words);
-}
+  void raise(int64_t w, double value) {
+    for (int64_t p = leaves_ + w; p >= 1 && node_[p] < value; p >>= 1) node_[p] = value;
+  }
+  // The largest word < w whose maximum is > x, or -1.
+  int64_t prev_above(int64_t w, double x) const {
+    int64_t p = leaves_ + w;
+    while (true) {
+      if (p == 1) return -1;
+      if ((p & 1) && node_[p - 1] > x) break;
+      p >>= 1;
+    }
+    for (--p; p < leaves_;) p = node_[2 * p + 1] > x ? 2 * p + 1 : 2 * p;
+    return p - leaves_;
+  }
+  // The smallest word > w whose maximum is > x, or -1.
+  int64_t next_above(int64_t w, double x) const {
+    int64_t p = leaves_ + w;
+    while (true) {
+      if (p == 1) return -1;
+      if (!(p & 1) && node_[p + 1] > x) break;
+      p >>= 1;
+    }
+    for (++p; p < leaves_;) p = node_[2 * p] > x ? 2 * p : 2 * p + 1;
+    return p - leaves_;
+  }
 
-inline int64_t prev_kept_word(const std::vector<uint64_t>& summary, int64_t w) {
-  if (w < 0) return -1;
-  int64_t sw = w >> 6;
-  uint64_t bits = summary[sw] & ((w & 63) == 63 ? ~uint64_t{0} : (uint64_t{1} << ((w & 63) + 1)) - 1);
-  while (!bits) {
-    if (--sw < 0) return -1;
-    bits = summary[sw];
-  }
-  return (sw << 6) + 63 - __builtin_clzll(bits);
-}
+ private:
+  int64_t leaves_ = 1;
+  std::vector<double> node_;
+};
 
 // Per-thread scratch for one group, reused across the groups of a chunk.
 struct GroupScratch {
@@ -112,21 +135,24 @@ struct GroupScratch {
   std::vector<int64_t> position_rank;        // start rank of members[k]
   std::vector<int64_t> visit_rank;           // start rank of the v-th visited segment
   std::vector<uint64_t> kept_bits;           // kept segments, by start rank
-  std::vector<uint64_t> kept_words;          // bit w: kept_bits[w] != 0
+  WordMaxTree kept_end;                      // per word of kept_bits: the longest end
+  WordMaxTree kept_length;                   // per word of kept_bits: the longest end - start + offset
 };
 
 // Greedy NMS of one group: sets keep[i] = 1 for its kept members and, if
 // kept_in_order is given, appends them to it in visit order.
 //
-// Window. Lengths L = end - start + offset bound the intersection: I <= L_c, I <= L_a,
-// I <= L_c - (s_a - s_c) when s_a >= s_c and I <= L_a - (s_c - s_a) when s_a < s_c;
-// and the union is >= max(L_a, L_c). So a kept segment a overlaps candidate c by
-// more than t only if its start lies in (s_c - A, s_c + (1 - t) L_c) with
-//     A = (1 - t) Lmax        for "iou",
-//     A = Lmax - t L_c        for "other",
-// Lmax the longest kept length. The window is widened by a relative slack far
-// above the rounding error, so the exact test below decides every case. Kept
-// segments are scanned outward from s_c, where a suppressor usually is.
+// Which kept segments a can overlap candidate c by more than t. Lengths
+// L = end - start + offset bound the intersection I: I <= L_c, I <= L_a,
+// I <= e_a - s_c + offset when s_a <= s_c, I <= L_c - (s_a - s_c) when s_a >= s_c;
+// and an overlap above t needs I > t L_c (the union is >= L_c; "other" divides by
+// L_c). So, up to rounding:
+// - s_a <= s_c: e_a > s_c - offset + t L_c, and (the old window, with Lmax the
+//   longest kept length) s_a > s_c - A, A = (1 - t) Lmax for "iou", Lmax - t L_c
+//   for "other";
+// - s_a >= s_c: s_a < s_c + (1 - t) L_c and L_a > t L_c.
+// Each bound is relaxed by a slack far above the rounding error of the computed
+// overlap, so they only drop pairs the exact test would not suppress.
 //
 // Memory: the loop reads everything by start rank (the candidate's coordinates,
 // the window, the kept bits), so a candidate costs about one cache miss at large G.
@@ -159,47 +185,54 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
   s.visit_rank.resize(size);
   for (int64_t v = 0; v < size; ++v) s.visit_rank[v] = s.position_rank[s.visit[v].second];
 
-  s.kept_bits.assign(ceil_div(size, 64), 0);
-  s.kept_words.assign(ceil_div(static_cast<int64_t>(s.kept_bits.size()), 64), 0);
+  const int64_t words = ceil_div(size, 64);
+  s.kept_bits.assign(words, 0);
+  s.kept_end.reset(words);
+  s.kept_length.reset(words);
   const double keep_frac = std::max(1.0 - threshold, 0.0);
+  const double minus_inf = -std::numeric_limits<double>::infinity();
   double maxlen = -1.0;  // longest kept end - start + offset; < 0 while nothing is kept
   const double* first = s.rank_start.data();
   const double* second = s.rank_end.data();
-  const int64_t words = static_cast<int64_t>(s.kept_bits.size());
   for (int64_t v = 0; v < size; ++v) {
     const int64_t rc = s.visit_rank[v];
     const double cs = first[rc], ce = second[rc];
     const double len_c = ce - cs + offset;
     bool suppressed = false;
     if (maxlen >= 0) {
-      const double below = kind == kOther ? maxlen - threshold * len_c : keep_frac * maxlen;
+      const double reach = threshold * len_c;  // the intersection must exceed it
+      const double below = kind == kOther ? maxlen - reach : keep_frac * maxlen;
       const double above = keep_frac * len_c;
       const double slack = 1e-9 * (std::fabs(cs) + std::fabs(ce) + offset + maxlen) + 1e-300;
       const double lo = cs - below - slack, hi = cs + above + slack;
-      auto suppresses = [&](int64_t r) {
-        return overlap_exceeds(first[r], second[r], cs, ce, kind, offset, threshold);
-      };
+      // Bounds on a kept end (left side) and length (right side); NaN (from an
+      // infinite length) means no bound.
+      const double bound_slack = 1e-9 * (std::fabs(cs) + std::fabs(ce) + offset + reach) + 1e-300;
+      double end_bound = cs - offset + reach * (1.0 - 1e-8) - bound_slack;
+      double length_bound = reach * (1.0 - 1e-8) - 1e-300;
+      if (end_bound != end_bound) end_bound = minus_inf;
+      if (length_bound != length_bound) length_bound = minus_inf;
       // Outward from c's own rank rc: ranks > rc ascending until a start exceeds hi,
       // ranks < rc descending until a start falls below lo, a word of each in turn.
-      // Words without kept bits are skipped through the summary bitset.
+      // Words whose kept segments all fail the side's bound are skipped via the trees.
       int64_t wr = rc >> 6, wl = rc >> 6;
       bool right = true, left = rc > 0;
       uint64_t right_bits = s.kept_bits[wr] & ((~uint64_t{0} << (rc & 63)) << 1);  // ranks > rc
       uint64_t left_bits = s.kept_bits[wl] & ((uint64_t{1} << (rc & 63)) - 1);  // ranks < rc
       while (!suppressed && (right || left)) {
         if (right) {
-          while (right_bits && !suppressed) {
+          for (; right_bits && !suppressed; right_bits &= right_bits - 1) {
             const int64_t r = (wr << 6) + __builtin_ctzll(right_bits);
             if (first[r] > hi) {
               right = false;
               break;
             }
-            suppressed = suppresses(r);
-            right_bits &= right_bits - 1;
+            suppressed = second[r] - first[r] + offset > length_bound &&
+                         overlap_exceeds(first[r], second[r], cs, ce, kind, offset, threshold);
           }
           if (right && !suppressed) {
-            wr = next_kept_word(s.kept_words, wr + 1, words);
-            if (wr >= words || first[wr << 6] > hi) {
+            wr = s.kept_length.next_above(wr, length_bound);
+            if (wr < 0 || first[wr << 6] > hi) {
               right = false;
             } else {
               right_bits = s.kept_bits[wr];
@@ -214,11 +247,11 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
               left = false;
               break;
             }
-            suppressed = suppresses(r);
+            suppressed = second[r] > end_bound && overlap_exceeds(first[r], second[r], cs, ce, kind, offset, threshold);
             left_bits &= ~(uint64_t{1} << b);
           }
           if (left && !suppressed) {
-            wl = prev_kept_word(s.kept_words, wl - 1);
+            wl = s.kept_end.prev_above(wl, end_bound);
             if (wl < 0 || first[(wl << 6) + 63] < lo) {
               left = false;
             } else {
@@ -230,7 +263,8 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
     }
     if (!suppressed) {
       s.kept_bits[rc >> 6] |= uint64_t{1} << (rc & 63);
-      s.kept_words[rc >> 12] |= uint64_t{1} << ((rc >> 6) & 63);
+      s.kept_end.raise(rc >> 6, ce);
+      s.kept_length.raise(rc >> 6, len_c);
       maxlen = std::max(maxlen, len_c);
       if (kept_in_order != nullptr) kept_in_order->push_back(members[s.visit[v].second]);
     }

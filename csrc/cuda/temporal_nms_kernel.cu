@@ -8,8 +8,10 @@
 //    tiles whose rows and columns share no group are neither computed nor read.
 // 2. The greedy keep-gather runs on the device (temporal_nms_gather_kernel), not
 //    on the host after copying the mask back; groups are gathered in parallel.
-// 3. The result size is the only thing read back to the host (with the sync-free
-//    validity check of the segments folded into the same read).
+// 3. The result size is read back to the host once, with the validity check of
+//    the segments folded into the same read; with groups and n > kDenseMaskMaxSegments
+//    the size of the largest group is read first (see below). The gather op called
+//    on its own (the Triton backend's second stage) reads its input checks once.
 //
 // Mask memory: n * W * 8 bytes, W = the number of column tiles of the band. With
 // one group (or n <= kDenseMaskMaxSegments) W = ceil(n / 64): n^2 / 8 bytes, 1.25 GB
