@@ -100,11 +100,22 @@ def _temporal_nms_mask_kernel(
         tl.store(mask_ptr + rows.to(tl.int64) * W + k, words, mask=row_ok)
 
 
+def _float64_params(like, *values):
+    """The float parameters as a float64 tensor on like's device (Triton passes Python
+    floats as float32). Filled element by element: each fill is a kernel taking the
+    value as an argument, where new_tensor([...]) would copy from pageable host memory
+    and wait for the stream."""
+    params = like.new_empty(len(values), dtype=torch.float64)
+    for i, value in enumerate(values):
+        params[i] = value
+    return params
+
+
 def temporal_nms_mask(seg_sorted, groups_sorted, iou_threshold, kind, offset, width):
     """Suppression tiles [n, width] (int64) of float64 segments sorted by (group, visit order)."""
     n = seg_sorted.shape[0]
     mask = seg_sorted.new_empty((n, width), dtype=torch.int64)
-    params = seg_sorted.new_tensor([iou_threshold, offset], dtype=seg_sorted.dtype)
+    params = _float64_params(seg_sorted, iou_threshold, offset)
     grid = (triton.cdiv(n, TILE), width)
     with device_guard(seg_sorted):
         _temporal_nms_mask_kernel[grid](
@@ -233,7 +244,7 @@ def soft_temporal_nms_select(seg_sorted, orig, cur, alive, is_start, end_of, gau
     out_run_score = cur.new_zeros(n)
     out_run_index = orig.new_zeros(n)
     count = orig.new_zeros(n)
-    params = cur.new_tensor([sigma, iou_threshold, min_score, offset])
+    params = _float64_params(cur, sigma, iou_threshold, min_score, offset)
     with device_guard(seg_sorted):
         _soft_temporal_nms_kernel[(triton.cdiv(n, TILE),)](
             seg_sorted,

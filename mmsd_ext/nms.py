@@ -68,10 +68,8 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
     largest group Gmax. Host synchronisations (each waits for the queued GPU work):
     cuda, one (the read of the result size); with groups and n > 8192, one more
-    (the read of Gmax). triton, three: the copy of its float parameters to the
-    device (from pageable memory, which PyTorch ends with a stream synchronisation),
-    the gather op's read of its input checks and the read of the result size; with
-    groups and n > 8192, one more (Gmax).
+    (the read of Gmax). triton, two: the gather op's read of its input checks and
+    the read of the result size; with groups and n > 8192, one more (Gmax).
 
     Example::
 
@@ -105,8 +103,7 @@ def soft_temporal_nms(
 
     Cost: cpu, O(M log M) plus, per selection, the live segments of its group that
     intersect it (found by a max-tree of the live ends). Host synchronisations:
-    cuda, one (the read of the result size); triton, two (the copy of its float
-    parameters to the device, as in ``temporal_nms``, and the read of the result size).
+    cuda and triton, one (the read of the result size).
 
     Args:
         segments, scores, groups, offset, backend: as in ``temporal_nms``.
