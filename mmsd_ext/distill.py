@@ -275,21 +275,13 @@ def _make_mmsd_backward(backward_op):
 
 
 def _register_compiled():
+    # The compiled ops' autograd is C++ (csrc/autograd.cpp: the same saved tensors
+    # and backward as the Triton ops' Python autograd above, without its overhead).
     lib = "mmsd_ext::"
     torch.library.register_fake(lib + "snippet_distill_loss")(_pair_fake)
     torch.library.register_fake(lib + "_snippet_distill_loss_backward")(_pair_backward_fake)
     torch.library.register_fake(lib + "mmsd_distill_loss")(_mmsd_fake)
     torch.library.register_fake(lib + "_mmsd_distill_loss_backward")(_mmsd_backward_fake)
-    torch.library.register_autograd(
-        lib + "snippet_distill_loss",
-        _make_pair_backward(torch.ops.mmsd_ext._snippet_distill_loss_backward),
-        setup_context=_pair_setup_context,
-    )
-    torch.library.register_autograd(
-        lib + "mmsd_distill_loss",
-        _make_mmsd_backward(torch.ops.mmsd_ext._mmsd_distill_loss_backward),
-        setup_context=_mmsd_setup_context,
-    )
 
 
 # The Triton ops need no compiled extension; triton itself is imported on first use.

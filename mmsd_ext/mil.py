@@ -181,14 +181,11 @@ def _make_backward(backward_op):
     return backward
 
 
+# The compiled op's autograd is C++ (csrc/autograd.cpp: the same saved tensors and
+# backward as _make_backward, without the Python overhead per call).
 if _loader.compiled_available():
     torch.library.register_fake("mmsd_ext::topk_mil_pool")(_fake_forward)
     torch.library.register_fake("mmsd_ext::_topk_mil_pool_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "mmsd_ext::topk_mil_pool",
-        _make_backward(torch.ops.mmsd_ext._topk_mil_pool_backward),
-        setup_context=_setup_context,
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -693,6 +693,26 @@ def test_each_stream_gets_only_its_own_term(backend):
         assert torch.allclose(g.double().cpu(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_create_graph_works_and_double_backward_raises(backend):
+    # The backward is not differentiable again. A double backward must raise, never
+    # hand back a missing or zero second-order gradient.
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(19)
+    xs = [torch.randn(3, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
+    s = xs[0].float().to(device).requires_grad_()
+    pair = lambda: mmsd_ext.snippet_distill_loss(s, xs[1].float().to(device), 0.5, backend=backend)  # noqa: E731
+    mmsd = lambda: mmsd_ext.mmsd_distill_loss(s, xs[1].float().to(device), xs[2].float().to(device), backend=backend)  # noqa: E731
+    for loss_fn, oracle in [(pair, lambda a: REFERENCE_PAIR(a, xs[1], 0.5, None, "mean")),
+                            (mmsd, lambda a: REFERENCE_MMSD(a, xs[1], xs[2], 0.2, None))]:
+        with pytest.raises(RuntimeError, match="distill_loss.*backward|[Aa]utograd"):
+            (grad,) = torch.autograd.grad(loss_fn(), s, create_graph=True)
+            if backend != "triton":  # the Triton ops raise already above: their backward has no autograd at all
+                s64 = xs[0].clone().requires_grad_()
+                (expected,) = torch.autograd.grad(oracle(s64), s64)
+                assert torch.allclose(grad.double().cpu(), expected, rtol=1e-5, atol=1e-7)
+            (grad**2).sum().backward()
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_inputs_name_the_argument(any_backend):
     device = backend_device(any_backend)

@@ -246,6 +246,20 @@ def test_retain_graph_second_backward_and_grad_output(backend):
     torch.testing.assert_close(base.grad.cpu(), ref_base.grad)
 
 
+def test_create_graph_works_and_double_backward_raises(backend):
+    # The backward is not differentiable again. A double backward must raise, never
+    # hand back a missing or zero second-order gradient.
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 11, 4, generator=gen).to(device).requires_grad_(True)
+    k = torch.tensor([2, 5], device=device)
+    with pytest.raises(RuntimeError, match="_topk_mil_pool.*backward|[Aa]utograd"):
+        (grad,) = torch.autograd.grad(mmsd_ext.topk_mil_pool(scores, k, backend=backend).sum(), scores, create_graph=True)
+        if backend != "triton":  # the Triton op raises already above: its backward has no autograd at all
+            assert torch.equal(grad.cpu(), _expected_grad(scores, k, None, True, torch.ones(2, 4)))
+        (grad**2).sum().backward()
+
+
 def test_no_grad_needed_for_scores(backend):
     device = backend_device(backend)
     scores = torch.randn(2, 9, 3, device=device)

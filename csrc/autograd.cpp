@@ -1,0 +1,209 @@
+// Autograd of the compiled differentiable ops (top-k MIL pooling and the two
+// distillation losses), registered in C++ for the Autograd key of every device.
+//
+// Why C++ and not torch.library.register_autograd: at WTAL sizes on a GPU
+// (e.g. 10 x 750 x 21) a forward + backward is bound by host overhead, not by the
+// kernels. The Python autograd wrapper cost about 80 us per forward + backward on
+// the 2-core CPU machine, more than eager torch.topk's whole step; the C++ one
+// costs a few. The semantics are those the Python wrapper had: the same saved
+// tensors, only the first output differentiable, gradients only where asked for.
+// Fake kernels stay in Python (mmsd_ext/mil.py, mmsd_ext/distill.py); torch.compile
+// traces through this code like through any ATen op's autograd.
+//
+// The backward ops have no derivative of their own: backward with create_graph=True
+// works, but differentiating its result again (a double backward) raises an error
+// naming the op, instead of the default fallback's warning and a missing gradient.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace mmsd_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The op below autograd: a typed handle looked up once.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// ---------------------------------------------------------------------------
+// topk_mil_pool(scores, k, lengths, largest) -> (out, kth_key, cut)
+
+using TopkSig = Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool);
+using TopkBackwardSig = at::Tensor(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    bool);
+
+class TopkMilPool : public torch::autograd::Function<TopkMilPool> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& scores,
+      const at::Tensor& k,
+      const at::Tensor& lengths,
+      bool largest) {
+    static const auto op = op_handle<TopkSig>("mmsd_ext::topk_mil_pool");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, kth_key, cut] = op.call(scores, k, lengths, largest);
+    // kth_key and cut pin the selection down, ties included, so the backward is
+    // one elementwise pass over scores.
+    ctx->mark_non_differentiable({kth_key, cut});
+    ctx->save_for_backward({scores, k, lengths, kth_key, cut});
+    ctx->saved_data["largest"] = largest;
+    return {out, kth_key, cut};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<TopkBackwardSig>("mmsd_ext::_topk_mil_pool_backward");
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_scores;
+    if (ctx->needs_input_grad(0)) {
+      grad_scores = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["largest"].toBool());
+    }
+    return {grad_scores, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensor3 topk_mil_pool_autograd(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& lengths, bool largest) {
+  const auto outs = TopkMilPool::apply(scores, k, lengths, largest);
+  return {outs[0], outs[1], outs[2]};
+}
+
+// ---------------------------------------------------------------------------
+// snippet_distill_loss(student, teacher, temperature, mask, reduction) -> (loss, row_stats, count)
+// The teacher is a target: it never gets a gradient.
+
+using PairSig = Tensor3(const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, int64_t);
+using PairBackwardSig = at::Tensor(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    double,
+    int64_t);
+
+class SnippetDistillLoss : public torch::autograd::Function<SnippetDistillLoss> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& student,
+      const at::Tensor& teacher,
+      double temperature,
+      const std::optional<at::Tensor>& mask,
+      int64_t reduction) {
+    static const auto op = op_handle<PairSig>("mmsd_ext::snippet_distill_loss");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, row_stats, count] = op.call(student, teacher, temperature, mask, reduction);
+    ctx->mark_non_differentiable({row_stats, count});
+    ctx->save_for_backward({student, teacher, row_stats, count});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["reduction"] = reduction;
+    return {loss, row_stats, count};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<PairBackwardSig>("mmsd_ext::_snippet_distill_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_student;
+    if (ctx->needs_input_grad(0)) {
+      grad_student = op.call(
+          grads[0],
+          saved[0],
+          saved[1],
+          saved[2],
+          saved[3],
+          ctx->saved_data["temperature"].toDouble(),
+          ctx->saved_data["reduction"].toInt());
+    }
+    return {grad_student, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensor3 snippet_distill_loss_autograd(
+    const at::Tensor& student,
+    const at::Tensor& teacher,
+    double temperature,
+    const std::optional<at::Tensor>& mask,
+    int64_t reduction) {
+  const auto outs = SnippetDistillLoss::apply(student, teacher, temperature, mask, reduction);
+  return {outs[0], outs[1], outs[2]};
+}
+
+// ---------------------------------------------------------------------------
+// mmsd_distill_loss(rgb, flow, fused, temperature, mask) -> (loss, row_stats, count)
+// One backward call gives all three gradients; each is returned only where asked for.
+
+using MmsdSig =
+    Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&);
+using MmsdBackwardSig = Tensor3(
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    const at::Tensor&,
+    double);
+
+class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& rgb,
+      const at::Tensor& flow,
+      const at::Tensor& fused,
+      double temperature,
+      const std::optional<at::Tensor>& mask) {
+    static const auto op = op_handle<MmsdSig>("mmsd_ext::mmsd_distill_loss");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, row_stats, count] = op.call(rgb, flow, fused, temperature, mask);
+    ctx->mark_non_differentiable({row_stats, count});
+    ctx->save_for_backward({rgb, flow, fused, row_stats, count});
+    ctx->saved_data["temperature"] = temperature;
+    return {loss, row_stats, count};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<MmsdBackwardSig>("mmsd_ext::_mmsd_distill_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_rgb, grad_flow, grad_fused] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["temperature"].toDouble());
+    const auto only_if = [&](int i, at::Tensor grad) { return ctx->needs_input_grad(i) ? grad : at::Tensor(); };
+    return {only_if(0, grad_rgb), only_if(1, grad_flow), only_if(2, grad_fused), at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensor3 mmsd_distill_loss_autograd(
+    const at::Tensor& rgb,
+    const at::Tensor& flow,
+    const at::Tensor& fused,
+    double temperature,
+    const std::optional<at::Tensor>& mask) {
+  const auto outs = MmsdDistillLoss::apply(rgb, flow, fused, temperature, mask);
+  return {outs[0], outs[1], outs[2]};
+}
+
+}  // namespace
+}  // namespace mmsd_ext
+
+TORCH_LIBRARY_IMPL(mmsd_ext, Autograd, m) {
+  m.impl("topk_mil_pool", &mmsd_ext::topk_mil_pool_autograd);
+  m.impl("snippet_distill_loss", &mmsd_ext::snippet_distill_loss_autograd);
+  m.impl("mmsd_distill_loss", &mmsd_ext::mmsd_distill_loss_autograd);
+  m.impl("_topk_mil_pool_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_snippet_distill_loss_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_mmsd_distill_loss_backward", torch::autograd::autogradNotImplementedFallback());
+}
