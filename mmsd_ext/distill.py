@@ -20,7 +20,8 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
     MMSD's CategoryCrossEntropy (no tau**2 factor). The teacher is a target: it
     never receives a gradient, even if it requires grad. The student's gradient
     is ``(softmax(student/tau) - softmax(teacher/tau)) / tau`` times the upstream
-    weight of the row.
+    weight of the row. First order only: on every backend but "reference", a
+    double backward (differentiating the gradient again) raises an error.
 
     Args:
         student, teacher: logits of one shape [..., C] (typically [B, T, C], C >= 1),

@@ -28,7 +28,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
     Gradient: ``grad_out[b, c] / k[b]`` flows to each selected element, zero
     elsewhere (padding included). Where equal values straddle the k-th place,
     the lower time indices are the selected ones, so the gradient is bitwise
-    deterministic.
+    deterministic. First order only: on every backend but "reference", a double
+    backward (differentiating the gradient again) raises an error.
 
     Raises:
         TypeError / ValueError naming the argument: wrong rank or dtype, k < 1,
