@@ -273,7 +273,7 @@ def soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, 
         live = survivors
     return (
         torch.tensor(chosen, dtype=torch.int64, device=segments.device),
-        torch.tensor(chosen_scores, dtype=torch.float64).to(device=segments.device, dtype=scores.dtype),
+        torch.tensor(chosen_scores, dtype=torch.float64, device=segments.device).to(scores.dtype),
     )
 
 

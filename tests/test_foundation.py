@@ -151,3 +151,59 @@ def test_import_survives_an_extension_built_for_another_torch(tmp_path):
         copied=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _every_public_op_call():
+    """One call of every public op (forward, and backward where there is one), on
+    CPU inputs made here, as functions of the backend."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 17, 5, generator=gen, requires_grad=True)
+    rgb, flow, fused = (torch.randn(3, 17, 5, generator=gen, requires_grad=True) for _ in range(3))
+    valid = torch.rand(3, 17, generator=gen) > 0.3
+    segments = torch.sort(torch.rand(40, 2, generator=gen, dtype=torch.float64) * 10, dim=1).values
+    seg_scores = torch.rand(40, generator=gen, dtype=torch.float64)
+    groups = torch.randint(0, 3, (40,), generator=gen)
+    cas = torch.rand(3, 60, 4, generator=gen) * 0.02
+    video_scores = torch.rand(3, 4, generator=gen)
+    lengths = torch.tensor([60, 41, 9])
+
+    def grads(loss, inputs):
+        return (loss.detach(),) + torch.autograd.grad(loss, inputs)
+
+    return {
+        "topk_mil_pool": lambda b: grads(mmsd_ext.topk_mil_pool(scores, 4, backend=b).sum(), [scores]),
+        "mil_k": lambda b: (mmsd_ext.mil_k(lengths),),
+        "snippet_distill_loss": lambda b: grads(
+            mmsd_ext.snippet_distill_loss(rgb, flow, 0.5, mask=valid.float(), backend=b), [rgb]
+        ),
+        "mmsd_distill_loss": lambda b: grads(
+            mmsd_ext.mmsd_distill_loss(rgb, flow, fused, mask=valid, backend=b), [rgb, flow, fused]
+        ),
+        "temporal_nms": lambda b: (mmsd_ext.temporal_nms(segments, seg_scores, 0.3, groups=groups, backend=b),),
+        "temporal_nms other": lambda b: (
+            mmsd_ext.temporal_nms(segments, seg_scores, 0.3, groups=groups, overlap="other", offset=1, backend=b),
+        ),
+        "soft_temporal_nms": lambda b: mmsd_ext.soft_temporal_nms(segments, seg_scores, groups=groups, backend=b),
+        "mmsd_proposals": lambda b: (mmsd_ext.mmsd_proposals(cas, video_scores, lengths, backend=b),),
+    }
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu", "triton") if b in mmsd_ext.available_backends()])
+def test_no_op_creates_tensors_on_the_default_device(backend):
+    # A stand-in, without a GPU, for "works on CUDA tensors": every tensor an op makes
+    # must go to its inputs' device, never to torch's default device. With the default
+    # device set to "meta" (no data), a tensor made without device= cannot mix with the
+    # CPU inputs or be read, so the call fails or its result is not on the CPU.
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the triton backend runs on the GPU here; this test is for CPU inputs")
+    for name, call in _every_public_op_call().items():
+        want = call(backend)
+        torch.set_default_device("meta")
+        try:
+            got = call(backend)
+        finally:
+            torch.set_default_device(None)
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            assert g.device.type == "cpu", f"{name}: a result on {g.device}"
+            assert torch.equal(g, w), name
