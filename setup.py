@@ -19,6 +19,7 @@ environment would replace with whatever torch it downloads.
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,16 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+
+
+def _binary_interface():
+    # One source of truth, mmsd_ext/_loader.py, read as text (importing the package
+    # would load the extension being built).
+    with open(os.path.join(ROOT, "mmsd_ext", "_loader.py"), encoding="utf-8") as f:
+        match = re.search(r"^BINARY_INTERFACE = (\d+)$", f.read(), re.MULTILINE)
+    return int(match.group(1))
+
+
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 # kernels/ installs as mmsd_ext.kernels (package_dir). The legacy editable install,
@@ -145,6 +156,7 @@ ext = ext_cls(
 
 BUILD_INFO = {
     "version": VERSION,
+    "binary_interface": _binary_interface(),
     "torch": torch.__version__,
     "cuda": NVCC_VERSION,
     "torch_cuda": torch.version.cuda,
@@ -173,7 +185,8 @@ class BuildWithInfo(BuildExtension):
     """Writes mmsd_ext/_build_info.json beside the extension.
 
     The loader reads it before touching the shared object, so that an extension
-    built for another torch is reported instead of crashing the import.
+    built for another torch, or from older sources, is reported instead of
+    crashing the import or running with what this tree no longer provides.
     """
 
     def run(self):

@@ -1,9 +1,10 @@
 """Loads the compiled extension, or says once why it is not there.
 
-Two failures are told apart (the distinction xformers' loader makes): the
-extension was never built, or it was built for another torch. Either way the
-import of mmsd_ext succeeds and the ``reference`` and ``triton`` backends keep
-working; asking for ``cpu`` or ``cuda`` then raises with the reason.
+Three failures are told apart (the first two as xformers' loader does): the
+extension was never built, it was built for another torch, or it was built
+from older mmsd_ext sources than these (a checkout updated without a rebuild).
+Either way the import of mmsd_ext succeeds and the ``reference`` and ``triton``
+backends keep working; asking for ``cpu`` or ``cuda`` then raises with the reason.
 """
 
 import importlib
@@ -14,6 +15,11 @@ import warnings
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# What this Python package needs of the compiled extension. Bump it when a change
+# makes a build of older sources wrong with these (2: the autograd of the compiled
+# ops moved from Python into the extension, csrc/autograd.cpp; a build without it
+# would give no gradients). setup.py reads it from here into _build_info.json.
+BINARY_INTERFACE = 2
 REBUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the mmsd_ext source tree"
 
 
@@ -34,6 +40,12 @@ def _load():
             f"mmsd_ext: the compiled extension was built for torch {info.get('torch')}, "
             f"but this process runs torch {torch.__version__}; the cpu/cuda backends are disabled. "
             f"Re-{REBUILD_HINT}."
+        )
+    if info is not None and info.get("binary_interface", 1) != BINARY_INTERFACE:
+        return None, info, (
+            f"mmsd_ext: the compiled extension was built from other mmsd_ext sources (binary interface "
+            f"{info.get('binary_interface', 1)}; these sources need {BINARY_INTERFACE}); the cpu/cuda "
+            f"backends are disabled. Re-{REBUILD_HINT}."
         )
     try:
         module = importlib.import_module("mmsd_ext._C")

@@ -153,6 +153,48 @@ def test_import_survives_an_extension_built_for_another_torch(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_import_survives_an_extension_built_from_older_sources(tmp_path):
+    # A checkout updated without a rebuild: the build info records an older binary
+    # interface. The extension is not loaded (its ops would lack what these sources
+    # expect, e.g. the C++ autograd), and the reference backend still gives gradients.
+    import json
+    import shutil
+
+    src = os.path.dirname(mmsd_ext.__file__)
+    dst = tmp_path / "mmsd_ext"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    info = dict(mmsd_ext._loader.BUILD_INFO or {"version": mmsd_ext.__version__})
+    info["torch"] = torch.__version__
+    info.pop("binary_interface", None)  # builds before the interface number existed have none
+    (dst / "_build_info.json").write_text(json.dumps(info))
+    result = _run_isolated(
+        """
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        assert len(messages) == 1 and "binary interface 1" in messages[0], messages
+        assert "Re-build it with `pip install --no-build-isolation -e .`" in messages[0], messages[0]
+        assert "cpu" not in mmsd_ext.build_info()["backends"]
+        assert not hasattr(torch.ops.mmsd_ext, "topk_mil_pool"), "the stale extension was loaded"
+        x = torch.randn(2, 6, 3, requires_grad=True)
+        mmsd_ext.topk_mil_pool(x, 2).sum().backward()
+        assert torch.equal((x.grad != 0).sum(1), torch.full((2, 3), 2))
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path)},
+        copied=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.skipif(mmsd_ext._loader.BUILD_INFO is None, reason="the extension is not built")
+def test_build_records_the_binary_interface_of_these_sources():
+    assert mmsd_ext._loader.BUILD_INFO["binary_interface"] == mmsd_ext._loader.BINARY_INTERFACE
+
+
 def _every_public_op_call():
     """One call of every public op (forward, and backward where there is one), on
     CPU inputs made here, as functions of the backend."""
