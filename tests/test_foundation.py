@@ -127,15 +127,18 @@ def test_import_survives_a_missing_extension(tmp_path):
     assert result.stdout.strip().endswith("ok")
 
 
-def test_import_survives_an_extension_built_for_another_torch(tmp_path):
+def _copy_with_build_info(tmp_path, info):
+    """A copy of the installed package (shared object included) under tmp_path, with this build info."""
     import json
     import shutil
 
-    src = os.path.dirname(mmsd_ext.__file__)
     dst = tmp_path / "mmsd_ext"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-    info = {"version": mmsd_ext.__version__, "torch": "1.0.0+other", "cuda": None, "archs": None}
+    shutil.copytree(os.path.dirname(mmsd_ext.__file__), dst, ignore=shutil.ignore_patterns("__pycache__"))
     (dst / "_build_info.json").write_text(json.dumps(info))
+
+
+def test_import_survives_an_extension_built_for_another_torch(tmp_path):
+    _copy_with_build_info(tmp_path, {"version": mmsd_ext.__version__, "torch": "1.0.0+other", "cuda": None, "archs": None})
     result = _run_isolated(
         """
         import warnings
@@ -157,16 +160,10 @@ def test_import_survives_an_extension_built_from_older_sources(tmp_path):
     # A checkout updated without a rebuild: the build info records an older binary
     # interface. The extension is not loaded (its ops would lack what these sources
     # expect, e.g. the C++ autograd), and the reference backend still gives gradients.
-    import json
-    import shutil
-
-    src = os.path.dirname(mmsd_ext.__file__)
-    dst = tmp_path / "mmsd_ext"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     info = dict(mmsd_ext._loader.BUILD_INFO or {"version": mmsd_ext.__version__})
     info["torch"] = torch.__version__
     info.pop("binary_interface", None)  # builds before the interface number existed have none
-    (dst / "_build_info.json").write_text(json.dumps(info))
+    _copy_with_build_info(tmp_path, info)
     result = _run_isolated(
         """
         import warnings, torch
