@@ -52,8 +52,14 @@ def _current_override():
     return _global_override
 
 
+# Looked up once: a search of sys.path on every call would cost host time, and
+# torch.compile cannot trace importlib (an op called inside a compiled function
+# resolves its backend there).
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable():
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreting():
