@@ -97,18 +97,17 @@ def test_temporal_nms_matches_reference(backend, data, threshold, overlap, offse
     assert torch.equal(got.cpu(), expected)
 
 
-def test_temporal_nms_reference_small_example():
+def test_temporal_nms_small_example_every_backend():
     # Written out by hand: 0 is kept; 1 overlaps 0 by IoU 9/11 > 0.5; 2 is disjoint; 3
     # (score NaN, visited last) overlaps 2 by 5/10 = 0.5, not more: kept.
     seg = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0], [25.0, 30.0]])
     scores = torch.tensor([0.9, 0.8, 0.7, math.nan])
     for backend in mmsd_ext.available_backends():
-        if backend == "cuda":
-            continue
-        got = mmsd_ext.temporal_nms(seg, scores, 0.5, backend=backend)
+        args = _to(backend_device(backend), seg, scores)
+        got = mmsd_ext.temporal_nms(*args, 0.5, backend=backend)
         assert got.tolist() == [0, 2, 3], backend
         # "other": 3 lies inside 2, overlap 5/5 = 1 > 0.5: suppressed.
-        got = mmsd_ext.temporal_nms(seg, scores, 0.5, overlap="other", backend=backend)
+        got = mmsd_ext.temporal_nms(*args, 0.5, overlap="other", backend=backend)
         assert got.tolist() == [0, 2], backend
 
 
@@ -524,19 +523,19 @@ def test_soft_temporal_nms_permutation_invariance(data, seed, params):
     assert torch.equal(perm[idx_perm[positive:]].sort().values, idx[positive:].sort().values)
 
 
-def test_soft_temporal_nms_reference_small_example():
+def test_soft_temporal_nms_small_example_every_backend():
     # Gaussian, sigma 0.5: 0 is selected (0.9); 1 overlaps it by IoU 9/11 and decays
     # to 0.8 exp(-(9/11)^2 / 0.5) = 0.2104...; 2 is untouched (0.7) and comes before it.
     seg = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0]], dtype=torch.float64)
     scores = torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
     for backend in mmsd_ext.available_backends():
-        if backend == "cuda":
-            continue
-        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, backend=backend)
-        assert idx.tolist() == [0, 2, 1]
-        torch.testing.assert_close(val, torch.tensor([0.9, 0.7, 0.8 * math.exp(-((9 / 11) ** 2) / 0.5)], dtype=torch.float64))
-        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, method="linear", iou_threshold=0.3, backend=backend)
-        torch.testing.assert_close(val, torch.tensor([0.9, 0.7, 0.8 * (1 - 9 / 11)], dtype=torch.float64))
+        dev = backend_device(backend)
+        idx, val = mmsd_ext.soft_temporal_nms(*_to(dev, seg, scores), backend=backend)
+        assert idx.tolist() == [0, 2, 1], backend
+        expected = torch.tensor([0.9, 0.7, 0.8 * math.exp(-((9 / 11) ** 2) / 0.5)], dtype=torch.float64)
+        torch.testing.assert_close(val.cpu(), expected)
+        idx, val = mmsd_ext.soft_temporal_nms(*_to(dev, seg, scores), method="linear", iou_threshold=0.3, backend=backend)
+        torch.testing.assert_close(val.cpu(), torch.tensor([0.9, 0.7, 0.8 * (1 - 9 / 11)], dtype=torch.float64))
 
 
 def test_soft_temporal_nms_groups_and_dtypes(backend):
