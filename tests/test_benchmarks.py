@@ -210,6 +210,27 @@ def test_a_cold_check_time_is_not_a_sample_unless_over_the_slow_budget():
     assert timing.reps == 1 and timing.cold and timing.median == pytest.approx(2500.0)
 
 
+def test_one_slow_warm_call_does_not_make_a_function_slow():
+    import time
+
+    settings = _tiny_settings()  # slow_s 0.05, slow_budget_s 0.2
+    calls = []
+
+    def once_slow():
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(0.12)  # a one-off cost or a stall, then microseconds
+
+    timing = harness.measure(once_slow, "cpu", settings)
+    assert timing.reps > 5 and timing.median < 1.0
+
+    def always_slow():
+        time.sleep(0.06)
+
+    timing = harness.measure(always_slow, "cpu", settings)
+    assert 2 <= timing.reps <= 5 and timing.median >= 60.0
+
+
 def _case(op, providers, eager="eager", sleep_s=0.0, shape="s"):
     import time
 
