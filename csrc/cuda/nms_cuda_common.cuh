@@ -26,39 +26,61 @@ namespace cuda_common {
 // kernel below (a kernel defined in a header would otherwise be defined twice).
 namespace {
 
-// [is_start (uint8), end_of (int64)] of non-decreasing group ids (None: one group).
+// is_start[p] = 1 where a group starts (p == 0 or a new id); end_of[p] = the end of
+// p's group, the first position whose id is larger (a binary search in the sorted ids;
+// that is also the first group start after p). groups == nullptr: one group.
+__global__ void group_bounds_kernel(const int64_t* __restrict__ groups, int64_t n, uint8_t* __restrict__ is_start,
+                                    int64_t* __restrict__ end_of) {
+  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (p >= n) return;
+  if (groups == nullptr) {
+    is_start[p] = p == 0;
+    end_of[p] = n;
+    return;
+  }
+  const int64_t g = groups[p];
+  is_start[p] = p == 0 || groups[p - 1] != g;
+  int64_t lo = p + 1, hi = n;  // the first position in [p + 1, n) with an id > g
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (groups[mid] > g) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  end_of[p] = lo;
+}
+
+// [is_start (uint8), end_of (int64)] of non-decreasing group ids (None: one group),
+// in one launch.
 inline std::tuple<at::Tensor, at::Tensor> group_bounds(const c10::optional<at::Tensor>& sorted_groups, int64_t n,
                                                        const at::TensorOptions& long_opts) {
-  if (!sorted_groups.has_value()) {
-    at::Tensor is_start = at::zeros({n}, long_opts.dtype(at::kByte));
-    is_start.narrow(0, 0, 1).fill_(1);
-    return {is_start, at::full({n}, n, long_opts)};
-  }
-  const at::Tensor& g = *sorted_groups;
-  at::Tensor is_start = at::ones({n}, long_opts.dtype(at::kBool));
-  if (n > 1) is_start.narrow(0, 1, n - 1).copy_(g.narrow(0, 1, n - 1) != g.narrow(0, 0, n - 1));
-  // end_of[p] = the first start at a position > p, or n: a suffix minimum.
-  at::Tensor pos = at::arange(n, long_opts);
-  at::Tensor start_pos = at::where(is_start, pos, at::full({}, n, long_opts));
-  at::Tensor shifted = at::full({n}, n, long_opts);
-  if (n > 1) shifted.narrow(0, 0, n - 1).copy_(start_pos.narrow(0, 1, n - 1));
-  at::Tensor end_of = std::get<0>(at::cummin(shifted.flip({0}), 0)).flip({0}).contiguous();
-  return {is_start.to(at::kByte).contiguous(), end_of};
+  at::Tensor is_start = at::empty({n}, long_opts.dtype(at::kByte));
+  at::Tensor end_of = at::empty({n}, long_opts);
+  if (n == 0) return {is_start, end_of};
+  at::Tensor g;
+  if (sorted_groups.has_value()) g = sorted_groups->contiguous();
+  constexpr int threads = 256;
+  group_bounds_kernel<<<static_cast<unsigned>(ceil_div(n, threads)), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      g.defined() ? g.data_ptr<int64_t>() : nullptr, n, is_start.data_ptr<uint8_t>(), end_of.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {is_start, end_of};
 }
 
 // Sort key of a value for a descending visit: ordered as the values, -0.0 equal to
 // +0.0, every NaN below -inf. A double's bits, read as int64, order the non-negative
 // values; flipping the magnitude bits of the negative ones orders those too.
+__device__ __forceinline__ int64_t descending_key(double v) {
+  if (isnan(v)) return std::numeric_limits<int64_t>::min();
+  const long long bits = __double_as_longlong(v + 0.0);  // + 0.0: -0.0 becomes +0.0
+  return bits < 0 ? bits ^ 0x7FFFFFFFFFFFFFFFLL : bits;
+}
+
 __global__ void descending_key_kernel(const double* __restrict__ values, int64_t n, int64_t* __restrict__ key) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  const double v = values[i];
-  if (isnan(v)) {
-    key[i] = std::numeric_limits<int64_t>::min();
-    return;
-  }
-  const long long bits = __double_as_longlong(v + 0.0);  // + 0.0: -0.0 becomes +0.0
-  key[i] = bits < 0 ? bits ^ 0x7FFFFFFFFFFFFFFFLL : bits;
+  key[i] = descending_key(values[i]);
 }
 
 // Stable order by descending value (ties to the lower index), NaN last, -0.0 equal to

@@ -18,6 +18,7 @@
 // at n = 1e5, as torchvision. With groups and larger n, W = ceil(Gmax / 64) + 1
 // from the largest group Gmax, which costs one extra read to the host.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 // c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h: the latter pulls in cuSPARSE/cuBLAS
 // headers that a bare CUDA toolkit (as on the build machines here) does not ship.
 #include <c10/cuda/CUDAStream.h>
@@ -38,17 +39,33 @@ namespace {
 // Below this many segments the band is the full triangle (no read of the largest
 // group size); the mask then takes at most 8192^2 / 8 bytes = 8 MiB.
 constexpr int64_t kDenseMaskMaxSegments = 8192;
-// Threads of the gather kernel (not yet tuned on a GPU): they share the OR of the
-// kept rows' words into the later tiles of the group, one word per thread per tile,
-// so 256 cover groups of up to 16k segments in one round.
+// Threads of the gather kernel (not tuned on a GPU): they share the OR of the kept
+// rows' words into the later tiles of the group (see the kernel).
 constexpr int kGatherThreads = 256;
 
+// Per segment i: the sort key of its score (descending visit, see descending_key)
+// and the validity check of its coordinates. bad = max(n - i) over the invalid
+// segments (0 if none): it names the first one. Reads the inputs in their dtypes.
+template <typename seg_t, typename score_t>
+__global__ void temporal_nms_prepare_kernel(const seg_t* __restrict__ seg, const score_t* __restrict__ scores,
+                                            int64_t n, int64_t* __restrict__ key,
+                                            unsigned long long* __restrict__ bad) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  key[i] = cuda_common::descending_key(static_cast<double>(scores[i]));
+  const double s = static_cast<double>(seg[2 * i]), e = static_cast<double>(seg[2 * i + 1]);
+  if (!(isfinite(s) && isfinite(e) && e >= s)) atomicMax(bad, static_cast<unsigned long long>(n - i));
+}
+
 // One 64 x 64 tile of suppression bits. Block (r, k): rows of tile r against the
-// columns of tile r + k. Bit b of mask[i * W + k] is set when j = 64 (r + k) + b
-// comes after i in the sorted order, is in i's group, and i overlaps it by more
-// than the threshold (j being the lower-ranked candidate).
-__global__ void temporal_nms_mask_kernel(const double* __restrict__ seg, const int64_t* __restrict__ groups, int64_t n,
-                                         int64_t width, double threshold, int kind, double offset,
+// columns of tile r + k. Sorted position p holds segment order[p]. Bit b of
+// mask[i * W + k] is set when j = 64 (r + k) + b comes after i in the sorted order,
+// is in i's group, and i overlaps it by more than the threshold (j being the
+// lower-ranked candidate). Coordinates are compared in double.
+template <typename seg_t>
+__global__ void temporal_nms_mask_kernel(const seg_t* __restrict__ seg, const int64_t* __restrict__ order,
+                                         const int64_t* __restrict__ groups, int64_t n, int64_t width,
+                                         double threshold, int kind, double offset,
                                          unsigned long long* __restrict__ mask) {
   const int64_t r = blockIdx.x;
   const int64_t k = blockIdx.y;
@@ -63,14 +80,16 @@ __global__ void temporal_nms_mask_kernel(const double* __restrict__ seg, const i
   __shared__ int64_t col_group[kTile];
   const int64_t j = col0 + threadIdx.x;
   if (j < n) {
-    col_start[threadIdx.x] = seg[2 * j];
-    col_end[threadIdx.x] = seg[2 * j + 1];
+    const int64_t src = order[j];
+    col_start[threadIdx.x] = static_cast<double>(seg[2 * src]);
+    col_end[threadIdx.x] = static_cast<double>(seg[2 * src + 1]);
     col_group[threadIdx.x] = groups != nullptr ? groups[j] : 0;
   }
   __syncthreads();
   const int64_t i = row0 + threadIdx.x;
   if (i >= n) return;
-  const double s = seg[2 * i], e = seg[2 * i + 1];
+  const int64_t src = order[i];
+  const double s = static_cast<double>(seg[2 * src]), e = static_cast<double>(seg[2 * src + 1]);
   const int64_t g = groups != nullptr ? groups[i] : 0;
   const int count = static_cast<int>(min(kTile, n - col0));
   const int first = c == r ? static_cast<int>(threadIdx.x) + 1 : 0;
@@ -86,21 +105,35 @@ __global__ void temporal_nms_mask_kernel(const double* __restrict__ seg, const i
 // Greedy keep-gather. Block b handles the groups that start in tile b. For each
 // tile r of a group, in order: 64 threads stage the rows' diagonal words in shared
 // memory; thread 0 walks the 64 rows (a row is kept unless its bit is set in the
-// removed word of tile r, and a kept row removes its diagonal bits); then all
-// threads OR the kept rows' words into the removed words of the later tiles of the
-// group (global memory, atomicOr: a tile at a group boundary is shared with the
-// block of the neighbouring group, whose bits are disjoint).
+// removed word of tile r, and a kept row removes its diagonal bits) and lists the
+// kept rows; the 64 threads write keep for their rows (true or false, so keep needs
+// no clearing); then the block ORs the kept rows' words into the removed words of
+// the later tiles of the group, in global memory with atomicOr (a tile at a group
+// boundary is shared with the block of the neighbouring group, whose bits are
+// disjoint). The OR is spread over rows and columns: with C later tiles and C <
+// blockDim, thread t takes column t % C and every S-th kept row from t / C (S =
+// blockDim / C row slots); with C >= blockDim, a column at a time and every kept
+// row. Four loads are in flight per thread. is_start / end_of == nullptr: one
+// group, [0, n). visit_pos != nullptr: keep of sorted position p goes to
+// keep[visit_pos[p]].
 __global__ void temporal_nms_gather_kernel(const unsigned long long* __restrict__ mask, int64_t n, int64_t width,
                                            const uint8_t* __restrict__ is_start, const int64_t* __restrict__ end_of,
-                                           unsigned long long* removed, bool* __restrict__ keep) {
+                                           const int64_t* __restrict__ visit_pos, unsigned long long* removed,
+                                           bool* __restrict__ keep) {
   __shared__ unsigned long long diag[kTile];
   __shared__ unsigned long long kept_bits;
+  __shared__ int kept_rows[kTile];
+  __shared__ int kept_count;
+  const int64_t threads = blockDim.x;
   const int64_t tile0 = blockIdx.x * kTile;
   for (int t = 0; t < kTile && tile0 + t < n; ++t) {
     const int64_t gs = tile0 + t;
-    if (!is_start[gs]) continue;
-    const int64_t ge = end_of[gs];
+    if (is_start != nullptr ? !is_start[gs] : gs != 0) continue;
+    const int64_t ge = end_of != nullptr ? end_of[gs] : n;
     const int64_t t_last = (ge - 1) / kTile;
+    // The group's last tile may be shared with the next group: only this group's
+    // bits go in (as in the CPU gather, whatever else the mask holds).
+    const unsigned long long last_bits = ge - t_last * kTile < kTile ? (1ULL << (ge - t_last * kTile)) - 1ULL : ~0ULL;
     for (int64_t r = gs / kTile; r <= t_last; ++r) {
       const int64_t row0 = r * kTile;
       if (threadIdx.x < kTile) {
@@ -111,31 +144,46 @@ __global__ void temporal_nms_gather_kernel(const unsigned long long* __restrict_
       if (threadIdx.x == 0) {
         unsigned long long word = atomicOr(removed + r, 0ULL);  // coherent read (L2)
         unsigned long long kept = 0;
+        int count = 0;
         const int b0 = static_cast<int>(max(gs - row0, int64_t{0}));
         const int b1 = static_cast<int>(min(ge - row0, kTile));
         for (int b = b0; b < b1; ++b) {
           if (!((word >> b) & 1ULL)) {
             kept |= 1ULL << b;
             word |= diag[b];
-            keep[row0 + b] = true;
+            kept_rows[count++] = b;
           }
         }
         kept_bits = kept;
+        kept_count = count;
       }
       __syncthreads();
       const unsigned long long kept = kept_bits;
-      for (int64_t k = 1 + threadIdx.x; k <= t_last - r && k < width; k += blockDim.x) {
-        unsigned long long acc = 0;
-        unsigned long long rest = kept;
-        while (rest) {
-          const int b = __ffsll(static_cast<long long>(rest)) - 1;
-          rest &= rest - 1;
-          acc |= mask[(row0 + b) * width + k];
+      const int nk = kept_count;
+      if (threadIdx.x < kTile) {
+        const int64_t p = row0 + threadIdx.x;
+        if (p >= gs && p < ge) keep[visit_pos != nullptr ? visit_pos[p] : p] = (kept >> threadIdx.x) & 1ULL;
+      }
+      const int64_t C = min(t_last - r, width - 1);  // later tiles: k = 1 .. C
+      if (nk > 0 && C > 0) {
+        const int64_t S = C >= threads ? 1 : threads / C;  // row slots
+        const int64_t slot = C >= threads ? 0 : threadIdx.x / C;
+        const int64_t c_step = C >= threads ? threads : C;
+        for (int64_t c = C >= threads ? threadIdx.x : threadIdx.x % C; slot < S && c < C; c += c_step) {
+          const unsigned long long* col = mask + row0 * width + 1 + c;
+          unsigned long long acc = 0;
+          int64_t q = slot;
+          for (; q + 3 * S < nk; q += 4 * S) {
+            const unsigned long long a0 = col[kept_rows[q] * width];
+            const unsigned long long a1 = col[kept_rows[q + S] * width];
+            const unsigned long long a2 = col[kept_rows[q + 2 * S] * width];
+            const unsigned long long a3 = col[kept_rows[q + 3 * S] * width];
+            acc |= a0 | a1 | a2 | a3;
+          }
+          for (; q < nk; q += S) acc |= col[kept_rows[q] * width];
+          if (r + 1 + c == t_last) acc &= last_bits;
+          if (acc) atomicOr(removed + r + 1 + c, acc);
         }
-        // The group's last tile may be shared with the next group: only this
-        // group's bits go in (as in the CPU gather, whatever else the mask holds).
-        if (r + k == t_last && ge - t_last * kTile < kTile) acc &= (1ULL << (ge - t_last * kTile)) - 1ULL;
-        if (acc) atomicOr(removed + r + k, acc);
       }
       __syncthreads();
     }
@@ -143,23 +191,33 @@ __global__ void temporal_nms_gather_kernel(const unsigned long long* __restrict_
 }
 
 // out[pos[i] - 1] = src[i] where flag[i]; pos is the inclusive prefix sum of flag.
+// The last thread also stores the total, pos[n - 1], in *total.
 __global__ void compact_kernel(const bool* __restrict__ flag, const int64_t* __restrict__ pos,
-                               const int64_t* __restrict__ src, int64_t n, int64_t* __restrict__ out) {
+                               const int64_t* __restrict__ src, int64_t n, int64_t* __restrict__ out,
+                               int64_t* __restrict__ total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n && flag[i]) out[pos[i] - 1] = src[i];
+  if (i >= n) return;
+  if (flag[i]) out[pos[i] - 1] = src[i];
+  if (total != nullptr && i == n - 1) *total = pos[i];
 }
 
-void launch_gather(const at::Tensor& mask, const at::Tensor& is_start, const at::Tensor& end_of, const at::Tensor& keep) {
+// removed: ceil(n / 64) words, zero. is_start / end_of / visit_pos: undefined for
+// one group / no reordering (see the kernel).
+void launch_gather(const at::Tensor& mask, const at::Tensor& is_start, const at::Tensor& end_of,
+                   const at::Tensor& visit_pos, int64_t* removed, const at::Tensor& keep) {
   const int64_t n = mask.size(0), width = mask.size(1);
-  at::Tensor removed = at::zeros({ceil_div(n, kTile)}, mask.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   temporal_nms_gather_kernel<<<static_cast<unsigned>(ceil_div(n, kTile)), kGatherThreads, 0, stream>>>(
-      reinterpret_cast<const unsigned long long*>(mask.data_ptr<int64_t>()), n, width, is_start.data_ptr<uint8_t>(),
-      end_of.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(removed.data_ptr<int64_t>()),
+      reinterpret_cast<const unsigned long long*>(mask.data_ptr<int64_t>()), n, width,
+      is_start.defined() ? is_start.data_ptr<uint8_t>() : nullptr,
+      end_of.defined() ? end_of.data_ptr<int64_t>() : nullptr,
+      visit_pos.defined() ? visit_pos.data_ptr<int64_t>() : nullptr, reinterpret_cast<unsigned long long*>(removed),
       keep.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Launches (one group): the zeroed scratch, prepare, the sort (torch), mask, gather,
+// the prefix sum (torch), compact, and one read of [count, bad] to the host.
 at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& scores, const c10::optional<at::Tensor>& groups,
                              double iou_threshold, c10::string_view overlap, double offset) {
   check_nms_inputs(segments, scores, groups, offset);
@@ -172,25 +230,41 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   const auto long_opts = segments.options().dtype(at::kLong);
   if (n == 0) return at::empty({0}, long_opts);
 
-  const at::Tensor seg_d = segments.to(at::kDouble).contiguous();
-  const at::Tensor first_bad = cuda_common::first_bad_segment(seg_d);
+  const at::Tensor seg = segments.contiguous(), sc = scores.contiguous();
+  const int64_t tiles = ceil_div(n, kTile);
+  // Scratch, zeroed once: the removed words of the gather, then [count, bad].
+  at::Tensor scratch = at::zeros({tiles + 2}, long_opts);
+  int64_t* const removed = scratch.data_ptr<int64_t>();
+  int64_t* const count_and_bad = removed + tiles;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int threads = 256;
+  const unsigned blocks_n = static_cast<unsigned>(ceil_div(n, threads));
+
   // Visit order: descending score, ties by index, NaN last. Then a stable sort by
   // group keeps that order inside each group.
-  const at::Tensor perm = cuda_common::descending_order(scores);
+  at::Tensor key = at::empty({n}, long_opts);
+  AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "temporal_nms_cuda", [&] {
+    using seg_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "temporal_nms_cuda", [&] {
+      temporal_nms_prepare_kernel<seg_t, scalar_t><<<blocks_n, threads, 0, stream>>>(
+          seg.data_ptr<seg_t>(), sc.data_ptr<scalar_t>(), n, key.data_ptr<int64_t>(),
+          reinterpret_cast<unsigned long long*>(count_and_bad + 1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  const at::Tensor perm = std::get<1>(at::sort(key, /*stable=*/true, 0, /*descending=*/true));
   at::Tensor gperm = perm;    // sorted position -> original index
   at::Tensor by_group;        // sorted position -> visit position (with groups)
   c10::optional<at::Tensor> sorted_groups;
+  at::Tensor is_start, end_of;  // undefined: one group
   if (groups.has_value()) {
     at::Tensor g_sorted;
     std::tie(g_sorted, by_group) = at::sort(groups->index_select(0, perm), /*stable=*/true, 0, false);
     gperm = perm.index_select(0, by_group);
     sorted_groups = g_sorted.contiguous();
+    std::tie(is_start, end_of) = cuda_common::group_bounds(sorted_groups, n, long_opts);
   }
-  const at::Tensor seg_sorted = seg_d.index_select(0, gperm).contiguous();
-  at::Tensor is_start, end_of;
-  std::tie(is_start, end_of) = cuda_common::group_bounds(sorted_groups, n, long_opts);
 
-  const int64_t tiles = ceil_div(n, kTile);
   int64_t width = tiles;
   int64_t largest = n;  // the largest group (all of them without groups)
   if (sorted_groups.has_value() && n > kDenseMaskMaxSegments) {
@@ -201,29 +275,36 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   TORCH_CHECK(width <= 65535, "segments: a group of ", num(largest),
               " segments needs a suppression mask too large for the GPU");
   at::Tensor mask = at::empty({n, width}, long_opts);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(width));
-  temporal_nms_mask_kernel<<<blocks, static_cast<unsigned>(kTile), 0, stream>>>(
-      seg_sorted.data_ptr<double>(), sorted_groups.has_value() ? sorted_groups->data_ptr<int64_t>() : nullptr, n, width,
-      iou_threshold, kind, offset, reinterpret_cast<unsigned long long*>(mask.data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  at::Tensor keep_sorted = at::zeros({n}, long_opts.dtype(at::kBool));
-  launch_gather(mask, is_start, end_of, keep_sorted);
-
-  // Back to visit order (without groups the sorted order is the visit order), then compact.
-  const at::Tensor keep_visit =
-      groups.has_value() ? at::zeros({n}, keep_sorted.options()).index_copy_(0, by_group, keep_sorted) : keep_sorted;
-  const at::Tensor pos = at::cumsum(keep_visit, 0, at::kLong);
-  const int64_t count = cuda_common::read_count_and_check(pos[n - 1], first_bad, seg_d);
-  at::Tensor out = at::empty({count}, long_opts);
-  if (count > 0) {
-    constexpr int threads = 256;
-    compact_kernel<<<static_cast<unsigned>(ceil_div(n, threads)), threads, 0, stream>>>(
-        keep_visit.data_ptr<bool>(), pos.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), n, out.data_ptr<int64_t>());
+  AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "temporal_nms_cuda", [&] {
+    temporal_nms_mask_kernel<scalar_t><<<blocks, static_cast<unsigned>(kTile), 0, stream>>>(
+        seg.data_ptr<scalar_t>(), gperm.data_ptr<int64_t>(),
+        sorted_groups.has_value() ? sorted_groups->data_ptr<int64_t>() : nullptr, n, width, iou_threshold, kind,
+        offset, reinterpret_cast<unsigned long long*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // keep in visit order: the gather puts sorted position p at its visit position.
+  at::Tensor keep_visit = at::empty({n}, long_opts.dtype(at::kBool));
+  launch_gather(mask, is_start, end_of, by_group, removed, keep_visit);
+
+  const at::Tensor pos = at::cumsum(keep_visit, 0, at::kLong);
+  at::Tensor out = at::empty({n}, long_opts);
+  compact_kernel<<<blocks_n, threads, 0, stream>>>(keep_visit.data_ptr<bool>(), pos.data_ptr<int64_t>(),
+                                                    perm.data_ptr<int64_t>(), n, out.data_ptr<int64_t>(),
+                                                    count_and_bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // The op's one synchronisation (two with groups and n > kDenseMaskMaxSegments).
+  const at::Tensor host = scratch.narrow(0, tiles, 2).cpu();
+  const int64_t count = host.data_ptr<int64_t>()[0], bad = host.data_ptr<int64_t>()[1];
+  if (bad != 0) {
+    const int64_t i = n - bad;
+    const at::Tensor row = seg[i].to(at::kDouble).cpu();
+    TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ", num(i), " = (",
+                      real(row[0].item<double>()), ", ", real(row[1].item<double>()), ")");
   }
-  return out;
+  // The kept indices are the first `count` of a buffer of n (no copy).
+  return out.narrow(0, 0, count);
 }
 
 at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
@@ -270,7 +351,8 @@ at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<
   const int64_t width = mask.size(1);
   TORCH_CHECK_VALUE(width >= h[1], "mask: expected at least ", num(h[1]), " tiles per row for a group of ", num(h[2]),
                     " segments, got ", num(width));
-  launch_gather(mask.contiguous(), is_start, end_of, keep);
+  at::Tensor removed = at::zeros({ceil_div(n, kTile)}, long_opts);
+  launch_gather(mask.contiguous(), is_start, end_of, at::Tensor(), removed.data_ptr<int64_t>(), keep);
   return keep;
 }
 
