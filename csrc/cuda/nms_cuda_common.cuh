@@ -100,13 +100,25 @@ inline at::Tensor descending_order(const at::Tensor& values) {
   return std::get<1>(at::sort(key, /*stable=*/true, 0, /*descending=*/true));
 }
 
+// A segment the NMS ops accept: finite coordinates with end >= start.
+__device__ __forceinline__ bool segment_ok(double start, double end) {
+  return isfinite(start) && isfinite(end) && end >= start;
+}
+
+// The error for segment i that segment_ok rejected (values read to the host).
+inline void throw_bad_segment(const at::Tensor& segments, int64_t i) {
+  const at::Tensor row = segments[i].to(at::kDouble).cpu();
+  TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ", num(i), " = (",
+                    real(row[0].item<double>()), ", ", real(row[1].item<double>()), ")");
+}
+
 // first_bad = min(first_bad, i) for every segment i that is not finite or has end < start.
 __global__ void first_bad_segment_kernel(const double* __restrict__ seg, int64_t n,
                                          unsigned long long* __restrict__ first_bad) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   const double s = seg[2 * i], e = seg[2 * i + 1];
-  if (!(isfinite(s) && isfinite(e) && e >= s)) atomicMin(first_bad, static_cast<unsigned long long>(i));
+  if (!segment_ok(s, e)) atomicMin(first_bad, static_cast<unsigned long long>(i));
 }
 
 // First index of a segment that is not finite or has end < start, or n: a device
@@ -129,12 +141,7 @@ inline int64_t read_count_and_check(const at::Tensor& count, const at::Tensor& f
   const at::Tensor host = at::stack({count.to(at::kLong).reshape({}), first_bad.reshape({})}).cpu();
   const int64_t* h = host.data_ptr<int64_t>();
   const int64_t n = segments_double.size(0);
-  if (h[1] < n) {
-    const at::Tensor bad = segments_double[h[1]].cpu();
-    const double s = bad[0].item<double>(), e = bad[1].item<double>();
-    TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ",
-                      num(h[1]), " = (", real(s), ", ", real(e), ")");
-  }
+  if (h[1] < n) throw_bad_segment(segments_double, h[1]);
   return h[0];
 }
 

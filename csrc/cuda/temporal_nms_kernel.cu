@@ -54,7 +54,7 @@ __global__ void temporal_nms_prepare_kernel(const seg_t* __restrict__ seg, const
   if (i >= n) return;
   key[i] = cuda_common::descending_key(static_cast<double>(scores[i]));
   const double s = static_cast<double>(seg[2 * i]), e = static_cast<double>(seg[2 * i + 1]);
-  if (!(isfinite(s) && isfinite(e) && e >= s)) atomicMax(bad, static_cast<unsigned long long>(n - i));
+  if (!cuda_common::segment_ok(s, e)) atomicMax(bad, static_cast<unsigned long long>(n - i));
 }
 
 // One 64 x 64 tile of suppression bits. Block (r, k): rows of tile r against the
@@ -297,12 +297,7 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   // The op's one synchronisation (two with groups and n > kDenseMaskMaxSegments).
   const at::Tensor host = scratch.narrow(0, tiles, 2).cpu();
   const int64_t count = host.data_ptr<int64_t>()[0], bad = host.data_ptr<int64_t>()[1];
-  if (bad != 0) {
-    const int64_t i = n - bad;
-    const at::Tensor row = seg[i].to(at::kDouble).cpu();
-    TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ", num(i), " = (",
-                      real(row[0].item<double>()), ", ", real(row[1].item<double>()), ")");
-  }
+  if (bad != 0) cuda_common::throw_bad_segment(seg, n - bad);
   // The kept indices are the first `count` of a buffer of n (no copy).
   return out.narrow(0, 0, count);
 }
