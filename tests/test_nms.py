@@ -9,6 +9,7 @@ the tolerance of the table below (exp may differ by an ulp between libm, CUDA an
 numpy under the Triton interpreter).
 """
 
+import itertools
 import math
 import re
 
@@ -936,5 +937,59 @@ def test_gpu_bad_segments_raise_after_the_op():
         mmsd_ext.temporal_nms(seg, torch.tensor([0.5, 0.4], device="cuda"), 0.5, backend="cuda")
     with pytest.raises(ValueError, match="segments"):
         mmsd_ext.soft_temporal_nms(seg, torch.tensor([0.5, 0.4], device="cuda"), backend="cuda")
+    # The device is still usable afterwards.
+    assert torch.ones(1, device="cuda").item() == 1.0
+
+
+# Sizes around kSmallNmsMaxSegments (256, csrc/cuda/temporal_nms_kernel.cu): up to it
+# the CUDA op runs in one block (segments ranked by counting, greedy pass in shared
+# memory, group ids compared directly), above it the sort-and-mask path.
+SMALL_PATH_SIZES = [1, 2, 31, 255, 256, 257, 300]
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("M", SMALL_PATH_SIZES)
+def test_gpu_small_and_large_paths_match_reference(M):
+    if "cuda" not in mmsd_ext.available_backends():
+        pytest.skip("cuda backend not available")
+    gen = torch.Generator().manual_seed(20 + M)
+    # Integer coordinates (overlaps exactly at 1/3, 1/2), scores with ties, +-0.0, +-inf
+    # and NaNs of both signs, or tied everywhere (the visit order is then the index order).
+    start = torch.randint(0, max(M // 4, 2), (M,), generator=gen).double()
+    seg = torch.stack([start, start + torch.randint(0, 8, (M,), generator=gen).double()], 1)
+    special = _special_scores(M, gen)
+    assert special.isnan().any()
+    tied = torch.full((M,), 0.5, dtype=torch.float64)
+    tied[::3], tied[1::5] = 0.0, -0.0
+    unsorted = torch.randint(-2, 3, (M,), generator=gen) * (1 << 40) + 7  # large ids, interleaved
+    dtypes = ((torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float32, torch.float16))
+    for scores, groups, (seg_dtype, score_dtype) in itertools.product((special, tied), (None, unsorted), dtypes):
+        s, sc = seg.to(seg_dtype), scores.to(score_dtype)
+        g = None if groups is None else groups.cuda()
+        for overlap, offset, threshold in itertools.product(("iou", "other"), (0.0, 1.0), (0.0, 1 / 3, 0.5)):
+            expected = mmsd_ext.temporal_nms(s, sc, threshold, groups=groups, overlap=overlap, offset=offset, backend="reference")
+            got = mmsd_ext.temporal_nms(s.cuda(), sc.cuda(), threshold, groups=g, overlap=overlap, offset=offset, backend="cuda")
+            assert got.dtype == torch.int64 and got.is_cuda
+            assert torch.equal(got.cpu(), expected), (groups is not None, seg_dtype, score_dtype, overlap, offset, threshold)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("M", [2, 200, 256, 257])
+def test_gpu_bad_segment_message_on_both_paths(M):
+    # The first invalid segment is named, with the message of the large path, also
+    # when later segments are invalid too (in the same or another check).
+    if "cuda" not in mmsd_ext.available_backends():
+        pytest.skip("cuda backend not available")
+    start = torch.arange(M, dtype=torch.float32)
+    seg = torch.stack([start, start + 1], 1)
+    first = M // 2
+    seg[first] = torch.tensor([2.5, 1.25])
+    if M - 1 != first:
+        seg[M - 1] = torch.tensor([math.nan, 1.0])
+    scores = torch.linspace(1, 0, M)
+    message = f"segments: expected finite coordinates with end >= start, got segment {first} = (2.5, 1.25)"
+    for groups in (None, torch.arange(M) % 3):
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            torch.ops.mmsd_ext.temporal_nms(seg.cuda(), scores.cuda(), None if groups is None else groups.cuda(), 0.5, "iou", 0.0)
     # The device is still usable afterwards.
     assert torch.ones(1, device="cuda").item() == 1.0

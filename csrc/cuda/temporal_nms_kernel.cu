@@ -13,6 +13,13 @@
 //    the size of the largest group is read first (see below). The gather op called
 //    on its own (the Triton backend's second stage) reads its input checks once.
 //
+// Small inputs (n <= kSmallNmsMaxSegments) take another path: one launch of one
+// block (temporal_nms_small_kernel) ranks the segments in visit order, runs the
+// greedy pass in shared memory and writes the kept indices, their count and the
+// validity check; then the same one read of [count, bad] to the host. There the
+// ~10 launches of the path above, not the work, set the time. Groups need not be
+// sorted for it: the kernel compares group ids directly.
+//
 // Mask memory: n * W * 8 bytes, W = the number of column tiles of the band. With
 // one group (or n <= kDenseMaskMaxSegments) W = ceil(n / 64): n^2 / 8 bytes, 1.25 GB
 // at n = 1e5, as torchvision. With groups and larger n, W = ceil(Gmax / 64) + 1
@@ -39,6 +46,15 @@ namespace {
 // Below this many segments the band is the full triangle (no read of the largest
 // group size); the mask then takes at most 8192^2 / 8 bytes = 8 MiB.
 constexpr int64_t kDenseMaskMaxSegments = 8192;
+// At most this many segments take the single-block path (temporal_nms_small_kernel);
+// also its most threads (one per segment) and the length of its shared arrays
+// (9476 bytes in all). Not yet measured on a GPU. The block's greedy pass costs one
+// __syncthreads per sorted position and its ranking n compares per thread, so its
+// time grows linearly in n, while the ~10 launches of the large path cost about the
+// same at any small n; the crossover is assumed to lie above 256, which keeps one
+// segment per thread in one block of 8 warps.
+constexpr int64_t kSmallNmsMaxSegments = 256;
+static_assert(kSmallNmsMaxSegments % 32 == 0 && kSmallNmsMaxSegments <= 1024, "whole warps, one block");
 // Threads of the gather kernel (not tuned on a GPU): they share the OR of the kept
 // rows' words into the later tiles of the group (see the kernel).
 constexpr int kGatherThreads = 256;
@@ -201,6 +217,76 @@ __global__ void compact_kernel(const bool* __restrict__ flag, const int64_t* __r
   if (total != nullptr && i == n - 1) *total = pos[i];
 }
 
+// The whole op for n <= kSmallNmsMaxSegments in one block, in four phases separated
+// by __syncthreads. Thread t owns positions (and indices) t, t + blockDim, ... < n.
+// 1. key[i]: the sort key of score i (descending_key, as the prepare kernel).
+// 2. rank(i) = #{j : key[j] > key[i] or (key[j] == key[i] and j < i)}, the position of
+//    i in the visit order (the pairs (key, index) are distinct, so the ranks are a
+//    permutation of 0 .. n - 1); i's coordinates (double), group and index go to
+//    position rank(i), and removed[rank(i)] = false. The validity check of i as in the
+//    prepare kernel: bad = max(n - i) over the invalid segments (0 if none).
+// 3. The greedy pass, p = 0 .. n - 1: every thread reads removed[p], last written
+//    before the previous step's __syncthreads (a step writes only positions > p), so
+//    all threads take the same branch; if p is kept, each thread marks its positions
+//    q > p of p's group that p overlaps by more than the threshold (p, the kept one,
+//    first in overlap_exceeds, as in the mask kernel). Greedy NMS per group is this
+//    one pass in visit order in which only segments of a group suppress each other,
+//    so the groups need not be sorted. groups == nullptr: one group.
+// 4. Thread 0 writes the kept indices in visit order to out[0, count), count to
+//    out[n] and bad to out[n + 1] (so nothing needs zeroing before the launch).
+template <typename seg_t, typename score_t>
+__global__ void temporal_nms_small_kernel(const seg_t* __restrict__ seg, const score_t* __restrict__ scores,
+                                          const int64_t* __restrict__ groups, int n, double threshold, int kind,
+                                          double offset, int64_t* __restrict__ out) {
+  __shared__ int64_t key[kSmallNmsMaxSegments];  // by index
+  __shared__ double start[kSmallNmsMaxSegments], end[kSmallNmsMaxSegments];  // by position, as the rest
+  __shared__ int64_t group[kSmallNmsMaxSegments];
+  __shared__ int index[kSmallNmsMaxSegments];
+  __shared__ bool removed[kSmallNmsMaxSegments];
+  __shared__ int bad;
+  const int t = threadIdx.x, stride = blockDim.x;
+
+  if (t == 0) bad = 0;
+  for (int i = t; i < n; i += stride) key[i] = cuda_common::descending_key(static_cast<double>(scores[i]));
+  __syncthreads();
+
+  for (int i = t; i < n; i += stride) {
+    const int64_t k = key[i];
+    int rank = 0;
+    for (int j = 0; j < n; ++j) rank += key[j] > k || (key[j] == k && j < i);
+    const double s = static_cast<double>(seg[2 * i]), e = static_cast<double>(seg[2 * i + 1]);
+    if (!cuda_common::segment_ok(s, e)) atomicMax(&bad, n - i);
+    start[rank] = s;
+    end[rank] = e;
+    group[rank] = groups != nullptr ? groups[i] : 0;
+    index[rank] = i;
+    removed[rank] = false;
+  }
+  __syncthreads();
+
+  for (int p = 0; p < n; ++p) {
+    if (!removed[p]) {
+      const double ps = start[p], pe = end[p];
+      const int64_t pg = group[p];
+      for (int q = t; q < n; q += stride) {
+        if (q > p && group[q] == pg && overlap_exceeds(ps, pe, start[q], end[q], kind, offset, threshold)) {
+          removed[q] = true;
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if (t == 0) {
+    int count = 0;
+    for (int p = 0; p < n; ++p) {
+      if (!removed[p]) out[count++] = index[p];
+    }
+    out[n] = count;
+    out[n + 1] = bad;
+  }
+}
+
 // removed: ceil(n / 64) words, zero. is_start / end_of / visit_pos: undefined for
 // one group / no reordering (see the kernel).
 void launch_gather(const at::Tensor& mask, const at::Tensor& is_start, const at::Tensor& end_of,
@@ -216,8 +302,35 @@ void launch_gather(const at::Tensor& mask, const at::Tensor& is_start, const at:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Launches (one group): the zeroed scratch, prepare, the sort (torch), mask, gather,
-// the prefix sum (torch), compact, and one read of [count, bad] to the host.
+// temporal_nms_cuda for 1 <= n <= kSmallNmsMaxSegments (contiguous inputs): one
+// launch, then one read of [count, bad] to the host.
+at::Tensor temporal_nms_small_cuda(const at::Tensor& seg, const at::Tensor& sc, const c10::optional<at::Tensor>& groups,
+                                   double iou_threshold, int kind, double offset) {
+  const int64_t n = seg.size(0);
+  // [0, n): the kept indices; n, n + 1: count and bad.
+  at::Tensor out = at::empty({n + 2}, seg.options().dtype(at::kLong));
+  at::Tensor g;
+  if (groups.has_value()) g = groups->contiguous();
+  const int threads = static_cast<int>(ceil_div(n, 32) * 32);  // one per segment, in whole warps
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "temporal_nms_cuda", [&] {
+    using seg_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "temporal_nms_cuda", [&] {
+      temporal_nms_small_kernel<seg_t, scalar_t><<<1, threads, 0, stream>>>(
+          seg.data_ptr<seg_t>(), sc.data_ptr<scalar_t>(), g.defined() ? g.data_ptr<int64_t>() : nullptr,
+          static_cast<int>(n), iou_threshold, kind, offset, out.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  const at::Tensor host = out.narrow(0, n, 2).cpu();  // the op's one synchronisation
+  const int64_t count = host.data_ptr<int64_t>()[0], bad = host.data_ptr<int64_t>()[1];
+  if (bad != 0) cuda_common::throw_bad_segment(seg, n - bad);
+  return out.narrow(0, 0, count);
+}
+
+// Launches (n > kSmallNmsMaxSegments, one group): the zeroed scratch, prepare, the
+// sort (torch), mask, gather, the prefix sum (torch), compact, and one read of
+// [count, bad] to the host.
 at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& scores, const c10::optional<at::Tensor>& groups,
                              double iou_threshold, c10::string_view overlap, double offset) {
   check_nms_inputs(segments, scores, groups, offset);
@@ -231,6 +344,7 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   if (n == 0) return at::empty({0}, long_opts);
 
   const at::Tensor seg = segments.contiguous(), sc = scores.contiguous();
+  if (n <= kSmallNmsMaxSegments) return temporal_nms_small_cuda(seg, sc, groups, iou_threshold, kind, offset);
   const int64_t tiles = ceil_div(n, kTile);
   // Scratch, zeroed once: the removed words of the gather, then [count, bad].
   at::Tensor scratch = at::zeros({tiles + 2}, long_opts);
