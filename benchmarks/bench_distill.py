@@ -22,6 +22,13 @@ Least traffic (bytes), N = B*T rows, e = element size:
   three gradients, ``3*N*C*e``; fwd+bwd ``6*N*C*e`` (356 MB at (32, 2304, 201)
   in float32).
 The scalar loss (4 bytes) is left out.
+
+The cpu and cuda backends of mmsd_distill_loss, whose three inputs all need a
+gradient here, write the gradients in the forward (csrc/autograd.cpp): their fwd
+pass includes those writes, and their bwd pass (backward rerun on a retained
+graph) hands the forward's gradients over in its first call only and recomputes
+them in the others. fwd+bwd is what a training step does.
+``python -m benchmarks.distill_upstream`` times the two ways against each other.
 """
 
 import torch

@@ -29,7 +29,10 @@
 #                                                       distillation and top-k ops (no
 #                                                       torch.compile anchors; their GPU goals
 #                                                       are against eager and the copy
-#                                                       bandwidth), at most 45 s; then NMS and
+#                                                       bandwidth), at most 45 s; the two ways
+#                                                       of mmsd_distill_loss's autograd
+#                                                       (benchmarks/distill_upstream.py, ~15 s,
+#                                                       not yet run on a GPU); then NMS and
 #                                                       localization, whose CPU anchors are slow
 #                                                       (each op gets its share of the time)
 #   plot        <= 30 s, keeps 90 s            4 s
@@ -277,6 +280,9 @@ run_bench() {
     cd "$REPO" || return 1
     $PY -m benchmarks --device cuda --quick --no-compile --csv "$OUT/bench.csv" --time-budget 45 --no-progress \
         --ops mmsd_distill_loss topk_mil_pool snippet_distill_loss || rc=1
+    # The two ways through mmsd_distill_loss's autograd (upstream 1, 0.5, recompute), about 15 s.
+    $PY -m benchmarks.distill_upstream --device cuda --shapes 10x750x21 32x2304x201 64x4608x201 \
+        --min-run-time 0.5 || rc=1
     rest=$(( BENCH_BUDGET - ($(date +%s) - t0) ))
     (( rest < 15 )) && rest=15
     $PY -m benchmarks --device cuda --quick --csv "$OUT/bench.csv" --time-budget "$rest" --no-progress \

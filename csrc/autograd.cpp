@@ -16,6 +16,7 @@
 // The backward ops have no derivative of their own: backward with create_graph=True
 // works, but differentiating its result again (a double backward) raises an error
 // naming the op, instead of the default fallback's warning and a missing gradient.
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -151,9 +152,30 @@ Tensor3 snippet_distill_loss_autograd(
 // ---------------------------------------------------------------------------
 // mmsd_distill_loss(rgb, flow, fused, temperature, mask) -> (loss, row_stats, count)
 // One backward call gives all three gradients; each is returned only where asked for.
+//
+// Two ways through (the same gradients; where the upstream gradient is 1, bit for bit
+// on the CPU):
+// - Gradients in the forward (MMSD training: all three inputs need a gradient).
+//   _mmsd_distill_loss_with_grads reads the rows once and writes the loss and the
+//   gradients for an upstream gradient of 1. The first backward hands those tensors
+//   over after _distill_scale_grads_ has multiplied them in place by the upstream
+//   gradient; that kernel reads it on the device and does nothing where it is 1
+//   (loss.backward() on the distillation term, or a sum of terms). Traffic: the
+//   inputs read once, the gradients written once, the least an op can do. The cost:
+//   the three gradients are held from the forward to the backward.
+// - Recompute (every other case): the forward saves per-row statistics only and the
+//   backward reads the inputs again. Taken when not every input needs a gradient,
+//   for a second backward (retain_graph=True: the handed-over tensors may since have
+//   been changed by their new owner), for backward with create_graph=True (so that
+//   differentiating the gradients raises, see above), and for tensor subclasses and
+//   dispatch modes: torch.compile, FakeTensor, functorch. Under those the ops are
+//   traced, not run, and a trace of the first way would bake in an in-place update of
+//   tensors saved for backward; this way traces as plain functional ops.
 
 using MmsdSig =
     Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&);
+using MmsdWithGradsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&);
 using MmsdBackwardSig = Tensor3(
     const at::Tensor&,
     const at::Tensor&,
@@ -162,6 +184,9 @@ using MmsdBackwardSig = Tensor3(
     const at::Tensor&,
     const at::Tensor&,
     double);
+using ScaleGradsSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+constexpr const char* kForwardGrads = "grads_from_forward";
 
 class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
  public:
@@ -171,10 +196,20 @@ class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
       const at::Tensor& flow,
       const at::Tensor& fused,
       double temperature,
-      const std::optional<at::Tensor>& mask) {
+      const std::optional<at::Tensor>& mask,
+      bool grads_in_forward) {
     static const auto op = op_handle<MmsdSig>("mmsd_ext::mmsd_distill_loss");
+    static const auto op_with_grads = op_handle<MmsdWithGradsSig>("mmsd_ext::_mmsd_distill_loss_with_grads");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, row_stats, count] = op.call(rgb, flow, fused, temperature, mask);
+    at::Tensor loss, row_stats, count;
+    if (grads_in_forward) {
+      at::Tensor grad_rgb, grad_flow, grad_fused;
+      std::tie(loss, row_stats, count, grad_rgb, grad_flow, grad_fused) =
+          op_with_grads.call(rgb, flow, fused, temperature, mask);
+      ctx->saved_data[kForwardGrads] = c10::List<at::Tensor>({grad_rgb, grad_flow, grad_fused});
+    } else {
+      std::tie(loss, row_stats, count) = op.call(rgb, flow, fused, temperature, mask);
+    }
     ctx->mark_non_differentiable({row_stats, count});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({rgb, flow, fused, row_stats, count});
@@ -184,14 +219,31 @@ class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<MmsdBackwardSig>("mmsd_ext::_mmsd_distill_loss_backward");
+    static const auto scale = op_handle<ScaleGradsSig>("mmsd_ext::_distill_scale_grads_");
     if (!grads[0].defined()) {
-      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    const auto saved = ctx->get_saved_variables();
-    auto [grad_rgb, grad_flow, grad_fused] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["temperature"].toDouble());
+    at::Tensor grad_rgb, grad_flow, grad_fused;
+    const auto held = ctx->saved_data.find(kForwardGrads);
+    if (held != ctx->saved_data.end() && !at::GradMode::is_enabled()) {
+      {
+        // Moved out and dropped from the context, so that the tensors returned are
+        // referenced only by autograd (AccumulateGrad then keeps them as .grad, no copy).
+        const c10::List<at::Tensor> list = held->second.toTensorList();
+        ctx->saved_data.erase(held);
+        grad_rgb = list.get(0);
+        grad_flow = list.get(1);
+        grad_fused = list.get(2);
+      }
+      at::AutoDispatchBelowADInplaceOrView guard;
+      scale.call(grads[0], grad_rgb, grad_flow, grad_fused);
+    } else {
+      const auto saved = ctx->get_saved_variables();
+      std::tie(grad_rgb, grad_flow, grad_fused) =
+          op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["temperature"].toDouble());
+    }
     const auto only_if = [&](int i, at::Tensor grad) { return ctx->needs_input_grad(i) ? grad : at::Tensor(); };
-    return {only_if(0, grad_rgb), only_if(1, grad_flow), only_if(2, grad_fused), at::Tensor(), at::Tensor()};
+    return {only_if(0, grad_rgb), only_if(1, grad_flow), only_if(2, grad_fused), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -201,7 +253,11 @@ Tensor3 mmsd_distill_loss_autograd(
     const at::Tensor& fused,
     double temperature,
     const std::optional<at::Tensor>& mask) {
-  const auto outs = MmsdDistillLoss::apply(rgb, flow, fused, temperature, mask);
+  // Gradients in the forward: see above. Decided here, where grad mode is the caller's.
+  const bool grads_in_forward = at::GradMode::is_enabled() && rgb.requires_grad() && flow.requires_grad() &&
+      fused.requires_grad() && (rgb.is_cpu() || rgb.is_cuda()) &&
+      !at::areAnyTensorSubclassLike({rgb, flow, fused}) && !(mask.has_value() && at::isTensorSubclassLike(*mask));
+  const auto outs = MmsdDistillLoss::apply(rgb, flow, fused, temperature, mask, grads_in_forward);
   return {outs[0], outs[1], outs[2]};
 }
 
@@ -215,4 +271,10 @@ TORCH_LIBRARY_IMPL(mmsd_ext, Autograd, m) {
   m.impl("_topk_mil_pool_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("_snippet_distill_loss_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("_mmsd_distill_loss_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_mmsd_distill_loss_with_grads", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_distill_scale_grads_", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(mmsd_ext, ADInplaceOrView, m) {
+  m.impl("_distill_scale_grads_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }

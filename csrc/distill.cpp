@@ -9,6 +9,13 @@
 //              exps), what the backward needs to recompute the probabilities in one pass;
 //   count      float32 scalar: the number of valid rows, for "mean".
 // Only loss is differentiable. reduction: 0 none, 1 mean, 2 sum (as at::Reduction).
+//
+// The autograd of mmsd_distill_loss (csrc/autograd.cpp) may instead call
+// _mmsd_distill_loss_with_grads, which also writes the three gradients of the loss
+// for an upstream gradient of 1 in the same pass (the rows are read once; the
+// backward then needs no second read of the inputs), and in the backward
+// _distill_scale_grads_, which multiplies those gradients in place by the upstream
+// gradient, read on the device: where it is 1 the pass is skipped, with no host sync.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mmsd_ext, m) {
@@ -24,4 +31,8 @@ TORCH_LIBRARY_FRAGMENT(mmsd_ext, m) {
   m.def(
       "_mmsd_distill_loss_backward(Tensor grad, Tensor rgb, Tensor flow, Tensor fused, Tensor row_stats,"
       " Tensor count, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_mmsd_distill_loss_with_grads(Tensor rgb, Tensor flow, Tensor fused, float temperature, Tensor? mask)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_distill_scale_grads_(Tensor grad, Tensor(a!) grad_rgb, Tensor(b!) grad_flow, Tensor(c!) grad_fused) -> ()");
 }

@@ -97,6 +97,21 @@ inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& cou
   }
 }
 
+// _distill_scale_grads_: grad a floating scalar; the gradients to scale in place
+// contiguous, of one floating dtype and shape, on grad's device.
+inline void check_scale_grads(const at::Tensor& grad, std::initializer_list<const at::Tensor*> grads) {
+  TORCH_CHECK(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()),
+              "grad: expected a floating scalar, got ", c10::toString(grad.scalar_type()), " ", shape(grad.sizes()));
+  const at::Tensor& g0 = **grads.begin();
+  for (const at::Tensor* g : grads) {
+    TORCH_CHECK(g->defined() && is_logit_dtype(g->scalar_type()) && g->is_contiguous() && g->sizes() == g0.sizes() &&
+                    g->scalar_type() == g0.scalar_type() && g->device() == grad.device(),
+                "grad_rgb, grad_flow, grad_fused: expected contiguous floating tensors of one shape and dtype on ",
+                device_text(grad.device()), ", got ", g->defined() ? c10::toString(g->scalar_type()) : "None", " ",
+                g->defined() ? shape(g->sizes()) : std::string(), g->defined() && !g->is_contiguous() ? " (not contiguous)" : "");
+  }
+}
+
 // grad as a contiguous float32 tensor (an expanded or other-dtype gradient is copied; it has one float per row at most).
 inline at::Tensor prepare_grad(const at::Tensor& grad) {
   return grad.to(at::kFloat).contiguous();

@@ -84,9 +84,16 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
     Returns:
         float32 scalar. All-masked input gives 0.
 
-    The compiled backends read each input once in the forward and once in the
-    backward, which writes the three gradients (saved per row: the maxima and
-    log-sums of the four softmaxes).
+    The cpu and cuda backends, where all three inputs need a gradient (training),
+    read each input once: the forward also writes the three gradients, which are
+    held until the backward and then handed over, multiplied in place by the
+    upstream gradient (a pass skipped, without a host sync, where that is 1, as in
+    ``loss.backward()``; a weighted term, ``w * loss``, pays that pass: 12 N
+    elements of traffic against 9 N for recomputing, N = rgb.numel()). Otherwise (some input without a gradient, a second
+    backward with ``retain_graph=True``, ``create_graph=True``, torch.compile) the
+    forward saves per-row statistics only (the maxima and log-sums of the four
+    softmaxes) and the backward reads the inputs again to write the gradients.
+    The triton backend always does the latter.
 
     Example::
 
@@ -237,6 +244,14 @@ def _mmsd_backward_fake(grad, rgb, flow, fused, row_stats, count, temperature):
     return rgb.new_empty(rgb.shape), rgb.new_empty(rgb.shape), rgb.new_empty(rgb.shape)
 
 
+def _mmsd_with_grads_fake(rgb, flow, fused, temperature, mask):
+    return _mmsd_fake(rgb, flow, fused, temperature, mask) + _mmsd_backward_fake(None, rgb, flow, fused, None, None, None)
+
+
+def _scale_grads_fake(grad, grad_rgb, grad_flow, grad_fused):
+    return None
+
+
 # Autograd: the teacher never gets a gradient; MMSD's three inputs each get theirs
 # from the one backward call.
 def _pair_setup_context(ctx, inputs, output):
@@ -284,6 +299,8 @@ def _register_compiled():
     torch.library.register_fake(lib + "_snippet_distill_loss_backward")(_pair_backward_fake)
     torch.library.register_fake(lib + "mmsd_distill_loss")(_mmsd_fake)
     torch.library.register_fake(lib + "_mmsd_distill_loss_backward")(_mmsd_backward_fake)
+    torch.library.register_fake(lib + "_mmsd_distill_loss_with_grads")(_mmsd_with_grads_fake)
+    torch.library.register_fake(lib + "_distill_scale_grads_")(_scale_grads_fake)
 
 
 # The Triton ops need no compiled extension; triton itself is imported on first use.

@@ -663,6 +663,105 @@ def test_retain_graph_second_backward_and_grad_output(backend):
     assert torch.allclose(s.grad.double().cpu(), 2 * rg, rtol=1e-5, atol=2**-21 * 2 * 11)
 
 
+COMPILED_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU or not _loader.cuda_compiled(), reason="needs the CUDA kernels and a GPU")),
+]
+
+
+def _ops_run(fn):
+    """fn() and the names of the mmsd_ext ops it ran (the profiler records every dispatcher op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, {e.name for e in prof.events() if e.name.startswith(("mmsd_ext::", "aten::"))}
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradients_from_the_forward_equal_the_recomputed_ones(device, dtype, masked):
+    """Training (all three inputs need a gradient) takes the gradients written by the forward;
+    a second backward recomputes them from the inputs. With an upstream gradient of 1 the two
+    agree bit for bit on the CPU (the same row functions, the same weight); other upstream
+    gradients scale the forward's in place, one rounding more than the recomputation."""
+    gen = torch.Generator().manual_seed(43)
+    C = 37 if device == "cpu" else 600  # cuda: 600 > 512 classes, the looped rows too
+    base = [3 * torch.randn(5, 9, C, generator=gen) for _ in range(3)]
+    base[1][0, 0, :] = float("-inf")  # an all -inf teacher row: no gradient for rgb there
+    base[0][1, 2, :C // 2] = float("-inf")
+    mask = (torch.rand(5, 9, generator=gen) < 0.7).to(device) if masked else None
+    xs = [x.to(dtype).to(device).requires_grad_() for x in base]
+    loss, ran = _ops_run(lambda: mmsd_ext.mmsd_distill_loss(*xs, 0.3, mask=mask, backend=device))
+    assert "mmsd_ext::_mmsd_distill_loss_with_grads" in ran
+    _, ran = _ops_run(lambda: loss.backward(retain_graph=True))
+    assert "mmsd_ext::_distill_scale_grads_" in ran and "mmsd_ext::_mmsd_distill_loss_backward" not in ran
+    # AccumulateGrad keeps the handed-over tensors as .grad: no copy.
+    assert not ran & {"aten::clone", "aten::copy_"}, ran
+    from_forward = [x.grad for x in xs]
+    for x in xs:
+        x.grad = None
+    _, ran = _ops_run(lambda: loss.backward())
+    assert "mmsd_ext::_mmsd_distill_loss_backward" in ran
+    recomputed = [x.grad for x in xs]
+    for a, b in zip(from_forward, recomputed):
+        assert a.dtype == dtype and a.is_contiguous()
+        if device == "cpu":
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        else:  # the same formulas in two kernels; the compiler may contract them differently
+            assert torch.allclose(a.double(), b.double(), rtol=2 * torch.finfo(dtype).eps, atol=0, equal_nan=True)
+    # Upstream 2.5: the forward's gradients times 2.5 in the accumulation type, rounded to the dtype once more.
+    for x in xs:
+        x.grad = None
+    mmsd_ext.mmsd_distill_loss(*xs, 0.3, mask=mask, backend=device).backward(torch.tensor(2.5, device=device))
+    for x, b in zip(xs, recomputed):
+        expected = (b.double() * 2.5).to(dtype).double()
+        assert torch.allclose(x.grad.double(), expected, rtol=torch.finfo(dtype).eps, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_gradients_in_the_forward_only_where_all_three_are_trained(device):
+    gen = torch.Generator().manual_seed(47)
+    base = [torch.randn(3, 4, 21, generator=gen).to(device) for _ in range(3)]
+    cases = {
+        "all three": ([True, True, True], True),
+        "fused only": ([False, False, True], False),
+        "rgb and flow": ([True, True, False], False),
+    }
+    for what, (needs, in_forward) in cases.items():
+        xs = [x.clone().requires_grad_(n) for x, n in zip(base, needs)]
+        loss, ran = _ops_run(lambda: mmsd_ext.mmsd_distill_loss(*xs, backend=device))
+        assert ("mmsd_ext::_mmsd_distill_loss_with_grads" in ran) == in_forward, what
+        grads = torch.autograd.grad(loss, [x for x in xs if x.requires_grad])
+        assert all(torch.isfinite(g).all() for g in grads), what
+    xs = [x.clone().requires_grad_() for x in base]
+    with torch.no_grad():
+        _, ran = _ops_run(lambda: mmsd_ext.mmsd_distill_loss(*xs, backend=device))
+    assert "mmsd_ext::mmsd_distill_loss" in ran and "mmsd_ext::_mmsd_distill_loss_with_grads" not in ran
+    # create_graph=True recomputes (the gradients must carry the op's not-differentiable grad_fn).
+    loss = mmsd_ext.mmsd_distill_loss(*xs, backend=device)
+    grads, ran = _ops_run(lambda: torch.autograd.grad(loss, xs, create_graph=True))
+    assert "mmsd_ext::_mmsd_distill_loss_backward" in ran and "mmsd_ext::_distill_scale_grads_" not in ran
+    with pytest.raises(RuntimeError, match="distill_loss.*backward|[Aa]utograd"):
+        (grads[0] ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_scale_grads_op_checks_its_arguments(device):
+    ops = torch.ops.mmsd_ext
+    g = [torch.ones(2, 3, device=device) for _ in range(3)]
+    message = "grad_rgb, grad_flow, grad_fused: expected contiguous floating tensors of one shape and dtype on "
+    with pytest.raises(RuntimeError, match="^" + re.escape(message) + ".*Float \\[2\\]"):
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], g[2][:, 0].contiguous())
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], torch.ones(3, 2, device=device).t())
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a floating scalar, got Float [2]")):
+        ops._distill_scale_grads_(torch.ones(2, device=device), *g)
+    ops._distill_scale_grads_(torch.tensor(1.0, device=device), *g)
+    assert all(torch.equal(x, torch.ones(2, 3, device=device)) for x in g)
+    ops._distill_scale_grads_(torch.tensor(-0.5, device=device), *g)
+    assert all(torch.equal(x, torch.full((2, 3), -0.5, device=device)) for x in g)
+
+
 def test_teacher_gets_no_gradient_and_inputs_are_untouched(backend):
     device = backend_device(backend)
     xs = [torch.randn(2, 5, 21, device=device, requires_grad=True) for _ in range(3)]
@@ -867,6 +966,14 @@ def test_opcheck_compiled_ops():
     for device in devices:
         _run_opcheck(ops.snippet_distill_loss.default, ops._snippet_distill_loss_backward.default,
                      ops.mmsd_distill_loss.default, ops._mmsd_distill_loss_backward.default, device)
+        # The ops of the gradients-in-the-forward way (csrc/autograd.cpp).
+        s, t, u, mask = _opcheck_samples(device)
+        for m in (None, mask):
+            torch.library.opcheck(ops._mmsd_distill_loss_with_grads.default, (s, t, u, 0.2, m))
+        grads = ops._mmsd_distill_loss_with_grads(s, t, u, 0.2, mask)[3:]
+        for w in (1.0, 0.5):
+            args = (torch.tensor(w, device=device), *[g.clone() for g in grads])
+            torch.library.opcheck(ops._distill_scale_grads_.default, args)
 
 
 @pytest.mark.skipif("triton" not in mmsd_ext.available_backends(), reason="triton cannot run here")

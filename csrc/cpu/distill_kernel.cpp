@@ -4,9 +4,11 @@
 // One task handles a block of rows; a row (C classes, C * 3 * 4 bytes for MMSD: it
 // stays in L1 for WTAL's C = 21..201) is read from memory once and walked twice:
 // pass 1 takes the row maxima, pass 2 the exps, their sums and the cross terms.
-// Nothing but the loss and 8 floats of statistics per row is written: the backward
+// The plain forwards write the loss and 8 floats of statistics per row: the backward
 // recomputes the probabilities from those statistics in one pass (read the inputs,
-// write the gradients); why not save the gradients in the forward: see below.
+// write the gradients). _mmsd_distill_loss_with_grads (MMSD training, see
+// csrc/autograd.cpp) walks each row a third time while it is in L1 and writes its
+// gradients for an upstream gradient of 1 (forward_backward_rows; measurements below).
 //
 // Vectorisation: the extension is compiled without -mavx*, so at::vec::Vectorized
 // falls back to its scalar code here and Sleef is not reachable. The row loops are
@@ -47,17 +49,21 @@ namespace {
 // and a large tensor splits into many tasks.
 constexpr int64_t kElementsPerTask = 8192;
 
-// Recompute in the backward rather than save the gradients in the forward, measured
-// on the first version of these kernels (commit c8553f8; the row loops have changed
-// since, the comparison has not been rerun): fwd+bwd of mmsd_distill_loss at
-// (32, 2304, 201) float32, 2 threads, torch.utils.benchmark medians on a shared,
-// loaded 2-core AMD EPYC (AVX-512):
-//   recompute (that version): 227 and 258 ms;  gradients saved in the forward (from
-//   the rows in cache) then scaled by grad_out in the backward: 593 and 608 ms.
-//   With THP_MEM_ALLOC_ENABLE=1: 151-186 ms against 198-220 ms.
-// Saving writes three gradients in the forward and reads and writes them again in
-// the backward (12 N floats of traffic and twice the new pages); recomputing reads
-// the inputs once more (9 N) and spends three more exps per class.
+// Gradients in the forward against recomputing them, fwd+bwd of mmsd_distill_loss.
+// The first version of these kernels (commit c8553f8) scaled the saved gradients by
+// grad_out in every backward, into new tensors (12 N floats of traffic, twice the
+// new pages): at (32, 2304, 201) float32, 2 threads, 593 and 608 ms against 227 and
+// 258 ms for recomputing (9 N), on a shared 2-core AMD EPYC (AVX-512). Now the
+// backward hands the forward's tensors over and scales them in place only where
+// grad_out != 1 (6 N, or 12 N for a weighted term). Same machine, 2026-11-27,
+// `python -m benchmarks.distill_upstream --device cpu --shapes 32x2304x201 10x750x21
+// --min-run-time 3`, three runs, medians in ms:
+//   (32, 2304, 201): upstream 1 74.2 / 64.1 / 60.5, upstream 0.5 82.0 / 73.0 / 69.3,
+//                    recompute 77.5 / 76.2 / 63.0
+//   (10, 750, 21):   upstream 1 1.21 / 1.41 / 1.19, upstream 0.5 1.30 / 1.79 / 1.35,
+//                    recompute 1.34 / 1.29 / 1.79
+// On this loaded VM the three differ by less than the runs do; the way was chosen
+// for the GPU, where the traffic sets the time at large sizes.
 
 // Every helper below is always inlined into a function compiled for the ISA of its
 // vector width, so the "vector argument without AVX changes the ABI" warning about
@@ -612,6 +618,67 @@ void backward_rows(const std::array<const scalar_t*, K>& in, int64_t R, int64_t 
   });
 }
 
+// The forward and, for an upstream gradient of 1, the backward of every row in one
+// pass: a row is read from memory once and its gradients are written while it is in
+// L1 (6 N floats of traffic against 9 N for a forward then a recomputing backward).
+// The gradients are those of backward_rows with grad = 1, bit for bit: the same row
+// functions with the same weight 1 / max(count, 1). `count`, the number of valid rows,
+// is needed before the first gradient, so it is counted first.
+template <typename scalar_t, int K, int KG>
+std::pair<double, int64_t> forward_backward_rows(const std::array<const scalar_t*, K>& in, const bool* mask,
+                                                 int64_t R, int64_t C, float inv_tau, int64_t n_stats, float* stats,
+                                                 const std::array<scalar_t*, KG>& out, ForwardRowFn forward_fn,
+                                                 BackwardRowFn backward_fn) {
+  int64_t valid = R;
+  if (mask != nullptr) valid = std::count(mask, mask + R, true);
+  const float one = 1.0f, count = static_cast<float>(valid);
+  const float w = row_weight(&one, 0, kMean, &count);
+  const int64_t per_task = rows_per_task(C);
+  const int64_t n_tasks = (R + per_task - 1) / per_task;
+  std::vector<double> task_sum(n_tasks, 0.0);
+  at::parallel_for(0, n_tasks, 1, [&](int64_t first, int64_t last) {
+    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+    std::vector<float> scratch(kFloat ? 0 : (K + KG) * C);
+    const float* rows[K];
+    float* grads[KG];
+    for (int64_t task = first; task < last; ++task) {
+      double sum = 0.0;
+      const int64_t end = std::min(R, (task + 1) * per_task);
+      for (int64_t row = task * per_task; row < end; ++row) {
+        float* st = stats + row * n_stats;
+        for (int k = 0; k < KG; ++k) {
+          if constexpr (kFloat) {
+            grads[k] = out[k] + row * C;
+          } else {
+            grads[k] = scratch.data() + (K + k) * C;
+          }
+        }
+        if (mask != nullptr && !mask[row]) {
+          for (int64_t i = 0; i < n_stats; i += 2) {
+            st[i] = 0.0f;
+            st[i + 1] = -INFINITY;
+          }
+          for (int k = 0; k < KG; ++k) std::memset(grads[k], 0, C * sizeof(float));
+        } else {
+          row_pointers<scalar_t, K>(in, row, C, scratch.data(), rows);
+          sum += forward_fn(rows, C, inv_tau, st);
+          backward_fn(rows, C, inv_tau, st, w, grads);
+        }
+        if constexpr (!kFloat) {
+          for (int k = 0; k < KG; ++k) {
+            scalar_t* dst = out[k] + row * C;
+            for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(grads[k][c]);
+          }
+        }
+      }
+      task_sum[task] = sum;
+    }
+  });
+  double total = 0.0;
+  for (int64_t task = 0; task < n_tasks; ++task) total += task_sum[task];
+  return {total, valid};
+}
+
 // A new gradient tensor. Its pages are first touched by the kernel; on this VM the
 // 4 KiB page faults of the three MMSD gradients at (32, 2304, 201) (178 MB) cost
 // more than the kernel itself, so large outputs ask Linux for transparent huge
@@ -734,6 +801,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cpu(
   return {gr, gf, gu};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_with_grads_cpu(
+    const at::Tensor& rgb, const at::Tensor& flow, const at::Tensor& fused, double temperature,
+    const std::optional<at::Tensor>& mask) {
+  check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
+  check_temperature(temperature);
+  const at::Tensor m = prepare_mask(mask, rgb, "rgb");
+  const at::Tensor r = rgb.contiguous(), f = flow.contiguous(), u = fused.contiguous();
+  const int64_t C = r.size(-1), R = r.numel() / C;
+  const auto f32 = r.options().dtype(at::kFloat);
+  at::Tensor stats = stats_tensor(r, kMmsdStats);
+  at::Tensor gr = new_gradient(r), gf = new_gradient(r), gu = new_gradient(r);
+  std::pair<double, int64_t> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_with_grads_cpu", [&] {
+    result = forward_backward_rows<scalar_t, 3, 3>(
+        {r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()},
+        m.defined() ? m.const_data_ptr<bool>() : nullptr, R, C, static_cast<float>(1.0 / temperature), kMmsdStats,
+        stats.data_ptr<float>(), {gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>()},
+        row_kernels().mmsd_forward, row_kernels().mmsd_backward);
+  });
+  const auto [total, count] = result;
+  at::Tensor loss = at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(count, 1)), f32);
+  return {loss, stats, at::scalar_tensor(static_cast<double>(count), f32), gr, gf, gu};
+}
+
+// grad is a CPU scalar here: reading it costs no synchronisation.
+void distill_scale_grads_cpu(const at::Tensor& grad, const at::Tensor& grad_rgb, const at::Tensor& grad_flow,
+                             const at::Tensor& grad_fused) {
+  check_scale_grads(grad, {&grad_rgb, &grad_flow, &grad_fused});
+  const float w = grad.to(at::kFloat).item<float>();
+  if (w == 1.0f) return;
+  for (const at::Tensor* g : {&grad_rgb, &grad_flow, &grad_fused}) g->mul_(w);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmsd_ext, CPU, m) {
@@ -741,6 +841,8 @@ TORCH_LIBRARY_IMPL(mmsd_ext, CPU, m) {
   m.impl("_snippet_distill_loss_backward", &snippet_distill_loss_backward_cpu);
   m.impl("mmsd_distill_loss", &mmsd_distill_loss_cpu);
   m.impl("_mmsd_distill_loss_backward", &mmsd_distill_loss_backward_cpu);
+  m.impl("_mmsd_distill_loss_with_grads", &mmsd_distill_loss_with_grads_cpu);
+  m.impl("_distill_scale_grads_", &distill_scale_grads_cpu);
 }
 
 }  // namespace distill

@@ -135,12 +135,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, int G, int VPT>
+// Gradients in the forward (kGrads, _mmsd_distill_loss_with_grads): after its sums,
+// each row also writes the three gradients for an upstream gradient of 1, with the
+// weight 1 / max(count, 1) (count: *count_dev when given, else count_host) and the
+// formulas of mmsd_distill_backward_kernel, from the values in registers (VPT > 0) or
+// re-read from L1/L2 (VPT == 0). Masked-out rows write zeros.
+template <typename scalar_t>
+struct MmsdGrads {
+  const float* count_dev;  // the number of valid rows, counted on the device (a mask), or nullptr
+  float count_host;        // ... or known on the host (no mask: every row)
+  scalar_t* rgb;
+  scalar_t* flow;
+  scalar_t* fused;
+};
+
+template <typename scalar_t, int G, int VPT, bool kGrads>
 __global__ void __launch_bounds__(kThreads)
     mmsd_distill_forward_kernel(const scalar_t* __restrict__ rgb, const scalar_t* __restrict__ flow,
                                 const scalar_t* __restrict__ fused, const bool* __restrict__ mask, int64_t R,
                                 int64_t C, float inv_tau, float* __restrict__ row_losses,
-                                float* __restrict__ stats) {
+                                float* __restrict__ stats, MmsdGrads<scalar_t> grads) {
+  float k = 0.0f;
+  if constexpr (kGrads) {
+    const float one = 1.0f, count = grads.count_dev != nullptr ? *grads.count_dev : grads.count_host;
+    k = row_weight(&one, 0, kMean, &count) * inv_tau;  // as the backward kernel's k for grad = 1
+  }
   const RowLoop loop = RowLoop::make<G>();
   for (int64_t warp_row = loop.warp_first; warp_row < R; warp_row += loop.step) {
     const int64_t row = warp_row + loop.group;
@@ -200,20 +219,62 @@ __global__ void __launch_bounds__(kThreads)
     d1 = group_sum<G>(d1);
     d2 = group_sum<G>(d2);
     d3 = group_sum<G>(d3);
+    // Masked rows: every log-sum -inf, so the backward writes zeros without the mask.
+    const float lr = valid ? logf(zr) : -INFINITY, lf = valid ? logf(zf) : -INFINITY;
+    const float lu = valid ? logf(zu) : -INFINITY, la = valid ? logf(za) : -INFINITY;
     if (in_range && loop.lane == 0) {
       row_losses[row] = valid ? row_loss(zr, zf, d1) + row_loss(zf, zr, d2) + row_loss(zu, za, d3) : 0.0f;
       float* st = stats + row * kMmsdStats;
-      // Masked rows: every log-sum -inf, so the backward writes zeros without the mask.
       st[0] = sr;
-      st[1] = valid ? logf(zr) : -INFINITY;
+      st[1] = lr;
       st[2] = sf;
-      st[3] = valid ? logf(zf) : -INFINITY;
+      st[3] = lf;
       st[4] = su;
-      st[5] = valid ? logf(zu) : -INFINITY;
+      st[5] = lu;
       st[6] = sa;
-      st[7] = valid ? logf(za) : -INFINITY;
+      st[7] = la;
+    }
+    if constexpr (kGrads) {
+      // As mmsd_distill_backward_kernel, from the row's statistics.
+      const bool ok1 = !teacher_excluded(lf), ok2 = !teacher_excluded(lr), ok3 = !teacher_excluded(la);
+      auto write = [&](int64_t c, float xr, float xf, float xu) {
+        const float g1 = k * (prob(xr, sr, inv_tau, lr) - prob(xf, sf, inv_tau, lf));
+        const float g3 = k * (prob(xu, su, inv_tau, lu) - prob((xr + xf) * 0.5f, sa, inv_tau, la));
+        grads.rgb[base + c] = static_cast<scalar_t>(ok1 ? g1 : 0.0f);
+        grads.flow[base + c] = static_cast<scalar_t>(ok2 ? -g1 : 0.0f);
+        grads.fused[base + c] = static_cast<scalar_t>(ok3 ? g3 : 0.0f);
+      };
+      if (in_range) {
+        if constexpr (VPT > 0) {
+#pragma unroll
+          for (int i = 0; i < VPT; ++i) {
+            const int64_t c = loop.lane + int64_t(i) * G;
+            if (c < C) write(c, cr[i], cf[i], cu[i]);
+          }
+        } else {
+          for (int64_t c = loop.lane; c < C; c += G) {
+            write(c, load_logit(rgb, base + c, valid), load_logit(flow, base + c, valid),
+                  load_logit(fused, base + c, valid));
+          }
+        }
+      }
     }
   }
+}
+
+// The number of valid rows of a mask, before a kernel that needs it (one block).
+__global__ void __launch_bounds__(kFinalizeThreads)
+    distill_count_kernel(const bool* __restrict__ mask, int64_t R, float* __restrict__ count) {
+  __shared__ unsigned long long counts[kFinalizeThreads];
+  unsigned long long valid = 0;
+  for (int64_t row = threadIdx.x; row < R; row += kFinalizeThreads) valid += mask[row] ? 1 : 0;
+  counts[threadIdx.x] = valid;
+  __syncthreads();
+  for (int half = kFinalizeThreads / 2; half > 0; half >>= 1) {
+    if (threadIdx.x < half) counts[threadIdx.x] += counts[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) count[0] = static_cast<float>(counts[0]);
 }
 
 // One block: the sum of the row losses (reduction mean or sum) and the number of
@@ -291,6 +352,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// _distill_scale_grads_: a, b, c *= *grad, nothing at all where *grad == 1 (read
+// here, so the host never waits for it). Products in the accumulation type of the
+// dtype (float, or double for float64), as the CPU's mul_.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    distill_scale_grads_kernel(const float* __restrict__ grad, index_t N, scalar_t* __restrict__ a,
+                               scalar_t* __restrict__ b, scalar_t* __restrict__ c) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const float w = *grad;
+  if (w == 1.0f) return;
+  for (index_t i = index_t(blockIdx.x) * kThreads + threadIdx.x; i < N; i += index_t(gridDim.x) * kThreads) {
+    a[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) * w);
+    b[i] = static_cast<scalar_t>(static_cast<acc_t>(b[i]) * w);
+    c[i] = static_cast<scalar_t>(static_cast<acc_t>(c[i]) * w);
+  }
+}
+
 // ------------------------------------------------------------------ launches
 // Lanes per row and values per lane for C classes (VPT 0: looped rows).
 template <typename F>
@@ -310,8 +388,24 @@ void with_row_shape(int64_t C, F&& launch) {
   }
 }
 
-int64_t blocks_for(int64_t work, int64_t per_block) {
-  return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxBlocks));
+int64_t blocks_for(int64_t work, int64_t per_block, int64_t max_blocks = kMaxBlocks) {
+  return std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, max_blocks));
+}
+
+// Blocks of the scale kernel: where *grad == 1 each block only reads it and exits, so
+// the grid is capped (grid-stride beyond). 1024 x 256 threads fill an H100/H200
+// (132 SMs x 2048 resident threads); not tuned.
+constexpr int64_t kScaleMaxBlocks = 1024;
+
+// Runs launch(index_t{}) with 32-bit indices (cheaper division by C) whenever
+// every index of a grid-stride loop over N fits.
+template <typename F>
+void with_index_type(int64_t N, F&& launch) {
+  if (N <= std::numeric_limits<int32_t>::max() - int64_t(kThreads) * kMaxBlocks) {
+    launch(int32_t{});
+  } else {
+    launch(int64_t{});
+  }
 }
 
 at::Tensor stats_tensor(const at::Tensor& logits, int64_t k) {
@@ -379,7 +473,7 @@ at::Tensor snippet_distill_loss_backward_cuda(const at::Tensor& grad, const at::
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "snippet_distill_loss_backward_cuda",
                                   [&] {
-                                    auto launch = [&](auto index) {
+                                    with_index_type(N, [&](auto index) {
                                       using index_t = decltype(index);
                                       snippet_distill_backward_kernel<scalar_t, index_t>
                                           <<<blocks_for(N, kThreads), kThreads, 0, stream>>>(
@@ -389,20 +483,17 @@ at::Tensor snippet_distill_loss_backward_cuda(const at::Tensor& grad, const at::
                                               static_cast<float>(1.0 / temperature), reduction,
                                               out.data_ptr<scalar_t>());
                                       C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                    };
-                                    // 32-bit indices (cheaper division by C) whenever they fit.
-                                    if (N <= std::numeric_limits<int32_t>::max() - int64_t(kThreads) * kMaxBlocks) {
-                                      launch(int32_t{});
-                                    } else {
-                                      launch(int64_t{});
-                                    }
+                                    });
                                   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cuda(const at::Tensor& rgb, const at::Tensor& flow,
-                                                                      const at::Tensor& fused, double temperature,
-                                                                      const std::optional<at::Tensor>& mask) {
+// The forward of mmsd_distill_loss; with grads (three tensors of rgb's shape and
+// dtype), also the gradients for an upstream gradient of 1.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_forward(const at::Tensor& rgb, const at::Tensor& flow,
+                                                            const at::Tensor& fused, double temperature,
+                                                            const std::optional<at::Tensor>& mask,
+                                                            const at::Tensor* grads) {
   check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
   check_cuda("rgb", rgb);
   check_temperature(temperature);
@@ -416,14 +507,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cuda(const at::
   at::Tensor loss = at::empty({}, f32), count = at::empty({}, f32);
   const bool* mask_ptr = m.defined() ? m.const_data_ptr<bool>() : nullptr;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (grads != nullptr && mask_ptr != nullptr) {  // the gradients' weight needs the count first
+    distill_count_kernel<<<1, kFinalizeThreads, 0, stream>>>(mask_ptr, R, count.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (R > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_cuda", [&] {
       with_row_shape(C, [&](auto g, auto vpt) {
         constexpr int G = decltype(g)::value, VPT = decltype(vpt)::value;
-        mmsd_distill_forward_kernel<scalar_t, G, VPT><<<blocks_for(R, kThreads / G), kThreads, 0, stream>>>(
-            r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), mask_ptr, R,
-            C, static_cast<float>(1.0 / temperature), row_losses.data_ptr<float>(), stats.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const auto launch = [&](auto with_grads, MmsdGrads<scalar_t> out) {
+          mmsd_distill_forward_kernel<scalar_t, G, VPT, decltype(with_grads)::value>
+              <<<blocks_for(R, kThreads / G), kThreads, 0, stream>>>(
+                  r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), mask_ptr,
+                  R, C, static_cast<float>(1.0 / temperature), row_losses.data_ptr<float>(), stats.data_ptr<float>(),
+                  out);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (grads != nullptr) {
+          launch(std::true_type{},
+                 MmsdGrads<scalar_t>{mask_ptr != nullptr ? count.const_data_ptr<float>() : nullptr,
+                                     static_cast<float>(R), grads[0].data_ptr<scalar_t>(),
+                                     grads[1].data_ptr<scalar_t>(), grads[2].data_ptr<scalar_t>()});
+        } else {
+          launch(std::false_type{}, MmsdGrads<scalar_t>{nullptr, 0.0f, nullptr, nullptr, nullptr});
+        }
       });
     });
   }
@@ -431,6 +538,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cuda(const at::
                                                                kMean, loss.data_ptr<float>(), count.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, stats, count};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cuda(const at::Tensor& rgb, const at::Tensor& flow,
+                                                                      const at::Tensor& fused, double temperature,
+                                                                      const std::optional<at::Tensor>& mask) {
+  return mmsd_forward(rgb, flow, fused, temperature, mask, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_with_grads_cuda(
+    const at::Tensor& rgb, const at::Tensor& flow, const at::Tensor& fused, double temperature,
+    const std::optional<at::Tensor>& mask) {
+  check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
+  check_cuda("rgb", rgb);
+  const at::TensorOptions opts = rgb.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::Tensor grads[3] = {at::empty(rgb.sizes(), opts), at::empty(rgb.sizes(), opts),
+                               at::empty(rgb.sizes(), opts)};
+  auto [loss, stats, count] = mmsd_forward(rgb, flow, fused, temperature, mask, grads);
+  return {loss, stats, count, grads[0], grads[1], grads[2]};
+}
+
+void distill_scale_grads_cuda(const at::Tensor& grad, const at::Tensor& grad_rgb, const at::Tensor& grad_flow,
+                              const at::Tensor& grad_fused) {
+  check_scale_grads(grad, {&grad_rgb, &grad_flow, &grad_fused});
+  check_cuda("grad", grad);
+  const c10::cuda::OptionalCUDAGuard guard(grad.device());
+  const at::Tensor w = prepare_grad(grad);
+  const int64_t N = grad_rgb.numel();
+  if (N == 0) return;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rgb.scalar_type(), "distill_scale_grads_cuda", [&] {
+    with_index_type(N, [&](auto index) {
+      using index_t = decltype(index);
+      distill_scale_grads_kernel<scalar_t, index_t><<<blocks_for(N, kThreads, kScaleMaxBlocks), kThreads, 0, stream>>>(
+          w.const_data_ptr<float>(), index_t(N), grad_rgb.data_ptr<scalar_t>(), grad_flow.data_ptr<scalar_t>(),
+          grad_fused.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cuda(
@@ -449,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cuda(
   if (N == 0) return {gr, gf, gu};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_backward_cuda", [&] {
-    auto launch = [&](auto index) {
+    with_index_type(N, [&](auto index) {
       using index_t = decltype(index);
       mmsd_distill_backward_kernel<scalar_t, index_t><<<blocks_for(N, kThreads), kThreads, 0, stream>>>(
           g.const_data_ptr<float>(), count.const_data_ptr<float>(), r.const_data_ptr<scalar_t>(),
@@ -457,12 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cuda(
           index_t(C), static_cast<float>(1.0 / temperature), gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(),
           gu.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (N <= std::numeric_limits<int32_t>::max() - int64_t(kThreads) * kMaxBlocks) {
-      launch(int32_t{});
-    } else {
-      launch(int64_t{});
-    }
+    });
   });
   return {gr, gf, gu};
 }
@@ -474,6 +614,8 @@ TORCH_LIBRARY_IMPL(mmsd_ext, CUDA, m) {
   m.impl("_snippet_distill_loss_backward", &snippet_distill_loss_backward_cuda);
   m.impl("mmsd_distill_loss", &mmsd_distill_loss_cuda);
   m.impl("_mmsd_distill_loss_backward", &mmsd_distill_loss_backward_cuda);
+  m.impl("_mmsd_distill_loss_with_grads", &mmsd_distill_loss_with_grads_cuda);
+  m.impl("_distill_scale_grads_", &distill_scale_grads_cuda);
 }
 
 }  // namespace distill
