@@ -759,9 +759,12 @@ at::Tensor snippet_distill_loss_backward_cpu(const at::Tensor& grad, const at::T
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cpu(const at::Tensor& rgb, const at::Tensor& flow,
-                                                                     const at::Tensor& fused, double temperature,
-                                                                     const std::optional<at::Tensor>& mask) {
+using Tensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward of mmsd_distill_loss: (loss, stats, count), and with with_grads also the
+// three gradients for an upstream gradient of 1 (else undefined).
+Tensor6 mmsd_forward_cpu(const at::Tensor& rgb, const at::Tensor& flow, const at::Tensor& fused, double temperature,
+                         const std::optional<at::Tensor>& mask, bool with_grads) {
   check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
   check_temperature(temperature);
   const at::Tensor m = prepare_mask(mask, rgb, "rgb");
@@ -769,16 +772,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cpu(const at::T
   const int64_t C = r.size(-1), R = r.numel() / C;
   const auto f32 = r.options().dtype(at::kFloat);
   at::Tensor stats = stats_tensor(r, kMmsdStats);
+  at::Tensor gr, gf, gu;
+  if (with_grads) {
+    gr = new_gradient(r);
+    gf = new_gradient(r);
+    gu = new_gradient(r);
+  }
   std::pair<double, int64_t> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_cpu", [&] {
-    result = forward_rows<scalar_t, 3>(
-        {r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()},
-        m.defined() ? m.const_data_ptr<bool>() : nullptr, R, C, static_cast<float>(1.0 / temperature), kMmsdStats,
-        stats.data_ptr<float>(), nullptr, row_kernels().mmsd_forward);
+    const std::array<const scalar_t*, 3> in{r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(),
+                                            u.const_data_ptr<scalar_t>()};
+    const bool* mask_ptr = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+    const float inv_tau = static_cast<float>(1.0 / temperature);
+    if (with_grads) {
+      result = forward_backward_rows<scalar_t, 3, 3>(
+          in, mask_ptr, R, C, inv_tau, kMmsdStats, stats.data_ptr<float>(),
+          {gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>()}, row_kernels().mmsd_forward,
+          row_kernels().mmsd_backward);
+    } else {
+      result = forward_rows<scalar_t, 3>(in, mask_ptr, R, C, inv_tau, kMmsdStats, stats.data_ptr<float>(), nullptr,
+                                         row_kernels().mmsd_forward);
+    }
   });
   const auto [total, count] = result;
   at::Tensor loss = at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(count, 1)), f32);
-  return {loss, stats, at::scalar_tensor(static_cast<double>(count), f32)};
+  return {loss, stats, at::scalar_tensor(static_cast<double>(count), f32), gr, gf, gu};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_cpu(const at::Tensor& rgb, const at::Tensor& flow,
+                                                                     const at::Tensor& fused, double temperature,
+                                                                     const std::optional<at::Tensor>& mask) {
+  const Tensor6 out = mmsd_forward_cpu(rgb, flow, fused, temperature, mask, false);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+Tensor6 mmsd_distill_loss_with_grads_cpu(const at::Tensor& rgb, const at::Tensor& flow, const at::Tensor& fused,
+                                         double temperature, const std::optional<at::Tensor>& mask) {
+  return mmsd_forward_cpu(rgb, flow, fused, temperature, mask, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cpu(
@@ -799,30 +829,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cpu(
         {gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>()}, row_kernels().mmsd_backward);
   });
   return {gr, gf, gu};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_with_grads_cpu(
-    const at::Tensor& rgb, const at::Tensor& flow, const at::Tensor& fused, double temperature,
-    const std::optional<at::Tensor>& mask) {
-  check_logits({{"rgb", &rgb}, {"flow", &flow}, {"fused", &fused}});
-  check_temperature(temperature);
-  const at::Tensor m = prepare_mask(mask, rgb, "rgb");
-  const at::Tensor r = rgb.contiguous(), f = flow.contiguous(), u = fused.contiguous();
-  const int64_t C = r.size(-1), R = r.numel() / C;
-  const auto f32 = r.options().dtype(at::kFloat);
-  at::Tensor stats = stats_tensor(r, kMmsdStats);
-  at::Tensor gr = new_gradient(r), gf = new_gradient(r), gu = new_gradient(r);
-  std::pair<double, int64_t> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_with_grads_cpu", [&] {
-    result = forward_backward_rows<scalar_t, 3, 3>(
-        {r.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()},
-        m.defined() ? m.const_data_ptr<bool>() : nullptr, R, C, static_cast<float>(1.0 / temperature), kMmsdStats,
-        stats.data_ptr<float>(), {gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(), gu.data_ptr<scalar_t>()},
-        row_kernels().mmsd_forward, row_kernels().mmsd_backward);
-  });
-  const auto [total, count] = result;
-  at::Tensor loss = at::scalar_tensor(total / static_cast<double>(std::max<int64_t>(count, 1)), f32);
-  return {loss, stats, at::scalar_tensor(static_cast<double>(count), f32), gr, gf, gu};
 }
 
 // grad is a CPU scalar here: reading it costs no synchronisation.
