@@ -162,7 +162,8 @@ Tensor3 snippet_distill_loss_autograd(
 //   gradient; that kernel reads it on the device and does nothing where it is 1
 //   (loss.backward() on the distillation term, or a sum of terms). Traffic: the
 //   inputs read once, the gradients written once, the least an op can do. The cost:
-//   the three gradients are held from the forward to the backward.
+//   the three gradients are held from the forward to the backward, outside the saved
+//   tensors (saved_tensors_hooks, e.g. offloading to the CPU, do not see them).
 // - Recompute (every other case): the forward saves per-row statistics only and the
 //   backward reads the inputs again. Taken when not every input needs a gradient,
 //   for a second backward (retain_graph=True: the handed-over tensors may since have
