@@ -746,6 +746,33 @@ def test_gradients_in_the_forward_only_where_all_three_are_trained(device):
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
+def test_masks_at_any_byte_offset_and_row_counts(device):
+    """The CUDA finalize reads the mask four bytes at a time where it is aligned, one at
+    a time elsewhere: masks that start 0 to 3 bytes into their storage, and row counts
+    that are not multiples of 4, count the same rows."""
+    gen = torch.Generator().manual_seed(53)
+    for rows in (1, 3, 4, 7, 1030):
+        xs = [torch.randn(rows, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
+        storage = torch.rand(rows + 3, generator=gen) < 0.6
+        for offset in range(4):
+            mask = storage[offset:offset + rows]
+            ins = [x.float().to(device).requires_grad_() for x in xs]
+            m = storage.to(device)[offset:offset + rows]  # a view with the same offset on the device
+            assert m.storage_offset() == offset
+            pair = mmsd_ext.snippet_distill_loss(ins[0], ins[1], 0.5, mask=m, reduction="sum", backend=device)
+            loss = mmsd_ext.mmsd_distill_loss(*ins, 0.5, mask=m, backend=device)
+            grads = torch.autograd.grad(loss, ins)
+            ref64 = [x.clone().requires_grad_() for x in xs]
+            ref = REFERENCE_MMSD(*ref64, 0.5, mask)
+            ref_grads = torch.autograd.grad(ref, ref64)
+            what = (rows, offset)
+            assert math.isclose(pair.item(), REFERENCE_PAIR(xs[0], xs[1], 0.5, mask, "sum").item(), rel_tol=1e-5, abs_tol=1e-6), what
+            assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5, abs_tol=1e-6), what
+            for g, rg in zip(grads, ref_grads):  # the weight 1 / count, from the counted mask
+                assert torch.allclose(g.double().cpu(), rg, rtol=1e-4, atol=1e-6), what
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
 def test_scale_grads_op_checks_its_arguments(device):
     ops = torch.ops.mmsd_ext
     g = [torch.ones(2, 3, device=device) for _ in range(3)]
