@@ -59,25 +59,27 @@ def main(argv=None):
         gen = torch.Generator().manual_seed(0)
         base = [torch.randn(*shape, generator=gen).to(device) for _ in range(3)]
         n_bytes = base[0].numel() * base[0].element_size()
-        copy_s = _median_s(lambda: base[0].clone(), args.min_run_time)
-        copy_bw = 2 * n_bytes / copy_s
+        copy_bw = 2 * n_bytes / _median_s(base[0].clone, args.min_run_time)
         ways = [("forward, upstream 1", (True, True, True), None),
                 ("forward, upstream 0.5", (True, True, True), 0.5),
                 ("recompute", (False, True, True), None)]
         for name, needs, weight in ways:
-            xs = [x.clone().requires_grad_(n) for x, n in zip(base, needs)]
-
-            def step():
-                for x in xs:
-                    x.grad = None
-                loss = mmsd_ext.mmsd_distill_loss(*xs, TEMPERATURE, backend=args.device)
-                (loss if weight is None else weight * loss).backward()
-
-            t = _median_s(step, args.min_run_time)
+            t = _time_way(base, needs, weight, args.device, args.min_run_time)
             pct = 100 * 6 * n_bytes / t / copy_bw
             print(f"{'x'.join(map(str, shape)):<14}{name:<24}{t * 1e3:>11.3f}{pct:>8.1f}")
-            del xs
-        del base
+
+
+def _time_way(base, needs, weight, backend, min_run_time):
+    """Median seconds of a fwd+bwd on copies of ``base`` (freed on return)."""
+    xs = [x.clone().requires_grad_(n) for x, n in zip(base, needs)]
+
+    def step():
+        for x in xs:
+            x.grad = None
+        loss = mmsd_ext.mmsd_distill_loss(*xs, TEMPERATURE, backend=backend)
+        (loss if weight is None else weight * loss).backward()
+
+    return _median_s(step, min_run_time)
 
 
 if __name__ == "__main__":

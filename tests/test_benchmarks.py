@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import mmsd_ext  # noqa: E402
 from benchmarks import bench_distill, harness  # noqa: E402
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -184,6 +185,18 @@ def test_the_check_catches_a_wrong_result():
 def test_bad_options_are_refused_with_the_option_named():
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--ops", "nope", "--list"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--ops" in proc.stderr and "topk_mil_pool" in proc.stderr
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
+def test_distill_upstream_times_the_two_ways_and_refuses_bad_shapes():
+    cmd = [sys.executable, "-m", "benchmarks.distill_upstream", "--device", "cpu", "--min-run-time", "0.01"]
+    proc = subprocess.run(cmd + ["--shapes", "2x3x5"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("2x3x5")]
+    assert [" ".join(r[1:-2]) for r in rows] == ["forward, upstream 1", "forward, upstream 0.5", "recompute"]
+    assert all(float(r[-2]) > 0 for r in rows)
+    proc = subprocess.run(cmd + ["--shapes", "2x3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--shapes" in proc.stderr
 
 
 # ---------------------------------------------------------------- the harness, unit by unit
