@@ -703,19 +703,27 @@ def test_gradients_from_the_forward_equal_the_recomputed_ones(device, dtype, mas
     _, ran = _ops_run(lambda: loss.backward())
     assert "mmsd_ext::_mmsd_distill_loss_backward" in ran
     recomputed = [x.grad for x in xs]
+    eps = torch.finfo(dtype).eps
+
+    def cuda_atol(b):
+        # The same formulas in two CUDA kernels, where the compiler may round a
+        # probability differently by an ulp; k (p_s - p_t) then differs by up to
+        # about eps times the largest gradient, however small the entry.
+        return 0.0 if device == "cpu" else 2 * eps * b[b.isfinite()].abs().max().item()
+
     for a, b in zip(from_forward, recomputed):
         assert a.dtype == dtype and a.is_contiguous()
         if device == "cpu":
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-        else:  # the same formulas in two kernels; the compiler may contract them differently
-            assert torch.allclose(a.double(), b.double(), rtol=2 * torch.finfo(dtype).eps, atol=0, equal_nan=True)
+        else:
+            assert torch.allclose(a.double(), b.double(), rtol=2 * eps, atol=cuda_atol(b.double()), equal_nan=True)
     # Upstream 2.5: the forward's gradients times 2.5 in the accumulation type, rounded to the dtype once more.
     for x in xs:
         x.grad = None
     mmsd_ext.mmsd_distill_loss(*xs, 0.3, mask=mask, backend=device).backward(torch.tensor(2.5, device=device))
     for x, b in zip(xs, recomputed):
         expected = (b.double() * 2.5).to(dtype).double()
-        assert torch.allclose(x.grad.double(), expected, rtol=torch.finfo(dtype).eps, atol=0, equal_nan=True)
+        assert torch.allclose(x.grad.double(), expected, rtol=eps, atol=2.5 * cuda_atol(b.double()), equal_nan=True)
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
