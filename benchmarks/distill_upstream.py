@@ -26,9 +26,8 @@ import torch.utils.benchmark as tb
 
 import mmsd_ext
 
+from .bench_distill import TEMPERATURE
 from .harness import parse_btc
-
-TEMPERATURE = 0.2
 
 
 def _median_s(fn, min_run_time):

@@ -541,6 +541,15 @@ MMSD_INLINE void row_pointers(const std::array<const scalar_t*, K>& in, int64_t 
   }
 }
 
+// Statistics of a masked-out row: every (shift, log-sum) pair (0, -inf), which marks
+// every teacher excluded, so a backward writes zeros there without the mask.
+MMSD_INLINE void mark_masked_row(float* st, int64_t n_stats) {
+  for (int64_t i = 0; i < n_stats; i += 2) {
+    st[i] = 0.0f;
+    st[i + 1] = -INFINITY;
+  }
+}
+
 // Runs `row_fn` over every valid row; masked rows get loss 0 and statistics that
 // mark every teacher excluded (so the backward writes zeros without the mask).
 // Returns the sum of the row losses and the number of valid rows.
@@ -563,10 +572,7 @@ std::pair<double, int64_t> forward_rows(const std::array<const scalar_t*, K>& in
         float* st = stats + row * n_stats;
         float loss = 0.0f;
         if (mask != nullptr && !mask[row]) {
-          for (int64_t i = 0; i < n_stats; i += 2) {
-            st[i] = 0.0f;
-            st[i + 1] = -INFINITY;
-          }
+          mark_masked_row(st, n_stats);
         } else {
           row_pointers<scalar_t, K>(in, row, C, scratch.data(), rows);
           loss = row_fn(rows, C, inv_tau, st);
@@ -654,10 +660,7 @@ std::pair<double, int64_t> forward_backward_rows(const std::array<const scalar_t
           }
         }
         if (mask != nullptr && !mask[row]) {
-          for (int64_t i = 0; i < n_stats; i += 2) {
-            st[i] = 0.0f;
-            st[i + 1] = -INFINITY;
-          }
+          mark_masked_row(st, n_stats);
           for (int k = 0; k < KG; ++k) std::memset(grads[k], 0, C * sizeof(float));
         } else {
           row_pointers<scalar_t, K>(in, row, C, scratch.data(), rows);
