@@ -167,7 +167,8 @@ Tensor3 snippet_distill_loss_autograd(
 // - Recompute (every other case): the forward saves per-row statistics only and the
 //   backward reads the inputs again. Taken when not every input needs a gradient,
 //   for a second backward (retain_graph=True: the handed-over tensors may since have
-//   been changed by their new owner), for backward with create_graph=True (so that
+//   been changed by their new owner), for a batched upstream gradient
+//   (is_grads_batched=True), for backward with create_graph=True (so that
 //   differentiating the gradients raises, see above), and for tensor subclasses and
 //   dispatch modes: torch.compile, FakeTensor, functorch. Under those the ops are
 //   traced, not run, and a trace of the first way would bake in an in-place update of
@@ -226,7 +227,9 @@ class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
     }
     at::Tensor grad_rgb, grad_flow, grad_fused;
     const auto held = ctx->saved_data.find(kForwardGrads);
-    if (held != ctx->saved_data.end() && !at::GradMode::is_enabled()) {
+    // Not for a batched upstream gradient (is_grads_batched=True, vmap): the in-place
+    // scale has no batching rule, and the recompute op has one.
+    if (held != ctx->saved_data.end() && !at::GradMode::is_enabled() && !at::isTensorSubclassLike(grads[0])) {
       {
         // Moved out and dropped from the context, so that the tensors returned are
         // referenced only by autograd (AccumulateGrad then keeps them as .grad, no copy).

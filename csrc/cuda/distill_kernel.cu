@@ -264,8 +264,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // One block: the sum of the row losses (reduction mean or sum) and the number of
 // valid rows, in a fixed order. As on the CPU, the sum is a double and the count an
-// integer (a float count stops being exact past 2**24 rows). row_losses == nullptr:
-// the count only (the gradient-writing forward needs it first, where there is a mask).
+// integer (a float count stops being exact past 2**24 rows). loss == nullptr: the
+// count only (the gradient-writing forward needs it first, where there is a mask).
+// Not row_losses == nullptr: with no rows, that is the data of an empty tensor.
 //
 // A single block reads R floats that the forward has just left in L2; its time is
 // the latency of those reads over the loads in flight. So rows go four at a time (a
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (threadIdx.x == 0) {
     const unsigned long long n = counts[0];
     count[0] = static_cast<float>(n);
-    if (row_losses == nullptr) return;
+    if (loss == nullptr) return;
     if (reduction == kMean) loss[0] = static_cast<float>(sums[0] / static_cast<double>(n > 0 ? n : 1));
     if (reduction == kSum) loss[0] = static_cast<float>(sums[0]);
   }
