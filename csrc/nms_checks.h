@@ -24,8 +24,11 @@ inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& score
   TORCH_CHECK_VALUE(segments.dim() == 2 && segments.size(1) == 2, "segments: expected shape [M, 2], got ",
                     shape(segments.sizes()));
   const int64_t m = segments.size(0);
-  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), "scores: expected a floating dtype, got ",
-                   c10::toString(scores.scalar_type()));
+  // The dtypes of the Python wrappers and of every kernel's dispatch (not float8).
+  const at::ScalarType score_type = scores.scalar_type();
+  TORCH_CHECK_TYPE(score_type == at::kFloat || score_type == at::kDouble || score_type == at::kHalf ||
+                       score_type == at::kBFloat16,
+                   "scores: expected dtype float32, float64, float16 or bfloat16, got ", c10::toString(score_type));
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == m, "scores: expected shape [M] = [", num(m), "], got ",
                     shape(scores.sizes()));
   TORCH_CHECK_VALUE(scores.device() == segments.device(), "scores: expected a tensor on ",

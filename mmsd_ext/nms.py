@@ -68,7 +68,10 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     triton: a suppression mask of n * W * 8 bytes for n segments, W =
     ceil(n / 64) without groups or with n <= 8192 (n^2 / 8 bytes: 1.25 GB at
     n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
-    largest group Gmax. Host synchronisations (each waits for the queued GPU work):
+    largest group Gmax. A mask would take more than 4 GiB (one group of about
+    185k segments; M = 1e6 in one group would need 116 GiB): the cpu kernel runs
+    on host copies instead and the result is copied back (the crossover in time
+    is not measured). Host synchronisations (each waits for the queued GPU work):
     cuda, one (the read of the result size); with groups and n > 8192, one more
     (the read of Gmax). triton, two: the gather op's read of its input checks and
     the read of the result size; with groups and n > 8192, one more (Gmax).
@@ -298,6 +301,9 @@ def _soft_temporal_nms_compiled(segments, scores, method, sigma, iou_threshold, 
 # need not be read to the host (8 MiB of mask); same constant as the CUDA kernel.
 _DENSE_MASK_MAX_SEGMENTS = 8192
 _TILE = 64
+# The largest mask built (4 GiB, a group of about 185k segments); past it the cpu
+# kernel runs on host copies. Same limit and reason as kMaxMaskBytes of the CUDA kernel.
+_MAX_MASK_BYTES = 4 << 30
 
 
 def _group_bounds(sorted_groups, n, device):
@@ -374,6 +380,10 @@ def _temporal_nms_triton_op(
         is_start, end_of = _group_bounds(sorted_groups, n, seg.device)
         largest = int(torch.where(is_start, end_of - torch.arange(n, device=seg.device), 0).max())
         width = min(tiles, -(-largest // _TILE) + 1)
+    if n * width * 8 > _MAX_MASK_BYTES:
+        host_groups = None if groups is None else groups.cpu()
+        kept = torch.ops.mmsd_ext.temporal_nms(segments.cpu(), scores.cpu(), host_groups, iou_threshold, overlap, offset)
+        return kept.to(segments.device)
     mask = kernels.temporal_nms_mask(seg[gperm].contiguous(), sorted_groups, iou_threshold, OVERLAPS.index(overlap), offset, width)
     keep_sorted = torch.ops.mmsd_ext._temporal_nms_gather(mask, sorted_groups)
     keep_visit = keep_sorted

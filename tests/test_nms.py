@@ -670,6 +670,8 @@ def test_compiled_op_messages_give_the_numbers(device):
          "groups: expected shape [M] = [2], got [3]"),
         ((seg, sc, None, -0.5, "iou", 0.0), ValueError, "iou_threshold: expected a number >= 0, got -0.5"),
         ((seg, sc, None, 0.5, "iou", -0.25), ValueError, "offset: expected a finite number >= 0, got -0.25"),
+        ((seg, sc.to(torch.float8_e4m3fn), None, 0.5, "iou", 0.0), TypeError,
+         "scores: expected dtype float32, float64, float16 or bfloat16, got Float8_e4m3fn"),
     ]
     for args, error, message in hard:
         with pytest.raises(error, match="^" + re.escape(message)):
@@ -688,6 +690,9 @@ def test_compiled_op_messages_give_the_numbers(device):
     with pytest.raises(ValueError, match="^" + re.escape("sorted_groups: expected shape [10], got [9]")):
         ops._temporal_nms_gather(torch.zeros(10, 1, dtype=torch.int64, device=device),
                                  torch.zeros(9, dtype=torch.long, device=device))
+    if device == "cuda":  # a CPU mask with CUDA group ids reaches the CUDA kernel
+        with pytest.raises(ValueError, match="^" + re.escape("mask: expected a CUDA tensor like sorted_groups, got cpu")):
+            ops._temporal_nms_gather(torch.zeros(10, 1, dtype=torch.int64), torch.zeros(10, dtype=torch.long, device=device))
     # A mask narrower than a group's tiles, or unsorted group ids, is an error (not a wrong answer).
     message = "mask: expected at least 2 tiles per row for a group of 100 segments, got 1"
     with pytest.raises(ValueError, match="^" + re.escape(message)):
@@ -754,6 +759,31 @@ def test_triton_hard_nms_without_the_extension_raises(monkeypatch):
     assert torch.equal(idx.cpu(), mmsd_ext.soft_temporal_nms(seg.cpu(), scores.cpu(), groups=groups.cpu(), backend="reference")[0])
 
 
+def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit(monkeypatch):
+    # A mask over _MAX_MASK_BYTES (4 GiB) is not built: the cpu kernel runs on host
+    # copies. Here the limit is lowered to just under the mask of 100 segments (100 rows
+    # of 2 tiles of 8 bytes, with or without groups: n <= 8192 takes the full width).
+    if "triton" not in mmsd_ext.available_backends() or "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("triton or cpu backend not available")
+    device = backend_device("triton")
+    gen = torch.Generator().manual_seed(12)
+    M = 100
+    start = torch.randint(0, 60, (M,), generator=gen).double()
+    seg = torch.stack([start, start + torch.randint(0, 9, (M,), generator=gen).double()], 1)
+    scores = torch.rand(M, generator=gen)
+    groups = torch.randint(0, 3, (M,), generator=gen)
+    monkeypatch.setattr(nms_module, "_MAX_MASK_BYTES", M * 2 * 8 - 1)
+    for g in (None, groups):
+        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=g, backend="reference")
+        with torch.profiler.profile() as prof:
+            got = mmsd_ext.temporal_nms(
+                seg.to(device), scores.to(device), 0.4, groups=None if g is None else g.to(device), backend="triton"
+            )
+        ran = {e.name for e in prof.events()}
+        assert "mmsd_ext::temporal_nms" in ran and "mmsd_ext::_temporal_nms_gather" not in ran
+        assert got.device == seg.to(device).device and torch.equal(got.cpu(), expected)
+
+
 # ----------------------------------------------------------------------------
 # opcheck and torch.compile
 
@@ -810,6 +840,27 @@ def test_torch_compile_fullgraph(compiled_backend):
 
 # ----------------------------------------------------------------------------
 # CUDA-only: sizes the interpreter cannot run (skipped without a GPU)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_gpu_one_group_past_the_mask_limit_runs_on_the_cpu(gpu_backend):
+    # M = 200k in one group would need a 5 GB mask (n^2 / 8 bytes), over the 4 GiB
+    # limit: the cpu kernel runs on host copies, and no mask is allocated.
+    if gpu_backend not in mmsd_ext.available_backends() or "cpu" not in mmsd_ext.available_backends():
+        pytest.skip(f"{gpu_backend} or cpu backend not available")
+    gen = torch.Generator().manual_seed(13)
+    M = 200_000
+    start = torch.rand(M, generator=gen, dtype=torch.float64) * 1e6
+    seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64) * 50], 1)
+    scores = torch.rand(M, generator=gen)
+    expected = mmsd_ext.temporal_nms(seg, scores, 0.5, backend="cpu")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    got = mmsd_ext.temporal_nms(seg.cuda(), scores.cuda(), 0.5, backend=gpu_backend)
+    assert got.is_cuda and torch.equal(got.cpu(), expected)
+    assert torch.cuda.max_memory_allocated() - before < 1 << 30
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")

@@ -23,8 +23,10 @@
 // Mask memory: n * W * 8 bytes, W = the number of column tiles of the band. With
 // one group (or n <= kDenseMaskMaxSegments) W = ceil(n / 64): n^2 / 8 bytes, 1.25 GB
 // at n = 1e5, as torchvision. With groups and larger n, W = ceil(Gmax / 64) + 1
-// from the largest group Gmax, which costs one extra read to the host.
+// from the largest group Gmax, which costs one extra read to the host. A mask over
+// kMaxMaskBytes is not built: the CPU kernel runs on copies instead (see there).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 // c10/cuda/CUDAStream.h, not ATen/cuda/CUDAContext.h: the latter pulls in cuSPARSE/cuBLAS
 // headers that a bare CUDA toolkit (as on the build machines here) does not ship.
@@ -55,6 +57,12 @@ constexpr int64_t kDenseMaskMaxSegments = 8192;
 // segment per thread in one block of 8 warps.
 constexpr int64_t kSmallNmsMaxSegments = 256;
 static_assert(kSmallNmsMaxSegments % 32 == 0 && kSmallNmsMaxSegments <= 1024, "whole warps, one block");
+// The largest suppression mask built, 4 GiB: one group of about 185k segments (n^2 / 8
+// bytes; M = 1e6 would need 116 GiB, more than an H100 or H200 has). Past it the
+// CPU kernel, whose memory is linear in M, runs on host copies of the inputs, and the
+// result is copied back. The limit is set by memory, not by a timing: where the GPU
+// and the CPU paths cross over is not measured. The Triton backend uses the same.
+constexpr int64_t kMaxMaskBytes = int64_t(4) << 30;
 // Threads of the gather kernel (not tuned on a GPU): they share the OR of the kept
 // rows' words into the later tiles of the group (see the kernel).
 constexpr int kGatherThreads = 256;
@@ -328,6 +336,20 @@ at::Tensor temporal_nms_small_cuda(const at::Tensor& seg, const at::Tensor& sc, 
   return out.narrow(0, 0, count);
 }
 
+// The CPU kernel of the op on host copies, the kept indices back on the inputs' device.
+at::Tensor temporal_nms_on_host(const at::Tensor& segments, const at::Tensor& scores,
+                                const c10::optional<at::Tensor>& groups, double iou_threshold,
+                                c10::string_view overlap, double offset) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mmsd_ext::temporal_nms", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double,
+                            c10::string_view, double)>();
+  c10::optional<at::Tensor> host_groups;
+  if (groups.has_value()) host_groups = groups->cpu();
+  return op.call(segments.cpu(), scores.cpu(), host_groups, iou_threshold, overlap, offset).to(segments.device());
+}
+
 // Launches (n > kSmallNmsMaxSegments, one group): the zeroed scratch, prepare, the
 // sort (torch), mask, gather, the prefix sum (torch), compact, and one read of
 // [count, bad] to the host.
@@ -386,6 +408,9 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
     largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
     width = std::min(tiles, ceil_div(largest, kTile) + 1);
   }
+  if (n * width * static_cast<int64_t>(sizeof(int64_t)) > kMaxMaskBytes) {
+    return temporal_nms_on_host(segments, scores, groups, iou_threshold, overlap, offset);
+  }
   TORCH_CHECK(width <= 65535, "segments: a group of ", num(largest),
               " segments needs a suppression mask too large for the GPU");
   at::Tensor mask = at::empty({n, width}, long_opts);
@@ -420,6 +445,9 @@ at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ",
                    c10::toString(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", shape(mask.sizes()));
+  // Here when either tensor is on a CUDA device: the guard needs the mask to be.
+  TORCH_CHECK_VALUE(mask.is_cuda(), "mask: expected a CUDA tensor like sorted_groups, got ",
+                    device_text(mask.device()));
   c10::cuda::CUDAGuard guard(mask.device());
   const int64_t n = mask.size(0);
   at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
