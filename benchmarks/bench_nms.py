@@ -41,6 +41,13 @@ it is left out above
 ``SOFT_LOOP_MAX_GROUP`` segments in a group (M=100k in one group would take
 about a minute). On a GPU both run on the CPU.
 
+On a GPU, one more provider: ``cpu(host copies)``, the cpu backend called on
+CUDA tensors the way a user could (copy the inputs to the host, run the C++
+kernel, copy the result back; all of it timed). No goal is set against it: it
+says whether the GPU kernel beats simply not using the GPU. For soft-NMS in one
+group it may well not (a selection is a step of the whole group: the GPU kernel
+runs one group in one block, one selection after the other).
+
 The tiny preset adds ``thumos-tiny``: THUMOS-shaped groups of 3 videos (a
 batch small enough for tests).
 
@@ -155,6 +162,30 @@ def _tensors(segments, scores, groups, device):
     )
 
 
+def _host_copies_provider(run, tensors, device):
+    """``run(seg, sc, grp)`` with the cpu backend on host copies of the GPU tensors,
+    the copies and the result's way back to ``device`` timed with it."""
+
+    def build():
+        seg, sc, grp = tensors()
+
+        def fn():
+            out = run(seg.cpu(), sc.cpu(), None if grp is None else grp.cpu())
+            if isinstance(out, tuple):
+                return tuple(t.to(device) for t in out)
+            return out.to(device)
+
+        return {"passes": {"fwd": fn}, "result": fn, "result_pass": "fwd"}
+
+    return Provider("cpu(host copies)", "anchor", build, device=device, optional=True)
+
+
+def _compiled_cpu_available():
+    import mmsd_ext
+
+    return "cpu" in mmsd_ext.available_backends()
+
+
 def _hard_case(ctx, spec):
     segments, scores, groups, label = _workload(ctx, spec)
     overlap = spec[1] if groups is not None else "iou"
@@ -189,6 +220,13 @@ def _hard_case(ctx, spec):
             return lambda: mmsd_ext.temporal_nms(seg, sc, IOU_THRESHOLD, groups=grp, overlap=overlap, offset=offset, backend=backend)
 
         providers.append(fwd_provider(backend, "mmsd_ext", make, skip=skip))
+    if device != "cpu" and _compiled_cpu_available():
+        import mmsd_ext
+
+        providers.append(_host_copies_provider(
+            lambda seg, sc, grp: mmsd_ext.temporal_nms(seg, sc, IOU_THRESHOLD, groups=grp, overlap=overlap, offset=offset, backend="cpu"),
+            tensors, device,
+        ))
 
     roles = {"loop": "numpy_loop", "reference": "reference", "eager": "numpy_loop"}
     work = m * (0 if groups is None else len(np.unique(groups)))
@@ -252,6 +290,13 @@ def _soft_case(ctx, spec):
     providers = [provider(b, "mmsd_ext", b, device, limit) for b in ctx.mmsd_backends()]
     if device != "cpu":
         providers.append(provider("reference(cpu)", "anchor", "reference", "cpu", SOFT_CPU_ANCHOR_MAX_M))
+        if _compiled_cpu_available():
+            import mmsd_ext
+
+            providers.append(_host_copies_provider(
+                lambda seg, sc, grp: mmsd_ext.soft_temporal_nms(seg, sc, groups=grp, backend="cpu", **SOFT),
+                lambda: tensors(device), device,
+            ))
     providers.append(loop_provider())
     # The eager anchor: the reference on the CPU for one group (the soft-NMS
     # goals are set against it), the per-group loop for a batch (the

@@ -336,6 +336,31 @@ def test_compile_anchors_are_listed_and_optional_where_no_goal_is_set_against_th
     assert snippet["torch.compile"].optional
 
 
+def test_nms_on_a_gpu_is_also_timed_as_the_cpu_kernel_on_host_copies():
+    # On a GPU run both NMS ops get an optional provider that copies the inputs to the
+    # host, runs the cpu backend and copies the result back (built here for "cuda" and
+    # run with "cpu" tensors, where the copies are no-ops).
+    from benchmarks import bench_nms
+
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    for op in ("temporal_nms", "soft_temporal_nms"):
+        gpu_case = bench_nms.cases(op, harness.Context(preset="tiny", device="cuda"))[0]
+        host = {p.name: p for p in gpu_case.providers}["cpu(host copies)"]
+        assert host.optional and host.kind == "anchor" and host.device == "cuda"
+        (cpu_case,) = [c for c in bench_nms.cases(op, harness.Context(preset="tiny")) if c.shape == gpu_case.shape]
+        assert "cpu(host copies)" not in {p.name for p in cpu_case.providers}
+    seg, sc = torch.tensor([[0.0, 4.0], [1.0, 5.0], [9.0, 12.0]]), torch.tensor([0.9, 0.8, 0.7])
+    grp = torch.tensor([0, 0, 1])
+    run = lambda s, c, g: mmsd_ext.soft_temporal_nms(s, c, groups=g, backend="cpu")  # noqa: E731
+    built = bench_nms._host_copies_provider(run, lambda: (seg, sc, grp), "cpu").build()
+    got, expected = built["result"](), run(seg, sc, grp)
+    assert isinstance(got, tuple) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    run_hard = lambda s, c, g: mmsd_ext.temporal_nms(s, c, 0.4, groups=g, backend="cpu")  # noqa: E731
+    built = bench_nms._host_copies_provider(run_hard, lambda: (seg, sc, None), "cpu").build()
+    assert torch.equal(built["passes"]["fwd"](), torch.tensor([0, 2]))
+
+
 def test_activitynet_sizes_are_in_the_full_preset_only():
     from benchmarks import bench_localization, bench_nms
 
