@@ -110,8 +110,8 @@ def soft_temporal_nms(
     intersect it (found by a max-tree of the live ends). cuda and triton: one block
     (program) per group, a pass over the group's live segments per selection, the
     groups in parallel: they pay off for many groups (a THUMOS-sized batch: 2.4 ms
-    on an H200 against 92 ms for cpu on a 2-core VM), not for one large group
-    (M = 10k: 334 ms on an H200 against 7.9 ms for cpu on a 2-core VM; there,
+    on an H200 against 80 ms for cpu on a 2-core VM), not for one large group
+    (M = 10k: 334 ms on an H200 against 7.6 ms for cpu on a 2-core VM; there,
     ``soft_temporal_nms(segments.cpu(), scores.cpu())`` is the fast way). Host
     synchronisations: cuda and triton, one (the read of the result size).
 
