@@ -49,6 +49,13 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
     name = _backend.resolve(
         "topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED, gpu_order=_GPU_ORDER
     )
+    # Value checks need the values on the host: done for CPU tensors only, so that
+    # CUDA calls never synchronise. On CUDA the kernels write NaN for a video whose
+    # k or length is out of range instead (documented in the README). The cpu
+    # kernel checks them itself (csrc/cpu/topk_mil_pool_kernel.cpp, the same
+    # ValueErrors); under torch.compile they would break the graph.
+    if scores.device.type == "cpu" and name != "cpu" and not torch.compiler.is_compiling():
+        _check_topk_values(k, lengths, scores.shape[1])
     return _IMPLS[name](scores, k, lengths, largest)
 
 
@@ -111,20 +118,19 @@ def _check_topk_args(scores, k, lengths, largest):
         if k.shape != (B,):
             raise ValueError(f"k: expected an int or shape [B] = [{B}], got {tuple(k.shape)}")
         _checks.same_device("scores", scores, k=k)
-    # Value checks need the values on the host: done for CPU tensors only, so that
-    # CUDA calls never synchronise. On CUDA the kernels write NaN for a video whose
-    # k or length is out of range instead (documented in the README). Under
-    # torch.compile they would break the graph; the cpu kernel checks them itself.
-    if scores.device.type == "cpu" and B > 0 and not torch.compiler.is_compiling():
-        if int(lengths.min()) < 1 or int(lengths.max()) > T:
-            raise ValueError(f"lengths: expected values in [1, T] = [1, {T}], got min {int(lengths.min())}, max {int(lengths.max())}")
-        if int(k.min()) < 1:
-            raise ValueError(f"k: expected every k >= 1, got {int(k.min())}")
-        bad = k > lengths
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"k: expected k[b] <= lengths[b], got k[{b}] = {int(k[b])} > lengths[{b}] = {int(lengths[b])}")
     return scores, k, lengths
+
+
+def _check_topk_values(k, lengths, T):
+    """The values of CPU k and lengths tensors, with the cpu kernel's messages."""
+    bad = (lengths < 1) | (lengths > T)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"lengths: expected values in [1, T] = [1, {T}], got lengths[{b}] = {int(lengths[b])}")
+    bad = (k < 1) | (k > lengths)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(f"k: expected 1 <= k[b] <= lengths[b], got k[{b}] = {int(k[b])} with lengths[{b}] = {int(lengths[b])}")
 
 
 def topk_mil_pool_reference(scores, k, lengths, largest):

@@ -357,6 +357,26 @@ def test_tensors_on_different_devices():
         mmsd_ext.topk_mil_pool(x, 2, torch.tensor([5, 3]))
 
 
+# (k, lengths) out of range for scores [2, 5, 3], and the message every CPU backend gives.
+VALUE_ERRORS = [
+    ((torch.tensor([1, 2]), torch.tensor([5, 9])), "lengths: expected values in [1, T] = [1, 5], got lengths[1] = 9"),
+    ((torch.tensor([1, 2]), torch.tensor([0, 3])), "lengths: expected values in [1, T] = [1, 5], got lengths[0] = 0"),
+    ((torch.tensor([1, 4]), torch.tensor([5, 3])), "k: expected 1 <= k[b] <= lengths[b], got k[1] = 4 with lengths[1] = 3"),
+    ((torch.tensor([0, 1]), torch.tensor([5, 3])), "k: expected 1 <= k[b] <= lengths[b], got k[0] = 0 with lengths[0] = 5"),
+]
+
+
+def test_value_errors_are_the_same_on_every_cpu_backend(any_backend):
+    # The cpu kernel checks the values itself; the wrapper checks them for the other
+    # backends on CPU tensors, with the same messages.
+    if backend_device(any_backend).type != "cpu":
+        pytest.skip("values are checked on CPU tensors only")
+    x = torch.randn(2, 5, 3)
+    for (k, lengths), message in VALUE_ERRORS:
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            mmsd_ext.topk_mil_pool(x, k, lengths, backend=any_backend)
+
+
 def test_compiled_op_checks_its_arguments():
     if "cpu" not in mmsd_ext.available_backends():
         pytest.skip("cpu backend not built")
@@ -368,13 +388,13 @@ def test_compiled_op_checks_its_arguments():
         ((x.long(), k, lengths, True), "scores"),
         ((x, k.int(), lengths, True), "k"),
         ((x, k[:1], lengths, True), "k"),
-        ((x, torch.tensor([1, 4]), lengths, True), "k"),
-        ((x, k, torch.tensor([5, 0]), True), "lengths"),
-        ((x, k, torch.tensor([5, 9]), True), "lengths"),
     ]
     for args, name in cases:
         with pytest.raises(RuntimeError, match=rf"{name}: expected"):
             op(*args)
+    for (bad_k, bad_lengths), message in VALUE_ERRORS:  # values: ValueError
+        with pytest.raises(ValueError, match="^" + re.escape(message)):
+            op(x, bad_k, bad_lengths, True)
     out, kth, cut = op(x, k, lengths, True)
     backward = torch.ops.mmsd_ext._topk_mil_pool_backward
     with pytest.raises(RuntimeError, match="grad_out: expected"):
@@ -399,15 +419,13 @@ def test_compiled_op_messages_give_the_numbers(device):
         ((x, k[:1], lengths, True), "k: expected shape [B] = [2], got [1]"),
         ((x, k, torch.tensor([[5, 3]], device=device), True), "lengths: expected shape [B] = [2], got [1, 2]"),
     ]
-    if device == "cpu":  # values are checked on the host only on the CPU
-        cases += [
-            ((x, k, torch.tensor([5, 9]), True), "lengths: expected values in [1, T] = [1, 5], got lengths[1] = 9"),
-            ((x, torch.tensor([1, 4]), lengths, True),
-             "k: expected 1 <= k[b] <= lengths[b], got k[1] = 4 with lengths[1] = 3"),
-        ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match="^" + re.escape(message)):
             op(*args)
+    if device == "cpu":  # values are checked on the host only on the CPU
+        for args, message in VALUE_ERRORS:
+            with pytest.raises(ValueError, match="^" + re.escape(message)):
+                op(x, *args, True)
     _, kth, cut = op(x, k, lengths, True)
     backward = torch.ops.mmsd_ext._topk_mil_pool_backward
     with pytest.raises(RuntimeError, match="^" + re.escape("grad_out: expected shape [B, C] = [2, 3], got [2, 4]")):

@@ -393,7 +393,7 @@ void check_values(const at::Tensor& k, const at::Tensor& lengths, int64_t T) {
   const int64_t* kp = k.const_data_ptr<int64_t>();
   const int64_t* lp = lengths.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < k.size(0); ++b) {
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         lp[b] >= 1 && lp[b] <= T,
         "lengths: expected values in [1, T] = [1, ",
         num(T),
@@ -401,7 +401,7 @@ void check_values(const at::Tensor& k, const at::Tensor& lengths, int64_t T) {
         num(b),
         "] = ",
         num(lp[b]));
-    TORCH_CHECK(
+    TORCH_CHECK_VALUE(
         kp[b] >= 1 && kp[b] <= lp[b],
         "k: expected 1 <= k[b] <= lengths[b], got k[",
         num(b),
