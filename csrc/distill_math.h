@@ -64,24 +64,46 @@ C10_HOST_DEVICE inline float prob(float x, float shift, float inv_tau, float log
 }
 
 // MMSD's third teacher, avg = (rgb + flow) / 2, by three exps per class instead of
-// four: with h_r = exp(a_r / 2), h_f = exp(a_f / 2) (a_x = (x - shift_x) / tau),
+// four (the CPU kernels): with h_r = exp(a_r / 2), h_f = exp(a_f / 2) (a_x = (x - shift_x) / tau),
 //   exp(a_r) = h_r^2,  exp(a_f) = h_f^2,  exp(a_avg) = h_r * h_f * exp(delta),
 //   delta = ((shift_r + shift_f) / 2 - shift_avg) / tau >= 0.
-// h_r underflows to 0 when a_r < -174; the exp(a_avg) then lost is at most
-// exp(-87 + delta) against a sum >= 1, so the identity serves only rows with
-// delta <= kMaxPairedExponent (lost mass < 3e-13 in the forward, < 1e-9 in the
-// backward for C <= 4096); other rows (streams whose logits disagree by more than
-// 50 tau) exponentiate avg directly. The backward takes the same branch and needs
-// the forward's delta bit for bit (its normaliser log S_avg was summed with it): no
-// contraction into FMAs here. The identity is also more exact than exponentiating
-// (rgb + flow) / 2 - shift, which rounds the sum of two large logits.
-constexpr float kMaxPairedExponent = 50.0f;
+// Where exp(a_avg) matters, a_avg is near 0, so a_r / 2 + a_f / 2 is near -delta:
+// the roundings of a_r and a_f, each relative to itself, add up to a relative error
+// of about delta ulps in exp(a_avg). So the identity serves only rows with
+// delta <= kMaxPairedExponent = 8, where that stays a few ulps, as for a pair's own
+// probabilities (with 50, the limit before 2026-11-27, the mean teacher's
+// probabilities were off by up to 20 ulps in rows of delta near 50). Other rows
+// (delta > 8: the streams peak at different classes, and the mean of their maxima
+// exceeds the mean teacher's maximum by more than 8 tau; under 1% of the rows of
+// standard normal logits at tau = 0.2) take avg_exponent below. The backward takes
+// the same branch and needs the forward's delta bit for bit (its normaliser log S_avg
+// was summed with it): no contraction into FMAs here.
+constexpr float kMaxPairedExponent = 8.0f;
 
 C10_HOST_DEVICE inline float paired_delta(float shift_r, float shift_f, float shift_avg, float inv_tau) {
 #ifdef __CUDA_ARCH__
   return __fmul_rn(__fsub_rn(__fmul_rn(__fadd_rn(shift_r, shift_f), 0.5f), shift_avg), inv_tau);
 #else
   return ((shift_r + shift_f) * 0.5f - shift_avg) * inv_tau;
+#endif
+}
+
+// The exponent of MMSD's third teacher, avg = (rgb + flow) / 2, where it is
+// exponentiated directly: (avg_c - shift_avg) / tau. The sum and the difference in
+// double, then one rounding to float: in float32, rgb + flow rounds by up to half an
+// ulp of the sum, which 1 / tau magnifies (logits of 50 at tau = 0.15: 1e-5 in the
+// exponent, a relative 1e-6 in the probabilities), where a pair's own exponents are
+// good to a few roundings of themselves. shift_avg: a float near the row's largest
+// avg (softmax does not depend on it; forward and backward must use the same). No
+// contraction into FMAs on CUDA, so that the forward's sum and the backward's
+// probabilities see the same exponent.
+C10_HOST_DEVICE inline float avg_exponent(float x_r, float x_f, float shift_avg, float inv_tau) {
+#ifdef __CUDA_ARCH__
+  const double d = __dsub_rn(__dmul_rn(__dadd_rn(x_r, x_f), 0.5), shift_avg);
+  return __fmul_rn(__double2float_rn(d), inv_tau);
+#else
+  const double d = (static_cast<double>(x_r) + static_cast<double>(x_f)) * 0.5 - static_cast<double>(shift_avg);
+  return static_cast<float>(d) * inv_tau;
 #endif
 }
 

@@ -15,7 +15,8 @@ the gradients, recomputing the probabilities from ``row_stats``:
 with w the upstream weight of the row (grad, or grad / count for "mean").
 A teacher whose saved log S is -inf (all -inf, or a masked-out row) gives no
 gradient. MMSD's three terms share one pass: rgb's gradient is w (p_rgb - p_flow)
-/ tau, flow's its negative, fused's w (p_fused - p_avg) / tau, avg = (rgb + flow) / 2.
+/ tau, flow's its negative, fused's w (p_fused - p_avg) / tau, avg = (rgb + flow) / 2
+(its exponent (avg - shift) / tau formed in float64; csrc/distill_math.h says why).
 
 Rows of up to MAX_TILE_C classes are one tile, several rows per program; wider
 rows loop over tiles of MAX_TILE_C classes (a first loop for the maxima, a
@@ -52,6 +53,14 @@ _PAIR_STATS, _MMSD_STATS = 4, 8
 @triton.jit
 def _row_shift(row_max):
     return tl.where(row_max == float("-inf"), 0.0, row_max)
+
+
+@triton.jit
+def _avg_exponent(r, f, shift_a, inv_tau):
+    # ((r + f) / 2 - shift_a) / tau with the sum and the difference in float64, rounded
+    # once to float32 (avg_exponent in csrc/distill_math.h: why).
+    d = (r.to(tl.float64) + f.to(tl.float64)) * 0.5 - shift_a.to(tl.float64)
+    return d.to(tl.float32) * inv_tau
 
 
 @triton.jit
@@ -228,7 +237,7 @@ def _mmsd_distill_forward_kernel(
         au = (u - shift_u[:, None]) * inv_tau
         er = tl.exp(ar)
         ef = tl.exp(af)
-        ea = tl.exp((avg - shift_a[:, None]) * inv_tau)
+        ea = tl.exp(_avg_exponent(r, f, shift_a[:, None], inv_tau))
         sum_r = tl.sum(er, axis=1)
         sum_f = tl.sum(ef, axis=1)
         sum_u = tl.sum(tl.exp(au), axis=1)
@@ -272,7 +281,7 @@ def _mmsd_distill_forward_kernel(
             au = (_load_tile(u_ptr, base + c[None, :], m) - shift_u[:, None]) * inv_tau
             er = tl.exp(ar)
             ef = tl.exp(af)
-            ea = tl.exp(((r + f) * 0.5 - shift_a[:, None]) * inv_tau)
+            ea = tl.exp(_avg_exponent(r, f, shift_a[:, None], inv_tau))
             acc_r += er
             acc_f += ef
             acc_u += tl.exp(au)
@@ -334,7 +343,7 @@ def _mmsd_distill_backward_kernel(
     p_r = tl.exp((r - shift_r) * inv_tau - log_r)
     p_f = tl.exp((f - shift_f) * inv_tau - log_f)
     p_u = tl.exp((u - shift_u) * inv_tau - log_u)
-    p_a = tl.exp(((r + f) * 0.5 - shift_a) * inv_tau - log_a)
+    p_a = tl.exp(_avg_exponent(r, f, shift_a, inv_tau) - log_a)
     g1 = k * (p_r - p_f)
     # Selects, not products with 0: a term without a teacher may hold NaN probabilities.
     gr = tl.where(log_f != float("-inf"), g1, 0.0)

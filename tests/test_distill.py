@@ -435,6 +435,27 @@ def test_large_logits_match_the_oracle(any_backend, dtype, tau):
     _check_mmsd(any_backend, [_finish(x, dtype, device, "contiguous") for x in streams], None, tau, 1.0)
 
 
+@pytest.mark.parametrize("spread", [1.0, 5.0, 10.0, 30.0])
+def test_mean_teacher_is_exact_where_the_streams_disagree(backend, spread):
+    """MMSD's third teacher (rgb + flow) / 2 to a few ulps of the probabilities, without
+    eager PyTorch as the yardstick (which at these sizes is sometimes lucky, sometimes
+    off by tens of ulps): logits of spread 1 to 30 at tau = 0.15 put the rows on both
+    sides of the CPU's paired identity (kMaxPairedExponent in csrc/distill_math.h; at
+    spread 30 most rows have delta > 50). fused's gradient is k (p_fused - p_avg),
+    k = 1 / (rows tau): within 2**-21 k of the float64 oracle."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(59)
+    tau, rows = 0.15, 256
+    xs = [(torch.randn(rows, 21, generator=gen) * spread).to(device).requires_grad_() for _ in range(3)]
+    mmsd_ext.mmsd_distill_loss(*xs, tau, backend=backend).backward()
+    ref = [x.detach().cpu().double().requires_grad_() for x in xs]
+    distill_module.mmsd_distill_loss_reference(*ref, tau, None, acc=torch.float64).backward()
+    k = 1 / (rows * tau)
+    for name, x, r in zip(("rgb", "flow", "fused"), xs, ref):
+        err = (x.grad.cpu().double() - r.grad).abs().max().item()
+        assert err <= 2**-21 * k, f"grad {name}: {err / (2**-24 * k):.1f} ulps of k"
+
+
 def test_neg_inf_teacher_entries_and_rows(any_backend):
     device = backend_device(any_backend)
     gen = torch.Generator().manual_seed(7)

@@ -79,22 +79,27 @@ template <>
 struct Vec<4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
+  typedef double d __attribute__((vector_size(32)));
 };
 template <>
 struct Vec<8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
+  typedef double d __attribute__((vector_size(64)));
 };
 template <>
 struct Vec<16> {
   typedef float f __attribute__((vector_size(64)));
   typedef int32_t i __attribute__((vector_size(64)));
+  typedef double d __attribute__((vector_size(128)));
 };
 
 template <int W>
 using vf = typename Vec<W>::f;
 template <int W>
 using vi = typename Vec<W>::i;
+template <int W>
+using vd = typename Vec<W>::d;
 
 template <int W>
 MMSD_INLINE vf<W> splat(float x) {
@@ -212,6 +217,15 @@ MMSD_INLINE vf<W> vexp(vf<W> x) {
   I bits = ((I)t - 0x4B400000 + 127) << 23;  // 2^n, valid for n >= -126
   V res = p * (V)bits;
   return x < splat<W>(-87.33654f) ? splat<W>(0.0f) : res;
+}
+
+// avg_exponent of distill_math.h on W lanes: ((x_r + x_f) / 2 - shift) in double,
+// rounded once to float, times 1 / tau.
+template <int W>
+MMSD_INLINE vf<W> avg_exponent_v(vf<W> xr, vf<W> xf, float shift, float inv_tau) {
+  const vd<W> d = (__builtin_convertvector(xr, vd<W>) + __builtin_convertvector(xf, vd<W>)) * 0.5 -
+      static_cast<double>(shift);
+  return __builtin_convertvector(d, vf<W>) * inv_tau;
 }
 
 // One class's contribution to D = sum e_t * (-a_s). kGuard: e_t == 0 must give 0
@@ -337,7 +351,7 @@ MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* 
     } else {
       er = vexp<W>(ar);
       ef = vexp<W>(af);
-      ea = vexp<W>(((xr + xf) * 0.5f - shift[3]) * inv_tau);
+      ea = vexp<W>(avg_exponent_v<W>(xr, xf, shift[3], inv_tau));
     }
     zr += er;
     zf += ef;
@@ -421,7 +435,7 @@ MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float*
     } else {
       er = vexp<W>(ar);
       ef = vexp<W>(af);
-      ea = vexp<W>(((xr + xf) * 0.5f - stats[6]) * inv_tau);
+      ea = vexp<W>(avg_exponent_v<W>(xr, xf, stats[6], inv_tau));
     }
     V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau) * inv_u;
     V g1 = k * (er * inv_r - ef * inv_f), g3 = k * (pu - ea * inv_a);

@@ -11,7 +11,8 @@
 // Backward: one thread per element, probabilities recomputed from the row statistics.
 //
 // Inputs of any strides are made contiguous by the op (a copy only when they are
-// not already). All arithmetic is float32 whatever the input dtype.
+// not already). All arithmetic is float32 whatever the input dtype, except the
+// exponent of the mean teacher (rgb + flow) / 2, formed in double (avg_exponent).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
     float zr = 0.0f, zf = 0.0f, zu = 0.0f, za = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
     auto accumulate = [&](float xr, float xf, float xu) {
       const float ar = (xr - sr) * inv_tau, af = (xf - sf) * inv_tau, au = (xu - su) * inv_tau;
-      const float er = expf(ar), ef = expf(af), ea = expf(((xr + xf) * 0.5f - sa) * inv_tau);
+      const float er = expf(ar), ef = expf(af), ea = expf(avg_exponent(xr, xf, sa, inv_tau));
       zr += er;
       zf += ef;
       zu += expf(au);
@@ -239,7 +240,7 @@ __global__ void __launch_bounds__(kThreads)
       const bool ok1 = !teacher_excluded(lf), ok2 = !teacher_excluded(lr), ok3 = !teacher_excluded(la);
       auto write = [&](int64_t c, float xr, float xf, float xu) {
         const float g1 = k * (prob(xr, sr, inv_tau, lr) - prob(xf, sf, inv_tau, lf));
-        const float g3 = k * (prob(xu, su, inv_tau, lu) - prob((xr + xf) * 0.5f, sa, inv_tau, la));
+        const float g3 = k * (prob(xu, su, inv_tau, lu) - expf(avg_exponent(xr, xf, sa, inv_tau) - la));
         grads.rgb[base + c] = static_cast<scalar_t>(ok1 ? g1 : 0.0f);
         grads.flow[base + c] = static_cast<scalar_t>(ok2 ? -g1 : 0.0f);
         grads.fused[base + c] = static_cast<scalar_t>(ok3 ? g3 : 0.0f);
@@ -361,7 +362,7 @@ __global__ void __launch_bounds__(kThreads)
     const float pr = prob(xr, st[0], inv_tau, st[1]);
     const float pf = prob(xf, st[2], inv_tau, st[3]);
     const float pu = prob(static_cast<float>(fused[i]), st[4], inv_tau, st[5]);
-    const float pa = prob((xr + xf) * 0.5f, st[6], inv_tau, st[7]);
+    const float pa = expf(avg_exponent(xr, xf, st[6], inv_tau) - st[7]);
     const float g1 = k * (pr - pf);
     // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
     grad_rgb[i] = static_cast<scalar_t>(teacher_excluded(st[3]) ? 0.0f : g1);
