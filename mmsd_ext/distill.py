@@ -90,7 +90,8 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
     upstream gradient (a pass skipped, without a host sync, where that is 1, as in
     ``loss.backward()``; a weighted term, ``w * loss``, pays that pass: 12 N
     elements of traffic against 9 N for recomputing, N = rgb.numel()). Otherwise (some input without a gradient, a second
-    backward with ``retain_graph=True``, ``create_graph=True``, torch.compile) the
+    backward with ``retain_graph=True``, ``create_graph=True``, a batched upstream
+    gradient (``is_grads_batched=True``), torch.compile) the
     forward saves per-row statistics only (the maxima and log-sums of the four
     softmaxes) and the backward reads the inputs again to write the gradients.
     The triton backend always does the latter.
