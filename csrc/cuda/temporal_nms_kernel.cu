@@ -402,17 +402,17 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   }
 
   int64_t width = tiles;
-  int64_t largest = n;  // the largest group (all of them without groups)
   if (sorted_groups.has_value() && n > kDenseMaskMaxSegments) {
     const at::Tensor sizes = end_of - at::arange(n, long_opts);
-    largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
+    const int64_t largest = at::where(is_start.to(at::kBool), sizes, at::zeros_like(sizes)).max().item<int64_t>();
     width = std::min(tiles, ceil_div(largest, kTile) + 1);
   }
   if (n * width * static_cast<int64_t>(sizeof(int64_t)) > kMaxMaskBytes) {
     return temporal_nms_on_host(segments, scores, groups, iou_threshold, overlap, offset);
   }
-  TORCH_CHECK(width <= 65535, "segments: a group of ", num(largest),
-              " segments needs a suppression mask too large for the GPU");
+  // gridDim.y below; implied by the mask limit (width > 65535 means n > 4.19M rows of
+  // over 512 KiB each).
+  TORCH_INTERNAL_ASSERT(width <= 65535, "temporal_nms_cuda: mask width ", num(width), " past the grid limit");
   at::Tensor mask = at::empty({n, width}, long_opts);
   const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(width));
   AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "temporal_nms_cuda", [&] {
