@@ -1,5 +1,7 @@
 """Argument checks shared by the ops: each error names the argument at fault."""
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,6 +38,12 @@ def same_device(reference_name, reference, **others):
     for name, value in others.items():
         if value is not None and value.device != reference.device:
             raise ValueError(f"{name}: expected a tensor on {reference.device} like {reference_name}, got {value.device}")
+
+
+def finite(value):
+    """math.isfinite for a number, by comparisons: under torch.compile(dynamic=True) a float
+    argument arrives as a SymFloat, which math.isfinite cannot take inside a graph."""
+    return -math.inf < value < math.inf  # False for NaN
 
 
 def positive_number(name, value):

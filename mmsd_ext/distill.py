@@ -1,6 +1,5 @@
 """Snippet-level knowledge distillation losses: ``snippet_distill_loss`` and ``mmsd_distill_loss``."""
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -123,7 +122,7 @@ def _check_pair(student, teacher, temperature, mask, names=("student", "teacher"
         raise ValueError(f"{t_name}: expected the shape of {s_name} {tuple(student.shape)}, got {tuple(teacher.shape)}")
     _checks.same_device(s_name, student, **{t_name: teacher})
     tau = _checks.positive_number("temperature", temperature)
-    if not math.isfinite(tau):  # tau = inf would make every softmax uniform
+    if not _checks.finite(tau):  # tau = inf would make every softmax uniform
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
     if mask is not None:
         _checks.tensor("mask", mask)

@@ -138,7 +138,7 @@ def soft_temporal_nms(
         raise ValueError(f"method: expected one of {', '.join(SOFT_METHODS)}, got {method!r}")
     sigma = _checks.positive_number("sigma", sigma)
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
-    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or math.isnan(min_score):
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or min_score != min_score:  # NaN
         raise TypeError(f"min_score: expected a number, got {min_score!r}")
     name = _resolve_soft(backend, segments.device)
     return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, float(min_score), groups, float(offset))
@@ -190,7 +190,7 @@ def _check_nms_args(segments, scores, groups, offset):
             raise ValueError(f"groups: expected shape [M] = [{M}], got {tuple(groups.shape)}")
         groups = groups.detach()
     _checks.same_device("segments", segments, scores=scores, groups=groups)
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset) or offset < 0:
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not _checks.finite(offset) or offset < 0:
         raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
     return segments.detach(), scores.detach(), groups
 

@@ -1085,6 +1085,26 @@ def test_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
+def test_torch_compile_dynamic_with_the_temperature_as_an_input():
+    # dynamic=True hands a float argument of the compiled function to the ops as a
+    # SymFloat: the argument checks must trace it (math.isfinite cannot) and the result
+    # must follow the value. Under fullgraph a bad value surfaces as dynamo's error
+    # around ours, with our message.
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(31)
+    xs = [torch.randn(2, 5, 7, generator=gen) for _ in range(3)]
+
+    def losses(r, f, u, tau):
+        return mmsd_ext.snippet_distill_loss(r, f, tau, backend="cpu") + mmsd_ext.mmsd_distill_loss(r, f, u, tau, backend="cpu")
+
+    compiled = torch.compile(losses, fullgraph=True, dynamic=True)
+    for tau in (0.2, 0.7):
+        torch.testing.assert_close(compiled(*xs, tau), losses(*xs, tau))
+    with pytest.raises(Exception, match="temperature: expected a finite number > 0"):
+        compiled(*xs, float("inf"))
+
+
+@pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
 def test_cpu_result_does_not_depend_on_thread_count():
     gen = torch.Generator().manual_seed(29)
     xs = [torch.randn(64, 50, 21, generator=gen) for _ in range(3)]

@@ -838,6 +838,32 @@ def test_torch_compile_fullgraph(compiled_backend):
     assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
 
 
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="cpu backend not available")
+def test_torch_compile_dynamic_with_the_numbers_as_inputs():
+    # dynamic=True hands float arguments to the ops as SymFloats (offset 0.0 among them,
+    # which math.isfinite could not take inside a graph before).
+    import torch._dynamo
+
+    def pipeline(seg, scores, threshold, offset, sigma, min_score):
+        keep = mmsd_ext.temporal_nms(seg, scores, threshold, offset=offset, backend="cpu")
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, sigma=sigma, min_score=min_score, offset=offset, backend="cpu")
+        return keep, idx, val
+
+    seg, scores, _ = _opcheck_inputs(torch.device("cpu"))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(pipeline, fullgraph=True, dynamic=True)
+        for args in ((0.5, 0.0, 0.5, 1e-3), (0.3, 1.0, 0.2, 0.1)):
+            got, expected = compiled(seg, scores, *args), pipeline(seg, scores, *args)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            torch.testing.assert_close(got[2], expected[2])
+        # Under fullgraph a bad value surfaces as dynamo's error around ours, with our message.
+        with pytest.raises(Exception, match="offset: expected a finite number >= 0"):
+            compiled(seg, scores, 0.5, float("nan"), 0.5, 1e-3)
+        with pytest.raises(Exception, match="min_score: expected a number"):
+            compiled(seg, scores, 0.5, 0.0, 0.5, float("nan"))
+
+
 # ----------------------------------------------------------------------------
 # CUDA-only: sizes the interpreter cannot run (skipped without a GPU)
 
