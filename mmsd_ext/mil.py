@@ -85,10 +85,13 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     _checks.int64("lengths", lengths)
     if lengths.device.type == "cpu" and lengths.numel() and int(lengths.min()) < 1:
         raise ValueError(f"lengths: expected every length >= 1, got minimum {int(lengths.min())}")
-    # float64 division is exact enough for any realistic length (< 2**52).
-    q = lengths.to(torch.float64) / ratio
+    # float64 division is exact enough for any realistic length (< 2**52). Where L / ratio
+    # reaches L (ratio <= 1) k is L, decided in float64: the int64 cast of a quotient past
+    # 2**63 (a tiny ratio) would wrap around.
+    as_float = lengths.to(torch.float64)
+    q = as_float / ratio
     q = torch.floor(q) if rule == "floor" else torch.ceil(q)
-    k = q.to(torch.int64).clamp(min=min_k)
+    k = torch.where(q >= as_float, lengths, q.to(torch.int64)).clamp(min=min_k)
     return torch.minimum(k, lengths)
 
 

@@ -617,6 +617,15 @@ def test_mil_k_mmsd_default_and_a_valid_k():
     mmsd_ext.topk_mil_pool(scores, k, lengths)  # always accepted
 
 
+def test_mil_k_is_at_most_the_length_for_tiny_ratios_and_huge_lengths():
+    # L / ratio past 2**63 wrapped around in the int64 cast (k = min_k) before 2026-11-27.
+    big = 2**63 - 1
+    for ratio in (1.0, 1e-3, 1e-17, 1e-300):
+        assert mmsd_ext.mil_k(750, ratio) == 750
+        assert mmsd_ext.mil_k(torch.tensor([750, 3]), ratio, rule="ceil").tolist() == [750, 3]
+    assert mmsd_ext.mil_k(torch.tensor([big, 2**62]), 1.0).tolist() == [big, 2**62]
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, name",
     [
