@@ -293,9 +293,10 @@ def _run_scores(flat, offset, length, seq, start, end, outer_ratio):
     run_len = (end - start).to(torch.float64)
     reach = outer_ratio * run_len
     # int(x) truncates toward zero, like MMSD's int(); the order of the
-    # additions follows its expressions so the float64 results are identical.
-    left = torch.clamp(torch.trunc(start.to(torch.float64) - reach).to(torch.int64), min=0)
-    right = torch.minimum(T - 1, torch.trunc((end.to(torch.float64) + reach) + 1).to(torch.int64))
+    # additions follows its expressions so the float64 results are identical. Clamped
+    # in float64 before the int64 casts, which a huge reach would overflow.
+    left = torch.clamp(torch.trunc(start.to(torch.float64) - reach), min=0).to(torch.int64)
+    right = torch.minimum((T - 1).to(torch.float64), torch.trunc((end.to(torch.float64) + reach) + 1)).to(torch.int64)
     n_left = start - left
     n_right = torch.clamp(right - (end + 1), min=0)
     right_from = torch.minimum(end + 1, right).clamp(min=0)

@@ -215,6 +215,19 @@ def test_hand_worked_example():
     assert rows.tolist() == [[0.0, 0.0, 1.0, 5.0, (3 * 0.5 + 0.0625) / 4 - 0.0625]]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outer_window_of_a_huge_outer_ratio_is_the_whole_video(backend):
+    # The run [2, 5) of a 12-snippet video: with r * L past 2**63 the window bounds
+    # overflowed the int64 casts (outer mean 0) before 2026-11-27. Any r large enough
+    # gives the outer range [0, 2) + [6, 11): (0 + 0 + 5 * 0.2) / 7.
+    cas = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5, 0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
+    expected = (0.5 * 3 + 0.0) / 4 - 1.0 / 7
+    for ratio in (10.0, 1e19, 1e300):
+        rows = mmsd_proposals(*on(backend, cas[None, :, None], torch.ones(1, 1, dtype=torch.float64)),
+                              thresholds=[0.3], class_threshold=0.5, min_len=2, outer_ratio=ratio, backend=backend)
+        assert rows[:, 4].tolist() == pytest.approx([expected], rel=1e-12)
+
+
 def test_runs_touching_both_ends_and_single_snippets():
     T = 6
     cas = torch.zeros(4, T, 1, dtype=torch.float64)

@@ -57,8 +57,10 @@ inline double run_score(const double* x, int64_t T, int64_t start, int64_t end, 
   const int64_t inner_end = std::min(end + 1, T);
   const double inner = add_window(0.0, x, start, inner_end) / static_cast<double>(inner_end - start);
   const double reach = outer_ratio * static_cast<double>(end - start);
-  const int64_t left = std::max<int64_t>(static_cast<int64_t>(std::trunc(static_cast<double>(start) - reach)), 0);
-  const int64_t right = std::min<int64_t>(T - 1, static_cast<int64_t>(std::trunc((static_cast<double>(end) + reach) + 1)));
+  // Clamped in double before the int64 casts, which a huge reach would overflow.
+  const int64_t left = static_cast<int64_t>(std::max(std::trunc(static_cast<double>(start) - reach), 0.0));
+  const int64_t right =
+      static_cast<int64_t>(std::min(static_cast<double>(T - 1), std::trunc((static_cast<double>(end) + reach) + 1)));
   const int64_t n_left = start - left;
   const int64_t n_right = std::max<int64_t>(right - (end + 1), 0);
   const int64_t right_from = std::max<int64_t>(std::min(end + 1, right), 0);
