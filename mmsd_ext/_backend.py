@@ -10,6 +10,7 @@ the call's argument, the innermost ``use_backend(...)`` context, the
 import contextlib
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -27,28 +28,41 @@ def _check_name(name, what):
 
 _env_value = os.environ.get(ENV_VAR) or None
 _global_override = _check_name(_env_value, ENV_VAR)
-_override_stack = []
+# The use_backend() blocks of each thread, innermost last: one thread's block never
+# changes what another thread's calls resolve to. (threading.local, not a ContextVar:
+# dynamo traces a block inside a compiled function through this list, not ContextVar.set.)
+_threads = threading.local()
+
+
+def _stack():
+    stack = getattr(_threads, "stack", None)
+    if stack is None:
+        stack = _threads.stack = []
+    return stack
 
 
 @contextlib.contextmanager
 def use_backend(name):
     """Run every mmsd_ext op inside the block with backend ``name`` ("auto" restores the default).
 
-    An explicit ``backend=`` argument still wins. Example::
+    An explicit ``backend=`` argument still wins. The block covers the calls of the thread
+    that entered it; other threads keep their own setting. Example::
 
         with mmsd_ext.use_backend("reference"):
             loss = mmsd_ext.mmsd_distill_loss(rgb, flow, fused)
     """
-    _override_stack.append(_check_name(name, "use_backend"))
+    stack = _stack()
+    stack.append(_check_name(name, "use_backend"))
     try:
         yield
     finally:
-        _override_stack.pop()
+        stack.pop()
 
 
 def _current_override():
-    if _override_stack:
-        return _override_stack[-1]
+    stack = getattr(_threads, "stack", None)
+    if stack:
+        return stack[-1]
     return _global_override
 
 

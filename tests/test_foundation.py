@@ -68,6 +68,35 @@ def test_use_backend_overrides_auto_and_nests():
     assert _backend.resolve("topk_mil_pool", "reference", "cpu") == "reference"
 
 
+def test_use_backend_belongs_to_the_thread_that_entered_it():
+    # Before 2026-11-27 the blocks were one process-wide stack: a block in one thread
+    # changed what the others resolved, and their exits popped each other's entries.
+    import threading
+
+    default = _backend.resolve("topk_mil_pool", None, "cpu")
+    entered, leave = threading.Event(), threading.Event()
+    seen = []
+
+    def worker():
+        with mmsd_ext.use_backend("reference"):
+            seen.append(_backend.resolve("topk_mil_pool", None, "cpu"))
+            entered.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert entered.wait(30)
+        assert _backend.resolve("topk_mil_pool", None, "cpu") == default
+        with mmsd_ext.use_backend("reference"):
+            assert _backend.resolve("topk_mil_pool", None, "cpu") == "reference"
+    finally:
+        leave.set()
+        thread.join(30)
+    assert seen == ["reference"]
+    assert _backend.resolve("topk_mil_pool", None, "cpu") == default
+
+
 # An editable install adds a finder that maps every mmsd_ext module to the source
 # tree; a test of a copied package must not be handed the tree's shared object.
 _NO_EDITABLE_FINDER = (
