@@ -34,9 +34,11 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
     Raises:
         TypeError / ValueError naming the argument: wrong rank or dtype, k < 1,
         k > lengths[b], lengths outside [1, T], tensors on different devices.
-        The values of k and lengths tensors are checked on CPU tensors only:
-        on CUDA that would need a host sync, so there a video whose k or length
-        is out of range gets NaN and a zero gradient instead.
+        The values of k and lengths tensors are checked on CPU tensors only
+        (and, inside torch.compile, by the cpu backend only): on CUDA that would
+        need a host sync, so there, and in compiled code on the other backends,
+        a video whose k or length is out of range gets NaN and a zero gradient
+        instead.
 
     Example::
 
@@ -146,7 +148,10 @@ def topk_mil_pool_reference(scores, k, lengths, largest):
         out.append(ordered[: int(k[b])].to(acc).mean(dim=0))
     if not out:  # B == 0: an empty result that still belongs to the graph
         return scores.sum(dim=1)
-    return torch.stack(out).to(scores.dtype)
+    # Where the values were not checked (CUDA tensors, compiled code), a video whose k
+    # or length is out of range gets NaN and a zero gradient, as from the kernels.
+    ok = (lengths >= 1) & (lengths <= scores.shape[1]) & (k >= 1) & (k <= lengths)
+    return torch.where(ok[:, None], torch.stack(out), float("nan")).to(scores.dtype)
 
 
 # ---------------------------------------------------------------------------

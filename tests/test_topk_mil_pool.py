@@ -460,6 +460,29 @@ def _assert_out_of_range_marked(out, scores, k, lengths):
     assert torch.equal(grad[0].cpu(), _expected_grad(scores[:1], k[:1], lengths[:1], True, torch.ones(1, 3))[0])
 
 
+def test_reference_marks_out_of_range_videos():
+    # Called directly (the public function raises first on CPU tensors): what the
+    # reference gives where nobody checked the values (CUDA tensors, compiled code),
+    # the kernels' NaN and zero gradient, not the mean of a clipped slice.
+    scores, k, lengths = _invalid_k_lengths(torch.device("cpu"))
+    out = topk_mil_pool_reference(scores, k, lengths, True)
+    _assert_out_of_range_marked(out, scores, k, lengths)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_out_of_range_videos_get_nan(backend):
+    # Inside torch.compile only the cpu kernel checks the values (in C++); the other
+    # backends mark the videos as on CUDA (before 2026-11-27 the reference returned
+    # the mean of what its slices held).
+    if backend not in mmsd_ext.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    torch._dynamo.reset()
+    scores, k, lengths = _invalid_k_lengths(backend_device(backend))
+    compiled = torch.compile(lambda x, kk, ll: mmsd_ext.topk_mil_pool(x, kk, ll, backend=backend), fullgraph=True)
+    out = compiled(scores, k, lengths)
+    _assert_out_of_range_marked(out, scores, k, lengths)
+
+
 # ---------------------------------------------------------------------------
 # Dispatcher registration, torch.compile
 
