@@ -39,9 +39,15 @@ inline void check_logits(const std::vector<std::pair<const char*, const at::Tens
   }
 }
 
+// The kernels scale by 1 / temperature in float32: outside this range it leaves the
+// normal floats (0 or inf past about 7e45 and 3e-39), and softmax(x / tau) is NaN.
+// Same bounds in mmsd_ext/distill.py and kernels/distill.py.
+constexpr double kMinTemperature = 1e-30;
+constexpr double kMaxTemperature = 1e30;
+
 inline void check_temperature(double temperature) {
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite number > 0, got ",
-              real(temperature));
+  TORCH_CHECK(temperature >= kMinTemperature && temperature <= kMaxTemperature,
+              "temperature: expected a finite number > 0 within [1e-30, 1e30], got ", real(temperature));
 }
 
 inline void check_reduction(int64_t reduction) {

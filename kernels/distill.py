@@ -374,8 +374,9 @@ def _check_logits(**tensors):
 
 
 def _check_temperature(temperature):
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+    # The bounds of csrc/distill_checks.h: 1 / temperature stays a normal float32.
+    if not (1e-30 <= temperature <= 1e30):
+        raise ValueError(f"temperature: expected a finite number > 0 within [1e-30, 1e30], got {temperature}")
 
 
 def _prepare_mask(mask, logits, name):

@@ -901,10 +901,17 @@ def test_bad_inputs_name_the_argument(any_backend):
         call(s, t, 0.0)
     with pytest.raises(ValueError, match="temperature"):
         call(s, t, -1.0)
-    with pytest.raises(ValueError, match="^temperature: expected a finite number > 0, got inf"):
+    with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0 within \[1e-30, 1e30\], got inf"):
         call(s, t, math.inf)
     with pytest.raises(ValueError, match="^temperature: expected a number > 0, got nan"):
         call(s, t, math.nan)
+    # 1 / tau leaves the normal float32 range: NaN from the kernels before 2026-11-27.
+    for tau in (1e-31, 1e31, 1e46):
+        with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0 within \[1e-30, 1e30\]"):
+            call(s, t, tau)
+    # The bounds themselves: a near-uniform softmax (log C) and a near-one-hot one.
+    assert call(s, t, 1e30).item() == pytest.approx(math.log(5), rel=1e-6)
+    assert math.isfinite(call(s, t, 1e-30).item())
     with pytest.raises(ValueError, match="mask"):
         call(s, t, mask=torch.ones(2, 4, dtype=torch.bool, device=device))
     with pytest.raises(TypeError, match="mask"):
@@ -996,8 +1003,9 @@ def test_compiled_op_messages_give_the_numbers(device):
         ((s, t[:, :4], 1.0, None, 1), "teacher: expected the shape of student [3, 5], got [3, 4]"),
         ((s, t.half(), 1.0, None, 1), "teacher: expected dtype Float like student, got Half"),
         ((s[:, :0], t[:, :0], 1.0, None, 1), "student: expected at least one class (C >= 1), got shape [3, 0]"),
-        ((s, t, -0.5, None, 1), "temperature: expected a finite number > 0, got -0.5"),
-        ((s, t, math.inf, None, 1), "temperature: expected a finite number > 0, got inf"),
+        ((s, t, -0.5, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got -0.5"),
+        ((s, t, math.inf, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got inf"),
+        ((s, t, 1e31, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got 1e+31"),
         ((s, t, 1.0, None, 7), "reduction: expected 0 (none), 1 (mean) or 2 (sum), got 7"),
         ((s, t, 1.0, torch.ones(4, dtype=torch.bool, device=device), 1),
          "mask: expected the leading shape [3] of student, got [4]"),
