@@ -91,8 +91,8 @@ def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
 
     Args:
         predictions: [P, 5] rows (video, class, start, end, score), numpy array,
-            tensor or nested lists. video and class are non-negative integers (any
-            ids: they are matched by value), ``end >= start``, scores not NaN.
+            tensor or nested lists. video and class are integers in [0, 2**53)
+            (any ids: they are matched by value), ``end >= start``, scores not NaN.
             P == 0 (any empty input) is allowed: every AP is 0.
         ground_truth: [G, 4] rows (video, class, start, end), same time unit;
             at least one row.
@@ -640,10 +640,12 @@ def _rows(name, value, columns):
         raise ValueError(f"{name}: expected rows of {ncols} columns ({', '.join(columns)}), got shape {array.shape}")
     for j in (0, 1):
         ids = array[:, j]
-        bad = ~np.isfinite(ids) | (ids < 0) | (ids != np.floor(ids))
+        # Below 2**53, where float64 holds every integer: past it distinct ids would
+        # round to one value (2**53 + 1 to 2**53) and be matched as the same.
+        bad = ~np.isfinite(ids) | (ids < 0) | (ids != np.floor(ids)) | (ids >= 2.0**53)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{name}: column {j} ({columns[j]}) must hold integers >= 0, row {i} has {ids[i]}")
+            raise ValueError(f"{name}: column {j} ({columns[j]}) must hold integers in [0, 2**53), row {i} has {ids[i]}")
     bounds = array[:, 2:4]
     bad = ~np.isfinite(bounds).all(axis=1) | (bounds[:, 1] < bounds[:, 0])
     if bad.any():

@@ -189,6 +189,9 @@ def test_tensors_and_arrays_agree():
         (np.zeros((0, 5)), np.zeros((0, 4)), DEFAULT_TIOUS, "ground_truth"),
         ([[0, -1, 0, 1, 0.5]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "class"),
         ([[0.5, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "video"),
+        # 2**53 + 1 would round to 2**53 in float64, matching another video's ground truth.
+        ([[2**53 + 1, 0, 0, 10, 0.9]], [[2**53, 0, 0, 10]], DEFAULT_TIOUS, r"predictions: column 0 \(video\) must hold integers in \[0, 2\*\*53\)"),
+        ([[0, 0, 0, 1, 0.5]], [[0, 2**60, 0, 1]], DEFAULT_TIOUS, r"ground_truth: column 1 \(class\)"),
         ([[0, 0, 2, 1, 0.5]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions.*start <= end"),
         ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, np.inf]], DEFAULT_TIOUS, "ground_truth"),
         ([[0, 0, 0, 1, np.nan]], [[0, 0, 0, 1]], DEFAULT_TIOUS, "NaN score"),
