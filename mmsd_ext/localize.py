@@ -384,9 +384,14 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
                 raise TypeError(f"lengths: expected an integer tensor, got {str(lengths.dtype).replace('torch.', '')}")
             _checks.same_device("cas", cas, lengths=lengths)
         else:
-            array = np.asarray(lengths)
+            try:
+                array = np.asarray(lengths)
+            except ValueError as exc:  # ragged nested sequences
+                raise ValueError(f"lengths: expected a 1-d sequence of integers ({exc})") from None
             if array.dtype.kind not in "iu":
                 raise TypeError(f"lengths: expected integers, got {array.dtype}")
+            if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+                raise ValueError(f"lengths: expected values in [0, T] = [0, {T}], got max {int(array.max())}")
             lengths = torch.as_tensor(array)
         lengths = lengths.to(device=cas.device, dtype=torch.int64)
         if tuple(lengths.shape) != (V,):
@@ -399,7 +404,11 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
     if isinstance(thresholds, torch.Tensor):
         thresholds = thresholds.detach().to(device=cas.device, dtype=torch.float64)
     else:
-        thresholds = torch.as_tensor(np.asarray(thresholds, dtype=np.float64), device=cas.device)
+        try:
+            array = np.asarray(thresholds, dtype=np.float64)
+        except (TypeError, ValueError):  # strings, None, ragged nested sequences
+            raise ValueError(f"thresholds: expected a 1-d sequence of numbers, got {thresholds!r:.80}") from None
+        thresholds = torch.as_tensor(array, device=cas.device)
     if thresholds.dim() != 1:
         raise ValueError(f"thresholds: expected a 1-d sequence, got shape {tuple(thresholds.shape)}")
     if not bool(torch.isfinite(thresholds).all()):
