@@ -94,6 +94,16 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("nan_features", "Synthetic-I3D-JOINTFeatures.npy", "NaN"),
         ("odd_dim", "Synthetic-I3D-JOINTFeatures.npy", "odd"),
         ("bad_ambiguous", "Ambiguous_test.txt", "line 1"),
+        ("zero_d", "labels_all.npy", "0-d array"),
+        ("zero_d", "segments.npy", "0-d array"),
+        ("zero_d", "labels.npy", "0-d array"),
+        ("zero_d", "videoname.npy", "0-d array"),
+        ("zero_d", "subset.npy", "0-d array"),
+        ("zero_d", "Synthetic-I3D-JOINTFeatures.npy", "0-d array"),
+        ("zero_width", "Synthetic-I3D-JOINTFeatures.npy", "feature dimension 0"),
+        ("two_columns", "subset.npy", "expected a 1-d array"),
+        ("two_columns", "videoname.npy", "expected a 1-d array"),
+        ("segment_width", "segments.npy", "got shape (2, 3)"),
     ],
 )
 def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
@@ -128,9 +138,35 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         np.save(path, feats, allow_pickle=True)
     elif damage == "bad_ambiguous":
         path.write_text("video_test_0000001  1.0\n")
+    elif damage == "zero_d":
+        np.save(path, np.array(5))
+    elif damage == "zero_width":
+        feats = np.load(path, allow_pickle=True)
+        for i in range(len(feats)):
+            feats[i] = feats[i][:, :0]
+        np.save(path, feats, allow_pickle=True)
+    elif damage == "two_columns":
+        names = np.load(path)
+        np.save(path, np.stack([names, names[::-1]], 1))
+    elif damage == "segment_width":
+        segments = np.load(path, allow_pickle=True)
+        segments[13] = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+        np.save(path, segments, allow_pickle=True)
     with pytest.raises(data_mod.DataError) as info:
         data_mod.load_wtalc(str(root), "Synthetic")
     assert file in str(info.value) and message in str(info.value)
+
+
+def test_loader_decodes_latin1_names(tiny_root, tmp_path):
+    """Names that are not UTF-8 (Python 2 tools wrote latin-1) are read as latin-1."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    classes = list(np.load(folder / "classlist.npy"))
+    np.save(folder / "classlist.npy", np.array(classes + [b"caf\xe9"]))
+    names = np.load(folder / "videoname.npy").astype("S40")
+    names[3] = b"vid\xe9o_3"
+    np.save(folder / "videoname.npy", names)
+    loaded = data_mod.load_wtalc(str(root), "Synthetic")
+    assert loaded.classes[-1] == "caf\u00e9" and loaded.videos[3] == "vid\u00e9o_3"
 
 
 def test_loader_missing_folder(tmp_path):
@@ -443,7 +479,9 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     synthetic.write(str(other), seed=1, **dict(TINY, num_classes=3))
     first_ckpt = str(tmp_path / "c1")
     assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", first_ckpt]) == 0
-    assert main(["--eval-only", "--checkpoint", os.path.join(first_ckpt, "checkpoint.pt"), "--data-root", str(other), "--quiet"]) == 2
+    # (Not --quiet: eval-only needs --output-dir for that.)
+    argv = ["--eval-only", "--checkpoint", os.path.join(first_ckpt, "checkpoint.pt"), "--data-root", str(other), "--no-progress"]
+    assert main(argv) == 2
     assert "does not fit Synthetic (3 classes" in capsys.readouterr().err
 
     # An earlier run's files are never overwritten without --overwrite.
@@ -460,6 +498,213 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", os.path.join(first, "checkpoint.pt"), "--lr", "0.5"])
     assert "a resumed run keeps its settings" in capsys.readouterr().err
+
+
+# -- bad input loses nothing -----------------------------------------------------------------
+
+
+def _call(argv, capsys):
+    """main's exit status (argparse errors included) and its stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in ("checkpoint.pt", "results.json", "train.log")}
+
+
+def _strict_json_lines(folder):
+    """Every JSON payload of train.log parses as strict JSON (no NaN or Infinity)."""
+
+    def refuse(name):
+        raise ValueError(f"train.log holds {name}")
+
+    with open(folder / "train.log") as f:
+        for line in f:
+            for prefix in ("epoch ", "config "):
+                if line.startswith(prefix):
+                    json.loads(line[len(prefix) :], parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--weight-decay", "nan"], "argument --weight-decay"),
+        (["--weight-decay", "-1"], "argument --weight-decay"),
+        (["--seed", "-1"], "argument --seed"),
+        (["--seed", str(2**32)], "argument --seed"),
+        (["--synthetic-seed", "-1"], "argument --synthetic-seed"),
+        (["--threads", "1000000000000"], "argument --threads"),
+        (["--epochs", "1" + "0" * 400], "argument --epochs"),
+        (["--lr", "1e300"], "argument --lr"),
+        (["--lr", "inf"], "argument --lr"),
+        (["--lr-decay", "inf"], "argument --lr-decay"),
+        (["--eval-only", "--checkpoint", "x.pt", "--quiet"], "--eval-only --quiet without --output-dir"),
+    ],
+)
+def test_unusable_flag_values_are_refused(argv, message, tmp_path, capsys):
+    """Values argparse used to pass on to a traceback; refused by argparse, before any data is
+    read (the data root does not exist, so a run that got that far would fail differently)."""
+    with pytest.raises(SystemExit) as info:
+        main(["--data-root", str(tmp_path / "missing"), *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_on_success(tiny_root, tmp_path, capsys):
+    """--overwrite deletes nothing up front: a run that fails on its data or flags leaves the
+    earlier run's files as they were; one that succeeds replaces each of them."""
+    common = ["--data-root", tiny_root, *FAST, "--epochs", "1"]
+    run_dir = tmp_path / "run"
+    assert main(common + ["--output-dir", str(run_dir)]) == 0
+    before = _snapshot(run_dir)
+
+    code, err = _call(common + ["--output-dir", str(run_dir), "--overwrite", "--weight-decay", "-1"], capsys)
+    assert code == 2 and "--weight-decay" in err
+    assert _snapshot(run_dir) == before
+
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    np.save(folder / "subset.npy", np.array([b"test"] * (TINY["num_train"] + TINY["num_test"])))
+    code, err = _call(["--data-root", str(root), *FAST, "--epochs", "1", "--output-dir", str(run_dir), "--overwrite"], capsys)
+    assert code == 2 and "subset.npy" in err
+    assert _snapshot(run_dir) == before
+
+    assert main(common + ["--output-dir", str(run_dir), "--overwrite", "--seed", "9"]) == 0
+    after = _snapshot(run_dir)
+    assert all(after[name] != before[name] for name in before)
+    log = (run_dir / "train.log").read_text()
+    assert log.count("\nconfig ") == 1 and '"seed": 9' in log  # the new run's log only
+    assert _results(run_dir)["config"]["seed"] == 9
+
+
+def test_eval_only_writes_only_results(tiny_root, tmp_path, capsys):
+    """Eval-only into the checkpoint's own folder (with --overwrite) replaces results.json and
+    nothing else; without results.json there, it needs no --overwrite."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    before = _snapshot(run_dir)
+    ckpt = str(run_dir / "checkpoint.pt")
+    assert main(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(run_dir), "--overwrite", "--quiet", "--no-progress"]) == 0
+    after = _snapshot(run_dir)
+    assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["train.log"] == before["train.log"]
+    assert _results(run_dir)["map"] == json.loads(before["results.json"])["map"]
+
+    (run_dir / "results.json").unlink()
+    assert main(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(run_dir), "--quiet", "--no-progress"]) == 0
+    assert _snapshot(run_dir)["checkpoint.pt"] == before["checkpoint.pt"]
+
+
+def test_resume_overwrite_same_folder_keeps_checkpoint_and_log(tiny_root, tmp_path, capsys):
+    """--resume CKPT --output-dir <its folder> --overwrite: the checkpoint survives an error
+    (here: the data changed since), and the resumed run appends to its train.log."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    run_dir = tmp_path / "run"
+    ckpt = str(run_dir / "checkpoint.pt")
+    argv = ["--data-root", str(root), *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(run_dir)]
+    assert main(argv) == 0
+    saved = {name: (run_dir / name).read_bytes() for name in ("checkpoint.pt", "train.log")}
+
+    synthetic.write(str(root), seed=5, **dict(TINY, num_train=15))  # the data changed in place
+    code, err = _call(["--resume", ckpt, "--output-dir", str(run_dir), "--overwrite", "--quiet", "--no-progress"], capsys)
+    assert code == 2 and "the data changed" in err
+    assert {name: (run_dir / name).read_bytes() for name in saved} == saved
+
+    synthetic.write(str(root), seed=3, **TINY)  # back as it was
+    assert main(["--resume", ckpt, "--output-dir", str(run_dir), "--overwrite", "--quiet", "--no-progress"]) == 0
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2]
+    assert (run_dir / "train.log").read_bytes().startswith(saved["train.log"])
+
+
+@pytest.mark.parametrize("damage", ["no_segments", "no_labels", "no_train"])
+def test_unusable_splits_fail_before_the_output_folder(tiny_root, tmp_path, capsys, damage):
+    """A test split without ground truth or labels, or no training video, fails before the
+    output folder is made (and before an earlier run's folder is touched)."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    test = range(TINY["num_train"], TINY["num_train"] + TINY["num_test"])
+    if damage == "no_segments":
+        segments, labels = np.load(folder / "segments.npy", allow_pickle=True), np.load(folder / "labels.npy", allow_pickle=True)
+        for i in test:
+            segments[i], labels[i] = [], []
+        np.save(folder / "segments.npy", segments, allow_pickle=True)
+        np.save(folder / "labels.npy", labels, allow_pickle=True)
+        file = "segments.npy"
+    elif damage == "no_labels":
+        labels_all = np.load(folder / "labels_all.npy", allow_pickle=True)
+        for i in test:
+            labels_all[i] = []
+        np.save(folder / "labels_all.npy", labels_all, allow_pickle=True)
+        file = "labels_all.npy"
+    else:
+        np.save(folder / "subset.npy", np.array([b"test"] * (TINY["num_train"] + TINY["num_test"])))
+        file = "subset.npy"
+    out = tmp_path / "new"
+    code, err = _call(["--data-root", str(root), *FAST, "--epochs", "1", "--output-dir", str(out)], capsys)
+    assert code == 2 and file in err
+    assert not out.exists()
+
+
+def test_diverged_training_stops_before_saving(tiny_root, tmp_path, capsys):
+    """A loss that turns NaN (here: finite but huge features) stops the run with a message
+    naming the epoch and --lr; the earlier run's checkpoint and results stay, train.log stays
+    strict JSON lines."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    before = _snapshot(run_dir)
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    feats = np.load(folder / "Synthetic-I3D-JOINTFeatures.npy", allow_pickle=True)
+    feats[2] = np.full_like(feats[2], 3e38)
+    np.save(folder / "Synthetic-I3D-JOINTFeatures.npy", feats, allow_pickle=True)
+    argv = ["--data-root", str(root), *FAST, "--epochs", "2", "--output-dir", str(run_dir), "--overwrite"]
+    code, err = _call(argv, capsys)
+    assert code == 2 and "diverged in epoch 1" in err and "--lr" in err
+    after = _snapshot(run_dir)
+    assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["results.json"] == before["results.json"]
+    _strict_json_lines(run_dir)
+    assert "diverged" in after["train.log"].decode()
+
+
+def test_unusable_output_dir_is_a_usage_error(tiny_root, tmp_path, capsys, monkeypatch):
+    common = ["--data-root", tiny_root, *FAST, "--epochs", "1"]
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for path, message in [
+        (str(tmp_path / "afile" / "sub"), "afile/sub: cannot write there"),
+        ("", "--output-dir: empty path"),
+        (str(tmp_path / "dangling"), "dangling: a symbolic link"),
+    ]:
+        code, err = _call(common + ["--output-dir", path], capsys)
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "nowhere").exists()
+
+    # A write that fails during the run (disk full, folder made read-only) is an error naming
+    # the file; the checkpoint of the earlier epoch is kept.
+    run_dir = tmp_path / "run"
+    assert main(common[:-1] + ["2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    kept = (run_dir / "checkpoint.pt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.torch, "save", full)
+    code, err = _call(["--resume", str(run_dir / "checkpoint.pt"), "--quiet", "--no-progress"], capsys)
+    assert code == 2 and "checkpoint.pt: cannot write the checkpoint (No space left on device)" in err
+    assert (run_dir / "checkpoint.pt").read_bytes() == kept
+    assert not (run_dir / "checkpoint.pt.tmp").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_dir(tiny_root, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, err = _call(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(ro)], capsys)
+    finally:
+        ro.chmod(0o755)
+    assert code == 2 and "ro: cannot write there" in err
 
 
 def test_same_seed_same_numbers(tiny_root):

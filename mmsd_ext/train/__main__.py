@@ -6,6 +6,7 @@ the synthetic preset says otherwise. Runs under ``torchrun --nproc_per_node=N`` 
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -13,6 +14,34 @@ from .data import DataError
 from .engine import FROZEN_ON_RESUME, SYNTHETIC_PRESET, Config, UsageError, load_checkpoint, run
 
 S = argparse.SUPPRESS
+
+
+# Bounds on flags argparse would otherwise pass on to code that fails with a traceback:
+# - seeds: torch, numpy and the per-epoch seeds take 32-bit unsigned seeds at most;
+# - threads: torch.set_num_threads overflows on huge counts, and more threads than any machine
+#   has cores only slows a run down;
+# - epochs: the schedules divide epoch counts as floats (above about 1e308 they overflow), and a
+#   million epochs is far beyond any WTAL run;
+# - lr, lr decay, weight decay: Adam passes them to float32 kernels, which refuse values above
+#   3.4e38 with a RuntimeError; above 1000 every run diverges anyway (Adam moves each weight by
+#   about lr per step), and divergence is stopped with a message (engine: "diverged").
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 4096
+MAX_EPOCHS = 10**6
+MAX_RATE = 1e3
+
+
+def _int_in(low, high):
+    def check(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {text}")
+        return value
+
+    check.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return check
 
 
 def _positive_int(text):
@@ -33,6 +62,15 @@ def _positive_float(text):
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    if not value <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 and <= {MAX_RATE:g}, got {text}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= MAX_RATE):
+        raise argparse.ArgumentTypeError(f"expected a finite number in [0, {MAX_RATE:g}], got {text}")
     return value
 
 
@@ -54,22 +92,24 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-root", metavar="DIR", help="folder holding <dataset>/ in the W-TALC layout (default: synthetic data)")
     g.add_argument("--dataset", help=f"dataset folder name (default {d.dataset})")
-    g.add_argument("--synthetic-seed", type=int, metavar="N", help=f"seed of the synthetic dataset (default {d.synthetic_seed})")
+    g.add_argument(
+        "--synthetic-seed", type=_int_in(0, MAX_SEED), metavar="N", help=f"seed of the synthetic dataset (default {d.synthetic_seed})"
+    )
 
     g = p.add_argument_group(
         "training (defaults: MMSD's; synthetic preset: " + ", ".join(f"{k} {v}" for k, v in SYNTHETIC_PRESET.items()) + ")"
     )
-    g.add_argument("--epochs", type=_positive_int, help=f"(default {d.epochs})")
+    g.add_argument("--epochs", type=_int_in(1, MAX_EPOCHS), help=f"(default {d.epochs})")
     g.add_argument(
         "--batch-size", type=_positive_int, help=f"videos per optimizer step, split across processes (default {d.batch_size})"
     )
     g.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--lr-decay", type=_positive_float, help=f"lr factor after --lr-decay-at (default {d.lr_decay})")
     g.add_argument("--lr-decay-at", type=_fraction, help="fraction of training after which lr decays (default 70/240)")
-    g.add_argument("--weight-decay", type=float, help=f"Adam weight decay (default {d.weight_decay})")
+    g.add_argument("--weight-decay", type=_non_negative_float, help=f"Adam weight decay (default {d.weight_decay})")
     g.add_argument("--embed-dim", type=_positive_int, help=f"embedding size (default {d.embed_dim})")
     g.add_argument("--dropout", type=_fraction, help=f"(default {d.dropout})")
-    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--seed", type=_int_in(0, MAX_SEED), help=f"(default {d.seed})")
     g.add_argument(
         "--pseudo-threshold",
         type=_fraction,
@@ -101,18 +141,30 @@ def build_parser():
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument(
-        "--threads", type=_non_negative_int, metavar="N", help="CPU threads per process (default: torch's; synthetic preset: 1)"
+        "--threads", type=_int_in(0, MAX_THREADS), metavar="N", help="CPU threads per process (default: torch's; synthetic preset: 1)"
     )
     g.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="mmsd_ext op backend (default auto)")
     g.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, train.log, results.json (default: runs/mmsd-<data>-<time>/)")
-    g.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --output-dir")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier run in --output-dir (each only when this run writes its own)",
+    )
     g.add_argument(
         "--resume", metavar="CKPT", help="continue the run of this checkpoint (its folder is the output folder by default)"
     )
-    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint without training")
+    g.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate --checkpoint without training (writes results.json only, and only to --output-dir)",
+    )
     g.add_argument("--checkpoint", metavar="CKPT", help="the checkpoint for --eval-only")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--quiet", action="store_true", help="print nothing but errors (results.json is still written)")
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing but errors (results.json is still written, so with --eval-only it needs --output-dir)",
+    )
     return p
 
 
@@ -145,6 +197,11 @@ def config_from_args(args, parser):
         parser.error("--resume and --eval-only exclude each other")
     if flags.get("stop_after") and flags.get("eval_only"):
         parser.error("--stop-after has no meaning with --eval-only")
+    if flags.get("quiet") and flags.get("eval_only") and not flags.get("output_dir"):
+        # Eval-only writes results.json only to --output-dir: quiet, the result would be lost.
+        parser.error(
+            "--eval-only --quiet without --output-dir would print nothing and write nothing; drop --quiet or give --output-dir"
+        )
 
     source = flags.get("resume") or flags.get("checkpoint")
     if source:

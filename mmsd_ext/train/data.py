@@ -84,7 +84,11 @@ def _read_ambiguous(path):
 
 def _text(value):
     if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8")
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            # Files written by Python 2 tools may hold latin-1 names; latin-1 decodes any byte.
+            return bytes(value).decode("latin-1")
     return str(value)
 
 
@@ -125,6 +129,11 @@ class WTALCData:
             raise DataError(f"{os.path.join(where, file)}: {message}")
 
         feat_file = features_file(name)
+        # A 0-d array (a single object saved instead of one entry per video) has no length.
+        for key, file in [("features", feat_file)] + [(f, f + ".npy") for f in ARRAY_FILES]:
+            if np.ndim(arrays[key]) == 0:
+                per = "class" if key == "classlist" else "video"
+                fail(file, f"expected an array with one entry per {per}, got a 0-d array")
         classes = [_text(c) for c in np.asarray(arrays["classlist"]).reshape(-1)]
         if not classes:
             fail("classlist.npy", "no classes")
@@ -139,6 +148,9 @@ class WTALCData:
         for file in ARRAY_FILES[:-1]:
             if file != "classlist" and len(arrays[file]) != n:
                 fail(f"{file}.npy", f"{len(arrays[file])} entries, but {feat_file} has {n} videos")
+        for file in ("videoname", "subset"):
+            if np.ndim(arrays[file]) != 1:
+                fail(f"{file}.npy", f"expected a 1-d array of {n} names, got shape {np.shape(arrays[file])}")
         durations = np.asarray(arrays["duration"], dtype=object).reshape(-1)
         if len(durations) != n:
             fail("duration.npy", f"{len(durations)} entries, but {feat_file} has {n} videos")
@@ -159,6 +171,8 @@ class WTALCData:
             if not np.isfinite(f).all():
                 fail(feat_file, f"video {i}: features hold NaN or inf")
             features.append(f)
+        if dim == 0:
+            fail(feat_file, "feature dimension 0; expected RGB and flow halves of equal size")
         if dim % 2:
             fail(feat_file, f"feature dimension {dim} is odd; expected RGB and flow halves of equal size")
 
@@ -175,9 +189,13 @@ class WTALCData:
         segments, segment_classes = [], []
         for i, (segs, labs) in enumerate(zip(arrays["segments"], arrays["labels"])):
             try:
-                segs = np.asarray(list(segs) if not isinstance(segs, np.ndarray) else segs, dtype=np.float64).reshape(-1, 2)
+                segs = np.asarray(list(segs) if not isinstance(segs, np.ndarray) else segs, dtype=np.float64)
             except (TypeError, ValueError):
                 fail("segments.npy", f"video {i} ({videos[i]}): expected [start, end] pairs in seconds")
+            if segs.size == 0 or segs.shape == (2,):  # no segment, or a single pair stored flat
+                segs = segs.reshape(-1, 2)
+            if segs.ndim != 2 or segs.shape[1] != 2:
+                fail("segments.npy", f"video {i} ({videos[i]}): expected [start, end] pairs in seconds, got shape {segs.shape}")
             labs = _names(labs)
             if len(labs) != len(segs):
                 fail("labels.npy", f"video {i} ({videos[i]}): {len(labs)} segment labels for {len(segs)} segments in segments.npy")
@@ -221,6 +239,23 @@ class WTALCData:
         if not found:
             raise DataError(f"{self.source or self.name}/subset.npy: no video in subset {split!r}")
         return found
+
+    def check_test_split(self):
+        """Raise a ``DataError`` if the test split cannot be evaluated: MMSD's protocol needs at
+        least one ground-truth segment (detection mAP) and one video-level label (cmAP) there."""
+        test = self.indices("test")
+        name = self.split_names()[1]
+        where = self.source or self.name
+        if not any(len(self.segments[i]) for i in test):
+            raise DataError(
+                f"{os.path.join(where, 'segments.npy')}: no ground-truth segment in the {name!r} split "
+                f"({len(test)} videos); detection mAP cannot be evaluated"
+            )
+        if not self.labels[test].any():
+            raise DataError(
+                f"{os.path.join(where, 'labels_all.npy')}: no video of the {name!r} split has a label; "
+                "classification mAP cannot be evaluated"
+            )
 
     def describe(self):
         train, test = self.indices("train"), self.indices("test")

@@ -8,8 +8,10 @@ the sum of the videos' losses, as MMSD's accumulated gradient is.
 
 import dataclasses
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -258,7 +260,7 @@ def _length_batches(data, positions, indices, batch_size):
 class Trainer:
     """State of one run: model, optimizer, pseudo labels, progress."""
 
-    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None):
+    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None, replace_log=False):
         self.config = config
         self.data = data
         self.device = device
@@ -266,18 +268,29 @@ class Trainer:
         self.output_dir = output_dir
         self.progress = progress and ddp.main
         self.log_file = log_file
+        # True: the first line written replaces an earlier run's train.log (--overwrite).
+        self.replace_log = replace_log
         self.echo = True
         self.train_idx = data.indices("train")
         self.test_idx = data.indices("test")
-        self.model = build_model(config, data).to(device)
+        try:
+            self.model = build_model(config, data).to(device)
+        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an --embed-dim too large for memory
+            raise UsageError(
+                f"--embed-dim {config.embed_dim}: cannot build the model for {data.feature_dim}-d features and "
+                f"{data.num_classes} classes ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+            ) from None
         self.net = self.model
         if ddp.active:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-        )
+        try:
+            self.optimizer = torch.optim.Adam(
+                self.model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+            )
+        except ValueError as exc:
+            raise UsageError(f"--lr {config.lr}, --weight-decay {config.weight_decay}: Adam refuses them ({exc})") from None
         S = len(self.model.streams)
         t_max = max(data.features[i].shape[0] for i in self.train_idx)
         self.pseudo_labels = torch.zeros(S, len(self.train_idx), t_max, device=device)
@@ -290,16 +303,24 @@ class Trainer:
     def voting_active(self):
         return self.config.voting and len(self.model.streams) > 1 and self.refreshes_done > 0
 
-    def log(self, message):
+    def log(self, message, echo=True):
         if not self.ddp.main:
             return
-        if self.echo:
+        if self.echo and echo:
             from tqdm import tqdm
 
             tqdm.write(message, file=sys.stdout)
         if self.log_file:
-            with open(self.log_file, "a") as f:
-                f.write(message + "\n")
+            try:
+                if self.replace_log:
+                    # An earlier run's train.log is replaced only now that this run has started.
+                    _write_atomic(self.log_file, message + "\n")
+                    self.replace_log = False
+                else:
+                    with open(self.log_file, "a") as f:
+                        f.write(message + "\n")
+            except OSError as exc:
+                raise UsageError(f"{self.log_file}: cannot write the log ({exc.strerror or exc})") from None
 
     # -- training --------------------------------------------------------------------------
 
@@ -316,6 +337,7 @@ class Trainer:
         for epoch in bar:
             start = time.perf_counter()
             parts = self.train_epoch(epoch)
+            self.check_finite(epoch, parts)
             if config.voting and len(self.model.streams) > 1 and epoch + 1 in refresh_at:
                 self.refresh_pseudo_labels()
             self.epoch = epoch + 1
@@ -332,6 +354,27 @@ class Trainer:
             self.log("epoch " + json.dumps(record))
             self.save_checkpoint()
         bar.close()
+
+    def check_finite(self, epoch, parts):
+        """Stop a diverged run before its NaN weights reach the checkpoint or train.log."""
+        params = [p.detach() for p in self.model.parameters()]
+        finite = all(math.isfinite(v) for v in parts.values()) and bool(
+            torch.stack([torch.isfinite(p).all() for p in params]).all()
+        )
+        if finite:
+            return
+        bad = [f"{k} {v}" for k, v in sorted(parts.items()) if not math.isfinite(v)]
+        what = f"loss {parts['total']}" if not math.isfinite(parts["total"]) else ", ".join(bad) or "weights hold NaN or inf"
+        kept = ""
+        if self.output_dir:
+            path = os.path.join(self.output_dir, CHECKPOINT)
+            kept = f"; {path} was not replaced" if os.path.exists(path) else "; no checkpoint was written"
+        message = (
+            f"training diverged in epoch {epoch + 1} ({what} at lr {learning_rate(self.config, epoch):g}){kept}; "
+            "try a smaller --lr"
+        )
+        self.log("stopped: " + message, echo=False)
+        raise UsageError(message)
 
     def train_epoch(self, epoch):
         config = self.config
@@ -462,10 +505,21 @@ class Trainer:
             return
         path = os.path.join(self.output_dir, CHECKPOINT)
         tmp = path + ".tmp"
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+        try:
+            # Opened here, so that a folder we cannot write to raises OSError, not torch's RuntimeError.
+            with open(tmp, "wb") as f:
+                torch.save(self.state(), f)
+            os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+        except (OSError, RuntimeError) as exc:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise UsageError(f"{path}: cannot write the checkpoint ({reason}); the previous one is kept") from None
 
-    def load_state(self, state):
+    def load_state(self, state, training=True):
+        """The checkpoint's model (and, to continue training, its optimizer and pseudo labels)."""
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -473,12 +527,22 @@ class Trainer:
                 f"the checkpoint's model does not fit {self.data.name} ({self.data.num_classes} classes, "
                 f"{self.data.feature_dim}-d features): {str(exc).splitlines()[0]}"
             ) from None
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        if not training:
+            return  # evaluation needs the model only; the training split may differ
+        # The pseudo labels are per training video and snippet: data that changed shape since
+        # the checkpoint would fail (or index the wrong videos) in the first voting step.
+        saved, now = tuple(state["pseudo_labels"].shape), tuple(self.pseudo_labels.shape)
+        if saved != now:
+            raise UsageError(
+                f"the checkpoint was trained on {saved[1]} training videos of up to {saved[2]} snippets, but "
+                f"{self.data.source or self.data.name} has {now[1]} of up to {now[2]}: the data changed since it was written"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.pseudo_labels = state["pseudo_labels"].to(self.device)
         self.pseudo_conf = state["pseudo_conf"].to(self.device)
         self.refreshes_done = int(state["refreshes_done"])
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
 
 
 def load_checkpoint(path):
@@ -530,6 +594,11 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
 
     start = time.perf_counter()
     cas, scores, lengths = predict(model, data, indices, device, config.eval_batch_size, progress, desc)
+    if not (torch.isfinite(scores).all() and torch.isfinite(cas).all()):
+        raise UsageError(
+            f"the model's predictions on {data.source or data.name} hold NaN or inf (diverged weights, or "
+            "features far outside the range it was trained on)"
+        )
     cmap = 100.0 * float(classification_map(scores.cpu(), torch.from_numpy(data.labels[list(indices)])))
     proposals = mmsd_proposals(cas, scores, lengths, class_threshold=config.class_threshold).cpu()
     result = thumos14_detection_map(
@@ -568,23 +637,49 @@ def format_table(result):
 # -- entry point -------------------------------------------------------------------------------
 
 
-def _prepare_output_dir(path, overwrite, allow_existing=False):
+def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT, RESULTS, LOG)):
+    """Make ``path`` a folder this run can write ``files`` to, or raise a UsageError naming it.
+
+    Deletes nothing: with ``overwrite`` each of an earlier run's files is replaced (atomically)
+    only when this run writes its own version, so a run that fails keeps the earlier files.
+    """
+    if not path:
+        raise UsageError("--output-dir: empty path")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UsageError(f"--output-dir {path}: a symbolic link to {os.readlink(path)}, which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--output-dir {path}: exists and is not a directory")
     if os.path.isdir(path) and not (overwrite or allow_existing):
-        clashes = [name for name in (CHECKPOINT, RESULTS, LOG) if os.path.exists(os.path.join(path, name))]
+        clashes = [name for name in files if os.path.exists(os.path.join(path, name))]
         if clashes:
             raise UsageError(
                 f"--output-dir {path}: already holds {', '.join(clashes)} from another run; "
                 "pass --overwrite to replace them, --resume to continue that run, or choose another folder"
             )
-    os.makedirs(path, exist_ok=True)
-    if overwrite:
-        for name in (CHECKPOINT, RESULTS, LOG):
-            target = os.path.join(path, name)
-            if os.path.exists(target):
-                os.remove(target)
+    try:
+        os.makedirs(path, exist_ok=True)
+        # A folder we cannot write to fails now, not after the first epoch.
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".mmsd-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--output-dir {path}: cannot write there ({exc.strerror or exc})") from None
     return path
+
+
+def _write_atomic(path, text):
+    """Replace ``path`` with ``text`` (atomically: readers see the old file or the new one)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _default_output_dir(config):
@@ -640,10 +735,14 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     state = None
     if resume or eval_only:
         state = load_checkpoint(resume or checkpoint)
-    # Read the data before any folder is made, so that a bad path leaves nothing behind.
+    # Everything that can fail on the data, the settings or the checkpoint fails here, before
+    # any folder is made or touched: an error leaves no new folder and an earlier run intact.
     data = load_data(config)
+    data.check_test_split()
+    trainer = Trainer(config, data, device, ddp, progress=progress and not quiet)
+    if state is not None:
+        trainer.load_state(state, training=not eval_only)
 
-    log_file = None
     if not save:
         output_dir = None
     elif output_dir is None and not eval_only:
@@ -654,22 +753,19 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     if output_dir is not None and ddp.main:
         same_as_resume = bool(resume) and os.path.abspath(output_dir) == os.path.dirname(os.path.abspath(resume))
         try:
-            _prepare_output_dir(output_dir, overwrite, allow_existing=same_as_resume)
+            # Eval-only writes results.json and nothing else.
+            _prepare_output_dir(
+                output_dir, overwrite, allow_existing=same_as_resume, files=(RESULTS,) if eval_only else (CHECKPOINT, RESULTS, LOG)
+            )
         except UsageError as exc:
             error = exc
         if not eval_only:
-            log_file = os.path.join(output_dir, LOG)
+            trainer.output_dir = output_dir
+            trainer.log_file = os.path.join(output_dir, LOG)
+            # A resumed run appends to its own log; a fresh one replaces an earlier run's.
+            trainer.replace_log = overwrite and not same_as_resume
     ddp.agree(error)
 
-    trainer = Trainer(
-        config,
-        data,
-        device,
-        ddp,
-        output_dir=output_dir if not eval_only else None,
-        progress=progress and not quiet,
-        log_file=log_file,
-    )
     trainer.echo = not quiet
     trainer.log(
         f"mmsd_ext {mmsd_ext.__version__}, torch {torch.__version__}, device {device}, processes {ddp.world}, backend {config.backend}"
@@ -677,7 +773,6 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     trainer.log(data.describe())
     trainer.log("config " + json.dumps(config.to_dict()))
     if state is not None:
-        trainer.load_state(state)
         trainer.log(f"loaded {resume or checkpoint} (epoch {trainer.epoch})")
 
     with mmsd_ext.use_backend(backend or "auto"):
@@ -705,9 +800,10 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     )
     if output_dir is not None:
         path = os.path.join(output_dir, RESULTS)
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
+        try:
+            _write_atomic(path, json.dumps(result, indent=2))
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write the results ({exc.strerror or exc})") from None
         result["results_file"] = path
     if not quiet:
         trainer.log(format_table(result))
