@@ -47,6 +47,17 @@ def _copy_dataset(tiny_root, tmp_path):
 # -- loader ------------------------------------------------------------------------------------
 
 
+def test_videos_of_other_subsets_are_named_in_the_description(tiny_root, tmp_path):
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    subsets = np.load(folder / "subset.npy", allow_pickle=True)
+    assert "neither split" not in data_mod.load_wtalc(str(root), "Synthetic").describe()
+    subsets[:2] = b"Validation"  # a misspelt split name
+    np.save(folder / "subset.npy", subsets)
+    text = data_mod.load_wtalc(str(root), "Synthetic").describe()
+    assert f"({TINY['num_train'] - 2} train, {TINY['num_test']} test)" in text
+    assert text.endswith("; 2 videos of subset 'Validation' are in neither split")
+
+
 def test_loader_reads_what_was_written(tiny_root):
     loaded = data_mod.load_wtalc(tiny_root, "Synthetic")
     arrays = synthetic.make_arrays(3, **TINY)

@@ -260,10 +260,17 @@ class WTALCData:
     def describe(self):
         train, test = self.indices("train"), self.indices("test")
         lengths = np.asarray([f.shape[0] for f in self.features])
-        return (
+        text = (
             f"{self.name}: {len(self.videos)} videos ({len(train)} train, {len(test)} test), {self.num_classes} classes, "
             f"features {self.feature_dim}-d, lengths {lengths.min()}..{lengths.max()} (mean {lengths.mean():.0f})"
         )
+        # Videos of any other subset (a misspelt split name, a third split) are in neither
+        # split: said here, in the log's second line, rather than dropped without a word.
+        others = sorted(set(self.subsets) - set(self.split_names()))
+        if others:
+            count = len(self.videos) - len(train) - len(test)
+            text += f"; {count} videos of subset {', '.join(repr(o) for o in others)} are in neither split"
+        return text
 
 
 def _names(value):
