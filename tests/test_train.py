@@ -629,6 +629,41 @@ def test_resume_overwrite_same_folder_keeps_checkpoint_and_log(tiny_root, tmp_pa
     assert (run_dir / "train.log").read_bytes().startswith(saved["train.log"])
 
 
+def test_a_checkpoint_is_loaded_only_for_its_own_videos_and_classes(tiny_root, tmp_path, capsys):
+    """Same shapes, other names: a resume would have reused another video's pseudo labels and
+    an evaluation scored the classes under other names, both without a word (before 2026-11-27)."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    run_dir = tmp_path / "run"
+    ckpt = str(run_dir / "checkpoint.pt")
+    assert main(["--data-root", str(root), *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    saved = (run_dir / "checkpoint.pt").read_bytes()
+
+    names = np.load(folder / "videoname.npy", allow_pickle=True)
+    renamed = names.copy()
+    renamed[1] = b"another_video"
+    np.save(folder / "videoname.npy", renamed)
+    code, err = _call(["--resume", ckpt, "--quiet", "--no-progress"], capsys)
+    assert code == 2 and "other training videos" in err and "from position 1 on" in err
+    assert (run_dir / "checkpoint.pt").read_bytes() == saved
+    np.save(folder / "videoname.npy", names)
+
+    def text(x):
+        return x.decode() if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+    classes = np.load(folder / "classlist.npy", allow_pickle=True)
+    old_name = text(classes[2])
+    np.save(folder / "classlist.npy", np.array([("another_class" if text(c) == old_name else text(c)) for c in classes]))
+    # Class names are also in labels.npy / labels_all.npy: rename them there too, so the
+    # data stays consistent and only the checkpoint disagrees.
+    for file in ("labels.npy", "labels_all.npy"):
+        values = np.load(folder / file, allow_pickle=True)
+        for i, row in enumerate(values):
+            values[i] = [("another_class" if text(x) == old_name else text(x)) for x in row]
+        np.save(folder / file, values)
+    code, err = _call(["--eval-only", "--checkpoint", ckpt, "--data-root", str(root), "--dataset", "Synthetic", "--no-progress"], capsys)
+    assert code == 2 and "other classes" in err and "class 2" in err
+
+
 @pytest.mark.parametrize("damage", ["no_segments", "no_labels", "no_train"])
 def test_unusable_splits_fail_before_the_output_folder(tiny_root, tmp_path, capsys, damage):
     """A test split without ground truth or labels, or no training video, fails before the

@@ -496,6 +496,9 @@ class Trainer:
             "pseudo_conf": self.pseudo_conf.cpu(),
             "refreshes_done": self.refreshes_done,
             "history": self.history,
+            # What the model and the pseudo labels belong to, checked when the run is loaded.
+            "classes": list(self.data.classes),
+            "train_videos": [self.data.videos[i] for i in self.train_idx],
             "torch": str(torch.__version__),
             "mmsd_ext": mmsd_ext.__version__,
         }
@@ -527,10 +530,26 @@ class Trainer:
                 f"the checkpoint's model does not fit {self.data.name} ({self.data.num_classes} classes, "
                 f"{self.data.feature_dim}-d features): {str(exc).splitlines()[0]}"
             ) from None
+        where = self.data.source or self.data.name
+        # Checkpoints written before 2026-11-27 hold no names: only the shapes are checked then.
+        classes = state.get("classes")
+        if classes is not None and list(classes) != list(self.data.classes):
+            first = next((i for i, (a, b) in enumerate(zip(classes, self.data.classes)) if a != b), None)
+            what = f"class {first} is {classes[first]!r} there, {self.data.classes[first]!r} here" if first is not None else "another class list"
+            raise UsageError(f"the checkpoint was trained on other classes than those of {where}: {what}")
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         if not training:
             return  # evaluation needs the model only; the training split may differ
+        videos = state.get("train_videos")
+        now_videos = [self.data.videos[i] for i in self.train_idx]
+        if videos is not None and list(videos) != now_videos:
+            first = next((i for i, (a, b) in enumerate(zip(videos, now_videos)) if a != b), min(len(videos), len(now_videos)))
+            raise UsageError(
+                f"the checkpoint was trained on other training videos than those of {where} ({len(videos)} there, "
+                f"{len(now_videos)} here; they differ from position {first} on): the data changed since it was written, "
+                "and its pseudo labels belong to those videos"
+            )
         # The pseudo labels are per training video and snippet: data that changed shape since
         # the checkpoint would fail (or index the wrong videos) in the first voting step.
         saved, now = tuple(state["pseudo_labels"].shape), tuple(self.pseudo_labels.shape)
