@@ -97,6 +97,31 @@ def test_use_backend_belongs_to_the_thread_that_entered_it():
     assert _backend.resolve("topk_mil_pool", None, "cpu") == default
 
 
+def test_use_backend_reaches_a_function_compiled_outside_the_block(monkeypatch):
+    # dynamo guards on the thread's stack of blocks: the compiled function is traced
+    # again inside the block, not run with the backend it was first traced with.
+    from mmsd_ext import distill
+
+    calls = []
+    reference = distill._MMSD_IMPLS["reference"]
+
+    def spy(*args):
+        calls.append("reference")
+        return reference(*args)
+
+    monkeypatch.setitem(distill._MMSD_IMPLS, "reference", spy)
+    torch._dynamo.reset()
+    xs = [torch.randn(2, 5, 7) for _ in range(3)]
+    compiled = torch.compile(lambda a, b, c: mmsd_ext.mmsd_distill_loss(a, b, c), fullgraph=True)
+    outside = compiled(*xs)
+    assert calls == ([] if "cpu" in mmsd_ext.available_backends() else ["reference"])
+    calls.clear()
+    with mmsd_ext.use_backend("reference"):
+        inside = compiled(*xs)
+    assert calls == ["reference"]
+    torch.testing.assert_close(inside, outside)
+
+
 # An editable install adds a finder that maps every mmsd_ext module to the source
 # tree; a test of a copied package must not be handed the tree's shared object.
 _NO_EDITABLE_FINDER = (
