@@ -549,6 +549,7 @@ def _strict_json_lines(folder):
         (["--seed", str(2**32)], "argument --seed"),
         (["--synthetic-seed", "-1"], "argument --synthetic-seed"),
         (["--threads", "1000000000000"], "argument --threads"),
+        (["--embed-dim", "1000000"], "argument --embed-dim: expected an integer <= 8192"),
         (["--epochs", "1" + "0" * 400], "argument --epochs"),
         (["--lr", "1e300"], "argument --lr"),
         (["--lr", "inf"], "argument --lr"),

@@ -24,8 +24,11 @@ S = argparse.SUPPRESS
 #   million epochs is far beyond any WTAL run;
 # - lr, lr decay, weight decay: Adam passes them to float32 kernels, which refuse values above
 #   3.4e38 with a RuntimeError; above 1000 every run diverges anyway (Adam moves each weight by
-#   about lr per step), and divergence is stopped with a message (engine: "diverged").
+#   about lr per step), and divergence is stopped with a message (engine: "diverged");
+# - embedding size: the model's layers grow with it (and Adam keeps two more copies); 8192 is 8x
+#   MMSD's 1024, and much larger sizes can run out of memory part-way, in a traceback.
 MAX_SEED = 2**32 - 1
+MAX_EMBED_DIM = 8192
 MAX_THREADS = 4096
 MAX_EPOCHS = 10**6
 MAX_RATE = 1e3
@@ -107,7 +110,7 @@ def build_parser():
     g.add_argument("--lr-decay", type=_positive_float, help=f"lr factor after --lr-decay-at (default {d.lr_decay})")
     g.add_argument("--lr-decay-at", type=_fraction, help="fraction of training after which lr decays (default 70/240)")
     g.add_argument("--weight-decay", type=_non_negative_float, help=f"Adam weight decay (default {d.weight_decay})")
-    g.add_argument("--embed-dim", type=_positive_int, help=f"embedding size (default {d.embed_dim})")
+    g.add_argument("--embed-dim", type=_int_in(1, MAX_EMBED_DIM), help=f"embedding size (default {d.embed_dim})")
     g.add_argument("--dropout", type=_fraction, help=f"(default {d.dropout})")
     g.add_argument("--seed", type=_int_in(0, MAX_SEED), help=f"(default {d.seed})")
     g.add_argument(
