@@ -771,8 +771,9 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     assert main(common + ["--output-dir", one]) == 0
     # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack to the
     # stderr shown below. On the 2-core VM (2026-11-27) rank 1 aborted with "terminate called
-    # without an active exception" (a C++ thread object destroyed unjoined) in 3 of the first 5
-    # suite runs after a fresh install and in none of the next 28; this says where the next one is.
+    # without an active exception" (a C++ thread object destroyed unjoined) in 4 of 45 suite runs
+    # (3 of them among the first 5 after a fresh install) and in none of 40 direct torchrun runs;
+    # this says where the next one is.
     env = dict(os.environ, OMP_NUM_THREADS="1", MMSD_EXT_QUIET="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmsd_ext.train"]
     proc = subprocess.run(cmd + common + ["--output-dir", two], env=env, capture_output=True, text=True, timeout=300)
