@@ -260,7 +260,7 @@ def _length_batches(data, positions, indices, batch_size):
 class Trainer:
     """State of one run: model, optimizer, pseudo labels, progress."""
 
-    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None, replace_log=False):
+    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None):
         self.config = config
         self.data = data
         self.device = device
@@ -269,7 +269,7 @@ class Trainer:
         self.progress = progress and ddp.main
         self.log_file = log_file
         # True: the first line written replaces an earlier run's train.log (--overwrite).
-        self.replace_log = replace_log
+        self.replace_log = False
         self.echo = True
         self.train_idx = data.indices("train")
         self.test_idx = data.indices("test")
@@ -314,7 +314,7 @@ class Trainer:
             try:
                 if self.replace_log:
                     # An earlier run's train.log is replaced only now that this run has started.
-                    _write_atomic(self.log_file, message + "\n")
+                    _write_atomic(self.log_file, lambda f: f.write(message + "\n"))
                     self.replace_log = False
                 else:
                     with open(self.log_file, "a") as f:
@@ -507,17 +507,11 @@ class Trainer:
         if not (self.ddp.main and self.output_dir):
             return
         path = os.path.join(self.output_dir, CHECKPOINT)
-        tmp = path + ".tmp"
         try:
-            # Opened here, so that a folder we cannot write to raises OSError, not torch's RuntimeError.
-            with open(tmp, "wb") as f:
-                torch.save(self.state(), f)
-            os.replace(tmp, path)  # atomic: an interrupted save never leaves a broken checkpoint
+            # Atomic: an interrupted save never leaves a broken checkpoint. The file is opened by
+            # _write_atomic, so that a folder we cannot write to raises OSError, not torch's RuntimeError.
+            _write_atomic(path, lambda f: torch.save(self.state(), f), binary=True)
         except (OSError, RuntimeError) as exc:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             raise UsageError(f"{path}: cannot write the checkpoint ({reason}); the previous one is kept") from None
 
@@ -686,14 +680,15 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
     return path
 
 
-def _write_atomic(path, text):
-    """Replace ``path`` with ``text`` (atomically: readers see the old file or the new one)."""
+def _write_atomic(path, write, binary=False):
+    """Replace ``path`` with what ``write(file)`` writes (atomically: readers see the old file or
+    the new one; a failed write leaves the old file and no temporary behind)."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
-    except OSError:
+    except Exception:
         try:
             os.remove(tmp)
         except OSError:
@@ -820,7 +815,7 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     if output_dir is not None:
         path = os.path.join(output_dir, RESULTS)
         try:
-            _write_atomic(path, json.dumps(result, indent=2))
+            _write_atomic(path, lambda f: json.dump(result, f, indent=2))
         except OSError as exc:
             raise UsageError(f"{path}: cannot write the results ({exc.strerror or exc})") from None
         result["results_file"] = path
