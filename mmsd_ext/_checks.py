@@ -40,6 +40,14 @@ def same_device(reference_name, reference, **others):
             raise ValueError(f"{name}: expected a tensor on {reference.device} like {reference_name}, got {value.device}")
 
 
+def has_values(what, **tensors):
+    """Refuse meta tensors where ``what`` must read values: its results depend on them, and
+    meta tensors hold none (torch's own error would be about ``.item()`` or a copy)."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            raise ValueError(f"{name}: a meta tensor holds no values, and {what} reads them")
+
+
 def finite(value):
     """math.isfinite for a number, by comparisons: under torch.compile(dynamic=True) a float
     argument arrives as a SymFloat, which math.isfinite cannot take inside a graph."""

@@ -23,6 +23,7 @@ import os
 import numpy as np
 import torch
 
+from . import _checks
 from .localize import MMSD_THRESHOLDS, mmsd_proposals, pad_cas
 
 DEFAULT_TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -628,6 +629,7 @@ def _ambiguous_entries(ambiguous):
 def _rows(name, value, columns):
     """A float64 [n, len(columns)] copy of rows given as an array, tensor or lists."""
     ncols = len(columns)
+    _checks.has_values("the evaluation", **{name: value})
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().to(torch.float64).numpy()
     try:
@@ -670,6 +672,7 @@ def _tious(value):
 
 
 def _matrix(name, value):
+    _checks.has_values("the evaluation", **{name: value})
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().to(torch.float64).numpy()
     try:

@@ -371,6 +371,7 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
     if tuple(video_scores.shape) != (V, C):
         raise ValueError(f"video_scores: expected shape [V, C] = [{V}, {C}], got {tuple(video_scores.shape)}")
     _checks.same_device("cas", cas, video_scores=video_scores)
+    _checks.has_values("mmsd_proposals", cas=cas, video_scores=video_scores, lengths=lengths, thresholds=thresholds)
     cas = cas.detach()
     video_scores = video_scores.detach()
     if not bool(torch.isfinite(video_scores).all()):

@@ -123,6 +123,7 @@ def _check_topk_args(scores, k, lengths, largest):
         if k.shape != (B,):
             raise ValueError(f"k: expected an int or shape [B] = [{B}], got {tuple(k.shape)}")
         _checks.same_device("scores", scores, k=k)
+    _checks.has_values("topk_mil_pool", scores=scores, k=k, lengths=lengths)
     return scores, k, lengths
 
 

@@ -83,7 +83,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         >>> mmsd_ext.temporal_nms(segments, scores, 0.5)
         tensor([0, 2])
     """
-    segments, scores, groups = _check_nms_args(segments, scores, groups, offset)
+    segments, scores, groups = _check_nms_args("temporal_nms", segments, scores, groups, offset)
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
@@ -133,7 +133,7 @@ def soft_temporal_nms(
         >>> idx
         tensor([0, 2, 1])
     """
-    segments, scores, groups = _check_nms_args(segments, scores, groups, offset)
+    segments, scores, groups = _check_nms_args("soft_temporal_nms", segments, scores, groups, offset)
     if method not in SOFT_METHODS:
         raise ValueError(f"method: expected one of {', '.join(SOFT_METHODS)}, got {method!r}")
     sigma = _checks.positive_number("sigma", sigma)
@@ -174,7 +174,7 @@ def _non_negative(name, value):
     return float(value)
 
 
-def _check_nms_args(segments, scores, groups, offset):
+def _check_nms_args(op, segments, scores, groups, offset):
     """Dtype, shape and device checks (no look at the values, so no sync and no graph break)."""
     _checks.floating("segments", segments, (torch.float32, torch.float64))
     _checks.rank("segments", segments, 2, "[M, 2]")
@@ -190,6 +190,8 @@ def _check_nms_args(segments, scores, groups, offset):
             raise ValueError(f"groups: expected shape [M] = [{M}], got {tuple(groups.shape)}")
         groups = groups.detach()
     _checks.same_device("segments", segments, scores=scores, groups=groups)
+    # Which segments are kept, and so the result's size, depends on the values.
+    _checks.has_values(op, segments=segments, scores=scores, groups=groups)
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not _checks.finite(offset) or offset < 0:
         raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
     return segments.detach(), scores.detach(), groups

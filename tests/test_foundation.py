@@ -303,3 +303,37 @@ def test_no_op_creates_tensors_on_the_default_device(backend):
         for g, w in zip(got, want):
             assert g.device.type == "cpu", f"{name}: a result on {g.device}"
             assert torch.equal(g, w), name
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+@pytest.mark.parametrize(
+    "call, argument, what",
+    [
+        (lambda b: mmsd_ext.topk_mil_pool(_meta(2, 5, 3), 2, backend=b), "scores", "topk_mil_pool"),
+        (lambda b: mmsd_ext.temporal_nms(_meta(4, 2), _meta(4), 0.5, backend=b), "segments", "temporal_nms"),
+        (lambda b: mmsd_ext.soft_temporal_nms(_meta(4, 2), _meta(4), backend=b), "segments", "soft_temporal_nms"),
+        (lambda b: mmsd_ext.mmsd_proposals(_meta(2, 5, 3), _meta(2, 3), backend=b), "cas", "mmsd_proposals"),
+        (lambda b: mmsd_ext.detection_map(_meta(2, 5), [[0, 0, 0, 1]]), "predictions", "the evaluation"),
+        (lambda b: mmsd_ext.classification_map(_meta(2, 3), _meta(2, 3)), "video_scores", "the evaluation"),
+    ],
+)
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_meta_tensors_where_values_are_read_name_the_argument(call, argument, what, backend):
+    # Before 2026-11-27: torch's "Tensor.item() cannot be called on meta tensors" or
+    # "Cannot copy out of meta tensor", which named neither the op nor the argument.
+    with pytest.raises(ValueError, match=f"^{argument}: a meta tensor holds no values, and {what} reads them$"):
+        call(backend)
+
+
+def test_distillation_losses_take_meta_tensors():
+    # No value is read: the result's shape and the backward come from meta tensors too.
+    x = _meta(2, 5, 4).requires_grad_(True)
+    loss = mmsd_ext.mmsd_distill_loss(x, _meta(2, 5, 4), _meta(2, 5, 4), backend="reference")
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    rows = mmsd_ext.snippet_distill_loss(_meta(3, 4), _meta(3, 4), reduction="none", backend="reference")
+    assert rows.shape == (3,) and rows.device.type == "meta"
