@@ -592,6 +592,21 @@ def test_overwrite_replaces_only_on_success(tiny_root, tmp_path, capsys):
     assert _results(run_dir)["config"]["seed"] == 9
 
 
+def test_overwrite_run_that_stops_early_leaves_no_stale_results(tiny_root, tmp_path):
+    """The earlier run's results.json goes with its checkpoint: a new run that stops before the
+    end leaves its own checkpoint and log and no results (before 2026-11-27 it left the earlier
+    run's results.json next to the new checkpoint)."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--output-dir", str(run_dir)]) == 0
+    assert _results(run_dir)["epoch"] == 2
+    argv = ["--data-root", tiny_root, *FAST, "--epochs", "2", "--seed", "5", "--output-dir", str(run_dir), "--overwrite"]
+    assert main(argv + ["--stop-after", "1"]) == 0
+    assert not (run_dir / "results.json").exists()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert main(["--resume", str(run_dir / "checkpoint.pt"), "--no-progress", "--quiet"]) == 0
+    assert _results(run_dir)["epoch"] == 2 and _results(run_dir)["config"]["seed"] == 5
+
+
 def test_eval_only_writes_only_results(tiny_root, tmp_path, capsys):
     """Eval-only into the checkpoint's own folder (with --overwrite) replaces results.json and
     nothing else; without results.json there, it needs no --overwrite."""

@@ -270,6 +270,8 @@ class Trainer:
         self.log_file = log_file
         # True: the first line written replaces an earlier run's train.log (--overwrite).
         self.replace_log = False
+        # Whether the first checkpoint written has removed an earlier results.json.
+        self.results_cleared = False
         self.echo = True
         self.train_idx = data.indices("train")
         self.test_idx = data.indices("test")
@@ -514,6 +516,17 @@ class Trainer:
         except (OSError, RuntimeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             raise UsageError(f"{path}: cannot write the checkpoint ({reason}); the previous one is kept") from None
+        if not self.results_cleared:
+            # An earlier run's results.json (left by --overwrite) describes a checkpoint that is
+            # gone now; this run writes its own when it finishes.
+            stale = os.path.join(self.output_dir, RESULTS)
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise UsageError(f"{stale}: cannot remove the earlier run's results ({exc.strerror or exc})") from None
+            self.results_cleared = True
 
     def load_state(self, state, training=True):
         """The checkpoint's model (and, to continue training, its optimizer and pseudo labels)."""
