@@ -607,6 +607,45 @@ def test_overwrite_run_that_stops_early_leaves_no_stale_results(tiny_root, tmp_p
     assert _results(run_dir)["epoch"] == 2 and _results(run_dir)["config"]["seed"] == 5
 
 
+def test_out_of_memory_is_an_error_naming_the_epoch(tiny_root, tmp_path, capsys, monkeypatch):
+    """Running out of memory in training or evaluation (the CPU allocator's RuntimeError,
+    CUDA's OutOfMemoryError) ends in an error that says where and what is kept, not a
+    traceback; other RuntimeErrors still propagate."""
+    run_dir = tmp_path / "run"
+    argv = ["--data-root", tiny_root, *FAST, "--epochs", "3", "--output-dir", str(run_dir)]
+    train_epoch = engine.Trainer.train_epoch
+
+    def failing(self, epoch):
+        if epoch == 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", failing)
+    code, err = _call(argv, capsys)
+    assert code == 2, err
+    assert "out of memory in epoch 2 ([enforce fail" in err
+    assert f"{run_dir / 'checkpoint.pt'} (epoch 1) is kept; try a smaller --batch-size" in err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert "stopped: out of memory in epoch 2" in (run_dir / "train.log").read_text()
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", train_epoch)
+    monkeypatch.setattr(engine, "predict", full)
+    code, err = _call(["--resume", str(run_dir / "checkpoint.pt"), "--no-progress", "--quiet"], capsys)
+    assert code == 2, err
+    assert "out of memory in the evaluation after epoch 3 (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    assert "free memory on the device" in err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(engine, "predict", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["--eval-only", "--checkpoint", str(run_dir / "checkpoint.pt"), "--no-progress", "--quiet", "--output-dir", str(tmp_path / "e")])
+
+
 def test_eval_only_writes_only_results(tiny_root, tmp_path, capsys):
     """Eval-only into the checkpoint's own folder (with --overwrite) replaces results.json and
     nothing else; without results.json there, it needs no --overwrite."""

@@ -6,6 +6,7 @@ through the model as one padded batch (split across processes under DDP), and th
 the sum of the videos' losses, as MMSD's accumulated gradient is.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -272,6 +273,8 @@ class Trainer:
         self.replace_log = False
         # Whether the first checkpoint written has removed an earlier results.json.
         self.results_cleared = False
+        # Where the run is, for an error message: "in epoch N", "in the evaluation".
+        self.stage = "before training"
         self.echo = True
         self.train_idx = data.indices("train")
         self.test_idx = data.indices("test")
@@ -337,6 +340,7 @@ class Trainer:
             range(first, last), desc="train", unit="epoch", disable=not self.progress, initial=0, total=last - first, file=sys.stderr
         )
         for epoch in bar:
+            self.stage = f"in epoch {epoch + 1}"
             start = time.perf_counter()
             parts = self.train_epoch(epoch)
             self.check_finite(epoch, parts)
@@ -480,6 +484,7 @@ class Trainer:
     def evaluate(self, desc="eval"):
         """Rank 0 evaluates on the test split; other ranks wait. Returns the results dict (rank 0)."""
         result = None
+        self.stage = f"in the evaluation after epoch {self.epoch}"
         if self.ddp.main:
             result = evaluate(self.model, self.data, self.test_idx, self.device, self.config, progress=self.progress, desc=desc)
         self.ddp.barrier()
@@ -749,6 +754,36 @@ def run(
         ddp.close()
 
 
+def _is_out_of_memory(exc):
+    # CUDA: torch.OutOfMemoryError; CPU: a RuntimeError from the allocator; numpy: MemoryError.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_usage_error(trainer, output_dir, eval_only):
+    """Running out of memory in training or evaluation: an error that says where, what is kept and
+    what to change, instead of a traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if trainer.stage.startswith("in the evaluation"):
+            advice = "free memory on the device or evaluate on another (--device)"
+        else:
+            advice = "try a smaller --batch-size or --embed-dim"
+        kept = ""
+        if output_dir and not eval_only:
+            path = os.path.join(output_dir, CHECKPOINT)
+            kept = f"; {path} (epoch {trainer.epoch}) is kept" if trainer.epoch and os.path.exists(path) else ""
+        message = f"out of memory {trainer.stage} ({first[:200]}){kept}; {advice}"
+        trainer.log("stopped: " + message, echo=False)
+        raise UsageError(message) from None
+
+
 def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop_after, progress, quiet, save):
     device = _resolve_device(config.device, ddp)
     if config.threads:
@@ -802,7 +837,7 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     if state is not None:
         trainer.log(f"loaded {resume or checkpoint} (epoch {trainer.epoch})")
 
-    with mmsd_ext.use_backend(backend or "auto"):
+    with mmsd_ext.use_backend(backend or "auto"), _out_of_memory_as_usage_error(trainer, output_dir, eval_only):
         train_time = 0.0
         if not eval_only:
             start = time.perf_counter()
