@@ -825,11 +825,14 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     assert main(common + ["--output-dir", one]) == 0
     # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack to the
     # stderr shown below. On the 2-core VM (2026-11-27) rank 1 aborted with "terminate called
-    # without an active exception" (a C++ thread object destroyed unjoined) in 4 of 45 suite runs
-    # (3 of them among the first 5 after a fresh install) and in none of 40 direct torchrun runs;
-    # this says where the next one is.
+    # without an active exception" (a C++ thread object destroyed unjoined) in 4 of 64 suite runs
+    # (3 of them among the first 5 after a fresh install; none in the 6 after clearing bytecode,
+    # Triton's cache and the page cache) and in none of 40 direct torchrun runs; this says where
+    # the next one is.
     env = dict(os.environ, OMP_NUM_THREADS="1", MMSD_EXT_QUIET="1", PYTHONFAULTHANDLER="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmsd_ext.train"]
+    # --log-dir: torchrun's per-run folder goes under tmp_path, not /tmp/torchelastic_*, which it leaves behind.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(tmp_path / "elastic")]
+    cmd = launcher + ["-m", "mmsd_ext.train"]
     proc = subprocess.run(cmd + common + ["--output-dir", two], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-12000:]
     r1, r2 = _results(one), _results(two)
