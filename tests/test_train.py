@@ -457,6 +457,97 @@ def test_ablation_switches(tiny_root, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["--seeds", "-1"], "--seeds: expected an integer >= 0, got -1"),
+        (["--seeds", "2", "1", "2"], "--seeds: 2 is given twice"),
+        (["--epochs", "0"], "--epochs: expected an integer >= 1"),
+        (["--synthetic-seed", str(2**32)], "--synthetic-seed: expected an integer <= 4294967295"),
+        (["--variants", "6"], "--variants: invalid choice"),
+        (["--backend", "cuda"], "--backend: invalid choice"),
+        (["--backend", "triton"], "--backend triton:"),
+        (["--output", "/nonexistent-folder/x.md"], "--output /nonexistent-folder/x.md: cannot write in /nonexistent-folder"),
+        (["--output", "/"], "--output /: is a directory"),
+    ],
+)
+def test_ablation_bad_flags_fail_before_any_run(argv, message, capsys, monkeypatch):
+    from mmsd_ext.train import ablation
+
+    if argv[:2] == ["--backend", "triton"] and os.environ.get("TRITON_INTERPRET") == "1":
+        monkeypatch.setattr(ablation, "check_backend", _refuse_triton)
+    monkeypatch.setattr(ablation, "run", _no_run)
+    with pytest.raises(SystemExit) as info:
+        ablation.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _no_run(*args, **kwargs):
+    raise AssertionError("a run started")
+
+
+def _refuse_triton(backend, device):
+    # What check_backend says without the interpreter (the tests run the Triton kernels under it).
+    raise engine.UsageError(f"--backend {backend}: Triton kernels run on CUDA devices")
+
+
+def _fake_runs(calls, interrupt_at=None):
+    """engine.run's stand-in: mAP 10 * seed at every tIoU, cmAP 50 + seed."""
+
+    def fake(config, **kwargs):
+        calls.append(config)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        value = 10.0 * config.seed
+        return {"map": {f"{t:.1f}": value for t in engine.TIOUS}, "average_map": value, "cmap": 50.0 + config.seed}
+
+    return fake
+
+
+def test_ablation_table_runs_file_and_overwrite(tmp_path, capsys, monkeypatch):
+    from mmsd_ext.train import ablation
+
+    out = tmp_path / "ablation.md"
+    calls = []
+    monkeypatch.setattr(ablation, "run", _fake_runs(calls))
+    argv = ["--seeds", "1", "3", "--variants", "0", "2", "--epochs", "4", "--output", str(out)]
+    assert ablation.main(argv) == 0
+    assert [(c.seed, c.epochs, c.distill) for c in calls] == [(1, 4, True), (3, 4, True), (1, 4, False), (3, 4, False)]
+    table = out.read_text()
+    assert table.strip() == capsys.readouterr().out.strip()
+    row = next(line for line in table.splitlines() if line.startswith("| no distillation"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:8] == ["20.0"] * 7 and cells[8] == "20.0 +- 10.0" and cells[9] == "52.0 +- 1.0"
+    saved = json.loads((tmp_path / "ablation.md.json").read_text())
+    assert [(r["variant"], r["seed"], r["average_map"]) for r in saved["runs"]][-1] == ("no distillation (--no-distill)", 3, 30.0)
+
+    # An earlier table is not replaced without --overwrite, and the check comes before any run.
+    before = (out.read_bytes(), (tmp_path / "ablation.md.json").read_bytes())
+    monkeypatch.setattr(ablation, "run", _no_run)
+    with pytest.raises(SystemExit):
+        ablation.main(argv)
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out.read_bytes(), (tmp_path / "ablation.md.json").read_bytes()) == before
+
+    # Interrupted in the third run: the two finished runs are kept in the .json.
+    calls.clear()
+    monkeypatch.setattr(ablation, "run", _fake_runs(calls, interrupt_at=3))
+    assert ablation.main(argv + ["--overwrite"]) == 130
+    assert "the finished runs are in" in capsys.readouterr().err
+    assert [r["seed"] for r in json.loads((tmp_path / "ablation.md.json").read_text())["runs"]] == [1, 3]
+
+
+def test_ablation_one_real_run(tmp_path, capsys):
+    from mmsd_ext.train import ablation
+
+    out = tmp_path / "a.md"
+    assert ablation.main(["--seeds", "1", "--variants", "5", "--epochs", "1", "--output", str(out)]) == 0
+    run = json.loads((tmp_path / "a.md.json").read_text())["runs"][0]
+    assert run["variant"] == "single stream (--single-stream)" and 0 <= run["average_map"] <= 100
+    assert "| single stream (--single-stream) |" in out.read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
         (["--epochs", "0"], "expected an integer >= 1"),
         (["--lr", "-1"], "expected a number > 0"),
         (["--eval-only"], "needs --checkpoint"),

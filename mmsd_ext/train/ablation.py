@@ -10,12 +10,17 @@ Every run uses ``mmsd_ext.train.engine.run`` with the synthetic preset, exactly 
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 
 import numpy as np
+import torch
 
-from .engine import SYNTHETIC_PRESET, TIOUS, Config, run
+from .__main__ import MAX_EPOCHS, MAX_SEED, _int_in
+from .data import DataError
+from .engine import SYNTHETIC_PRESET, TIOUS, Config, UsageError, _write_atomic, check_backend, run
 
 VARIANTS = {
     "full MMSD": {},
@@ -29,9 +34,12 @@ VARIANTS = {
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mmsd_ext.train.ablation", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (default 1 2 3)")
-    p.add_argument("--synthetic-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=SYNTHETIC_PRESET["epochs"])
+    seed = _int_in(0, MAX_SEED)
+    p.add_argument("--seeds", type=seed, nargs="+", default=[1, 2, 3], help="training seeds, all different (default 1 2 3)")
+    p.add_argument("--synthetic-seed", type=seed, default=0, help="seed of the synthetic dataset (default 0)")
+    p.add_argument(
+        "--epochs", type=_int_in(1, MAX_EPOCHS), default=SYNTHETIC_PRESET["epochs"], help=f"(default {SYNTHETIC_PRESET['epochs']})"
+    )
     p.add_argument(
         "--variants",
         nargs="+",
@@ -40,10 +48,70 @@ def main(argv=None):
         default=list(range(len(VARIANTS))),
         help="indices into the variant list (default all)",
     )
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--output", default=None, help="also write the markdown table (and a .json of the runs) here")
+    p.add_argument("--backend", choices=("auto", "reference", "cpu", "triton"), default="auto", help="mmsd_ext op backend (default auto)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="also write the markdown table here, and the runs to OUTPUT.json (as each one finishes, so an interrupted "
+        "ablation keeps them)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier --output table and its .json")
     args = p.parse_args(argv)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:
+        p.error(f"--seeds: {repeated[0]} is given twice; the spread over seeds needs different seeds")
+    try:
+        # Everything that can fail before the first run fails here, not after an hour of runs.
+        check_backend(args.backend, torch.device("cpu"))
+        if args.output:
+            _check_output(args.output, args.overwrite)
+    except UsageError as exc:
+        p.error(str(exc))
+    try:
+        rows, runs = _run_all(args)
+    except (UsageError, DataError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        kept = f"; the finished runs are in {args.output}.json" if args.output else ""
+        print(f"{p.prog}: interrupted{kept}", file=sys.stderr)
+        return 130
 
+    table = format_markdown(rows, args)
+    print(table)
+    if args.output:
+        _write_runs(args, runs)
+        try:
+            _write_atomic(args.output, lambda f: f.write(table + "\n"))
+        except OSError as exc:
+            print(f"{p.prog}: error: {args.output}: cannot write the table ({exc.strerror or exc}); it is printed above", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _check_output(path, overwrite):
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path}: is a directory; name the markdown file to write")
+    clashes = [f for f in (path, path + ".json") if os.path.exists(f)]
+    if clashes and not overwrite:
+        raise UsageError(f"--output {path}: {' and '.join(clashes)} already exist; pass --overwrite to replace them")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mmsd-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise UsageError(f"--output {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def _write_runs(args, runs):
+    try:
+        _write_atomic(args.output + ".json", lambda f: json.dump({"args": vars(args), "runs": runs}, f, indent=2))
+    except OSError as exc:
+        raise UsageError(f"{args.output}.json: cannot write the runs ({exc.strerror or exc})") from None
+
+
+def _run_all(args):
     names = [list(VARIANTS)[i] for i in args.variants]
     rows = {}
     runs = []
@@ -76,16 +144,10 @@ def main(argv=None):
                 file=sys.stderr,
                 flush=True,
             )
+            if args.output:
+                _write_runs(args, runs)
         rows[name] = results
-
-    table = format_markdown(rows, args)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
-        with open(args.output + ".json", "w") as f:
-            json.dump({"args": vars(args), "runs": runs}, f, indent=2)
-    return 0
+    return rows, runs
 
 
 def format_markdown(rows, args):
