@@ -25,7 +25,7 @@ os.environ.setdefault("MMSD_EXT_QUIET", "1")
 import torch  # noqa: E402
 
 from . import bench_distill, bench_localization, bench_nms, bench_topk_mil_pool  # noqa: E402
-from .harness import Context, Runner, Settings, format_left_out, format_table  # noqa: E402
+from .harness import Context, Runner, Settings, format_left_out, format_table, parse_btc  # noqa: E402
 
 OPS = {
     "topk_mil_pool": bench_topk_mil_pool.cases,
@@ -103,6 +103,12 @@ def parse_args(argv=None):
         p.error("--sizes: give one preset (tiny, quick, full) or a list of sizes, not both")
     args.preset = presets[0] if presets else ("quick" if args.quick else "full")
     args.tokens = None if presets or not sizes else sizes
+    for token in args.tokens or []:
+        if all(parse(token) is None for parse in (parse_btc, bench_nms.parse, bench_localization.parse)):
+            p.error(
+                f"--sizes {token}: not a size; expected BxTxC (e.g. 32x2304x201), M=N (N >= 1), thumos, thumos-mmsd, "
+                "activitynet, videos=N or a preset (tiny, quick, full)"
+            )
     dtypes = _split(args.dtypes)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
@@ -116,10 +122,35 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
+    for flag, value in (("--time-budget", args.time_budget), ("--min-run-time", args.min_run_time)):
+        if value is not None and not 0 < value < float("inf"):
+            p.error(f"{flag}: expected a number of seconds > 0, got {value:g}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        p.error(f"--threads: expected 1 to 4096, got {args.threads}")
     if args.plot and not args.list:
         if importlib.util.find_spec("matplotlib") is None:
             p.error("--plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot]); run without --plot")
+    if not args.list:
+        # Before the run, not after minutes of measurements.
+        for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+            problem = path and _unwritable(path)
+            if problem:
+                p.error(f"{flag} {path}: {problem}")
     return args
+
+
+def _unwritable(path):
+    """Why ``path`` cannot be written (None if it can), making its folder as the run would."""
+    if os.path.isdir(path):
+        return "is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        return f"cannot make the folder {folder} ({exc.strerror or exc})"
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
 
 
 def _select_passes(cases, passes, main_only):
@@ -213,7 +244,11 @@ def main(argv=None):
     if args.plot:
         from .plot import plot_rows
 
-        plot_rows(rows, args.plot, title=f"mmsd_ext benchmarks, {runner.device_name}, torch {torch.__version__}")
+        try:
+            plot_rows(rows, args.plot, title=f"mmsd_ext benchmarks, {runner.device_name}, torch {torch.__version__}")
+        except OSError as exc:
+            print(f"python -m benchmarks: error: --plot {args.plot}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+            return 1
         print(f"plot: {args.plot}")
     return 0
 

@@ -86,7 +86,8 @@ def parse(token):
     if t in ("activitynet", "anet"):
         return PRESETS["full"][1]
     if t.startswith("videos="):
-        return ("thumos", int(t.split("=", 1)[1]), workloads.THUMOS_MAX_LEN)
+        n = t.split("=", 1)[1]
+        return ("thumos", int(n), workloads.THUMOS_MAX_LEN) if n.isdigit() and int(n) > 0 else None
     return None
 
 

@@ -111,9 +111,10 @@ def parse(token):
     if t.startswith("m="):
         t = t[2:]
     try:
-        return ("one", int(float(t))) if "x" not in t else None
-    except ValueError:
+        m = int(float(t)) if "x" not in t else 0
+    except (ValueError, OverflowError):  # not a number, inf
         return None
+    return ("one", m) if m >= 1 else None
 
 
 def cases(op, ctx):

@@ -895,9 +895,9 @@ class Context:
 
 
 def parse_btc(token):
-    """'10x750x21' -> (10, 750, 21); anything else -> None (not a size for this op)."""
+    """'10x750x21' -> (10, 750, 21); anything else (zero sizes too) -> None (not a size for this op)."""
     parts = token.lower().split("x")
-    if len(parts) == 3 and all(p.isdigit() for p in parts):
+    if len(parts) == 3 and all(p.isdigit() and int(p) > 0 for p in parts):
         return tuple(int(p) for p in parts)
     return None
 

@@ -187,6 +187,42 @@ def test_bad_options_are_refused_with_the_option_named():
     assert proc.returncode == 2 and "--ops" in proc.stderr and "topk_mil_pool" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "0x750x21"], "--sizes 0x750x21: not a size"),
+        (["--sizes", "32x2304x201", "abc"], "--sizes abc: not a size"),
+        (["--sizes", "M=-3"], "--sizes M=-3: not a size"),
+        (["--sizes", "M=inf"], "--sizes M=inf: not a size"),
+        (["--sizes", "videos=x"], "--sizes videos=x: not a size"),
+        (["--time-budget", "-5"], "--time-budget: expected a number of seconds > 0, got -5"),
+        (["--time-budget", "nan"], "--time-budget: expected a number of seconds > 0"),
+        (["--min-run-time", "0"], "--min-run-time: expected a number of seconds > 0, got 0"),
+        (["--threads", "0"], "--threads: expected 1 to 4096, got 0"),
+        (["--csv", "/proc/no-such-process/x.csv"], "--csv /proc/no-such-process/x.csv: cannot make the folder"),
+        (["--plot", "/"], "--plot /: is a directory"),
+    ],
+)
+def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, capsys):
+    # Before 2026-11-27 some of these ran for nothing (0 measurements, empty shapes) or
+    # failed in a traceback after the run (an unwritable --plot).
+    from benchmarks.__main__ import parse_args
+
+    if argv[0] == "--plot" and not HAS_MATPLOTLIB:
+        pytest.skip("--plot is refused earlier without matplotlib")
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_csv_and_plot_folders_are_made_before_the_run(tmp_path):
+    from benchmarks.__main__ import parse_args
+
+    args = parse_args(["--csv", str(tmp_path / "a" / "b.csv"), "--sizes", "M=10", "10x20x3", "thumos", "videos=4"])
+    assert (tmp_path / "a").is_dir() and args.tokens == ["M=10", "10x20x3", "thumos", "videos=4"]
+
+
 @pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
 def test_distill_upstream_times_the_two_ways_and_refuses_bad_shapes():
     cmd = [sys.executable, "-m", "benchmarks.distill_upstream", "--device", "cpu", "--min-run-time", "0.01"]
