@@ -17,6 +17,9 @@ import sys
 
 _NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "peak_mem_mb", "speedup_vs_eager", "copy_gbps")
 _MAIN_PASS = ("fwd+bwd", "pipeline", "mmsd_protocol", "fwd")
+_PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline", "mmsd_protocol")
+# The columns a plot reads (the CSV has more).
+_NEEDED = ("run_id", "op", "provider", "kind", "shape", "dtype", "pass", "device", "device_name", "median_ms", "speedup_vs_eager")
 # One colour per provider in every panel: mmsd_ext's backends in strong
 # colours, anchors in muted ones (and hatched).
 _COLOURS = {
@@ -38,13 +41,21 @@ _COLOURS = {
 
 
 def read_csv(path):
+    """The rows of a CSV of ``python -m benchmarks --csv``; ValueError naming the line if it is not one."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in _NUMERIC:
-            v = r.get(k, "")
-            r[k] = float(v) if v not in ("", None) else None
-        r["reps"] = int(r["reps"]) if r.get("reps") else 0
+        reader = csv.DictReader(f)
+        missing = [c for c in _NEEDED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        rows = list(reader)
+    for line, r in enumerate(rows, start=2):
+        try:
+            for k in _NUMERIC:
+                v = r.get(k, "")
+                r[k] = float(v) if v not in ("", None) else None
+            r["reps"] = int(r["reps"]) if r.get("reps") else 0
+        except (TypeError, ValueError):
+            raise ValueError(f"line {line}: a number column holds something else") from None
     return rows
 
 
@@ -137,13 +148,24 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--run", default="latest", help="latest (default), all, or a run_id")
     p.add_argument("--device", choices=("cpu", "cuda"), help="only this device's rows (and the CPU anchors of a GPU run)")
-    p.add_argument("--pass", dest="pass_name", help="plot this pass instead of the main one (fwd, bwd, fwd+bwd, proposals, map, pipeline, mmsd_protocol)")
+    p.add_argument(
+        "--pass", dest="pass_name", choices=_PASSES, help="plot this pass where an op has it, instead of the main one"
+    )
     args = p.parse_args(argv)
-    rows = select(read_csv(args.csv), args.run, args.device)
+    try:
+        rows = read_csv(args.csv)
+    except OSError as exc:
+        p.error(f"{args.csv}: cannot read it ({exc.strerror or exc})")
+    except (UnicodeDecodeError, csv.Error, ValueError) as exc:
+        p.error(f"{args.csv}: not a CSV written by python -m benchmarks --csv ({exc})")
+    rows = select(rows, args.run, args.device)
     if not rows:
         raise SystemExit(f"{args.csv}: no rows for run {args.run!r}" + (f" on {args.device}" if args.device else ""))
     names = sorted({r["device_name"] for r in rows})
-    plot_rows(rows, args.out, title=f"mmsd_ext benchmarks, {'; '.join(names)}", pass_name=args.pass_name)
+    try:
+        plot_rows(rows, args.out, title=f"mmsd_ext benchmarks, {'; '.join(names)}", pass_name=args.pass_name)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot write it ({exc.strerror or exc})")
     print(args.out)
     return 0
 

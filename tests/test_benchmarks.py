@@ -216,6 +216,33 @@ def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, cap
     assert message in capsys.readouterr().err
 
 
+def test_plot_refuses_what_it_cannot_read_or_write(tmp_path, capsys):
+    from benchmarks import plot
+
+    good = os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")
+    with open(good) as f:
+        header = f.readline().strip().split(",")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "garbled.csv").write_text(",".join(header) + "\n" + ",".join(["x"] * len(header)) + "\n")
+    cases = [
+        ([str(tmp_path / "missing.csv")], "cannot read it (No such file or directory)"),
+        ([str(tmp_path / "other.csv")], "not a CSV written by python -m benchmarks --csv (no column run_id"),
+        ([str(tmp_path / "binary.csv")], "not a CSV written by python -m benchmarks --csv"),
+        ([str(tmp_path / "garbled.csv")], "(line 2: a number column holds something else)"),
+        ([good, "--pass", "bogus"], "argument --pass: invalid choice"),
+    ]
+    if HAS_MATPLOTLIB:
+        cases.append(([good, "--out", str(tmp_path / "no-such-folder" / "p.png")], "cannot write it"))
+    for argv, message in cases:
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "p.png")]
+        with pytest.raises(SystemExit) as info:
+            plot.main(argv + out)
+        assert info.value.code == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_csv_and_plot_folders_are_made_before_the_run(tmp_path):
     from benchmarks.__main__ import parse_args
 
