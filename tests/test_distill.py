@@ -513,6 +513,27 @@ def test_mmsd_neg_inf_in_rgb_and_flow_only(any_backend):
     _assert_mmsd_matches_oracle(loss, grads, xs, None, 0.5, 1.0)
 
 
+@pytest.mark.parametrize("gap", [88.0, 95.0, 103.5])
+def test_a_tiny_teacher_probability_over_a_neg_inf_student_class_makes_the_loss_inf(any_backend, gap):
+    """A teacher probability of exp(-gap), a float32 subnormal (gap in (87.3, 104)), where
+    the student's class is -inf: the cross-entropy is +inf, as the reference gives. Before
+    2026-11-27 the cpu kernel's exp flushed it to 0 and gave a finite loss (41.39 in the
+    mmsd case below); a review of the CUDA code found the difference, where expf keeps it."""
+    device = backend_device(any_backend)
+    student = torch.tensor([[0.0, NEG_INF], [0.0, 1.0]], device=device)
+    teacher = torch.tensor([[0.0, -gap], [0.0, -gap]], device=device)
+    rows = mmsd_ext.snippet_distill_loss(student, teacher, 1.0, reduction="none", backend=any_backend)
+    expected = mmsd_ext.snippet_distill_loss(student, teacher, 1.0, reduction="none", backend="reference")
+    assert rows[0].item() == float("inf") and expected[0].item() == float("inf")
+    torch.testing.assert_close(rows[1], expected[1], rtol=2**-21, atol=0)
+    # mmsd: the first term's teacher (flow) is tiny where its student (rgb) is -inf.
+    rgb = torch.tensor([[20.0, NEG_INF, 0.0, 0.0]], device=device)
+    flow = torch.tensor([[0.0, 20.0 - gap, 20.0, 0.0]], device=device)
+    fused = torch.zeros(1, 4, device=device)
+    assert mmsd_ext.mmsd_distill_loss(rgb, flow, fused, 1.0, backend=any_backend).item() == float("inf")
+    assert mmsd_ext.mmsd_distill_loss(rgb, flow, fused, 1.0, backend="reference").item() == float("inf")
+
+
 @pytest.mark.parametrize("where", ["student", "teacher", "rgb", "fused"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "+inf"])
 def test_nan_and_inf_spoil_only_their_row(any_backend, value, where):

@@ -198,7 +198,11 @@ MMSD_INLINE float hmin(vf<W> v) {
 // double exp over [-87, 0]); results below FLT_MIN flush to 0, far below what a
 // sum >= 1 can see. Below -87.3 (-inf included) the arithmetic makes garbage or
 // NaN that the final select replaces, so the input needs no clamp.
-template <int W>
+// kSubnormal: results below FLT_MIN are the subnormals expf gives (0 only below
+// -103.97), for the teacher's probabilities in a cross term, where the student's
+// class may be -inf: a probability of 1e-42 there makes the loss +inf, as in the
+// reference and on CUDA, where 0 would leave it finite.
+template <int W, bool kSubnormal = false>
 MMSD_INLINE vf<W> vexp(vf<W> x) {
   using V = vf<W>;
   using I = vi<W>;
@@ -216,6 +220,14 @@ MMSD_INLINE vf<W> vexp(vf<W> x) {
   p = p * r * r + r + 1.0f;
   I bits = ((I)t - 0x4B400000 + 127) << 23;  // 2^n, valid for n >= -126
   V res = p * (V)bits;
+  if constexpr (kSubnormal) {
+    // n in [-159, -127]: p * 2^(n + 64) is exact, and the product by 2^-64 rounds once
+    // (to 0 below about -103.97).
+    I low = ((I)t - 0x4B400000 + 127 + 64) << 23;
+    V sub = (p * (V)low) * 0x1p-64f;
+    res = x < splat<W>(-87.33654f) ? sub : res;
+    return x < splat<W>(-110.0f) ? splat<W>(0.0f) : res;  // 2^(n + 64) stays normal to n = -190
+  }
   return x < splat<W>(-87.33654f) ? splat<W>(0.0f) : res;
 }
 
@@ -277,7 +289,7 @@ MMSD_INLINE void pair_forward_sums(const float* s, const float* t, int64_t C, fl
     constexpr bool kGuard = decltype(guard)::value;
     V a = (load_new<W>(s + c, n, skip) - shs) * inv_tau;
     V b = (load_new<W>(t + c, n, skip) - sht) * inv_tau;
-    V eb = vexp<W>(b);
+    V eb = vexp<W, kGuard>(b);
     ss += vexp<W>(a);
     st += eb;
     d += cross<W, kGuard>(eb, a);
@@ -349,9 +361,9 @@ MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* 
       ef = hf * hf;
       ea = hr * (hf * paired_scale);
     } else {
-      er = vexp<W>(ar);
-      ef = vexp<W>(af);
-      ea = vexp<W>(avg_exponent_v<W>(xr, xf, shift[3], inv_tau));
+      er = vexp<W, kGuard>(ar);
+      ef = vexp<W, kGuard>(af);
+      ea = vexp<W, kGuard>(avg_exponent_v<W>(xr, xf, shift[3], inv_tau));
     }
     zr += er;
     zf += ef;
