@@ -254,7 +254,9 @@ def temporal_nms_reference(segments, scores, iou_threshold, groups, overlap, off
     grp = [0] * len(segs) if groups is None else groups.cpu().tolist()
     kept = []
     for i in _visit_order(scores):
-        if all(grp[j] != grp[i] or _overlap_reference(segs[j], segs[i], overlap, offset) <= iou_threshold for j in kept):
+        # "not >": an overlap that is NaN (inf / inf, from lengths past the float64 range) does
+        # not suppress, as in the kernels.
+        if all(grp[j] != grp[i] or not _overlap_reference(segs[j], segs[i], overlap, offset) > iou_threshold for j in kept):
             kept.append(i)
     return torch.tensor(kept, dtype=torch.int64, device=segments.device)
 

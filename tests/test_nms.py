@@ -252,6 +252,20 @@ def test_temporal_nms_empty_and_single(any_backend):
         assert one.tolist() == [0]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("overlap", ["iou", "other"])  # (the warnings: numpy under the Triton interpreter)
+def test_temporal_nms_lengths_past_the_float64_range(any_backend, overlap):
+    """Segments whose length overflows float64 (end - start > 1.8e308): their overlap is
+    inf / inf = NaN, which is not "more than" the threshold, so it suppresses nothing on any
+    backend (before 2026-11-27 the reference suppressed with overlap="other"); a finite
+    segment inside one is still suppressed by it."""
+    dev = backend_device(any_backend)
+    segments = torch.tensor([[-1e308, 1e308], [-1e308, 1e308], [0.0, 1.0]], dtype=torch.float64, device=dev)
+    scores = torch.tensor([1.0, 0.5, 0.4], device=dev)
+    kept = mmsd_ext.temporal_nms(segments, scores, 0.5, overlap=overlap, backend=any_backend)
+    assert kept.tolist() == ([0, 1] if overlap == "other" else [0, 1, 2])
+
+
 def test_temporal_nms_many_groups(backend):
     gen = torch.Generator().manual_seed(3)
     dev = backend_device(backend)
