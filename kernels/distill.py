@@ -10,7 +10,15 @@ The forward reads each input once and writes the row losses and, per softmax,
 (shift, log S) to ``row_stats``. The backward reads the inputs again and writes
 the gradients, recomputing the probabilities from ``row_stats``:
 
-    d loss / d s_c = w * (exp(a_c - log S_s) - exp(b_c - log S_t)) / tau
+    d loss / d s_c = w * (exp(a_c) / S_s - exp(b_c) / S_t) / tau
+
+exp(a_c) exactly as the forward summed it into S (the same expression), and 1 / S
+from log S in float64, rounded once (as inverse_sum of the C++ kernels; computed
+by the launcher, a [R, 2] or [R, 4] tensor): the error of a dominant class's exp
+then cancels in its probability, which exp(a_c - log S) would not give. Compiled,
+tl.exp is ex2.approx, a few ulps off, and the tests hold the gradients to 8 ulps
+of w / tau. (The float64 exp inside the backward kernels, by libdevice, took the
+three-way backward from 128 to 240 registers a thread on sm_90.)
 
 with w the upstream weight of the row (grad, or grad / count for "mean").
 A teacher whose saved log S is -inf (all -inf, or a masked-out row) gives no
@@ -170,6 +178,7 @@ def _snippet_distill_backward_kernel(
     s_ptr,  # student logits [R, C], contiguous
     t_ptr,  # teacher logits [R, C]
     stats_ptr,  # float32 [R, 4] from the forward
+    inv_ptr,  # float32 [R, 2]: 1 / S_s, 1 / S_t (_inverse_sums)
     out_ptr,  # out: d loss / d student [R, C], the student's dtype
     R,  # rows
     C,  # classes
@@ -189,15 +198,16 @@ def _snippet_distill_backward_kernel(
         w = tl.load(grad_ptr) + tl.zeros([BLOCK_R], tl.float32)
     st = stats_ptr + rows * 4
     shift_s = tl.load(st + 0, mask=row_ok, other=0.0)
-    log_s = tl.load(st + 1, mask=row_ok, other=0.0)
     shift_t = tl.load(st + 2, mask=row_ok, other=0.0)
     log_t = tl.load(st + 3, mask=row_ok, other=float("-inf"))
     offs = rows[:, None] * C + cols[None, :]
     m = row_ok[:, None] & (cols[None, :] < C)
     s = tl.load(s_ptr + offs, mask=m, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    p_s = tl.exp((s - shift_s[:, None]) * inv_tau - log_s[:, None])
-    p_t = tl.exp((t - shift_t[:, None]) * inv_tau - log_t[:, None])
+    inv_s = tl.load(inv_ptr + rows * 2, mask=row_ok, other=0.0)
+    inv_t = tl.load(inv_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+    p_s = tl.exp((s - shift_s[:, None]) * inv_tau) * inv_s[:, None]
+    p_t = tl.exp((t - shift_t[:, None]) * inv_tau) * inv_t[:, None]
     g = (w * inv_tau)[:, None] * (p_s - p_t)
     g = tl.where((log_t != float("-inf"))[:, None], g, 0.0)
     tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=m)
@@ -313,6 +323,7 @@ def _mmsd_distill_backward_kernel(
     f_ptr,  # flow logits [R, C]
     u_ptr,  # fused logits [R, C]
     stats_ptr,  # float32 [R, 8] from the forward
+    inv_ptr,  # float32 [R, 4]: 1 / S of rgb, flow, fused, avg (_inverse_sums)
     gr_ptr,  # out: d loss / d rgb [R, C], the inputs' dtype
     gf_ptr,  # out: d loss / d flow
     gu_ptr,  # out: d loss / d fused
@@ -332,7 +343,6 @@ def _mmsd_distill_backward_kernel(
     shift_f = tl.load(st + 2, mask=row_ok, other=0.0)[:, None]
     log_f = tl.load(st + 3, mask=row_ok, other=float("-inf"))[:, None]
     shift_u = tl.load(st + 4, mask=row_ok, other=0.0)[:, None]
-    log_u = tl.load(st + 5, mask=row_ok, other=0.0)[:, None]
     shift_a = tl.load(st + 6, mask=row_ok, other=0.0)[:, None]
     log_a = tl.load(st + 7, mask=row_ok, other=float("-inf"))[:, None]
     offs = rows[:, None] * C + cols[None, :]
@@ -340,10 +350,11 @@ def _mmsd_distill_backward_kernel(
     r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
     f = tl.load(f_ptr + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    p_r = tl.exp((r - shift_r) * inv_tau - log_r)
-    p_f = tl.exp((f - shift_f) * inv_tau - log_f)
-    p_u = tl.exp((u - shift_u) * inv_tau - log_u)
-    p_a = tl.exp(_avg_exponent(r, f, shift_a, inv_tau) - log_a)
+    inv = inv_ptr + rows * 4
+    p_r = tl.exp((r - shift_r) * inv_tau) * tl.load(inv + 0, mask=row_ok, other=0.0)[:, None]
+    p_f = tl.exp((f - shift_f) * inv_tau) * tl.load(inv + 1, mask=row_ok, other=0.0)[:, None]
+    p_u = tl.exp((u - shift_u) * inv_tau) * tl.load(inv + 2, mask=row_ok, other=0.0)[:, None]
+    p_a = tl.exp(_avg_exponent(r, f, shift_a, inv_tau)) * tl.load(inv + 3, mask=row_ok, other=0.0)[:, None]
     g1 = k * (p_r - p_f)
     # Selects, not products with 0: a term without a teacher may hold NaN probabilities.
     gr = tl.where(log_f != float("-inf"), g1, 0.0)
@@ -449,6 +460,12 @@ def snippet_distill_forward(student, teacher, temperature, mask, reduction):
     return loss, stats.view(*leading, _PAIR_STATS), count.to(torch.float32)
 
 
+def _inverse_sums(row_stats, softmaxes):
+    """1 / S of each softmax, float32 [R, softmaxes]: exp(-log S) in float64, rounded once."""
+    log_sums = row_stats.reshape(-1, 2 * softmaxes)[:, 1::2]
+    return torch.exp(-log_sums.to(torch.float64)).to(torch.float32).contiguous()
+
+
 def snippet_distill_backward(grad, student, teacher, row_stats, count, temperature, reduction):
     """d loss / d student: see mmsd_ext::_snippet_distill_loss_backward."""
     _check_logits(student=student, teacher=teacher)
@@ -459,8 +476,8 @@ def snippet_distill_backward(grad, student, teacher, row_stats, count, temperatu
         block_r, block_c = _backward_tiles(C)
         with device_guard(s):
             _snippet_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
-                grad.to(torch.float32).contiguous(), count, s, t, row_stats.contiguous(), out, R, C, 1.0 / temperature,
-                REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+                grad.to(torch.float32).contiguous(), count, s, t, row_stats.contiguous(), _inverse_sums(row_stats, 2),
+                out, R, C, 1.0 / temperature, REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
             )
     return out
 
@@ -496,7 +513,8 @@ def mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature)
         block_r, block_c = _backward_tiles(C)
         with device_guard(r):
             _mmsd_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
-                grad.to(torch.float32).contiguous(), count, r, f, u, row_stats.contiguous(), *grads, R, C,
+                grad.to(torch.float32).contiguous(), count, r, f, u, row_stats.contiguous(), _inverse_sums(row_stats, 4),
+                *grads, R, C,
                 1.0 / temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
             )
     return tuple(grads)
