@@ -236,11 +236,17 @@ __global__ void __launch_bounds__(kThreads)
       st[7] = la;
     }
     if constexpr (kGrads) {
-      // As mmsd_distill_backward_kernel, from the row's statistics.
+      // The gradients of mmsd_distill_backward_kernel, with each probability as the cpu
+      // kernels form it: exp(a), the same expression whose value was summed into S
+      // above, times 1 / S of that very sum. The rounding of a dominant class's exp
+      // then cancels in its probability, which exp(a - log S) would not give.
       const bool ok1 = !teacher_excluded(lf), ok2 = !teacher_excluded(lr), ok3 = !teacher_excluded(la);
+      const float inv_r = 1.0f / zr, inv_f = 1.0f / zf, inv_u = 1.0f / zu, inv_a = 1.0f / za;
       auto write = [&](int64_t c, float xr, float xf, float xu) {
-        const float g1 = k * (prob(xr, sr, inv_tau, lr) - prob(xf, sf, inv_tau, lf));
-        const float g3 = k * (prob(xu, su, inv_tau, lu) - expf(avg_exponent(xr, xf, sa, inv_tau) - la));
+        const float pr = expf((xr - sr) * inv_tau) * inv_r, pf = expf((xf - sf) * inv_tau) * inv_f;
+        const float pu = expf((xu - su) * inv_tau) * inv_u, pa = expf(avg_exponent(xr, xf, sa, inv_tau)) * inv_a;
+        const float g1 = k * (pr - pf);
+        const float g3 = k * (pu - pa);
         grads.rgb[base + c] = static_cast<scalar_t>(ok1 ? g1 : 0.0f);
         grads.flow[base + c] = static_cast<scalar_t>(ok2 ? -g1 : 0.0f);
         grads.fused[base + c] = static_cast<scalar_t>(ok3 ? g3 : 0.0f);
