@@ -908,6 +908,58 @@ def test_same_seed_same_numbers(tiny_root):
     assert first["map"] == second["map"] and first["cmap"] == second["cmap"]
 
 
+_FAILING_RANK0 = """
+import sys
+from mmsd_ext.train import engine
+from mmsd_ext.train.__main__ import main
+
+save = engine.Trainer.save_checkpoint
+
+
+def failing_save(self):
+    if self.ddp.main and self.epoch == 2:
+        raise engine.UsageError("cannot write the checkpoint (a stand-in for a full disk)")
+    return save(self)
+
+
+engine.Trainer.save_checkpoint = failing_save
+sys.exit(main())
+"""
+
+
+def test_ddp_rank0_failing_mid_run_stops_every_rank_without_torchrun(tiny_root, tmp_path):
+    """Two processes started as srun or a script per rank would (RANK, WORLD_SIZE, MASTER_*;
+    no torchrun to end the others): rank 0 fails to write its checkpoint after epoch 2, and
+    rank 1 stops with an error that says so (exit 2). Before 2026-11-27 rank 1 went on to its
+    next collective, where gloo failed with a "Connection closed by peer" traceback (exit 1)."""
+    import socket
+
+    script = tmp_path / "failing_rank0.py"
+    script.write_text(_FAILING_RANK0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, str(script), "--data-root", tiny_root, *FAST, "--epochs", "4", "--dropout", "0", "--device", "cpu"]
+    argv += ["--output-dir", str(tmp_path / "run")]
+    base = dict(os.environ, OMP_NUM_THREADS="1", MMSD_EXT_QUIET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    procs = [
+        subprocess.Popen(argv, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    (_, err0), (_, err1) = outs
+    assert procs[0].returncode == 2, err0[-3000:]
+    assert "cannot write the checkpoint (a stand-in for a full disk)" in err0
+    assert procs[1].returncode == 2, err1[-3000:]
+    assert "rank 0 stopped with an error" in err1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert '"epoch": 2' in log and '"epoch": 3' not in log
+
+
 def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes half of every step's videos; without
     dropout the result equals the single-process run up to float summation order."""

@@ -173,8 +173,8 @@ class Dist:
         return tensor
 
     def agree(self, error):
-        """Raise on every process if rank 0 met ``error`` (a UsageError or None), so that no
-        process waits forever in a collective the failed one never reaches."""
+        """Raise on every process if rank 0 met ``error`` (an exception or None), so that no
+        process waits in a collective the failed one never reaches. Also a barrier."""
         if self.active:
             device = torch.device("cuda", self.local_rank) if self.nccl else torch.device("cpu")
             flag = torch.tensor([1 if error is not None else 0], device=device)
@@ -183,10 +183,6 @@ class Dist:
                 error = UsageError("rank 0 stopped with an error (see its message)")
         if error is not None:
             raise error
-
-    def barrier(self):
-        if self.active:
-            dist.barrier(device_ids=[self.local_rank] if self.nccl else None)
 
     def close(self):
         if self.owns_group:
@@ -357,9 +353,24 @@ class Trainer:
                     record["cmap"] = round(result["cmap"], 4)
             self.history.append(record)
             bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{record['lr']:.1e}")
-            self.log("epoch " + json.dumps(record))
-            self.save_checkpoint()
+            with self.together():
+                self.log("epoch " + json.dumps(record))
+                self.save_checkpoint()
         bar.close()
+
+    @contextlib.contextmanager
+    def together(self):
+        """Work only rank 0 does and can fail (writing files, evaluating): every rank leaves it
+        together, and where rank 0 raised, every rank raises (the others a UsageError saying so).
+        Otherwise the other ranks go on to their next collective: torchrun ends them; without
+        it (srun, a script per rank) gloo fails there with "Connection closed by peer", and
+        NCCL may wait for its timeout."""
+        error = None
+        try:
+            yield
+        except Exception as exc:  # raised again by agree, on every rank
+            error = exc
+        self.ddp.agree(error)
 
     def check_finite(self, epoch, parts):
         """Stop a diverged run before its NaN weights reach the checkpoint or train.log."""
@@ -472,12 +483,9 @@ class Trainer:
         lengths = torch.tensor([self.data.features[i].shape[0] for i in self.train_idx], device=self.device)
         valid = torch.arange(new_labels.shape[2], device=self.device)[None, :] < lengths[:, None]
         share = (new_labels * valid).sum((1, 2)) / valid.sum()
-        self.log(
-            "pseudo labels "
-            + json.dumps(
-                {"refresh": self.refreshes_done, "foreground": dict(zip(self.model.streams, [round(x, 4) for x in share.tolist()]))}
-            )
-        )
+        foreground = dict(zip(self.model.streams, [round(x, 4) for x in share.tolist()]))
+        with self.together():
+            self.log("pseudo labels " + json.dumps({"refresh": self.refreshes_done, "foreground": foreground}))
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -485,9 +493,9 @@ class Trainer:
         """Rank 0 evaluates on the test split; other ranks wait. Returns the results dict (rank 0)."""
         result = None
         self.stage = f"in the evaluation after epoch {self.epoch}"
-        if self.ddp.main:
-            result = evaluate(self.model, self.data, self.test_idx, self.device, self.config, progress=self.progress, desc=desc)
-        self.ddp.barrier()
+        with self.together():
+            if self.ddp.main:
+                result = evaluate(self.model, self.data, self.test_idx, self.device, self.config, progress=self.progress, desc=desc)
         return result
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -829,13 +837,15 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     ddp.agree(error)
 
     trainer.echo = not quiet
-    trainer.log(
-        f"mmsd_ext {mmsd_ext.__version__}, torch {torch.__version__}, device {device}, processes {ddp.world}, backend {config.backend}"
-    )
-    trainer.log(data.describe())
-    trainer.log("config " + json.dumps(config.to_dict()))
-    if state is not None:
-        trainer.log(f"loaded {resume or checkpoint} (epoch {trainer.epoch})")
+    with trainer.together():
+        trainer.log(
+            f"mmsd_ext {mmsd_ext.__version__}, torch {torch.__version__}, device {device}, processes {ddp.world}, "
+            f"backend {config.backend}"
+        )
+        trainer.log(data.describe())
+        trainer.log("config " + json.dumps(config.to_dict()))
+        if state is not None:
+            trainer.log(f"loaded {resume or checkpoint} (epoch {trainer.epoch})")
 
     with mmsd_ext.use_backend(backend or "auto"), _out_of_memory_as_usage_error(trainer, output_dir, eval_only):
         train_time = 0.0
