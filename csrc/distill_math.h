@@ -58,9 +58,18 @@ C10_HOST_DEVICE inline bool teacher_excluded(float log_sum_t) {
   return log_sum_t == -INFINITY;
 }
 
-// A probability recomputed from the saved statistics.
-C10_HOST_DEVICE inline float prob(float x, float shift, float inv_tau, float log_sum) {
-  return ::expf((x - shift) * inv_tau - log_sum);
+// 1 / S from a saved log S: exp(-log S) in double, rounded once (0 < 1 / S <= 1 for a
+// valid row, whose S >= 1; +inf where log S = -inf, a row the callers select away).
+C10_HOST_DEVICE inline float inverse_sum(float log_sum) {
+  return static_cast<float>(::exp(-static_cast<double>(log_sum)));
+}
+
+// A probability recomputed in a backward: exp(a) with a = (x - shift) / tau formed as the
+// forward formed the values it summed into S, times 1 / S. The rounding of a dominant
+// class's exp then cancels in p = exp(a) / S, which exp(a - log S) would not give (its
+// argument rounds by |a - log S| * 6e-8, and on a GPU expf adds up to 2 ulps of its own).
+C10_HOST_DEVICE inline float prob(float x, float shift, float inv_tau, float inv_sum) {
+  return ::expf((x - shift) * inv_tau) * inv_sum;
 }
 
 // MMSD's third teacher, avg = (rgb + flow) / 2, by three exps per class instead of

@@ -40,12 +40,11 @@ REFERENCE_MMSD = functools.partial(distill_module.mmsd_distill_loss_reference, a
 # dtype: (MULTIPLE of eager's error, FLOOR relative to the terms' magnitude).
 # float32: 8 units in the last place (2**-21): a probability takes an exp, a product
 # and a scaling. The CPU's exp is good to ~1.3 ulp; the GPU's expf to 2 and Triton's
-# compiled tl.exp (ex2.approx) to a few more. The cpu kernels, the Triton backward
-# and the CUDA forward that writes MMSD's gradients keep that out of the gradients:
-# they recompute exp(a) exactly as the forward summed it into S and scale it by 1 / S
-# (an emulation of the mean-teacher test below with a per-input exp error of 1 to 2
-# ulps: 5.1 ulps of k that way, 9.8 to 10.2 with exp(a - log S), which the CUDA
-# backward kernels still use; not yet run on a GPU). float16/bfloat16: one unit
+# compiled tl.exp (ex2.approx) to a few more. Every kernel keeps that out of the
+# gradients: it recomputes exp(a) exactly as the forward summed it into S and scales
+# it by 1 / S (an emulation of the mean-teacher test below with a per-input exp error
+# of 1 to 2 ulps: 5.1 ulps of k that way, 9.8 to 10.2 with exp(a - log S), which the
+# GPU kernels used before 2026-11-27; the new GPU code is not yet run on a GPU). float16/bfloat16: one unit
 # in the last place at 1 (gradients are stored in the dtype).
 TOLERANCES = {
     torch.float32: (2.0, 2**-21),

@@ -272,12 +272,9 @@ MMSD_INLINE void for_each_vector(int64_t C, Step&& step) {
 
 // ------------------------------------------------------------- row kernels
 // The backward recomputes exp(a_c) exactly as the forward did (same expression,
-// same rounding) and scales it by 1 / S, S the forward's sum of those very values:
-// the rounding of a dominant class's exp then cancels in p = exp(a) / S, which
-// exp(a - log S) would not give (its argument rounds by |a| * 6e-8).
-MMSD_INLINE float inverse_sum(float log_sum) {
-  return static_cast<float>(std::exp(-static_cast<double>(log_sum)));
-}
+// same rounding) and scales it by 1 / S (inverse_sum, csrc/distill_math.h), S the
+// forward's sum of those very values: the rounding of a dominant class's exp then
+// cancels in p = exp(a) / S, which exp(a - log S) would not give.
 
 // Single pair: stats = (shift_s, log S_s, shift_t, log S_t); returns the row's loss.
 template <int W, bool kGuardFull>

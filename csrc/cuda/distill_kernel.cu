@@ -335,20 +335,32 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ----------------------------------------------------------------- backward
+// 1 / S of every softmax of every row, from the saved (shift, log S) pairs: inv[i] =
+// inverse_sum(stats[2 i + 1]), n = rows x softmaxes. Once per row here, not once per
+// element in the backward kernels (a double exp per element would cost more than the
+// element's memory traffic).
+__global__ void __launch_bounds__(kThreads)
+    inverse_sums_kernel(const float* __restrict__ stats, int64_t n, float* __restrict__ inv) {
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
+    inv[i] = inverse_sum(stats[2 * i + 1]);
+  }
+}
+
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     snippet_distill_backward_kernel(const float* __restrict__ grad, const float* __restrict__ count,
                                     const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
-                                    const float* __restrict__ stats, index_t N, index_t C, float inv_tau,
-                                    int64_t reduction, scalar_t* __restrict__ out) {
+                                    const float* __restrict__ stats, const float* __restrict__ inv, index_t N,
+                                    index_t C, float inv_tau, int64_t reduction, scalar_t* __restrict__ out) {
   for (index_t i = index_t(blockIdx.x) * kThreads + threadIdx.x; i < N; i += index_t(gridDim.x) * kThreads) {
     const index_t row = i / C;
     const float* st = stats + int64_t(row) * kPairStats;
+    const float* in = inv + int64_t(row) * (kPairStats / 2);
     float g = 0.0f;
     if (!teacher_excluded(st[3])) {
       const float k = row_weight(grad, row, reduction, count) * inv_tau;
-      g = k * (prob(static_cast<float>(student[i]), st[0], inv_tau, st[1]) -
-               prob(static_cast<float>(teacher[i]), st[2], inv_tau, st[3]));
+      g = k * (prob(static_cast<float>(student[i]), st[0], inv_tau, in[0]) -
+               prob(static_cast<float>(teacher[i]), st[2], inv_tau, in[1]));
     }
     out[i] = static_cast<scalar_t>(g);
   }
@@ -358,17 +370,20 @@ template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     mmsd_distill_backward_kernel(const float* __restrict__ grad, const float* __restrict__ count,
                                  const scalar_t* __restrict__ rgb, const scalar_t* __restrict__ flow,
-                                 const scalar_t* __restrict__ fused, const float* __restrict__ stats, index_t N,
-                                 index_t C, float inv_tau, scalar_t* __restrict__ grad_rgb,
+                                 const scalar_t* __restrict__ fused, const float* __restrict__ stats,
+                                 const float* __restrict__ inv, index_t N, index_t C, float inv_tau,
+                                 scalar_t* __restrict__ grad_rgb,
                                  scalar_t* __restrict__ grad_flow, scalar_t* __restrict__ grad_fused) {
   const float k = row_weight(grad, 0, kMean, count) * inv_tau;
   for (index_t i = index_t(blockIdx.x) * kThreads + threadIdx.x; i < N; i += index_t(gridDim.x) * kThreads) {
-    const float* st = stats + int64_t(i / C) * kMmsdStats;
+    const int64_t row = int64_t(i / C);
+    const float* st = stats + row * kMmsdStats;
+    const float* in = inv + row * (kMmsdStats / 2);
     const float xr = static_cast<float>(rgb[i]), xf = static_cast<float>(flow[i]);
-    const float pr = prob(xr, st[0], inv_tau, st[1]);
-    const float pf = prob(xf, st[2], inv_tau, st[3]);
-    const float pu = prob(static_cast<float>(fused[i]), st[4], inv_tau, st[5]);
-    const float pa = expf(avg_exponent(xr, xf, st[6], inv_tau) - st[7]);
+    const float pr = prob(xr, st[0], inv_tau, in[0]);
+    const float pf = prob(xf, st[2], inv_tau, in[1]);
+    const float pu = prob(static_cast<float>(fused[i]), st[4], inv_tau, in[2]);
+    const float pa = expf(avg_exponent(xr, xf, st[6], inv_tau)) * in[3];
     const float g1 = k * (pr - pf);
     // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
     grad_rgb[i] = static_cast<scalar_t>(teacher_excluded(st[3]) ? 0.0f : g1);
@@ -431,6 +446,20 @@ void with_index_type(int64_t N, F&& launch) {
   } else {
     launch(int64_t{});
   }
+}
+
+// 1 / S of each softmax of each row (inverse_sums_kernel), on the stream of the backward
+// that reads it. row_stats: contiguous float32 [..., stats_per_row] (check_row_stats).
+at::Tensor inverse_sums(const at::Tensor& row_stats, int64_t stats_per_row, cudaStream_t stream) {
+  const int64_t n = row_stats.numel() / 2;
+  at::Tensor inv = at::empty({n}, row_stats.options());
+  TORCH_INTERNAL_ASSERT(row_stats.size(-1) == stats_per_row && row_stats.is_contiguous());
+  if (n > 0) {
+    inverse_sums_kernel<<<blocks_for(n, kThreads), kThreads, 0, stream>>>(row_stats.const_data_ptr<float>(), n,
+                                                                         inv.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return inv;
 }
 
 at::Tensor stats_tensor(const at::Tensor& logits, int64_t k) {
@@ -496,6 +525,7 @@ at::Tensor snippet_distill_loss_backward_cuda(const at::Tensor& grad, const at::
   at::Tensor out = at::empty(s.sizes(), s.options());
   if (N == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor inv = inverse_sums(row_stats, kPairStats, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "snippet_distill_loss_backward_cuda",
                                   [&] {
                                     with_index_type(N, [&](auto index) {
@@ -504,7 +534,8 @@ at::Tensor snippet_distill_loss_backward_cuda(const at::Tensor& grad, const at::
                                           <<<blocks_for(N, kThreads), kThreads, 0, stream>>>(
                                               g.const_data_ptr<float>(), count.const_data_ptr<float>(),
                                               s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-                                              row_stats.const_data_ptr<float>(), index_t(N), index_t(C),
+                                              row_stats.const_data_ptr<float>(), inv.const_data_ptr<float>(),
+                                              index_t(N), index_t(C),
                                               static_cast<float>(1.0 / temperature), reduction,
                                               out.data_ptr<scalar_t>());
                                       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -619,12 +650,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cuda(
              gu = at::empty(r.sizes(), r.options());
   if (N == 0) return {gr, gf, gu};
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor inv = inverse_sums(row_stats, kMmsdStats, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "mmsd_distill_loss_backward_cuda", [&] {
     with_index_type(N, [&](auto index) {
       using index_t = decltype(index);
       mmsd_distill_backward_kernel<scalar_t, index_t><<<blocks_for(N, kThreads), kThreads, 0, stream>>>(
           g.const_data_ptr<float>(), count.const_data_ptr<float>(), r.const_data_ptr<scalar_t>(),
-          f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<float>(), index_t(N),
+          f.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), row_stats.const_data_ptr<float>(),
+          inv.const_data_ptr<float>(), index_t(N),
           index_t(C), static_cast<float>(1.0 / temperature), gr.data_ptr<scalar_t>(), gf.data_ptr<scalar_t>(),
           gu.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
