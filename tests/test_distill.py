@@ -756,10 +756,11 @@ def test_gradients_from_the_forward_equal_the_recomputed_ones(device, dtype, mas
     eps = torch.finfo(dtype).eps
 
     def cuda_atol(b):
-        # The same formulas in two CUDA kernels, where the compiler may round a
-        # probability differently by an ulp; k (p_s - p_t) then differs by up to
-        # about eps times the largest gradient, however small the entry.
-        return 0.0 if device == "cpu" else 2 * eps * b[b.isfinite()].abs().max().item()
+        # Two CUDA kernels: the forward scales exp(a) by 1 / S of its float sum, the
+        # backward by exp(-log S) (csrc/cuda/distill_kernel.cu says why), which differ
+        # by up to 1.5 eps in a probability; k (p_s - p_t) then by up to 3 eps k,
+        # however small the entry (here the largest gradient is about k).
+        return 0.0 if device == "cpu" else 4 * eps * b[b.isfinite()].abs().max().item()
 
     for a, b in zip(from_forward, recomputed):
         assert a.dtype == dtype and a.is_contiguous()
