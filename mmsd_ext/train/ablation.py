@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 from .__main__ import MAX_EPOCHS, MAX_SEED, _int_in
 from .data import DataError
-from .engine import SYNTHETIC_PRESET, TIOUS, Config, UsageError, _write_atomic, check_backend, run
+from .engine import SYNTHETIC_PRESET, TIOUS, Config, UsageError, _probe_writable, _write_atomic, check_backend, run
 
 VARIANTS = {
     "full MMSD": {},
@@ -97,9 +96,7 @@ def _check_output(path, overwrite):
         raise UsageError(f"--output {path}: {' and '.join(clashes)} already exist; pass --overwrite to replace them")
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mmsd-write-test-")
-        os.close(fd)
-        os.remove(probe)
+        _probe_writable(folder)
     except OSError as exc:
         raise UsageError(f"--output {path}: cannot write in {folder} ({exc.strerror or exc})") from None
 

@@ -698,12 +698,17 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
     try:
         os.makedirs(path, exist_ok=True)
         # A folder we cannot write to fails now, not after the first epoch.
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".mmsd-write-test-")
-        os.close(fd)
-        os.remove(probe)
+        _probe_writable(path)
     except OSError as exc:
         raise UsageError(f"--output-dir {path}: cannot write there ({exc.strerror or exc})") from None
     return path
+
+
+def _probe_writable(folder):
+    """OSError unless a file can be made in ``folder`` (made and removed again)."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".mmsd-write-test-")
+    os.close(fd)
+    os.remove(probe)
 
 
 def _write_atomic(path, write, binary=False):
