@@ -967,11 +967,9 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(common + ["--output-dir", one]) == 0
     # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack to the
-    # stderr shown below. On the 2-core VM (2026-11-27) rank 1 aborted with "terminate called
-    # without an active exception" (a C++ thread object destroyed unjoined) in 4 of 64 suite runs
-    # (3 of them among the first 5 after a fresh install; none in the 6 after clearing bytecode,
-    # Triton's cache and the page cache) and in none of 40 direct torchrun runs; this says where
-    # the next one is.
+    # stderr shown below. Rank 1 used to abort at exit now and then ("terminate called without an
+    # active exception", 4 of 64 suite runs): a gloo worker thread still waiting for the GIL when
+    # the interpreter shut down; Dist.close says more (2026-11-27).
     env = dict(os.environ, OMP_NUM_THREADS="1", MMSD_EXT_QUIET="1", PYTHONFAULTHANDLER="1")
     # --log-dir: torchrun's per-run folder goes under tmp_path, not /tmp/torchelastic_*, which it leaves behind.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(tmp_path / "elastic")]
