@@ -32,7 +32,9 @@
 #                                                       bandwidth), at most 45 s; the two ways
 #                                                       of mmsd_distill_loss's autograd
 #                                                       (benchmarks/distill_upstream.py, ~15 s,
-#                                                       not yet run on a GPU); then NMS and
+#                                                       not yet run on a GPU); host time per
+#                                                       call (benchmarks/host_overhead.py,
+#                                                       ~15 s, not yet run on a GPU); then NMS and
 #                                                       localization, whose CPU anchors are slow
 #                                                       (each op gets its share of the time)
 #   plot        <= 30 s, keeps 90 s            4 s
@@ -283,6 +285,9 @@ run_bench() {
     # The two ways through mmsd_distill_loss's autograd (upstream 1, 0.5, recompute), about 15 s.
     $PY -m benchmarks.distill_upstream --device cuda --shapes 10x750x21 32x2304x201 64x4608x201 \
         --min-run-time 0.5 || rc=1
+    # Host time against whole-call time per op and backend, with the base costs of a
+    # torch op, a custom op and a Triton launch (about 15 s, not yet run on a GPU).
+    $PY -m benchmarks.host_overhead --device cuda --backends cuda triton || rc=1
     rest=$(( BENCH_BUDGET - ($(date +%s) - t0) ))
     (( rest < 15 )) && rest=15
     $PY -m benchmarks --device cuda --quick --csv "$OUT/bench.csv" --time-budget "$rest" --no-progress \

@@ -262,6 +262,25 @@ def test_distill_upstream_times_the_two_ways_and_refuses_bad_shapes():
     assert proc.returncode == 2 and "--shapes" in proc.stderr
 
 
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
+def test_host_overhead_measures_every_case_and_refuses_bad_flags():
+    cmd = [sys.executable, "-m", "benchmarks.host_overhead", "--device", "cpu"]
+    proc = subprocess.run(cmd + ["--calls", "2", "--shape", "2x8x3", "--backends", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {" ".join(line.split()[:-3]): [float(v) for v in line.split()[-3:]] for line in proc.stdout.splitlines()[2:]}
+    expected = {"torch add_, 1 element", "custom op, no work, fwd+bwd", "autograd.Function, no work, fwd+bwd",
+                "mmsd_distill_loss fwd+bwd 2x8x3 eager", "mmsd_distill_loss fwd+bwd 2x8x3 cpu",
+                "topk_mil_pool fwd+bwd 2x8x3 torch.topk", "topk_mil_pool fwd+bwd 2x8x3 cpu", "temporal_nms M=100 cpu"}
+    assert expected <= set(rows), proc.stdout
+    for name, (host, total, _pct) in rows.items():
+        assert 0 < host <= total, (name, host, total)
+    for flags, message in [(["--shape", "2x8"], "--shape"), (["--calls", "0"], "--calls"),
+                           (["--backends", "cuda"], "--backends")]:
+        proc = subprocess.run(cmd + flags, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-500:])
+
+
 # ---------------------------------------------------------------- the harness, unit by unit
 
 
