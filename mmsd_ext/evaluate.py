@@ -108,8 +108,16 @@ def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
 
     Example::
 
-        >>> result = detection_map(rows, ground_truth)         # rows from mmsd_proposals
-        >>> result.map, result.average                           # per tIoU, and their mean
+        >>> ground_truth = [[0, 1, 10.0, 20.0], [1, 1, 5.0, 9.0]]    # video, class, start, end
+        >>> predictions = [[0, 1, 11.0, 20.0, 0.9],                   # IoU 0.9
+        ...                [1, 1, 30.0, 40.0, 0.8],                   # no ground truth there
+        ...                [1, 1, 5.0, 8.0, 0.3]]                     # IoU 0.75
+        >>> result = mmsd_ext.detection_map(predictions, ground_truth, tiou_thresholds=(0.5, 0.8))
+        >>> print(result)                                  # mAP per tIoU and their mean, in %
+        tIoU    0.5    0.8    AVG
+        mAP   83.33  50.00  66.67
+        >>> result.map.tolist(), result.average            # the same, as fractions
+        ([0.8333333333333333, 0.5], 0.6666666666666666)
     """
     pred = _rows("predictions", predictions, PREDICTION_COLUMNS)
     gt = _rows("ground_truth", ground_truth, GROUND_TRUTH_COLUMNS)
@@ -182,12 +190,20 @@ def thumos14_detection_map(
         disagree, unknown class names, out-of-range video or class indices,
         segments with end < start, no ground truth at all, a malformed ambiguous file.
 
-    Example::
+    Example (for real data: the rows of ``mmsd_proposals``, the W-TALC files of the
+    test subset, and ``ambiguous=root + "/Ambiguous_test.txt"``)::
 
-        >>> rows = mmsd_proposals(cas, video_scores, lengths)
-        >>> result = thumos14_detection_map(rows, names, segments, labels, classlist,
-        ...                                 ambiguous=root + "/Ambiguous_test.txt")
-        >>> 100 * result.map                                     # MMSD's printed numbers
+        >>> classlist = ["BaseballPitch", "HighJump"]
+        >>> names = ["video_test_0000004", "video_test_0000006"]
+        >>> segments = [[[0.64, 8.0]], [[3.2, 9.6], [20.0, 26.4]]]          # seconds
+        >>> labels = [["HighJump"], ["BaseballPitch", "BaseballPitch"]]
+        >>> rows = [[0, 1, 1.0, 12.5, 0.9],     # video, class, start, end (snippets), score
+        ...         [1, 0, 9.0, 15.0, 0.8],     # IoU 0.6 with 3.2-9.6 s (snippets 5-15)
+        ...         [1, 0, 50.0, 60.0, 0.75],   # no ground truth there
+        ...         [1, 0, 31.0, 41.0, 0.7]]    # 20-26.4 s exactly
+        >>> print(mmsd_ext.thumos14_detection_map(rows, names, segments, labels, classlist))
+        tIoU    0.1    0.2    0.3    0.4    0.5    0.6    0.7    AVG
+        mAP   91.67  91.67  91.67  91.67  91.67  91.67  58.33  86.90
     """
     names = _names("video_names", video_names)
     classes = _names("class_names", class_names)
@@ -259,11 +275,15 @@ def mmsd_detection_map(
         DetectionMAP. To also keep (or export) the proposals, call ``mmsd_proposals``
         and ``thumos14_detection_map`` yourself: this function is exactly those two calls.
 
-    Example (the W-TALC files of the test subset)::
+    Example (one video of 30 snippets, class "B" in snippets 10-19, that is 6.4-12.8 s;
+    for real data, the W-TALC files of the test subset as in ``thumos14_detection_map``)::
 
-        >>> result = mmsd_detection_map(cas_list, video_scores, names, segments, labels,
-        ...                             classlist, ambiguous=root + "/Ambiguous_test.txt")
-        >>> print(result)                                      # mAP table in percent
+        >>> cas = np.zeros((30, 2), np.float32); cas[10:20, 1] = 1.0          # [T, C]
+        >>> result = mmsd_ext.mmsd_detection_map([cas], [[0.0, 0.9]], ["v"], [[[6.4, 12.8]]],
+        ...                                      [["B"]], ["A", "B"])
+        >>> print(result)                                  # mAP per tIoU and their mean, in %
+        tIoU    0.1    0.2    0.3    0.4    0.5    0.6    0.7    AVG
+        mAP  100.00 100.00 100.00 100.00 100.00 100.00 100.00 100.00
     """
     if isinstance(cas, (list, tuple)):
         if lengths is not None:

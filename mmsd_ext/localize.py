@@ -117,7 +117,7 @@ def mmsd_proposals(
 
         >>> cas = torch.rand(4, 300, 20) * 0.02            # [V, T, C]
         >>> video_scores = torch.rand(4, 20)
-        >>> rows = mmsd_proposals(cas, video_scores, torch.tensor([300, 250, 120, 300]))
+        >>> rows = mmsd_ext.mmsd_proposals(cas, video_scores, torch.tensor([300, 250, 120, 300]))
         >>> video, cls, start, end, score = rows.unbind(1)
     """
     cas, video_scores, lengths, thresholds = _check_proposal_args(cas, video_scores, lengths, thresholds)
