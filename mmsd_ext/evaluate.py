@@ -347,6 +347,13 @@ def classification_map(video_scores, labels):
     Raises:
         ValueError naming the argument: shapes that differ or are not 2-d, empty
         inputs, NaN scores, labels other than 0/1, no positive label at all.
+
+    Example (class 0: its positives ranked 1st and 3rd, AP (1 + 2/3) / 2; class 1: AP 1)::
+
+        >>> scores = [[0.9, 0.1], [0.2, 0.8], [0.6, 0.7]]             # [V, C]
+        >>> labels = [[1, 0], [1, 1], [0, 1]]
+        >>> round(mmsd_ext.classification_map(scores, labels), 4)
+        0.9167
     """
     scores = _matrix("video_scores", video_scores)
     labels = _matrix("labels", labels)
@@ -390,6 +397,13 @@ def export_detections_json(predictions, video_names, class_names, file=None, *, 
     Raises:
         ValueError naming the argument: bad rows, indices out of range, non-finite
         scores (JSON has no infinities), duplicate video names.
+
+    Example (pass ``file="detections.json"`` to write it)::
+
+        >>> mmsd_ext.export_detections_json([[0, 1, 10.0, 20.0, 0.9]], ["video_test_0000004"],
+        ...                                 ["BaseballPitch", "HighJump"])  # doctest: +NORMALIZE_WHITESPACE
+        {'version': 'VERSION 1.3', 'results': {'video_test_0000004': [{'label': 'HighJump',
+         'segment': [6.4, 12.8], 'score': 0.9}]}, 'external_data': {}}
     """
     pred = _rows("predictions", predictions, PREDICTION_COLUMNS)
     names = _names("video_names", video_names)

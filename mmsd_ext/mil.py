@@ -74,6 +74,13 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
 
     Returns:
         int64 tensor of the shape of ``lengths`` (an int if ``lengths`` is an int).
+
+    Example::
+
+        >>> mmsd_ext.mil_k(torch.tensor([750, 400, 5]))
+        tensor([93, 50,  1])
+        >>> mmsd_ext.mil_k(torch.tensor([750, 400, 5]), rule="ceil")
+        tensor([94, 50,  1])
     """
     ratio = _checks.positive_number("ratio", ratio)
     if rule not in ("floor", "ceil"):

@@ -18,13 +18,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cpu = pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
 
 
-# The functions each module must show an example of: every public op.
+# The functions each module must show an example of: every public op and evaluation function.
 EXAMPLES = {
     distill: {"snippet_distill_loss", "mmsd_distill_loss"},
-    mil: {"topk_mil_pool"},
+    mil: {"topk_mil_pool", "mil_k"},
     nms: {"temporal_nms", "soft_temporal_nms"},
     localize: {"mmsd_proposals"},
-    evaluate: {"detection_map", "thumos14_detection_map", "mmsd_detection_map"},
+    evaluate: {"detection_map", "thumos14_detection_map", "mmsd_detection_map", "classification_map",
+               "export_detections_json"},
 }
 
 
