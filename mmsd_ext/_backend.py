@@ -118,6 +118,13 @@ def _unavailable(name, device):
     return RuntimeError(f"backend={name!r} is not available")
 
 
+def requested(backend):
+    """The name a call asks for: its ``backend`` argument, else the innermost
+    ``use_backend`` block or the environment variable; None for auto."""
+    name = _check_name(backend, "backend")
+    return _current_override() if name is None else name
+
+
 def resolve(op, backend, device, *, supported=BACKENDS, gpu_order=("cuda", "triton")):
     """The backend that runs ``op`` on tensors on ``device``.
 
@@ -126,9 +133,7 @@ def resolve(op, backend, device, *, supported=BACKENDS, gpu_order=("cuda", "trit
     Raises ValueError for a bad name or a backend that does not fit the device,
     RuntimeError for one that is not available, with how to get it.
     """
-    name = _check_name(backend, "backend")
-    if name is None:
-        name = _current_override()
+    name = requested(backend)
     device = torch.device(device)
     if name is None:
         return _auto(op, device, supported, gpu_order)

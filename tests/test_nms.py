@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import mmsd_ext
 from mmsd_ext import nms as nms_module
+from mmsd_ext.nms import ON_HOST
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -729,9 +730,10 @@ def test_compiled_op_messages_give_the_numbers(device):
 def test_backend_choice_on_cuda_tensors(monkeypatch, extension, cuda_kernels):
     # The triton backend of hard NMS gathers with the compiled op
     # _temporal_nms_gather, whose CUDA kernel exists only in a build with the CUDA
-    # kernels: without it, auto must not pick "triton" for CUDA tensors (the
-    # reference runs instead) and asking for it must say why. Soft-NMS's triton
-    # backend needs no compiled op. Resolution takes a device, so no GPU is needed.
+    # kernels: without it, auto must not pick "triton" for CUDA tensors (the cpu
+    # kernel runs on host copies instead, or without the extension the reference)
+    # and asking for it must say why. Soft-NMS's triton backend needs no compiled
+    # op. Resolution takes a device, so no GPU is needed.
     from mmsd_ext import _backend, _loader
 
     monkeypatch.setattr(_loader, "compiled_available", lambda: extension)
@@ -739,8 +741,17 @@ def test_backend_choice_on_cuda_tensors(monkeypatch, extension, cuda_kernels):
     monkeypatch.setattr(_loader, "LOAD_ERROR", None if extension else "mmsd_ext: the compiled extension is not built")
     monkeypatch.setattr(_backend, "triton_importable", lambda: True)
     cuda = torch.device("cuda")
-    assert nms_module._resolve_hard(None, cuda) == ("cuda" if cuda_kernels else "reference")
+    assert nms_module._resolve_hard(None, cuda) == ("cuda" if cuda_kernels else ON_HOST if extension else "reference")
     assert nms_module._resolve_soft(None, cuda) == ("cuda" if cuda_kernels else "triton")
+    # Asked for by name, the reference runs where it is.
+    assert nms_module._resolve_hard("reference", cuda) == "reference"
+    with mmsd_ext.use_backend("reference"):
+        assert nms_module._resolve_hard(None, cuda) == "reference"
+        assert nms_module._resolve_hard("auto", cuda) == "reference"  # as _backend.resolve
+    # Without triton either, soft-NMS on CUDA tensors also runs on host copies.
+    monkeypatch.setattr(_backend, "triton_importable", lambda: False)
+    assert nms_module._resolve_soft(None, cuda) == ("cuda" if cuda_kernels else ON_HOST if extension else "reference")
+    monkeypatch.setattr(_backend, "triton_importable", lambda: True)
     assert nms_module._resolve_soft("triton", cuda) == "triton"
     if cuda_kernels:
         assert nms_module._resolve_hard("triton", cuda) == "triton"
@@ -752,6 +763,26 @@ def test_backend_choice_on_cuda_tensors(monkeypatch, extension, cuda_kernels):
             nms_module._resolve_hard(None, cuda)
     # CPU tensors: the extension's CPU kernels decide.
     assert nms_module._resolve_hard(None, torch.device("cpu")) == ("cpu" if extension else "reference")
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="cpu backend not available")
+def test_host_copies_give_the_cpu_results_on_the_inputs_device():
+    # auto's choice for GPU tensors where no GPU backend can run: the cpu kernel on
+    # host copies. Called here on CPU tensors, where the copies are the identity.
+    gen = torch.Generator().manual_seed(5)
+    start = torch.rand(300, generator=gen, dtype=torch.float64) * 50
+    segments = torch.stack([start, start + torch.rand(300, generator=gen, dtype=torch.float64) * 10], 1)
+    scores = torch.rand(300, generator=gen)
+    groups = torch.randint(0, 4, (300,), generator=gen)
+    for grp in (None, groups):
+        hard = nms_module._HARD_IMPLS[ON_HOST](segments, scores, 0.4, grp, "other", 1.0)
+        assert hard.equal(mmsd_ext.temporal_nms(segments, scores, 0.4, groups=grp, overlap="other", offset=1.0,
+                                                backend="cpu"))
+        assert hard.device == segments.device and hard.dtype == torch.int64
+        idx, val = nms_module._SOFT_IMPLS[ON_HOST](segments, scores, "linear", 0.5, 0.2, 1e-3, grp, 0.0)
+        ref_idx, ref_val = mmsd_ext.soft_temporal_nms(segments, scores, method="linear", iou_threshold=0.2, groups=grp,
+                                                      backend="cpu")
+        assert idx.equal(ref_idx) and val.equal(ref_val) and val.dtype == scores.dtype
 
 
 def test_triton_hard_nms_without_the_extension_raises(monkeypatch):
