@@ -98,7 +98,10 @@ def mmsd_proposals(
             extension is built) and suppresses with the ``cpu`` NMS kernel;
             "reference" does both with the vectorised PyTorch code below;
             "cuda" / "triton" run that PyTorch code on the GPU and suppress with
-            that ``temporal_nms`` backend. Every backend gives the same rows,
+            that ``temporal_nms`` backend. With None, the NMS picks its own backend
+            as ``temporal_nms(backend=None)`` does (on CUDA tensors in a build without
+            CUDA kernels: the cpu kernel on host copies, not triton, whose gather
+            needs them). Every backend gives the same rows,
             bit for bit (the scores as above; NMS decisions are exact).
 
     Returns:
@@ -132,7 +135,9 @@ def mmsd_proposals(
         raise ValueError(f"nms_threshold: expected a number >= 0, got {nms_threshold}")
 
     device = cas.device
-    backend = _backend.resolve("mmsd_proposals", backend, device, supported=_SUPPORTED)
+    # The run finding's backend; the NMS resolves the call's own argument (auto there
+    # skips what cannot run on these tensors, e.g. triton without its gather kernel).
+    name = _backend.resolve("mmsd_proposals", backend, device, supported=_SUPPORTED)
     V, T, C = cas.shape
     empty = torch.zeros(0, 5, dtype=torch.float64, device=device)
 
@@ -154,7 +159,7 @@ def mmsd_proposals(
     # it is suppressed by it, or by whatever suppresses it: when nms_threshold
     # < 1, keeping only the first copy changes nothing and shrinks the work
     # after this point several-fold.
-    if backend == "cpu":
+    if name == "cpu":
         seq, start, end, score = torch.ops.mmsd_ext._threshold_runs(
             flat, offset, length, thresholds, min_len, outer_ratio, nms_threshold < 1
         )

@@ -345,6 +345,28 @@ def test_explicit_reference_backend():
     assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2)), mmsd_proposals(cas, torch.ones(2, 2), backend="reference"))
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_the_nms_resolves_the_callers_backend(monkeypatch, backend):
+    # mmsd_proposals resolves a backend for its run finding, but hands the NMS the
+    # caller's own argument: with auto, temporal_nms makes its own choice for the
+    # device (on CUDA tensors in a build without CUDA kernels that is not triton,
+    # which mmsd_proposals' auto picks and whose gather cannot run there).
+    from mmsd_ext import localize
+
+    seen = []
+    real = localize.temporal_nms
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(localize, "temporal_nms", spy)
+    rng = np.random.default_rng(7)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2)))
+    rows = mmsd_proposals(cas, torch.ones(2, 2), backend=backend)
+    assert seen == [backend] and rows.shape[0] > 0
+
+
 def test_pad_cas():
     a, b = np.ones((5, 3), np.float32), torch.full((2, 3), 2.0)
     cas, lengths = pad_cas([a, b])
