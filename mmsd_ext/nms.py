@@ -156,7 +156,8 @@ def _resolve_hard(backend, device):
     which has a kernel for CUDA tensors only in a build with the CUDA kernels (and
     for CPU tensors, under the Triton interpreter, in any build of the extension).
     Where it has none, auto skips "triton" (so a CPU-only build on a GPU machine
-    gets "reference"), and asking for it raises with the reason.
+    gets the cpu kernel on host copies, see _on_host_instead), and asking for it
+    raises with the reason.
     """
     gpu_order = _GPU_ORDER if _gather_compiled(device) else tuple(n for n in _GPU_ORDER if n != "triton")
     name = _backend.resolve("temporal_nms", backend, device, supported=_HARD_SUPPORTED, gpu_order=gpu_order)
