@@ -178,6 +178,7 @@ def _resolve_soft(backend, device):
 # the reference's Python loop, op by op on the GPU, took 1.4 ms at M = 100 and 91 ms
 # at M = 1000 on an H200, the cpu kernel 0.05 ms at M = 1000 on the 2-core VM, plus
 # the copies (benchmarks/RESULTS.md). Asked for by name, "reference" still runs.
+# The triton backend takes the same way for a mask past _MAX_MASK_BYTES.
 ON_HOST = "cpu(host copies)"
 
 
@@ -412,9 +413,7 @@ def _temporal_nms_triton_op(
         largest = int(torch.where(is_start, end_of - torch.arange(n, device=seg.device), 0).max())
         width = min(tiles, -(-largest // _TILE) + 1)
     if n * width * 8 > _MAX_MASK_BYTES:
-        host_groups = None if groups is None else groups.cpu()
-        kept = torch.ops.mmsd_ext.temporal_nms(segments.cpu(), scores.cpu(), host_groups, iou_threshold, overlap, offset)
-        return kept.to(segments.device)
+        return _temporal_nms_on_host(segments, scores, iou_threshold, groups, overlap, offset)
     mask = kernels.temporal_nms_mask(seg[gperm].contiguous(), sorted_groups, iou_threshold, OVERLAPS.index(overlap), offset, width)
     keep_sorted = torch.ops.mmsd_ext._temporal_nms_gather(mask, sorted_groups)
     keep_visit = keep_sorted
