@@ -19,14 +19,17 @@ the same way: a one-element torch op (``add_``), an empty Triton kernel launch, 
 """
 
 import argparse
+import importlib.util
 import statistics
 import time
 from typing import Tuple
 
+import numpy as np
 import torch
 
 import mmsd_ext
 
+from . import bench_nms, workloads
 from .bench_distill import TEMPERATURE, mmsd_eager
 from .harness import parse_btc
 
@@ -178,19 +181,15 @@ def op_cases(device, backends, size):
         cases.append((f"topk_mil_pool fwd+bwd {shape}", name,
                       topk(lambda name=name: mmsd_ext.topk_mil_pool(cas, k, backend=name))))
 
-    start = torch.rand(NMS_M, generator=gen, dtype=torch.float64) * 100
-    segments = torch.stack([start, start + 1 + torch.rand(NMS_M, generator=gen, dtype=torch.float64) * 20], 1)
-    segments, scores = segments.float().to(device), torch.rand(NMS_M, generator=gen).to(device)
+    # The benchmark's one-group workload and torchvision anchor at M = NMS_M (bench_nms).
+    tensors = bench_nms._tensors(*workloads.one_group_segments(np.random.default_rng(0), NMS_M), None, device)
+    segments, scores, _ = tensors
     nms = f"temporal_nms M={NMS_M}"
-    try:
-        import torchvision
-
-        boxes = torch.stack([segments[:, 0], torch.zeros_like(scores), segments[:, 1], torch.ones_like(scores)], 1)
-        cases.append((nms, "torchvision", lambda: torchvision.ops.nms(boxes, scores, 0.5)))
-    except ImportError:
-        pass
+    if importlib.util.find_spec("torchvision") is not None:
+        cases.append((nms, "torchvision", bench_nms._torchvision(tensors)))
     for name in backends:
-        cases.append((nms, name, lambda name=name: mmsd_ext.temporal_nms(segments, scores, 0.5, backend=name)))
+        cases.append((nms, name, lambda name=name: mmsd_ext.temporal_nms(
+            segments, scores, bench_nms.IOU_THRESHOLD, backend=name)))
     return cases
 
 
