@@ -34,7 +34,10 @@
 #                                                       (benchmarks/distill_upstream.py, ~15 s,
 #                                                       not yet run on a GPU); host time per
 #                                                       call (benchmarks/host_overhead.py,
-#                                                       ~15 s, not yet run on a GPU); then NMS and
+#                                                       ~15 s, not yet run on a GPU); fwd+bwd
+#                                                       replayed from CUDA graphs
+#                                                       (benchmarks/graph_replay.py, ~15 s,
+#                                                       not yet run on a GPU); then NMS and
 #                                                       localization, whose CPU anchors are slow
 #                                                       (each op gets its share of the time)
 #   plot        <= 30 s, keeps 90 s            4 s
@@ -288,6 +291,9 @@ run_bench() {
     # Host time against whole-call time per op and backend, with the base costs of a
     # torch op, a custom op and a Triton launch (about 15 s, not yet run on a GPU).
     $PY -m benchmarks.host_overhead --device cuda --backends cuda triton || rc=1
+    # Kernel time without the host: fwd+bwd replayed from a CUDA graph, % of copy
+    # bandwidth at replay (about 15 s, not yet run on a GPU).
+    $PY -m benchmarks.graph_replay --ops mmsd_distill_loss topk_mil_pool --min-run-time 0.2 || rc=1
     rest=$(( BENCH_BUDGET - ($(date +%s) - t0) ))
     (( rest < 15 )) && rest=15
     $PY -m benchmarks --device cuda --quick --csv "$OUT/bench.csv" --time-budget "$rest" --no-progress \

@@ -537,3 +537,65 @@ def test_device_check_writes_at_most_8_files_and_fails_without_a_cuda_build(tmp_
         assert "every stage that ran passed" in summary
     else:
         assert proc.returncode == 1 and "NOT OK: build_info" in summary
+
+
+# ------------------------------------------------------------------ graph_replay
+@pytest.mark.parametrize("op", ["mmsd_distill_loss", "snippet_distill_loss", "topk_mil_pool"])
+def test_graph_replay_steps_do_the_benchmarks_fwd_bwd(op):
+    from benchmarks import bench_topk_mil_pool, graph_replay
+
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not available")
+    shape = (2, 16, 5)
+    anchor, cpu = graph_replay.steps(op, shape, torch.device("cpu"), ["cpu"])
+    assert (anchor.provider, cpu.provider) == (graph_replay.ANCHOR[op], "cpu")
+    assert anchor.leaves == cpu.leaves  # the same tensors
+    expected = anchor.result(anchor())
+    expected = (expected[0].clone(), [g.clone() for g in expected[1]])
+    got = cpu.result(cpu())
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in got[1])
+    assert cpu.compare(expected, got) == "ok"
+    wrong = (got[0], [g * 1.01 for g in got[1]])
+    assert cpu.compare(expected, wrong) != "ok"
+    if op == "topk_mil_pool":
+        assert cpu.least_bytes == bench_topk_mil_pool.least_bytes(shape, torch.float32)["fwd+bwd"]
+    else:
+        assert cpu.least_bytes == bench_distill.least_bytes(op, shape, torch.float32)["fwd+bwd"]
+
+
+def test_graph_replay_table_puts_copy_percent_and_anchor_ratio_on_the_replay():
+    from benchmarks import graph_replay
+
+    rows = [graph_replay.Row("op", "1x2x3", "eager", call_ms=4.0, replay_ms=2.0, least_bytes=10**9, check="ok"),
+            graph_replay.Row("op", "1x2x3", "cuda", call_ms=2.0, replay_ms=0.5, least_bytes=10**9, check="ok"),
+            graph_replay.Row("op", "1x2x3", "triton", least_bytes=10**9, check="RuntimeError: no")]
+    lines = graph_replay.format_rows(rows, copy_gbps=4000.0).splitlines()
+    eager, cuda, triton = (line.split() for line in lines[1:])
+    # 1 GB in 2 ms is 500 GB/s, 12.5 % of 4000; in 0.5 ms 2000 GB/s, 50 %.
+    assert eager[3:8] == ["4.000", "2.000", "6.2", "12.5", "1.00"], lines
+    assert cuda[3:8] == ["2.000", "0.5000", "12.5", "50.0", "4.00"], lines
+    assert triton[3:7] == ["-", "-", "-", "-"] and "RuntimeError: no" in lines[3]
+
+
+def test_graph_replay_refuses_bad_flags():
+    cmd = [sys.executable, "-m", "benchmarks.graph_replay"]
+    for flags, message in [(["--sizes", "2x8"], "--sizes"), (["--ops", "nms"], "--ops"),
+                           (["--min-run-time", "0"], "--min-run-time")]:
+        proc = subprocess.run(cmd + flags, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-2000:])
+    if not torch.cuda.is_available():
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replay_on_gpu_checks_every_provider():
+    from benchmarks import graph_replay
+
+    backends = [b for b in ("cuda", "triton") if b in mmsd_ext.available_backends()]
+    settings = harness.Settings(device="cuda", min_run_time=0.01, progress=False)
+    for op in graph_replay.OPS:
+        rows = graph_replay.run_case(op, (2, 64, 5), backends, settings)
+        assert [r.provider for r in rows] == [graph_replay.ANCHOR[op], *backends]
+        for r in rows:
+            assert r.check == "ok" and r.call_ms > 0 and r.replay_ms > 0, r
