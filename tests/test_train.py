@@ -372,6 +372,16 @@ def test_schedules_scale_mmsd():
     assert engine.refresh_epochs(4, 6) == [1, 2, 3]
     config = engine.Config()
     assert engine.learning_rate(config, 69) == 5e-5 and engine.learning_rate(config, 70) == pytest.approx(1e-5)
+    assert engine.run_refresh_epochs(config) == [40, 80, 120, 160, 200]
+
+
+def test_a_schedule_length_keeps_decay_and_refreshes_where_the_first_length_put_them():
+    longer = engine.Config(epochs=480, schedule_epochs=240)
+    assert engine.learning_rate(longer, 69) == 5e-5 and engine.learning_rate(longer, 100) == pytest.approx(1e-5)
+    assert engine.run_refresh_epochs(longer) == [40, 80, 120, 160, 200]
+    shorter = engine.Config(epochs=100, schedule_epochs=240)
+    assert engine.run_refresh_epochs(shorter) == [40, 80]
+    assert engine.learning_rate(shorter, 70) == pytest.approx(1e-5)
 
 
 # -- the main job ------------------------------------------------------------------------------
@@ -385,6 +395,36 @@ def _epoch_records(folder):
 def _results(folder):
     with open(os.path.join(folder, "results.json")) as f:
         return json.load(f)
+
+
+def test_resume_with_more_epochs_keeps_the_schedule_it_has_run_under(tiny_root, tmp_path):
+    """--resume --epochs 8 after 1 epoch of a 4-epoch run: the lr decay (epoch 1 of 4) and the
+    refreshes (after epochs 1, 2, 3) stay; 8 epochs from the start would put them at epoch 2 and
+    after epochs 1, 3, 4, 5, 7, so the resumed epoch would train at the undecayed lr again."""
+    run_dir = str(tmp_path / "run")
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "4", "--stop-after", "1", "--output-dir", run_dir]) == 0
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    assert main(["--resume", ckpt, "--epochs", "8", "--stop-after", "1", "--no-progress", "--quiet"]) == 0
+    records = _epoch_records(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == [pytest.approx(1e-3), pytest.approx(2e-4)]
+    assert [r["pseudo_refreshes"] for r in records] == [1, 2]
+    config = torch.load(ckpt, weights_only=True)["config"]
+    assert (config["epochs"], config["schedule_epochs"]) == (8, 4)
+    # Resumed again, with yet another length: still the first run's schedule.
+    assert main(["--resume", ckpt, "--epochs", "3", "--no-progress", "--quiet"]) == 0
+    assert [r["pseudo_refreshes"] for r in _epoch_records(run_dir)] == [1, 2, 2]
+    assert torch.load(ckpt, weights_only=True)["config"]["schedule_epochs"] == 4
+
+
+def test_resume_refuses_fewer_epochs_than_it_has_trained(tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "3", "--stop-after", "2", "--output-dir", str(run_dir)]) == 0
+    before = {name: (run_dir / name).read_bytes() for name in ("checkpoint.pt", "train.log")}
+    code, err = _call(["--resume", str(run_dir / "checkpoint.pt"), "--epochs", "1", "--quiet", "--no-progress"], capsys)
+    assert code == 2 and "--epochs 1: the resumed run has already trained 2 epochs" in err
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not (run_dir / "results.json").exists()
 
 
 def test_train_resume_eval_only(tiny_root, tmp_path):

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .data import DataError
-from .engine import FROZEN_ON_RESUME, SYNTHETIC_PRESET, Config, UsageError, load_checkpoint, run
+from .engine import FROZEN_ON_RESUME, SYNTHETIC_PRESET, Config, UsageError, load_checkpoint, run, schedule_length
 
 S = argparse.SUPPRESS
 
@@ -102,7 +102,12 @@ def build_parser():
     g = p.add_argument_group(
         "training (defaults: MMSD's; synthetic preset: " + ", ".join(f"{k} {v}" for k, v in SYNTHETIC_PRESET.items()) + ")"
     )
-    g.add_argument("--epochs", type=_int_in(1, MAX_EPOCHS), help=f"(default {d.epochs})")
+    g.add_argument(
+        "--epochs",
+        type=_int_in(1, MAX_EPOCHS),
+        help=f"(default {d.epochs}); with --resume, where the run now ends: its lr decay and pseudo-label "
+        "refreshes stay at the epochs its first length gave them",
+    )
     g.add_argument(
         "--batch-size", type=_positive_int, help=f"videos per optimizer step, split across processes (default {d.batch_size})"
     )
@@ -208,9 +213,16 @@ def config_from_args(args, parser):
 
     source = flags.get("resume") or flags.get("checkpoint")
     if source:
-        saved = Config.from_dict(load_checkpoint(source)["config"])
+        state = load_checkpoint(source)
+        saved = Config.from_dict(state["config"])
         base = saved.to_dict()
         if flags.get("resume"):
+            done = state.get("epoch", 0)
+            if given.get("epochs") is not None and given["epochs"] < done:
+                parser.error(
+                    f"--epochs {given['epochs']}: the resumed run has already trained {done} epochs; give "
+                    f"--epochs >= {done} (or evaluate it with --eval-only --checkpoint)"
+                )
             for key in FROZEN_ON_RESUME:
                 if key in given and given[key] != getattr(saved, key):
                     flag = "--" + key.replace("_", "-") if key != "streams" else "--no-fused-stream/--single-stream"
@@ -225,6 +237,9 @@ def config_from_args(args, parser):
                 if key not in allowed and given[key] != getattr(saved, key):
                     parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")
         base.update(given)
+        if flags.get("resume"):
+            # Another --epochs moves where the run ends, not its lr decay and refreshes.
+            base["schedule_epochs"] = schedule_length(saved)
         config = Config.from_dict(base)
     else:
         values = Config().to_dict()

@@ -41,6 +41,10 @@ class Config:
     dataset: str = "Thumos14reduced"
     synthetic_seed: int = 0
     epochs: int = 240
+    # The epochs the lr decay and the pseudo-label refreshes are placed in; 0: ``epochs``. A run
+    # resumed with another --epochs keeps its first length here, so that a longer (or shorter)
+    # run does not move, after the fact, a decay or a refresh the run has already passed.
+    schedule_epochs: int = 0
     batch_size: int = 10  # videos per optimizer step (MMSD accumulates 10 videos)
     lr: float = 5e-5
     lr_decay: float = 0.2  # lr x 0.2 ...
@@ -131,9 +135,19 @@ def refresh_epochs(epochs, refreshes):
     return sorted(m for m in marks if m < epochs)
 
 
+def schedule_length(config):
+    """The epochs the lr decay and the refreshes are placed in (``schedule_epochs``, else ``epochs``)."""
+    return config.schedule_epochs or config.epochs
+
+
+def run_refresh_epochs(config):
+    """The refreshes of ``config``'s run: those of its schedule that come before its last epoch."""
+    return [m for m in refresh_epochs(schedule_length(config), config.pseudo_refreshes) if m < config.epochs]
+
+
 def learning_rate(config, epoch):
     """MMSD's step decay: lr until ``lr_decay_at`` of training (epoch 70 of 240), then x0.2."""
-    decay_epoch = round(config.epochs * config.lr_decay_at)
+    decay_epoch = round(schedule_length(config) * config.lr_decay_at)
     return config.lr * (config.lr_decay if epoch >= decay_epoch else 1.0)
 
 
@@ -337,7 +351,7 @@ class Trainer:
         from tqdm import tqdm
 
         config = self.config
-        refresh_at = set(refresh_epochs(config.epochs, config.pseudo_refreshes))
+        refresh_at = set(run_refresh_epochs(config))
         first = self.epoch
         last = config.epochs if stop_after is None else min(config.epochs, first + stop_after)
         bar = tqdm(
