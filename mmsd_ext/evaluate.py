@@ -90,6 +90,15 @@ def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
     IoU is continuous: ``inter = max(0, min(e1, e2) - max(s1, s2))``,
     ``union = (e1 - s1) + (e2 - s2) - inter``, IoU 0 when ``union == 0``.
 
+    Where ActivityNet's ``compute_average_precision_detection`` differs: only
+    in ties and empty segments. It ranks by ``argsort()[::-1]`` of the scores and
+    tries ground truth by ``argsort()[::-1]`` of the IoUs, which puts tied scores
+    in an order numpy's unstable sort leaves open (reverse input order on small
+    arrays) and tries the later of tied ground-truth rows first; here both take
+    the earlier row, as MMSD's ``getLocMAP`` does. Its IoU of two zero-length
+    segments is 0 / 0, a NaN that it counts as a match; here it is 0. Without
+    ties, the two give the same APs (tests/test_evaluate.py follows its steps).
+
     Args:
         predictions: [P, 5] rows (video, class, start, end, score), numpy array,
             tensor or nested lists. video and class are integers in [0, 2**53)

@@ -150,6 +150,81 @@ def test_best_iou_wins_and_equal_ious_take_the_earlier_ground_truth():
     assert_same_map(result, detection_map_loops(pred, gt, (0.7,)))
 
 
+def _activitynet_style_map(pred, gt, tious):
+    """mAP as ActivityNet's compute_average_precision_detection computes it, step by step:
+    per class, predictions by ``argsort()[::-1]`` of the scores, each trying its video's
+    ground truth by ``argsort()[::-1]`` of the IoUs, a miss below the threshold, a locked
+    row skipped; precision made monotone from the right, summed where recall steps."""
+    maps = np.zeros(len(tious))
+    classes = np.unique(gt[:, 1])
+    for c in classes:
+        g, p = gt[gt[:, 1] == c], pred[pred[:, 1] == c]
+        tp = np.zeros((len(tious), len(p)))
+        fp = np.zeros((len(tious), len(p)))
+        locked = np.full((len(tious), len(g)), -1)
+        for rank, i in enumerate(p[:, 4].argsort()[::-1]):
+            rows = np.flatnonzero(g[:, 0] == p[i, 0])
+            if rows.size == 0:
+                fp[:, rank] = 1
+                continue
+            inter = np.clip(np.minimum(p[i, 3], g[rows, 3]) - np.maximum(p[i, 2], g[rows, 2]), 0, None)
+            iou = inter / ((p[i, 3] - p[i, 2]) + (g[rows, 3] - g[rows, 2]) - inter)
+            for t, thr in enumerate(tious):
+                for j in iou.argsort()[::-1]:
+                    if iou[j] < thr:
+                        fp[t, rank] = 1
+                        break
+                    if locked[t, rows[j]] >= 0:
+                        continue
+                    tp[t, rank] = 1
+                    locked[t, rows[j]] = i
+                    break
+                if tp[t, rank] == 0 and fp[t, rank] == 0:
+                    fp[t, rank] = 1
+        for t in range(len(tious)):
+            hits, misses = np.cumsum(tp[t]), np.cumsum(fp[t])
+            recall = np.concatenate([[0.0], hits / len(g), [1.0]])
+            precision = np.concatenate([[0.0], hits / np.maximum(hits + misses, 1e-300), [0.0]])
+            for k in range(len(precision) - 2, -1, -1):
+                precision[k] = max(precision[k], precision[k + 1])
+            steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+            maps[t] += np.sum((recall[steps] - recall[steps - 1]) * precision[steps]) / len(classes)
+    return maps
+
+
+@given(st.integers(0, 2**31 - 1))
+def test_detection_map_equals_activitynet_steps_without_ties(seed):
+    # Distinct scores and continuous coordinates of positive length: no tie in score
+    # or in a positive IoU, the only places where the two rules differ (the docstring).
+    rng = np.random.default_rng(seed)
+    P, G = int(rng.integers(0, 50)), int(rng.integers(1, 20))
+    videos, classes = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+
+    def rows(n):
+        start = rng.uniform(0, 40, n)
+        return np.column_stack([rng.integers(0, videos, n), rng.integers(0, classes, n), start, start + rng.uniform(0.5, 12, n)])
+
+    gt = rows(G)
+    pred = np.column_stack([rows(P), rng.permutation(P) / max(P, 1) + 0.001]).reshape(-1, 5)
+    for tious in (DEFAULT_TIOUS, tuple(np.arange(0.5, 0.96, 0.05))):
+        np.testing.assert_allclose(detection_map(pred, gt, tious).map, _activitynet_style_map(pred, gt, tious),
+                                   rtol=0, atol=EXACT)
+
+
+def test_ties_take_the_earlier_row_where_activitynet_steps_take_the_later():
+    # Tied scores: ActivityNet's argsort()[::-1] ranks the later row first (numpy's sort
+    # keeps this small array's tie in input order, the reversal flips it).
+    gt = np.array([[0, 0, 0, 10]], dtype=float)
+    pred = np.array([[0, 0, 20, 30, 0.5], [0, 0, 0, 10, 0.5]])
+    assert detection_map(pred, gt, (0.5,)).map[0] == 0.5
+    assert _activitynet_style_map(pred, gt, (0.5,))[0] == 1.0
+    # Tied IoUs (1/3 with both rows): ActivityNet's tries the later ground truth first.
+    gt = np.array([[0, 0, 0, 10], [0, 0, 10, 20]], dtype=float)
+    pred = np.array([[0, 0, 5, 15, 0.9], [0, 0, 10, 20, 0.8]])
+    assert detection_map(pred, gt, (0.3,)).map[0] == 1.0
+    assert _activitynet_style_map(pred, gt, (0.3,))[0] == 0.5
+
+
 def test_edge_cases():
     gt = np.array([[0, 0, 0, 10], [1, 1, 5, 5], [2, 2, 3, 8]], dtype=float)
     # class 1's only ground truth has length 0: nothing can match it; class 2 has no prediction;
