@@ -276,6 +276,7 @@ def _pair_setup_context(ctx, inputs, output):
     student, teacher, temperature, _mask, reduction = inputs
     _loss, stats, count = output
     ctx.mark_non_differentiable(stats, count)
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' absent gradients
     ctx.save_for_backward(student, teacher, stats, count)
     ctx.temperature = temperature
     ctx.reduction = reduction
@@ -285,6 +286,7 @@ def _mmsd_setup_context(ctx, inputs, output):
     rgb, flow, fused, temperature, _mask = inputs
     _loss, stats, count = output
     ctx.mark_non_differentiable(stats, count)
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' absent gradients
     ctx.save_for_backward(rgb, flow, fused, stats, count)
     ctx.temperature = temperature
 
@@ -293,7 +295,7 @@ def _make_pair_backward(backward_op):
     def backward(ctx, grad, _grad_stats, _grad_count):
         student, teacher, stats, count = ctx.saved_tensors
         grad_student = None
-        if ctx.needs_input_grad[0]:
+        if grad is not None and ctx.needs_input_grad[0]:
             grad_student = backward_op(grad, student, teacher, stats, count, ctx.temperature, ctx.reduction)
         return grad_student, None, None, None, None
 
@@ -303,6 +305,8 @@ def _make_pair_backward(backward_op):
 def _make_mmsd_backward(backward_op):
     def backward(ctx, grad, _grad_stats, _grad_count):
         rgb, flow, fused, stats, count = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None
         grads = backward_op(grad, rgb, flow, fused, stats, count, ctx.temperature)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3])) + (None, None)
 

@@ -187,6 +187,10 @@ def _fake_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
 def _setup_context(ctx, inputs, output):
     scores, k, lengths, largest = inputs
     _, kth_key, cut = output
+    # As the C++ autograd: only the first output is differentiable, and the others'
+    # (absent) gradients are not materialised as zeros (two fills per backward).
+    ctx.mark_non_differentiable(kth_key, cut)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(scores, k, lengths, kth_key, cut)
     ctx.largest = largest
 
@@ -197,7 +201,7 @@ def _make_backward(backward_op):
     def backward(ctx, grad_out, _grad_kth, _grad_cut):
         scores, k, lengths, kth_key, cut = ctx.saved_tensors
         grad = None
-        if ctx.needs_input_grad[0]:
+        if grad_out is not None and ctx.needs_input_grad[0]:
             grad = backward_op(grad_out, scores, k, lengths, kth_key, cut, ctx.largest)
         return grad, None, None, None
 

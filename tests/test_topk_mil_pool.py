@@ -496,6 +496,7 @@ def test_opcheck_compiled_op():
         args = (scores, torch.tensor([1, 4, 11]), torch.tensor([5, 8, 11]), largest)
         torch.library.opcheck(torch.ops.mmsd_ext.topk_mil_pool.default, args)
         _, kth, cut = torch.ops.mmsd_ext.topk_mil_pool(*args)
+        assert not kth.requires_grad and not cut.requires_grad  # only the pooled scores are differentiable
         grad_out = torch.randn(3, 4, generator=gen).to(dtype)
         bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, largest)
         torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_backward.default, bargs)
@@ -510,6 +511,7 @@ def test_opcheck_triton_op():
     args = (scores, torch.tensor([2, 5], device=device), torch.tensor([9, 6], device=device), False)
     torch.library.opcheck(torch.ops.mmsd_ext.topk_mil_pool_triton.default, args)
     _, kth, cut = torch.ops.mmsd_ext.topk_mil_pool_triton(*args)
+    assert not kth.requires_grad and not cut.requires_grad  # as the compiled op's
     grad_out = torch.randn(2, 3, generator=gen).to(device)
     bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, False)
     torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_triton_backward.default, bargs)
