@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,9 +55,25 @@ def finite(value):
     return -math.inf < value < math.inf  # False for NaN
 
 
-def positive_number(name, value):
+def number(name, value):
+    """A number argument as a float: int, float or a numpy integer / floating scalar
+    (what indexing a numpy array gives); bools and everything else are refused, and an
+    int too large for a float is a ValueError naming the argument, not an OverflowError."""
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"{name}: expected a number within the float range, got an int of "
+                             f"{value.bit_length()} bits") from None
+    return value
+
+
+def positive_number(name, value):
+    value = number(name, value)
     if not value > 0:
         raise ValueError(f"{name}: expected a number > 0, got {value}")
     return float(value)

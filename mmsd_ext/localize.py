@@ -204,19 +204,29 @@ def pad_cas(sequences, dtype=None):
         (cas [V, max T_i, C] tensor, lengths int64 [V]); zero padding. The dtype is
         ``dtype`` or that of the first sequence (numpy arrays become tensors).
     """
+    return _pad(sequences, dtype, "sequences")
+
+
+def _pad(sequences, dtype, name):
+    """pad_cas, its errors naming the caller's argument ``name``."""
     if isinstance(sequences, torch.Tensor) or not hasattr(sequences, "__len__"):
-        raise TypeError(f"sequences: expected a sequence of [T_i, C] arrays or tensors, got {type(sequences).__name__}")
+        raise TypeError(f"{name}: expected a sequence of [T_i, C] arrays or tensors, got {type(sequences).__name__}")
     if len(sequences) == 0:
-        raise ValueError("sequences: expected at least one video, got none")
-    tensors = [torch.as_tensor(s) for s in sequences]
+        raise ValueError(f"{name}: expected at least one video, got none")
+    tensors = []
+    for i, seq in enumerate(sequences):
+        try:
+            tensors.append(torch.as_tensor(seq))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name}[{i}]: expected a [T_i, C] array or tensor, got {type(seq).__name__}") from None
     C = None
     for i, t in enumerate(tensors):
         if t.dim() != 2:
-            raise ValueError(f"sequences[{i}]: expected a 2-d [T_i, C] array, got shape {tuple(t.shape)}")
+            raise ValueError(f"{name}[{i}]: expected a 2-d [T_i, C] array, got shape {tuple(t.shape)}")
         if C is None:
             C = t.shape[1]
         elif t.shape[1] != C:
-            raise ValueError(f"sequences[{i}]: expected C = {C} columns like sequences[0], got {t.shape[1]}")
+            raise ValueError(f"{name}[{i}]: expected C = {C} columns like {name}[0], got {t.shape[1]}")
     dtype = dtype or tensors[0].dtype
     lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
     out = torch.zeros(len(tensors), int(lengths.max()), C, dtype=dtype, device=tensors[0].device)
@@ -361,11 +371,10 @@ def _first_occurrences(seq, start, end, max_len):
 
 
 def _finite_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = _checks.number(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
-    return float(value)
+    return value
 
 
 def _check_proposal_args(cas, video_scores, lengths, thresholds):

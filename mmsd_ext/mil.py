@@ -1,5 +1,6 @@
 """Top-k multiple-instance (MIL) pooling over time: ``topk_mil_pool`` and ``mil_k``."""
 
+import numpy as np
 import torch
 
 from . import _backend, _checks, _loader
@@ -47,7 +48,7 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         >>> k = mmsd_ext.mil_k(lengths)                 # max(1, L // 8)
         >>> video_scores = mmsd_ext.topk_mil_pool(scores, k, lengths)   # [2, 21]
     """
-    scores, k, lengths = _check_topk_args(scores, k, lengths, largest)
+    scores, k, lengths, largest = _check_topk_args(scores, k, lengths, largest)
     name = _backend.resolve(
         "topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED, gpu_order=_GPU_ORDER
     )
@@ -85,8 +86,14 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     ratio = _checks.positive_number("ratio", ratio)
     if rule not in ("floor", "ceil"):
         raise ValueError(f"rule: expected 'floor' or 'ceil', got {rule!r}")
-    if isinstance(min_k, bool) or not isinstance(min_k, int) or min_k < 1:
+    if isinstance(min_k, np.integer):
+        min_k = int(min_k)
+    if isinstance(min_k, bool) or not isinstance(min_k, int):
+        raise TypeError(f"min_k: expected an int >= 1, got {type(min_k).__name__}")
+    if min_k < 1:
         raise ValueError(f"min_k: expected an int >= 1, got {min_k!r}")
+    if isinstance(lengths, np.integer):
+        lengths = int(lengths)
     if isinstance(lengths, int) and not isinstance(lengths, bool):
         if lengths < 1:
             raise ValueError(f"lengths: expected >= 1, got {lengths}")
@@ -108,6 +115,8 @@ def _check_topk_args(scores, k, lengths, largest):
     _checks.floating("scores", scores, _checks.FLOAT_DTYPES + (torch.float64,))
     _checks.rank("scores", scores, 3, "[B, T, C]")
     B, T, _ = scores.shape
+    if isinstance(largest, np.bool_):
+        largest = bool(largest)
     if not isinstance(largest, bool):
         raise TypeError(f"largest: expected a bool, got {type(largest).__name__}")
     if lengths is None:
@@ -117,8 +126,10 @@ def _check_topk_args(scores, k, lengths, largest):
         if lengths.shape != (B,):
             raise ValueError(f"lengths: expected shape [B] = [{B}], got {tuple(lengths.shape)}")
         _checks.same_device("scores", scores, lengths=lengths)
-    if isinstance(k, bool):
+    if isinstance(k, (bool, np.bool_)):
         raise TypeError("k: expected an int or an int64 tensor, got bool")
+    if isinstance(k, np.integer):
+        k = int(k)
     if isinstance(k, int):
         if k < 1:
             raise ValueError(f"k: expected k >= 1, got {k}")
@@ -131,7 +142,7 @@ def _check_topk_args(scores, k, lengths, largest):
             raise ValueError(f"k: expected an int or shape [B] = [{B}], got {tuple(k.shape)}")
         _checks.same_device("scores", scores, k=k)
     _checks.has_values("topk_mil_pool", scores=scores, k=k, lengths=lengths)
-    return scores, k, lengths
+    return scores, k, lengths, largest
 
 
 def _check_topk_values(k, lengths, T):

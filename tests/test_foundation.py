@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,3 +338,49 @@ def test_distillation_losses_take_meta_tensors():
     assert x.grad.shape == x.shape and x.grad.device.type == "meta"
     rows = mmsd_ext.snippet_distill_loss(_meta(3, 4), _meta(3, 4), reduction="none", backend="reference")
     assert rows.shape == (3,) and rows.device.type == "meta"
+
+
+def _number_calls():
+    """Each op's number and flag arguments: (call taking the value, argument name, a good value)."""
+    s = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(3))
+    seg = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0]])
+    sc = torch.tensor([0.9, 0.8, 0.7])
+    return [
+        (lambda v: mmsd_ext.snippet_distill_loss(s, s.flip(0), v), "temperature", 0.5),
+        (lambda v: mmsd_ext.mmsd_distill_loss(s, s.flip(0), s.flip(1), v), "temperature", 0.5),
+        (lambda v: mmsd_ext.temporal_nms(seg, sc, v), "iou_threshold", 0.5),
+        (lambda v: mmsd_ext.temporal_nms(seg, sc, 0.5, offset=v), "offset", 1.0),
+        (lambda v: mmsd_ext.soft_temporal_nms(seg, sc, sigma=v), "sigma", 0.5),
+        (lambda v: mmsd_ext.soft_temporal_nms(seg, sc, min_score=v), "min_score", 0.25),
+        (lambda v: mmsd_ext.mil_k(torch.tensor([80]), v), "ratio", 8.0),
+        (lambda v: mmsd_ext.mmsd_proposals(s, s[:, 0], class_threshold=v), "class_threshold", 0.5),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_number_calls())))
+def test_number_arguments_take_numpy_scalars_and_name_what_they_refuse(index):
+    call, name, good = _number_calls()[index]
+    want = call(good)
+    for same in (np.float32(good), np.float64(good)):
+        got = call(same)
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert torch.equal(g, w), (name, type(same))
+    # An int past the float range: a ValueError naming the argument, not an OverflowError.
+    with pytest.raises(ValueError, match=f"^{name}: expected a number within the float range, got an int of 1101 bits"):
+        call(2**1100)
+    for bad in (True, np.bool_(True), "0.5", torch.tensor(good)):
+        with pytest.raises(TypeError, match=f"^{name}: expected a number, got"):
+            call(bad)
+
+
+def test_int_and_bool_arguments_take_numpy_scalars():
+    s = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(4))
+    want = mmsd_ext.topk_mil_pool(s, 2, largest=False)
+    assert torch.equal(mmsd_ext.topk_mil_pool(s, np.int64(2), largest=np.bool_(False)), want)
+    assert mmsd_ext.mil_k(np.int64(80), min_k=np.int32(2)) == mmsd_ext.mil_k(80, min_k=2) == 10
+    with pytest.raises(TypeError, match="^k: expected an int or an int64 tensor, got bool"):
+        mmsd_ext.topk_mil_pool(s, np.bool_(True))
+    with pytest.raises(TypeError, match="^min_k: expected an int >= 1, got float"):
+        mmsd_ext.mil_k(80, min_k=2.0)
+    with pytest.raises(ValueError, match="^min_k: expected an int >= 1, got 0"):
+        mmsd_ext.mil_k(80, min_k=np.int64(0))
