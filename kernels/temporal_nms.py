@@ -184,7 +184,9 @@ def _soft_temporal_nms_kernel(
                 run_s = tl.where(new_run, best_s, run_s)
                 run_i = tl.where(new_run, best_i, run_i)
                 tl.store(out_index_ptr + gs + step, best_i)
-                tl.store(out_score_ptr + gs + step, best_s)
+                # The selected segment's own score, not the chunk maximum it equals, which
+                # may be the other zero (tl.max of -0.0 and +0.0).
+                tl.store(out_score_ptr + gs + step, tl.load(cur_ptr + best_p))
                 tl.store(out_run_score_ptr + gs + step, run_s)
                 tl.store(out_run_index_ptr + gs + step, run_i)
                 step += 1

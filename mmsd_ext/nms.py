@@ -8,7 +8,7 @@ keep/suppress decisions, also for overlaps exactly at the threshold.
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -87,12 +87,12 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         >>> mmsd_ext.temporal_nms(segments, scores, 0.5)
         tensor([0, 2])
     """
-    segments, scores, groups = _check_nms_args("temporal_nms", segments, scores, groups, offset)
+    segments, scores, groups, offset = _check_nms_args("temporal_nms", segments, scores, groups, offset)
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
     name = _resolve_hard(backend, segments.device)
-    return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, float(offset))
+    return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, offset)
 
 
 def soft_temporal_nms(
@@ -138,15 +138,16 @@ def soft_temporal_nms(
         >>> idx
         tensor([0, 2, 1])
     """
-    segments, scores, groups = _check_nms_args("soft_temporal_nms", segments, scores, groups, offset)
+    segments, scores, groups, offset = _check_nms_args("soft_temporal_nms", segments, scores, groups, offset)
     if method not in SOFT_METHODS:
         raise ValueError(f"method: expected one of {', '.join(SOFT_METHODS)}, got {method!r}")
     sigma = _checks.positive_number("sigma", sigma)
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
-    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or min_score != min_score:  # NaN
+    min_score = _checks.number("min_score", min_score)
+    if min_score != min_score:  # NaN
         raise TypeError(f"min_score: expected a number, got {min_score!r}")
     name = _resolve_soft(backend, segments.device)
-    return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, float(min_score), groups, float(offset))
+    return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, min_score, groups, offset)
 
 
 def _resolve_hard(backend, device):
@@ -190,8 +191,7 @@ def _on_host_instead(name, backend, device):
 
 
 def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = _checks.number(name, value)
     if not value >= 0:
         raise ValueError(f"{name}: expected a number >= 0, got {value}")
     return float(value)
@@ -215,9 +215,10 @@ def _check_nms_args(op, segments, scores, groups, offset):
     _checks.same_device("segments", segments, scores=scores, groups=groups)
     # Which segments are kept, and so the result's size, depends on the values.
     _checks.has_values(op, segments=segments, scores=scores, groups=groups)
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not _checks.finite(offset) or offset < 0:
+    offset = _checks.number("offset", offset)
+    if not _checks.finite(offset) or offset < 0:
         raise ValueError(f"offset: expected a finite number >= 0, got {offset!r}")
-    return segments.detach(), scores.detach(), groups
+    return segments.detach(), scores.detach(), groups, offset
 
 
 def _check_segment_values(segments):
@@ -312,6 +313,38 @@ def soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, 
         torch.tensor(chosen, dtype=torch.int64, device=segments.device),
         torch.tensor(chosen_scores, dtype=torch.float64, device=segments.device).to(scores.dtype),
     )
+
+
+# The references as ops, opaque to torch.compile like the other backends (dynamo cannot
+# trace their loops, whose trip counts are the data's): the fakes below give the result's
+# data-dependent size.
+@torch.library.custom_op("mmsd_ext::temporal_nms_reference", mutates_args=())
+def _temporal_nms_reference_op(
+    segments: torch.Tensor, scores: torch.Tensor, groups: Optional[torch.Tensor], iou_threshold: float, overlap: str, offset: float
+) -> torch.Tensor:
+    return temporal_nms_reference(segments, scores, iou_threshold, groups, overlap, offset)
+
+
+@torch.library.custom_op("mmsd_ext::soft_temporal_nms_reference", mutates_args=())
+def _soft_temporal_nms_reference_op(
+    segments: torch.Tensor,
+    scores: torch.Tensor,
+    groups: Optional[torch.Tensor],
+    method: str,
+    sigma: float,
+    iou_threshold: float,
+    min_score: float,
+    offset: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, min_score, groups, offset)
+
+
+def _temporal_nms_reference(segments, scores, iou_threshold, groups, overlap, offset):
+    return _temporal_nms_reference_op(segments, scores, groups, iou_threshold, overlap, offset)
+
+
+def _soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, min_score, groups, offset):
+    return _soft_temporal_nms_reference_op(segments, scores, groups, method, sigma, iou_threshold, min_score, offset)
 
 
 # ----------------------------------------------------------------------------
@@ -464,13 +497,15 @@ def _soft_temporal_nms_triton_op(
 
 
 @_temporal_nms_triton_op.register_fake
-def _(segments, scores, groups, iou_threshold, overlap, offset):
+@_temporal_nms_reference_op.register_fake
+def _hard_fake(segments, scores, groups, iou_threshold, overlap, offset):
     k = torch.library.get_ctx().new_dynamic_size()
     return segments.new_empty((k,), dtype=torch.int64)
 
 
 @_soft_temporal_nms_triton_op.register_fake
-def _(segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
+@_soft_temporal_nms_reference_op.register_fake
+def _soft_fake(segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
     k = torch.library.get_ctx().new_dynamic_size()
     return segments.new_empty((k,), dtype=torch.int64), scores.new_empty((k,))
 
@@ -503,15 +538,8 @@ def _soft_temporal_nms_triton(segments, scores, method, sigma, iou_threshold, mi
 # missing extension never breaks the import). The result size depends on the data.
 if _loader.compiled_available():
 
-    @torch.library.register_fake("mmsd_ext::temporal_nms")
-    def _(segments, scores, groups, iou_threshold, overlap, offset):
-        k = torch.library.get_ctx().new_dynamic_size()
-        return segments.new_empty((k,), dtype=torch.int64)
-
-    @torch.library.register_fake("mmsd_ext::soft_temporal_nms")
-    def _(segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
-        k = torch.library.get_ctx().new_dynamic_size()
-        return segments.new_empty((k,), dtype=torch.int64), scores.new_empty((k,))
+    torch.library.register_fake("mmsd_ext::temporal_nms")(_hard_fake)
+    torch.library.register_fake("mmsd_ext::soft_temporal_nms")(_soft_fake)
 
     @torch.library.register_fake("mmsd_ext::_temporal_nms_gather")
     def _(mask, sorted_groups):
@@ -519,7 +547,7 @@ if _loader.compiled_available():
 
 
 _HARD_IMPLS = {
-    "reference": temporal_nms_reference,
+    "reference": _temporal_nms_reference,
     "cpu": _temporal_nms_compiled,
     "cuda": _temporal_nms_compiled,
     "triton": _temporal_nms_triton,
@@ -527,7 +555,7 @@ _HARD_IMPLS = {
 }
 _HARD_SUPPORTED = ("reference", "cpu", "cuda", "triton")
 _SOFT_IMPLS = {
-    "reference": soft_temporal_nms_reference,
+    "reference": _soft_temporal_nms_reference,
     "cpu": _soft_temporal_nms_compiled,
     "cuda": _soft_temporal_nms_compiled,
     "triton": _soft_temporal_nms_triton,

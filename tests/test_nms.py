@@ -593,6 +593,17 @@ def test_soft_temporal_nms_nan_and_inf_scores(any_backend):
     assert val.tolist() == [math.inf, 0.5]
 
 
+def test_soft_temporal_nms_returns_each_selections_own_signed_zero(any_backend):
+    # -0.0 and +0.0 tie (lower index first); the score returned is the segment's own,
+    # sign included, not the equal maximum of its chunk.
+    dev = backend_device(any_backend)
+    seg = torch.tensor([[0.0, 10.0], [1.0, 11.0], [20.0, 30.0], [40.0, 50.0]], device=dev)
+    for zeros in ([-0.0, 0.0, -0.0, 0.0], [0.0, -0.0, 0.0, -0.0]):
+        idx, val = mmsd_ext.soft_temporal_nms(seg, torch.tensor(zeros, device=dev), min_score=-1.0, backend=any_backend)
+        assert idx.tolist() == [0, 1, 2, 3]
+        assert torch.signbit(val.cpu()).tolist() == [math.copysign(1.0, z) < 0 for z in zeros]
+
+
 def test_soft_temporal_nms_empty_and_single(any_backend):
     dev = backend_device(any_backend)
     idx, val = mmsd_ext.soft_temporal_nms(torch.zeros(0, 2, device=dev), torch.zeros(0, device=dev, dtype=torch.float16), backend=any_backend)
@@ -843,11 +854,13 @@ def _opcheck_inputs(dev):
     return seg, scores, groups
 
 
-def test_opcheck(backend):
+def test_opcheck(any_backend):
+    backend = any_backend
     dev = backend_device(backend)
     seg, scores, groups = _opcheck_inputs(dev)
-    if backend == "triton":
-        hard, soft = torch.ops.mmsd_ext.temporal_nms_triton.default, torch.ops.mmsd_ext.soft_temporal_nms_triton.default
+    if backend in ("triton", "reference"):
+        ops = torch.ops.mmsd_ext
+        hard, soft = getattr(ops, f"temporal_nms_{backend}").default, getattr(ops, f"soft_temporal_nms_{backend}").default
     else:
         hard, soft = torch.ops.mmsd_ext.temporal_nms.default, torch.ops.mmsd_ext.soft_temporal_nms.default
         torch.library.opcheck(torch.ops.mmsd_ext._temporal_nms_gather.default, (torch.zeros(20, 1, dtype=torch.int64, device=dev), None))
@@ -857,13 +870,15 @@ def test_opcheck(backend):
     torch.library.opcheck(soft, (seg, scores.double(), None, "linear", 0.5, 0.3, 1e-3, 1.0))
 
 
-@pytest.mark.parametrize("compiled_backend", ["cpu", "triton"])
+@pytest.mark.parametrize("compiled_backend", ["reference", "cpu", "triton"])
 def test_torch_compile_fullgraph(compiled_backend):
     # The result size depends on the data: with capture_dynamic_output_shape_ops the
     # op's fake kernel (a new unbacked size) lets the whole function compile as one
     # graph; without it dynamo would have to break the graph at the op. "triton":
     # the custom ops temporal_nms_triton and soft_temporal_nms_triton (under the
-    # interpreter without a GPU: 20 segments, one program per kernel).
+    # interpreter without a GPU: 20 segments, one program per kernel). "reference":
+    # its loops run inside the ops temporal_nms_reference and soft_temporal_nms_reference
+    # (traced, their data-dependent loops would refuse fullgraph).
     if compiled_backend not in mmsd_ext.available_backends():
         pytest.skip(f"{compiled_backend} backend not available")
     import torch._dynamo
