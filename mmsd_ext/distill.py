@@ -33,7 +33,9 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
         temperature: tau, a number in [1e-30, 1e30] (the kernels scale by 1 / tau
             in float32, which must stay a normal float).
         mask: optional bool or 0/1 float tensor of the leading shape [...];
-            rows where it is False/0 (padding) contribute nothing.
+            rows where it is False/0 (padding) contribute nothing. A float mask is
+            read as ``mask != 0``: it selects rows, it does not weight them (its
+            values are not checked, which would need a host synchronisation).
         reduction: "mean" over the valid rows, "sum", or "none" (per-row values
             of shape [...], zero at masked rows).
         backend: "reference", "cpu", "cuda", "triton" or None (auto).
@@ -63,7 +65,10 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
     name = _backend.resolve(
         "snippet_distill_loss", backend, student.device, supported=_PAIR_SUPPORTED, gpu_order=_GPU_ORDER
     )
-    return _PAIR_IMPLS[name](student, teacher, tau, mask, reduction)
+    # Detached here, so that on every backend the loss needs a gradient only where the
+    # student does (the compiled and Triton ops' outputs would otherwise follow the teacher's
+    # requires_grad, with nothing to give it).
+    return _PAIR_IMPLS[name](student, teacher.detach(), tau, mask, reduction)
 
 
 def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=None):
@@ -79,7 +84,8 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
             of the three streams), float32/float16/bfloat16, any strides; edge
             cases (-inf, all -inf rows, dtypes) as in ``snippet_distill_loss``.
         temperature: tau, a number in [1e-30, 1e30] (MMSD: 0.2).
-        mask: optional bool or 0/1 float tensor [...] of valid snippets.
+        mask: optional bool or 0/1 float tensor [...] of valid snippets (a float
+            mask is read as ``mask != 0``, as in ``snippet_distill_loss``).
         backend: "reference", "cpu", "cuda", "triton" or None (auto).
 
     Returns:

@@ -880,6 +880,20 @@ def test_teacher_gets_no_gradient_and_inputs_are_untouched(backend):
     for x, c in zip(xs, copies):
         assert torch.equal(x.detach(), c)
     assert torch.equal(mask, mask_copy)
+    # Only the teacher needs a gradient: the loss needs none, on every backend alike.
+    loss = mmsd_ext.snippet_distill_loss(xs[0].detach(), xs[1], 0.5, backend=backend)
+    assert not loss.requires_grad and loss.grad_fn is None
+
+
+def test_a_float_mask_selects_rows_by_being_nonzero(backend):
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(23)
+    s, t = (torch.randn(2, 4, 5, generator=gen).to(device) for _ in range(2))
+    weights = torch.tensor([[0.5, 1.0, 0.0, 2.0], [-1.0, 0.0, 3.0, 1.0]], device=device)
+    for reduction in ("mean", "sum", "none"):
+        got = mmsd_ext.snippet_distill_loss(s, t, 0.5, mask=weights, reduction=reduction, backend=backend)
+        expected = mmsd_ext.snippet_distill_loss(s, t, 0.5, mask=weights != 0, reduction=reduction, backend=backend)
+        assert torch.equal(got, expected), reduction
 
 
 def test_each_stream_gets_only_its_own_term(backend):
