@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import _checks
-from .localize import MMSD_THRESHOLDS, mmsd_proposals, pad_cas
+from .localize import MMSD_THRESHOLDS, _pad, mmsd_proposals
 
 DEFAULT_TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 #: I3D snippets per second of the W-TALC features: 25 fps, 16 frames a snippet.
@@ -297,7 +297,7 @@ def mmsd_detection_map(
     if isinstance(cas, (list, tuple)):
         if lengths is not None:
             raise ValueError("lengths: only for a padded cas tensor; a list of sequences carries its own lengths")
-        cas, lengths = pad_cas(cas)
+        cas, lengths = _pad(cas, None, "cas")
     if not isinstance(cas, torch.Tensor):
         raise TypeError(f"cas: expected a [V, T, C] tensor or a list of [T_i, C] arrays, got {type(cas).__name__}")
     if cas.dim() == 3 and cas.shape[2] != len(class_names):
@@ -424,9 +424,15 @@ def export_detections_json(predictions, video_names, class_names, file=None, *, 
     _check_index_range("predictions", pred[:, 1], len(classes), "class", "class_names")
     if not np.isfinite(pred[:, 4]).all():
         raise ValueError("predictions: expected finite scores for JSON export")
+    with np.errstate(over="ignore"):  # checked just below
+        seconds = pred[:, 2:4] / factor
+    if not np.isfinite(seconds).all():
+        i = int(np.flatnonzero(~np.isfinite(seconds).all(axis=1))[0])
+        raise ValueError(f"predictions: row {i}'s segment ({pred[i, 2]}, {pred[i, 3]}) / factor {factor} is not finite "
+                         "in seconds (JSON has no infinities)")
     results = {name: [] for name in names}
-    for v, c, s, e, score in pred.tolist():
-        results[names[int(v)]].append({"label": classes[int(c)], "segment": [s / factor, e / factor], "score": score})
+    for (v, c, _s, _e, score), (s, e) in zip(pred.tolist(), seconds.tolist()):
+        results[names[int(v)]].append({"label": classes[int(c)], "segment": [s, e], "score": score})
     data = {"version": version, "results": results, "external_data": {}}
     if file is None:
         return data
@@ -461,7 +467,10 @@ def read_ambiguous(path):
             try:
                 if len(fields) != 3:
                     raise ValueError
-                entries.append((fields[0], float(fields[1]), float(fields[2])))
+                start, end = float(fields[1]), float(fields[2])
+                if not (math.isfinite(start) and math.isfinite(end)):
+                    raise ValueError
+                entries.append((fields[0], start, end))
             except ValueError:
                 raise ValueError(f"ambiguous: {os.fspath(path)} line {number}: expected 'name start end', got {line.strip()!r}") from None
     return entries
@@ -656,13 +665,19 @@ def _touches_ambiguous(pred, entries, names, factor):
 def _ambiguous_entries(ambiguous):
     if ambiguous is None:
         return []
+    if not hasattr(ambiguous, "__iter__"):
+        raise TypeError("ambiguous: expected None, a path or a sequence of (name, start, end), "
+                        f"got {type(ambiguous).__name__}")
     entries = []
     for i, entry in enumerate(ambiguous):
         try:
             name, start, end = entry
-            entries.append((_name(name), float(start), float(end)))
+            entry = (_name(name), float(start), float(end))
         except (TypeError, ValueError):
             raise ValueError(f"ambiguous[{i}]: expected (name, start, end), got {entry!r}") from None
+        if not (math.isfinite(entry[1]) and math.isfinite(entry[2])):
+            raise ValueError(f"ambiguous[{i}]: expected finite start and end seconds, got {entry[1:]}")
+        entries.append(entry)
     return entries
 
 
@@ -674,8 +689,12 @@ def _rows(name, value, columns):
     ncols = len(columns)
     _checks.has_values("the evaluation", **{name: value})
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise ValueError(f"{name}: expected real rows, got a complex tensor")
         value = value.detach().cpu().to(torch.float64).numpy()
     try:
+        if np.iscomplexobj(value):
+            raise TypeError
         array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected numeric rows of {ncols} columns ({', '.join(columns)})") from None
@@ -703,6 +722,8 @@ def _rows(name, value, columns):
 
 
 def _tious(value):
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"tiou_thresholds: expected a sequence of numbers, got {type(value).__name__} {value!r}")
     try:
         tious = np.array(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
@@ -717,8 +738,12 @@ def _tious(value):
 def _matrix(name, value):
     _checks.has_values("the evaluation", **{name: value})
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise ValueError(f"{name}: expected a real [V, C] array, got a complex tensor")
         value = value.detach().cpu().to(torch.float64).numpy()
     try:
+        if np.iscomplexobj(value):
+            raise TypeError
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a numeric [V, C] array") from None
@@ -736,7 +761,13 @@ def _name(x):
 def _names(arg, values):
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise TypeError(f"{arg}: expected a sequence of names, got {type(values).__name__}")
-    return [_name(v) for v in values]
+    names = []
+    for i, v in enumerate(values):
+        try:
+            names.append(_name(v))
+        except UnicodeDecodeError:
+            raise ValueError(f"{arg}[{i}]: expected a str or UTF-8 bytes, got {v!r}") from None
+    return names
 
 
 def _check_index_range(name, column, limit, what, against):
@@ -746,6 +777,11 @@ def _check_index_range(name, column, limit, what, against):
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
+    message = f"{name}: expected a finite number > 0, got {value!r}"
+    try:
+        value = _checks.number(name, value)
+    except TypeError:
+        raise ValueError(message) from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(message)
+    return value

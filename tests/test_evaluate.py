@@ -274,11 +274,21 @@ def test_tensors_and_arrays_agree():
         ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (0.0, 0.5), "tiou_thresholds"),
         ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (1.5,), "tiou_thresholds"),
         ("rows", [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
+        # Complex rows lost their imaginary parts with only numpy's warning.
+        (np.array([[0, 0, 0, 1, 0.5 + 1j]]), [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
+        (torch.tensor([[0, 0, 0, 1, 0.5 + 1j]]), [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions: expected real rows"),
+        ([[0, 0, 0, 1, 0.5]], np.array([[0, 0, 0, 1j]]), DEFAULT_TIOUS, "ground_truth"),
     ],
 )
 def test_detection_map_bad_inputs(pred, gt, tious, match):
     with pytest.raises(ValueError, match=match):
         detection_map(pred, gt, tious)
+
+
+def test_tiou_thresholds_as_a_string_are_refused():
+    # np.array("0.5", float) is 0.5: a string was read as one threshold.
+    with pytest.raises(TypeError, match="^tiou_thresholds: expected a sequence of numbers, got str"):
+        detection_map([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], "0.5")
 
 
 # ---------------------------------------------------------------- THUMOS14 protocol
@@ -376,7 +386,9 @@ def test_bytes_names_as_in_wtalc_files():
         (dict(predictions=[[0, 0, 0, 2]]), "predictions"),
         (dict(class_names=["A", "A"]), "class_names"),
         (dict(ambiguous=[("v", 1.0)]), "ambiguous\\[0\\]"),
+        (dict(ambiguous=[("v", float("nan"), 2.0)]), "ambiguous\\[0\\]: expected finite start and end"),
         (dict(factor=0.0), "factor"),
+        (dict(factor=2**1100), "factor"),
     ],
 )
 def test_thumos14_bad_inputs(kwargs, match):
@@ -384,6 +396,26 @@ def test_thumos14_bad_inputs(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         thumos14_detection_map(**args)
+
+
+def test_ambiguous_of_another_type_is_refused_by_name(tmp_path):
+    args = dict(predictions=[[0, 0, 0, 2, 0.5]], video_names=["v"], gt_segments=[[[0.0, 1.0]]], gt_labels=[["Alpha"]], class_names=CLASSES)
+    with pytest.raises(TypeError, match="^ambiguous: expected None, a path or a sequence"):
+        thumos14_detection_map(**args, ambiguous=5)
+    path = tmp_path / "Ambiguous_test.txt"
+    path.write_text("v  nan 9.6\n")
+    with pytest.raises(ValueError, match="line 1"):
+        read_ambiguous(path)
+
+
+def test_mmsd_detection_map_names_its_cas_argument():
+    gt = dict(video_names=["a", "b"], gt_segments=[[[0.0, 1.0]]] * 2, gt_labels=[["Alpha"]] * 2, class_names=CLASSES)
+    with pytest.raises(ValueError, match="^cas: expected at least one video"):
+        mmsd_detection_map([], np.zeros((0, 3)), **gt)
+    with pytest.raises(ValueError, match=r"^cas\[1\]: expected C = 3 columns like cas\[0\], got 2"):
+        mmsd_detection_map([np.zeros((4, 3)), np.zeros((4, 2))], np.zeros((2, 3)), **gt)
+    with pytest.raises(TypeError, match=r"^cas\[1\]: expected a \[T_i, C\] array or tensor, got str"):
+        mmsd_detection_map([np.zeros((4, 3)), "x"], np.zeros((2, 3)), **gt)
 
 
 def test_mmsd_detection_map_end_to_end_matches_loops():
@@ -435,6 +467,10 @@ def test_classification_map_perfect_and_bad_inputs():
         classification_map(np.zeros((0, 4)), np.zeros((0, 4)))
     with pytest.raises(ValueError, match="video_scores"):
         classification_map(np.zeros(4), np.zeros(4))
+    with pytest.raises(ValueError, match="^video_scores: expected a numeric"):
+        classification_map(np.array([[0.5 + 1j, 0.2]]), np.array([[1, 0]]))
+    with pytest.raises(ValueError, match="^video_scores: expected a real"):
+        classification_map(torch.tensor([[0.5 + 1j, 0.2]]), np.array([[1, 0]]))
 
 
 # ---------------------------------------------------------------- JSON export
@@ -465,8 +501,16 @@ def test_export_detections_json(tmp_path):
         ([[0, 0, 0, 1, np.inf]], ["a", "b"], "finite scores"),
         ([[0, 0, 0, 1, 0.5]], ["a", "a"], "video_names"),
         ([[0, 0, 0, 1]], ["a", "b"], "predictions"),
+        ([[0, 0, 0, 1, 0.5]], [b"\xff", b"b"], r"video_names\[0\]: expected a str or UTF-8 bytes"),
     ],
 )
 def test_export_bad_inputs(pred, names, match):
     with pytest.raises(ValueError, match=match):
         export_detections_json(pred, names, ["Alpha", "Beta"])
+
+
+def test_export_refuses_times_that_overflow_to_infinity(tmp_path):
+    path = tmp_path / "detections.json"
+    with pytest.raises(ValueError, match="predictions: row 0's segment .* not finite in seconds"):
+        export_detections_json([[0, 0, 1e300, 1e308, 0.5]], ["a"], ["Alpha"], path, factor=1e-300)
+    assert not path.exists()
