@@ -7,6 +7,7 @@ exercised too.
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("two_columns", "subset.npy", "expected a 1-d array"),
         ("two_columns", "videoname.npy", "expected a 1-d array"),
         ("segment_width", "segments.npy", "got shape (2, 3)"),
+        ("complex_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
+        ("string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
+        ("duplicate_name", "videoname.npy", "video 5 repeats the name"),
+        ("ambiguous_dir", "Ambiguous_test.txt", "expected a text file"),
+        ("nan_ambiguous", "Ambiguous_test.txt", "line 1"),
     ],
 )
 def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
@@ -163,9 +169,38 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         segments = np.load(path, allow_pickle=True)
         segments[13] = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
         np.save(path, segments, allow_pickle=True)
+    elif damage in ("complex_features", "string_features"):
+        # numpy would drop the imaginary part with a warning, and parse the strings.
+        feats = np.load(path, allow_pickle=True)
+        feats[1] = feats[1] + 0j if damage == "complex_features" else feats[1].astype(str)
+        np.save(path, feats, allow_pickle=True)
+    elif damage == "duplicate_name":
+        names = np.load(path)
+        names[5] = names[2]
+        np.save(path, names)
+    elif damage == "ambiguous_dir":
+        path.unlink()
+        path.mkdir()
+    elif damage == "nan_ambiguous":
+        path.write_text("video_test_0000001  nan 9.6\n")
     with pytest.raises(data_mod.DataError) as info:
         data_mod.load_wtalc(str(root), "Synthetic")
     assert file in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize("file", ["labels_all.npy", "segments.npy", "labels.npy", "Synthetic-I3D-JOINTFeatures.npy"])
+def test_loader_reads_plain_pickled_lists(tiny_root, tmp_path, file):
+    """A file holding a pickled Python list (ragged), not an object array, reads as the array
+    would (np.ndim of a ragged list raised numpy's "inhomogeneous shape" error)."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    values = np.load(folder / file, allow_pickle=True)
+    with open(folder / file, "wb") as f:
+        pickle.dump([list(v) if file != "Synthetic-I3D-JOINTFeatures.npy" else v for v in values], f)
+    loaded = data_mod.load_wtalc(str(root), "Synthetic")
+    reference = data_mod.load_wtalc(tiny_root, "Synthetic")
+    np.testing.assert_array_equal(loaded.labels, reference.labels)
+    for got, want in zip(loaded.segments + loaded.features, reference.segments + reference.features):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_loader_decodes_latin1_names(tiny_root, tmp_path):
@@ -573,6 +608,8 @@ def test_ablation_table_runs_file_and_overwrite(tmp_path, capsys, monkeypatch):
     assert ablation.main(argv + ["--overwrite"]) == 130
     assert "the finished runs are in" in capsys.readouterr().err
     assert [r["seed"] for r in json.loads((tmp_path / "ablation.md.json").read_text())["runs"]] == [1, 3]
+    # The earlier table summed runs this .json no longer holds: it went with them.
+    assert not out.exists()
 
 
 def test_ablation_one_real_run(tmp_path, capsys):
@@ -595,6 +632,7 @@ def test_ablation_one_real_run(tmp_path, capsys):
         (["--single-stream", "--no-fused-stream"], "contradict"),
         (["--backend", "fast"], "invalid choice"),
         (["--no-such-flag"], "unrecognized arguments"),
+        (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
     ],
 )
 def test_bad_flags(argv, message, capsys):
@@ -850,7 +888,7 @@ def test_a_checkpoint_is_loaded_only_for_its_own_videos_and_classes(tiny_root, t
     assert code == 2 and "other classes" in err and "class 2" in err
 
 
-@pytest.mark.parametrize("damage", ["no_segments", "no_labels", "no_train"])
+@pytest.mark.parametrize("damage", ["no_segments", "no_labels", "no_train", "no_train_labels"])
 def test_unusable_splits_fail_before_the_output_folder(tiny_root, tmp_path, capsys, damage):
     """A test split without ground truth or labels, or no training video, fails before the
     output folder is made (and before an earlier run's folder is touched)."""
@@ -869,19 +907,25 @@ def test_unusable_splits_fail_before_the_output_folder(tiny_root, tmp_path, caps
             labels_all[i] = []
         np.save(folder / "labels_all.npy", labels_all, allow_pickle=True)
         file = "labels_all.npy"
+    elif damage == "no_train_labels":  # it trained on nothing, without a word
+        labels_all = np.load(folder / "labels_all.npy", allow_pickle=True)
+        for i in range(TINY["num_train"]):
+            labels_all[i] = []
+        np.save(folder / "labels_all.npy", labels_all, allow_pickle=True)
+        file = "labels_all.npy: no video of the 'validation' split has a label"
     else:
         np.save(folder / "subset.npy", np.array([b"test"] * (TINY["num_train"] + TINY["num_test"])))
         file = "subset.npy"
     out = tmp_path / "new"
     code, err = _call(["--data-root", str(root), *FAST, "--epochs", "1", "--output-dir", str(out)], capsys)
-    assert code == 2 and file in err
+    assert code == 2 and file in err, err
     assert not out.exists()
 
 
 def test_diverged_training_stops_before_saving(tiny_root, tmp_path, capsys):
     """A loss that turns NaN (here: finite but huge features) stops the run with a message
-    naming the epoch and --lr; the earlier run's checkpoint and results stay, train.log stays
-    strict JSON lines."""
+    naming the epoch and --lr; the earlier run's checkpoint, results and train.log stay (this
+    run's log lines wait for its first checkpoint), train.log stays strict JSON lines."""
     run_dir = tmp_path / "run"
     assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
     before = _snapshot(run_dir)
@@ -895,7 +939,86 @@ def test_diverged_training_stops_before_saving(tiny_root, tmp_path, capsys):
     after = _snapshot(run_dir)
     assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["results.json"] == before["results.json"]
     _strict_json_lines(run_dir)
-    assert "diverged" in after["train.log"].decode()
+    assert after["train.log"] == before["train.log"]
+
+
+def test_overwrite_replaces_the_log_with_the_first_checkpoint(tiny_root, tmp_path, capsys, monkeypatch):
+    """--overwrite over an earlier run, interrupted: in its first epoch, the earlier run's
+    three files stay as they were; in its second, checkpoint and log are this run's (epoch 1)
+    and the earlier results.json is gone."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--seed", "3", "--output-dir", str(run_dir)]) == 0
+    before = _snapshot(run_dir)
+    train_epoch = engine.Trainer.train_epoch
+    for stop_in, kept in [(0, True), (1, False)]:
+
+        def interrupted(self, epoch, stop_in=stop_in):
+            if epoch == stop_in:
+                raise KeyboardInterrupt
+            return train_epoch(self, epoch)
+
+        monkeypatch.setattr(engine.Trainer, "train_epoch", interrupted)
+        argv = ["--data-root", tiny_root, *FAST, "--epochs", "3", "--seed", "4", "--output-dir", str(run_dir), "--overwrite"]
+        assert _call(argv, capsys)[0] == 130
+        if kept:
+            assert _snapshot(run_dir) == before
+        else:
+            assert not (run_dir / "results.json").exists()
+            assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+            log = (run_dir / "train.log").read_text()
+            assert log != before["train.log"].decode() and '"seed": 4' in log
+            assert [r["epoch"] for r in _epoch_records(run_dir)] == [1]
+
+
+def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny_root, tmp_path, capsys, monkeypatch):
+    """--output-dir spelt through a symbolic link is the resumed run's own folder (its log is
+    appended to, not refused or replaced); a relative --data-root is saved absolute, and a
+    resumed run may name its data again from another folder."""
+    monkeypatch.chdir(os.path.dirname(tiny_root))
+    run_dir = tmp_path / "run"
+    rel = os.path.basename(tiny_root)
+    assert main(["--data-root", rel, *FAST, "--epochs", "3", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    config = torch.load(run_dir / "checkpoint.pt", weights_only=True)["config"]
+    assert config["data_root"] == os.path.abspath(tiny_root)
+    monkeypatch.chdir(tmp_path)
+    os.symlink(run_dir, tmp_path / "link")
+    log = (run_dir / "train.log").read_text()
+    ckpt = str(run_dir / "checkpoint.pt")
+    assert main(["--resume", ckpt, "--output-dir", "link", "--stop-after", "1", "--no-progress", "--quiet"]) == 0
+    assert (run_dir / "train.log").read_text().startswith(log)
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2]
+    # Another spelling of the same data (here through a link) is accepted.
+    os.symlink(tiny_root, tmp_path / "data")
+    assert main(["--resume", ckpt, "--data-root", "data", "--no-progress", "--quiet"]) == 0
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("config"), "it has no 'config'"),
+        (lambda s: s.pop("optimizer"), "it has no 'optimizer'"),
+        (lambda s: s.update(config="x"), "its 'config' is not a dict of settings"),
+        (lambda s: s.update(epoch="x"), "its 'epoch' is not an int >= 0"),
+        (lambda s: s.update(epoch=-3), "its 'epoch' is not an int >= 0"),
+        (lambda s: s.update(history=None), "its 'history' is not a list"),
+        (lambda s: s.update(pseudo_labels="x"), "its 'pseudo_labels' is not a 3-d float tensor"),
+        (lambda s: s.update(optimizer={}), "its 'optimizer' is not an optimizer state"),
+        (lambda s: s["config"].update(embed_dim="abc"), "its setting embed_dim = 'abc' is not possible"),
+        (lambda s: s["config"].update(streams=["bogus"]), "its setting streams = ['bogus'] is not possible"),
+        (lambda s: s["config"].update(dropout=1.0), "its setting dropout = 1.0 is not possible"),
+    ],
+)
+def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    edit(state)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    for argv in (["--resume", str(bad)], ["--eval-only", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "e")]):
+        code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
+        assert code == 2 and f"{bad}: an mmsd_ext.train checkpoint, but {message}" in err, err
 
 
 def test_unusable_output_dir_is_a_usage_error(tiny_root, tmp_path, capsys, monkeypatch):

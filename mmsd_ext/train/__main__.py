@@ -84,6 +84,13 @@ def _fraction(text):
     return value
 
 
+def _dropout(text):
+    value = float(text)
+    if not 0 <= value < 1:  # 1 drops every unit: the loss never changes
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def build_parser():
     d = Config()
     p = argparse.ArgumentParser(
@@ -116,7 +123,7 @@ def build_parser():
     g.add_argument("--lr-decay-at", type=_fraction, help="fraction of training after which lr decays (default 70/240)")
     g.add_argument("--weight-decay", type=_non_negative_float, help=f"Adam weight decay (default {d.weight_decay})")
     g.add_argument("--embed-dim", type=_int_in(1, MAX_EMBED_DIM), help=f"embedding size (default {d.embed_dim})")
-    g.add_argument("--dropout", type=_fraction, help=f"(default {d.dropout})")
+    g.add_argument("--dropout", type=_dropout, help=f"in [0, 1) (default {d.dropout})")
     g.add_argument("--seed", type=_int_in(0, MAX_SEED), help=f"(default {d.seed})")
     g.add_argument(
         "--pseudo-threshold",
@@ -196,6 +203,9 @@ def config_from_args(args, parser):
         given["streams"] = ("rgb", "flow")
     if single:
         given["streams"] = ("fused",)
+    if given.get("data_root"):
+        # Absolute in the saved settings, so that a run resumed from another folder finds its data.
+        given["data_root"] = os.path.abspath(given["data_root"])
 
     if flags.get("eval_only") and not flags.get("checkpoint"):
         parser.error("--eval-only needs --checkpoint CKPT")
@@ -228,7 +238,7 @@ def config_from_args(args, parser):
                     flag = "--" + key.replace("_", "-") if key != "streams" else "--no-fused-stream/--single-stream"
                     parser.error(
                         f"{flag}: the resumed run used {getattr(saved, key)!r}; a resumed run keeps its settings "
-                        "(only --epochs, --device, --backend, --eval-every change)"
+                        "(only --epochs, --data-root, --device, --backend, --eval-every change)"
                     )
         else:
             # Evaluation: the model must match the checkpoint, the data may have moved.
@@ -270,7 +280,11 @@ def main(argv=None):
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; the last completed epoch's checkpoint is kept", file=sys.stderr)
+        print(
+            f"{parser.prog}: interrupted; the checkpoint of the last completed epoch is kept (before the first, "
+            "an earlier run's files in the output folder stay as they were)",
+            file=sys.stderr,
+        )
         return 130
     del result  # rank 0 printed it and wrote results.json; other ranks have none
     return 0

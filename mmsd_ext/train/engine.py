@@ -97,9 +97,10 @@ class Config:
 #   run reaches 85 (the ablation table has both rows).
 SYNTHETIC_PRESET = {"epochs": 10, "batch_size": 2, "lr": 1e-3, "embed_dim": 256, "threads": 1, "pseudo_threshold": 0.05}
 
-# Settings a resumed run must keep (the model, the data and the objective).
+# Settings a resumed run must keep (the model, the data and the objective). --data-root may
+# change (the data moved, or a relative path from another folder): the checkpoint's classes and
+# training videos are checked against the data found there.
 FROZEN_ON_RESUME = (
-    "data_root",
     "dataset",
     "synthetic_seed",
     "batch_size",
@@ -287,8 +288,12 @@ class Trainer:
         self.output_dir = output_dir
         self.progress = progress and ddp.main
         self.log_file = log_file
-        # True: the first line written replaces an earlier run's train.log (--overwrite).
+        # True: this run replaces an earlier run's train.log (--overwrite). That log goes with
+        # the earlier checkpoint: this run's lines wait in pending_log until its first checkpoint
+        # has replaced that one, so a run that stops before (diverged, interrupted, out of
+        # memory: said on stderr) leaves the earlier run's three files as they were.
         self.replace_log = False
+        self.pending_log = []
         # Whether the first checkpoint written has removed an earlier results.json.
         self.results_cleared = False
         # Where the run is, for an error message: "in epoch N", "in the evaluation".
@@ -334,14 +339,12 @@ class Trainer:
 
             tqdm.write(message, file=sys.stdout)
         if self.log_file:
+            if self.replace_log:
+                self.pending_log.append(message)
+                return
             try:
-                if self.replace_log:
-                    # An earlier run's train.log is replaced only now that this run has started.
-                    _write_atomic(self.log_file, lambda f: f.write(message + "\n"))
-                    self.replace_log = False
-                else:
-                    with open(self.log_file, "a") as f:
-                        f.write(message + "\n")
+                with open(self.log_file, "a") as f:
+                    f.write(message + "\n")
             except OSError as exc:
                 raise UsageError(f"{self.log_file}: cannot write the log ({exc.strerror or exc})") from None
 
@@ -562,15 +565,25 @@ class Trainer:
             except OSError as exc:
                 raise UsageError(f"{stale}: cannot remove the earlier run's results ({exc.strerror or exc})") from None
             self.results_cleared = True
+        if self.replace_log and self.log_file:
+            lines = "".join(line + "\n" for line in self.pending_log)
+            try:
+                _write_atomic(self.log_file, lambda f: f.write(lines))
+            except OSError as exc:
+                raise UsageError(f"{self.log_file}: cannot write the log ({exc.strerror or exc})") from None
+            self.replace_log = False
+            self.pending_log = []
 
     def load_state(self, state, training=True):
         """The checkpoint's model (and, to continue training, its optimizer and pseudo labels)."""
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
+            # torch's first line only says "Error(s) in loading state_dict"; the next names what.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise UsageError(
                 f"the checkpoint's model does not fit {self.data.name} ({self.data.num_classes} classes, "
-                f"{self.data.feature_dim}-d features): {str(exc).splitlines()[0]}"
+                f"{self.data.feature_dim}-d features): {' '.join(lines[1:3] or lines[:1])[:400]}"
             ) from None
         where = self.data.source or self.data.name
         # Checkpoints written before 2026-11-27 hold no names: only the shapes are checked then.
@@ -615,7 +628,67 @@ def load_checkpoint(path):
         raise UsageError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path}: not an mmsd_ext.train checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    problem = _checkpoint_problem(state)
+    if problem:
+        raise UsageError(f"{path}: an mmsd_ext.train checkpoint, but {problem}")
     return state
+
+
+def _checkpoint_problem(state):
+    """What makes a checkpoint of the right format unusable (a missing or mistyped entry), or None."""
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def tensor(dims):
+        return lambda v: isinstance(v, torch.Tensor) and v.dim() == dims and v.is_floating_point()
+
+    entries = {
+        "config": (lambda v: isinstance(v, dict), "a dict of settings"),
+        "epoch": (count, "an int >= 0"),
+        "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()), "a dict of tensors"),
+        "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list) and isinstance(v.get("state"), dict),
+                      "an optimizer state (state, param_groups)"),
+        "pseudo_labels": (tensor(3), "a 3-d float tensor"),
+        "pseudo_conf": (tensor(3), "a 3-d float tensor"),
+        "refreshes_done": (count, "an int >= 0"),
+        "history": (lambda v: isinstance(v, list), "a list"),
+    }
+    for key, (ok, what) in entries.items():
+        if key not in state:
+            return f"it has no {key!r}"
+        if not ok(state[key]):
+            return f"its {key!r} is not {what} (got {type(state[key]).__name__})"
+    return _config_problem(state["config"])
+
+
+def _config_problem(values):
+    """A saved configuration's first mistyped or impossible setting, or None (missing settings
+    take their defaults: checkpoints of earlier versions lack the newer ones)."""
+    defaults = Config()
+    for field in dataclasses.fields(Config):
+        if field.name not in values:
+            continue
+        value, default = values[field.name], getattr(defaults, field.name)
+        if field.name == "streams":
+            ok = isinstance(value, (list, tuple)) and 0 < len(value) and all(v in STREAMS for v in value)
+        elif field.name == "data_root":
+            ok = value is None or isinstance(value, str)
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        else:
+            ok = isinstance(value, type(default))
+        if ok and field.name in ("epochs", "batch_size", "embed_dim"):
+            ok = value >= 1
+        if ok and field.name == "dropout":
+            ok = value < 1
+        if not ok:
+            return f"its setting {field.name} = {value!r} is not possible"
+    return None
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -724,6 +797,14 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
     except OSError as exc:
         raise UsageError(f"--output-dir {path}: cannot write there ({exc.strerror or exc})") from None
     return path
+
+
+def _same_folder(a, b):
+    """Whether two paths name one folder, whatever links or spellings lead there."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _probe_writable(folder):
@@ -836,6 +917,8 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     # any folder is made or touched: an error leaves no new folder and an earlier run intact.
     data = load_data(config)
     data.check_test_split()
+    if not eval_only:
+        data.check_train_split()
     trainer = Trainer(config, data, device, ddp, progress=progress and not quiet)
     if state is not None:
         trainer.load_state(state, training=not eval_only)
@@ -848,7 +931,7 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
             overwrite = False
     error = None
     if output_dir is not None and ddp.main:
-        same_as_resume = bool(resume) and os.path.abspath(output_dir) == os.path.dirname(os.path.abspath(resume))
+        same_as_resume = bool(resume) and _same_folder(output_dir, os.path.dirname(os.path.abspath(resume)))
         try:
             # Eval-only writes results.json and nothing else.
             _prepare_output_dir(
