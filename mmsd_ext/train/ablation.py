@@ -54,7 +54,12 @@ def main(argv=None):
         help="also write the markdown table here, and the runs to OUTPUT.json (as each one finishes, so an interrupted "
         "ablation keeps them)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier --output table and its .json")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier --output table and its .json (the earlier table goes when this ablation's first run "
+        "replaces the .json it belonged to)",
+    )
     args = p.parse_args(argv)
     repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
     if repeated:
@@ -108,6 +113,17 @@ def _write_runs(args, runs):
         raise UsageError(f"{args.output}.json: cannot write the runs ({exc.strerror or exc})") from None
 
 
+def _remove_stale_table(path):
+    """An earlier table (--overwrite) summed the runs of the .json just replaced: it goes, so that
+    an interrupted ablation never leaves a table beside runs it does not describe."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot remove the earlier table ({exc.strerror or exc})") from None
+
+
 def _run_all(args):
     names = [list(VARIANTS)[i] for i in args.variants]
     rows = {}
@@ -143,6 +159,8 @@ def _run_all(args):
             )
             if args.output:
                 _write_runs(args, runs)
+                if len(runs) == 1:
+                    _remove_stale_table(args.output)
         rows[name] = results
     return rows, runs
 

@@ -54,6 +54,8 @@ def load_wtalc(root, dataset="Thumos14reduced"):
     for name in ARRAY_FILES:
         arrays[name] = _load_npy(os.path.join(folder, name + ".npy"))
     ambiguous_path = os.path.join(folder, AMBIGUOUS_FILE)
+    if os.path.exists(ambiguous_path) and not os.path.isfile(ambiguous_path):
+        raise DataError(f"{ambiguous_path}: expected a text file (or nothing: it is optional), got a directory or device")
     arrays["ambiguous"] = _read_ambiguous(ambiguous_path) if os.path.isfile(ambiguous_path) else []
     return WTALCData.from_arrays(arrays, dataset, source=folder)
 
@@ -131,7 +133,7 @@ class WTALCData:
         feat_file = features_file(name)
         # A 0-d array (a single object saved instead of one entry per video) has no length.
         for key, file in [("features", feat_file)] + [(f, f + ".npy") for f in ARRAY_FILES]:
-            if np.ndim(arrays[key]) == 0:
+            if _ndim(arrays[key]) == 0:
                 per = "class" if key == "classlist" else "video"
                 fail(file, f"expected an array with one entry per {per}, got a 0-d array")
         classes = [_text(c) for c in np.asarray(arrays["classlist"]).reshape(-1)]
@@ -149,7 +151,7 @@ class WTALCData:
             if file != "classlist" and len(arrays[file]) != n:
                 fail(f"{file}.npy", f"{len(arrays[file])} entries, but {feat_file} has {n} videos")
         for file in ("videoname", "subset"):
-            if np.ndim(arrays[file]) != 1:
+            if _ndim(arrays[file]) != 1:
                 fail(f"{file}.npy", f"expected a 1-d array of {n} names, got shape {np.shape(arrays[file])}")
         durations = np.asarray(arrays["duration"], dtype=object).reshape(-1)
         if len(durations) != n:
@@ -159,9 +161,14 @@ class WTALCData:
         dim = None
         for i, f in enumerate(raw_features):
             try:
-                f = np.asarray(f, dtype=np.float32)
+                f = np.asarray(f)
+                # Real numbers only: numpy would drop a complex part with a warning, and read
+                # numeric strings as their values.
+                if f.dtype.kind not in "fiubO":
+                    raise TypeError
+                f = f.astype(np.float32)
             except (TypeError, ValueError):
-                fail(feat_file, f"video {i}: features are not numeric")
+                fail(feat_file, f"video {i}: features are not real numbers")
             if f.ndim != 2 or f.shape[0] < 1:
                 fail(feat_file, f"video {i}: expected a [T, D] array with T >= 1, got shape {f.shape}")
             if dim is None:
@@ -178,6 +185,12 @@ class WTALCData:
 
         videos = [_text(v) for v in np.asarray(arrays["videoname"]).reshape(-1)]
         subsets = [_text(s) for s in np.asarray(arrays["subset"]).reshape(-1)]
+        first_of = {}
+        for i, v in enumerate(videos):
+            if v in first_of:
+                # Names key the ambiguous segments, the evaluation and the checkpoint's videos.
+                fail("videoname.npy", f"video {i} repeats the name {v!r} of video {first_of[v]}")
+            first_of[v] = i
 
         labels = np.zeros((n, len(classes)), dtype=np.float32)
         for i, names in enumerate(arrays["labels_all"]):
@@ -240,6 +253,15 @@ class WTALCData:
             raise DataError(f"{self.source or self.name}/subset.npy: no video in subset {split!r}")
         return found
 
+    def check_train_split(self):
+        """Raise a ``DataError`` if no training video has a label: there is nothing to learn."""
+        train = self.indices("train")
+        if not self.labels[train].any():
+            raise DataError(
+                f"{os.path.join(self.source or self.name, 'labels_all.npy')}: no video of the "
+                f"{self.split_names()[0]!r} split has a label ({len(train)} videos); there is nothing to train on"
+            )
+
     def check_test_split(self):
         """Raise a ``DataError`` if the test split cannot be evaluated: MMSD's protocol needs at
         least one ground-truth segment (detection mAP) and one video-level label (cmAP) there."""
@@ -271,6 +293,11 @@ class WTALCData:
             count = len(self.videos) - len(train) - len(test)
             text += f"; {count} videos of subset {', '.join(repr(o) for o in others)} are in neither split"
         return text
+
+
+def _ndim(value):
+    """np.ndim, where a pickled Python list counts as 1-d (np.ndim of a ragged one raises)."""
+    return 1 if isinstance(value, (list, tuple)) else np.ndim(value)
 
 
 def _names(value):
