@@ -8,7 +8,7 @@ keep/suppress decisions, also for overlaps exactly at the threshold.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -335,7 +335,7 @@ def _soft_temporal_nms_reference_op(
     iou_threshold: float,
     min_score: float,
     offset: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, min_score, groups, offset)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .__main__ import MAX_EPOCHS, MAX_SEED, _int_in
 from .data import DataError
-from .engine import SYNTHETIC_PRESET, TIOUS, Config, UsageError, _probe_writable, _write_atomic, check_backend, run
+from .engine import SYNTHETIC_PRESET, TIOUS, Config, UsageError, _probe_writable, _remove_stale, _write_atomic, check_backend, run
 
 VARIANTS = {
     "full MMSD": {},
@@ -113,17 +113,6 @@ def _write_runs(args, runs):
         raise UsageError(f"{args.output}.json: cannot write the runs ({exc.strerror or exc})") from None
 
 
-def _remove_stale_table(path):
-    """An earlier table (--overwrite) summed the runs of the .json just replaced: it goes, so that
-    an interrupted ablation never leaves a table beside runs it does not describe."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot remove the earlier table ({exc.strerror or exc})") from None
-
-
 def _run_all(args):
     names = [list(VARIANTS)[i] for i in args.variants]
     rows = {}
@@ -160,7 +149,9 @@ def _run_all(args):
             if args.output:
                 _write_runs(args, runs)
                 if len(runs) == 1:
-                    _remove_stale_table(args.output)
+                    # An earlier table (--overwrite) summed the runs of the .json just replaced: it
+                    # goes, so that an interrupted ablation never leaves it beside runs it does not describe.
+                    _remove_stale(args.output, "the earlier table")
         rows[name] = results
     return rows, runs
 

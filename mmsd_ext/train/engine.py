@@ -557,13 +557,7 @@ class Trainer:
         if not self.results_cleared:
             # An earlier run's results.json (left by --overwrite) describes a checkpoint that is
             # gone now; this run writes its own when it finishes.
-            stale = os.path.join(self.output_dir, RESULTS)
-            try:
-                os.remove(stale)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise UsageError(f"{stale}: cannot remove the earlier run's results ({exc.strerror or exc})") from None
+            _remove_stale(os.path.join(self.output_dir, RESULTS), "the earlier run's results")
             self.results_cleared = True
         if self.replace_log and self.log_file:
             lines = "".join(line + "\n" for line in self.pending_log)
@@ -797,6 +791,17 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
     except OSError as exc:
         raise UsageError(f"--output-dir {path}: cannot write there ({exc.strerror or exc})") from None
     return path
+
+
+def _remove_stale(path, what):
+    """Remove ``path`` (``what``: for the error) if it is there: an earlier run's file whose
+    companion this run has just replaced."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot remove {what} ({exc.strerror or exc})") from None
 
 
 def _same_folder(a, b):
