@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from . import bench_distill, bench_localization, bench_nms, bench_topk_mil_pool  # noqa: E402
 from .harness import Context, Runner, Settings, format_left_out, format_table, parse_btc  # noqa: E402
+from .plot import FORMATS, out_problem, plot_rows  # noqa: E402  (plot.py imports matplotlib only to draw)
 
 OPS = {
     "topk_mil_pool": bench_topk_mil_pool.cases,
@@ -41,6 +42,11 @@ PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline", "mmsd_protoco
 
 # Measuring effort per preset: (min_run_time s, slow_s, slow_budget_s).
 EFFORT = {"tiny": (0.02, 0.05, 0.2), "quick": (0.3, 0.5, 4.0), "full": (1.0, 1.0, 10.0)}
+
+# --seed feeds torch.Generator.manual_seed (topk, distillation inputs) and numpy's RandomState
+# (NMS and localization inputs). numpy takes only 0 <= seed < 2**32; torch takes more, but a
+# seed numpy refuses would leave those ops "not measured", so the narrower range is the rule.
+SEED_LIMIT = 2**32
 
 
 def _split(values):
@@ -77,7 +83,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile anchors (a cold compile takes seconds to a minute per shape)")
     p.add_argument("--csv", metavar="PATH", help="append the results to this CSV (long format, one row per op/provider/shape/pass)")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG of this run's results (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="PATH", help=f"plot this run's results to PATH, a {'/'.join(FORMATS)} file by its extension (needs matplotlib)"
+    )
     p.add_argument(
         "--time-budget",
         type=float,
@@ -88,7 +96,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--min-run-time", type=float, metavar="S", help="seconds of timed runs per measurement (default by preset)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the random inputs, 0 to {SEED_LIMIT - 1} (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the cases and providers, run nothing")
     args = p.parse_args(argv)
@@ -127,9 +135,17 @@ def parse_args(argv=None):
             p.error(f"{flag}: expected a number of seconds > 0, got {value:g}")
     if args.threads is not None and not 1 <= args.threads <= 4096:
         p.error(f"--threads: expected 1 to 4096, got {args.threads}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        p.error(f"--seed: expected 0 to {SEED_LIMIT - 1}, got {args.seed}")
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path == "":
+            p.error(f"{flag}: expected a file path, got an empty one")
     if args.plot and not args.list:
         if importlib.util.find_spec("matplotlib") is None:
             p.error("--plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot]); run without --plot")
+        problem = out_problem(args.plot)
+        if problem:
+            p.error(f"--plot {args.plot}: {problem}")
     if not args.list:
         # Before the run, not after minutes of measurements.
         for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
@@ -240,10 +256,13 @@ def main(argv=None):
     left_out = format_left_out(runner)
     if left_out:
         print("\n" + left_out)
+    if not rows:
+        # Every case failed or was left out: nothing went to the CSV, and there is nothing to plot.
+        print(f"\nnothing measured in {elapsed:.0f} s" + (f"; nothing appended to {args.csv}" if args.csv else ""))
+        print("python -m benchmarks: error: no case was measured (see why above)", file=sys.stderr)
+        return 1
     print(f"\n{len(rows)} measurements in {elapsed:.0f} s" + (f", appended to {args.csv}" if args.csv else ""))
     if args.plot:
-        from .plot import plot_rows
-
         try:
             plot_rows(rows, args.plot, title=f"mmsd_ext benchmarks, {runner.device_name}, torch {torch.__version__}")
         except OSError as exc:

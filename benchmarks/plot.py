@@ -13,6 +13,7 @@ matplotlib is an optional extra (``pip install matplotlib``).
 import argparse
 import csv
 import math
+import os
 import sys
 
 _NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "peak_mem_mb", "speedup_vs_eager", "copy_gbps")
@@ -20,6 +21,10 @@ _MAIN_PASS = ("fwd+bwd", "pipeline", "mmsd_protocol", "fwd")
 _PASSES = ("fwd", "bwd", "fwd+bwd", "proposals", "map", "pipeline", "mmsd_protocol")
 # The columns a plot reads (the CSV has more).
 _NEEDED = ("run_id", "op", "provider", "kind", "shape", "dtype", "pass", "device", "device_name", "median_ms", "speedup_vs_eager")
+# Formats a plot is written in, picked by the file's extension. matplotlib knows more, but some
+# need more than matplotlib (.pgf runs LaTeX, .jpg Pillow) and some are not images (.raw, .rgba);
+# and with no extension savefig adds ".png", a file other than the one named.
+FORMATS = ("png", "pdf", "svg")
 # One colour per provider in every panel: mmsd_ext's backends in strong
 # colours, anchors in muted ones (and hatched).
 _COLOURS = {
@@ -42,21 +47,42 @@ _COLOURS = {
 
 def read_csv(path):
     """The rows of a CSV of ``python -m benchmarks --csv``; ValueError naming the line if it is not one."""
+    rows = []
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in _NEEDED if c not in (reader.fieldnames or [])]
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        missing = [c for c in _NEEDED if c not in header]
         if missing:
             raise ValueError(f"no column {', '.join(missing)}")
-        rows = list(reader)
-    for line, r in enumerate(rows, start=2):
-        try:
-            for k in _NUMERIC:
-                v = r.get(k, "")
-                r[k] = float(v) if v not in ("", None) else None
-            r["reps"] = int(r["reps"]) if r.get("reps") else 0
-        except (TypeError, ValueError):
-            raise ValueError(f"line {line}: a number column holds something else") from None
+        for fields in reader:
+            if not fields:
+                continue  # a blank line holds no row
+            # reader.line_num: the file's line where this row ends (a quoted field may span lines).
+            if len(fields) != len(header):
+                raise ValueError(f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}")
+            rows.append(_parse_row(dict(zip(header, fields)), reader.line_num))
     return rows
+
+
+def _parse_row(r, line):
+    try:
+        for k in _NUMERIC:
+            v = r.get(k, "")
+            r[k] = float(v) if v not in ("", None) else None
+        r["reps"] = int(r["reps"]) if r.get("reps") else 0
+    except (TypeError, ValueError):
+        raise ValueError(f"line {line}: a number column holds something else") from None
+    # The harness writes only measured rows, with a time > 0 and a speedup (where there is an
+    # anchor) of two such times: anything else was edited or damaged, and a log-scale bar of it
+    # would be left out of the plot without a word.
+    median = r["median_ms"]
+    if median is None or not 0 < median < math.inf:
+        shown = "empty" if median is None else format(median, "g")
+        raise ValueError(f"line {line}: median_ms is {shown}, expected a time > 0")
+    speedup = r["speedup_vs_eager"]
+    if speedup is not None and not 0 < speedup < math.inf:
+        raise ValueError(f"line {line}: speedup_vs_eager is {speedup:g}, expected a ratio > 0 (or empty)")
+    return r
 
 
 def select(rows, run="latest", device=None):
@@ -80,8 +106,22 @@ def _main_pass(op_rows, wanted=None):
     return sorted(passes)[0]
 
 
+def out_problem(path):
+    """Why a plot cannot be written to ``path`` (None if it can, as far as its name tells)."""
+    if not path:
+        return "expected a file path, got an empty one"
+    if os.path.isdir(path):
+        return "is a directory"
+    ext = os.path.splitext(path)[1][1:]
+    if ext.lower() not in FORMATS:
+        given = f"a .{ext} file" if ext else "no file extension"
+        return f"{given}: expected a file ending in {', '.join('.' + f for f in FORMATS)}"
+    return None
+
+
 def plot_rows(rows, path, title=None, pass_name=None):
-    """Write a PNG of ``rows`` (dicts as the harness or read_csv give them) to ``path``."""
+    """Write a plot of ``rows`` (dicts as the harness or read_csv give them) to ``path``, in the
+    format its extension names (one of FORMATS; ``out_problem`` says why a path is not one)."""
     try:
         import matplotlib
 
@@ -145,13 +185,16 @@ def plot_rows(rows, path, title=None, pass_name=None):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
     p.add_argument("csv", help="a CSV written by python -m benchmarks --csv")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help=f"the plot to write: a file ending in {', '.join('.' + f for f in FORMATS)}")
     p.add_argument("--run", default="latest", help="latest (default), all, or a run_id")
     p.add_argument("--device", choices=("cpu", "cuda"), help="only this device's rows (and the CPU anchors of a GPU run)")
     p.add_argument(
         "--pass", dest="pass_name", choices=_PASSES, help="plot this pass where an op has it, instead of the main one"
     )
     args = p.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:
+        p.error(f"--out {args.out}: {problem}" if args.out else f"--out: {problem}")
     try:
         rows = read_csv(args.csv)
     except OSError as exc:
@@ -160,7 +203,7 @@ def main(argv=None):
         p.error(f"{args.csv}: not a CSV written by python -m benchmarks --csv ({exc})")
     rows = select(rows, args.run, args.device)
     if not rows:
-        raise SystemExit(f"{args.csv}: no rows for run {args.run!r}" + (f" on {args.device}" if args.device else ""))
+        p.error(f"{args.csv}: no rows for --run {args.run}" + (f" on --device {args.device}" if args.device else ""))
     names = sorted({r["device_name"] for r in rows})
     try:
         plot_rows(rows, args.out, title=f"mmsd_ext benchmarks, {'; '.join(names)}", pass_name=args.pass_name)

@@ -201,6 +201,17 @@ def test_bad_options_are_refused_with_the_option_named():
         (["--threads", "0"], "--threads: expected 1 to 4096, got 0"),
         (["--csv", "/proc/no-such-process/x.csv"], "--csv /proc/no-such-process/x.csv: cannot make the folder"),
         (["--plot", "/"], "--plot /: is a directory"),
+        # Before 2026-12: a seed numpy refuses failed in a traceback (--list) or left every case
+        # "not measured" with exit status 0.
+        (["--seed", "-1"], "--seed: expected 0 to 4294967295, got -1"),
+        (["--seed", str(2**32)], "--seed: expected 0 to 4294967295, got 4294967296"),
+        (["--seed", "99999999999999999999"], "--seed: expected 0 to 4294967295"),
+        # Before: an empty path meant no CSV or plot at all, and a plot named by an unknown
+        # extension failed in a traceback after the whole run.
+        (["--csv", ""], "--csv: expected a file path, got an empty one"),
+        (["--plot", ""], "--plot: expected a file path, got an empty one"),
+        (["--plot", "out.txt"], "--plot out.txt: a .txt file: expected a file ending in .png, .pdf, .svg"),
+        (["--plot", "out/bench"], "--plot out/bench: no file extension"),
     ],
 )
 def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, capsys):
@@ -241,6 +252,134 @@ def test_plot_refuses_what_it_cannot_read_or_write(tmp_path, capsys):
         assert info.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_bad_seed_is_refused_before_anything_runs_or_is_written(tmp_path):
+    for flags in (["--list", "--seed", "-1"], ["--sizes", "tiny", "--seed", "99999999999999999999", "--csv", str(tmp_path / "out" / "seed.csv")]):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "--device", "cpu"] + flags, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "--seed: expected 0 to 4294967295" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    # The largest seed both generators take is used as is.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--device", "cpu", "--list", "--sizes", "tiny", "--seed", str(2**32 - 1)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "temporal_nms" in proc.stdout, proc.stderr
+
+
+def test_a_run_that_measures_nothing_says_so_and_claims_no_csv(tmp_path, monkeypatch, capsys):
+    # Before: "0 measurements in 0 s, appended to <csv>" and exit status 0, with no file written.
+    from benchmarks import __main__ as cli
+
+    monkeypatch.setitem(cli.OPS, "topk_mil_pool", lambda ctx: [_case("topk_mil_pool", [("eager", False, None, True)])])
+    csv_path = tmp_path / "none.csv"
+    argv = ["--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "tiny", "--no-progress", "--csv", str(csv_path)]
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "measurements in" not in out and "nothing measured in" in out
+    assert out.rstrip().endswith(f"; nothing appended to {csv_path}")
+    assert "no case was measured" in err
+    assert not csv_path.exists()
+
+
+def _plot_csv(tmp_path, name, edit=None, extra=""):
+    """A copy of a real results CSV's header and first row, the row edited by ``edit``."""
+    good = os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")
+    with open(good, newline="") as f:
+        reader = csv.reader(f)
+        header, row = next(reader), next(reader)
+    if edit:
+        row = edit(header, row)
+    path = tmp_path / name
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerow(row)
+        f.write(extra)
+    return path
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("p.txt", "--out {dir}/p.txt: a .txt file: expected a file ending in .png, .pdf, .svg"),
+        ("", "--out: expected a file path, got an empty one"),
+        ("folder", "--out {dir}/folder: is a directory"),
+        ("folder.png", "--out {dir}/folder.png: is a directory"),
+        ("noext", "--out {dir}/noext: no file extension: expected a file ending in .png, .pdf, .svg"),
+    ],
+)
+def test_plot_out_must_name_an_image_file(out, message, tmp_path, capsys, monkeypatch):
+    # Before 2026-12: .txt failed in a matplotlib traceback; "" wrote ./.png; a folder or a
+    # name without an extension got ".png" added, and the path printed was not the file written.
+    from benchmarks import plot
+
+    monkeypatch.chdir(tmp_path)  # where "" would write its .png
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder.png").mkdir()
+    csv_path = _plot_csv(tmp_path, "good.csv")
+    target = str(tmp_path / out) if out else ""
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        plot.main([str(csv_path), "--out", target])
+    assert info.value.code == 2
+    assert message.format(dir=tmp_path) in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before and os.listdir(tmp_path / "folder") == []
+
+
+def _set(column, value):
+    def edit(header, row):
+        row = list(row)
+        row[header.index(column)] = value
+        return row
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, extra, message",
+    [
+        (lambda h, r: r[:5], "", "(line 2: 5 fields, the header has {n})"),
+        (lambda h, r: r + ["1", "2"], "", "(line 2: {n2} fields, the header has {n})"),
+        (None, "a,b\n", "(line 3: 2 fields, the header has {n})"),
+        (_set("median_ms", "0"), "", "(line 2: median_ms is 0, expected a time > 0)"),
+        (_set("median_ms", "-1"), "", "(line 2: median_ms is -1, expected a time > 0)"),
+        (_set("median_ms", "nan"), "", "(line 2: median_ms is nan, expected a time > 0)"),
+        (_set("median_ms", "inf"), "", "(line 2: median_ms is inf, expected a time > 0)"),
+        (_set("median_ms", ""), "", "(line 2: median_ms is empty, expected a time > 0)"),
+        (_set("speedup_vs_eager", "-2"), "", "(line 2: speedup_vs_eager is -2, expected a ratio > 0 (or empty))"),
+    ],
+    ids=["short-row", "long-row", "short-second-row", "median-0", "median-neg", "median-nan", "median-inf", "median-empty", "speedup-neg"],
+)
+def test_plot_refuses_malformed_rows_and_impossible_times(edit, extra, message, tmp_path, capsys):
+    # Before 2026-12: a short or long row failed in a TypeError traceback, and times that
+    # cannot be bars on a log scale (0, -1, NaN, inf) were left out of the plot without a word.
+    # The harness never writes such rows, so they are refused, not skipped.
+    from benchmarks import plot
+
+    path = _plot_csv(tmp_path, "bad.csv", edit, extra)
+    with open(path, newline="") as f:
+        n = len(next(csv.reader(f)))
+    out = tmp_path / "p.png"
+    with pytest.raises(SystemExit) as info:
+        plot.main([str(path), "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a CSV written by python -m benchmarks --csv " in err
+    assert message.format(n=n, n2=n + 2) in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is an optional extra")
+def test_plot_writes_the_format_its_extension_names(tmp_path, capsys):
+    from benchmarks import plot
+
+    csv_path = _plot_csv(tmp_path, "good.csv")
+    magic = {"p.png": b"\x89PNG", "p.pdf": b"%PDF", "P.SVG": b"<?xml"}
+    for name, head in magic.items():
+        assert plot.main([str(csv_path), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(head)
+        assert capsys.readouterr().out.strip() == str(tmp_path / name)
 
 
 def test_csv_and_plot_folders_are_made_before_the_run(tmp_path):

@@ -19,7 +19,7 @@ import torch
 import mmsd_ext
 from mmsd_ext.train import data as data_mod
 from mmsd_ext.train import engine, losses, synthetic
-from mmsd_ext.train.__main__ import main
+from mmsd_ext.train.__main__ import MAX_THREADS, main
 from mmsd_ext.train.model import MMSD
 
 # ---------------------------------------------------------------------------------------------
@@ -1174,6 +1174,47 @@ def test_throughput_bad_flags(argv, message, capsys):
         throughput.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # Before: "Overflow when unpacking long" from torch.set_num_threads, in a traceback.
+        (["--threads", "99999999999999"], f"--threads: expected 0 (torch's) to {MAX_THREADS}, got 99999999999999"),
+        (["--threads", str(MAX_THREADS + 1)], f"--threads: expected 0 (torch's) to {MAX_THREADS}"),
+        # Before: ten million 2048-d videos were allocated, and the allocation failed in a traceback.
+        (["--steps", "1000000"], "--steps: expected at least 1 and at most 20 (one epoch), got 1000000"),
+        (["--steps", "21"], "--steps: expected at least 1 and at most 20 (one epoch), got 21"),
+    ],
+)
+def test_throughput_out_of_range_threads_and_steps_are_refused(argv, message, capsys, monkeypatch):
+    from mmsd_ext.train import throughput
+
+    def no_data(*args, **kwargs):
+        pytest.fail("the videos were made for a flag that should have been refused")
+
+    monkeypatch.setattr(throughput, "thumos_like", no_data)
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as info:
+        throughput.main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert torch.get_num_threads() == threads
+
+
+def test_throughput_header_reports_the_threads_asked_for(capsys, monkeypatch):
+    from mmsd_ext.train import throughput
+
+    # Before, the header was printed before --threads was applied: it showed torch's default.
+    monkeypatch.setattr(throughput, "measure", lambda backend, data, steps, threads, device: (0.1, 0.01))
+    before = torch.get_num_threads()
+    asked = 3 if before != 3 else 2
+    try:
+        assert throughput.main(["--threads", str(asked), "--steps", "1", "--backends", "reference"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert f"device cpu, {asked} threads;" in err, err
 
 
 @pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")

@@ -28,6 +28,7 @@ import torch
 
 import mmsd_ext
 
+from .__main__ import MAX_THREADS
 from .data import WTALCData
 from .engine import Config, Dist, Trainer, UsageError, _resolve_device, check_backend
 from .losses import attention_loss, distill_loss
@@ -35,6 +36,11 @@ from .losses import attention_loss, distill_loss
 TRAIN_VIDEOS = 200
 MEAN_LENGTH = 340
 NUM_CLASSES = 20
+# --steps at most one epoch of the THUMOS14-like training set. Every step's 10 videos are made
+# up front and held at once (2048-d float32 features, about 28 MB a step), so a step count in
+# the thousands allocates tens of GB before anything is timed; 20 steps is already an epoch's
+# worth of batch lengths for the median.
+MAX_STEPS = TRAIN_VIDEOS // 10
 
 
 def thumos_like(num_videos, seed=0, feature_dim=2048):
@@ -118,14 +124,14 @@ def time_loss_ops(trainer, videos, device):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mmsd_ext.train.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--backends", nargs="+", default=["auto", "reference"], help="op backends to compare (default: auto reference)")
-    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps of 10 videos per backend (default 4)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    p.add_argument("--steps", type=int, default=4, help=f"timed optimizer steps of 10 videos per backend, 1 to {MAX_STEPS} (default 4)")
+    p.add_argument("--threads", type=int, default=0, help=f"CPU threads, up to {MAX_THREADS} (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error(f"--steps: expected at least 1, got {args.steps}")
-    if args.threads < 0:
-        p.error(f"--threads: expected 0 (torch's) or more, got {args.threads}")
+    if not 1 <= args.steps <= MAX_STEPS:
+        p.error(f"--steps: expected at least 1 and at most {MAX_STEPS} (one epoch), got {args.steps}")
+    if not 0 <= args.threads <= MAX_THREADS:
+        p.error(f"--threads: expected 0 (torch's) to {MAX_THREADS}, got {args.threads}")
     try:
         device = _resolve_device(args.device, types.SimpleNamespace(active=False, local_rank=0))
         for backend in args.backends:
@@ -133,6 +139,9 @@ def main(argv=None):
     except UsageError as exc:
         p.error(str(exc))
 
+    if args.threads:
+        # Before the header, which reports the count the steps run with.
+        torch.set_num_threads(args.threads)
     data, lengths = thumos_like(args.steps * 10 + 1)
     steps_per_epoch = TRAIN_VIDEOS // 10
     print(
