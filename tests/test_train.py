@@ -118,6 +118,7 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("segment_width", "segments.npy", "got shape (2, 3)"),
         ("complex_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
         ("string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
+        ("object_string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
         ("duplicate_name", "videoname.npy", "video 5 repeats the name"),
         ("ambiguous_dir", "Ambiguous_test.txt", "expected a text file"),
         ("nan_ambiguous", "Ambiguous_test.txt", "line 1"),
@@ -169,10 +170,11 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         segments = np.load(path, allow_pickle=True)
         segments[13] = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
         np.save(path, segments, allow_pickle=True)
-    elif damage in ("complex_features", "string_features"):
+    elif damage in ("complex_features", "string_features", "object_string_features"):
         # numpy would drop the imaginary part with a warning, and parse the strings.
         feats = np.load(path, allow_pickle=True)
-        feats[1] = feats[1] + 0j if damage == "complex_features" else feats[1].astype(str)
+        feats[1] = {"complex_features": feats[1] + 0j, "string_features": feats[1].astype(str),
+                    "object_string_features": feats[1].astype(str).astype(object)}[damage]
         np.save(path, feats, allow_pickle=True)
     elif damage == "duplicate_name":
         names = np.load(path)
@@ -970,6 +972,20 @@ def test_overwrite_replaces_the_log_with_the_first_checkpoint(tiny_root, tmp_pat
             assert [r["epoch"] for r in _epoch_records(run_dir)] == [1]
 
 
+def test_resume_into_another_folder_makes_it_that_runs_folder(tiny_root, tmp_path, capsys):
+    """A finished run resumed (no epoch left) into a folder of another run, --overwrite: the
+    folder's checkpoint, log and results are all the resumed run's (its log was held back for
+    a checkpoint that never came, beside the other run's)."""
+    first, other = tmp_path / "first", tmp_path / "other"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--seed", "1", "--output-dir", str(first)]) == 0
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--seed", "5", "--output-dir", str(other)]) == 0
+    ckpt = str(first / "checkpoint.pt")
+    assert main(["--resume", ckpt, "--output-dir", str(other), "--overwrite", "--no-progress", "--quiet"]) == 0
+    assert torch.load(other / "checkpoint.pt", weights_only=True)["config"]["seed"] == 1
+    assert '"seed": 1' in (other / "train.log").read_text() and '"seed": 5' not in (other / "train.log").read_text()
+    assert _results(str(other))["config"]["seed"] == 1
+
+
 def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny_root, tmp_path, capsys, monkeypatch):
     """--output-dir spelt through a symbolic link is the resumed run's own folder (its log is
     appended to, not refused or replaced); a relative --data-root is saved absolute, and a
@@ -1006,7 +1022,7 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s.update(optimizer={}), "its 'optimizer' is not an optimizer state"),
         (lambda s: s["config"].update(embed_dim="abc"), "its setting embed_dim = 'abc' is not possible"),
         (lambda s: s["config"].update(streams=["bogus"]), "its setting streams = ['bogus'] is not possible"),
-        (lambda s: s["config"].update(dropout=1.0), "its setting dropout = 1.0 is not possible"),
+        (lambda s: s["config"].update(dropout=1.5), "its setting dropout = 1.5 is not possible"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):

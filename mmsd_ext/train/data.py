@@ -164,7 +164,9 @@ class WTALCData:
                 f = np.asarray(f)
                 # Real numbers only: numpy would drop a complex part with a warning, and read
                 # numeric strings as their values.
-                if f.dtype.kind not in "fiubO":
+                if f.dtype.kind not in "fiubO" or (
+                    f.dtype.kind == "O" and any(isinstance(x, (str, bytes, complex, np.str_, np.bytes_)) for x in f.flat)
+                ):
                     raise TypeError
                 f = f.astype(np.float32)
             except (TypeError, ValueError):

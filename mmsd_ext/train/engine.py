@@ -559,14 +559,19 @@ class Trainer:
             # gone now; this run writes its own when it finishes.
             _remove_stale(os.path.join(self.output_dir, RESULTS), "the earlier run's results")
             self.results_cleared = True
-        if self.replace_log and self.log_file:
+        self.flush_log()
+
+    def flush_log(self):
+        """Write the lines held back under --overwrite as this run's train.log (once this run's
+        checkpoint or results replace the earlier run's)."""
+        if self.replace_log and self.log_file and self.ddp.main:
             lines = "".join(line + "\n" for line in self.pending_log)
             try:
                 _write_atomic(self.log_file, lambda f: f.write(lines))
             except OSError as exc:
                 raise UsageError(f"{self.log_file}: cannot write the log ({exc.strerror or exc})") from None
-            self.replace_log = False
-            self.pending_log = []
+        self.replace_log = False
+        self.pending_log = []
 
     def load_state(self, state, training=True):
         """The checkpoint's model (and, to continue training, its optimizer and pseudo labels)."""
@@ -679,7 +684,7 @@ def _config_problem(values):
         if ok and field.name in ("epochs", "batch_size", "embed_dim"):
             ok = value >= 1
         if ok and field.name == "dropout":
-            ok = value < 1
+            ok = value <= 1  # 1 trained nothing, but versions before 2026-11-27 took it
         if not ok:
             return f"its setting {field.name} = {value!r} is not possible"
     return None
@@ -935,8 +940,8 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
         if resume:
             overwrite = False
     error = None
+    same_as_resume = bool(resume) and output_dir is not None and _same_folder(output_dir, os.path.dirname(os.path.abspath(resume)))
     if output_dir is not None and ddp.main:
-        same_as_resume = bool(resume) and _same_folder(output_dir, os.path.dirname(os.path.abspath(resume)))
         try:
             # Eval-only writes results.json and nothing else.
             _prepare_output_dir(
@@ -961,6 +966,11 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
         trainer.log("config " + json.dumps(config.to_dict()))
         if state is not None:
             trainer.log(f"loaded {resume or checkpoint} (epoch {trainer.epoch})")
+        if resume and output_dir is not None and not same_as_resume:
+            # Continued in another folder: the run's checkpoint goes there first, so that the
+            # folder's checkpoint, log and results are this run's from now on (even with no
+            # epoch left to train).
+            trainer.save_checkpoint()
 
     with mmsd_ext.use_backend(backend or "auto"), _out_of_memory_as_usage_error(trainer, output_dir, eval_only):
         train_time = 0.0
@@ -987,6 +997,7 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     )
     if output_dir is not None:
         path = os.path.join(output_dir, RESULTS)
+        trainer.flush_log()  # a run that wrote no checkpoint holds none back (see Trainer.log)
         try:
             _write_atomic(path, lambda f: json.dump(result, f, indent=2))
         except OSError as exc:
