@@ -148,13 +148,13 @@ def run_case(op, shape, backends, settings, log=print):
     """Rows of one (op, shape): the anchor's first."""
     device = torch.device("cuda")
     rows, anchor_result = [], None
-    for step in steps(op, shape, device, backends):
+    for n, step in enumerate(steps(op, shape, device, backends)):
         row = Row(op, "x".join(map(str, shape)), step.provider, least_bytes=step.least_bytes)
         rows.append(row)
         try:
             call_result = step.result(step())
             call_result = (call_result[0].clone(), [g.clone() for g in call_result[1]])
-            if anchor_result is None:
+            if n == 0:
                 anchor_result = call_result
             row.call_ms = measure(step, "cuda", settings).median
             graph, out, grads = capture(step)
@@ -162,14 +162,18 @@ def run_case(op, shape, backends, settings, log=print):
                 t.detach().fill_(math.nan)  # a replay that writes nothing cannot pass the check
             graph.replay()
             torch.cuda.synchronize()
-            row.check = step.compare(anchor_result, (out.detach(), grads))
+            # Against the anchor's ordinary call; where that failed, there is nothing to check against.
+            row.check = step.compare(anchor_result, (out.detach(), grads)) if anchor_result is not None else "no anchor result"
             row.replay_ms = measure(graph.replay, "cuda", settings).median
-            del graph, out, grads
         except Exception as exc:  # one provider's failure is a row, not the end of the run
             row.check = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
             log(f"  {op} {row.shape} {step.provider}: {row.check}")
-        for x in step.leaves:
-            x.grad = None
+        finally:
+            # The graph's memory pool goes before the next provider captures its own.
+            graph = out = grads = t = None  # noqa: F841
+            for x in step.leaves:
+                x.grad = None
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -59,8 +59,10 @@ def number(name, value):
     """A number argument as a float: int, float or a numpy integer / floating scalar
     (what indexing a numpy array gives); bools and everything else are refused, and an
     int too large for a float is a ValueError naming the argument, not an OverflowError."""
-    if isinstance(value, (np.integer, np.floating)):
-        value = value.item()
+    if isinstance(value, np.integer):
+        value = int(value)
+    elif isinstance(value, np.floating):
+        value = float(value)  # .item() of a longdouble is a longdouble
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if isinstance(value, int):

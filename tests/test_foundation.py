@@ -361,7 +361,7 @@ def _number_calls():
 def test_number_arguments_take_numpy_scalars_and_name_what_they_refuse(index):
     call, name, good = _number_calls()[index]
     want = call(good)
-    for same in (np.float32(good), np.float64(good)):
+    for same in (np.float32(good), np.float64(good), np.longdouble(good)):
         got = call(same)
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert torch.equal(g, w), (name, type(same))
