@@ -543,6 +543,7 @@ def test_ablation_switches(tiny_root, tmp_path):
         (["--backend", "triton"], "--backend triton:"),
         (["--output", "/nonexistent-folder/x.md"], "--output /nonexistent-folder/x.md: cannot write in /nonexistent-folder"),
         (["--output", "/"], "--output /: is a directory"),
+        (["--output", ""], "--output: expected a file path, got an empty one"),
     ],
 )
 def test_ablation_bad_flags_fail_before_any_run(argv, message, capsys, monkeypatch):

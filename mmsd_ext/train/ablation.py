@@ -61,6 +61,8 @@ def main(argv=None):
         "replaces the .json it belonged to)",
     )
     args = p.parse_args(argv)
+    if args.output == "":
+        p.error("--output: expected a file path, got an empty one")  # it wrote nothing, without a word
     repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
     if repeated:
         p.error(f"--seeds: {repeated[0]} is given twice; the spread over seeds needs different seeds")
