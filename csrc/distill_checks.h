@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <string>
 #include <vector>
@@ -115,6 +116,21 @@ inline void check_scale_grads(const at::Tensor& grad, std::initializer_list<cons
                 "grad_rgb, grad_flow, grad_fused: expected contiguous floating tensors of one shape and dtype on ",
                 device_text(grad.device()), ", got ", g->defined() ? c10::toString(g->scalar_type()) : "None", " ",
                 g->defined() ? shape(g->sizes()) : std::string(), g->defined() && !g->is_contiguous() ? " (not contiguous)" : "");
+  }
+  // Each is scaled once: tensors sharing memory would be scaled once per name.
+  for (auto a = grads.begin(); a != grads.end(); ++a) {
+    for (auto b = a + 1; b != grads.end(); ++b) {
+      TORCH_CHECK(at::get_overlap_status(**a, **b) == at::MemOverlapStatus::No,
+                  "grad_rgb, grad_flow, grad_fused: expected three tensors that share no memory");
+    }
+  }
+}
+
+// The version counters of tensors this op changed in place (the autograd fallback of an op
+// with no output does not bump them), so that autograd refuses a backward that saved them.
+inline void bump_versions(std::initializer_list<const at::Tensor*> grads) {
+  for (const at::Tensor* g : grads) {
+    g->unsafeGetTensorImpl()->bump_version();
   }
 }
 

@@ -390,6 +390,27 @@ def _check_temperature(temperature):
         raise ValueError(f"temperature: expected a finite number > 0 within [1e-30, 1e30], got {temperature}")
 
 
+def _check_backward(grad, logits, row_stats, count, temperature, reduction, stats):
+    """The backward ops' saved tensors and upstream gradient, as the C++ ops check them
+    (csrc/distill_checks.h): a wrong shape would have the kernels read out of bounds."""
+    _check_temperature(temperature)
+    if reduction not in (_REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM):
+        raise ValueError(f"reduction: expected 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    leading = tuple(logits.shape[:-1])
+    if (row_stats.dtype != torch.float32 or tuple(row_stats.shape) != (*leading, stats)
+            or row_stats.device != logits.device):
+        raise ValueError(f"row_stats: expected the float32 tensor of shape {(*leading, stats)} that the forward "
+                         f"returned, got {row_stats.dtype} {tuple(row_stats.shape)}")
+    if count.dtype != torch.float32 or count.numel() != 1 or count.device != logits.device:
+        raise ValueError(f"count: expected the float32 scalar that the forward returned, got {count.dtype} {tuple(count.shape)}")
+    if not grad.dtype.is_floating_point or grad.device != logits.device:
+        raise TypeError(f"grad: expected a floating tensor on {logits.device}, got {grad.dtype} on {grad.device}")
+    if reduction == _REDUCTION_NONE and tuple(grad.shape) != leading:
+        raise ValueError(f"grad: expected shape {leading}, got {tuple(grad.shape)}")
+    if reduction != _REDUCTION_NONE and grad.numel() != 1:
+        raise ValueError(f"grad: expected a scalar, got shape {tuple(grad.shape)}")
+
+
 def _prepare_mask(mask, logits, name):
     if mask is None:
         return None
@@ -469,6 +490,7 @@ def _inverse_sums(row_stats, softmaxes):
 def snippet_distill_backward(grad, student, teacher, row_stats, count, temperature, reduction):
     """d loss / d student: see mmsd_ext::_snippet_distill_loss_backward."""
     _check_logits(student=student, teacher=teacher)
+    _check_backward(grad, student, row_stats, count, temperature, reduction, _PAIR_STATS)
     s, t = _as_rows(student), _as_rows(teacher)
     R, C = s.shape
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
@@ -506,6 +528,7 @@ def mmsd_distill_forward(rgb, flow, fused, temperature, mask):
 def mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature):
     """(d rgb, d flow, d fused): see mmsd_ext::_mmsd_distill_loss_backward."""
     _check_logits(rgb=rgb, flow=flow, fused=fused)
+    _check_backward(grad, rgb, row_stats, count, temperature, _REDUCTION_MEAN, _MMSD_STATS)
     r, f, u = _as_rows(rgb), _as_rows(flow), _as_rows(fused)
     R, C = r.shape
     grads = [torch.empty(rgb.shape, dtype=rgb.dtype, device=rgb.device) for _ in range(3)]

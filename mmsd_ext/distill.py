@@ -249,6 +249,9 @@ def _mmsd_triton(rgb, flow, fused, tau, mask):
 
 # Fake kernels (shapes only), shared by the C++ and the Triton ops.
 def _pair_fake(student, teacher, temperature, mask, reduction):
+    # The checks that need no values, here too: a meta tensor among real ones (or a call
+    # under FakeTensorMode) with a bad argument is an error, never an output made up.
+    _check_pair(student, teacher, temperature, mask)
     leading = student.shape[:-1]
     loss = student.new_empty(leading if reduction == 0 else (), dtype=torch.float32)
     stats = student.new_empty((*leading, _PAIR_STATS), dtype=torch.float32)
@@ -256,15 +259,19 @@ def _pair_fake(student, teacher, temperature, mask, reduction):
 
 
 def _pair_backward_fake(grad, student, teacher, row_stats, count, temperature, reduction):
+    _checks.same_device("student", student, grad=grad, teacher=teacher, row_stats=row_stats, count=count)
     return student.new_empty(student.shape)
 
 
 def _mmsd_fake(rgb, flow, fused, temperature, mask):
+    _check_pair(rgb, flow, temperature, mask, names=("rgb", "flow"))
+    _check_pair(rgb, fused, temperature, None, names=("rgb", "fused"))
     stats = rgb.new_empty((*rgb.shape[:-1], _MMSD_STATS), dtype=torch.float32)
     return rgb.new_empty((), dtype=torch.float32), stats, rgb.new_empty((), dtype=torch.float32)
 
 
 def _mmsd_backward_fake(grad, rgb, flow, fused, row_stats, count, temperature):
+    _checks.same_device("rgb", rgb, grad=grad, flow=flow, fused=fused, row_stats=row_stats, count=count)
     return rgb.new_empty(rgb.shape), rgb.new_empty(rgb.shape), rgb.new_empty(rgb.shape)
 
 
@@ -273,6 +280,7 @@ def _mmsd_with_grads_fake(rgb, flow, fused, temperature, mask):
 
 
 def _scale_grads_fake(grad, grad_rgb, grad_flow, grad_fused):
+    _checks.same_device("grad", grad, grad_rgb=grad_rgb, grad_flow=grad_flow, grad_fused=grad_fused)
     return None
 
 

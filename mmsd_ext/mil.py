@@ -183,6 +183,9 @@ def _topk_compiled(scores, k, lengths, largest):
 
 
 def _fake_forward(scores, k, lengths, largest):
+    # The argument checks need no values: here too (a meta tensor among real ones, or a call
+    # under FakeTensorMode), a bad argument is an error, never an output made up.
+    _check_topk_args(scores, k, lengths, largest)
     B, _, C = scores.shape
     return (
         scores.new_empty((B, C)),
@@ -192,6 +195,7 @@ def _fake_forward(scores, k, lengths, largest):
 
 
 def _fake_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
+    _checks.same_device("scores", scores, grad_out=grad_out, k=k, lengths=lengths, kth_key=kth_key, cut=cut)
     return scores.new_empty(scores.shape)
 
 
@@ -238,6 +242,7 @@ def _topk_triton_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels import topk_mil_pool as kernels
 
+    _check_topk_args(scores, k, lengths, largest)  # as the compiled op checks (called directly too)
     return kernels.topk_mil_pool_forward(scores, k, lengths, largest)
 
 
@@ -253,6 +258,16 @@ def _topk_triton_backward_op(
 ) -> torch.Tensor:
     from .kernels import topk_mil_pool as kernels
 
+    _check_topk_args(scores, k, lengths, largest)
+    B, _, C = scores.shape
+    for name, t in (("grad_out", grad_out), ("kth_key", kth_key), ("cut", cut)):
+        _checks.tensor(name, t)
+        if tuple(t.shape) != (B, C) or t.device != scores.device:
+            raise ValueError(f"{name}: expected shape [B, C] = [{B}, {C}] on {scores.device}, got {tuple(t.shape)} on {t.device}")
+    if not grad_out.dtype.is_floating_point:
+        raise TypeError(f"grad_out: expected a floating tensor, got {grad_out.dtype}")
+    if cut.dtype != torch.int64 or kth_key.dtype != torch.int64:
+        raise TypeError(f"kth_key, cut: expected the int64 tensors the forward returned, got {kth_key.dtype}, {cut.dtype}")
     return kernels.topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest)
 
 

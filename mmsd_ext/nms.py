@@ -87,10 +87,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         >>> mmsd_ext.temporal_nms(segments, scores, 0.5)
         tensor([0, 2])
     """
-    segments, scores, groups, offset = _check_nms_args("temporal_nms", segments, scores, groups, offset)
-    iou_threshold = _non_negative("iou_threshold", iou_threshold)
-    if overlap not in OVERLAPS:
-        raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
+    segments, scores, groups, iou_threshold, offset = _checked_hard("temporal_nms", segments, scores, groups, iou_threshold, overlap, offset)
     name = _resolve_hard(backend, segments.device)
     return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, offset)
 
@@ -138,14 +135,9 @@ def soft_temporal_nms(
         >>> idx
         tensor([0, 2, 1])
     """
-    segments, scores, groups, offset = _check_nms_args("soft_temporal_nms", segments, scores, groups, offset)
-    if method not in SOFT_METHODS:
-        raise ValueError(f"method: expected one of {', '.join(SOFT_METHODS)}, got {method!r}")
-    sigma = _checks.positive_number("sigma", sigma)
-    iou_threshold = _non_negative("iou_threshold", iou_threshold)
-    min_score = _checks.number("min_score", min_score)
-    if min_score != min_score:  # NaN
-        raise TypeError(f"min_score: expected a number, got {min_score!r}")
+    segments, scores, groups, sigma, iou_threshold, min_score, offset = _checked_soft(
+        "soft_temporal_nms", segments, scores, groups, method, sigma, iou_threshold, min_score, offset
+    )
     name = _resolve_soft(backend, segments.device)
     return _SOFT_IMPLS[name](segments, scores, method, sigma, iou_threshold, min_score, groups, offset)
 
@@ -188,6 +180,28 @@ def _on_host_instead(name, backend, device):
             and _loader.compiled_available()):
         return ON_HOST
     return name
+
+
+def _checked_hard(op, segments, scores, groups, iou_threshold, overlap, offset):
+    """temporal_nms's arguments checked (also where its ops are called directly): no value read."""
+    segments, scores, groups, offset = _check_nms_args(op, segments, scores, groups, offset)
+    iou_threshold = _non_negative("iou_threshold", iou_threshold)
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap: expected one of {', '.join(OVERLAPS)}, got {overlap!r}")
+    return segments, scores, groups, iou_threshold, offset
+
+
+def _checked_soft(op, segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
+    """soft_temporal_nms's arguments checked (also where its ops are called directly): no value read."""
+    segments, scores, groups, offset = _check_nms_args(op, segments, scores, groups, offset)
+    if method not in SOFT_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(SOFT_METHODS)}, got {method!r}")
+    sigma = _checks.positive_number("sigma", sigma)
+    iou_threshold = _non_negative("iou_threshold", iou_threshold)
+    min_score = _checks.number("min_score", min_score)
+    if min_score != min_score:  # NaN
+        raise TypeError(f"min_score: expected a number, got {min_score!r}")
+    return segments, scores, groups, sigma, iou_threshold, min_score, offset
 
 
 def _non_negative(name, value):
@@ -322,6 +336,7 @@ def soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, 
 def _temporal_nms_reference_op(
     segments: torch.Tensor, scores: torch.Tensor, groups: Optional[torch.Tensor], iou_threshold: float, overlap: str, offset: float
 ) -> torch.Tensor:
+    _checked_hard("temporal_nms_reference", segments, scores, groups, iou_threshold, overlap, offset)
     return temporal_nms_reference(segments, scores, iou_threshold, groups, overlap, offset)
 
 
@@ -336,6 +351,7 @@ def _soft_temporal_nms_reference_op(
     min_score: float,
     offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _checked_soft("soft_temporal_nms_reference", segments, scores, groups, method, sigma, iou_threshold, min_score, offset)
     return soft_temporal_nms_reference(segments, scores, method, sigma, iou_threshold, min_score, groups, offset)
 
 
@@ -428,6 +444,7 @@ def _temporal_nms_triton_op(
 ) -> torch.Tensor:
     from .kernels import temporal_nms as kernels
 
+    _checked_hard("temporal_nms_triton", segments, scores, groups, iou_threshold, overlap, offset)
     n = segments.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=segments.device)
@@ -469,6 +486,7 @@ def _soft_temporal_nms_triton_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .kernels import temporal_nms as kernels
 
+    _checked_soft("soft_temporal_nms_triton", segments, scores, groups, method, sigma, iou_threshold, min_score, offset)
     n = segments.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=segments.device), torch.empty(0, dtype=scores.dtype, device=scores.device)

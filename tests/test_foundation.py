@@ -384,3 +384,83 @@ def test_int_and_bool_arguments_take_numpy_scalars():
         mmsd_ext.mil_k(80, min_k=2.0)
     with pytest.raises(ValueError, match="^min_k: expected an int >= 1, got 0"):
         mmsd_ext.mil_k(80, min_k=np.int64(0))
+
+
+# -- the dispatcher ops called directly -------------------------------------------------------
+# What the public functions check, the ops check again: they are callable on their own
+# (torch.ops.mmsd_ext.*, torch.compile graphs), and a bad argument there must be an error,
+# never an out-of-bounds read, a crash or an output made up. Found by an adversarial review.
+
+
+def _direct_calls(device):
+    ops = torch.ops.mmsd_ext
+    s = torch.randn(2, 4, 3, device=device)
+    seg, three = torch.zeros(3, 2, device=device), torch.zeros(3, device=device)
+    calls = []
+    if "triton" in mmsd_ext.available_backends() and (device != "cpu" or mmsd_ext._backend.triton_interpreting()):
+        _, stats, count = ops.snippet_distill_loss_triton(s, s, 0.5, None, 1)
+        _, stats8, count8 = ops.mmsd_distill_loss_triton(s, s, s, 0.5, None)
+        _, kth, cut = ops.topk_mil_pool_triton(torch.randn(2, 8, 3, device=device), torch.tensor([2, 2], device=device),
+                                               torch.tensor([8, 8], device=device), True)
+        one = torch.ones((), device=device)
+        calls += [
+            (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, torch.empty(0, device=device), 0.5, 1), "count"),
+            (lambda: ops._snippet_distill_loss_triton_backward(torch.ones(0, device=device), s, s, stats, count, 0.5, 1), "grad"),
+            (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, count, 0.5, 9), "reduction"),
+            (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, count, 0.0, 1), "temperature"),
+            (lambda: ops._mmsd_distill_loss_triton_backward(one, s, s, s, stats8[..., :4].contiguous(), count8, 0.5), "row_stats"),
+            (lambda: ops.topk_mil_pool_triton(torch.ones(2, 8, 3, dtype=torch.int64, device=device),
+                                              torch.tensor([2, 2], device=device), torch.tensor([8, 8], device=device), True), "scores"),
+            (lambda: ops.topk_mil_pool_triton(torch.randn(2, 8, 3, device=device), torch.tensor([2], device=device),
+                                              torch.tensor([8, 8], device=device), True), "k"),
+            (lambda: ops._topk_mil_pool_triton_backward(torch.ones(2, 1, device=device), torch.randn(2, 8, 3, device=device),
+                                                        torch.tensor([2, 2], device=device), torch.tensor([8, 8], device=device),
+                                                        kth, cut, True), "grad_out"),
+            (lambda: ops.temporal_nms_triton(seg, three[:2], None, 0.5, "iou", 0.0), "scores"),
+            (lambda: ops.temporal_nms_triton(seg, three, None, -0.5, "iou", 0.0), "iou_threshold"),
+            (lambda: ops.soft_temporal_nms_triton(seg, three, None, "bogus", 0.5, 0.3, 0.0, 0.0), "method"),
+        ]
+    calls += [
+        (lambda: ops.temporal_nms_reference(seg, three[:2], None, 0.5, "iou", 0.0), "scores"),
+        (lambda: ops.temporal_nms_reference(seg, three, None, 0.5, "bogus", 0.0), "overlap"),
+        (lambda: ops.temporal_nms_reference(seg, three, None, 0.5, "iou", -1.0), "offset"),
+        (lambda: ops.soft_temporal_nms_reference(seg, three, None, "bogus", 0.5, 0.3, 0.0, 0.0), "method"),
+        (lambda: ops.soft_temporal_nms_reference(seg, three, None, "gaussian", -0.5, 0.3, 0.0, 0.0), "sigma"),
+    ]
+    if "cpu" in mmsd_ext.available_backends() and device == "cpu":
+        meta_k = torch.empty(4, dtype=torch.long, device="meta")
+        calls += [
+            # A meta tensor among real ones runs the fake kernel: it must check, not make up outputs.
+            (lambda: ops.topk_mil_pool(torch.randn(4, 5, 3), meta_k, torch.full((4,), 5), True), "k"),
+            (lambda: ops.snippet_distill_loss(s, s, 1.0, torch.empty(2, 4, dtype=torch.bool, device="meta"), 1), "mask"),
+            (lambda: ops.mmsd_distill_loss(s, s, s.to("meta"), 1.0, None), "fused"),
+            # offset + length past int64 wrapped around and passed the bounds check (a crash).
+            (lambda: ops._threshold_runs(torch.zeros(4, dtype=torch.float64), torch.tensor([1]), torch.tensor([2**63 - 1]),
+                                         torch.tensor([0.5], dtype=torch.float64), 1, 0.0, False), "offsets, lengths"),
+            # Aliased gradients would be scaled once per name.
+            (lambda: ops._distill_scale_grads_(torch.tensor(2.0), three, three, torch.ones(3)), "grad_rgb, grad_flow, grad_fused"),
+        ]
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+def test_dispatcher_ops_called_directly_refuse_bad_arguments_by_name():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = _direct_calls(device)
+    assert len(calls) >= 5
+    for call, name in calls:
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=f"^{name}"):
+            call()
+
+
+def test_scaling_gradients_in_place_bumps_their_version():
+    # The op changes its tensors in place: autograd must refuse a backward that saved one.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("the compiled extension is not built")
+    x = torch.ones(3, requires_grad=True)
+    y = torch.ones(3)
+    z = (x * y).sum()
+    torch.ops.mmsd_ext._distill_scale_grads_(torch.tensor(2.0), y, torch.ones(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()

@@ -861,6 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cpu(
 void distill_scale_grads_cpu(const at::Tensor& grad, const at::Tensor& grad_rgb, const at::Tensor& grad_flow,
                              const at::Tensor& grad_fused) {
   check_scale_grads(grad, {&grad_rgb, &grad_flow, &grad_fused});
+  bump_versions({&grad_rgb, &grad_flow, &grad_fused});
   const float w = grad.to(at::kFloat).item<float>();
   if (w == 1.0f) return;
   for (const at::Tensor* g : {&grad_rgb, &grad_flow, &grad_fused}) g->mul_(w);

@@ -186,8 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> threshold_runs_cpu(
   const double* thr = thr_t.data_ptr<double>();
   const int64_t K = thr_t.size(0);
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_VALUE(len[n] >= 0 && off[n] >= 0 && off[n] + len[n] <= S, "offsets, lengths: sequence ", num(n),
-                      " = [", num(off[n]), ", ", num(off[n] + len[n]), ") lies outside values of length ", num(S));
+    // Compared without forming off + len, which could overflow int64.
+    TORCH_CHECK_VALUE(len[n] >= 0 && off[n] >= 0 && off[n] <= S && len[n] <= S - off[n], "offsets, lengths: sequence ",
+                      num(n), " (offset ", num(off[n]), ", length ", num(len[n]), ") lies outside values of length ",
+                      num(S));
   }
   for (int64_t k = 0; k < K; ++k) {
     TORCH_CHECK_VALUE(std::isfinite(thr[k]), "thresholds: expected finite values, got ", real(thr[k]), " at ", num(k));

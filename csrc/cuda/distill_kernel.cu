@@ -620,6 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 void distill_scale_grads_cuda(const at::Tensor& grad, const at::Tensor& grad_rgb, const at::Tensor& grad_flow,
                               const at::Tensor& grad_fused) {
   check_scale_grads(grad, {&grad_rgb, &grad_flow, &grad_fused});
+  bump_versions({&grad_rgb, &grad_flow, &grad_fused});
   check_cuda("grad", grad);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   const at::Tensor w = prepare_grad(grad);
