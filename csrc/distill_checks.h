@@ -96,6 +96,9 @@ inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& cou
               c10::toString(count.scalar_type()), " ", shape(count.sizes()));
   TORCH_CHECK(grad.device() == logits.device(), "grad: expected a tensor on ", device_text(logits.device()), ", got ",
               device_text(grad.device()));
+  // A complex gradient would lose its imaginary part in the float32 copy, an integer one means a caller's mistake.
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad: expected a floating tensor, got ",
+              c10::toString(grad.scalar_type()));
   if (reduction == kNone) {
     auto leading = logits.sizes().slice(0, logits.dim() - 1);
     TORCH_CHECK(grad.sizes() == leading, "grad: expected shape ", shape(leading), ", got ", shape(grad.sizes()));

@@ -1030,6 +1030,10 @@ def test_compiled_ops_check_their_arguments():
         ops._snippet_distill_loss_backward(torch.ones(()), s, t, stats[:2], count, 1.0, 1)
     with pytest.raises(RuntimeError, match="grad"):
         ops._snippet_distill_loss_backward(torch.ones(2), s, t, stats, count, 1.0, 0)
+    # A complex upstream gradient lost its imaginary part with a warning; an integer one passed.
+    for bad in (torch.ones((), dtype=torch.complex64), torch.ones((), dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="^grad: expected a floating tensor"):
+            ops._snippet_distill_loss_backward(bad, s, t, stats, count, 1.0, 1)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
