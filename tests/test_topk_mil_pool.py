@@ -500,6 +500,13 @@ def test_opcheck_compiled_op():
         grad_out = torch.randn(3, 4, generator=gen).to(dtype)
         bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, largest)
         torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_backward.default, bargs)
+        # Saved tensors that no forward returned: a time index past T, a key wider than the
+        # scores' (they were cut down to another selection, without a word).
+        with pytest.raises(ValueError, match="^cut: expected the time indices in"):
+            torch.ops.mmsd_ext._topk_mil_pool_backward(grad_out, scores.detach(), args[1], args[2], kth, cut + 11, largest)
+        if dtype != torch.float64:
+            with pytest.raises(ValueError, match="^kth_key: expected the keys the forward returned"):
+                torch.ops.mmsd_ext._topk_mil_pool_backward(grad_out, scores.detach(), args[1], args[2], kth + 2**32, cut, largest)
 
 
 def test_opcheck_triton_op():

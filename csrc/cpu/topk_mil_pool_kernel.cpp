@@ -333,8 +333,15 @@ void backward_kernel(
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t o = b * C + c;
+      // What the forward saved, or the op was called with other tensors: a key wider than the
+      // scores' keys or a time index outside [-1, T) would be cut down to another selection.
+      TORCH_CHECK_VALUE(sizeof(key_t) == 8 || (kth_saved[o] >= 0 && kth_saved[o] <= int64_t(~key_t(0))),
+                        "kth_key: expected the keys the forward returned, got ", num(kth_saved[o]), " at [", num(b),
+                        ", ", num(c), "]");
+      TORCH_CHECK_VALUE(cut_saved[o] >= -1 && cut_saved[o] < T, "cut: expected the time indices in [-1, ", num(T),
+                        ") the forward returned, got ", num(cut_saved[o]), " at [", num(b), ", ", num(c), "]");
       kth[o] = static_cast<key_t>(kth_saved[o]);
-      cut[o] = static_cast<int32_t>(std::max<int64_t>(cut_saved[o], -1));
+      cut[o] = static_cast<int32_t>(cut_saved[o]);
       g[o] = static_cast<scalar_t>(static_cast<acc_t>(go[b][c]) / static_cast<acc_t>(k[b]));
     }
   }
