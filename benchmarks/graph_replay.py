@@ -39,7 +39,7 @@ import torch
 import mmsd_ext
 
 from . import bench_distill, bench_topk_mil_pool
-from .harness import TOLERANCES, Settings, compare_tensors, copy_bandwidth, measure, parse_btc
+from .harness import TOLERANCES, Settings, _fmt, compare_tensors, copy_bandwidth, measure, parse_btc
 
 OPS = ("mmsd_distill_loss", "snippet_distill_loss", "topk_mil_pool")
 SIZES = ("10x750x21", "32x2304x201", "64x4608x201")
@@ -187,21 +187,17 @@ def format_rows(rows, copy_gbps):
         key = (r.op, r.shape)
         anchor.setdefault(key, r.replay_ms)
 
-        def pct(ms):
-            return f"{100 * r.least_bytes / (ms * 1e-3) / 1e9 / copy_gbps:.1f}" if ms == ms and ms > 0 else "-"
+        def pct(ms):  # NaN (not measured) stays NaN, which _fmt shows as "-"
+            return _fmt(100 * r.least_bytes / (ms * 1e-3) / 1e9 / copy_gbps if ms > 0 else math.nan, ".1f")
 
-        ratio = anchor[key] / r.replay_ms if r.replay_ms == r.replay_ms and anchor[key] == anchor[key] else math.nan
+        ratio = anchor[key] / r.replay_ms if r.replay_ms > 0 else math.nan
         lines.append(f"{r.op:<22}{r.shape:<13}{r.provider:<12}{_ms(r.call_ms):>9}{_ms(r.replay_ms):>11}"
-                     f"{pct(r.call_ms):>13}{pct(r.replay_ms):>15}{_x(ratio):>10}  {r.check}")
+                     f"{pct(r.call_ms):>13}{pct(r.replay_ms):>15}{_fmt(ratio, '.2f'):>10}  {r.check}")
     return "\n".join(lines)
 
 
 def _ms(v):
-    return "-" if v != v else f"{v:.4f}" if v < 1 else f"{v:.3f}"
-
-
-def _x(v):
-    return "-" if v != v else f"{v:.2f}"
+    return _fmt(v, ".4f" if v < 1 else ".3f")
 
 
 def main(argv=None):

@@ -687,17 +687,7 @@ def _ambiguous_entries(ambiguous):
 def _rows(name, value, columns):
     """A float64 [n, len(columns)] copy of rows given as an array, tensor or lists."""
     ncols = len(columns)
-    _checks.has_values("the evaluation", **{name: value})
-    if isinstance(value, torch.Tensor):
-        if value.is_complex():
-            raise ValueError(f"{name}: expected real rows, got a complex tensor")
-        value = value.detach().cpu().to(torch.float64).numpy()
-    try:
-        if np.iscomplexobj(value):
-            raise TypeError
-        array = np.array(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected numeric rows of {ncols} columns ({', '.join(columns)})") from None
+    array = _float64(name, value, f"numeric rows of {ncols} columns ({', '.join(columns)})")
     if array.size == 0:
         return np.zeros((0, ncols))
     if array.ndim != 2 or array.shape[1] != ncols:
@@ -735,18 +725,24 @@ def _tious(value):
     return tious
 
 
-def _matrix(name, value):
+def _float64(name, value, what):
+    """A float64 numpy copy of an array, tensor or nested lists, or a ValueError "{name}: expected
+    {what}". Complex values are refused: numpy would drop their imaginary parts with a warning."""
     _checks.has_values("the evaluation", **{name: value})
     if isinstance(value, torch.Tensor):
         if value.is_complex():
-            raise ValueError(f"{name}: expected a real [V, C] array, got a complex tensor")
+            raise ValueError(f"{name}: expected {what}, got a complex tensor")
         value = value.detach().cpu().to(torch.float64).numpy()
     try:
         if np.iscomplexobj(value):
             raise TypeError
-        array = np.asarray(value, dtype=np.float64)
+        return np.array(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a numeric [V, C] array") from None
+        raise ValueError(f"{name}: expected {what}") from None
+
+
+def _matrix(name, value):
+    array = _float64(name, value, "a numeric [V, C] array")
     if array.ndim != 2:
         raise ValueError(f"{name}: expected a 2-d [V, C] array, got shape {array.shape}")
     return array

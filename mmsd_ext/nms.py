@@ -517,6 +517,8 @@ def _soft_temporal_nms_triton_op(
 @_temporal_nms_triton_op.register_fake
 @_temporal_nms_reference_op.register_fake
 def _hard_fake(segments, scores, groups, iou_threshold, overlap, offset):
+    # As the other ops' fakes: a meta tensor among real ones is an error, not an output made up.
+    _checks.same_device("segments", segments, scores=scores, groups=groups)
     k = torch.library.get_ctx().new_dynamic_size()
     return segments.new_empty((k,), dtype=torch.int64)
 
@@ -524,6 +526,7 @@ def _hard_fake(segments, scores, groups, iou_threshold, overlap, offset):
 @_soft_temporal_nms_triton_op.register_fake
 @_soft_temporal_nms_reference_op.register_fake
 def _soft_fake(segments, scores, groups, method, sigma, iou_threshold, min_score, offset):
+    _checks.same_device("segments", segments, scores=scores, groups=groups)
     k = torch.library.get_ctx().new_dynamic_size()
     return segments.new_empty((k,), dtype=torch.int64), scores.new_empty((k,))
 
@@ -561,6 +564,7 @@ if _loader.compiled_available():
 
     @torch.library.register_fake("mmsd_ext::_temporal_nms_gather")
     def _(mask, sorted_groups):
+        _checks.same_device("mask", mask, sorted_groups=sorted_groups)
         return mask.new_empty((mask.shape[0],), dtype=torch.bool)
 
 

@@ -276,7 +276,7 @@ def test_tensors_and_arrays_agree():
         ("rows", [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
         # Complex rows lost their imaginary parts with only numpy's warning.
         (np.array([[0, 0, 0, 1, 0.5 + 1j]]), [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
-        (torch.tensor([[0, 0, 0, 1, 0.5 + 1j]]), [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions: expected real rows"),
+        (torch.tensor([[0, 0, 0, 1, 0.5 + 1j]]), [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions: expected numeric rows of 5 columns .*, got a complex tensor"),
         ([[0, 0, 0, 1, 0.5]], np.array([[0, 0, 0, 1j]]), DEFAULT_TIOUS, "ground_truth"),
     ],
 )
@@ -469,7 +469,7 @@ def test_classification_map_perfect_and_bad_inputs():
         classification_map(np.zeros(4), np.zeros(4))
     with pytest.raises(ValueError, match="^video_scores: expected a numeric"):
         classification_map(np.array([[0.5 + 1j, 0.2]]), np.array([[1, 0]]))
-    with pytest.raises(ValueError, match="^video_scores: expected a real"):
+    with pytest.raises(ValueError, match="^video_scores: expected a numeric .*, got a complex tensor"):
         classification_map(torch.tensor([[0.5 + 1j, 0.2]]), np.array([[1, 0]]))
 
 

@@ -434,6 +434,9 @@ def _direct_calls(device):
             (lambda: ops.topk_mil_pool(torch.randn(4, 5, 3), meta_k, torch.full((4,), 5), True), "k"),
             (lambda: ops.snippet_distill_loss(s, s, 1.0, torch.empty(2, 4, dtype=torch.bool, device="meta"), 1), "mask"),
             (lambda: ops.mmsd_distill_loss(s, s, s.to("meta"), 1.0, None), "fused"),
+            (lambda: ops.temporal_nms(seg, three.to("meta"), None, 0.5, "iou", 0.0), "scores"),
+            (lambda: ops.soft_temporal_nms(seg, three.to("meta"), None, "gaussian", 0.5, 0.3, 0.0, 0.0), "scores"),
+            (lambda: ops._temporal_nms_gather(torch.zeros(3, 1, dtype=torch.int64), meta_k[:3]), "sorted_groups"),
             # offset + length past int64 wrapped around and passed the bounds check (a crash).
             (lambda: ops._threshold_runs(torch.zeros(4, dtype=torch.float64), torch.tensor([1]), torch.tensor([2**63 - 1]),
                                          torch.tensor([0.5], dtype=torch.float64), 1, 0.0, False), "offsets, lengths"),
