@@ -127,6 +127,11 @@ inline void check_scale_grads(const at::Tensor& grad, std::initializer_list<cons
                   "grad_rgb, grad_flow, grad_fused: expected three tensors that share no memory");
     }
   }
+  // The kernels read grad while they write the others (the CUDA one from every block).
+  for (const at::Tensor* g : grads) {
+    TORCH_CHECK(at::get_overlap_status(grad, *g) == at::MemOverlapStatus::No,
+                "grad: expected a tensor that shares no memory with grad_rgb, grad_flow, grad_fused");
+  }
 }
 
 // The version counters of tensors this op changed in place (the autograd fallback of an op

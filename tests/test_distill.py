@@ -753,7 +753,9 @@ def test_gradients_from_the_forward_equal_the_recomputed_ones(device, dtype, mas
     _, ran = _ops_run(lambda: loss.backward())
     assert "mmsd_ext::_mmsd_distill_loss_backward" in ran
     recomputed = [x.grad for x in xs]
-    eps = torch.finfo(dtype).eps
+    # The kernels compute in float32 for float64 inputs too: on CUDA, where the two
+    # ways differ by roundings, those are float32 roundings.
+    eps = torch.finfo(torch.float32 if device != "cpu" and dtype == torch.float64 else dtype).eps
 
     def cuda_atol(b):
         # Two CUDA kernels: the forward scales exp(a) by 1 / S of its float sum, the
@@ -818,7 +820,16 @@ def test_batched_upstream_gradients_recompute(device):
     for j, w in enumerate(upstream):
         one = torch.autograd.grad(loss, xs, grad_outputs=w, retain_graph=True)
         for b, g in zip(batched, one):
-            torch.testing.assert_close(b[j], g, rtol=0, atol=0)
+            if j == 0 and device != "cpu":
+                # The batched call left the forward's gradients held, so this first
+                # backward takes them (upstream 1, unscaled). On CUDA they differ from the
+                # recomputed ones by roundings of 1 / S (see
+                # test_gradients_from_the_forward_equal_the_recomputed_ones); elsewhere
+                # both ways are recomputations, equal bit for bit.
+                atol = 4 * torch.finfo(torch.float32).eps * g.abs().max().item()
+                torch.testing.assert_close(b[j], g, rtol=2 * torch.finfo(torch.float32).eps, atol=atol)
+            else:
+                torch.testing.assert_close(b[j], g, rtol=0, atol=0)
     assert all(torch.count_nonzero(g) > 0 for g in batched)
 
 

@@ -442,6 +442,8 @@ def _direct_calls(device):
                                          torch.tensor([0.5], dtype=torch.float64), 1, 0.0, False), "offsets, lengths"),
             # Aliased gradients would be scaled once per name.
             (lambda: ops._distill_scale_grads_(torch.tensor(2.0), three, three, torch.ones(3)), "grad_rgb, grad_flow, grad_fused"),
+            # The upstream gradient inside one of them: the CUDA kernel read it while writing.
+            (lambda: ops._distill_scale_grads_(three[1], three, torch.ones(3), torch.ones(3)), "grad: expected a tensor that shares no memory"),
         ]
     return calls
 
