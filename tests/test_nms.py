@@ -1078,6 +1078,50 @@ def test_gpu_bad_segments_raise_after_the_op():
     assert torch.ones(1, device="cuda").item() == 1.0
 
 
+@st.composite
+def large_nms_inputs(draw):
+    """nms_inputs' kinds of input (integer or float coordinates, tied or spread scores,
+    NaN and +-inf among them, groups or none) at 257 to 400 segments: the values come
+    from a drawn seed (hypothesis cannot draw lists this long element by element)."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    M = draw(st.integers(257, 400))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    if draw(st.booleans()):  # integer coordinates: overlaps exactly at 1/3, 1/2, 2/3
+        start = torch.randint(0, M // 4, (M,), generator=gen).double()
+        seg = torch.stack([start, start + torch.randint(0, 13, (M,), generator=gen).double()], 1)
+    else:
+        start = torch.rand(M, generator=gen, dtype=torch.float64) * 400 - 200
+        seg = torch.stack([start, start + torch.rand(M, generator=gen, dtype=torch.float64) * 30], 1)
+    if draw(st.booleans()):
+        scores = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)[torch.randint(0, 4, (M,), generator=gen)]
+    else:
+        scores = torch.rand(M, generator=gen, dtype=torch.float64) * 4 - 2
+    if draw(st.booleans()):
+        special = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)[torch.randint(0, 3, (M,), generator=gen)]
+        scores = torch.where(torch.rand(M, generator=gen) < 0.2, special, scores)
+    groups = torch.randint(-2, 4, (M,), generator=gen) if draw(st.booleans()) else None
+    return seg.to(dtype), scores.to(draw(st.sampled_from([torch.float32, torch.float64]))), groups
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+@settings(max_examples=25, deadline=None)
+@given(data=large_nms_inputs(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]),
+       offset=st.sampled_from([0.0, 1.0, 0.5]))
+def test_gpu_mask_path_matches_reference(gpu_backend, data, threshold, overlap, offset):
+    """Above 256 segments the CUDA op leaves its one-block path for the sort-and-mask
+    one, which test_temporal_nms_matches_reference's sizes no longer reach (and the
+    compiled Triton mask kernel meets more than one tile)."""
+    if gpu_backend not in mmsd_ext.available_backends():
+        pytest.skip(f"{gpu_backend} backend not available")
+    seg, scores, groups = data
+    expected = mmsd_ext.temporal_nms(seg, scores, threshold, groups=groups, overlap=overlap, offset=offset, backend="reference")
+    seg_d, scores_d, groups_d = _to(torch.device("cuda"), seg, scores, groups)
+    got = mmsd_ext.temporal_nms(seg_d, scores_d, threshold, groups=groups_d, overlap=overlap, offset=offset, backend=gpu_backend)
+    assert got.dtype == torch.int64 and got.is_cuda
+    assert torch.equal(got.cpu(), expected)
+
+
 # Sizes around kSmallNmsMaxSegments (256, csrc/cuda/temporal_nms_kernel.cu): up to it
 # the CUDA op runs in one block (segments ranked by counting, greedy pass in shared
 # memory, group ids compared directly), above it the sort-and-mask path.
