@@ -236,17 +236,16 @@ def _check_nms_args(op, segments, scores, groups, offset):
 
 
 def _check_segment_values(segments):
-    """Finite coordinates with end >= start; the reference's check (the kernels check in C++)."""
+    """Finite coordinates with end >= start; the reference's check (the kernels check in C++).
+    Names the first bad segment, as the kernels do, with the cpu kernel's messages."""
     if segments.shape[0] == 0:
         return
     finite = torch.isfinite(segments).all(dim=1)
-    if not bool(finite.all()):
-        i = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"segments: expected finite coordinates, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
-    bad = segments[:, 1] < segments[:, 0]
+    bad = ~finite | (segments[:, 1] < segments[:, 0])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"segments: expected end >= start, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
+        what = "finite coordinates" if not bool(finite[i]) else "end >= start"
+        raise ValueError(f"segments: expected {what}, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
 
 
 # ----------------------------------------------------------------------------

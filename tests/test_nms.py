@@ -659,6 +659,23 @@ def test_bad_inputs_name_the_argument(any_backend, call, error, name):
         fn(backend=any_backend, **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf under the interpreter
+def test_the_first_bad_segment_is_named(any_backend):
+    """Every backend names the first segment that is bad in either way (a non-finite
+    coordinate or end < start), hard and soft: the reference checked all coordinates
+    for finiteness first and named a later segment than the kernels."""
+    dev = backend_device(any_backend)
+    reversed_first = torch.tensor([[0.0, 1.0], [3.0, 2.0], [math.nan, 2.0], [1.0, math.inf]], device=dev)
+    infinite_first = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1.0, math.inf], [3.0, 2.0]], device=dev)
+    scores = torch.ones(4, device=dev)
+    for fn in (lambda s: mmsd_ext.temporal_nms(s, scores, 0.5, backend=any_backend),
+               lambda s: mmsd_ext.soft_temporal_nms(s, scores, backend=any_backend)):
+        with pytest.raises(ValueError, match=r"^segments: expected (finite coordinates with )?end >= start, got segment 1 ="):
+            fn(reversed_first)
+        with pytest.raises(ValueError, match=r"^segments: expected finite coordinates.*, got segment 2 ="):
+            fn(infinite_first)
+
+
 def test_compiled_ops_check_their_arguments():
     # Direct calls of the dispatcher ops (no Python wrapper) fail cleanly too.
     if "cpu" not in mmsd_ext.available_backends():
