@@ -22,6 +22,14 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20
 settings.register_profile("dev", deadline=None, max_examples=100, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "gpu: touches the GPU where there is one, though its name does not say so "
+        "(benchmarks/device_check.sh selects the GPU tests by -k, which matches marker names too)",
+    )
+
+
 AVAILABLE = mmsd_ext.available_backends()
 HAS_GPU = torch.cuda.is_available()
 

@@ -287,12 +287,17 @@ def _check_mmsd_case(backend, case, dtype):
 
 
 def _check_mmsd(backend, xs, mask, tau, grad_out):
-    """The backend's loss and three gradients on these inputs against the oracle."""
-    loss, grads = _loss_and_grads(
-        lambda r, f, u: mmsd_ext.mmsd_distill_loss(r, f, u, tau, mask=mask, backend=backend),
-        xs, grad_out, (True, True, True),
-    )
-    _assert_mmsd_matches_oracle(loss, grads, xs, mask, tau, grad_out)
+    """The backend's loss and three gradients on these inputs against the oracle. On cpu
+    and cuda the first backward hands over the gradients the forward wrote; a second one
+    (retain_graph) recomputes them in the backward kernels, checked too."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs]
+    loss = mmsd_ext.mmsd_distill_loss(*leaves, tau, mask=mask, backend=backend)
+    upstream = torch.full_like(loss, grad_out)
+    grads = torch.autograd.grad(loss, leaves, upstream, retain_graph=backend != "triton")
+    _assert_mmsd_matches_oracle(loss.detach(), grads, xs, mask, tau, grad_out)
+    if backend != "triton":  # the Triton backend always recomputes
+        recomputed = torch.autograd.grad(loss, leaves, upstream)
+        _assert_mmsd_matches_oracle(loss.detach(), recomputed, xs, mask, tau, grad_out)
 
 
 def _assert_mmsd_matches_oracle(loss, grads, xs, mask, tau, grad_out):
@@ -1100,6 +1105,7 @@ def _run_opcheck(forward, backward_pair, mmsd_forward, mmsd_backward, device):
     torch.library.opcheck(mmsd_backward, (torch.tensor(0.5, device=device), s, t, u, stats, count, 0.2))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _loader.compiled_available(), reason="the compiled extension is not built")
 def test_opcheck_compiled_ops():
     ops = torch.ops.mmsd_ext
@@ -1277,9 +1283,11 @@ def test_cuda_grid_stride_loops_against_cpu():
         m, w = mask.to(device), weights.to(device)
         rows = mmsd_ext.snippet_distill_loss(inputs[0], inputs[1], 0.5, mask=m, reduction="none", backend=device)
         (g_pair,) = torch.autograd.grad(rows, inputs[0], w)
-        loss = mmsd_ext.mmsd_distill_loss(*inputs, 0.5, mask=m, backend=device)
-        grads = torch.autograd.grad(loss * 1e6, inputs)  # 1e6: the mean's 1 / 1.9e6 rows brought back near 1
-        results[device] = [rows, g_pair, loss, *grads]
-    for name, got, expected in zip(("rows", "grad pair", "loss", "grad rgb", "grad flow", "grad fused"),
-                                   results["cuda"], results["cpu"]):
+        loss = mmsd_ext.mmsd_distill_loss(*inputs, 0.5, mask=m, backend=device) * 1e6  # the mean's 1 / 1.9e6 rows brought back near 1
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True)  # written by the forward
+        recomputed = torch.autograd.grad(loss, inputs)  # by the backward kernel, whose loop is checked too
+        results[device] = [rows, g_pair, loss, *grads, *recomputed]
+    names = ("rows", "grad pair", "loss x 1e6", "grad rgb", "grad flow", "grad fused",
+             "recomputed grad rgb", "recomputed grad flow", "recomputed grad fused")
+    for name, got, expected in zip(names, results["cuda"], results["cpu"]):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5, msg=name)

@@ -448,6 +448,7 @@ def _direct_calls(device):
     return calls
 
 
+@pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 def test_dispatcher_ops_called_directly_refuse_bad_arguments_by_name():

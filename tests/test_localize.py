@@ -430,6 +430,7 @@ def test_cuda_matches_cpu():
     assert torch.equal(cuda.cpu(), cpu)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_devices_are_an_error():
     with pytest.raises(ValueError, match="video_scores"):

@@ -99,6 +99,7 @@ def test_temporal_nms_matches_reference(backend, data, threshold, overlap, offse
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.gpu
 def test_temporal_nms_small_example_every_backend():
     # Written out by hand: 0 is kept; 1 overlaps 0 by IoU 9/11 > 0.5; 2 is disjoint; 3
     # (score NaN, visited last) overlaps 2 by 5/10 = 0.5, not more: kept.
@@ -169,6 +170,7 @@ def test_temporal_nms_matches_torchvision_with_ties(backend):
         assert torch.equal(got.cpu(), torchvision.ops.nms(boxes, scores, threshold))
 
 
+@pytest.mark.gpu
 @given(
     a=st.tuples(st.floats(-100, 100), st.floats(0, 50)),
     b=st.tuples(st.floats(-100, 100), st.floats(0, 50)),
@@ -182,12 +184,12 @@ def test_temporal_nms_threshold_at_the_overlap(a, b, overlap, offset):
     seg = torch.tensor([[a[0], a[0] + a[1]], [b[0], b[0] + b[1]]], dtype=torch.float64)
     scores = torch.tensor([1.0, 0.5])
     ov = nms_module._overlap_reference(seg[0].tolist(), seg[1].tolist(), overlap, offset)
-    backends = [n for n in mmsd_ext.available_backends() if n != "cuda"]
     for threshold, expected in ((ov, [0, 1]), (math.nextafter(ov, -1.0), [0] if ov > 0 else [0, 1])):
         if threshold < 0:
             continue
-        for backend in backends:
-            got = mmsd_ext.temporal_nms(seg, scores, threshold, overlap=overlap, offset=offset, backend=backend)
+        for backend in mmsd_ext.available_backends():
+            dev = backend_device(backend)
+            got = mmsd_ext.temporal_nms(seg.to(dev), scores.to(dev), threshold, overlap=overlap, offset=offset, backend=backend)
             assert got.tolist() == expected, (backend, threshold)
 
 
@@ -539,6 +541,7 @@ def test_soft_temporal_nms_permutation_invariance(data, seed, params):
     assert torch.equal(perm[idx_perm[positive:]].sort().values, idx[positive:].sort().values)
 
 
+@pytest.mark.gpu
 def test_soft_temporal_nms_small_example_every_backend():
     # Gaussian, sigma 0.5: 0 is selected (0.9); 1 overlaps it by IoU 9/11 and decays
     # to 0.8 exp(-(9/11)^2 / 0.5) = 0.2104...; 2 is untouched (0.7) and comes before it.
@@ -1001,6 +1004,7 @@ def _special_scores(M, gen):
     return scores
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", [10, 300, 5000])
 def test_descending_order_puts_every_nan_last(M):
     # 300 and 5000 reach the CUDA sort's block and device radix paths.

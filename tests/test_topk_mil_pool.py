@@ -348,6 +348,7 @@ def test_bad_inputs_name_the_argument(any_backend):
             mmsd_ext.topk_mil_pool(*args, backend=any_backend, **kwargs)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 def test_tensors_on_different_devices():
     x = torch.randn(2, 5, 3, device="cuda")
