@@ -230,13 +230,21 @@ def main(argv=None):
     copy_gbps = copy_bandwidth("cuda", settings)
     print(f"fwd+bwd, ordinary call and CUDA graph replay, {torch.cuda.get_device_name()}, float32; "
           f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
-    rows = []
+    # Each case's rows as soon as they are measured: a run cut short keeps what it measured.
+    print(format_rows([], copy_gbps), flush=True)
+    failed = 0
     for op in args.ops:
         for size in sizes:
-            rows.extend(run_case(op, size, backends, settings))
+            try:
+                rows = run_case(op, size, backends, settings)
+            except Exception as exc:  # e.g. out of memory making the inputs: the next case still runs
+                failed += 1
+                print(f"{op:<22}{'x'.join(map(str, size)):<13}failed: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160], flush=True)
+            else:
+                failed += sum(r.check != "ok" for r in rows)
+                print("\n".join(format_rows(rows, copy_gbps).splitlines()[1:]), flush=True)
             torch.cuda.empty_cache()
-    print(format_rows(rows, copy_gbps))
-    failed = [r for r in rows if r.check != "ok"]
     return 1 if failed else 0
 
 
