@@ -11,6 +11,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -835,6 +836,55 @@ def test_eval_only_writes_only_results(tiny_root, tmp_path, capsys):
     (run_dir / "results.json").unlink()
     assert main(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(run_dir), "--quiet", "--no-progress"]) == 0
     assert _snapshot(run_dir)["checkpoint.pt"] == before["checkpoint.pt"]
+
+
+def test_a_checkpoint_device_this_machine_lacks_is_named_as_the_checkpoints(tiny_root, tmp_path, capsys):
+    """A run trained with --device cuda:N (or a GPU backend) resumed or evaluated where that
+    cannot run: the error says the setting came from the checkpoint and which flag overrides it;
+    with the flag, the run goes on."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    for key, value in (("device", f"cuda:{torch.cuda.device_count() + 3}"), ("backend", "cuda")):
+        forged = dict(state, config=dict(state["config"], **{key: value}))
+        ckpt = tmp_path / f"{key}.pt"
+        torch.save(forged, ckpt)
+        capsys.readouterr()
+        for argv in (["--resume", str(ckpt)], ["--eval-only", "--checkpoint", str(ckpt)]):
+            assert main([*argv, "--no-progress", "--output-dir", str(tmp_path / "out")]) == 2
+            err = capsys.readouterr().err
+            assert f"--{key} {value}" in err and f"is the checkpoint's setting; give --{key}" in err, err
+    fixed = ["--device", "cpu", "--backend", "auto", "--no-progress", "--quiet"]
+    assert main(["--resume", str(tmp_path / "device.pt"), *fixed, "--output-dir", str(tmp_path / "o1")]) == 0
+    assert main(["--eval-only", "--checkpoint", str(tmp_path / "backend.pt"), *fixed, "--output-dir", str(tmp_path / "o2")]) == 0
+
+
+def test_torchrun_with_more_processes_than_gpus_is_a_usage_error(tiny_root, tmp_path, monkeypatch, capsys):
+    """A process of torchrun whose local rank has no GPU: a message naming the cause, before
+    torch.cuda.set_device or NCCL fail with their own (a traceback)."""
+    monkeypatch.setenv("RANK", "64")
+    monkeypatch.setenv("WORLD_SIZE", "65")
+    monkeypatch.setenv("LOCAL_RANK", "64")
+    with pytest.raises(engine.UsageError, match="process 64 of this node has no GPU of its own"):
+        engine.Dist("cuda")
+    assert main(["--data-root", tiny_root, *FAST, "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 2
+    assert "has no GPU of its own" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # --device cuda:N other than a process's own GPU: NCCL's communicator is bound to that one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rank1 = types.SimpleNamespace(active=True, nccl=True, local_rank=1)
+    with pytest.raises(engine.UsageError, match=r"--device cuda:0: under torchrun each process uses the GPU of its local rank \(here cuda:1\)"):
+        engine._resolve_device("cuda:0", rank1)
+
+
+def test_an_in_process_run_restores_the_callers_determinism(tiny_root, tmp_path):
+    # The run asks for deterministic algorithms on the CPU; a caller's warn_only mode comes back.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(tmp_path / "run")]) == 0
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_resume_overwrite_same_folder_keeps_checkpoint_and_log(tiny_root, tmp_path, capsys):

@@ -247,6 +247,9 @@ def config_from_args(args, parser):
                 if key not in allowed and given[key] != getattr(saved, key):
                     parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")
         base.update(given)
+        # Settings of the machine the checkpoint was made on, kept where not given again:
+        # an error about them says where they came from (main).
+        flags["inherited"] = {k: base[k] for k in ("device", "backend") if k not in given}
         if flags.get("resume"):
             # Another --epochs moves where the run ends, not its lr decay and refreshes.
             base["schedule_epochs"] = schedule_length(saved)
@@ -263,6 +266,7 @@ def config_from_args(args, parser):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    flags = {}
     try:
         config, flags = config_from_args(args, parser)
         result = run(
@@ -277,7 +281,11 @@ def main(argv=None):
             quiet=flags.get("quiet", False),
         )
     except (UsageError, DataError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        for key, value in (flags.get("inherited") or {}).items() if isinstance(exc, UsageError) else ():
+            if message.startswith((f"--{key} ", f"--{key}:")):
+                message += f" (--{key} {value} is the checkpoint's setting; give --{key} to run with another here)"
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -174,6 +174,12 @@ class Dist:
         if self.active and not dist.is_initialized():
             if self.nccl:
                 # Each process drives its own GPU; NCCL's communicator must know which.
+                visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                if self.local_rank >= visible:
+                    raise UsageError(
+                        f"--device: process {self.local_rank} of this node has no GPU of its own ({visible} CUDA "
+                        f"device(s) visible); start at most {visible} processes per node, or give --device cpu"
+                    )
                 torch.cuda.set_device(self.local_rank)
             dist.init_process_group("nccl" if self.nccl else "gloo")
             self.owns_group = True
@@ -222,6 +228,11 @@ def _resolve_device(name, ddp):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: no CUDA device is visible to torch")
+        if ddp.nccl and device.index not in (None, ddp.local_rank):
+            raise UsageError(
+                f"--device {name}: under torchrun each process uses the GPU of its local rank (here cuda:"
+                f"{ddp.local_rank}); give --device cuda"
+            )
         if device.index is None:
             device = torch.device("cuda", ddp.local_rank if ddp.active else torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
@@ -872,11 +883,12 @@ def run(
     ddp = Dist(device_kind)
     # Process-wide settings this run changes, restored afterwards (run() may be called in-process).
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop_after, progress, quiet, save)
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         ddp.close()
 
 
