@@ -240,8 +240,9 @@ def compare_tensors(expected, got, rtol, atol):
     """"ok", or the largest error relative to the tolerance, for nested tuples/lists of tensors.
 
     ``atol`` is relative to each tensor's largest finite magnitude: the gradients of a
-    mean over millions of rows are all below 1e-4, and a fixed atol of that order would
-    pass them half wrong."""
+    mean over millions of rows are of the order of 1e-5, float32's fixed atol, which would
+    pass them half wrong. (For a tensor with a large maximum, its small entries are held
+    less tightly than by a fixed atol.)"""
     worst = 0.0
     pairs = list(_flatten_pairs(expected, got))
     for e, g in pairs:

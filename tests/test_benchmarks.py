@@ -1,7 +1,9 @@
 """The benchmark suite runs end to end: a tiny run of the CLI, its CSV, the plot, the checks it makes."""
 
+import contextlib
 import csv
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -421,11 +423,41 @@ def test_host_overhead_measures_every_case_and_refuses_bad_flags():
     assert expected <= set(rows), proc.stdout
     for name, (host, total, _pct) in rows.items():
         assert 0 < host <= total, (name, host, total)
-    # Under the interpreter it also launches the empty Triton kernel (tests/triton_aot.py compiles it for sm_90).
+    # Under the interpreter it also launches the empty Triton kernel. (The interpreter never compiles
+    # it: tests/triton_aot.py, run by test_triton_compile.py, checks that it compiles for sm_90.)
     proc = subprocess.run(cmd + ["--calls", "1", "--shape", "2x8x3", "--backends", "cpu"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert any(line.startswith("empty Triton kernel launch") and "failed" not in line for line in proc.stdout.splitlines()), proc.stdout
+    # A case that fails is a row saying so, the others are still measured, and the exit status is 1.
+    from benchmarks import host_overhead
+
+    real = host_overhead.host_and_total
+
+    def failing(fn, device, calls, rounds=5):
+        if fn is broken:
+            raise RuntimeError("made to fail")
+        return real(fn, device, calls, rounds)
+
+    broken = None
+    cases = host_overhead.base_cases
+
+    def base_cases(device):
+        nonlocal broken
+        rows = cases(device)
+        broken = rows[1][1]
+        return rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host_overhead, "host_and_total", failing)
+        mp.setattr(host_overhead, "base_cases", base_cases)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = host_overhead.main(["--device", "cpu", "--calls", "1", "--shape", "2x8x3", "--backends", "cpu"])
+    lines = out.getvalue().splitlines()
+    assert status == 1 and "1 of" in lines[-1], lines
+    assert [line for line in lines if "failed: RuntimeError: made to fail" in line][0].startswith("custom op, no work")
+    assert any(line.startswith("temporal_nms M=100") for line in lines), lines
     for flags, message in [(["--shape", "2x8"], "--shape"), (["--calls", "0"], "--calls"),
                            (["--backends", "cuda"], "--backends")]:
         proc = subprocess.run(cmd + flags, cwd=REPO, capture_output=True, text=True, timeout=300)

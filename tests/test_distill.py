@@ -829,8 +829,8 @@ def test_batched_upstream_gradients_recompute(device):
                 # The batched call left the forward's gradients held, so this first
                 # backward takes them (upstream 1, unscaled). On CUDA they differ from the
                 # recomputed ones by roundings of 1 / S (see
-                # test_gradients_from_the_forward_equal_the_recomputed_ones); elsewhere
-                # both ways are recomputations, equal bit for bit.
+                # test_gradients_from_the_forward_equal_the_recomputed_ones); on the CPU
+                # they are bit-equal, and the later calls recompute.
                 atol = 4 * torch.finfo(torch.float32).eps * g.abs().max().item()
                 torch.testing.assert_close(b[j], g, rtol=2 * torch.finfo(torch.float32).eps, atol=atol)
             else:

@@ -865,13 +865,17 @@ def test_torchrun_with_more_processes_than_gpus_is_a_usage_error(tiny_root, tmp_
     monkeypatch.setenv("RANK", "64")
     monkeypatch.setenv("WORLD_SIZE", "65")
     monkeypatch.setenv("LOCAL_RANK", "64")
-    with pytest.raises(engine.UsageError, match="process 64 of this node has no GPU of its own"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(engine.UsageError, match="no CUDA device is visible to torch; give --device cpu"):
+        engine.Dist("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(engine.UsageError, match=r"process 64 of this node has no GPU of its own \(2 CUDA device"):
         engine.Dist("cuda")
     assert main(["--data-root", tiny_root, *FAST, "--device", "cuda", "--output-dir", str(tmp_path / "run")]) == 2
     assert "has no GPU of its own" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     # --device cuda:N other than a process's own GPU: NCCL's communicator is bound to that one.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     rank1 = types.SimpleNamespace(active=True, nccl=True, local_rank=1)
     with pytest.raises(engine.UsageError, match=r"--device cuda:0: under torchrun each process uses the GPU of its local rank \(here cuda:1\)"):
         engine._resolve_device("cuda:0", rank1)
@@ -1269,6 +1273,27 @@ def test_throughput_out_of_range_threads_and_steps_are_refused(argv, message, ca
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert torch.get_num_threads() == threads
+
+
+def test_throughput_resolves_a_cuda_device(capsys, monkeypatch):
+    # --device cuda goes through the training's device rules as a single process (it passed an
+    # object without the fields those rules read); with CUDA faked present, it reaches the
+    # backend check on cuda:0.
+    from mmsd_ext.train import throughput
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    class Reached(Exception):
+        pass
+
+    def check_backend(backend, device):
+        raise Reached(backend, device)
+
+    monkeypatch.setattr(throughput, "check_backend", check_backend)
+    with pytest.raises(Reached) as info:
+        throughput.main(["--device", "cuda", "--steps", "1", "--backends", "reference"])
+    assert info.value.args == ("reference", torch.device("cuda", 0))
 
 
 def test_throughput_header_reports_the_threads_asked_for(capsys, monkeypatch):

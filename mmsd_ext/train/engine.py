@@ -175,6 +175,8 @@ class Dist:
             if self.nccl:
                 # Each process drives its own GPU; NCCL's communicator must know which.
                 visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                if visible == 0:
+                    raise UsageError("--device: no CUDA device is visible to torch; give --device cpu")
                 if self.local_rank >= visible:
                     raise UsageError(
                         f"--device: process {self.local_rank} of this node has no GPU of its own ({visible} CUDA "
@@ -218,7 +220,9 @@ class Dist:
             time.sleep(0.05)
 
 
-def _resolve_device(name, ddp):
+def _resolve_device(name, ddp=None):
+    """The torch.device of --device ``name`` for this process (``ddp``: its Dist; None for a single process)."""
+    active, nccl, local_rank = (ddp.active, ddp.nccl, ddp.local_rank) if ddp is not None else (False, False, 0)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -228,13 +232,13 @@ def _resolve_device(name, ddp):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: no CUDA device is visible to torch")
-        if ddp.nccl and device.index not in (None, ddp.local_rank):
+        if nccl and device.index not in (None, local_rank):
             raise UsageError(
                 f"--device {name}: under torchrun each process uses the GPU of its local rank (here cuda:"
-                f"{ddp.local_rank}); give --device cuda"
+                f"{local_rank}); give --device cuda"
             )
         if device.index is None:
-            device = torch.device("cuda", ddp.local_rank if ddp.active else torch.cuda.current_device())
+            device = torch.device("cuda", local_rank if active else torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":

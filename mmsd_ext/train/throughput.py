@@ -21,7 +21,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 
 import numpy as np
 import torch
@@ -133,7 +132,7 @@ def main(argv=None):
     if not 0 <= args.threads <= MAX_THREADS:
         p.error(f"--threads: expected 0 (torch's) to {MAX_THREADS}, got {args.threads}")
     try:
-        device = _resolve_device(args.device, types.SimpleNamespace(active=False, local_rank=0))
+        device = _resolve_device(args.device)
         for backend in args.backends:
             check_backend(backend, device)
     except UsageError as exc:
