@@ -189,6 +189,9 @@ def test_the_check_catches_a_wrong_result():
     assert harness.compare_tensors(small, small * 0.5, 1e-4, 1e-5).startswith("differs")
     assert harness.compare_tensors(torch.zeros(3), torch.zeros(3), 1e-4, 1e-5) == "ok"
     assert harness.compare_tensors(torch.zeros(3), torch.full((3,), 1e-6), 1e-4, 1e-5) == "ok"
+    # Never looser than the given atol: a large maximum does not widen it for the small entries.
+    big = torch.tensor([1000.0, 0.0])
+    assert harness.compare_tensors(big, torch.tensor([1000.0, 2e-5]), 1e-4, 1e-5).startswith("differs")
 
 
 def test_bad_options_are_refused_with_the_option_named():
