@@ -42,6 +42,7 @@ _COLOURS = {
     "torchvision.nms+offsets": "#17becf",
     "loop": "#7f7f7f",
     "numpy_loop": "#7f7f7f",
+    "cpu(host copies)": "#8c564b",
 }
 
 
