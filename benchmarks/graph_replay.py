@@ -39,7 +39,7 @@ import torch
 import mmsd_ext
 
 from . import bench_distill, bench_topk_mil_pool
-from .harness import TOLERANCES, Settings, _fmt, compare_tensors, copy_bandwidth, measure, parse_btc
+from .harness import TOLERANCES, Settings, _first_line, _fmt, compare_tensors, copy_bandwidth, measure, parse_btc
 
 OPS = ("mmsd_distill_loss", "snippet_distill_loss", "topk_mil_pool")
 SIZES = ("10x750x21", "32x2304x201", "64x4608x201")
@@ -166,7 +166,7 @@ def run_case(op, shape, backends, settings, log=print):
             row.check = step.compare(anchor_result, (out.detach(), grads)) if anchor_result is not None else "no anchor result"
             row.replay_ms = measure(graph.replay, "cuda", settings).median
         except Exception as exc:  # one provider's failure is a row, not the end of the run
-            row.check = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:120]
+            row.check = _first_line(exc)[:120]
             log(f"  {op} {row.shape} {step.provider}: {row.check}")
         finally:
             # The graph's memory pool goes before the next provider captures its own.
@@ -239,8 +239,7 @@ def main(argv=None):
                 rows = run_case(op, size, backends, settings)
             except Exception as exc:  # e.g. out of memory making the inputs: the next case still runs
                 failed += 1
-                print(f"{op:<22}{'x'.join(map(str, size)):<13}failed: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}"[:160], flush=True)
+                print(f"{op:<22}{'x'.join(map(str, size)):<13}failed: {_first_line(exc)}"[:160], flush=True)
             else:
                 failed += sum(r.check != "ok" for r in rows)
                 print("\n".join(format_rows(rows, copy_gbps).splitlines()[1:]), flush=True)

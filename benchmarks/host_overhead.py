@@ -31,7 +31,7 @@ import mmsd_ext
 
 from . import bench_nms, workloads
 from .bench_distill import TEMPERATURE, mmsd_eager
-from .harness import parse_btc
+from .harness import _first_line, parse_btc
 
 SHAPE = "10x750x21"  # THUMOS14-like: the size of issue 3's GPU goal against eager
 NMS_M = 100
@@ -228,8 +228,7 @@ def main(argv=None):
             host, total = host_and_total(fn, device, args.calls)
         except Exception as exc:  # one case that fails does not cost the others their rows
             failed += 1
-            print(f"{name:<40}{backend:<13}  failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  flush=True)
+            print(f"{name:<40}{backend:<13}  failed: {_first_line(exc)}", flush=True)
             continue
         print(f"{name:<40}{backend:<13}{host:>10.1f}{total:>10.1f}{100 * host / total:>8.0f}", flush=True)
     if failed:

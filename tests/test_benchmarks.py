@@ -213,7 +213,7 @@ def test_bad_options_are_refused_with_the_option_named():
         (["--threads", "0"], "--threads: expected 1 to 4096, got 0"),
         (["--csv", "/proc/no-such-process/x.csv"], "--csv /proc/no-such-process/x.csv: cannot make the folder"),
         (["--plot", "/"], "--plot /: is a directory"),
-        # Before 2026-12: a seed numpy refuses failed in a traceback (--list) or left every case
+        # Before 2026-11-27: a seed numpy refuses failed in a traceback (--list) or left every case
         # "not measured" with exit status 0.
         (["--seed", "-1"], "--seed: expected 0 to 4294967295, got -1"),
         (["--seed", str(2**32)], "--seed: expected 0 to 4294967295, got 4294967296"),
@@ -321,7 +321,7 @@ def _plot_csv(tmp_path, name, edit=None, extra=""):
     ],
 )
 def test_plot_out_must_name_an_image_file(out, message, tmp_path, capsys, monkeypatch):
-    # Before 2026-12: .txt failed in a matplotlib traceback; "" wrote ./.png; a folder or a
+    # Before 2026-11-27: .txt failed in a matplotlib traceback; "" wrote ./.png; a folder or a
     # name without an extension got ".png" added, and the path printed was not the file written.
     from benchmarks import plot
 
@@ -364,7 +364,7 @@ def _set(column, value):
     ids=["short-row", "long-row", "short-second-row", "median-0", "median-neg", "median-nan", "median-inf", "median-empty", "speedup-neg"],
 )
 def test_plot_refuses_malformed_rows_and_impossible_times(edit, extra, message, tmp_path, capsys):
-    # Before 2026-12: a short or long row failed in a TypeError traceback, and times that
+    # Before 2026-11-27: a short or long row failed in a TypeError traceback, and times that
     # cannot be bars on a log scale (0, -1, NaN, inf) were left out of the plot without a word.
     # The harness never writes such rows, so they are refused, not skipped.
     from benchmarks import plot
