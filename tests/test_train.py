@@ -657,7 +657,7 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     assert main(["--resume", str(tmp_path / "junk.pt")]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
-    assert main(["--data-root", tiny_root, *FAST, "--backend", "cuda", "--device", "cpu", "--output-dir", str(tmp_path / "o2")]) == 2
+    assert main(["--data-root", tiny_root, *FAST, "--backend", "cuda", "--output-dir", str(tmp_path / "o2")]) == 2
     assert "--backend cuda" in capsys.readouterr().err
 
     # A checkpoint evaluated on data it was not trained for.
@@ -1175,7 +1175,7 @@ def test_ddp_rank0_failing_mid_run_stops_every_rank_without_torchrun(tiny_root, 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    argv = [sys.executable, str(script), "--data-root", tiny_root, *FAST, "--epochs", "4", "--dropout", "0", "--device", "cpu"]
+    argv = [sys.executable, str(script), "--data-root", tiny_root, *FAST, "--epochs", "4", "--dropout", "0"]
     argv += ["--output-dir", str(tmp_path / "run")]
     base = dict(os.environ, OMP_NUM_THREADS="1", MMSD_EXT_QUIET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
     procs = [
@@ -1199,7 +1199,7 @@ def test_ddp_rank0_failing_mid_run_stops_every_rank_without_torchrun(tiny_root, 
 def test_ddp_two_processes_match_one(tiny_root, tmp_path):
     """torchrun with 2 CPU processes (gloo): each takes half of every step's videos; without
     dropout the result equals the single-process run up to float summation order."""
-    common = ["--data-root", tiny_root, *FAST, "--epochs", "3", "--dropout", "0", "--device", "cpu"]
+    common = ["--data-root", tiny_root, *FAST, "--epochs", "3", "--dropout", "0"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert main(common + ["--output-dir", one]) == 0
     # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack to the
