@@ -1126,7 +1126,7 @@ def large_nms_inputs(draw):
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=max(25, settings.default.max_examples), deadline=None)
 @given(data=large_nms_inputs(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]),
        offset=st.sampled_from([0.0, 1.0, 0.5]))
 def test_gpu_mask_path_matches_reference(gpu_backend, data, threshold, overlap, offset):
