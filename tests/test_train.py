@@ -20,7 +20,7 @@ import torch
 import mmsd_ext
 from mmsd_ext.train import data as data_mod
 from mmsd_ext.train import engine, losses, synthetic
-from mmsd_ext.train.__main__ import MAX_THREADS, main
+from mmsd_ext.train.__main__ import MAX_THREADS, _tious, main
 from mmsd_ext.train.model import MMSD
 
 # ---------------------------------------------------------------------------------------------
@@ -628,6 +628,45 @@ def test_ablation_one_real_run(tmp_path, capsys):
     assert "| single stream (--single-stream) |" in out.read_text()
 
 
+def test_tiou_flag_parses_ranges_and_lists():
+    assert _tious("0.1:0.7:0.1") == engine.TIOUS  # MMSD's, the default
+    assert _tious("0.5:0.95:0.05") == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # STOP included
+    assert _tious("0.7,0.3,0.5") == (0.3, 0.5, 0.7)
+    assert _tious("1") == (1.0,) and _tious("0.3:0.3:0.1") == (0.3,)
+
+
+def test_tiou_thresholds_of_training_resume_and_eval_only(tiny_root, tmp_path):
+    """--tiou sets the thresholds of results.json; the checkpoint keeps them for a resumed run
+    and eval-only, which may give others. The mAP at a threshold does not depend on the others
+    evaluated with it, and a checkpoint saved before --tiou existed evaluates at MMSD's."""
+    run_dir = tmp_path / "run"
+    argv = ["--data-root", tiny_root, *FAST, "--epochs", "2", "--seed", "7", "--tiou", "0.5:0.95:0.05", "--output-dir", str(run_dir)]
+    assert main(argv + ["--stop-after", "1"]) == 0
+    ckpt = str(run_dir / "checkpoint.pt")
+    assert main(["--resume", ckpt, "--no-progress", "--quiet"]) == 0
+    full = _results(run_dir)
+    assert list(full["map"]) == ["0.5", "0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9", "0.95"]
+    assert full["average_map"] == pytest.approx(np.mean(list(full["map"].values())))
+    assert full["config"]["tious"] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    assert any(v > 0 for v in full["map"].values())  # else the comparisons below would prove little
+
+    def eval_only(out, *extra, checkpoint=ckpt):
+        assert main(["--eval-only", "--checkpoint", checkpoint, "--output-dir", str(tmp_path / out), "--no-progress",
+                     "--quiet", *extra]) == 0
+        return _results(tmp_path / out)
+
+    assert eval_only("same")["map"] == full["map"]  # the checkpoint's thresholds
+    some = eval_only("some", "--tiou", "0.7,0.5")
+    assert some["map"] == {"0.5": full["map"]["0.5"], "0.7": full["map"]["0.7"]}
+
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["tious"]
+    torch.save(state, tmp_path / "old.pt")
+    old = eval_only("old", checkpoint=str(tmp_path / "old.pt"))
+    assert list(old["map"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"]
+    assert old["map"]["0.5"] == full["map"]["0.5"] and old["map"]["0.7"] == full["map"]["0.7"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -730,6 +769,14 @@ def _strict_json_lines(folder):
         (["--lr", "inf"], "argument --lr"),
         (["--lr-decay", "inf"], "argument --lr-decay"),
         (["--eval-only", "--checkpoint", "x.pt", "--quiet"], "--eval-only --quiet without --output-dir"),
+        (["--tiou", "0.5,0.5"], "argument --tiou: threshold 0.5 given twice"),  # results.json keys by threshold
+        (["--tiou", "0.3,nan"], "argument --tiou: expected thresholds in (0, 1], got nan"),
+        (["--tiou", "0.5,1.5"], "argument --tiou: expected thresholds in (0, 1], got 1.5"),
+        (["--tiou", "0:0.7:0.1"], "argument --tiou: expected 0 < START <= STOP <= 1 and STEP > 0"),
+        (["--tiou", "0.1:0.7:0"], "argument --tiou: expected 0 < START <= STOP <= 1 and STEP > 0"),
+        (["--tiou", "0.0001:1:0.0001"], "argument --tiou: expected at most 100 thresholds"),
+        (["--tiou", "0.1:0.7"], "argument --tiou: expected START:STOP:STEP or T1,T2,..."),
+        (["--tiou", "0.3,"], "argument --tiou: expected START:STOP:STEP or T1,T2,..."),
     ],
 )
 def test_unusable_flag_values_are_refused(argv, message, tmp_path, capsys):
@@ -1080,6 +1127,8 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(embed_dim="abc"), "its setting embed_dim = 'abc' is not possible"),
         (lambda s: s["config"].update(streams=["bogus"]), "its setting streams = ['bogus'] is not possible"),
         (lambda s: s["config"].update(dropout=1.5), "its setting dropout = 1.5 is not possible"),
+        (lambda s: s["config"].update(tious=[0.5, 2.0]), "its setting tious = [0.5, 2.0] is not possible"),
+        (lambda s: s["config"].update(tious=[]), "its setting tious = [] is not possible"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):

@@ -11,7 +11,17 @@ import os
 import sys
 
 from .data import DataError
-from .engine import FROZEN_ON_RESUME, SYNTHETIC_PRESET, Config, UsageError, load_checkpoint, run, schedule_length
+from .engine import (
+    FROZEN_ON_RESUME,
+    MAX_TIOUS,
+    SYNTHETIC_PRESET,
+    Config,
+    UsageError,
+    load_checkpoint,
+    run,
+    schedule_length,
+    tiou_problem,
+)
 
 S = argparse.SUPPRESS
 
@@ -91,6 +101,31 @@ def _dropout(text):
     return value
 
 
+def _tious(text):
+    """--tiou: START:STOP:STEP (STOP included, as MMSD's 0.1:0.7:0.1) or T1,T2,...; sorted."""
+    form = f"expected START:STOP:STEP or T1,T2,... with thresholds in (0, 1], got {text!r}"
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, step = parts
+            if not (0 < start <= stop <= 1 and step > 0):
+                raise argparse.ArgumentTypeError(f"expected 0 < START <= STOP <= 1 and STEP > 0, got {text!r}")
+            count = math.floor((stop - start) / step + 1e-9) + 1  # the 1e-9: 0.5 + 9 * 0.05 reaches 0.95
+            if count > MAX_TIOUS:
+                raise argparse.ArgumentTypeError(f"expected at most {MAX_TIOUS} thresholds, {text!r} makes {count}")
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(form) from None
+    problem = tiou_problem(values)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem} (in {text!r})")
+    return tuple(sorted(values))
+
+
 def build_parser():
     d = Config()
     p = argparse.ArgumentParser(
@@ -139,6 +174,16 @@ def build_parser():
         type=_positive_int,
         metavar="N",
         help="stop after N epochs of this invocation (checkpoint kept; continue with --resume)",
+    )
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument(
+        "--tiou",
+        dest="tious",
+        type=_tious,
+        metavar="THRESHOLDS",
+        help="tIoU thresholds of the detection mAP: START:STOP:STEP or T1,T2,... (default 0.1:0.7:0.1, MMSD's "
+        "THUMOS14 protocol; ActivityNet's: 0.5:0.95:0.05)",
     )
 
     g = p.add_argument_group("ablations")
@@ -238,11 +283,11 @@ def config_from_args(args, parser):
                     flag = "--" + key.replace("_", "-") if key != "streams" else "--no-fused-stream/--single-stream"
                     parser.error(
                         f"{flag}: the resumed run used {getattr(saved, key)!r}; a resumed run keeps its settings "
-                        "(only --epochs, --data-root, --device, --backend, --eval-every change)"
+                        "(only --epochs, --data-root, --device, --backend, --eval-every, --tiou change)"
                     )
         else:
             # Evaluation: the model must match the checkpoint, the data may have moved.
-            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "eval_batch_size", "class_threshold")
+            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "eval_batch_size", "class_threshold", "tious")
             for key in list(given):
                 if key not in allowed and given[key] != getattr(saved, key):
                     parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")

@@ -19,7 +19,18 @@ import torch
 
 from .__main__ import MAX_EPOCHS, MAX_SEED, _int_in
 from .data import DataError
-from .engine import SYNTHETIC_PRESET, TIOUS, Config, UsageError, _probe_writable, _remove_stale, _write_atomic, check_backend, run
+from .engine import (
+    SYNTHETIC_PRESET,
+    TIOUS,
+    Config,
+    UsageError,
+    _probe_writable,
+    _remove_stale,
+    _write_atomic,
+    check_backend,
+    run,
+    tiou_key,
+)
 
 VARIANTS = {
     "full MMSD": {},
@@ -159,7 +170,7 @@ def _run_all(args):
 
 
 def format_markdown(rows, args):
-    heads = [f"{t:.1f}" for t in TIOUS] + ["AVG", "cmAP"]
+    heads = [tiou_key(t) for t in TIOUS] + ["AVG", "cmAP"]
     lines = [
         f"mAP (%) on the synthetic set (seed {args.synthetic_seed}), {args.epochs} epochs, "
         f"mean +- std over training seeds {' '.join(map(str, args.seeds))}",
@@ -170,7 +181,7 @@ def format_markdown(rows, args):
     for name, results in rows.items():
         cells = []
         for t in TIOUS:
-            v = np.array([r["map"][f"{t:.1f}"] for r in results])
+            v = np.array([r["map"][tiou_key(t)] for r in results])
             cells.append(f"{v.mean():.1f}")
         for key in ("average_map", "cmap"):
             v = np.array([r[key] for r in results])

@@ -25,7 +25,10 @@ from . import data as data_mod
 from .losses import PSEUDO_THRESHOLD, mmsd_loss, refresh_pseudo_labels
 from .model import MMSD, STREAMS, fuse
 
+# tIoU thresholds of the evaluation: MMSD's (THUMOS14) by default; --tiou sets others (ActivityNet's
+# usual 0.5:0.95:0.05, say). At most MAX_TIOUS: the matching keeps a [proposals, thresholds] table.
 TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+MAX_TIOUS = 100
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 LOG = "train.log"
@@ -64,6 +67,7 @@ class Config:
     eval_every: int = 0  # 0: evaluate once, after training
     eval_batch_size: int = 16
     class_threshold: float = 0.2
+    tious: tuple = TIOUS  # tIoU thresholds of the detection mAP
     device: str = "auto"
     backend: str = "auto"
     threads: int = 0  # CPU threads per process; 0: torch's default
@@ -71,14 +75,16 @@ class Config:
     def to_dict(self):
         d = dataclasses.asdict(self)
         d["streams"] = list(self.streams)
+        d["tious"] = list(self.tious)
         return d
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if "streams" in d:
-            d["streams"] = tuple(d["streams"])
+        for key in ("streams", "tious"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -124,6 +130,30 @@ FROZEN_ON_RESUME = (
 
 class UsageError(ValueError):
     """A bad combination of settings or paths (reported without a traceback)."""
+
+
+def tiou_problem(tious):
+    """What is wrong with a sequence of tIoU thresholds (as a phrase), or None: it must hold 1 to
+    MAX_TIOUS distinct numbers in (0, 1] (results.json keys the mAP by threshold)."""
+    if not isinstance(tious, (list, tuple)) or not tious:
+        return "expected at least one threshold"
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in tious):
+        return f"expected numbers, got {list(tious)!r}"
+    if len(tious) > MAX_TIOUS:
+        return f"expected at most {MAX_TIOUS} thresholds, got {len(tious)}"
+    bad = [t for t in tious if not 0 < t <= 1]
+    if bad:
+        return f"expected thresholds in (0, 1], got {bad[0]:g}"
+    keys = [tiou_key(t) for t in tious]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        return f"threshold {repeated[0]} given twice"
+    return None
+
+
+def tiou_key(t):
+    """The key of a threshold in results.json and the header of the table: 0.1 -> "0.1"."""
+    return f"{round(float(t), 10):.10g}"
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -700,6 +730,8 @@ def _config_problem(values):
             ok = value >= 1
         if ok and field.name == "dropout":
             ok = value <= 1  # 1 trained nothing, but versions before 2026-11-27 took it
+        if field.name == "tious":
+            ok = tiou_problem(value) is None
         if not ok:
             return f"its setting {field.name} = {value!r} is not possible"
     return None
@@ -756,11 +788,11 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
         [[data.classes[c] for c in data.segment_classes[i]] for i in indices],
         data.classes,
         ambiguous=data.ambiguous,
-        tiou_thresholds=TIOUS,
+        tiou_thresholds=config.tious,
     )
     maps = [100.0 * float(m) for m in result.map]  # AP in [0, 1] -> percent
     return {
-        "map": {f"{t:.1f}": m for t, m in zip(TIOUS, maps)},
+        "map": {tiou_key(t): m for t, m in zip(config.tious, maps)},
         "average_map": float(np.mean(maps)),
         "cmap": cmap,
         "num_test_videos": len(indices),
@@ -771,7 +803,7 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
 
 
 def format_table(result):
-    heads = [f"{float(t):.1f}" for t in result["map"]] + ["AVG"]
+    heads = list(result["map"]) + ["AVG"]
     values = [f"{v:.1f}" for v in result["map"].values()] + [f"{result['average_map']:.1f}"]
     width = max(5, max(len(v) for v in values) + 1)
     lines = [
