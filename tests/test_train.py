@@ -633,6 +633,8 @@ def test_tiou_flag_parses_ranges_and_lists():
     assert _tious("0.5:0.95:0.05") == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # STOP included
     assert _tious("0.7,0.3,0.5") == (0.3, 0.5, 0.7)
     assert _tious("1") == (1.0,) and _tious("0.3:0.3:0.1") == (0.3,)
+    assert _tious("0.1:0.7:0.6000000001") == (0.1, 0.7)  # a last value within the slack is STOP, not past it
+    assert _tious("1e-11,2e-11") == (1e-11, 2e-11)  # two thresholds, two keys
 
 
 def test_tiou_thresholds_of_training_resume_and_eval_only(tiny_root, tmp_path):
@@ -665,6 +667,10 @@ def test_tiou_thresholds_of_training_resume_and_eval_only(tiny_root, tmp_path):
     old = eval_only("old", checkpoint=str(tmp_path / "old.pt"))
     assert list(old["map"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7"]
     assert old["map"]["0.5"] == full["map"]["0.5"] and old["map"]["0.7"] == full["map"]["0.7"]
+
+    state["config"]["tious"] = [0.7, 0.5]  # unsorted, as only a hand-edited checkpoint can be
+    torch.save(state, tmp_path / "edited.pt")
+    assert list(eval_only("edited", checkpoint=str(tmp_path / "edited.pt"))["map"].items()) == list(some["map"].items())
 
 
 @pytest.mark.parametrize(
@@ -775,6 +781,8 @@ def _strict_json_lines(folder):
         (["--tiou", "0:0.7:0.1"], "argument --tiou: expected 0 < START <= STOP <= 1 and STEP > 0"),
         (["--tiou", "0.1:0.7:0"], "argument --tiou: expected 0 < START <= STOP <= 1 and STEP > 0"),
         (["--tiou", "0.0001:1:0.0001"], "argument --tiou: expected at most 100 thresholds"),
+        (["--tiou", "0.1:0.7:1e-320"], "argument --tiou: expected at most 100 thresholds"),  # (stop-start)/step = inf
+        (["--tiou", "0.1:0.7:inf"], "argument --tiou: expected 0 < START <= STOP <= 1 and STEP > 0"),
         (["--tiou", "0.1:0.7"], "argument --tiou: expected START:STOP:STEP or T1,T2,..."),
         (["--tiou", "0.3,"], "argument --tiou: expected START:STOP:STEP or T1,T2,..."),
     ],

@@ -110,12 +110,13 @@ def _tious(text):
             if len(parts) != 3:
                 raise ValueError
             start, stop, step = parts
-            if not (0 < start <= stop <= 1 and step > 0):
+            if not (0 < start <= stop <= 1 and 0 < step < math.inf):
                 raise argparse.ArgumentTypeError(f"expected 0 < START <= STOP <= 1 and STEP > 0, got {text!r}")
-            count = math.floor((stop - start) / step + 1e-9) + 1  # the 1e-9: 0.5 + 9 * 0.05 reaches 0.95
-            if count > MAX_TIOUS:
-                raise argparse.ArgumentTypeError(f"expected at most {MAX_TIOUS} thresholds, {text!r} makes {count}")
-            values = [round(start + i * step, 10) for i in range(count)]
+            steps = (stop - start) / step + 1e-9  # the 1e-9: 0.5 + 9 * 0.05 reaches 0.95
+            if not steps < MAX_TIOUS:  # also a step so small that the quotient is inf
+                raise argparse.ArgumentTypeError(f"expected at most {MAX_TIOUS} thresholds, {text!r} makes more")
+            # STOP included; a last value the 1e-9 let past STOP is STOP.
+            values = [min(round(start + i * step, 10), stop) for i in range(math.floor(steps) + 1)]
         else:
             values = [float(p) for p in text.split(",")]
     except ValueError:

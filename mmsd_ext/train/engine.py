@@ -143,7 +143,7 @@ def tiou_problem(tious):
         return f"expected at most {MAX_TIOUS} thresholds, got {len(tious)}"
     bad = [t for t in tious if not 0 < t <= 1]
     if bad:
-        return f"expected thresholds in (0, 1], got {bad[0]:g}"
+        return f"expected thresholds in (0, 1], got {bad[0]!r}"
     keys = [tiou_key(t) for t in tious]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
@@ -152,8 +152,9 @@ def tiou_problem(tious):
 
 
 def tiou_key(t):
-    """The key of a threshold in results.json and the header of the table: 0.1 -> "0.1"."""
-    return f"{round(float(t), 10):.10g}"
+    """The key of a threshold in results.json and the header of the table: 0.1 -> "0.1" (ten
+    significant digits, so 0.1 + 0.2 -> "0.3" as well)."""
+    return f"{float(t):.10g}"
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -781,6 +782,7 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
         )
     cmap = 100.0 * float(classification_map(scores.cpu(), torch.from_numpy(data.labels[list(indices)])))
     proposals = mmsd_proposals(cas, scores, lengths, class_threshold=config.class_threshold).cpu()
+    tious = sorted(config.tious)  # the flag sorts them; a checkpoint edited by hand may not
     result = thumos14_detection_map(
         proposals,
         [data.videos[i] for i in indices],
@@ -788,11 +790,11 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
         [[data.classes[c] for c in data.segment_classes[i]] for i in indices],
         data.classes,
         ambiguous=data.ambiguous,
-        tiou_thresholds=config.tious,
+        tiou_thresholds=tious,
     )
     maps = [100.0 * float(m) for m in result.map]  # AP in [0, 1] -> percent
     return {
-        "map": {tiou_key(t): m for t, m in zip(config.tious, maps)},
+        "map": {tiou_key(t): m for t, m in zip(tious, maps)},
         "average_map": float(np.mean(maps)),
         "cmap": cmap,
         "num_test_videos": len(indices),
