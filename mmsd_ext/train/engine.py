@@ -717,6 +717,8 @@ def _config_problem(values):
         value, default = values[field.name], getattr(defaults, field.name)
         if field.name == "streams":
             ok = isinstance(value, (list, tuple)) and 0 < len(value) and all(v in STREAMS for v in value)
+        elif field.name == "tious":
+            ok = tiou_problem(value) is None
         elif field.name == "data_root":
             ok = value is None or isinstance(value, str)
         elif isinstance(default, bool):
@@ -731,8 +733,6 @@ def _config_problem(values):
             ok = value >= 1
         if ok and field.name == "dropout":
             ok = value <= 1  # 1 trained nothing, but versions before 2026-11-27 took it
-        if field.name == "tious":
-            ok = tiou_problem(value) is None
         if not ok:
             return f"its setting {field.name} = {value!r} is not possible"
     return None
