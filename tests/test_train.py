@@ -673,6 +673,72 @@ def test_tiou_thresholds_of_training_resume_and_eval_only(tiny_root, tmp_path):
     assert list(eval_only("edited", checkpoint=str(tmp_path / "edited.pt"))["map"].items()) == list(some["map"].items())
 
 
+def test_feature_type_names_the_features_file_and_the_rate_of_the_seconds(tiny_root, tmp_path, capsys):
+    """--feature-type UNT reads <dataset>-UNT-JOINTFeatures.npy and converts ground truth seconds
+    at 10/4 snippets per second: the same features with their seconds written at that rate give
+    the I3D run's numbers; read at I3D's 25/16 they do not. The checkpoint keeps the type."""
+    unt_root = tmp_path / "data_unt"
+    synthetic.write(str(unt_root), seed=3, feature_type="UNT", **TINY)
+    assert sorted(os.listdir(unt_root / "Synthetic"))[0] == "Ambiguous_test.txt"
+    assert (unt_root / "Synthetic" / "Synthetic-UNT-JOINTFeatures.npy").is_file()
+    assert not (unt_root / "Synthetic" / "Synthetic-I3D-JOINTFeatures.npy").exists()
+    common = [*FAST, "--epochs", "2", "--seed", "7"]
+
+    def train(out, root, *extra):
+        assert main(["--data-root", str(root), *common, "--output-dir", str(tmp_path / out), *extra]) == 0
+        return _results(tmp_path / out)
+
+    i3d = train("i3d", tiny_root)
+    unt = train("unt", unt_root, "--feature-type", "UNT")
+    assert i3d["config"]["feature_type"] == "I3D" and unt["config"]["feature_type"] == "UNT"
+    assert any(v > 0 for v in i3d["map"].values())
+    assert unt["map"] == i3d["map"] and unt["cmap"] == i3d["cmap"]
+
+    # The UNT seconds read as I3D ones: the same model, other ground truth positions.
+    mixed_root = tmp_path / "data_mixed"
+    shutil.copytree(unt_root, mixed_root)
+    folder = mixed_root / "Synthetic"
+    os.rename(folder / "Synthetic-UNT-JOINTFeatures.npy", folder / "Synthetic-I3D-JOINTFeatures.npy")
+    mixed = train("mixed", mixed_root)
+    assert mixed["cmap"] == i3d["cmap"] and mixed["map"] != i3d["map"]
+
+    # The type is the checkpoint's: kept on resume, not changeable there or in eval-only.
+    ckpt = str(tmp_path / "unt" / "checkpoint.pt")
+    assert main(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "e"), "--no-progress", "--quiet"]) == 0
+    assert _results(tmp_path / "e")["map"] == unt["map"]
+    code, err = _call(["--resume", ckpt, "--epochs", "3", "--feature-type", "I3D"], capsys)
+    assert code == 2 and "--feature-type: the resumed run used 'UNT'; a resumed run keeps its settings" in err
+    code, err = _call(["--eval-only", "--checkpoint", ckpt, "--feature-type", "I3D", "--output-dir", str(tmp_path / "e2")], capsys)
+    assert code == 2 and "--feature-type: --eval-only takes the model settings from the checkpoint" in err
+    assert not (tmp_path / "e2").exists()
+
+    # A checkpoint saved before --feature-type existed is an I3D one.
+    state = torch.load(os.path.join(tmp_path / "i3d", "checkpoint.pt"), weights_only=True)
+    del state["config"]["feature_type"]
+    torch.save(state, tmp_path / "old.pt")
+    assert main(["--eval-only", "--checkpoint", str(tmp_path / "old.pt"), "--output-dir", str(tmp_path / "e3"), "--no-progress",
+                 "--quiet"]) == 0
+    assert _results(tmp_path / "e3")["map"] == i3d["map"]
+
+
+def test_features_of_another_type_are_named_in_the_error(tiny_root, tmp_path, capsys):
+    unt_root = tmp_path / "data_unt"
+    synthetic.write(str(unt_root), seed=3, feature_type="UNT", **TINY)
+    for root, flags, found, hint in [
+        (tiny_root, ["--feature-type", "UNT"], "Synthetic-I3D-JOINTFeatures.npy", "give --feature-type I3D"),
+        (str(unt_root), [], "Synthetic-UNT-JOINTFeatures.npy", "give --feature-type UNT"),
+    ]:
+        out = tmp_path / "out"
+        code, err = _call(["--data-root", root, *FAST, "--epochs", "1", *flags, "--output-dir", str(out)], capsys)
+        assert code == 2 and "JOINTFeatures.npy: file not found; the folder has " + found in err and hint in err, err
+        assert not out.exists()
+    code, err = _call(["--feature-type", "UNT", "--epochs", "1", "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--feature-type UNT: the synthetic dataset's features stand for I3D ones" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(data_mod.DataError, match="--feature-type: expected one of I3D, UNT, got 'C3D'"):
+        data_mod.load_wtalc(tiny_root, "Synthetic", "C3D")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -683,6 +749,7 @@ def test_tiou_thresholds_of_training_resume_and_eval_only(tiny_root, tmp_path):
         (["--single-stream", "--no-fused-stream"], "contradict"),
         (["--backend", "fast"], "invalid choice"),
         (["--no-such-flag"], "unrecognized arguments"),
+        (["--feature-type", "C3D"], "argument --feature-type: invalid choice: 'C3D'"),
         (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
     ],
 )
@@ -1137,6 +1204,7 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(dropout=1.5), "its setting dropout = 1.5 is not possible"),
         (lambda s: s["config"].update(tious=[0.5, 2.0]), "its setting tious = [0.5, 2.0] is not possible"),
         (lambda s: s["config"].update(tious=[]), "its setting tious = [] is not possible"),
+        (lambda s: s["config"].update(feature_type="C3D"), "its setting feature_type = 'C3D' is not possible"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 
-from .data import DataError
+from .data import FEATURE_RATES, DataError
 from .engine import (
     FROZEN_ON_RESUME,
     MAX_TIOUS,
@@ -138,6 +138,12 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-root", metavar="DIR", help="folder holding <dataset>/ in the W-TALC layout (default: synthetic data)")
     g.add_argument("--dataset", help=f"dataset folder name (default {d.dataset})")
+    g.add_argument(
+        "--feature-type",
+        choices=tuple(FEATURE_RATES),
+        help="the features: file <dataset>-<TYPE>-JOINTFeatures.npy, ground truth seconds converted at 25/16 "
+        f"snippets per second for I3D, 10/4 for UNT, as MMSD does (default {d.feature_type})",
+    )
     g.add_argument(
         "--synthetic-seed", type=_int_in(0, MAX_SEED), metavar="N", help=f"seed of the synthetic dataset (default {d.synthetic_seed})"
     )

@@ -3,7 +3,8 @@
 ``<root>/<Dataset>/`` holds:
 
 ===============================  ==========================================================
-``<Dataset>-I3D-JOINTFeatures.npy``  object array of [T_i, D] float arrays (RGB half, then flow)
+``<Dataset>-<TYPE>-JOINTFeatures.npy``  object array of [T_i, D] float arrays (RGB half, then flow);
+                                 TYPE is the feature type, I3D (default) or UNT
 ``labels_all.npy``               per video, the list of its class names (video-level labels)
 ``segments.npy``                 per video, the list of [start, end] ground truth in seconds
 ``labels.npy``                   per video, the class name of each of its segments
@@ -27,8 +28,10 @@ import os
 import numpy as np
 import torch
 
-# Snippets per second of I3D features: one snippet per 16 frames at 25 fps.
-SNIPPETS_PER_SECOND = 25.0 / 16.0
+# Snippets per second of each feature type (MMSD's --feature-type and the factor its evaluation
+# converts seconds with): I3D, one snippet per 16 frames at 25 fps; UNT (UntrimmedNet), 10/4.
+FEATURE_RATES = {"I3D": 25.0 / 16.0, "UNT": 10.0 / 4.0}
+SNIPPETS_PER_SECOND = FEATURE_RATES["I3D"]
 
 ARRAY_FILES = ("labels_all", "segments", "labels", "classlist", "videoname", "subset", "duration")
 AMBIGUOUS_FILE = "Ambiguous_test.txt"
@@ -38,26 +41,36 @@ class DataError(ValueError):
     """A dataset file is missing, unreadable, or disagrees with the others."""
 
 
-def features_file(dataset):
-    return f"{dataset}-I3D-JOINTFeatures.npy"
+def features_file(dataset, feature_type="I3D"):
+    return f"{dataset}-{feature_type}-JOINTFeatures.npy"
 
 
-def load_wtalc(root, dataset="Thumos14reduced"):
-    """Read ``<root>/<dataset>/`` into a ``WTALCData``."""
+def load_wtalc(root, dataset="Thumos14reduced", feature_type="I3D"):
+    """Read ``<root>/<dataset>/`` (features of ``feature_type``) into a ``WTALCData``."""
+    if feature_type not in FEATURE_RATES:
+        raise DataError(f"--feature-type: expected one of {', '.join(FEATURE_RATES)}, got {feature_type!r}")
     folder = os.path.join(root, dataset)
     if not os.path.isdir(root):
         raise DataError(f"--data-root: {root} is not a directory")
     if not os.path.isdir(folder):
         present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         raise DataError(f"{folder}: no such dataset folder (datasets in {root}: {', '.join(present) or 'none'})")
-    arrays = {"features": _load_npy(os.path.join(folder, features_file(dataset)))}
+    features_path = os.path.join(folder, features_file(dataset, feature_type))
+    if not os.path.exists(features_path):
+        others = [t for t in FEATURE_RATES if t != feature_type and os.path.isfile(os.path.join(folder, features_file(dataset, t)))]
+        if others:
+            raise DataError(
+                f"{features_path}: file not found; the folder has {features_file(dataset, others[0])}: "
+                f"give --feature-type {others[0]} for those features"
+            )
+    arrays = {"features": _load_npy(features_path)}
     for name in ARRAY_FILES:
         arrays[name] = _load_npy(os.path.join(folder, name + ".npy"))
     ambiguous_path = os.path.join(folder, AMBIGUOUS_FILE)
     if os.path.exists(ambiguous_path) and not os.path.isfile(ambiguous_path):
         raise DataError(f"{ambiguous_path}: expected a text file (or nothing: it is optional), got a directory or device")
     arrays["ambiguous"] = _read_ambiguous(ambiguous_path) if os.path.isfile(ambiguous_path) else []
-    return WTALCData.from_arrays(arrays, dataset, source=folder)
+    return WTALCData.from_arrays(arrays, dataset, source=folder, feature_type=feature_type)
 
 
 def _load_npy(path):
@@ -123,14 +136,15 @@ class WTALCData:
         self.num_classes = len(classes)
 
     @classmethod
-    def from_arrays(cls, arrays, name, source=None):
-        """Validate and convert the arrays as stored in the files (see the module docstring)."""
+    def from_arrays(cls, arrays, name, source=None, feature_type="I3D"):
+        """Validate and convert the arrays as stored in the files (see the module docstring);
+        ``feature_type`` names the features file in errors."""
         where = source or f"<{name} in memory>"
 
         def fail(file, message):
             raise DataError(f"{os.path.join(where, file)}: {message}")
 
-        feat_file = features_file(name)
+        feat_file = features_file(name, feature_type)
         # A 0-d array (a single object saved instead of one entry per video) has no length.
         for key, file in [("features", feat_file)] + [(f, f + ".npy") for f in ARRAY_FILES]:
             if _ndim(arrays[key]) == 0:

@@ -42,6 +42,7 @@ class Config:
 
     data_root: str = None
     dataset: str = "Thumos14reduced"
+    feature_type: str = "I3D"  # the features file <dataset>-<type>-JOINTFeatures.npy and its snippets per second
     synthetic_seed: int = 0
     epochs: int = 240
     # The epochs the lr decay and the pseudo-label refreshes are placed in; 0: ``epochs``. A run
@@ -108,6 +109,7 @@ SYNTHETIC_PRESET = {"epochs": 10, "batch_size": 2, "lr": 1e-3, "embed_dim": 256,
 # training videos are checked against the data found there.
 FROZEN_ON_RESUME = (
     "dataset",
+    "feature_type",
     "synthetic_seed",
     "batch_size",
     "lr",
@@ -298,8 +300,13 @@ def load_data(config):
     if config.data_root is None:
         from .synthetic import synthetic_dataset
 
+        if config.feature_type != "I3D":
+            raise UsageError(
+                f"--feature-type {config.feature_type}: the synthetic dataset's features stand for I3D ones; "
+                "give --data-root for features of another type"
+            )
         return synthetic_dataset(config.synthetic_seed)
-    return data_mod.load_wtalc(config.data_root, config.dataset)
+    return data_mod.load_wtalc(config.data_root, config.dataset, config.feature_type)
 
 
 def build_model(config, data):
@@ -719,6 +726,8 @@ def _config_problem(values):
             ok = isinstance(value, (list, tuple)) and 0 < len(value) and all(v in STREAMS for v in value)
         elif field.name == "tious":
             ok = tiou_problem(value) is None
+        elif field.name == "feature_type":
+            ok = value in data_mod.FEATURE_RATES
         elif field.name == "data_root":
             ok = value is None or isinstance(value, str)
         elif isinstance(default, bool):
@@ -767,9 +776,10 @@ def predict(model, data, indices, device, batch_size=16, progress=False, desc="e
 
 def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
     """MMSD's evaluation of the videos ``indices``: proposals on the fused CAS
-    (``mmsd_ext.localize.mmsd_proposals``), detection mAP at tIoU 0.1..0.7 by MMSD's THUMOS14
-    protocol (``mmsd_ext.evaluate.thumos14_detection_map``: videos without ground truth left
-    out, ambiguous segments filtered), and cmAP over all of them. Percentages."""
+    (``mmsd_ext.localize.mmsd_proposals``), detection mAP at ``config.tious`` by MMSD's THUMOS14
+    protocol (``mmsd_ext.evaluate.thumos14_detection_map``: ground truth seconds converted to
+    snippets at the rate of ``config.feature_type``, videos without ground truth left out,
+    ambiguous segments filtered), and cmAP over all of them. Percentages."""
     from mmsd_ext.evaluate import classification_map, thumos14_detection_map
     from mmsd_ext.localize import mmsd_proposals
 
@@ -791,6 +801,7 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
         data.classes,
         ambiguous=data.ambiguous,
         tiou_thresholds=tious,
+        factor=data_mod.FEATURE_RATES[config.feature_type],
     )
     maps = [100.0 * float(m) for m in result.map]  # AP in [0, 1] -> percent
     return {

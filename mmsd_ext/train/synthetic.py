@@ -4,7 +4,8 @@ What it models (all knobs are arguments of ``make_arrays``):
 
 - Videos of ``min_length``..``max_length`` snippets (log-uniform), each with one or two
   action classes (multi-label) and one to four instances per class, the rest background.
-  Ground truth is stored in seconds (snippet * 16 / 25), as in THUMOS14.
+  Ground truth is stored in seconds (snippet * 16 / 25 for I3D features, as in THUMOS14;
+  ``snippets_per_second`` sets another rate).
 - Features: RGB half then flow half, ``modality_dim`` each. Background is a per-video scene
   (a mixture of shared background prototypes) plus temporally correlated noise.
 - Complementary modalities: even classes are "appearance" classes, visible mainly in RGB
@@ -31,7 +32,7 @@ import os
 
 import numpy as np
 
-from .data import AMBIGUOUS_FILE, SNIPPETS_PER_SECOND, WTALCData, features_file
+from .data import AMBIGUOUS_FILE, FEATURE_RATES, SNIPPETS_PER_SECOND, WTALCData, features_file
 
 NAME = "Synthetic"
 PATTERN_NORM = 8.0
@@ -57,6 +58,7 @@ def make_arrays(
     noise_smoothness=0.6,
     num_background=6,
     background=0.6,
+    snippets_per_second=SNIPPETS_PER_SECOND,
 ):
     """The dataset's arrays exactly as the W-TALC files hold them (plus ``ambiguous`` rows).
 
@@ -192,9 +194,9 @@ def make_arrays(
                 "subset": subset,
                 "features": np.concatenate([feats["rgb"], feats["flow"]], axis=1).astype(np.float32),
                 "labels": [classes[c] for c in labels],
-                "segments": [[s / SNIPPETS_PER_SECOND, e / SNIPPETS_PER_SECOND] for _, s, e in instances],
+                "segments": [[s / snippets_per_second, e / snippets_per_second] for _, s, e in instances],
                 "segment_labels": [classes[c] for c, _, _ in instances],
-                "duration": T / SNIPPETS_PER_SECOND,
+                "duration": T / snippets_per_second,
                 "ambiguous": ambiguous,
             }
         )
@@ -215,7 +217,7 @@ def make_arrays(
         "subset": np.asarray([v["subset"].encode() for v in videos]),
         "duration": np.asarray([v["duration"] for v in videos], dtype=np.float64),
         "ambiguous": [
-            (v["name"], v["ambiguous"][1] / SNIPPETS_PER_SECOND, v["ambiguous"][2] / SNIPPETS_PER_SECOND)
+            (v["name"], v["ambiguous"][1] / snippets_per_second, v["ambiguous"][2] / snippets_per_second)
             for v in videos
             if v["ambiguous"]
         ],
@@ -227,12 +229,13 @@ def synthetic_dataset(seed=0, **kwargs):
     return WTALCData.from_arrays(make_arrays(seed, **kwargs), NAME, source=f"<synthetic seed={seed}>")
 
 
-def write(root, seed=0, name=NAME, **kwargs):
-    """Write the synthetic dataset as W-TALC files under ``<root>/<name>/``; returns the folder."""
-    arrays = make_arrays(seed, **kwargs)
+def write(root, seed=0, name=NAME, feature_type="I3D", **kwargs):
+    """Write the synthetic dataset as W-TALC files under ``<root>/<name>/``, as features of
+    ``feature_type`` (the features file's name, and the rate of the seconds); returns the folder."""
+    arrays = make_arrays(seed, snippets_per_second=FEATURE_RATES[feature_type], **kwargs)
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    np.save(os.path.join(folder, features_file(name)), arrays["features"], allow_pickle=True)
+    np.save(os.path.join(folder, features_file(name, feature_type)), arrays["features"], allow_pickle=True)
     for key in ("labels_all", "segments", "labels", "classlist", "videoname", "subset", "duration"):
         np.save(os.path.join(folder, key + ".npy"), arrays[key], allow_pickle=True)
     with open(os.path.join(folder, AMBIGUOUS_FILE), "w") as f:
