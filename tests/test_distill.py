@@ -781,13 +781,18 @@ def test_gradients_from_the_forward_equal_the_recomputed_ones(device, dtype, mas
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
         else:
             assert torch.allclose(a.double(), b.double(), rtol=2 * eps, atol=cuda_atol(b.double()), equal_nan=True)
-    # Upstream 2.5: the forward's gradients times 2.5 in the accumulation type, rounded to the dtype once more.
-    for x in xs:
-        x.grad = None
-    mmsd_ext.mmsd_distill_loss(*xs, 0.3, mask=mask, backend=device).backward(torch.tensor(2.5, device=device))
-    for x, b in zip(xs, recomputed):
-        expected = (b.double() * 2.5).to(dtype).double()
-        assert torch.allclose(x.grad.double(), expected, rtol=eps, atol=2.5 * cuda_atol(b.double()), equal_nan=True)
+    # Other upstream gradients: the forward's gradients times w in the accumulation type, rounded
+    # to the dtype once more. w = 0.1 (MMSD's distillation weight) is not exact in fp16/bf16, and
+    # 65536 (GradScaler's initial scale) is inf in fp16: w must not be rounded to the dtype first.
+    for w in (2.5, 0.1, 65536.0):
+        for x in xs:
+            x.grad = None
+        mmsd_ext.mmsd_distill_loss(*xs, 0.3, mask=mask, backend=device).backward(torch.tensor(w, device=device))
+        w32 = float(torch.tensor(w, dtype=torch.float32))  # the kernels read the upstream gradient as float32
+        for x, b in zip(xs, recomputed):
+            expected = (b.double() * w32).to(dtype).double()
+            assert expected[b.isfinite()].isfinite().all()  # else this would check little
+            assert torch.allclose(x.grad.double(), expected, rtol=eps, atol=w * cuda_atol(b.double()), equal_nan=True), w
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)

@@ -864,7 +864,20 @@ void distill_scale_grads_cpu(const at::Tensor& grad, const at::Tensor& grad_rgb,
   bump_versions({&grad_rgb, &grad_flow, &grad_fused});
   const float w = grad.to(at::kFloat).item<float>();
   if (w == 1.0f) return;
-  for (const at::Tensor* g : {&grad_rgb, &grad_flow, &grad_fused}) g->mul_(w);
+  for (const at::Tensor* g : {&grad_rgb, &grad_flow, &grad_fused}) {
+    if (g->scalar_type() == at::kFloat || g->scalar_type() == at::kDouble) {
+      g->mul_(w);  // w is exact in the dtype: one rounding of the product, as below
+      continue;
+    }
+    // fp16 / bf16: mul_(w) would first round w to the dtype (GradScaler's 65536 is inf in
+    // fp16); products in float, rounded once to the dtype, as the CUDA kernel does.
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(g->scalar_type(), "distill_scale_grads_cpu", [&] {
+      scalar_t* data = g->data_ptr<scalar_t>();
+      at::parallel_for(0, g->numel(), 1 << 15, [&](int64_t first, int64_t last) {
+        for (int64_t i = first; i < last; ++i) data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * w);
+      });
+    });
+  }
 }
 
 }  // namespace

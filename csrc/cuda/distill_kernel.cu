@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // _distill_scale_grads_: a, b, c *= *grad, nothing at all where *grad == 1 (read
 // here, so the host never waits for it). Products in the accumulation type of the
-// dtype (float, or double for float64), as the CPU's mul_.
+// dtype (float, or double for float64), rounded once to the dtype, as the CPU kernel.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
     distill_scale_grads_kernel(const float* __restrict__ grad, index_t N, scalar_t* __restrict__ a,
