@@ -49,8 +49,11 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
 
     Returns:
         int64 tensor of kept indices, in descending score order (ties: lower index first).
-        With overlap="iou", offset=0 and float64 coordinates it equals
-        ``torchvision.ops.batched_nms`` on CPU boxes (start, 0, end, 1). Elsewhere
+        With overlap="iou", offset=0, float64 coordinates and no NaN score it equals
+        ``torchvision.ops.batched_nms`` on CPU boxes (start, 0, end, 1), except that
+        with M > 1000 torchvision may list kept segments of equal score in another
+        order (it then sorts its result without the index tie-break; the kept set
+        is the same). NaN scores rank first in torchvision's sort, last here. Elsewhere
         they agree except where an IoU lies within float32 rounding of the
         threshold, since torchvision computes the IoU of float32 boxes in float32
         (and its CUDA kernel rounds the threshold to float32), this op always in
@@ -106,6 +109,12 @@ def soft_temporal_nms(
 
     NaN scores are dropped (a NaN is not >= min_score), also a NaN made by a decay
     (an infinite score times a zero factor).
+
+    Backends: cpu and reference give the same indices and scores, bit for bit. The
+    gaussian factor's exp is the GPU's own on cuda and triton (numpy's under the
+    Triton interpreter) and may differ from the C library's in the last bit: a
+    decayed score within one rounding of ``min_score``, or of another live score,
+    may then be dropped or ordered differently there. The linear decay has no exp.
 
     Cost: cpu, O(M log M) plus, per selection, the live segments of its group that
     intersect it (found by a max-tree of the live ends). cuda and triton: one block

@@ -4,9 +4,12 @@ bad inputs, opcheck and torch.compile.
 
 The kernels compute overlaps in float64 in the reference's operation order, so
 hard NMS must agree exactly (indices and order), also with thresholds that integer
-coordinates hit exactly. Soft-NMS indices must agree exactly; its scores within
-the tolerance of the table below (exp may differ by an ulp between libm, CUDA and
-numpy under the Triton interpreter).
+coordinates hit exactly. Soft-NMS indices must agree exactly and its scores
+within the tolerance of the table below, except that exp may differ by an ulp
+between libm, CUDA and numpy under the Triton interpreter: the GPU tests of the
+gaussian decay keep decayed scores away from min_score and from each other (a
+score within one rounding of either may be dropped or ordered differently, as
+soft_temporal_nms's docstring says).
 """
 
 import itertools
@@ -1195,3 +1198,19 @@ def test_gpu_bad_segment_message_on_both_paths(M):
             torch.ops.mmsd_ext.temporal_nms(seg.cuda(), scores.cuda(), None if groups is None else groups.cuda(), 0.5, "iou", 0.0)
     # The device is still usable afterwards.
     assert torch.ones(1, device="cuda").item() == 1.0
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
+def test_soft_nms_cpu_and_reference_agree_on_a_decay_that_lands_on_min_score():
+    """cpu and reference decay with the same C library exp: a gaussian decay that lands exactly on
+    min_score keeps the segment on both, one ulp above it drops it on both."""
+    seg = torch.tensor([[0.0, 10.0], [3.0, 11.0], [100.0, 101.0]], dtype=torch.float64)
+    decayed = 0.9 * math.exp(-((7 / 11) ** 2) / 0.5)  # IoU 7/11 with the first
+    for min_score, kept in ((decayed, [0, 1, 2]), (math.nextafter(decayed, 1.0), [0, 2])):
+        # Segment 2 (far from the others) scores min_score: in the first case it ties with 1's
+        # decayed score, and the lower index goes first.
+        scores = torch.tensor([1.0, 0.9, min_score], dtype=torch.float64)
+        for backend in ("reference", "cpu"):
+            index, value = mmsd_ext.soft_temporal_nms(seg, scores, min_score=min_score, backend=backend)
+            assert index.tolist() == kept, (backend, min_score)
+            assert value.tolist() == [[1.0, decayed, min_score][i] for i in kept]
