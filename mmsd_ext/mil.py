@@ -73,6 +73,9 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         min_k: lower bound on k (>= 1). k never exceeds L, so the result is always
             a valid ``k`` for ``topk_mil_pool``.
 
+    The lengths of a CPU tensor are checked (>= 1), except inside torch.compile,
+    where that check would break the graph (as ``topk_mil_pool``'s).
+
     Returns:
         int64 tensor of the shape of ``lengths`` (an int if ``lengths`` is an int).
 
@@ -95,11 +98,11 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     if isinstance(lengths, np.integer):
         lengths = int(lengths)
     if isinstance(lengths, int) and not isinstance(lengths, bool):
-        if lengths < 1:
-            raise ValueError(f"lengths: expected >= 1, got {lengths}")
+        if not 1 <= lengths < 2**63:
+            raise ValueError(f"lengths: expected an int in [1, 2**63), got {lengths}")
         return int(mil_k(torch.tensor([lengths]), ratio, rule=rule, min_k=min_k)[0])
     _checks.int64("lengths", lengths)
-    if lengths.device.type == "cpu" and lengths.numel() and int(lengths.min()) < 1:
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel() and int(lengths.min()) < 1:
         raise ValueError(f"lengths: expected every length >= 1, got minimum {int(lengths.min())}")
     # float64 division is exact enough for any realistic length (< 2**52). Where L / ratio
     # reaches L (ratio <= 1) k is L, decided in float64: the int64 cast of a quotient past

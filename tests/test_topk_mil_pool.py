@@ -532,7 +532,7 @@ def test_torch_compile_fullgraph_cpu():
 
     def pooled_loss(scores, k, lengths):
         top = mmsd_ext.topk_mil_pool(scores, k, lengths, backend="cpu")
-        bottom = mmsd_ext.topk_mil_pool(scores, k, lengths, largest=False, backend="cpu")
+        bottom = mmsd_ext.topk_mil_pool(scores, mmsd_ext.mil_k(lengths, 4.0), lengths, largest=False, backend="cpu")
         return (bottom - top).sum()
 
     compiled = torch.compile(pooled_loss, fullgraph=True)
@@ -546,6 +546,7 @@ def test_torch_compile_fullgraph_cpu():
     (ref_grad,) = torch.autograd.grad(ref_loss, ref)
     torch.testing.assert_close(loss, ref_loss)
     assert torch.equal(grad, ref_grad)
+    assert torch.equal(torch.compile(mmsd_ext.mil_k, fullgraph=True)(lengths, 4.0), torch.tensor([5, 3, 1]))
 
 
 # ---------------------------------------------------------------------------
@@ -668,6 +669,7 @@ def test_mil_k_is_at_most_the_length_for_tiny_ratios_and_huge_lengths():
         (dict(lengths=torch.tensor([5]), min_k=0), ValueError, "min_k"),
         (dict(lengths=torch.tensor([5, 0])), ValueError, "lengths"),
         (dict(lengths=0), ValueError, "lengths"),
+        (dict(lengths=2**63 + 5), ValueError, "lengths"),
         (dict(lengths=torch.tensor([5.0])), TypeError, "lengths"),
     ],
 )
