@@ -140,6 +140,8 @@ def _check_topk_args(scores, k, lengths, largest):
             raise ValueError(f"k: expected k <= T = {T}, got {k}")
         k = torch.full((B,), k, dtype=torch.int64, device=scores.device)
     else:
+        if not isinstance(k, torch.Tensor):
+            raise TypeError(f"k: expected an int or an int64 tensor, got {type(k).__name__}")
         _checks.int64("k", k)
         if k.shape != (B,):
             raise ValueError(f"k: expected an int or shape [B] = [{B}], got {tuple(k.shape)}")
