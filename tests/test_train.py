@@ -960,6 +960,30 @@ def test_eval_only_writes_only_results(tiny_root, tmp_path, capsys):
     assert _snapshot(run_dir)["checkpoint.pt"] == before["checkpoint.pt"]
 
 
+def test_eval_only_into_another_runs_folder_is_refused(tiny_root, tmp_path, capsys):
+    """Its results.json would sit beside another run's checkpoint and log (and a resume of that
+    run would remove it as stale): refused, with --overwrite too, before anything is written."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(first)]) == 0
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(second)]) == 0
+    before = {name: (second / name).read_bytes() for name in ("checkpoint.pt", "train.log")}
+    ckpt = str(first / "checkpoint.pt")
+    for extra in ([], ["--overwrite"]):
+        code, err = _call(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(second), "--quiet", "--no-progress", *extra],
+                          capsys)
+        assert code == 2 and "holds checkpoint.pt and train.log of another run" in err, err
+        assert sorted(os.listdir(second)) == ["checkpoint.pt", "train.log"]
+    (second / "checkpoint.pt").unlink()  # a run that stopped before its first checkpoint: its log alone
+    code, err = _call(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(second), "--quiet", "--no-progress"], capsys)
+    assert code == 2 and "holds train.log of another run" in err, err
+    assert (second / "train.log").read_bytes() == before["train.log"]
+    # Its own folder, reached through a link to it, is its own.
+    os.symlink(first, tmp_path / "link")
+    (first / "results.json").unlink()
+    assert main(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "link"), "--quiet", "--no-progress"]) == 0
+    assert (first / "results.json").is_file()
+
+
 def test_a_checkpoint_device_this_machine_lacks_is_named_as_the_checkpoints(tiny_root, tmp_path, capsys):
     """A run trained with --device cuda:N (or a GPU backend) resumed or evaluated where that
     cannot run: the error says the setting came from the checkpoint and which flag overrides it;
@@ -1205,6 +1229,14 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(tious=[0.5, 2.0]), "its setting tious = [0.5, 2.0] is not possible"),
         (lambda s: s["config"].update(tious=[]), "its setting tious = [] is not possible"),
         (lambda s: s["config"].update(feature_type="C3D"), "its setting feature_type = 'C3D' is not possible"),
+        # Values the flags refuse: a hand-edited checkpoint gets the same bounds.
+        (lambda s: s["config"].update(threads=10**9), "its setting threads = 1000000000 is not possible"),
+        (lambda s: s["config"].update(seed=2**40), f"its setting seed = {2**40} is not possible"),
+        (lambda s: s["config"].update(lr_decay_at=5), "its setting lr_decay_at = 5 is not possible"),
+        (lambda s: s["config"].update(pseudo_threshold=7.0), "its setting pseudo_threshold = 7.0 is not possible"),
+        (lambda s: s["config"].update(embed_dim=10**6), "its setting embed_dim = 1000000 is not possible"),
+        (lambda s: s["config"].update(lr=1e30), "its setting lr = 1e+30 is not possible"),
+        (lambda s: s["config"].update(beta2=1.0), "its setting beta2 = 1.0 is not possible"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):

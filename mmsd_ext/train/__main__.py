@@ -13,6 +13,11 @@ import sys
 from .data import FEATURE_RATES, DataError
 from .engine import (
     FROZEN_ON_RESUME,
+    MAX_EMBED_DIM,
+    MAX_EPOCHS,
+    MAX_RATE,
+    MAX_SEED,
+    MAX_THREADS,
     MAX_TIOUS,
     SYNTHETIC_PRESET,
     Config,
@@ -26,22 +31,6 @@ from .engine import (
 S = argparse.SUPPRESS
 
 
-# Bounds on flags argparse would otherwise pass on to code that fails with a traceback:
-# - seeds: torch, numpy and the per-epoch seeds take 32-bit unsigned seeds at most;
-# - threads: torch.set_num_threads overflows on huge counts, and more threads than any machine
-#   has cores only slows a run down;
-# - epochs: the schedules divide epoch counts as floats (above about 1e308 they overflow), and a
-#   million epochs is far beyond any WTAL run;
-# - lr, lr decay, weight decay: Adam passes them to float32 kernels, which refuse values above
-#   3.4e38 with a RuntimeError; above 1000 every run diverges anyway (Adam moves each weight by
-#   about lr per step), and divergence is stopped with a message (engine: "diverged");
-# - embedding size: the model's layers grow with it (and Adam keeps two more copies); 8192 is 8x
-#   MMSD's 1024, and much larger sizes can run out of memory part-way, in a traceback.
-MAX_SEED = 2**32 - 1
-MAX_EMBED_DIM = 8192
-MAX_THREADS = 4096
-MAX_EPOCHS = 10**6
-MAX_RATE = 1e3
 
 
 def _int_in(low, high):

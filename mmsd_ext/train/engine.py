@@ -29,6 +29,38 @@ from .model import MMSD, STREAMS, fuse
 # usual 0.5:0.95:0.05, say). At most MAX_TIOUS: the matching keeps a [proposals, thresholds] table.
 TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MAX_TIOUS = 100
+# Bounds of the settings, on the flags (argparse would otherwise pass them on to code that fails
+# with a traceback) and on a checkpoint's saved settings (one edited by hand):
+# - seeds: torch, numpy and the per-epoch seeds take 32-bit unsigned seeds at most;
+# - threads: torch.set_num_threads overflows on huge counts, and more threads than any machine
+#   has cores only slows a run down;
+# - epochs: the schedules divide epoch counts as floats (above about 1e308 they overflow), and a
+#   million epochs is far beyond any WTAL run;
+# - lr, lr decay, weight decay: Adam passes them to float32 kernels, which refuse values above
+#   3.4e38 with a RuntimeError; above 1000 every run diverges anyway (Adam moves each weight by
+#   about lr per step), and divergence is stopped with a message (engine: "diverged");
+# - embedding size: the model's layers grow with it (and Adam keeps two more copies); 8192 is 8x
+#   MMSD's 1024, and much larger sizes can run out of memory part-way, in a traceback.
+MAX_SEED = 2**32 - 1
+MAX_EMBED_DIM = 8192
+MAX_THREADS = 4096
+MAX_EPOCHS = 10**6
+MAX_RATE = 1e3
+# Each bounded setting's (low, high), both included (dropout: the flag also refuses 1).
+LIMITS = {
+    "seed": (0, MAX_SEED),
+    "synthetic_seed": (0, MAX_SEED),
+    "threads": (0, MAX_THREADS),
+    "epochs": (1, MAX_EPOCHS),
+    "schedule_epochs": (0, MAX_EPOCHS),
+    "embed_dim": (1, MAX_EMBED_DIM),
+    "lr": (0, MAX_RATE),
+    "lr_decay": (0, MAX_RATE),
+    "weight_decay": (0, MAX_RATE),
+    "lr_decay_at": (0, 1),
+    "pseudo_threshold": (0, 1),
+    "dropout": (0, 1),
+}
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 LOG = "train.log"
@@ -738,10 +770,14 @@ def _config_problem(values):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
         else:
             ok = isinstance(value, type(default))
-        if ok and field.name in ("epochs", "batch_size", "embed_dim"):
+        if ok and field.name == "batch_size":
             ok = value >= 1
-        if ok and field.name == "dropout":
-            ok = value <= 1  # 1 trained nothing, but versions before 2026-11-27 took it
+        if ok and field.name in ("beta1", "beta2"):
+            ok = value < 1  # Adam refuses 1
+        if ok and field.name in LIMITS:
+            # dropout 1 trained nothing, but versions before 2026-11-27 took it
+            low, high = LIMITS[field.name]
+            ok = low <= value <= high
         if not ok:
             return f"its setting {field.name} = {value!r} is not possible"
     return None
@@ -856,6 +892,28 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
     except OSError as exc:
         raise UsageError(f"--output-dir {path}: cannot write there ({exc.strerror or exc})") from None
     return path
+
+
+def _check_not_another_runs_folder(path, checkpoint):
+    """Eval-only's results.json goes beside a run's checkpoint and log only if that checkpoint
+    is the one evaluated: the three files of a folder belong together (a resumed run removes
+    its folder's results.json as stale, whoever wrote it)."""
+    if not os.path.isdir(path):
+        return
+    present = [name for name in (CHECKPOINT, LOG) if os.path.exists(os.path.join(path, name))]
+    own = os.path.join(path, CHECKPOINT)
+    if present and not (os.path.exists(own) and _same_file(own, checkpoint)):
+        raise UsageError(
+            f"--output-dir {path}: holds {' and '.join(present)} of another run, and its results.json would "
+            f"then not be that run's; write the evaluation of {checkpoint} to another folder (or to its own)"
+        )
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _remove_stale(path, what):
@@ -1004,6 +1062,8 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     same_as_resume = bool(resume) and output_dir is not None and _same_folder(output_dir, os.path.dirname(os.path.abspath(resume)))
     if output_dir is not None and ddp.main:
         try:
+            if eval_only:
+                _check_not_another_runs_folder(output_dir, checkpoint)
             # Eval-only writes results.json and nothing else.
             _prepare_output_dir(
                 output_dir, overwrite, allow_existing=same_as_resume, files=(RESULTS,) if eval_only else (CHECKPOINT, RESULTS, LOG)
