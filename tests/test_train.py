@@ -1175,6 +1175,26 @@ def test_overwrite_replaces_the_log_with_the_first_checkpoint(tiny_root, tmp_pat
             assert [r["epoch"] for r in _epoch_records(run_dir)] == [1]
 
 
+def test_a_new_folder_of_a_run_stopped_in_its_first_epoch_says_there_is_nothing_to_resume(tiny_root, tmp_path, capsys,
+                                                                                           monkeypatch):
+    run_dir = tmp_path / "run"
+    train_epoch = engine.Trainer.train_epoch
+
+    def interrupted(self, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", interrupted)
+    argv = ["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]
+    assert _call(argv, capsys)[0] == 130
+    assert os.listdir(run_dir) == ["train.log"]  # it says why the run stopped
+    monkeypatch.setattr(engine.Trainer, "train_epoch", train_epoch)
+    code, err = _call(argv, capsys)
+    assert code == 2 and "already holds train.log from another run, which has no checkpoint.pt to resume" in err, err
+    assert "--resume" not in err and "pass --overwrite to replace it" in err
+    assert _call(argv + ["--overwrite"], capsys)[0] == 0
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "results.json", "train.log"]
+
+
 def test_resume_into_another_folder_makes_it_that_runs_folder(tiny_root, tmp_path, capsys):
     """A finished run resumed (no epoch left) into a folder of another run, --overwrite: the
     folder's checkpoint, log and results are all the resumed run's (its log was held back for

@@ -880,6 +880,13 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
         raise UsageError(f"--output-dir {path}: exists and is not a directory")
     if os.path.isdir(path) and not (overwrite or allow_existing):
         clashes = [name for name in files if os.path.exists(os.path.join(path, name))]
+        if clashes and not os.path.exists(os.path.join(path, CHECKPOINT)):
+            # A run that stopped in its first epoch leaves its log (which says why) and no checkpoint.
+            raise UsageError(
+                f"--output-dir {path}: already holds {', '.join(clashes)} from another run, which has no "
+                f"{CHECKPOINT} to resume; pass --overwrite to replace {'them' if len(clashes) > 1 else 'it'}, "
+                "or choose another folder"
+            )
         if clashes:
             raise UsageError(
                 f"--output-dir {path}: already holds {', '.join(clashes)} from another run; "
