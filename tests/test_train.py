@@ -1290,14 +1290,36 @@ def test_unusable_output_dir_is_a_usage_error(tiny_root, tmp_path, capsys, monke
     assert main(common[:-1] + ["2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
     kept = (run_dir / "checkpoint.pt").read_bytes()
 
-    def full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    class FullDisk:
+        """A file of a full disk: a binary write (the checkpoint's) fails as the OS fails it."""
 
-    monkeypatch.setattr(engine.torch, "save", full)
+        def __init__(self, path, mode="r", **kwargs):
+            self.file, self.binary = open(path, mode, **kwargs), "b" in mode
+
+        def write(self, data):
+            if not self.binary:
+                return self.file.write(data)
+            self.file.write(bytes(data)[:100])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    monkeypatch.setattr(engine, "open", FullDisk, raising=False)  # the module's open, not the builtin
     code, err = _call(["--resume", str(run_dir / "checkpoint.pt"), "--quiet", "--no-progress"], capsys)
-    assert code == 2 and "checkpoint.pt: cannot write the checkpoint (No space left on device)" in err
+    assert code == 2 and "checkpoint.pt: cannot write the checkpoint (No space left on device); the previous one is kept" in err
     assert (run_dir / "checkpoint.pt").read_bytes() == kept
     assert not (run_dir / "checkpoint.pt.tmp").exists()
+    # The first checkpoint of a new folder: there is no previous one to keep.
+    code, err = _call(common[:-1] + ["2", "--output-dir", str(tmp_path / "new")], capsys)
+    assert code == 2 and err.rstrip().endswith("checkpoint.pt: cannot write the checkpoint (No space left on device)"), err
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -8,6 +8,7 @@ the sum of the videos' losses, as MMSD's accumulated gradient is.
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -632,13 +633,16 @@ class Trainer:
         if not (self.ddp.main and self.output_dir):
             return
         path = os.path.join(self.output_dir, CHECKPOINT)
+        # Serialised in memory first, then written by _write_atomic: a failed write (a full disk,
+        # a folder made read-only) is then an OSError that says why, not torch's RuntimeError.
+        buffer = io.BytesIO()
+        torch.save(self.state(), buffer)
         try:
-            # Atomic: an interrupted save never leaves a broken checkpoint. The file is opened by
-            # _write_atomic, so that a folder we cannot write to raises OSError, not torch's RuntimeError.
-            _write_atomic(path, lambda f: torch.save(self.state(), f), binary=True)
-        except (OSError, RuntimeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-            raise UsageError(f"{path}: cannot write the checkpoint ({reason}); the previous one is kept") from None
+            # Atomic: an interrupted save never leaves a broken checkpoint.
+            _write_atomic(path, lambda f: f.write(buffer.getbuffer()), binary=True)
+        except OSError as exc:
+            kept = "; the previous one is kept" if os.path.exists(path) else ""
+            raise UsageError(f"{path}: cannot write the checkpoint ({exc.strerror or exc}){kept}") from None
         if not self.results_cleared:
             # An earlier run's results.json (left by --overwrite) describes a checkpoint that is
             # gone now; this run writes its own when it finishes.
