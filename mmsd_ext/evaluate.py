@@ -60,7 +60,7 @@ class DetectionMAP:
     def to_dict(self, class_names=None, percent=True):
         """JSON-ready dict: ``map`` {tIoU: value}, ``average_map``, ``ap`` {class: {tIoU: value}}."""
         scale = 100.0 if percent else 1.0
-        keys = [f"{t:g}" for t in self.tious]
+        keys = _tiou_keys(self.tious)
         names = [str(class_names[c]) if class_names is not None else str(int(c)) for c in self.classes]
         return {
             "map": {k: float(v) * scale for k, v in zip(keys, self.map)},
@@ -70,9 +70,19 @@ class DetectionMAP:
         }
 
     def __str__(self):
-        head = " ".join(f"{t:>6g}" for t in self.tious)
+        head = " ".join(f"{k:>6}" for k in _tiou_keys(self.tious))
         values = " ".join(f"{100 * m:6.2f}" for m in self.map)
         return f"tIoU {head}    AVG\nmAP  {values} {100 * self.average:6.2f}"
+
+
+def _tiou_keys(tious):
+    """The thresholds as short strings ("0.5"), with as many digits as keep distinct thresholds
+    apart (6, else 10, else 17, which tells any two float64 apart)."""
+    for digits in (6, 10, 17):
+        keys = [f"{t:.{digits}g}" for t in tious]
+        if len(set(keys)) == len(set(tious.tolist())):
+            return keys
+    return keys
 
 
 def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):

@@ -256,6 +256,19 @@ def test_tensors_and_arrays_agree():
     assert "mAP" in str(a)
 
 
+def test_to_dict_keys_keep_close_thresholds_apart():
+    """Keys are short ("0.5") but never merge two thresholds: 0.9523809 and 0.9523810 are one
+    key with 6 digits, and the mAP of one of them would be lost."""
+    result = detection_map([[0, 0, 0, 10, 0.9]], [[0, 0, 0, 10.5]], (0.5, 0.9523809, 0.9523810))
+    assert result.map.tolist() == [1.0, 1.0, 0.0]  # IoU 10 / 10.5 = 0.95238095...
+    d = result.to_dict(percent=False)
+    assert d["map"] == {"0.5": 1.0, "0.9523809": 1.0, "0.952381": 0.0}
+    assert d["ap"]["0"] == d["map"]
+    assert str(result).splitlines()[0].split()[1:4] == ["0.5", "0.9523809", "0.952381"]
+    apart = detection_map([[0, 0, 0, 10, 0.9]], [[0, 0, 0, 10.5]], (0.5, 0.3, 0.3 + 2**-54))
+    assert list(apart.to_dict()["map"]) == ["0.5", "0.29999999999999999", "0.30000000000000004"]
+
+
 @pytest.mark.parametrize(
     "pred, gt, tious, match",
     [
