@@ -208,6 +208,7 @@ def thumos14_detection_map(
         ValueError naming the argument: lengths of the per-video lists that
         disagree, unknown class names, out-of-range video or class indices,
         segments with end < start, no ground truth at all, a malformed ambiguous file.
+        OSError (FileNotFoundError, ...) for an ambiguous path that cannot be read.
 
     Example (for real data: the rows of ``mmsd_proposals``, the W-TALC files of the
     test subset, and ``ambiguous=root + "/Ambiguous_test.txt"``)::
@@ -466,7 +467,8 @@ def read_ambiguous(path):
         list of (name, start, end).
 
     Raises:
-        ValueError naming the file and line for a line that is not name, start, end.
+        ValueError naming the file and line for a line that is not name, start, end;
+        OSError (FileNotFoundError, ...) for a file that cannot be read.
     """
     entries = []
     with open(path) as f:

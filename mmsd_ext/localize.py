@@ -203,6 +203,17 @@ def pad_cas(sequences, dtype=None):
     Returns:
         (cas [V, max T_i, C] tensor, lengths int64 [V]); zero padding. The dtype is
         ``dtype`` or that of the first sequence (numpy arrays become tensors).
+
+    Raises:
+        TypeError / ValueError naming ``sequences`` (and the video at fault): not a
+        sequence, no video, a sequence that is not a 2-d array, a column count
+        unlike the first video's.
+
+    Example::
+
+        >>> cas, lengths = mmsd_ext.localize.pad_cas([np.ones((3, 2)), np.zeros((5, 2))])
+        >>> cas.shape, lengths
+        (torch.Size([2, 5, 2]), tensor([3, 5]))
     """
     return _pad(sequences, dtype, "sequences")
 

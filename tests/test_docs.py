@@ -23,7 +23,7 @@ EXAMPLES = {
     distill: {"snippet_distill_loss", "mmsd_distill_loss"},
     mil: {"topk_mil_pool", "mil_k"},
     nms: {"temporal_nms", "soft_temporal_nms"},
-    localize: {"mmsd_proposals"},
+    localize: {"mmsd_proposals", "pad_cas"},
     evaluate: {"detection_map", "thumos14_detection_map", "mmsd_detection_map", "classification_map",
                "export_detections_json"},
 }

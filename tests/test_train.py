@@ -227,6 +227,14 @@ def test_loader_missing_folder(tmp_path):
         data_mod.load_wtalc(str(tmp_path), "Thumos14reduced")
 
 
+def test_loader_a_directory_in_place_of_a_file(tiny_root, tmp_path):
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    (folder / "segments.npy").unlink()
+    (folder / "segments.npy").mkdir()
+    with pytest.raises(data_mod.DataError, match=r"segments\.npy: expected a \.npy file, got a directory"):
+        data_mod.load_wtalc(str(root), "Synthetic")
+
+
 def test_synthetic_is_deterministic_and_varied():
     a = synthetic.make_arrays(5, **TINY)
     b = synthetic.make_arrays(5, **TINY)

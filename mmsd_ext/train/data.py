@@ -74,6 +74,8 @@ def load_wtalc(root, dataset="Thumos14reduced", feature_type="I3D"):
 
 
 def _load_npy(path):
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"{path}: expected a .npy file, got a directory or device")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     try:
