@@ -758,6 +758,7 @@ def test_features_of_another_type_are_named_in_the_error(tiny_root, tmp_path, ca
         (["--backend", "fast"], "invalid choice"),
         (["--no-such-flag"], "unrecognized arguments"),
         (["--feature-type", "C3D"], "argument --feature-type: invalid choice: 'C3D'"),
+        (["--dataset", "Thumos14reduced"], "--dataset names a folder under --data-root"),
         (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
     ],
 )

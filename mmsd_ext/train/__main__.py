@@ -297,6 +297,8 @@ def config_from_args(args, parser):
         config = Config.from_dict(base)
     else:
         values = Config().to_dict()
+        if given.get("data_root") is None and "dataset" in given:
+            parser.error("--dataset names a folder under --data-root; without --data-root the synthetic dataset runs")
         if given.get("data_root") is None:
             values.update(SYNTHETIC_PRESET)
         values.update(given)
