@@ -146,6 +146,8 @@ def parse_args(argv=None):
         problem = out_problem(args.plot)
         if problem:
             p.error(f"--plot {args.plot}: {problem}")
+    if args.csv and args.plot and os.path.realpath(args.csv) == os.path.realpath(args.plot):
+        p.error(f"--csv and --plot name the same file, {args.plot}: the plot would replace the CSV's rows")
     if not args.list:
         # Before the run, not after minutes of measurements.
         for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
@@ -164,8 +166,19 @@ def _unwritable(path):
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         return f"cannot make the folder {folder} ({exc.strerror or exc})"
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        return "not writable"
+    # Opened as the run will (os.access says yes to root everywhere, /proc included); a file
+    # this makes is removed again. Appending nothing leaves an existing file as it was.
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        return f"not writable ({exc.strerror or exc})"
+    if not existed:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
     return None
 
 

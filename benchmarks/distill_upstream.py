@@ -41,6 +41,8 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=["10x750x21", "32x2304x201"], help="BxTxC shapes")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per row (default 1)")
     args = p.parse_args(argv)
+    if not 0 < args.min_run_time < float("inf"):
+        p.error(f"--min-run-time: expected a number of seconds > 0, got {args.min_run_time:g}")
     shapes = []
     for text in args.shapes:
         shape = parse_btc(text)

@@ -583,7 +583,14 @@ class Runner:
                 self._fill_speedups(case, rows)
                 self.rows.extend(rows)
                 if self.csv_path:
-                    _append_csv(self.csv_path, rows)
+                    try:
+                        _append_csv(self.csv_path, rows)
+                    except OSError as exc:
+                        kept = len(self.rows) - len(rows)
+                        raise SystemExit(
+                            f"--csv {self.csv_path}: cannot append the rows of {case.op} {case.shape} {case.dtype} "
+                            f"({exc.strerror or exc}); the {kept} rows measured before are in it"
+                        ) from None
         finally:
             bar.close()
         return self.rows

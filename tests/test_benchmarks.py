@@ -224,6 +224,10 @@ def test_bad_options_are_refused_with_the_option_named():
         (["--plot", ""], "--plot: expected a file path, got an empty one"),
         (["--plot", "out.txt"], "--plot out.txt: a .txt file: expected a file ending in .png, .pdf, .svg"),
         (["--plot", "out/bench"], "--plot out/bench: no file extension"),
+        # Before: the plot replaced the CSV's rows after the run, and a path root may not open
+        # (os.access said yes) failed in a traceback after the first case.
+        (["--plot", "hist.png", "--csv", "./hist.png"], "--csv and --plot name the same file"),
+        (["--csv", "/proc/x.csv"], "--csv /proc/x.csv: not writable"),
     ],
 )
 def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, capsys):
@@ -411,6 +415,18 @@ def test_distill_upstream_times_the_two_ways_and_refuses_bad_shapes():
     assert all(float(r[-2]) > 0 for r in rows)
     proc = subprocess.run(cmd + ["--shapes", "2x3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--shapes" in proc.stderr
+    proc = subprocess.run(cmd[:-2] + ["--min-run-time", "-1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--min-run-time: expected a number of seconds > 0, got -1" in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a file whose writes fail: disk full)")
+def test_a_csv_write_that_fails_mid_run_is_an_error_naming_the_file():
+    cmd = [sys.executable, "-m", "benchmarks", "--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "tiny", "--threads", "1",
+           "--no-compile", "--no-progress", "--csv", "/dev/full"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, MMSD_EXT_QUIET="1"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--csv /dev/full: cannot append the rows of topk_mil_pool" in proc.stderr
+    assert "No space left on device" in proc.stderr
 
 
 @pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
