@@ -84,9 +84,12 @@ C10_HOST_DEVICE inline float prob(float x, float shift, float inv_tau, float inv
 // probabilities were off by up to 20 ulps in rows of delta near 50). Other rows
 // (delta > 8: the streams peak at different classes, and the mean of their maxima
 // exceeds the mean teacher's maximum by more than 8 tau; under 1% of the rows of
-// standard normal logits at tau = 0.2) take avg_exponent below. The backward takes
+// standard normal logits at tau = 0.2) take avg_exponent below. The CPU backward takes
 // the same branch and needs the forward's delta bit for bit (its normaliser log S_avg
-// was summed with it): no contraction into FMAs here.
+// was summed with it): no contraction into FMAs here. The CUDA kernels never take the
+// identity: they form exp(a_avg) from avg_exponent, forward and backward. In rows with
+// -inf logits the CPU forward's cross term of a -inf fused class also takes exp(a_avg)
+// directly (csrc/cpu/distill_kernel.cpp, mmsd_forward_sums).
 constexpr float kMaxPairedExponent = 8.0f;
 
 C10_HOST_DEVICE inline float paired_delta(float shift_r, float shift_f, float shift_avg, float inv_tau) {

@@ -548,6 +548,20 @@ def test_a_tiny_teacher_probability_over_a_neg_inf_student_class_makes_the_loss_
     fused = torch.zeros(1, 4, device=device)
     assert mmsd_ext.mmsd_distill_loss(rgb, flow, fused, 1.0, backend=any_backend).item() == float("inf")
     assert mmsd_ext.mmsd_distill_loss(rgb, flow, fused, 1.0, backend="reference").item() == float("inf")
+    # The third term: the mean teacher (rgb + flow) / 2 tiny where fused is -inf, in a row whose
+    # maxima agree to within 8 tau (delta = 8 here), which the cpu kernel's three-exp identity
+    # serves: its exp(a_rgb / 2) flushed to 0 there, and the loss was finite (196.0 at gap 82)
+    # until 2026-11-27 (found by a review of the CUDA code, which forms exp(a_avg) directly).
+    rgb = torch.tensor([[0.0, -2 * (gap + 8)]], device=device)  # a_avg = -gap at class 1
+    flow = torch.tensor([[-16.0, 0.0]], device=device)
+    fused = torch.tensor([[0.0, NEG_INF]], device=device)
+    assert mmsd_ext.mmsd_distill_loss(rgb, flow, fused, 1.0, backend=any_backend).item() == float("inf")
+    assert mmsd_ext.mmsd_distill_loss(rgb, flow, fused, 1.0, backend="reference").item() == float("inf")
+    # Where rgb and flow are -inf too, the mean teacher's probability is 0: a finite loss, as the reference's.
+    both = [torch.tensor([[0.0, NEG_INF]], device=device) for _ in range(2)]
+    got = mmsd_ext.mmsd_distill_loss(*both, fused, 1.0, backend=any_backend)
+    torch.testing.assert_close(got, mmsd_ext.mmsd_distill_loss(*both, fused, 1.0, backend="reference"), rtol=2**-21, atol=0)
+    assert got.isfinite()
 
 
 @pytest.mark.parametrize("where", ["student", "teacher", "rgb", "fused"])

@@ -351,16 +351,27 @@ MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* 
     V xr = load_new<W>(r + c, n, skip), xf = load_new<W>(f + c, n, skip);
     V ar = (xr - shift[0]) * inv_tau, af = (xf - shift[1]) * inv_tau;
     V au = (load_new<W>(u + c, n, skip) - shift[2]) * inv_tau;
-    V er, ef, ea;
+    V er, ef, ea, ea_cross;
     if constexpr (kPaired) {
       V hr = vexp<W>(ar * 0.5f), hf = vexp<W>(af * 0.5f);
       er = hr * hr;
       ef = hf * hf;
       ea = hr * (hf * paired_scale);
+      ea_cross = ea;
+      if constexpr (kGuardFull) {
+        // A row with -inf logits. Where fused is -inf, whether the mean teacher's probability
+        // is 0 decides between a +inf loss and a finite one; h_r or h_f flush to 0 (a_r <
+        // -174.7) where exp(a_avg) itself is still a float (a_avg >= -103.97). Those classes
+        // take exp(a_avg) as the unpaired branch (and the reference, and CUDA) forms it. The
+        // sum S_avg keeps the identity's value: the backward recomputes that.
+        V exact = vexp<W, true>(avg_exponent_v<W>(xr, xf, shift[3], inv_tau));
+        ea_cross = au == splat<W>(-INFINITY) ? exact : ea;
+      }
     } else {
       er = vexp<W, kGuard>(ar);
       ef = vexp<W, kGuard>(af);
       ea = vexp<W, kGuard>(avg_exponent_v<W>(xr, xf, shift[3], inv_tau));
+      ea_cross = ea;
     }
     zr += er;
     zf += ef;
@@ -368,7 +379,7 @@ MMSD_INLINE void mmsd_forward_sums(const float* r, const float* f, const float* 
     za += ea;
     d1 += cross<W, kGuard>(ef, ar);
     d2 += cross<W, kGuard>(er, af);
-    d3 += cross<W, kGuard>(ea, au);
+    d3 += cross<W, kGuard>(ea_cross, au);
   });
   sums[0] = hsum<W>(zr);
   sums[1] = hsum<W>(zf);
