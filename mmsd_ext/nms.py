@@ -76,9 +76,9 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     ceil(n / 64) without groups or with n <= 8192 (n^2 / 8 bytes: 1.25 GB at
     n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
     largest group Gmax. A mask would take more than 4 GiB (one group of about
-    185k segments; M = 1e6 in one group would need 116 GiB): the cpu kernel runs
-    on host copies instead and the result is copied back (the crossover in time
-    is not measured). Host synchronisations (each waits for the queued GPU work):
+    185k segments; M = 1e6 in one group would need 116 GiB), or more than the GPU
+    can allocate at the time: the cpu kernel runs on host copies instead and the
+    result is copied back (the crossover in time is not measured). Host synchronisations (each waits for the queued GPU work):
     cuda, one (the read of the result size); with groups and n > 8192, one more
     (the read of Gmax). triton, two: the gather op's read of its input checks and
     the read of the result size; with groups and n > 8192, one more (Gmax).
@@ -472,7 +472,11 @@ def _temporal_nms_triton_op(
         width = min(tiles, -(-largest // _TILE) + 1)
     if n * width * 8 > _MAX_MASK_BYTES:
         return _temporal_nms_on_host(segments, scores, iou_threshold, groups, overlap, offset)
-    mask = kernels.temporal_nms_mask(seg[gperm].contiguous(), sorted_groups, iou_threshold, OVERLAPS.index(overlap), offset, width)
+    try:
+        mask = kernels.temporal_nms_mask(seg[gperm].contiguous(), sorted_groups, iou_threshold, OVERLAPS.index(overlap), offset, width)
+    except torch.OutOfMemoryError:
+        # Under the limit but past what the GPU can give now (a shared or busy card).
+        return _temporal_nms_on_host(segments, scores, iou_threshold, groups, overlap, offset)
     keep_sorted = torch.ops.mmsd_ext._temporal_nms_gather(mask, sorted_groups)
     keep_visit = keep_sorted
     if groups is not None:

@@ -838,7 +838,7 @@ def test_triton_hard_nms_without_the_extension_raises(monkeypatch):
     assert torch.equal(idx.cpu(), mmsd_ext.soft_temporal_nms(seg.cpu(), scores.cpu(), groups=groups.cpu(), backend="reference")[0])
 
 
-def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit(monkeypatch):
+def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit_or_the_gpus_room(monkeypatch):
     # A mask over _MAX_MASK_BYTES (4 GiB) is not built: the cpu kernel runs on host
     # copies. Here the limit is lowered to just under the mask of 100 segments (100 rows
     # of 2 tiles of 8 bytes, with or without groups: n <= 8192 takes the full width).
@@ -860,6 +860,21 @@ def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit(monkeypatch):
             )
         ran = {e.name for e in prof.events()}
         assert "mmsd_ext::temporal_nms" in ran and "mmsd_ext::_temporal_nms_gather" not in ran
+        assert got.device == seg.to(device).device and torch.equal(got.cpu(), expected)
+
+    # Under the limit, but the GPU has no room for the mask now (a shared or busy card): the
+    # same way. The CUDA backend does the same in C++ (not run here: no GPU).
+    monkeypatch.setattr(nms_module, "_MAX_MASK_BYTES", 4 << 30)
+    from mmsd_ext.kernels import temporal_nms as triton_kernels
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (a stand-in for a busy GPU)")
+
+    monkeypatch.setattr(triton_kernels, "temporal_nms_mask", no_room)
+    for g in (None, groups):
+        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=g, backend="reference")
+        got = mmsd_ext.temporal_nms(seg.to(device), scores.to(device), 0.4, groups=None if g is None else g.to(device),
+                                    backend="triton")
         assert got.device == seg.to(device).device and torch.equal(got.cpu(), expected)
 
 

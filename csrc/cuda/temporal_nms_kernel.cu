@@ -413,7 +413,14 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   // gridDim.y below; implied by the mask limit (width > 65535 means n > 4.19M rows of
   // over 512 KiB each).
   TORCH_INTERNAL_ASSERT(width <= 65535, "temporal_nms_cuda: mask width ", num(width), " past the grid limit");
-  at::Tensor mask = at::empty({n, width}, long_opts);
+  at::Tensor mask;
+  try {
+    mask = at::empty({n, width}, long_opts);
+  } catch (const c10::OutOfMemoryError&) {
+    // Under the limit but past what the GPU can give now (a shared or busy card): the
+    // same way as past the limit. The queued work above only read the inputs.
+    return temporal_nms_on_host(segments, scores, groups, iou_threshold, overlap, offset);
+  }
   const dim3 blocks(static_cast<unsigned>(tiles), static_cast<unsigned>(width));
   AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "temporal_nms_cuda", [&] {
     temporal_nms_mask_kernel<scalar_t><<<blocks, static_cast<unsigned>(kTile), 0, stream>>>(
