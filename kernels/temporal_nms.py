@@ -193,6 +193,9 @@ def _soft_temporal_nms_kernel(
                 bs = tl.load(seg_ptr + 2 * best_p)
                 be = tl.load(seg_ptr + 2 * best_p + 1)
                 sel_p = best_p
+                # The decay pass below stores cur[sel_p] from the lane that owns it: every
+                # warp must have read the selected score above first.
+                tl.debug_barrier()
                 # Decay, and in the same pass the next argmax.
                 best_s = tl.full([], 0.0, tl.float64)
                 best_i = tl.full([], big, tl.int64)
