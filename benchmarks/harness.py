@@ -589,7 +589,7 @@ class Runner:
                         kept = len(self.rows) - len(rows)
                         raise SystemExit(
                             f"--csv {self.csv_path}: cannot append the rows of {case.op} {case.shape} {case.dtype} "
-                            f"({exc.strerror or exc}); the {kept} rows measured before are in it"
+                            f"({exc.strerror or exc}); the {kept} rows this run measured before are in it"
                         ) from None
         finally:
             bar.close()

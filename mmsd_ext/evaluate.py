@@ -70,8 +70,10 @@ class DetectionMAP:
         }
 
     def __str__(self):
-        head = " ".join(f"{k:>6}" for k in _tiou_keys(self.tious))
-        values = " ".join(f"{100 * m:6.2f}" for m in self.map)
+        keys = _tiou_keys(self.tious)
+        width = max([6] + [len(k) for k in keys])
+        head = " ".join(f"{k:>{width}}" for k in keys)
+        values = " ".join(f"{100 * m:{width}.2f}" for m in self.map)
         return f"tIoU {head}    AVG\nmAP  {values} {100 * self.average:6.2f}"
 
 

@@ -77,8 +77,9 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
     largest group Gmax. A mask would take more than 4 GiB (one group of about
     185k segments; M = 1e6 in one group would need 116 GiB), or more than the GPU
-    can allocate at the time: the cpu kernel runs on host copies instead and the
-    result is copied back (the crossover in time is not measured). Host synchronisations (each waits for the queued GPU work):
+    can allocate at the time (torch's out-of-memory error): the cpu kernel runs on
+    host copies instead and the result is copied back (the crossover in time is
+    not measured). Host synchronisations (each waits for the queued GPU work):
     cuda, one (the read of the result size); with groups and n > 8192, one more
     (the read of Gmax). triton, two: the gather op's read of its input checks and
     the read of the result size; with groups and n > 8192, one more (Gmax).

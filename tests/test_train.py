@@ -967,6 +967,12 @@ def test_eval_only_writes_only_results(tiny_root, tmp_path, capsys):
     (run_dir / "results.json").unlink()
     assert main(["--eval-only", "--checkpoint", ckpt, "--output-dir", str(run_dir), "--quiet", "--no-progress"]) == 0
     assert _snapshot(run_dir)["checkpoint.pt"] == before["checkpoint.pt"]
+    # An earlier evaluation's results.json, alone in its folder, is not replaced without --overwrite.
+    evals = tmp_path / "evals"
+    argv = ["--eval-only", "--checkpoint", ckpt, "--output-dir", str(evals), "--quiet", "--no-progress"]
+    assert main(argv) == 0
+    code, err = _call(argv, capsys)
+    assert code == 2 and err.rstrip().endswith("already holds results.json; pass --overwrite to replace it, or choose another folder")
 
 
 def test_eval_only_into_another_runs_folder_is_refused(tiny_root, tmp_path, capsys):
@@ -1266,6 +1272,8 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(embed_dim=10**6), "its setting embed_dim = 1000000 is not possible"),
         (lambda s: s["config"].update(lr=1e30), "its setting lr = 1e+30 is not possible"),
         (lambda s: s["config"].update(beta2=1.0), "its setting beta2 = 1.0 is not possible"),
+        (lambda s: s["config"].update(lr=0.0), "its setting lr = 0.0 is not possible"),
+        (lambda s: s["config"].update(feature_type=["I3D"]), "its setting feature_type = ['I3D'] is not possible"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):

@@ -31,8 +31,6 @@ from .engine import (
 S = argparse.SUPPRESS
 
 
-
-
 def _int_in(low, high):
     def check(text):
         value = int(text)

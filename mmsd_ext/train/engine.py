@@ -763,7 +763,7 @@ def _config_problem(values):
         elif field.name == "tious":
             ok = tiou_problem(value) is None
         elif field.name == "feature_type":
-            ok = value in data_mod.FEATURE_RATES
+            ok = isinstance(value, str) and value in data_mod.FEATURE_RATES
         elif field.name == "data_root":
             ok = value is None or isinstance(value, str)
         elif isinstance(default, bool):
@@ -778,6 +778,8 @@ def _config_problem(values):
             ok = value >= 1
         if ok and field.name in ("beta1", "beta2"):
             ok = value < 1  # Adam refuses 1
+        if ok and field.name in ("lr", "lr_decay"):
+            ok = value > 0  # as the flags
         if ok and field.name in LIMITS:
             # dropout 1 trained nothing, but versions before 2026-11-27 took it
             low, high = LIMITS[field.name]
@@ -884,6 +886,8 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
         raise UsageError(f"--output-dir {path}: exists and is not a directory")
     if os.path.isdir(path) and not (overwrite or allow_existing):
         clashes = [name for name in files if os.path.exists(os.path.join(path, name))]
+        if clashes and tuple(files) == (RESULTS,):  # eval-only: an earlier evaluation's results
+            raise UsageError(f"--output-dir {path}: already holds {RESULTS}; pass --overwrite to replace it, or choose another folder")
         if clashes and not os.path.exists(os.path.join(path, CHECKPOINT)):
             # A run that stopped in its first epoch leaves its log (which says why) and no checkpoint.
             raise UsageError(
