@@ -47,7 +47,8 @@ MAX_EMBED_DIM = 8192
 MAX_THREADS = 4096
 MAX_EPOCHS = 10**6
 MAX_RATE = 1e3
-# Each bounded setting's (low, high), both included (dropout: the flag also refuses 1).
+# Each bounded setting's (low, high), both included; lr and lr_decay must also be > 0, and the
+# dropout flag also refuses 1 (_config_problem).
 LIMITS = {
     "seed": (0, MAX_SEED),
     "synthetic_seed": (0, MAX_SEED),
@@ -917,18 +918,11 @@ def _check_not_another_runs_folder(path, checkpoint):
         return
     present = [name for name in (CHECKPOINT, LOG) if os.path.exists(os.path.join(path, name))]
     own = os.path.join(path, CHECKPOINT)
-    if present and not (os.path.exists(own) and _same_file(own, checkpoint)):
+    if present and not (os.path.exists(own) and _same_path(own, checkpoint)):
         raise UsageError(
             f"--output-dir {path}: holds {' and '.join(present)} of another run, and its results.json would "
             f"then not be that run's; write the evaluation of {checkpoint} to another folder (or to its own)"
         )
-
-
-def _same_file(a, b):
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _remove_stale(path, what):
@@ -942,8 +936,8 @@ def _remove_stale(path, what):
         raise UsageError(f"{path}: cannot remove {what} ({exc.strerror or exc})") from None
 
 
-def _same_folder(a, b):
-    """Whether two paths name one folder, whatever links or spellings lead there."""
+def _same_path(a, b):
+    """Whether two paths name one folder (or file), whatever links or spellings lead there."""
     try:
         return os.path.samefile(a, b)
     except OSError:  # one does not exist (yet)
@@ -1074,7 +1068,7 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
         if resume:
             overwrite = False
     error = None
-    same_as_resume = bool(resume) and output_dir is not None and _same_folder(output_dir, os.path.dirname(os.path.abspath(resume)))
+    same_as_resume = bool(resume) and output_dir is not None and _same_path(output_dir, os.path.dirname(os.path.abspath(resume)))
     if output_dir is not None and ddp.main:
         try:
             if eval_only:
