@@ -118,7 +118,7 @@ def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
             P == 0 (any empty input) is allowed: every AP is 0.
         ground_truth: [G, 4] rows (video, class, start, end), same time unit;
             at least one row.
-        tiou_thresholds: non-empty sequence of thresholds in (0, 1].
+        tiou_thresholds: non-empty sequence of distinct thresholds in (0, 1].
 
     Returns:
         DetectionMAP (tious, classes, ap [n_tiou, n_class], map [n_tiou], average, ...).
@@ -736,6 +736,10 @@ def _tious(value):
         raise ValueError("tiou_thresholds: expected at least one threshold")
     if not ((tious > 0) & (tious <= 1)).all():
         raise ValueError(f"tiou_thresholds: expected values in (0, 1], got {tious.tolist()}")
+    values, counts = np.unique(tious, return_counts=True)
+    if (counts > 1).any():
+        # A repeated threshold would count twice in the average mAP.
+        raise ValueError(f"tiou_thresholds: {float(values[counts > 1][0])!r} is given twice")
     return tious
 
 

@@ -286,6 +286,7 @@ def test_to_dict_keys_keep_close_thresholds_apart():
         ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (), "tiou_thresholds"),
         ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (0.0, 0.5), "tiou_thresholds"),
         ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (1.5,), "tiou_thresholds"),
+        ([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], (0.5, 0.7, 0.5), r"^tiou_thresholds: 0\.5 is given twice$"),
         ("rows", [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
         # Complex rows lost their imaginary parts with only numpy's warning.
         (np.array([[0, 0, 0, 1, 0.5 + 1j]]), [[0, 0, 0, 1]], DEFAULT_TIOUS, "predictions"),
