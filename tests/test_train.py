@@ -21,7 +21,7 @@ import mmsd_ext
 from mmsd_ext.train import data as data_mod
 from mmsd_ext.train import engine, losses, synthetic
 from mmsd_ext.train.__main__ import MAX_THREADS, _tious, main
-from mmsd_ext.train.model import MMSD
+from mmsd_ext.train.model import MMSD, fuse
 
 # ---------------------------------------------------------------------------------------------
 # A tiny dataset in the W-TALC layout
@@ -412,6 +412,142 @@ def test_pseudo_label_refresh_keeps_the_more_confident():
     assert torch.equal(new_labels[better], (outputs["attention"][better] > 0.55).float())
     assert (new_labels[~better] == 7.0).all()
     assert torch.equal(new_conf, torch.where(better, conf, stored_conf))
+
+
+def _mmsd_normalized_ce(logits, target):
+    """MMSD's NormalizedCrossEntropy for one video: logits, target [K]."""
+    return -(target / (target.sum() + 1e-8) * torch.log_softmax(logits, -1)).sum()
+
+
+def test_classification_total_and_weights_equal_mmsd(tiny_root):
+    """The classification term (attention branch against [y, 0] at 1.0, MIL branch against
+    [y, 1] at 0.5), MMSD's weights on the total (1, 0.1, 0.1, 2), the default distillation
+    scale (the batch size) and a weight given by the caller."""
+    d = data_mod.load_wtalc(tiny_root, "Synthetic")
+    torch.manual_seed(2)
+    model = MMSD(d.num_classes, modality_dim=d.feature_dim // 2, embed_dim=16)
+    videos = [0, 3, 5]
+    batch, together, alone = _padded_and_single(model, d, videos)
+    labels, lengths = batch["labels"], batch["lengths"]
+    B = len(videos)
+    stored = (torch.rand(3, B, batch["features"].shape[1], generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    total, parts = losses.mmsd_loss(together, labels, lengths, ("rgb", "flow", "fused"), stored_labels=stored)
+
+    want_cls = torch.tensor(0.0)
+    for b, out in enumerate(alone):
+        zero, one = torch.cat([labels[b], torch.zeros(1)]), torch.cat([labels[b], torch.ones(1)])
+        for s in range(3):
+            want_cls = want_cls + _mmsd_normalized_ce(out["video_logits"][s, 0], zero)
+            want_cls = want_cls + 0.5 * _mmsd_normalized_ce(out["mil_logits"][s, 0], one)
+    torch.testing.assert_close(parts["cls"], want_cls, rtol=1e-5, atol=1e-5)
+
+    mean = losses.distill_loss(together["cas_logits"], ("rgb", "flow", "fused"), together["mask"])
+    torch.testing.assert_close(parts["distill"], B * mean)
+    assert set(parts) == {"cls", "att", "distill", "voting"}
+    want_total = parts["cls"] + 0.1 * parts["att"] + 0.1 * parts["distill"] + 2.0 * parts["voting"]
+    torch.testing.assert_close(total.detach(), want_total)
+
+    without, _ = losses.mmsd_loss(
+        together, labels, lengths, ("rgb", "flow", "fused"), stored_labels=stored, weights={"distill": 0.0}
+    )
+    torch.testing.assert_close(without.detach(), want_total - 0.1 * parts["distill"])
+
+
+def test_two_stream_distillation_is_both_directions():
+    torch.manual_seed(3)
+    cas = torch.randn(2, 2, 7, 5) * 3
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+
+    def cce(student, teacher):
+        per_row = -(torch.softmax(teacher / 0.2, -1) * torch.log_softmax(student / 0.2, -1)).sum(-1)
+        return per_row[mask].mean()
+
+    got = losses.distill_loss(cas, ("rgb", "flow"), mask)
+    torch.testing.assert_close(got, cce(cas[0], cas[1]) + cce(cas[1], cas[0]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="distillation needs the rgb and flow streams"):
+        losses.distill_loss(cas, ("rgb", "fused"), mask)
+
+
+def test_attention_loss_ignores_whatever_the_padding_holds():
+    """A video's attention loss in a padded batch equals its loss alone, whatever logits the
+    padding holds, for a video with labels and one without."""
+    torch.manual_seed(4)
+    cas = torch.randn(2, 2, 9, 4) * 4
+    labels = torch.tensor([[1.0, 0, 1], [0, 0, 0]])
+    lengths = torch.tensor([9, 5])
+    mask = torch.arange(9)[None] < lengths[:, None]
+    together = losses.attention_loss(cas, labels, lengths, mask, backend="reference")
+    for b in range(2):
+        L = int(lengths[b])
+        alone = losses.attention_loss(cas[:, b : b + 1, :L], labels[b : b + 1], lengths[b : b + 1], mask[b : b + 1, :L],
+                                      backend="reference")
+        torch.testing.assert_close(together[:, b], alone[:, 0])
+
+
+def test_voting_trusts_at_the_margin_and_never_at_padding():
+    # Stream 0 is unsure (0.5); stream 1 is sure (0.75) and exactly the margin (0.25) more
+    # confident, so stream 0 takes stream 1's label; stream 2 (0) trusts stream 1 too.
+    conf = torch.tensor([0.5, 0.75, 0.0])[:, None, None].expand(3, 1, 2).clone()
+    stored = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])[:, None, :]
+    mask = torch.tensor([[True, False]])
+    targets, use = losses.voting_targets(conf, stored, mask, margin=0.25)
+    assert use[:, 0, 0].tolist() == [True, True, True]
+    assert not use[:, 0, 1].any()  # the padded snippet, although every stream is trusted there
+    torch.testing.assert_close(targets[:, 0, 0], torch.full((3,), 1 / (1 + 1e-4)))
+
+
+def test_pseudo_labels_are_not_replaced_at_equal_confidence():
+    torch.manual_seed(5)
+    outputs = {
+        "cas_logits": torch.randn(3, 2, 5, 4),
+        "attention": torch.rand(3, 2, 5),
+        "mask": torch.ones(2, 5, dtype=torch.bool),
+    }
+    labels = torch.tensor([[1.0, 0, 1], [0, 1.0, 0]])
+    stored = torch.full((3, 2, 5), 7.0)
+    conf = losses.confidence(outputs["cas_logits"], labels)
+    new_labels, new_conf = losses.refresh_pseudo_labels(outputs, labels, stored, conf.clone())
+    assert (new_labels == 7.0).all() and torch.equal(new_conf, conf)
+
+
+def test_fusion_weights_and_inference_fusion_are_mmsds():
+    def weights(streams):
+        return MMSD(3, modality_dim=4, embed_dim=8, streams=streams).fusion_weights()
+
+    torch.testing.assert_close(weights(("rgb", "flow", "fused")), torch.tensor([0.2, 0.4, 0.4]))
+    torch.testing.assert_close(weights(("rgb", "flow")), torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(weights(("fused",)), torch.tensor([1.0]))
+
+    torch.manual_seed(6)
+    S, B, T, C = 3, 2, 5, 3
+    outputs = {
+        "cas_logits": torch.randn(S, B, T, C + 1),
+        "attention": torch.rand(S, B, T),
+        "video_logits": torch.randn(S, B, C + 1),
+    }
+    w = torch.tensor([0.2, 0.3, 0.5])
+    cas, scores = fuse(outputs, w)
+    att = sum(w[s] * outputs["attention"][s] for s in range(S))
+    probs = sum(w[s] * torch.softmax(outputs["cas_logits"][s], -1) for s in range(S))
+    video = sum(w[s] * torch.softmax(outputs["video_logits"][s], -1) for s in range(S))
+    torch.testing.assert_close(cas, (probs * att[..., None])[..., :C])
+    torch.testing.assert_close(scores, video[:, :C])
+
+
+def test_each_stream_reads_its_own_half_of_the_features():
+    torch.manual_seed(7)
+    model = MMSD(3, modality_dim=4, embed_dim=8).eval()
+    # The foreground centre starts opposite the background centre.
+    torch.testing.assert_close(model.fg_centres.detach(), -model.centres.detach()[:, -1:])
+    x = torch.randn(1, 6, 8)
+    lengths = torch.tensor([6])
+    with torch.no_grad():
+        base = model(x, lengths)["cas_logits"]
+        new_flow = model(torch.cat([x[..., :4], torch.randn(1, 6, 4)], -1), lengths)["cas_logits"]
+        new_rgb = model(torch.cat([torch.randn(1, 6, 4), x[..., 4:]], -1), lengths)["cas_logits"]
+    assert torch.equal(new_flow[0], base[0]) and not torch.equal(new_flow[1], base[1])
+    assert torch.equal(new_rgb[1], base[1]) and not torch.equal(new_rgb[0], base[0])
+    assert not torch.equal(new_flow[2], base[2]) and not torch.equal(new_rgb[2], base[2])
 
 
 def test_schedules_scale_mmsd():
