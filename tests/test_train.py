@@ -8,6 +8,7 @@ exercised too.
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -1396,6 +1397,8 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s.update(optimizer={}), "its 'optimizer' is not an optimizer state"),
         (lambda s: s["config"].update(embed_dim="abc"), "its setting embed_dim = 'abc' is not possible"),
         (lambda s: s["config"].update(streams=["bogus"]), "its setting streams = ['bogus'] is not possible"),
+        # A set the flags do not make: the losses have no distillation for it.
+        (lambda s: s["config"].update(streams=["rgb", "fused"]), "its setting streams = ['rgb', 'fused'] is not possible"),
         (lambda s: s["config"].update(dropout=1.5), "its setting dropout = 1.5 is not possible"),
         (lambda s: s["config"].update(tious=[0.5, 2.0]), "its setting tious = [0.5, 2.0] is not possible"),
         (lambda s: s["config"].update(tious=[]), "its setting tious = [] is not possible"),
@@ -1676,3 +1679,13 @@ def test_throughput_table():
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[1].endswith(" ms") and float(cells[1][:-3]) > 0
     assert cells[3].endswith(" ms") and float(cells[3][:-3]) > 0
+
+
+def test_run_refuses_a_config_the_flags_could_not_make():
+    # engine.run checks a Config built in code as it checks a checkpoint's settings.
+    for config, message in [
+        (engine.Config(streams=("rgb", "fused")), "config: the setting streams = ['rgb', 'fused'] is not possible"),
+        (engine.Config(batch_size=0), "config: the setting batch_size = 0 is not possible"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{re.escape(message)}$"):
+            engine.run(config, save=False, progress=False, quiet=True)

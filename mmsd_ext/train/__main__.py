@@ -281,7 +281,7 @@ def config_from_args(args, parser):
                     )
         else:
             # Evaluation: the model must match the checkpoint, the data may have moved.
-            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "eval_batch_size", "class_threshold", "tious")
+            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "tious")
             for key in list(given):
                 if key not in allowed and given[key] != getattr(saved, key):
                     parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")

@@ -30,6 +30,9 @@ from .model import MMSD, STREAMS, fuse
 # usual 0.5:0.95:0.05, say). At most MAX_TIOUS: the matching keeps a [proposals, thresholds] table.
 TIOUS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 MAX_TIOUS = 100
+# The stream sets the flags make: all three, --no-fused-stream, --single-stream. The losses
+# have no distillation for another set with two streams, (rgb, fused) say.
+STREAM_SETS = (STREAMS, ("rgb", "flow"), ("fused",))
 # Bounds of the settings, on the flags (argparse would otherwise pass them on to code that fails
 # with a traceback) and on a checkpoint's saved settings (one edited by hand):
 # - seeds: torch, numpy and the per-epoch seeds take 32-bit unsigned seeds at most;
@@ -748,19 +751,21 @@ def _checkpoint_problem(state):
             return f"it has no {key!r}"
         if not ok(state[key]):
             return f"its {key!r} is not {what} (got {type(state[key]).__name__})"
-    return _config_problem(state["config"])
+    problem = _config_problem(state["config"])
+    return problem and f"its {problem}"
 
 
 def _config_problem(values):
-    """A saved configuration's first mistyped or impossible setting, or None (missing settings
-    take their defaults: checkpoints of earlier versions lack the newer ones)."""
+    """A configuration's first mistyped or impossible setting, or None: a checkpoint's saved one
+    (missing settings take their defaults: checkpoints of earlier versions lack the newer ones),
+    or the Config given to ``run``."""
     defaults = Config()
     for field in dataclasses.fields(Config):
         if field.name not in values:
             continue
         value, default = values[field.name], getattr(defaults, field.name)
         if field.name == "streams":
-            ok = isinstance(value, (list, tuple)) and 0 < len(value) and all(v in STREAMS for v in value)
+            ok = isinstance(value, (list, tuple)) and tuple(value) in STREAM_SETS
         elif field.name == "tious":
             ok = tiou_problem(value) is None
         elif field.name == "feature_type":
@@ -786,7 +791,7 @@ def _config_problem(values):
             low, high = LIMITS[field.name]
             ok = low <= value <= high
         if not ok:
-            return f"its setting {field.name} = {value!r} is not possible"
+            return f"setting {field.name} = {value!r} is not possible"
     return None
 
 
@@ -995,6 +1000,9 @@ def run(
     ``save=False`` writes nothing (no output folder); otherwise training writes checkpoint.pt,
     train.log and results.json to ``output_dir`` (default: a new runs/mmsd-<data>-<time>/).
     """
+    problem = _config_problem(config.to_dict())
+    if problem:
+        raise ValueError(f"config: the {problem}")
     device_kind = "cuda" if (config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())) else "cpu"
     ddp = Dist(device_kind)
     # Process-wide settings this run changes, restored afterwards (run() may be called in-process).
