@@ -126,6 +126,8 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("duplicate_name", "videoname.npy", "video 5 repeats the name"),
         ("ambiguous_dir", "Ambiguous_test.txt", "expected a text file"),
         ("nan_ambiguous", "Ambiguous_test.txt", "line 1"),
+        ("long_ambiguous", "Ambiguous_test.txt", "line 1"),
+        ("empty_video", "Synthetic-I3D-JOINTFeatures.npy", "video 1: expected a [T, D] array with T >= 1"),
     ],
 )
 def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
@@ -189,6 +191,12 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         path.mkdir()
     elif damage == "nan_ambiguous":
         path.write_text("video_test_0000001  nan 9.6\n")
+    elif damage == "long_ambiguous":
+        path.write_text("video_test_0000001  1.0 2.0 3.0\n")
+    elif damage == "empty_video":
+        feats = np.load(path, allow_pickle=True)
+        feats[1] = feats[1][:0]
+        np.save(path, feats, allow_pickle=True)
     with pytest.raises(data_mod.DataError) as info:
         data_mod.load_wtalc(str(root), "Synthetic")
     assert file in str(info.value) and message in str(info.value)
@@ -219,6 +227,27 @@ def test_loader_decodes_latin1_names(tiny_root, tmp_path):
     np.save(folder / "videoname.npy", names)
     loaded = data_mod.load_wtalc(str(root), "Synthetic")
     assert loaded.classes[-1] == "caf\u00e9" and loaded.videos[3] == "vid\u00e9o_3"
+
+
+def test_loader_reads_point_segments_nan_labels_and_activitynet_splits(tiny_root, tmp_path):
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    segments = np.load(folder / "segments.npy", allow_pickle=True)
+    v = next(i for i, segs in enumerate(segments) if len(segs))
+    segments[v] = [[5.0, 5.0]] + [list(x) for x in segments[v][1:]]  # end == start is a segment
+    np.save(folder / "segments.npy", segments, allow_pickle=True)
+    labels_all = np.load(folder / "labels_all.npy", allow_pickle=True)
+    labels_all[3] = [np.nan]  # an empty pandas cell: no labels
+    np.save(folder / "labels_all.npy", labels_all, allow_pickle=True)
+    subsets = np.load(folder / "subset.npy", allow_pickle=True)
+    renamed = np.array([{"validation": "training", "test": "validation"}[data_mod._text(x)] for x in subsets])
+    np.save(folder / "subset.npy", renamed)
+
+    before = data_mod.load_wtalc(tiny_root, "Synthetic")
+    d = data_mod.load_wtalc(str(root), "Synthetic")
+    assert d.segments[v][0].tolist() == [5.0, 5.0]
+    assert not d.labels[3].any() and before.labels[3].any()
+    assert d.split_names() == ("training", "validation")
+    assert d.indices("train") == before.indices("train") and d.indices("test") == before.indices("test")
 
 
 def test_loader_missing_folder(tmp_path):
@@ -558,6 +587,9 @@ def test_schedules_scale_mmsd():
     config = engine.Config()
     assert engine.learning_rate(config, 69) == 5e-5 and engine.learning_rate(config, 70) == pytest.approx(1e-5)
     assert engine.run_refresh_epochs(config) == [40, 80, 120, 160, 200]
+    # The decay epoch is rounded: 10 epochs x 70 / 240 = 2.92 decays from epoch 3 (0-based).
+    short = engine.Config(epochs=10)
+    assert engine.learning_rate(short, 2) == 5e-5 and engine.learning_rate(short, 3) == pytest.approx(1e-5)
 
 
 def test_a_schedule_length_keeps_decay_and_refreshes_where_the_first_length_put_them():
@@ -610,6 +642,52 @@ def test_resume_refuses_fewer_epochs_than_it_has_trained(tiny_root, tmp_path, ca
     assert code == 2 and "--epochs 1: the resumed run has already trained 2 epochs" in err
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     assert not (run_dir / "results.json").exists()
+
+
+def test_stop_after_past_the_last_epoch_ends_the_run(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--stop-after", "5", "--output-dir", str(run_dir)]) == 0
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2]
+    assert _results(run_dir)["config"]["epochs"] == 2
+
+
+def test_resume_with_the_epochs_done_only_evaluates(tiny_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "3", "--stop-after", "2", "--output-dir", str(run_dir)]) == 0
+    ckpt = str(run_dir / "checkpoint.pt")
+    code, err = _call(["--resume", ckpt, "--pseudo-threshold", "0.3", "--no-progress", "--quiet"], capsys)
+    assert code == 2 and "--pseudo-threshold: the resumed run used" in err, err
+    assert main(["--resume", ckpt, "--epochs", "2", "--no-progress", "--quiet"]) == 0
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2]
+    assert _results(run_dir)["config"]["epochs"] == 2
+
+
+def test_each_epoch_shuffles_anew_and_a_run_gives_back_the_thread_count(tiny_root, tmp_path, monkeypatch):
+    d = data_mod.load_wtalc(tiny_root, "Synthetic")
+    config = engine.Config(embed_dim=16, batch_size=4, device="cpu")
+    trainer = engine.Trainer(config, d, torch.device("cpu"), engine.Dist("cpu"), progress=False)
+    seen = []
+    monkeypatch.setattr(trainer, "train_steps", lambda steps: seen.append(steps) or {})
+    for epoch in (0, 1, 0):
+        trainer.train_epoch(epoch)
+    assert seen[0] == seen[2] != seen[1]
+    assert sorted(sum(seen[1], [])) == list(range(len(trainer.train_idx)))
+    order = torch.randperm(len(trainer.train_idx), generator=torch.Generator().manual_seed(engine._derived_seed(1, 1, 0)))
+    assert sum(seen[1], []) == order.tolist()
+
+    # A weight turned NaN stops the run even where every loss is finite.
+    with torch.no_grad():
+        trainer.model.centres[0, 0, 0] = float("nan")
+    with pytest.raises(engine.UsageError, match=r"diverged in epoch 1 \(weights hold NaN or inf"):
+        trainer.check_finite(0, {"total": 1.0, "cls": 1.0})
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--threads", "1", "--output-dir", str(tmp_path / "run")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_train_resume_eval_only(tiny_root, tmp_path):
@@ -897,6 +975,7 @@ def test_features_of_another_type_are_named_in_the_error(tiny_root, tmp_path, ca
         (["--feature-type", "C3D"], "argument --feature-type: invalid choice: 'C3D'"),
         (["--dataset", "Thumos14reduced"], "--dataset names a folder under --data-root"),
         (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
+        (["--eval-only", "--checkpoint", "x.pt", "--stop-after", "1"], "--stop-after has no meaning with --eval-only"),
     ],
 )
 def test_bad_flags(argv, message, capsys):
@@ -1413,6 +1492,7 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(beta2=1.0), "its setting beta2 = 1.0 is not possible"),
         (lambda s: s["config"].update(lr=0.0), "its setting lr = 0.0 is not possible"),
         (lambda s: s["config"].update(feature_type=["I3D"]), "its setting feature_type = ['I3D'] is not possible"),
+        (lambda s: s["config"].update(batch_size=0), "its setting batch_size = 0 is not possible"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):
@@ -1425,6 +1505,20 @@ def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, 
     for argv in (["--resume", str(bad)], ["--eval-only", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "e")]):
         code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
         assert code == 2 and f"{bad}: an mmsd_ext.train checkpoint, but {message}" in err, err
+
+
+def test_a_checkpoint_is_read_without_running_its_code(tiny_root, tmp_path, capsys):
+    # weights_only loading: a pickled object other than tensors and plain containers is refused.
+    import datetime
+
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["history"].append(datetime.date(2026, 1, 1))
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, err = _call(["--resume", str(bad), "--no-progress", "--quiet"], capsys)
+    assert code == 2 and f"{bad}: not a readable checkpoint" in err, err
 
 
 def test_unusable_output_dir_is_a_usage_error(tiny_root, tmp_path, capsys, monkeypatch):
