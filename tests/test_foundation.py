@@ -69,6 +69,19 @@ def test_use_backend_overrides_auto_and_nests():
     assert _backend.resolve("topk_mil_pool", "reference", "cpu") == "reference"
 
 
+def test_use_backend_ends_with_an_exception_and_device_mismatches_are_named():
+    default = _backend.resolve("topk_mil_pool", None, "cpu")
+    with pytest.raises(KeyError):
+        with mmsd_ext.use_backend("reference"):
+            raise KeyError("inside the block")
+    assert _backend.resolve("topk_mil_pool", None, "cpu") == default
+    # Checked by name, so also on a machine without a GPU.
+    with pytest.raises(ValueError, match=r"^backend='cpu' runs on CPU tensors, but the tensors of topk_mil_pool are on cuda$"):
+        _backend.resolve("topk_mil_pool", "cpu", "cuda")
+    with pytest.raises(ValueError, match=r"^backend='cuda' runs on CUDA tensors, but the tensors of topk_mil_pool are on cpu$"):
+        _backend.resolve("topk_mil_pool", "cuda", "cpu")
+
+
 def test_use_backend_belongs_to_the_thread_that_entered_it():
     # Before 2026-11-27 the blocks were one process-wide stack: a block in one thread
     # changed what the others resolved, and their exits popped each other's entries.

@@ -228,6 +228,17 @@ def test_outer_window_of_a_huge_outer_ratio_is_the_whole_video(backend):
         assert rows[:, 4].tolist() == pytest.approx([expected], rel=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_class_scoring_exactly_the_class_threshold_is_selected(backend):
+    cas = torch.tensor([0.0, 0.5, 0.5, 0.5, 0.0, 0.0], dtype=torch.float64)[None, :, None]
+    for score, selected in ((0.5, True), (0.4999, False)):
+        rows = mmsd_proposals(*on(backend, cas, torch.tensor([[score]], dtype=torch.float64)),
+                              thresholds=[0.3], class_threshold=0.5, min_len=2, backend=backend)
+        assert (len(rows) == 1) == selected, (score, rows)
+        if selected:
+            assert rows[0, :4].tolist() == [0.0, 0.0, 1.0, 5.0]  # the run [1, 4), stored as (s, e + 1)
+
+
 def test_runs_touching_both_ends_and_single_snippets():
     T = 6
     cas = torch.zeros(4, T, 1, dtype=torch.float64)

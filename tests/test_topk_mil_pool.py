@@ -321,8 +321,9 @@ def _bad_calls(device):
     x = torch.randn(2, 5, 3, device=device)
     lengths = torch.tensor([5, 3], device=device)
     return [
-        ((x, 0), {}, ValueError, "k", False),
-        ((x, 6), {}, ValueError, "k", False),
+        ((x, 0), {}, ValueError, "k: expected k >= 1, got 0", False),
+        # An int k is checked against T before any tensor exists: on CUDA, too.
+        ((x, 6), {}, ValueError, "k: expected k <= T = 5, got 6", False),
         ((x, True), {}, TypeError, "k", False),
         ((x, 2.0), {}, TypeError, "k: expected an int or an int64 tensor, got float", False),  # a float k
         ((x, torch.tensor([1, 2, 3], device=device)), {}, ValueError, "k", False),  # shape [B] expected
