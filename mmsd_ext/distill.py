@@ -29,7 +29,9 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
             excludes a class (probability 0; it adds 0 even where the
             student is ``-inf`` too). A teacher row that is all ``-inf`` has no
             target: its loss and its gradient are 0 (it still counts as a valid
-            row for "mean"). Different dtypes are promoted to a common one.
+            row for "mean"). A student row that is all ``-inf`` has no
+            distribution: where its teacher has a target, the row's loss and
+            gradient are NaN. Different dtypes are promoted to a common one.
         temperature: tau, a number in [1e-30, 1e30] (the kernels scale by 1 / tau
             in float32, which must stay a normal float).
         mask: optional bool or 0/1 float tensor of the leading shape [...];

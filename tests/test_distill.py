@@ -529,6 +529,56 @@ def test_mmsd_neg_inf_in_rgb_and_flow_only(any_backend):
     _assert_mmsd_matches_oracle(loss, grads, xs, None, 0.5, 1.0)
 
 
+@pytest.mark.parametrize("dead", ["rgb", "flow"])
+def test_mmsd_one_of_rgb_and_flow_all_neg_inf_in_a_row(any_backend, dead):
+    """A row where only one of rgb and flow is all -inf: the term it teaches has no target,
+    so the other stream gets no gradient there, and the mean teacher is all -inf, so fused
+    gets none either. The dead stream, a student with no distribution under a finite
+    teacher, makes its term, and so the loss, NaN. Other rows are untouched. (Each gradient
+    is gated by its own term's teacher.)"""
+    device = backend_device(any_backend)
+    gen = torch.Generator().manual_seed(29)
+    xs = [torch.randn(3, 6, generator=gen) for _ in range(3)]
+    d = ("rgb", "flow").index(dead)
+    xs[d][1, :] = NEG_INF
+    xs = [x.to(device) for x in xs]
+    loss, grads = _loss_and_grads(
+        lambda r, f, u: mmsd_ext.mmsd_distill_loss(r, f, u, 0.5, backend=any_backend), xs, 1.0, (True, True, True)
+    )
+    assert math.isnan(loss.item()) and torch.isnan(grads[d][1]).all()
+    assert torch.all(grads[1 - d][1] == 0) and torch.all(grads[2][1] == 0)
+    assert all(torch.isfinite(g[[0, 2]]).all() for g in grads)
+    _assert_mmsd_matches_oracle(loss, grads, xs, None, 0.5, 1.0)
+    # The single pair alike: the dead student's row is NaN, the others are not.
+    student = xs[d].detach().clone().requires_grad_()
+    rows = mmsd_ext.snippet_distill_loss(student, xs[1 - d], 0.5, reduction="none", backend=any_backend)
+    (g,) = torch.autograd.grad(rows.sum(), student)
+    assert torch.isnan(rows[1]) and torch.isnan(g[1]).all()
+    assert torch.isfinite(rows[[0, 2]]).all() and torch.isfinite(g[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpu", "cuda", "triton"])
+def test_mmsd_wide_rows_where_the_mean_teacher_exceeds_both_streams(backend_name):
+    """C = 1500 takes Triton's looped path. rgb = 0 and flow = 100 (101 at one class): the
+    mean teacher's maximum (50.5) lies far above rgb's (0), by more than 88 tau, so a shift
+    of the mean teacher's exponentials by rgb's maximum alone would overflow them."""
+    if backend_name not in mmsd_ext.available_backends():
+        pytest.skip(f"{backend_name} backend not available")
+    device = backend_device(backend_name)
+    gen = torch.Generator().manual_seed(31)
+    C = 1500
+    rgb = torch.zeros(2, C)
+    flow = torch.full((2, C), 100.0)
+    flow[:, 7] = 101.0
+    fused = torch.randn(2, C, generator=gen)
+    xs = [x.to(device) for x in (rgb, flow, fused)]
+    loss, grads = _loss_and_grads(
+        lambda r, f, u: mmsd_ext.mmsd_distill_loss(r, f, u, 0.5, backend=backend_name), xs, 1.0, (True, True, True)
+    )
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    _assert_mmsd_matches_oracle(loss, grads, xs, None, 0.5, 1.0)
+
+
 @pytest.mark.parametrize("gap", [88.0, 95.0, 103.5])
 def test_a_tiny_teacher_probability_over_a_neg_inf_student_class_makes_the_loss_inf(any_backend, gap):
     """A teacher probability of exp(-gap), a float32 subnormal (gap in (87.3, 104)), where
@@ -906,6 +956,11 @@ def test_scale_grads_op_checks_its_arguments(device):
         ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], torch.ones(3, 2, device=device).t())
     with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a floating scalar, got Float [2]")):
         ops._distill_scale_grads_(torch.ones(2, device=device), *g)
+    # The scale read from one of the gradients it rewrites, or a gradient given twice.
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a tensor that shares no memory")):
+        ops._distill_scale_grads_(g[0].view(-1)[0], *g)
+    with pytest.raises(RuntimeError, match="share no memory"):
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[0], g[1])
     ops._distill_scale_grads_(torch.tensor(1.0, device=device), *g)
     assert all(torch.equal(x, torch.ones(2, 3, device=device)) for x in g)
     ops._distill_scale_grads_(torch.tensor(-0.5, device=device), *g)

@@ -247,6 +247,24 @@ def test_temporal_nms_permutation_invariance(data, seed, overlap):
 # hard NMS: edge cases
 
 
+def test_sparse_group_ids_keep_the_lower_index_on_ties(backend):
+    """Group ids spread far wider than the number of segments (here up to 10**12): the CPU
+    groups them with a comparison sort instead of counting, which must keep the input order
+    within a group so that equal scores still go to the lower index."""
+    dev = backend_device(backend)
+    M = 64
+    seg = torch.tensor([[0.0, 1.0]] * M, dtype=torch.float64)
+    scores = torch.ones(M, dtype=torch.float64)
+    idx = torch.arange(M)
+    groups = (idx % 2) * 10**12 + (idx % 4 // 2) * 7 - 5
+    keep = mmsd_ext.temporal_nms(*_to(dev, seg, scores), 0.5, groups=groups.to(dev), backend=backend)
+    assert keep.cpu().tolist() == [0, 1, 2, 3]
+    expected = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, method="linear", backend="reference")
+    got = mmsd_ext.soft_temporal_nms(*_to(dev, seg, scores), groups=groups.to(dev), method="linear", backend=backend)
+    assert expected[0][:4].tolist() == [0, 1, 2, 3]
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+
+
 def test_temporal_nms_empty_and_single(any_backend):
     dev = backend_device(any_backend)
     for dtype in (torch.float32, torch.float64):

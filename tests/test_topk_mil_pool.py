@@ -404,6 +404,8 @@ def test_compiled_op_checks_its_arguments():
         backward(torch.ones(2, 4), x, k, lengths, kth, cut, True)
     with pytest.raises(RuntimeError, match="cut: expected"):
         backward(torch.ones(2, 3), x, k, lengths, kth, cut[:, :2], True)
+    with pytest.raises(ValueError, match="cut: expected"):  # a cut is a row index: below T = 5
+        backward(torch.ones(2, 3), x, k, lengths, kth, torch.full_like(cut, 5), True)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -683,3 +685,17 @@ def test_mil_k_bad_inputs(kwargs, exc, name):
 def test_every_backend_is_registered():
     assert set(mil._IMPLS_SUPPORTED) == set(mmsd_ext.BACKENDS) == set(mil._IMPLS)
     assert sorted(mil._GPU_ORDER) == ["cuda", "triton"]
+
+
+def test_bf16_backward_divides_by_a_k_bf16_cannot_hold(backend):
+    """k = 257 is 256 in bfloat16: the gradient 1 / k must be formed in float and rounded
+    once, to bfloat16(1 / 257), not from k rounded to the dtype."""
+    device = backend_device(backend)
+    B, T, C = 1, 300, 2
+    x = torch.randn(B, T, C, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(device).requires_grad_()
+    k, lengths = torch.tensor([257], device=device), torch.tensor([T], device=device)
+    mmsd_ext.topk_mil_pool(x, k, lengths, backend=backend).sum().backward()
+    g = x.grad[x.grad != 0].cpu()
+    assert g.numel() == 257 * C
+    assert torch.all(g == torch.tensor(1.0 / 257).to(torch.bfloat16))
+    assert torch.tensor(1.0 / 257).to(torch.bfloat16) != torch.tensor(1.0 / 256).to(torch.bfloat16)
