@@ -963,6 +963,15 @@ def test_scale_grads_op_checks_its_arguments(device):
         ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[0], g[1])
     ops._distill_scale_grads_(torch.tensor(1.0, device=device), *g)
     assert all(torch.equal(x, torch.ones(2, 3, device=device)) for x in g)
+    # The op changes its tensors in place: their version counters move, so that a backward
+    # that saved one of them refuses to run.
+    before = [x._version for x in g]
+    z = torch.randn(2, 3, device=device, requires_grad=True)
+    y = (z * g[0]).sum()
+    ops._distill_scale_grads_(torch.tensor(1.0, device=device), *g)
+    assert all(x._version > v for x, v in zip(g, before))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
     ops._distill_scale_grads_(torch.tensor(-0.5, device=device), *g)
     assert all(torch.equal(x, torch.full((2, 3), -0.5, device=device)) for x in g)
 
@@ -1138,6 +1147,35 @@ def test_compiled_ops_check_their_arguments():
             ops._snippet_distill_loss_backward(bad, s, t, stats, count, 1.0, 1)
 
 
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="cpu backend not available")
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cpu_total_over_many_row_blocks_is_rounded_once(reduction):
+    """The cpu kernel sums each block of 8192 // C rows in float64 and the block sums in
+    float64 too, rounding once. C = 8 gives blocks of 1024 rows, here 16 of them, with one
+    row's loss near 1e5, so a float32 total over the blocks would lose the others' low
+    digits. The first seed whose data tells the two totals apart is used."""
+    C, per_block, tau = 8, 1024, 0.5
+    R = per_block * 16 - 3
+    for seed in range(50):
+        gen = torch.Generator().manual_seed(seed)
+        student, teacher = torch.randn(R, C, generator=gen), torch.randn(R, C, generator=gen)
+        student[0] = torch.linspace(-2e4, 2e4, C)
+        teacher[0] = -student[0]
+        rows = mmsd_ext.snippet_distill_loss(student, teacher, tau, reduction="none", backend="cpu").double()
+        blocks = [rows[i : i + per_block].sum().item() for i in range(0, R, per_block)]
+        divisor = R if reduction == "mean" else 1
+        want = torch.tensor(sum(blocks) / divisor, dtype=torch.float64).float().item()
+        running = 0.0
+        for b in blocks:  # a float32 running total
+            running = torch.tensor(running + b, dtype=torch.float64).float().item()
+        if torch.tensor(running / divisor, dtype=torch.float64).float().item() != want:
+            break
+    else:
+        pytest.fail("no seed tells a float32 total from the float64 one")
+    got = mmsd_ext.snippet_distill_loss(student, teacher, tau, reduction=reduction, backend="cpu")
+    assert got.item() == want, seed
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compiled_op_messages_give_the_numbers(device):
     # The kernels' own messages carry the offending sizes, dtypes and values, and
@@ -1153,6 +1191,8 @@ def test_compiled_op_messages_give_the_numbers(device):
         ((s, t, -0.5, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got -0.5"),
         ((s, t, math.inf, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got inf"),
         ((s, t, 1e31, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got 1e+31"),
+        ((s, t, 1e-31, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got 1e-31"),
+        ((s, t, 5e-324, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got 5e-324"),
         ((s, t, 1.0, None, 7), "reduction: expected 0 (none), 1 (mean) or 2 (sum), got 7"),
         ((s, t, 1.0, torch.ones(4, dtype=torch.bool, device=device), 1),
          "mask: expected the leading shape [3] of student, got [4]"),
@@ -1167,6 +1207,14 @@ def test_compiled_op_messages_give_the_numbers(device):
         ops._snippet_distill_loss_backward(torch.ones((), device=device), s, t, stats[:2], count, 1.0, 1)
     with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected shape [3], got [2]")):
         ops._snippet_distill_loss_backward(torch.ones(2, device=device), s, t, stats, count, 1.0, 0)
+    tau_message = "temperature: expected a finite number > 0 within [1e-30, 1e30], got 1e-40"
+    for call in (
+        lambda: ops.mmsd_distill_loss(s, t, s, 1e-40, None),
+        lambda: ops._mmsd_distill_loss_with_grads(s, t, s, 1e-40, None),
+        lambda: ops._snippet_distill_loss_backward(torch.ones((), device=device), s, t, stats, count, 1e-40, 1),
+    ):
+        with pytest.raises(RuntimeError, match="^" + re.escape(tau_message)):
+            call()
 
 
 # ------------------------------------------------- opcheck, compile, determinism

@@ -699,3 +699,51 @@ def test_bf16_backward_divides_by_a_k_bf16_cannot_hold(backend):
     assert g.numel() == 257 * C
     assert torch.all(g == torch.tensor(1.0 / 257).to(torch.bfloat16))
     assert torch.tensor(1.0 / 257).to(torch.bfloat16) != torch.tensor(1.0 / 256).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_mean_is_rounded_once(backend, dtype):
+    """out = (float32 sum of the k selected) / k, rounded once to the dtype. The scores are
+    multiples of 1/64 in [-4, 4): exact in fp16 and bf16, and so is every float32 sum of up
+    to 300 of them, whatever the order. k = 257 is 256 in bfloat16."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(7)
+    B, T, C = 3, 300, 6
+    scores = (torch.randint(-256, 256, (B, T, C), generator=gen).float() / 64).to(dtype)
+    k, lengths = torch.tensor([257, 7, 100]), torch.tensor([300, 20, 250])
+    for largest in (True, False):
+        out = mmsd_ext.topk_mil_pool(scores.to(device), k.to(device), lengths.to(device), largest=largest, backend=backend)
+        for b in range(B):
+            top = torch.topk(scores[b, : lengths[b]].float(), int(k[b]), dim=0, largest=largest).values
+            assert torch.equal(out[b].cpu(), (top.sum(0) / int(k[b])).to(dtype)), (largest, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_a_few_ulps_apart(backend, dtype):
+    """Scores 1, 2, ... ulps above 1.0 share every digit of the radix select but the last:
+    the selection must still resolve it, in the forward and in the backward."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(3)
+    T, C = 40, 5
+    steps = torch.stack([torch.randperm(T, generator=gen) for _ in range(C)], dim=1)  # distinct per column
+    one = torch.ones((), dtype=dtype)
+    scores = torch.ones(T, C, dtype=dtype)
+    for _ in range(T):  # scores[t, c] = 1 + steps[t, c] ulps
+        scores = torch.where(steps > 0, torch.nextafter(scores, 2 * one), scores)
+        steps = steps - 1
+    scores = scores[None]
+    lengths = torch.tensor([T])
+    for largest in (True, False):
+        for kk in (1, 7):
+            k = torch.tensor([kk])
+            x = scores.clone().to(device).requires_grad_()
+            out = mmsd_ext.topk_mil_pool(x, k.to(device), lengths.to(device), largest=largest, backend=backend)
+            ref_in = scores.clone().requires_grad_()
+            ref = topk_mil_pool_reference(ref_in, k, lengths, largest)
+            if kk == 1:  # one score, no sum to round
+                assert torch.equal(out.detach().cpu(), ref.detach())
+            else:
+                torch.testing.assert_close(out.detach().cpu(), ref.detach(), rtol=4 * torch.finfo(dtype).eps, atol=0)
+            out.sum().backward()
+            ref.sum().backward()
+            assert torch.equal(x.grad.cpu(), ref_in.grad), (largest, kk)
