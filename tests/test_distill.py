@@ -394,6 +394,64 @@ def test_mixed_dtypes_are_promoted(backend):
     ref = REFERENCE_PAIR(student.detach().double().cpu(), teacher.double().cpu(), 0.5, None, "mean")
     assert student.grad.dtype == torch.float16
     assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
+    # The wider dtype first, and three dtypes with the widest in the middle: the common
+    # dtype is promoted from all of them, not taken from the last.
+    student = torch.randn(4, 21, generator=gen).to(device).requires_grad_()
+    teacher = torch.randn(4, 21, generator=gen).to(device, torch.float16)
+    loss = mmsd_ext.snippet_distill_loss(student, teacher, 0.5, backend=backend)
+    loss.backward()
+    ref_student = student.detach().double().cpu().requires_grad_()
+    ref = REFERENCE_PAIR(ref_student, teacher.double().cpu(), 0.5, None, "mean")
+    ref.backward()
+    assert student.grad.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
+    torch.testing.assert_close(student.grad.double().cpu(), ref_student.grad, rtol=1e-4, atol=1e-6)
+    xs = [torch.randn(4, 21, generator=gen).to(device, dt).requires_grad_()
+          for dt in (torch.float16, torch.float32, torch.bfloat16)]
+    loss = mmsd_ext.mmsd_distill_loss(*xs, 0.5, backend=backend)
+    loss.backward()
+    ref = REFERENCE_MMSD(*(x.detach().double().cpu() for x in xs), 0.5, None)
+    assert [x.grad.dtype for x in xs] == [torch.float16, torch.float32, torch.bfloat16]
+    assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
+
+
+def _every_other_class(x):
+    """x as every other class of a tensor twice as wide (class stride 2), NaN between."""
+    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def test_class_strided_inputs_and_a_strided_mask(any_backend):
+    """Fixed small cases of layouts the property tests draw rarely (the Triton ones under the
+    interpreter, never): a class stride of 2, and a 1-d mask that is every other element of
+    a longer one."""
+    device = backend_device(any_backend)
+    gen = torch.Generator().manual_seed(0)
+    x, t, u = (torch.randn(3, 5, 21, generator=gen).to(device) for _ in range(3))
+    student = _every_other_class(x).requires_grad_()
+    loss = mmsd_ext.snippet_distill_loss(student, _every_other_class(t), 0.5, backend=any_backend)
+    loss.backward()
+    ref_student = x.double().cpu().requires_grad_()
+    ref = REFERENCE_PAIR(ref_student, t.double().cpu(), 0.5, None, "mean")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
+    torch.testing.assert_close(student.grad.double().cpu(), ref_student.grad, rtol=1e-4, atol=1e-6)
+    got = mmsd_ext.mmsd_distill_loss(*(_every_other_class(v) for v in (x, t, u)), 0.5, backend=any_backend)
+    ref = REFERENCE_MMSD(x.double().cpu(), t.double().cpu(), u.double().cpu(), 0.5, None)
+    assert abs(got.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
+
+    s, t = (torch.randn(9, 7, generator=gen).to(device) for _ in range(2))
+    wide = torch.zeros(18, dtype=torch.bool, device=device)
+    wide[::2] = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    mask = wide[::2]
+    for reduction in ("none", "mean"):
+        got = mmsd_ext.snippet_distill_loss(s, t, 0.5, mask=mask, reduction=reduction, backend=any_backend)
+        ref = REFERENCE_PAIR(s.double().cpu(), t.double().cpu(), 0.5, mask.cpu().contiguous(), reduction)
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+    got = mmsd_ext.mmsd_distill_loss(s, t, s * 0.5, 0.5, mask=mask, backend=any_backend)
+    ref = REFERENCE_MMSD(s.double().cpu(), t.double().cpu(), s.double().cpu() * 0.5, 0.5, mask.cpu().contiguous())
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- wide rows

@@ -528,3 +528,17 @@ def test_export_refuses_times_that_overflow_to_infinity(tmp_path):
     with pytest.raises(ValueError, match="predictions: row 0's segment .* not finite in seconds"):
         export_detections_json([[0, 0, 1e300, 1e308, 0.5]], ["a"], ["Alpha"], path, factor=1e-300)
     assert not path.exists()
+
+
+def test_classification_map_leaves_out_classes_without_positives():
+    scores = [[0.9, 0.1], [0.2, 0.8], [0.6, 0.7]]
+    labels = [[1, 0], [1, 0], [0, 0]]  # class 1 has no positive video
+    # class 0: its positives rank 1st and 3rd, AP (1 + 2/3) / 2; class 1 is not averaged in
+    assert classification_map(scores, labels) == pytest.approx((1 + 2 / 3) / 2, abs=EXACT)
+
+
+def test_to_dict_names_classes_by_their_index_not_their_column():
+    # Ground truth only for class 1 of 2: the one AP column is class 1's.
+    result = thumos14_detection_map([[0, 1, 0.0, 10.0, 0.9]], ["v"], [[[0.0, 6.4]]], [["B"]], ["A", "B"], factor=25 / 16)
+    assert result.classes.tolist() == [1]
+    assert set(result.to_dict(class_names=["A", "B"])["ap"]) == {"B"}

@@ -255,6 +255,57 @@ def test_import_survives_an_extension_built_from_older_sources(tmp_path):
     assert result.stdout.strip().endswith("ok")
 
 
+def test_another_local_version_label_is_another_torch(tmp_path):
+    # torch 2.14.1+cpu and 2.14.1+cu130 are different builds: the label counts.
+    base = torch.__version__.split("+")[0]
+    other = base + ("+cpu" if torch.__version__ != base + "+cpu" else "+cu999")
+    _copy_with_build_info(tmp_path, dict(mmsd_ext._loader.BUILD_INFO or {"version": mmsd_ext.__version__}, torch=other))
+    result = _run_isolated(
+        f"""
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        assert len(messages) == 1 and "built for torch {other}" in messages[0], messages
+        assert "cpu" not in mmsd_ext.build_info()["backends"]
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path)},
+        copied=True,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_import_survives_a_malformed_build_info(tmp_path):
+    _copy_with_build_info(tmp_path, {})
+    (tmp_path / "mmsd_ext" / "_build_info.json").write_text("{ not json")
+    result = _run_isolated("import mmsd_ext; print('ok')", {"PYTHONPATH": str(tmp_path)}, copied=True)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_mmsd_ext_quiet_silences_the_load_warning_and_an_empty_value_does_not(tmp_path):
+    _copy_with_build_info(tmp_path, {"version": mmsd_ext.__version__, "torch": "1.0.0+other", "cuda": None, "archs": None})
+    script = """
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        print(len([w for w in caught if "mmsd_ext" in str(w.message)]))
+        """
+    for value, warnings_seen in (("1", "0"), ("", "1")):
+        result = _run_isolated(script, {"PYTHONPATH": str(tmp_path), "MMSD_EXT_QUIET": value}, copied=True)
+        assert result.returncode == 0 and result.stdout.strip() == warnings_seen, (value, result.stdout + result.stderr)
+
+
+def test_cuda_compiled_says_whether_the_build_has_cuda_kernels():
+    # Not whether the extension loaded: a CPU-only build on a GPU machine has no CUDA kernels.
+    if not mmsd_ext._loader.compiled_available():
+        assert not mmsd_ext._loader.cuda_compiled()
+    else:
+        assert mmsd_ext._loader.cuda_compiled() == (mmsd_ext.build_info()["cuda"] is not None)
+
+
 @pytest.mark.skipif(mmsd_ext._loader.BUILD_INFO is None, reason="the extension is not built")
 def test_build_records_the_binary_interface_of_these_sources():
     assert mmsd_ext._loader.BUILD_INFO["binary_interface"] == mmsd_ext._loader.BINARY_INTERFACE

@@ -446,3 +446,21 @@ def test_cuda_matches_cpu():
 def test_mixed_devices_are_an_error():
     with pytest.raises(ValueError, match="video_scores"):
         mmsd_proposals(torch.rand(2, 4, 3).cuda(), torch.ones(2, 3))
+
+
+def test_lengths_of_bools_are_refused():
+    # [True, True] would read as lengths of 1.
+    with pytest.raises(TypeError, match="^lengths"):
+        mmsd_proposals(torch.zeros(2, 5, 3), torch.ones(2, 3), [True, True])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_threshold_tensors_of_any_float_dtype(backend, dtype):
+    gen = torch.Generator().manual_seed(1)
+    cas, scores = torch.rand(2, 40, 3, generator=gen), torch.ones(2, 3)
+    thresholds = torch.tensor([0.25, 0.5, 0.75], dtype=dtype)
+    expected = mmsd_proposals(cas, scores, thresholds=thresholds.double().tolist(), backend="reference")
+    assert len(expected) > 0
+    got = mmsd_proposals(*on(backend, cas, scores), thresholds=thresholds, backend=backend)
+    assert torch.equal(got.cpu(), expected)

@@ -265,6 +265,38 @@ def test_sparse_group_ids_keep_the_lower_index_on_ties(backend):
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
 
 
+@pytest.mark.parametrize("offset", [math.inf, math.nan])
+def test_a_non_finite_offset_is_refused_by_name(any_backend, offset):
+    # Every overlap would be NaN (inf / inf): nothing suppressed, without a word.
+    dev = backend_device(any_backend)
+    seg = torch.tensor([[0.0, 1.0], [0.0, 1.0]], device=dev)
+    scores = torch.tensor([0.5, 0.4], device=dev)
+    with pytest.raises(ValueError, match="^offset: "):
+        mmsd_ext.temporal_nms(seg, scores, 0.5, offset=offset, backend=any_backend)
+    with pytest.raises(ValueError, match="^offset: "):
+        mmsd_ext.soft_temporal_nms(seg, scores, offset=offset, backend=any_backend)
+
+
+@pytest.mark.parametrize("two_groups", [False, True])
+def test_soft_nms_a_negative_score_decayed_to_a_tie_at_a_lower_index_comes_second(any_backend, two_groups):
+    """A linear decay raises a negative score: segment 0 ([0, 4], -1.0) under segment 1
+    ([0, 2], -0.5; IoU 0.5) becomes exactly -0.5, the score just selected, at a lower index.
+    Segment 1 was selected first, so 0 comes second, whatever the index order of ties."""
+    dev = backend_device(any_backend)
+    seg = torch.tensor([[0.0, 4.0], [0.0, 2.0]], dtype=torch.float64)
+    scores = torch.tensor([-1.0, -0.5], dtype=torch.float64)
+    groups = None
+    if two_groups:  # a second group whose segment ties with both
+        seg = torch.cat([seg, torch.tensor([[50.0, 51.0]], dtype=torch.float64)])
+        scores = torch.cat([scores, torch.tensor([-0.5], dtype=torch.float64)])
+        groups = torch.tensor([0, 0, 1])
+    expected = [1, 0] if not two_groups else [1, 0, 2]
+    idx, val = mmsd_ext.soft_temporal_nms(seg.to(dev), scores.to(dev), method="linear", iou_threshold=0.3,
+                                          min_score=-math.inf, groups=None if groups is None else groups.to(dev),
+                                          backend=any_backend)
+    assert idx.cpu().tolist() == expected and val.cpu().tolist() == [-0.5] * len(expected)
+
+
 def test_temporal_nms_empty_and_single(any_backend):
     dev = backend_device(any_backend)
     for dtype in (torch.float32, torch.float64):
@@ -870,12 +902,17 @@ def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit_or_the_gpus_roo
     seg = torch.stack([start, start + torch.randint(0, 9, (M,), generator=gen).double()], 1)
     scores = torch.rand(M, generator=gen)
     groups = torch.randint(0, 3, (M,), generator=gen)
+    # MMSD's overlap with the inclusive offset, too: the fallback passes both on.
+    modes = [{}, dict(overlap="other", offset=1.0)]
+    assert not torch.equal(mmsd_ext.temporal_nms(seg, scores, 0.4, backend="reference"),
+                           mmsd_ext.temporal_nms(seg, scores, 0.4, backend="reference", **modes[1]))
     monkeypatch.setattr(nms_module, "_MAX_MASK_BYTES", M * 2 * 8 - 1)
-    for g in (None, groups):
-        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=g, backend="reference")
+    for g, mode in itertools.product((None, groups), modes):
+        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=g, backend="reference", **mode)
         with torch.profiler.profile() as prof:
             got = mmsd_ext.temporal_nms(
-                seg.to(device), scores.to(device), 0.4, groups=None if g is None else g.to(device), backend="triton"
+                seg.to(device), scores.to(device), 0.4, groups=None if g is None else g.to(device), backend="triton",
+                **mode
             )
         ran = {e.name for e in prof.events()}
         assert "mmsd_ext::temporal_nms" in ran and "mmsd_ext::_temporal_nms_gather" not in ran
@@ -890,10 +927,10 @@ def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit_or_the_gpus_roo
         raise torch.OutOfMemoryError("out of memory (a stand-in for a busy GPU)")
 
     monkeypatch.setattr(triton_kernels, "temporal_nms_mask", no_room)
-    for g in (None, groups):
-        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=g, backend="reference")
+    for g, mode in itertools.product((None, groups), modes):
+        expected = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=g, backend="reference", **mode)
         got = mmsd_ext.temporal_nms(seg.to(device), scores.to(device), 0.4, groups=None if g is None else g.to(device),
-                                    backend="triton")
+                                    backend="triton", **mode)
         assert got.device == seg.to(device).device and torch.equal(got.cpu(), expected)
 
 

@@ -747,3 +747,20 @@ def test_scores_a_few_ulps_apart(backend, dtype):
             out.sum().backward()
             ref.sum().backward()
             assert torch.equal(x.grad.cpu(), ref_in.grad), (largest, kk)
+
+
+def test_strided_k_and_lengths(backend):
+    # 1-d tensors that are every other element of longer ones.
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(3, 8, 5, generator=gen).to(device).requires_grad_()
+    k = torch.tensor([2, 7, 3, 7, 1, 7], device=device)[::2]
+    lengths = torch.tensor([5, 1, 8, 1, 6, 1], device=device)[::2]
+    assert not k.is_contiguous() and not lengths.is_contiguous()
+    out = mmsd_ext.topk_mil_pool(scores, k, lengths, backend=backend)
+    out.sum().backward()
+    ref_scores = scores.detach().cpu().requires_grad_()
+    ref = topk_mil_pool_reference(ref_scores, k.cpu().contiguous(), lengths.cpu().contiguous(), True)
+    ref.sum().backward()
+    torch.testing.assert_close(out.detach().cpu(), ref.detach())
+    torch.testing.assert_close(scores.grad.cpu(), ref_scores.grad)
