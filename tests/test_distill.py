@@ -1483,3 +1483,72 @@ def test_cuda_grid_stride_loops_against_cpu():
              "recomputed grad rgb", "recomputed grad flow", "recomputed grad fused")
     for name, got, expected in zip(names, results["cuda"], results["cpu"]):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("num_classes", [1025, 2049])
+def test_wide_rows_whose_largest_logit_is_in_a_last_tile_of_one_class(backend, num_classes):
+    # C = k * 1024 + 1: the looped paths' last tile holds one class, the one exp(200) would overflow.
+    device = backend_device(backend)
+    student, teacher = torch.zeros(2, num_classes), torch.zeros(2, num_classes)
+    student[:, -1], teacher[:, -1] = 200.0, 150.0
+    got = mmsd_ext.snippet_distill_loss(student.to(device), teacher.to(device), 1.0, reduction="none", backend=backend)
+    ref = REFERENCE_PAIR(student.double(), teacher.double(), 1.0, None, "none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backward_checks_the_grad_shape_of_reduction_none():
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext.kernels import distill as triton_distill
+
+    device = backend_device("triton")
+    s, t = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    _, stats, count = triton_distill.snippet_distill_forward(s, t, 1.0, None, 0)
+    for grad in (torch.ones(2, device=device), torch.ones(3, 1, device=device)):
+        with pytest.raises(ValueError, match="^grad: expected shape"):
+            triton_distill.snippet_distill_backward(grad, s, t, stats, count, 1.0, 0)
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="cpu backend not available")
+def test_the_pair_backward_runs_only_for_a_gradient_asked_for():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    s, t = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    loss = torch.ops.mmsd_ext.snippet_distill_loss(s, t, 1.0, None, 1)[0]
+    with Calls() as calls:
+        (g,) = torch.autograd.grad(loss, t, allow_unused=True, retain_graph=True)
+    assert g is None and not any("_snippet_distill_loss_backward" in n for n in calls.names), calls.names
+    with Calls() as calls:
+        torch.autograd.grad(loss, s)
+    assert any("_snippet_distill_loss_backward" in n for n in calls.names), calls.names
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_compiled_backward_ops_take_any_floating_upstream_gradient(device, dtype):
+    if device not in mmsd_ext.available_backends():
+        pytest.skip(f"{device} backend not available")
+    ops = torch.ops.mmsd_ext
+    s, t = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    for reduction, shape in ((1, ()), (0, (3,))):
+        _, stats, count = ops.snippet_distill_loss(s, t, 1.0, None, reduction)
+        want = ops._snippet_distill_loss_backward(torch.full(shape, 0.5, device=device), s, t, stats, count, 1.0, reduction)
+        got = ops._snippet_distill_loss_backward(torch.full(shape, 0.5, device=device, dtype=dtype), s, t, stats, count,
+                                                 1.0, reduction)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    r, f, u = torch.randn(3, 3, 5, device=device).unbind(0)
+    _, stats, count = ops.mmsd_distill_loss(r, f, u, 0.2, None)
+    want = ops._mmsd_distill_loss_backward(torch.tensor(0.5, device=device), r, f, u, stats, count, 0.2)
+    got = ops._mmsd_distill_loss_backward(torch.tensor(0.5, device=device, dtype=dtype), r, f, u, stats, count, 0.2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

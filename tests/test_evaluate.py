@@ -542,3 +542,19 @@ def test_to_dict_names_classes_by_their_index_not_their_column():
     result = thumos14_detection_map([[0, 1, 0.0, 10.0, 0.9]], ["v"], [[[0.0, 6.4]]], [["B"]], ["A", "B"], factor=25 / 16)
     assert result.classes.tolist() == [1]
     assert set(result.to_dict(class_names=["A", "B"])["ap"]) == {"B"}
+
+
+def test_thumos14_repeated_class_names_are_an_error():
+    with pytest.raises(ValueError, match="class_names"):
+        thumos14_detection_map([[0, 1, 10.0, 20.0, 0.9]], ["v"], [[[6.4, 12.8]]], [["A"]], ["A", "A"])
+
+
+def test_mmsd_detection_map_compares_class_threshold_in_the_scores_dtype():
+    # 0.2 - 1e-12 is float32's 0.2: a cast would let the class through.
+    cas = np.zeros((30, 2))
+    cas[10:20, 1] = 1.0
+    args = (["v"], [[[6.4, 12.8]]], [["B"]], ["A", "B"])
+    below = mmsd_detection_map([cas], [[0.0, 0.2 - 1e-12]], *args, class_threshold=0.2)
+    none = mmsd_detection_map([cas], [[0.0, 0.0]], *args, class_threshold=0.2)
+    hit = mmsd_detection_map([cas], [[0.0, 0.9]], *args, class_threshold=0.2)
+    assert str(below) == str(none) != str(hit)

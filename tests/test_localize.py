@@ -464,3 +464,25 @@ def test_threshold_tensors_of_any_float_dtype(backend, dtype):
     assert len(expected) > 0
     got = mmsd_proposals(*on(backend, cas, scores), thresholds=thresholds, backend=backend)
     assert torch.equal(got.cpu(), expected)
+
+
+def test_pad_cas_keeps_the_first_sequences_dtype_and_refuses_a_tensor():
+    cas, _ = pad_cas([np.zeros((3, 2)), np.zeros((2, 2), np.float32)])
+    assert cas.dtype == torch.float64
+    cas, _ = pad_cas([torch.zeros(3, 2, dtype=torch.float16)])
+    assert cas.dtype == torch.float16
+    with pytest.raises(TypeError, match="sequences"):
+        pad_cas(torch.zeros(2, 3, 2))  # a [V, T, C] tensor is not a sequence of videos
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(min_len=True), "^min_len"),
+    (dict(class_threshold=float("nan")), "^class_threshold"),
+    (dict(class_threshold=float("-inf")), "^class_threshold"),
+    (dict(outer_ratio=float("inf")), "^outer_ratio"),
+])
+def test_bool_and_non_finite_options_are_refused(change, match):
+    cas = torch.zeros(1, 30, 2, dtype=torch.float64)
+    cas[0, 10:20, 1] = 1.0
+    with pytest.raises(ValueError, match=match):
+        mmsd_proposals(cas, torch.tensor([[0.0, 0.9]], dtype=torch.float64), **change)

@@ -1285,3 +1285,21 @@ def test_soft_nms_cpu_and_reference_agree_on_a_decay_that_lands_on_min_score():
             index, value = mmsd_ext.soft_temporal_nms(seg, scores, min_score=min_score, backend=backend)
             assert index.tolist() == kept, (backend, min_score)
             assert value.tolist() == [[1.0, decayed, min_score][i] for i in kept]
+
+
+@pytest.mark.parametrize("shift", [0.0, -1000.0, -1e6])
+def test_temporal_nms_negative_coordinates_across_rank_words(backend, shift):
+    """The cpu kernel skips 64-rank words whose longest kept segment cannot overlap enough.
+    With negative coordinates a segment's end is below its length. Rank 0: c = [s - 1, s + 101]
+    (0.9); ranks 1..70: short fillers inside (s - 1, s) (0.1); rank 71, the next word: r =
+    [s, s + 100] (1.0), kept first, IoU(c, r) = 100 / 102 > 0.5: c is suppressed."""
+    dev = backend_device(backend)
+    n = 70
+    starts = [shift - 1.0] + [shift - 1.0 + (i + 1) / (n + 2) for i in range(n)] + [shift]
+    ends = [shift + 101.0] + [s + 1e-3 for s in starts[1 : n + 1]] + [shift + 100.0]
+    seg = torch.tensor([starts, ends], dtype=torch.float64).T.contiguous()
+    scores = torch.tensor([0.9] + [0.1] * n + [1.0], dtype=torch.float64)
+    expected = mmsd_ext.temporal_nms(seg, scores, 0.5, backend="reference")
+    assert 0 not in expected.tolist()
+    got = mmsd_ext.temporal_nms(*_to(dev, seg, scores), 0.5, backend=backend)
+    assert got.cpu().tolist() == expected.tolist()

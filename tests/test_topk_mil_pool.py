@@ -437,6 +437,10 @@ def test_compiled_op_messages_give_the_numbers(device):
         backward(torch.ones(2, 4, device=device), x, k, lengths, kth, cut, True)
     with pytest.raises(RuntimeError, match="^" + re.escape("kth_key: expected an int64 tensor, got Int")):
         backward(torch.ones(2, 3, device=device), x, k, lengths, kth.int(), cut, True)
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad_out: expected a floating-point tensor, got Long")):
+        backward(torch.ones(2, 3, dtype=torch.long, device=device), x, k, lengths, kth, cut, True)
+    with pytest.raises(RuntimeError, match="^" + re.escape("cut: expected an int64 tensor, got Int")):
+        backward(torch.ones(2, 3, device=device), x, k, lengths, kth, cut.int(), True)
 
 
 def _invalid_k_lengths(device):
