@@ -415,13 +415,6 @@ def test_mixed_dtypes_are_promoted(backend):
     assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
 
 
-def _every_other_class(x):
-    """x as every other class of a tensor twice as wide (class stride 2), NaN between."""
-    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
 def test_class_strided_inputs_and_a_strided_mask(any_backend):
     """Fixed small cases of layouts the property tests draw rarely (the Triton ones under the
     interpreter, never): a class stride of 2, and a 1-d mask that is every other element of
@@ -429,15 +422,15 @@ def test_class_strided_inputs_and_a_strided_mask(any_backend):
     device = backend_device(any_backend)
     gen = torch.Generator().manual_seed(0)
     x, t, u = (torch.randn(3, 5, 21, generator=gen).to(device) for _ in range(3))
-    student = _every_other_class(x).requires_grad_()
-    loss = mmsd_ext.snippet_distill_loss(student, _every_other_class(t), 0.5, backend=any_backend)
+    student = _finish(x, x.dtype, device, "strided").requires_grad_()
+    loss = mmsd_ext.snippet_distill_loss(student, _finish(t, t.dtype, device, "strided"), 0.5, backend=any_backend)
     loss.backward()
     ref_student = x.double().cpu().requires_grad_()
     ref = REFERENCE_PAIR(ref_student, t.double().cpu(), 0.5, None, "mean")
     ref.backward()
     assert abs(loss.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
     torch.testing.assert_close(student.grad.double().cpu(), ref_student.grad, rtol=1e-4, atol=1e-6)
-    got = mmsd_ext.mmsd_distill_loss(*(_every_other_class(v) for v in (x, t, u)), 0.5, backend=any_backend)
+    got = mmsd_ext.mmsd_distill_loss(*(_finish(v, v.dtype, device, "strided") for v in (x, t, u)), 0.5, backend=any_backend)
     ref = REFERENCE_MMSD(x.double().cpu(), t.double().cpu(), u.double().cpu(), 0.5, None)
     assert abs(got.item() - ref.item()) <= 1e-5 * (1 + abs(ref.item()))
 

@@ -387,6 +387,12 @@ def _mmsd_voting_one_video(conf, plbl, con=0.6, margin=0.3):
     return torch.stack(targets), torch.stack(masks)
 
 
+def _mmsd_cce(student, teacher, mask=None):
+    """MMSD's CategoryCrossEntropy at tau 0.2, the mean over the (valid) snippets."""
+    per_row = -(torch.softmax(teacher / 0.2, -1) * torch.log_softmax(student / 0.2, -1)).sum(-1)
+    return per_row.mean() if mask is None else per_row[mask].mean()
+
+
 def test_losses_equal_mmsd_per_video_sum(tiny_root):
     d = data_mod.load_wtalc(tiny_root, "Synthetic")
     torch.manual_seed(1)
@@ -417,11 +423,9 @@ def test_losses_equal_mmsd_per_video_sum(tiny_root):
     out = alone[0]
     r, f, p = out["cas_logits"][0, 0], out["cas_logits"][1, 0], out["cas_logits"][2, 0]
 
-    def cce(student, teacher):
-        return -(torch.softmax(teacher / 0.2, -1) * torch.log_softmax(student / 0.2, -1)).sum(-1).mean()
-
     got = losses.distill_loss(out["cas_logits"][:, :1], ("rgb", "flow", "fused"), out["mask"])
-    torch.testing.assert_close(got, cce(r, f) + cce(f, r) + cce(p, r / 2 + f / 2), rtol=1e-5, atol=1e-5)
+    want = _mmsd_cce(r, f) + _mmsd_cce(f, r) + _mmsd_cce(p, r / 2 + f / 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pseudo_label_refresh_keeps_the_more_confident():
@@ -487,13 +491,9 @@ def test_two_stream_distillation_is_both_directions():
     torch.manual_seed(3)
     cas = torch.randn(2, 2, 7, 5) * 3
     mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-
-    def cce(student, teacher):
-        per_row = -(torch.softmax(teacher / 0.2, -1) * torch.log_softmax(student / 0.2, -1)).sum(-1)
-        return per_row[mask].mean()
-
     got = losses.distill_loss(cas, ("rgb", "flow"), mask)
-    torch.testing.assert_close(got, cce(cas[0], cas[1]) + cce(cas[1], cas[0]), rtol=1e-5, atol=1e-5)
+    want = _mmsd_cce(cas[0], cas[1], mask) + _mmsd_cce(cas[1], cas[0], mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="distillation needs the rgb and flow streams"):
         losses.distill_loss(cas, ("rgb", "fused"), mask)
 
