@@ -268,6 +268,43 @@ def test_import_survives_a_malformed_build_info(tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
+# What the dynamic loader says decides the advice: a missing symbol means a build for
+# another torch (rebuild), anything else is passed on as it came.
+@pytest.mark.parametrize(
+    "loader_says, expected",
+    [
+        ("_C.so: undefined symbol: _ZN3c1017RegisterOperators", "does not match this torch"),
+        ("libcudart.so.13: cannot open shared object file", "failed to load (libcudart.so.13"),
+    ],
+)
+def test_import_survives_an_extension_the_loader_refuses(tmp_path, loader_says, expected):
+    info = dict(mmsd_ext._loader.BUILD_INFO or {"version": mmsd_ext.__version__})
+    info.update(torch=torch.__version__, binary_interface=mmsd_ext._loader.BINARY_INTERFACE)
+    _copy_with_build_info(tmp_path, info)
+    for so in (tmp_path / "mmsd_ext").glob("_C*.so"):
+        so.unlink()
+    # A stand-in for the shared object that fails as the dynamic loader would.
+    (tmp_path / "mmsd_ext" / "_C.py").write_text(f"raise ImportError({loader_says!r})\n")
+    result = _run_isolated(
+        f"""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        assert len(messages) == 1 and {expected!r} in messages[0], messages
+        assert ("Re-build it with" in messages[0]) == ("undefined symbol" in {loader_says!r}), messages[0]
+        assert "cpu" not in mmsd_ext.build_info()["backends"]
+        x = torch.randn(2, 6, 3)
+        torch.testing.assert_close(mmsd_ext.topk_mil_pool(x, 2), x.topk(2, dim=1).values.mean(1))
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path)},
+        copied=True,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
 def test_mmsd_ext_quiet_silences_the_load_warning_and_an_empty_value_does_not(tmp_path):
     _copy_with_build_info(tmp_path, {"version": mmsd_ext.__version__, "torch": "1.0.0+other", "cuda": None, "archs": None})
     script = """
