@@ -42,6 +42,9 @@ DIGIT_BITS = 4
 FORWARD_COMPARE_ELEMENTS = 16384
 MAX_BLOCK_C = 4
 NUM_WARPS = 4
+# The kernels hold time indices and valid lengths in int32, as the CUDA kernels do;
+# a tile past the last step must not wrap.
+MAX_T = 2**31 - 1 - MAX_TILE_ELEMENTS
 
 
 @triton.jit
@@ -90,11 +93,11 @@ def _load_tile(base, t, offs_c, mask_c, L, stride_t, stride_c, LARGEST: tl.const
 
 
 @triton.jit
-def _video_and_columns(C, BLOCK_C: tl.constexpr):
-    """This program's video and columns. Grid axis 0 runs over (video, column block)
-    pairs, column blocks fastest: axes 1 and 2 are limited to 65535 programs, axis 0 is not."""
+def _video_and_columns(pid, C, BLOCK_C: tl.constexpr):
+    """The video and columns of program `pid` of a grid over (video, column block) pairs,
+    column blocks fastest. Every launch here has a 1-d grid: axes 1 and 2 are limited to
+    65535 programs, axis 0 is not."""
     blocks_c = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
     return pid // blocks_c, (pid % blocks_c) * BLOCK_C + tl.arange(0, BLOCK_C)
 
 
@@ -118,7 +121,7 @@ def _topk_mil_pool_forward_kernel(
     ONE_TILE: tl.constexpr,  # T <= BLOCK_T: the tile is loaded once and stays in registers
     DIGIT_BITS: tl.constexpr,  # radix digit width: KEY_BITS / DIGIT_BITS passes over the column
 ):
-    b, offs_c = _video_and_columns(C, BLOCK_C)
+    b, offs_c = _video_and_columns(tl.program_id(0), C, BLOCK_C)
     mask_c = offs_c < C
     length = tl.load(lengths_ptr + b)
     k = tl.load(k_ptr + b)
@@ -244,8 +247,11 @@ def _topk_mil_pool_backward_kernel(
     BLOCK_T: tl.constexpr,  # time steps per program
     BLOCK_C: tl.constexpr,  # columns per program
 ):
-    b, offs_c = _video_and_columns(C, BLOCK_C)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Programs run over (video, column block, time block), time blocks fastest.
+    blocks_t = tl.cdiv(T, BLOCK_T)
+    pid = tl.program_id(0)
+    b, offs_c = _video_and_columns(pid // blocks_t, C, BLOCK_C)
+    t = (pid % blocks_t) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_c = offs_c < C
     length = tl.load(lengths_ptr + b)
     k = tl.load(k_ptr + b)
@@ -273,9 +279,15 @@ def _tiles(T, C, elements):
     return block_t, block_c
 
 
+def _check_time_steps(T):
+    if T > MAX_T:
+        raise ValueError(f"scores: expected at most {MAX_T:,} time steps on triton (32-bit time indices), got T = {T:,}")
+
+
 def topk_mil_pool_forward(scores, k, lengths, largest):
     """Launches the forward: (out [B, C], kth_key [B, C] int64, cut [B, C] int64)."""
     B, T, C = scores.shape
+    _check_time_steps(T)
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     out = torch.empty((B, C), dtype=acc, device=scores.device)
     kth = torch.empty((B, C), dtype=torch.int64, device=scores.device)
@@ -317,6 +329,7 @@ def topk_mil_pool_forward(scores, k, lengths, largest):
 def topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
     """Launches the backward: the gradient of scores, [B, T, C] contiguous."""
     B, T, C = scores.shape
+    _check_time_steps(T)
     grad = torch.empty((B, T, C), dtype=scores.dtype, device=scores.device)
     if grad.numel() == 0:
         return grad
@@ -326,7 +339,7 @@ def topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     g = (grad_out.to(acc) / k.to(acc)[:, None]).to(scores.dtype).contiguous()
     block_t, block_c = _tiles(T, C, MAX_TILE_ELEMENTS)
-    grid = (B * triton.cdiv(C, block_c), triton.cdiv(T, block_t))
+    grid = (B * triton.cdiv(C, block_c) * triton.cdiv(T, block_t),)
     with device_guard(scores):
         _topk_mil_pool_backward_kernel[grid](
             g,

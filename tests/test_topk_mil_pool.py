@@ -461,6 +461,23 @@ def test_triton_kernel_marks_out_of_range_videos():
     _assert_out_of_range_marked(out, scores, k, lengths)
 
 
+def test_triton_refuses_more_time_steps_than_its_int32_indices_hold():
+    # Without the check a valid length of 2**31 or more wrapped negative in the kernel: NaN.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext.kernels import topk_mil_pool as triton_topk
+
+    device = backend_device("triton")
+    T = 3_000_000_000
+    scores = torch.full((1, 1, 1), 0.5, dtype=torch.float16, device=device).expand(1, T, 1)  # nothing allocated
+    lengths = torch.tensor([T], device=device)
+    with pytest.raises(ValueError, match=f"^scores: expected at most {triton_topk.MAX_T:,} time steps on triton"):
+        mmsd_ext.topk_mil_pool(scores, 1, lengths, backend="triton")
+    one, key = torch.ones(1, dtype=torch.int64, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="^scores: expected at most"):
+        triton_topk.topk_mil_pool_backward(torch.ones(1, 1, device=device), scores, one, lengths, key, key, True)
+
+
 def _assert_out_of_range_marked(out, scores, k, lengths):
     assert out[1:].isnan().all()
     torch.testing.assert_close(out[0], scores[0].topk(2, dim=0).values.mean(0))
