@@ -43,16 +43,30 @@ from ._device import device_guard
 # Classes held in one tile. 1024 float32 x 3 inputs per row stay in registers with
 # 4 warps; WTAL's C (21, 101, 201) is one tile, wider rows loop.
 MAX_TILE_C = 1024
-# Elements per program in the one-tile forward (rows * padded C) and in the backward
-# (a 2-D grid of tiles, no reduction): 8 per thread with 4 warps. Chosen from the
-# registers ptxas gives each sm_90 kernel (tests/triton_aot.py), not yet timed on a
-# GPU: with 2048 the three-way forward at C = 21 needs 255 registers a thread, and
-# with 4096 its backward spills; with 1024 none spills and none needs more than 127
-# (triton 3.8; 126 with triton 3.6): the three-way kernels at float64 C = 21 (127
-# forward and backward) and at C = 1 (121 forward).
+# Elements per program in the one-tile forward (rows * padded C; 8 per thread with
+# 4 warps) and in the backward (a 2-D grid of tiles, no reduction; 4 per thread with
+# 8 warps, _BACKWARD_OPTIONS). Chosen from the registers ptxas gives each sm_90
+# kernel (tests/triton_aot.py), not yet timed on a GPU: with 2048 the three-way
+# forward at C = 21 needs 255 registers a thread, and with 4096 its backward spilled
+# (at 4 warps); with 1024 none spills, and no forward needs more than 128 (triton
+# 3.8: the three-way forward in float64 at C = 21 and 2000).
 TILE_ELEMENTS = 1024
 BACKWARD_TILE_ELEMENTS = 1024
+# The backward's grid holds a class tile on axis 1, which CUDA limits to 65535
+# programs. (A loop over class tiles inside the backward kernels would lift the
+# limit, but took the three-way backward at C = 21 from 64 to 108 registers a
+# thread, and made it spill at float64 C > 1024.)
+MAX_C = 65535 * MAX_TILE_C
 NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU
+# The backward kernels: 8 warps, 4 elements a thread. With 4 warps the three-way
+# backward at float16 and C > 512 spilled 60 bytes a thread, and at C = 2 needed
+# up to 152 registers; with 8, ptxas gives every backward from C = 2 to 3000, in
+# every dtype, at most 76 registers and no spills (sm_90, triton 3.8; not timed
+# on a GPU). They round each product, as the CPU and CUDA kernels and the
+# interpreter do: by default Triton contracts p_s - p_t, p_s = exp(a) * (1 / S),
+# into one fma, and equal logits then give a product's rounding error instead of
+# a zero gradient.
+_BACKWARD_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
 
 _REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2  # as at::Reduction
 _PAIR_STATS, _MMSD_STATS = 4, 8
@@ -341,10 +355,8 @@ def _mmsd_distill_backward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # R may pass 2**31
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = rows < R
-    # / (div.full.f32, within 2 ulp, once per program): div_rn took this kernel from 128 to
-    # 132 registers at C = 21 (tests/triton_aot.py), past the 128 that four blocks of 128
-    # threads per SM allow.
-    k = tl.load(grad_ptr) / tl.maximum(tl.load(count_ptr), 1.0) * inv_tau
+    # IEEE division, as the CPU and CUDA kernels and the pair backward.
+    k = tl.math.div_rn(tl.load(grad_ptr), tl.maximum(tl.load(count_ptr), 1.0)) * inv_tau
     st = stats_ptr + rows * 8
     shift_r = tl.load(st + 0, mask=row_ok, other=0.0)[:, None]
     log_r = tl.load(st + 1, mask=row_ok, other=float("-inf"))[:, None]
@@ -383,6 +395,8 @@ def _check_logits(**tensors):
             raise TypeError(f"{name}: expected dtype float32, float16, bfloat16 or float64, got {t.dtype}")
         if t.dim() < 1 or t.shape[-1] < 1:
             raise ValueError(f"{name}: expected shape [..., C] with C >= 1, got {tuple(t.shape)}")
+        if t.shape[-1] > MAX_C:
+            raise ValueError(f"{name}: expected at most {MAX_C:,} classes on triton, got C = {t.shape[-1]:,}")
     for name, t in others:
         if t.shape != t0.shape:
             raise ValueError(f"{name}: expected the shape of {name0} {tuple(t0.shape)}, got {tuple(t.shape)}")
@@ -507,7 +521,7 @@ def snippet_distill_backward(grad, student, teacher, row_stats, count, temperatu
         with device_guard(s):
             _snippet_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
                 grad.to(torch.float32).contiguous(), count, s, t, row_stats.contiguous(), _inverse_sums(row_stats, 2),
-                out, R, C, 1.0 / temperature, REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+                out, R, C, 1.0 / temperature, REDUCTION=reduction, BLOCK_R=block_r, BLOCK_C=block_c, **_BACKWARD_OPTIONS,
             )
     return out
 
@@ -546,6 +560,6 @@ def mmsd_distill_backward(grad, rgb, flow, fused, row_stats, count, temperature)
             _mmsd_distill_backward_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
                 grad.to(torch.float32).contiguous(), count, r, f, u, row_stats.contiguous(), _inverse_sums(row_stats, 4),
                 *grads, R, C,
-                1.0 / temperature, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+                1.0 / temperature, BLOCK_R=block_r, BLOCK_C=block_c, **_BACKWARD_OPTIONS,
             )
     return tuple(grads)

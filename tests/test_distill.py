@@ -1503,6 +1503,24 @@ def test_triton_backward_checks_the_grad_shape_of_reduction_none():
             triton_distill.snippet_distill_backward(grad, s, t, stats, count, 1.0, 0)
 
 
+def test_triton_refuses_more_classes_than_its_backward_grid_holds():
+    # The backward puts class tiles on grid axis 1 (at most 65535 programs on CUDA); the
+    # forward refuses too, so no loss is computed whose backward would fail to launch.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext.kernels import distill as triton_distill
+
+    device = backend_device("triton")
+    wide = torch.zeros(1, device=device).expand(triton_distill.MAX_C + 1)  # one row; nothing allocated
+    with pytest.raises(ValueError, match="^student: expected at most 67,107,840 classes on triton, got C = 67,107,841"):
+        mmsd_ext.snippet_distill_loss(wide, wide, backend="triton")
+    with pytest.raises(ValueError, match="^rgb: expected at most 67,107,840 classes on triton"):
+        mmsd_ext.mmsd_distill_loss(wide, wide, wide, backend="triton")
+    stats = torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="^rgb: expected at most"):
+        triton_distill.mmsd_distill_backward(torch.ones((), device=device), wide, wide, wide, stats, torch.ones((), device=device), 0.2)
+
+
 @pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="cpu backend not available")
 def test_the_pair_backward_runs_only_for_a_gradient_asked_for():
     from torch.utils._python_dispatch import TorchDispatchMode

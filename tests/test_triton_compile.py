@@ -73,6 +73,29 @@ def test_no_kernel_spills_or_overflows_shared_memory(compiled):
         assert row["shared_bytes"] <= SM90_SHARED_BYTES, row
 
 
+def test_distillation_backwards_round_every_product(compiled):
+    # Triton contracts a * b - c into one fma by default; the interpreter never does. In
+    # the backward kernels that would make p_s - p_t of equal logits the rounding error
+    # of a product instead of exactly 0, unlike the CPU and CUDA kernels and the
+    # interpreter runs (test_student_equal_to_teacher_gives_entropy_and_zero_gradient).
+    rows = [r for r in compiled["results"] if r.get("kernel", "").endswith("_distill_backward_kernel")]
+    assert {r["kernel"] for r in rows} == {"_snippet_distill_backward_kernel", "_mmsd_distill_backward_kernel"}
+    assert all(r["fma_f32"] == 0 for r in rows), [(r["case"], r["fma_f32"]) for r in rows if r["fma_f32"]]
+    # The count works: the top-k forward's total + need * kth is contracted (which only makes it more exact).
+    assert any(r["fma_f32"] > 0 for r in compiled["results"] if r.get("kernel") == "_topk_mil_pool_forward_kernel")
+
+
+def test_every_launch_fits_the_cuda_grid(compiled):
+    # CUDA takes up to 2**31 - 1 programs on grid axis 0 and 65535 on axes 1 and 2; the
+    # interpreter has no limits. One case (the top-k backward of a 67M-step video) has
+    # more time tiles than axes 1 and 2 may hold.
+    rows = [r for r in compiled["results"] if "error" not in r]
+    assert any(max(r["grid"]) > 65535 for r in rows)
+    for row in rows:
+        assert 1 <= len(row["grid"]) <= 3 and row["grid"][0] <= 2**31 - 1, row
+        assert all(g <= 65535 for g in row["grid"][1:]), row
+
+
 def test_soft_nms_compiles_its_gpu_exp(compiled):
     # Compiled, the gaussian decay uses libdevice's float64 exp; only the interpreter
     # (which has no libdevice) takes tl.exp. The choice follows the kernel object.

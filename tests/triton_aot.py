@@ -57,14 +57,15 @@ class _TargetOnlyDriver:
 class _Compiled(Exception):
     """Raised by a launch once its kernel is compiled: the launcher stops there."""
 
-    def __init__(self, name, kernel, constexprs):
+    def __init__(self, name, kernel, constexprs, grid):
         super().__init__(name)
-        self.name, self.kernel, self.constexprs = name, kernel, constexprs
+        self.name, self.kernel, self.constexprs, self.grid = name, kernel, constexprs, grid
 
 
 def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     kernel = _ORIGINAL_RUN(self, *args, grid=grid, warmup=True, **kwargs)
-    raise _Compiled(self.fn.__name__, kernel, {k: v for k, v in kwargs.items() if k.isupper()})
+    grid = grid(kwargs) if callable(grid) else grid
+    raise _Compiled(self.fn.__name__, kernel, {k: v for k, v in kwargs.items() if k.isupper()}, [int(g) for g in grid])
 
 
 _ORIGINAL_RUN = JITFunction.run
@@ -81,9 +82,8 @@ def _cases():
         lengths = torch.full((B,), T, dtype=torch.int64)
         return lambda: topk_mil_pool.topk_mil_pool_forward(scores, k, lengths, largest)
 
-    def topk_backward(dtype, T, largest):
-        B, C = 2, 21
-        scores = torch.zeros(B, T, C, dtype=dtype)
+    def topk_backward(dtype, T, largest, B=2, C=21, expanded=False):
+        scores = torch.zeros(B, 1 if expanded else T, C, dtype=dtype).expand(B, T, C)
         k = torch.full((B,), 3, dtype=torch.int64)
         lengths = torch.full((B,), T, dtype=torch.int64)
         key = torch.zeros(B, C, dtype=torch.int64)
@@ -142,6 +142,10 @@ def _cases():
         cases.append((f"topk_mil_pool forward {dtype} T={T} largest={largest}", topk_forward(dtype, T, largest)))
     for dtype in (f32, f16, bf16, f64):
         cases.append((f"topk_mil_pool backward {dtype}", topk_backward(dtype, 3000, True)))
+    # More tiles of 1024 time steps (at C = 4) than a grid axis past the first may hold (65535):
+    # the scores are a view; the gradient (537 MB) is allocated but never written.
+    long_video = topk_backward(f16, 65536 * 1024 + 1, True, B=1, C=4, expanded=True)
+    cases.append(("topk_mil_pool backward float16 T=67108865 C=4", long_video))
     # Distillation: WTAL's C (21, 101, 201), C = 1, the looped wide rows, and float64
     # (computed in float32 but loaded as float64: other registers).
     for dtype, C, masked, reduction in [
@@ -151,7 +155,7 @@ def _cases():
         cases.append((f"snippet_distill forward {dtype} C={C} mask={masked}", pair_forward(dtype, C, masked, reduction)))
     for dtype, C, reduction in [
         (f32, 21, 0), (f32, 201, 1), (bf16, 4096, 2), (f16, 101, 1),
-        (f32, 1, 0), (f64, 21, 1),
+        (f32, 1, 0), (f64, 21, 1), (f16, 2, 1), (bf16, 2, 0),
     ]:
         cases.append((f"snippet_distill backward {dtype} C={C} reduction={reduction}", pair_backward(dtype, C, reduction)))
     for dtype, C, masked in [
@@ -159,7 +163,7 @@ def _cases():
         (f32, 1, False), (f64, 21, True), (f64, 2000, False),
     ]:
         cases.append((f"mmsd_distill forward {dtype} C={C} mask={masked}", mmsd_forward(dtype, C, masked)))
-    for dtype, C in [(f32, 21), (bf16, 2000), (f32, 1), (f64, 21)]:
+    for dtype, C in [(f32, 21), (bf16, 2000), (f32, 1), (f64, 21), (f16, 1000), (f16, 513)]:
         cases.append((f"mmsd_distill backward {dtype} C={C}", mmsd_backward(dtype, C)))
     for kind in (0, 1):
         for grouped in (False, True):
@@ -209,6 +213,8 @@ def run(arch):
                     target=str(kernel.asm.get("ptx", "")).split(".target", 1)[-1].split()[0] if "ptx" in kernel.asm else None,
                     shared_bytes=int(getattr(kernel.metadata, "shared", 0)),
                     num_warps=int(getattr(kernel.metadata, "num_warps", 0)),
+                    grid=done.grid,
+                    fma_f32=len(re.findall(r"\bfma\.rn\.f32\b", str(kernel.asm.get("ptx", "")))),
                 )
                 row["registers"], row["spill_bytes"] = _ptxas_usage(kernel.asm["ptx"], row["target"]) if row["target"] else (None, None)
             except Exception as error:  # a compile error: reported, not raised, so every case is tried
