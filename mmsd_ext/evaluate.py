@@ -619,22 +619,31 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     """Rows (video, class, start, end) in snippets, round half to even."""
     index = {name: i for i, name in enumerate(classes)}
     videos = []
-    for v, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
-        if len(labels) != len(segments):
-            raise ValueError(f"gt_labels[{v}]: expected one label per segment ({len(segments)}), got {len(labels)}")
+    for v, labels in enumerate(gt_labels):
+        # A name where a list of names belongs would be read letter by letter.
+        if isinstance(labels, (str, bytes)):
+            raise TypeError(f"gt_labels[{v}]: expected a sequence of class names, one per segment, got {type(labels).__name__}")
+    for v, segments in enumerate(gt_segments):
         videos.extend([v] * len(segments))
     if not videos:
-        return np.zeros((0, 4))
-    flat = [segment for segments in gt_segments for segment in segments]
-    try:
-        bounds = np.asarray(flat, dtype=np.float64)
-        if bounds.shape != (len(flat), 2):
-            raise ValueError
-    except (TypeError, ValueError):
-        bounds = None
+        bounds = np.zeros((0, 2))
+    else:
+        flat = [segment for segments in gt_segments for segment in segments]
+        try:
+            bounds = np.asarray(flat, dtype=np.float64)
+            if bounds.shape != (len(flat), 2):
+                raise ValueError
+        except (TypeError, ValueError):
+            bounds = None
+    # The segments first: a flat [start, end] pair would otherwise be blamed on the labels' count.
     if bounds is None or not np.isfinite(bounds).all() or (bounds[:, 1] < bounds[:, 0]).any():
         v = _first_bad_video(gt_segments)
         raise ValueError(f"gt_segments[{v}]: expected finite [start, end] seconds with end >= start, got {list(gt_segments[v])}")
+    for v, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
+        if len(labels) != len(segments):
+            raise ValueError(f"gt_labels[{v}]: expected one label per segment ({len(segments)}), got {len(labels)}")
+    if not videos:
+        return np.zeros((0, 4))
     class_ids = [index.get(label if isinstance(label, str) else _name(label), -1) for labels in gt_labels for label in labels]
     if -1 in class_ids:
         i = class_ids.index(-1)

@@ -393,6 +393,8 @@ def test_bytes_names_as_in_wtalc_files():
         (dict(gt_labels=[["Alpha", "Beta"]]), "gt_labels\\[0\\]"),
         (dict(gt_segments=[[[5.0, 1.0]]]), "gt_segments\\[0\\]"),
         (dict(gt_segments=[[[1.0, 2.0, 3.0]]]), "gt_segments\\[0\\]"),
+        # A flat pair, not a list of pairs: the segments are named, not the labels' count.
+        (dict(gt_segments=[[0.0, 1.0]]), "^gt_segments\\[0\\]: expected finite \\[start, end\\] seconds"),
         (dict(gt_segments=[[[0.0, 1.0]], []]), "gt_segments"),
         (dict(gt_segments=[[]], gt_labels=[[]]), "gt_segments"),
         (dict(predictions=[[1, 0, 0, 2, 0.5]]), "predictions.*video index 1"),
@@ -410,6 +412,13 @@ def test_thumos14_bad_inputs(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         thumos14_detection_map(**args)
+
+
+@pytest.mark.parametrize("label", ["Alpha", "A", b"Alpha"])
+def test_thumos14_refuses_a_class_name_where_a_video_has_a_list_of_them(label):
+    # A string was read letter by letter: "A" passed as the one label of a one-segment video.
+    with pytest.raises(TypeError, match="^gt_labels\\[0\\]: expected a sequence of class names, one per segment, got"):
+        thumos14_detection_map([[0, 0, 0, 2, 0.5]], ["v"], [[[0.0, 1.0]]], [label], ["A", "Alpha"])
 
 
 def test_ambiguous_of_another_type_is_refused_by_name(tmp_path):
