@@ -101,6 +101,8 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         if not 1 <= lengths < 2**63:
             raise ValueError(f"lengths: expected an int in [1, 2**63), got {lengths}")
         return int(mil_k(torch.tensor([lengths]), ratio, rule=rule, min_k=min_k)[0])
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths: expected an int or an int64 tensor, got {type(lengths).__name__}")
     _checks.int64("lengths", lengths)
     if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel() and int(lengths.min()) < 1:
         raise ValueError(f"lengths: expected every length >= 1, got minimum {int(lengths.min())}")

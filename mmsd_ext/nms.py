@@ -210,7 +210,7 @@ def _checked_soft(op, segments, scores, groups, method, sigma, iou_threshold, mi
     iou_threshold = _non_negative("iou_threshold", iou_threshold)
     min_score = _checks.number("min_score", min_score)
     if min_score != min_score:  # NaN
-        raise TypeError(f"min_score: expected a number, got {min_score!r}")
+        raise ValueError(f"min_score: expected a number, got {min_score!r}")  # as csrc/nms_checks.h
     return segments, scores, groups, sigma, iou_threshold, min_score, offset
 
 

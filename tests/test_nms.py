@@ -699,7 +699,7 @@ def _bad_calls():
         (soft(sigma=0.0), ValueError, "sigma"),
         (soft(sigma=-1.0), ValueError, "sigma"),
         (soft(iou_threshold=-1.0), ValueError, "iou_threshold"),
-        (soft(min_score=math.nan), TypeError, "min_score"),
+        (soft(min_score=math.nan), ValueError, "min_score"),
         (soft(method="hard"), ValueError, "method"),
         (soft(groups=torch.zeros(2)), TypeError, "groups"),
     ]

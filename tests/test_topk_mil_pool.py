@@ -696,6 +696,8 @@ def test_mil_k_is_at_most_the_length_for_tiny_ratios_and_huge_lengths():
         (dict(lengths=0), ValueError, "lengths"),
         (dict(lengths=2**63 + 5), ValueError, "lengths"),
         (dict(lengths=torch.tensor([5.0])), TypeError, "lengths"),
+        (dict(lengths=10.0), TypeError, "lengths: expected an int or an int64 tensor, got float"),
+        (dict(lengths=[750, 400]), TypeError, "lengths: expected an int or an int64 tensor, got list"),
     ],
 )
 def test_mil_k_bad_inputs(kwargs, exc, name):
