@@ -985,6 +985,21 @@ def test_bad_flags(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_value_that_does_not_parse_is_named_by_its_kind(capsys):
+    """argparse names a flag's type function in "invalid <name> value": every numeric flag reads
+    as int or float there, not as the name of the function that checks it."""
+    from mmsd_ext.train.__main__ import build_parser
+
+    numeric = [a for a in build_parser()._actions if callable(a.type) and a.dest != "tious"]
+    assert len(numeric) >= 10
+    for action in numeric:
+        flag = action.option_strings[0]
+        code, err = _call([flag, "abc"], capsys)
+        assert code == 2 and re.search(rf"argument {flag}: invalid (int|float) value: 'abc'$", err.strip()), err
+    code, err = _call(["--lr", "abc"], capsys)
+    assert err.strip().endswith("argument --lr: invalid float value: 'abc'"), err
+
+
 def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     assert main(["--data-root", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o1")]) == 2
     assert "missing is not a directory" in capsys.readouterr().err

@@ -31,6 +31,17 @@ from .engine import (
 S = argparse.SUPPRESS
 
 
+def _reads_as(kind):
+    """Name a flag's type function after the kind of value it reads: argparse's message for a
+    value that does not parse names the function ("invalid int value: 'x'")."""
+
+    def name(check):
+        check.__name__ = kind
+        return check
+
+    return name
+
+
 def _int_in(low, high):
     def check(text):
         value = int(text)
@@ -40,10 +51,10 @@ def _int_in(low, high):
             raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {text}")
         return value
 
-    check.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
-    return check
+    return _reads_as("int")(check)
 
 
+@_reads_as("int")
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -51,6 +62,7 @@ def _positive_int(text):
     return value
 
 
+@_reads_as("int")
 def _non_negative_int(text):
     value = int(text)
     if value < 0:
@@ -58,6 +70,7 @@ def _non_negative_int(text):
     return value
 
 
+@_reads_as("float")
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -67,6 +80,7 @@ def _positive_float(text):
     return value
 
 
+@_reads_as("float")
 def _non_negative_float(text):
     value = float(text)
     if not (math.isfinite(value) and 0 <= value <= MAX_RATE):
@@ -74,6 +88,7 @@ def _non_negative_float(text):
     return value
 
 
+@_reads_as("float")
 def _fraction(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -81,6 +96,7 @@ def _fraction(text):
     return value
 
 
+@_reads_as("float")
 def _dropout(text):
     value = float(text)
     if not 0 <= value < 1:  # 1 drops every unit: the loss never changes
