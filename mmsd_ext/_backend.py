@@ -41,18 +41,23 @@ def _stack():
     return stack
 
 
-@contextlib.contextmanager
 def use_backend(name):
     """Run every mmsd_ext op inside the block with backend ``name`` ("auto" restores the default).
 
     An explicit ``backend=`` argument still wins. The block covers the calls of the thread
-    that entered it; other threads keep their own setting. Example::
+    that entered it; other threads keep their own setting. A name that is not a backend
+    is refused at the call, before the block. Example::
 
         with mmsd_ext.use_backend("reference"):
             loss = mmsd_ext.mmsd_distill_loss(rgb, flow, fused)
     """
+    return _backend_block(_check_name(name, "use_backend"))
+
+
+@contextlib.contextmanager
+def _backend_block(name):
     stack = _stack()
-    stack.append(_check_name(name, "use_backend"))
+    stack.append(name)
     try:
         yield
     finally:
@@ -181,8 +186,8 @@ def _auto(op, device, supported, gpu_order):
 def build_info():
     """How this mmsd_ext was built and what can run here.
 
-    Returns a dict: ``version``, ``torch`` (the torch the extension was built
-    against, or None if not built), ``torch_running``, ``cuda`` (CUDA version the
+    Returns a dict: ``version``, ``torch`` (the torch the build info records the
+    extension was built against, or None without build info), ``torch_running``, ``cuda`` (CUDA version the
     kernels were compiled with, or None), ``archs`` (TORCH_CUDA_ARCH_LIST used),
     ``backends`` (names usable in this process), ``compiled`` (whether the
     extension loaded) and ``load_error`` (why not, or None).

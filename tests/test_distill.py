@@ -1092,6 +1092,19 @@ def test_create_graph_works_and_double_backward_raises(backend):
             (grad**2).sum().backward()
 
 
+def test_torch_func_vmap_of_the_forward_works_and_gradient_transforms_raise(backend):
+    # As the README says: vmap runs PyTorch's per-sample fallback (it warns that it is
+    # slow); torch.func's gradient transforms refuse the compiled and Triton autograd.
+    device = backend_device(backend)
+    x = torch.randn(3, 2, 5, 21, generator=torch.Generator().manual_seed(23)).to(device)
+    pair = lambda a: mmsd_ext.snippet_distill_loss(a, a.flip(-1), 0.5, backend=backend)  # noqa: E731
+    mmsd = lambda a: mmsd_ext.mmsd_distill_loss(a, a.flip(-1), 2 * a, backend=backend)  # noqa: E731
+    for fn in (pair, mmsd):
+        torch.testing.assert_close(torch.func.vmap(fn)(x), torch.stack([fn(a) for a in x]), rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="functorch transforms"):
+            torch.func.grad(fn)(x[0])
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_inputs_name_the_argument(any_backend):
     device = backend_device(any_backend)

@@ -260,6 +260,16 @@ def test_create_graph_works_and_double_backward_raises(backend):
         (grad**2).sum().backward()
 
 
+def test_torch_func_vmap_of_the_forward_works_and_gradient_transforms_raise(backend):
+    # As the README says (and as for the distillation losses).
+    device = backend_device(backend)
+    scores = torch.randn(3, 2, 9, 4, generator=torch.Generator().manual_seed(29)).to(device)
+    fn = lambda a: mmsd_ext.topk_mil_pool(a, 3, backend=backend)  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(fn)(scores), torch.stack([fn(a) for a in scores]), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda a: fn(a).sum())(scores[0])
+
+
 def test_no_grad_needed_for_scores(backend):
     device = backend_device(backend)
     scores = torch.randn(2, 9, 3, device=device)
