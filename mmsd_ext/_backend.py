@@ -142,6 +142,17 @@ def resolve(op, backend, device, *, supported=BACKENDS, gpu_order=("cuda", "trit
     device = torch.device(device)
     if name is None:
         return _auto(op, device, supported, gpu_order)
+    if backend not in (None, "auto"):
+        return _named(op, name, device, supported)
+    # The name came from a block or the environment: the error says so.
+    origin = "a use_backend block" if getattr(_threads, "stack", None) else ENV_VAR
+    try:
+        return _named(op, name, device, supported)
+    except (ValueError, RuntimeError) as error:
+        raise type(error)(f"{error} (the backend was set by {origin})") from None
+
+
+def _named(op, name, device, supported):
     if name not in supported:
         raise ValueError(f"backend: {op} has no {name!r} implementation; it has {', '.join(supported)}")
     if name == "reference":

@@ -51,8 +51,22 @@ def test_unknown_backend_names_the_argument():
 
 def test_backend_that_does_not_fit_the_device():
     x = torch.randn(2, 5, 3)
-    with pytest.raises(ValueError, match="CUDA tensors"):
+    with pytest.raises(ValueError, match="CUDA tensors, but the tensors of topk_mil_pool are on cpu$"):
         mmsd_ext.topk_mil_pool(x, 2, backend="cuda")
+    # Set by a block or the environment, the error says where the name came from.
+    with mmsd_ext.use_backend("cuda"), pytest.raises(ValueError, match="on cpu \\(the backend was set by a use_backend block\\)$"):
+        mmsd_ext.topk_mil_pool(x, 2)
+    result = _run_isolated(
+        """
+        import torch, mmsd_ext
+        try:
+            mmsd_ext.topk_mil_pool(torch.randn(2, 5, 3), 2)
+        except ValueError as error:
+            print(error)
+        """,
+        {"MMSD_EXT_BACKEND": "cuda"},
+    )
+    assert result.stdout.strip().endswith("on cpu (the backend was set by MMSD_EXT_BACKEND)"), result.stdout + result.stderr
 
 
 def test_use_backend_overrides_auto_and_nests():
