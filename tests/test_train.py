@@ -1273,6 +1273,37 @@ def test_torchrun_with_more_processes_than_gpus_is_a_usage_error(tiny_root, tmp_
         engine._resolve_device("cuda:0", rank1)
 
 
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"WORLD_SIZE": "1", "RANK": "0"}, "environment variable MASTER_ADDR is not set; a distributed run"),
+        ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "environment variable MASTER_PORT is not set"),
+        ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"},
+         "environment variable MASTER_PORT: expected an integer in [1, 65535], got 'x'"),
+        ({"WORLD_SIZE": "abc", "RANK": "0"}, "environment variable WORLD_SIZE: expected an integer >= 1, got 'abc'"),
+        ({"WORLD_SIZE": "0", "RANK": "0"}, "environment variable WORLD_SIZE: expected an integer >= 1, got '0'"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK: expected an integer in [0, 1], got '2'"),
+        ({"WORLD_SIZE": "2", "RANK": "one"}, "environment variable RANK: expected an integer in [0, 1], got 'one'"),
+        ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "x"}, "environment variable LOCAL_RANK: expected an integer >= 0, got 'x'"),
+        # Half of torchrun's pair: rank 0 alone trained on half the videos of each step (WORLD_SIZE
+        # 2), or a process of rank 1 trained and wrote nothing (RANK 1).
+        ({"WORLD_SIZE": "2"}, "environment variable RANK is not set, but WORLD_SIZE is ('2'): a distributed run needs both"),
+        ({"RANK": "1"}, "environment variable WORLD_SIZE is not set, but RANK is ('1')"),
+    ],
+)
+def test_a_missing_or_malformed_torchrun_variable_is_named(tiny_root, tmp_path, monkeypatch, capsys, env, message):
+    """Before init_process_group: it raised a traceback about env:// rendezvous, and int() one
+    about a literal, naming no flag or variable of this program."""
+    for name in engine.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    code, err = _call(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(out)], capsys)
+    assert code == 2 and err.startswith(f"mmsd-train: error: {message}") and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_an_in_process_run_restores_the_callers_determinism(tiny_root, tmp_path):
     # The run asks for deterministic algorithms on the CPU; a caller's warn_only mode comes back.
     torch.use_deterministic_algorithms(True, warn_only=True)

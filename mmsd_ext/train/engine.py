@@ -233,12 +233,10 @@ class Dist:
     """The process group, or a single process."""
 
     def __init__(self, device_kind):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         # Under torchrun (which sets RANK), even with one process, so that the launch path is
         # the same whatever the number of processes.
         self.active = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.world, self.rank, self.local_rank = _process_environment()
         self.owns_group = False
         self.nccl = self.active and device_kind == "cuda"
         if self.active and not dist.is_initialized():
@@ -253,6 +251,7 @@ class Dist:
                         f"device(s) visible); start at most {visible} processes per node, or give --device cpu"
                     )
                 torch.cuda.set_device(self.local_rank)
+            _check_rendezvous_environment()
             dist.init_process_group("nccl" if self.nccl else "gloo")
             self.owns_group = True
 
@@ -288,6 +287,58 @@ class Dist:
             # during Py_FinalizeEx; 4 in 30 runs here, and destroy_process_group leaves gloo's
             # threads running). Giving up the GIL for a moment lets it finish first.
             time.sleep(0.05)
+
+
+# What torchrun sets for each process, and env:// (init_process_group's default) reads.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _process_environment():
+    """(world size, rank, local rank) from torchrun's environment variables, or (1, 0, 0) for a
+    single process; a UsageError naming a variable that is missing or malformed, where int()
+    raised a traceback."""
+    env = os.environ
+    present = [name for name in ("RANK", "WORLD_SIZE") if name in env]
+    if len(present) == 1:
+        missing = "WORLD_SIZE" if present[0] == "RANK" else "RANK"
+        raise UsageError(
+            f"environment variable {missing} is not set, but {present[0]} is ({env[present[0]]!r}): a distributed run "
+            f"needs both (torchrun sets them); set {missing} too, or unset {present[0]} to run one process"
+        )
+    if not present:
+        return 1, 0, 0
+
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0, world - 1)
+    # Set by torchrun; a script per rank may leave it out.
+    local_rank = _env_int("LOCAL_RANK", 0) if "LOCAL_RANK" in env else 0
+    return world, rank, local_rank
+
+
+def _check_rendezvous_environment():
+    """What init_process_group's env:// rendezvous reads besides the ranks, checked first: it
+    raises a traceback for a missing MASTER_ADDR or a malformed MASTER_PORT."""
+    if not os.environ.get("MASTER_ADDR"):
+        raise UsageError(
+            "environment variable MASTER_ADDR is not set; a distributed run (RANK and WORLD_SIZE are set) needs "
+            "MASTER_ADDR and MASTER_PORT (torchrun sets them), or unset RANK and WORLD_SIZE to run one process"
+        )
+    if "MASTER_PORT" not in os.environ:
+        raise UsageError("environment variable MASTER_PORT is not set; a distributed run (RANK and WORLD_SIZE are set) needs it")
+    _env_int("MASTER_PORT", 1, 65535)
+
+
+def _env_int(name, low, high=None):
+    """The integer in environment variable ``name`` (set), in [low, high], or a UsageError."""
+    text = os.environ[name]
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+        raise UsageError(f"environment variable {name}: expected {bound}, got {text!r}")
+    return value
 
 
 def _resolve_device(name, ddp=None):
