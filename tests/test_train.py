@@ -1564,7 +1564,31 @@ def test_a_checkpoint_is_read_without_running_its_code(tiny_root, tmp_path, caps
     bad = tmp_path / "bad.pt"
     torch.save(state, bad)
     code, err = _call(["--resume", str(bad), "--no-progress", "--quiet"], capsys)
-    assert code == 2 and f"{bad}: not a readable checkpoint" in err, err
+    assert code == 2 and f"{bad}: not a readable checkpoint (it holds a datetime.date object;" in err, err
+    assert "weights_only" not in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "content, cause",
+    [
+        (lambda real: b"garbage\n", "not a torch checkpoint file"),
+        (lambda real: b"", "an empty file"),
+        (lambda real: real[:200], "truncated or damaged: its zip archive has no end"),
+        (lambda real: real[: len(real) // 2], "truncated or damaged: its zip archive has no end"),
+        (lambda real: pickle.dumps({"format": "mmsd_ext.train/1"}, protocol=2), "RuntimeError: Invalid magic number; corrupt file?"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_says_so_in_a_few_words(tiny_root, tmp_path, capsys, content, cause):
+    """torch's message for a file weights-only loading cannot read is a dozen lines advising
+    weights_only=False: wrong for a file that is no checkpoint, or a truncated one."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content((run_dir / "checkpoint.pt").read_bytes()))
+    for argv in (["--resume", str(bad)], ["--eval-only", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "e")]):
+        code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
+        assert code == 2 and err.startswith(f"mmsd-train: error: {bad}: not a readable checkpoint ({cause}"), err
+        assert err.strip().endswith(")") and len(err.splitlines()) == 1 and "weights_only" not in err, err
 
 
 def test_unusable_output_dir_is_a_usage_error(tiny_root, tmp_path, capsys, monkeypatch):

@@ -12,9 +12,11 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -768,13 +770,46 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
-        raise UsageError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise UsageError(f"{path}: not a readable checkpoint ({_load_failure(path, exc)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path}: not an mmsd_ext.train checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     problem = _checkpoint_problem(state)
     if problem:
         raise UsageError(f"{path}: an mmsd_ext.train checkpoint, but {problem}")
     return state
+
+
+# The first bytes of what torch.save writes: a zip archive (since torch 1.6), or a pickle.
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _load_failure(path, exc):
+    """Why torch.load could not read ``path``, in a few words. torch's own message runs to many
+    lines and, for weights-only loading, advises weights_only=False: the wrong advice for a
+    file that is no checkpoint, or a damaged one, and loading that runs the file's code."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(4)
+    except OSError as error:
+        return f"cannot be read: {error.strerror or error}"
+    if not start:
+        return "an empty file"
+    if not start.startswith(TORCH_FILE_STARTS):
+        return "not a torch checkpoint file"
+    if start.startswith(TORCH_FILE_STARTS[0]) and not zipfile.is_zipfile(path):
+        # torch says "failed finding central directory" or, cut elsewhere, "[Errno 22] Invalid argument".
+        return "truncated or damaged: its zip archive has no end"
+    text = str(exc)
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsupported:
+        return f"it holds a {unsupported.group(1)} object; checkpoints are loaded without running code from them"
+    if isinstance(exc, EOFError):
+        return "it ends early: truncated"
+    if "WeightsUnpickler error:" in text:  # a pickle weights-only loading cannot read: damaged
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = first.split(". ", 1)[0].rstrip(".")  # torch's first sentence says what; the rest is advice
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def _checkpoint_problem(state):
