@@ -1539,6 +1539,11 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(lr=0.0), "its setting lr = 0.0 is not possible"),
         (lambda s: s["config"].update(feature_type=["I3D"]), "its setting feature_type = ['I3D'] is not possible"),
         (lambda s: s["config"].update(batch_size=0), "its setting batch_size = 0 is not possible"),
+        # Weights no run of ours saves: resumed, they "diverged" at any --lr.
+        (lambda s: s["model"]["rgb_out.0.bias"].__setitem__(3, float("inf")), "its weights hold NaN or inf (first in 'rgb_out.0.bias')"),
+        (lambda s: s["model"]["fg_centres"].fill_(float("nan")), "its weights hold NaN or inf (first in 'fg_centres')"),
+        (lambda s: s["optimizer"]["state"][2]["exp_avg"].fill_(float("nan")),
+         "its optimizer state holds NaN or inf (first in parameter 2's 'exp_avg')"),
     ],
 )
 def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, capsys, edit, message):

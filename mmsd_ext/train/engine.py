@@ -838,7 +838,18 @@ def _checkpoint_problem(state):
         if not ok(state[key]):
             return f"its {key!r} is not {what} (got {type(state[key]).__name__})"
     problem = _config_problem(state["config"])
-    return problem and f"its {problem}"
+    if problem:
+        return f"its {problem}"
+    # Weights our runs never save (a diverged run stops first): loaded, they trained into
+    # "training diverged ... try a smaller --lr", or evaluated into NaN predictions.
+    for name, value in state["model"].items():
+        if not bool(torch.isfinite(value).all()):
+            return f"its weights hold NaN or inf (first in {name!r})"
+    for index, entries in state["optimizer"]["state"].items():
+        for key, value in entries.items() if isinstance(entries, dict) else ():
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                return f"its optimizer state holds NaN or inf (first in parameter {index}'s {key!r})"
+    return None
 
 
 def _config_problem(values):
