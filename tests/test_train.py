@@ -1539,6 +1539,9 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(lr=0.0), "its setting lr = 0.0 is not possible"),
         (lambda s: s["config"].update(feature_type=["I3D"]), "its setting feature_type = ['I3D'] is not possible"),
         (lambda s: s["config"].update(batch_size=0), "its setting batch_size = 0 is not possible"),
+        # Accepted, it made results.json record epoch 99 of a run of 1.
+        (lambda s: s.update(epoch=99), "its 'epoch' is 99, past its setting epochs = 1"),
+        (lambda s: s["config"].pop("epochs") and s.update(epoch=241), "its 'epoch' is 241, past its setting epochs = 240"),
         # Weights no run of ours saves: resumed, they "diverged" at any --lr.
         (lambda s: s["model"]["rgb_out.0.bias"].__setitem__(3, float("inf")), "its weights hold NaN or inf (first in 'rgb_out.0.bias')"),
         (lambda s: s["model"]["fg_centres"].fill_(float("nan")), "its weights hold NaN or inf (first in 'fg_centres')"),

@@ -840,6 +840,10 @@ def _checkpoint_problem(state):
     problem = _config_problem(state["config"])
     if problem:
         return f"its {problem}"
+    # A run saves its epochs setting with each checkpoint (a resumed run its new --epochs).
+    epochs = state["config"].get("epochs", Config.epochs)
+    if state["epoch"] > epochs:
+        return f"its 'epoch' is {state['epoch']}, past its setting epochs = {epochs}"
     # Weights our runs never save (a diverged run stops first): loaded, they trained into
     # "training diverged ... try a smaller --lr", or evaluated into NaN predictions.
     for name, value in state["model"].items():
