@@ -1020,7 +1020,7 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     # (Not --quiet: eval-only needs --output-dir for that.)
     argv = ["--eval-only", "--checkpoint", os.path.join(first_ckpt, "checkpoint.pt"), "--data-root", str(other), "--no-progress"]
     assert main(argv) == 2
-    assert "does not fit Synthetic (3 classes" in capsys.readouterr().err
+    assert f"{other}/Synthetic has 3 classes and 16-d features" in capsys.readouterr().err
 
     # An earlier run's files are never overwritten without --overwrite.
     out = tmp_path / "run"
@@ -1333,6 +1333,30 @@ def test_resume_overwrite_same_folder_keeps_checkpoint_and_log(tiny_root, tmp_pa
     assert main(["--resume", ckpt, "--output-dir", str(run_dir), "--overwrite", "--quiet", "--no-progress"]) == 0
     assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2]
     assert (run_dir / "train.log").read_bytes().startswith(saved["train.log"])
+
+
+def test_a_checkpoint_for_another_model_size_says_what_it_was_trained_for(tiny_root, tmp_path, capsys):
+    """Resumed or evaluated on data of another class count or feature size: what the checkpoint
+    was trained for against what the data has, where torch's size-mismatch text named only
+    tensor shapes."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    saved = {name: (run_dir / name).read_bytes() for name in ("checkpoint.pt", "train.log")}
+    ckpt = str(run_dir / "checkpoint.pt")
+    trained = f"the checkpoint's model was trained for 4 classes and 16-d features (on {os.path.join(tiny_root, 'Synthetic')})"
+    for name, size, has in [("classes", dict(num_classes=3), "3 classes and 16-d features"),
+                            ("dim", dict(modality_dim=5), "4 classes and 10-d features")]:
+        other = tmp_path / name
+        synthetic.write(str(other), seed=1, **dict(TINY, **size))
+        for argv in (["--resume", ckpt], ["--eval-only", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "e")]):
+            code, err = _call(argv + ["--data-root", str(other), "--no-progress", "--quiet"], capsys)
+            assert code == 2 and err == f"mmsd-train: error: {trained}; {other}/Synthetic has {has}\n", err
+    assert {name: (run_dir / name).read_bytes() for name in saved} == saved and not (tmp_path / "e").exists()
+    # The synthetic dataset's checkpoint (no data root) on files of another size.
+    assert main([*FAST[2:], "--embed-dim", "16", "--epochs", "1", "--output-dir", str(tmp_path / "syn")]) == 0
+    code, err = _call(["--eval-only", "--checkpoint", str(tmp_path / "syn" / "checkpoint.pt"), "--data-root", tiny_root,
+                       "--dataset", "Synthetic", "--no-progress"], capsys)
+    assert code == 2 and "(on the synthetic dataset); " in err and "has 4 classes and 16-d features" in err, err
 
 
 def test_a_checkpoint_is_loaded_only_for_its_own_videos_and_classes(tiny_root, tmp_path, capsys):

@@ -721,6 +721,15 @@ class Trainer:
 
     def load_state(self, state, training=True):
         """The checkpoint's model (and, to continue training, its optimizer and pseudo labels)."""
+        built_for = _model_size(state["model"])
+        if built_for is not None and built_for != (self.data.num_classes, self.data.feature_dim):
+            saved = state["config"]
+            trained_on = os.path.join(saved["data_root"], saved.get("dataset", Config.dataset)) if saved.get("data_root") else "the synthetic dataset"
+            raise UsageError(
+                f"the checkpoint's model was trained for {built_for[0]} classes and {built_for[1]}-d features (on "
+                f"{trained_on}); {self.data.source or self.data.name} has {self.data.num_classes} classes and "
+                f"{self.data.feature_dim}-d features"
+            )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -762,6 +771,15 @@ class Trainer:
         self.pseudo_labels = state["pseudo_labels"].to(self.device)
         self.pseudo_conf = state["pseudo_conf"].to(self.device)
         self.refreshes_done = int(state["refreshes_done"])
+
+
+def _model_size(weights):
+    """(classes, feature dim) an MMSD state dict was built for, or None where its weights do not
+    say (load_state_dict then names what does not fit)."""
+    centres, rgb = weights.get("centres"), weights.get("rgb_mid.0.weight")
+    if centres is None or rgb is None or centres.dim() != 3 or rgb.dim() != 2:
+        return None
+    return centres.shape[1] - 1, 2 * rgb.shape[1]  # centres: a background centre after the classes
 
 
 def load_checkpoint(path):
