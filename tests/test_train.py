@@ -200,6 +200,7 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
     with pytest.raises(data_mod.DataError) as info:
         data_mod.load_wtalc(str(root), "Synthetic")
     assert file in str(info.value) and message in str(info.value)
+    assert str(info.value).startswith(f"{path}: ") and str(info.value).count(file) == 1, info.value
 
 
 @pytest.mark.parametrize("file", ["labels_all.npy", "segments.npy", "labels.npy", "Synthetic-I3D-JOINTFeatures.npy"])
@@ -828,8 +829,13 @@ def test_ablation_table_runs_file_and_overwrite(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ablation, "run", _no_run)
     with pytest.raises(SystemExit):
         ablation.main(argv)
-    assert "--overwrite" in capsys.readouterr().err
+    assert f"{out} and {out}.json already exist; pass --overwrite to replace them" in capsys.readouterr().err
     assert (out.read_bytes(), (tmp_path / "ablation.md.json").read_bytes()) == before
+    lone = tmp_path / "lone.md"
+    lone.write_text("an earlier table")
+    with pytest.raises(SystemExit):
+        ablation.main(argv[:-1] + [str(lone)])
+    assert f"--output {lone}: {lone} already exists; pass --overwrite to replace it\n" in capsys.readouterr().err
 
     # Interrupted in the third run: the two finished runs are kept in the .json.
     calls.clear()
@@ -974,6 +980,7 @@ def test_features_of_another_type_are_named_in_the_error(tiny_root, tmp_path, ca
         (["--no-such-flag"], "unrecognized arguments"),
         (["--feature-type", "C3D"], "argument --feature-type: invalid choice: 'C3D'"),
         (["--dataset", "Thumos14reduced"], "--dataset names a folder under --data-root"),
+        (["--data-root", ".", "--dataset", ""], "argument --dataset: expected a folder name under --data-root, got an empty one"),
         (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
         (["--eval-only", "--checkpoint", "x.pt", "--stop-after", "1"], "--stop-after has no meaning with --eval-only"),
     ],
@@ -1539,11 +1546,15 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s.pop("config"), "it has no 'config'"),
         (lambda s: s.pop("optimizer"), "it has no 'optimizer'"),
         (lambda s: s.update(config="x"), "its 'config' is not a dict of settings"),
-        (lambda s: s.update(epoch="x"), "its 'epoch' is not an int >= 0"),
-        (lambda s: s.update(epoch=-3), "its 'epoch' is not an int >= 0"),
-        (lambda s: s.update(history=None), "its 'history' is not a list"),
-        (lambda s: s.update(pseudo_labels="x"), "its 'pseudo_labels' is not a 3-d float tensor"),
-        (lambda s: s.update(optimizer={}), "its 'optimizer' is not an optimizer state"),
+        (lambda s: s.update(epoch="x"), "its 'epoch' is not an int >= 0 (got 'x')"),
+        (lambda s: s.update(epoch=-3), "its 'epoch' is not an int >= 0 (got -3)"),
+        (lambda s: s.update(epoch=2.0), "its 'epoch' is not an int >= 0 (got 2.0)"),
+        (lambda s: s.update(history=None), "its 'history' is not a list (got None)"),
+        (lambda s: s.update(pseudo_labels="x"), "its 'pseudo_labels' is not a 3-d float tensor (got 'x')"),
+        (lambda s: s.update(pseudo_labels=torch.zeros(2, 3, dtype=torch.int64)),
+         "its 'pseudo_labels' is not a 3-d float tensor (got a 2-d int64 tensor)"),
+        (lambda s: s.update(optimizer={}), "its 'optimizer' is not an optimizer state (state, param_groups) (got dict)"),
+        (lambda s: s["config"].update(dataset=""), "its setting dataset = '' is not possible"),
         (lambda s: s["config"].update(embed_dim="abc"), "its setting embed_dim = 'abc' is not possible"),
         (lambda s: s["config"].update(streams=["bogus"]), "its setting streams = ['bogus'] is not possible"),
         # A set the flags do not make: the losses have no distillation for it.
@@ -1583,6 +1594,26 @@ def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, 
     for argv in (["--resume", str(bad)], ["--eval-only", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "e")]):
         code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
         assert code == 2 and f"{bad}: an mmsd_ext.train checkpoint, but {message}" in err, err
+
+
+def test_a_folder_given_as_the_checkpoint_is_named_as_one(tiny_root, tmp_path, capsys):
+    """A run's folder given to --resume or --checkpoint: it said "checkpoint not found"."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    (tmp_path / "empty").mkdir()
+    for folder, hint in [(run_dir, f"; its run's checkpoint is {run_dir}/checkpoint.pt"), (tmp_path / "empty", " (and holds no checkpoint.pt)")]:
+        for argv in (["--resume", str(folder)], ["--eval-only", "--checkpoint", str(folder), "--output-dir", str(tmp_path / "e")]):
+            code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
+            assert code == 2 and err == f"mmsd-train: error: {folder}: a directory, not a checkpoint{hint}\n", err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x", "cuda:-1"])
+def test_a_device_this_program_cannot_use_is_refused_with_the_choices(tiny_root, tmp_path, capsys, device):
+    """torch's message listed some twenty device types (ipu, xpu, mkldnn, ...) this program cannot run on."""
+    code, err = _call(["--data-root", tiny_root, *FAST, "--device", device, "--output-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and err == f"mmsd-train: error: --device: expected cpu, cuda or cuda:N, got {device!r}\n", err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_is_read_without_running_its_code(tiny_root, tmp_path, capsys):

@@ -104,6 +104,12 @@ def _dropout(text):
     return value
 
 
+def _dataset_name(text):
+    if not text:  # the dataset folder would be the data root itself
+        raise argparse.ArgumentTypeError("expected a folder name under --data-root, got an empty one")
+    return text
+
+
 def _tious(text):
     """--tiou: START:STOP:STEP (STOP included, as MMSD's 0.1:0.7:0.1) or T1,T2,...; sorted."""
     form = f"expected START:STOP:STEP or T1,T2,... with thresholds in (0, 1], got {text!r}"
@@ -140,7 +146,7 @@ def build_parser():
     )
     g = p.add_argument_group("data")
     g.add_argument("--data-root", metavar="DIR", help="folder holding <dataset>/ in the W-TALC layout (default: synthetic data)")
-    g.add_argument("--dataset", help=f"dataset folder name (default {d.dataset})")
+    g.add_argument("--dataset", type=_dataset_name, help=f"dataset folder name (default {d.dataset})")
     g.add_argument(
         "--feature-type",
         choices=tuple(FEATURE_RATES),

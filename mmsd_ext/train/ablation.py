@@ -111,7 +111,8 @@ def _check_output(path, overwrite):
         raise UsageError(f"--output {path}: is a directory; name the markdown file to write")
     clashes = [f for f in (path, path + ".json") if os.path.exists(f)]
     if clashes and not overwrite:
-        raise UsageError(f"--output {path}: {' and '.join(clashes)} already exist; pass --overwrite to replace them")
+        verb, them = ("exist", "them") if len(clashes) > 1 else ("exists", "it")
+        raise UsageError(f"--output {path}: {' and '.join(clashes)} already {verb}; pass --overwrite to replace {them}")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         _probe_writable(folder)

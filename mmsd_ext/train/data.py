@@ -85,9 +85,15 @@ def _load_npy(path):
         try:
             return np.load(path, allow_pickle=True, encoding="latin1")
         except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
-            raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {_unnamed(exc, path)})") from None
     except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {_unnamed(exc, path)})") from None
+
+
+def _unnamed(exc, path):
+    """``exc``'s message without the path ours starts with (numpy: "Failed to interpret file
+    '<path>' as a pickle"): once in a line is enough."""
+    return str(exc).replace(f" {os.fspath(path)!r}", "")
 
 
 def _read_ambiguous(path):
@@ -95,8 +101,13 @@ def _read_ambiguous(path):
 
     try:
         return read_ambiguous(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        # read_ambiguous names the file itself ("ambiguous: <path> line 3: ..."): once is enough.
+        message = str(exc)
+        prefix = f"ambiguous: {os.fspath(path)} "
+        raise DataError(f"{path}: {message[len(prefix) :] if message.startswith(prefix) else message}") from None
 
 
 def _text(value):

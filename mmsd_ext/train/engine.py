@@ -350,8 +350,8 @@ def _resolve_device(name, ddp=None):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from None
+    except RuntimeError:  # torch's message lists some twenty device types this program cannot run on
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: no CUDA device is visible to torch")
@@ -783,6 +783,10 @@ def _model_size(weights):
 
 
 def load_checkpoint(path):
+    if os.path.isdir(path):
+        inside = os.path.join(path, CHECKPOINT)
+        hint = f"; its run's checkpoint is {inside}" if os.path.isfile(inside) else f" (and holds no {CHECKPOINT})"
+        raise UsageError(f"{path}: a directory, not a checkpoint{hint}")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: checkpoint not found")
     try:
@@ -854,7 +858,7 @@ def _checkpoint_problem(state):
         if key not in state:
             return f"it has no {key!r}"
         if not ok(state[key]):
-            return f"its {key!r} is not {what} (got {type(state[key]).__name__})"
+            return f"its {key!r} is not {what} (got {_shown(state[key])})"
     problem = _config_problem(state["config"])
     if problem:
         return f"its {problem}"
@@ -872,6 +876,17 @@ def _checkpoint_problem(state):
             if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
                 return f"its optimizer state holds NaN or inf (first in parameter {index}'s {key!r})"
     return None
+
+
+def _shown(value):
+    """A checkpoint entry of the wrong kind, for an error: a plain value as itself (epoch -3),
+    anything else by its kind."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-d {str(value.dtype).replace('torch.', '')} tensor"
+    return type(value).__name__
 
 
 def _config_problem(values):
@@ -901,6 +916,8 @@ def _config_problem(values):
             ok = isinstance(value, type(default))
         if ok and field.name == "batch_size":
             ok = value >= 1
+        if ok and field.name == "dataset":
+            ok = value != ""  # as the flag: the folder would be the data root itself
         if ok and field.name in ("beta1", "beta2"):
             ok = value < 1  # Adam refuses 1
         if ok and field.name in ("lr", "lr_decay"):
