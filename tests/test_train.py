@@ -1311,6 +1311,27 @@ def test_a_missing_or_malformed_torchrun_variable_is_named(tiny_root, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "flag, env, progress",
+    [([], None, True), (["--no-progress"], None, False), ([], "1", False), ([], "", True)],
+)
+def test_progress_bars_follow_the_flag_and_mmsd_ext_no_progress(monkeypatch, flag, env, progress):
+    import mmsd_ext.train.__main__ as cli
+
+    asked = {}
+
+    def fake_run(config, **kwargs):
+        asked.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    monkeypatch.delenv("MMSD_EXT_NO_PROGRESS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("MMSD_EXT_NO_PROGRESS", env)
+    assert cli.main(["--synthetic-seed", "0", "--epochs", "1", *flag]) == 0
+    assert asked["progress"] is progress
+
+
 def test_an_in_process_run_restores_the_callers_determinism(tiny_root, tmp_path):
     # The run asks for deterministic algorithms on the CPU; a caller's warn_only mode comes back.
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -1855,6 +1876,24 @@ def test_throughput_out_of_range_threads_and_steps_are_refused(argv, message, ca
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert torch.get_num_threads() == threads
+
+
+def test_throughput_names_a_malformed_torchrun_variable(capsys, monkeypatch):
+    # As the training CLI: it was a traceback from the process environment check.
+    from mmsd_ext.train import throughput
+
+    def no_data(*args, **kwargs):
+        pytest.fail("the videos were made for an environment that should have been refused")
+
+    monkeypatch.setattr(throughput, "thumos_like", no_data)
+    for name in engine.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as info:
+        throughput.main(["--steps", "1"])
+    assert info.value.code == 2
+    assert "error: environment variable WORLD_SIZE: expected an integer >= 1, got 'abc'" in capsys.readouterr().err
 
 
 def test_throughput_resolves_a_cuda_device(capsys, monkeypatch):

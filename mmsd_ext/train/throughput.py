@@ -29,7 +29,7 @@ import mmsd_ext
 
 from .__main__ import MAX_THREADS
 from .data import WTALCData
-from .engine import Config, Dist, Trainer, UsageError, _resolve_device, check_backend
+from .engine import Config, Dist, Trainer, UsageError, _process_environment, _resolve_device, check_backend
 from .losses import attention_loss, distill_loss
 
 TRAIN_VIDEOS = 200
@@ -135,6 +135,7 @@ def main(argv=None):
         device = _resolve_device(args.device)
         for backend in args.backends:
             check_backend(backend, device)
+        _process_environment()  # torchrun's variables, before any video is made
     except UsageError as exc:
         p.error(str(exc))
 
