@@ -217,7 +217,7 @@ def build_parser():
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     g.add_argument(
-        "--threads", type=_int_in(0, MAX_THREADS), metavar="N", help="CPU threads per process (default: torch's; synthetic preset: 1)"
+        "--threads", type=_int_in(0, MAX_THREADS), metavar="N", help="CPU threads per process, 0 for torch's default (default 0; synthetic preset: 1)"
     )
     g.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="mmsd_ext op backend (default auto)")
     g.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, train.log, results.json (default: runs/mmsd-<data>-<time>/)")
