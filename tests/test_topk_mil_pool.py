@@ -260,6 +260,7 @@ def test_create_graph_works_and_double_backward_raises(backend):
         (grad**2).sum().backward()
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # the fallback's, as documented
 def test_torch_func_vmap_of_the_forward_works_and_gradient_transforms_raise(backend):
     # As the README says (and as for the distillation losses).
     device = backend_device(backend)
