@@ -785,11 +785,19 @@ def test_ablation_bad_flags_fail_before_any_run(argv, message, capsys, monkeypat
     assert message in capsys.readouterr().err
 
 
+def test_a_gpu_backend_on_the_cpu_suggests_device_cuda_where_there_is_such_a_flag():
+    for device_flag in (True, False):
+        with pytest.raises(engine.UsageError) as info:
+            engine.check_backend("cuda", torch.device("cpu"), device_flag=device_flag)
+        assert str(info.value).startswith("--backend cuda: backend='cuda'")
+        assert str(info.value).endswith("; give --device cuda to run on a GPU") == device_flag, info.value
+
+
 def _no_run(*args, **kwargs):
     raise AssertionError("a run started")
 
 
-def _refuse_triton(backend, device):
+def _refuse_triton(backend, device, device_flag=True):
     # What check_backend says without the interpreter (the tests run the Triton kernels under it).
     raise engine.UsageError(f"--backend {backend}: Triton kernels run on CUDA devices")
 
@@ -1017,7 +1025,10 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     assert main(["--resume", str(tmp_path / "junk.pt")]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
     assert main(["--data-root", tiny_root, *FAST, "--backend", "cuda", "--output-dir", str(tmp_path / "o2")]) == 2
-    assert "--backend cuda" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    # The flag is named, not a use_backend block, and a GPU device is suggested.
+    assert err.startswith("mmsd-train: error: --backend cuda: backend='cuda'") and "use_backend" not in err, err
+    assert err.endswith("; give --device cuda to run on a GPU"), err
 
     # A checkpoint evaluated on data it was not trained for.
     other = tmp_path / "other"

@@ -79,7 +79,7 @@ def main(argv=None):
         p.error(f"--seeds: {repeated[0]} is given twice; the spread over seeds needs different seeds")
     try:
         # Everything that can fail before the first run fails here, not after an hour of runs.
-        check_backend(args.backend, torch.device("cpu"))
+        check_backend(args.backend, torch.device("cpu"), device_flag=False)
         if args.output:
             _check_output(args.output, args.overwrite)
     except UsageError as exc:

@@ -369,18 +369,20 @@ def _resolve_device(name, ddp=None):
     return device
 
 
-def check_backend(backend, device):
-    """Fail early, with the op's own explanation, if the ops cannot run on ``backend`` here."""
+def check_backend(backend, device, device_flag=True):
+    """Fail early, with the op's own explanation, if the ops cannot run on ``backend`` here
+    (``device_flag``: the program has a --device flag to suggest)."""
     name = None if backend == "auto" else backend
     scores = torch.rand(1, 8, 3, device=device)
     try:
-        with mmsd_ext.use_backend(name or "auto"):
-            mmsd_ext.topk_mil_pool(scores, 1)
-            mmsd_ext.mmsd_distill_loss(scores, scores, scores)
-            mmsd_ext.snippet_distill_loss(scores, scores)
-            mmsd_ext.temporal_nms(torch.tensor([[0.0, 1.0]], device=device), torch.ones(1, device=device), 0.5)
+        mmsd_ext.topk_mil_pool(scores, 1, backend=name)
+        mmsd_ext.mmsd_distill_loss(scores, scores, scores, backend=name)
+        mmsd_ext.snippet_distill_loss(scores, scores, backend=name)
+        mmsd_ext.temporal_nms(torch.tensor([[0.0, 1.0]], device=device), torch.ones(1, device=device), 0.5, backend=name)
     except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"--backend {backend}: {exc}") from None
+        gpu_only = device.type == "cpu" and name in ("cuda", "triton")
+        hint = "; give --device cuda to run on a GPU" if gpu_only and device_flag else ""
+        raise UsageError(f"--backend {backend}: {exc}{hint}") from None
 
 
 # -- data --------------------------------------------------------------------------------------
