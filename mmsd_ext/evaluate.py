@@ -15,6 +15,7 @@ sequential greedy because only predictions of the same class and video compete
 for the same ground truth.
 """
 
+import collections.abc
 import dataclasses
 import json
 import math
@@ -197,7 +198,7 @@ def thumos14_detection_map(
             ``segments.npy``, restricted to the evaluated videos).
         gt_labels: V per-video sequences of class names, one per segment (``labels.npy``).
         class_names: C class names (``classlist.npy``); str or bytes.
-        ambiguous: None, a path to ``Ambiguous_test.txt``, or (name, start, end)
+        ambiguous: None, a path (str, bytes or PathLike) to ``Ambiguous_test.txt``, or (name, start, end)
             entries in seconds; entries of other videos are ignored.
         tiou_thresholds: as in ``detection_map``.
         factor: snippets per second (25/16 for the I3D features of W-TALC; 10/4 for UNT).
@@ -209,7 +210,10 @@ def thumos14_detection_map(
     Raises:
         ValueError naming the argument: lengths of the per-video lists that
         disagree, unknown class names, out-of-range video or class indices,
-        segments with end < start, no ground truth at all, a malformed ambiguous file.
+        segments with end < start, no ground truth at all, a malformed ambiguous
+        file, a ``factor`` that takes a ground-truth time past float64's range.
+        TypeError naming the entry: a name that is not str or bytes, a video's
+        segments or labels that are not a sequence.
         OSError (FileNotFoundError, ...) for an ambiguous path that cannot be read.
 
     Example (for real data: the rows of ``mmsd_proposals``, the W-TALC files of the
@@ -235,6 +239,8 @@ def thumos14_detection_map(
     tious = _tious(tiou_thresholds)
     V, C = len(names), len(classes)
     for name, value in (("gt_segments", gt_segments), ("gt_labels", gt_labels)):
+        if isinstance(value, (str, bytes)) or (hasattr(value, "__len__") and not _is_sequence(value)):
+            raise TypeError(f"{name}: expected a sequence with one entry per video, got {type(value).__name__}")
         if not hasattr(value, "__len__") or len(value) != V:
             got = len(value) if hasattr(value, "__len__") else type(value).__name__
             raise ValueError(f"{name}: expected one entry per video ({V} video_names), got {got}")
@@ -250,7 +256,7 @@ def thumos14_detection_map(
     pred = pred[has_gt[pred[:, 0].astype(np.int64)]]
     pred[:, 2:4] = np.trunc(pred[:, 2:4])
 
-    entries = read_ambiguous(ambiguous) if isinstance(ambiguous, (str, os.PathLike)) else _ambiguous_entries(ambiguous)
+    entries = read_ambiguous(ambiguous) if isinstance(ambiguous, (str, bytes, os.PathLike)) else _ambiguous_entries(ambiguous)
     if entries and len(pred):
         pred = pred[~_touches_ambiguous(pred, entries, names, factor)]
 
@@ -307,21 +313,23 @@ def mmsd_detection_map(
         tIoU    0.1    0.2    0.3    0.4    0.5    0.6    0.7    AVG
         mAP  100.00 100.00 100.00 100.00 100.00 100.00 100.00 100.00
     """
+    num_videos = len(_names("video_names", video_names))
+    num_classes = len(_names("class_names", class_names))
     if isinstance(cas, (list, tuple)):
         if lengths is not None:
             raise ValueError("lengths: only for a padded cas tensor; a list of sequences carries its own lengths")
         cas, lengths = _pad(cas, None, "cas")
     if not isinstance(cas, torch.Tensor):
         raise TypeError(f"cas: expected a [V, T, C] tensor or a list of [T_i, C] arrays, got {type(cas).__name__}")
-    if cas.dim() == 3 and cas.shape[2] != len(class_names):
+    if cas.dim() == 3 and cas.shape[2] != num_classes:
         raise ValueError(
-            f"cas: expected C = len(class_names) = {len(class_names)} class columns, got {cas.shape[2]} "
+            f"cas: expected C = len(class_names) = {num_classes} class columns, got {cas.shape[2]} "
             "(drop the background column)"
         )
-    if cas.dim() == 3 and cas.shape[0] != len(video_names):
-        raise ValueError(f"cas: expected one sequence per video ({len(video_names)} video_names), got {cas.shape[0]}")
+    if cas.dim() == 3 and cas.shape[0] != num_videos:
+        raise ValueError(f"cas: expected one sequence per video ({num_videos} video_names), got {cas.shape[0]}")
     if not isinstance(video_scores, torch.Tensor):
-        video_scores = torch.as_tensor(np.asarray(video_scores))
+        video_scores = _numeric_tensor("video_scores", video_scores, "a [V, C] array of numbers")
     video_scores = video_scores.to(cas.device)
     if isinstance(lengths, torch.Tensor):
         lengths = lengths.to(cas.device)
@@ -486,7 +494,7 @@ def read_ambiguous(path):
                     raise ValueError
                 entries.append((fields[0], start, end))
             except ValueError:
-                raise ValueError(f"ambiguous: {os.fspath(path)} line {number}: expected 'name start end', got {line.strip()!r}") from None
+                raise ValueError(f"ambiguous: {os.fsdecode(path)} line {number}: expected 'name start end', got {line.strip()!r}") from None
     return entries
 
 
@@ -621,8 +629,11 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     videos = []
     for v, labels in enumerate(gt_labels):
         # A name where a list of names belongs would be read letter by letter.
-        if isinstance(labels, (str, bytes)):
+        if isinstance(labels, (str, bytes)) or not _is_sequence(labels):
             raise TypeError(f"gt_labels[{v}]: expected a sequence of class names, one per segment, got {type(labels).__name__}")
+    for v, segments in enumerate(gt_segments):
+        if not _is_sequence(segments):
+            raise TypeError(f"gt_segments[{v}]: expected a sequence of [start, end] seconds, got {type(segments).__name__}")
     for v, segments in enumerate(gt_segments):
         videos.extend([v] * len(segments))
     if not videos:
@@ -644,15 +655,32 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
             raise ValueError(f"gt_labels[{v}]: expected one label per segment ({len(segments)}), got {len(labels)}")
     if not videos:
         return np.zeros((0, 4))
-    class_ids = [index.get(label if isinstance(label, str) else _name(label), -1) for labels in gt_labels for label in labels]
+    class_ids = []
+    for v, labels in enumerate(gt_labels):
+        for j, label in enumerate(labels):
+            try:
+                class_ids.append(index.get(_name(label), -1))
+            except (TypeError, UnicodeDecodeError):
+                raise TypeError(f"gt_labels[{v}][{j}]: expected a class name (str or UTF-8 bytes), got {label!r}") from None
     if -1 in class_ids:
         i = class_ids.index(-1)
         v = videos[i]
         j = i - videos.index(v)
         raise ValueError(f"gt_labels[{v}][{j}]: unknown class {_name(gt_labels[v][j])!r} (not in class_names)")
     # np.round rounds half to even, exactly like Python's round() on the same float64.
-    snippets = np.round(bounds * factor)
+    with np.errstate(over="ignore"):
+        snippets = np.round(bounds * factor)
+    if not np.isfinite(snippets).all():
+        i = int(np.flatnonzero(~np.isfinite(snippets).all(axis=1))[0])
+        raise ValueError(f"factor: ground-truth segment ({bounds[i, 0]}, {bounds[i, 1]}) s of video {videos[i]} times "
+                         f"factor {factor} is not finite in snippets")
     return np.column_stack([np.asarray(videos, dtype=np.float64), np.asarray(class_ids, dtype=np.float64), snippets])
+
+
+def _is_sequence(value):
+    """A per-video list of segments or labels: a list, tuple, array or tensor (not a
+    mapping or set, whose iteration order or keys would be read as entries)."""
+    return hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, collections.abc.Mapping)
 
 
 def _first_bad_video(gt_segments):
@@ -735,7 +763,7 @@ def _rows(name, value, columns):
 
 
 def _tious(value):
-    if isinstance(value, (str, bytes)):
+    if value is None or isinstance(value, (str, bytes)):
         raise TypeError(f"tiou_thresholds: expected a sequence of numbers, got {type(value).__name__} {value!r}")
     try:
         tious = np.array(value, dtype=np.float64).reshape(-1)
@@ -768,6 +796,19 @@ def _float64(name, value, what):
         raise ValueError(f"{name}: expected {what}") from None
 
 
+def _numeric_tensor(name, value, what):
+    """A tensor of an array or nested lists of numbers, keeping a numpy array's dtype
+    (the proposals compare scores in their own dtype); a TypeError or ValueError
+    "{name}: expected {what}" for anything else."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {what} (a ragged or malformed sequence)") from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__} of {array.dtype}")
+    return torch.as_tensor(array)
+
+
 def _matrix(name, value):
     array = _float64(name, value, "a numeric [V, C] array")
     if array.ndim != 2:
@@ -776,8 +817,12 @@ def _matrix(name, value):
 
 
 def _name(x):
+    """A name given as str or UTF-8 bytes; anything else (None, a number) is a TypeError,
+    not a name made of its repr."""
     if isinstance(x, (bytes, np.bytes_)):
         return bytes(x).decode("utf-8")
+    if not isinstance(x, str):
+        raise TypeError(f"expected a str or UTF-8 bytes, got {type(x).__name__}")
     return str(x)
 
 
@@ -790,6 +835,8 @@ def _names(arg, values):
             names.append(_name(v))
         except UnicodeDecodeError:
             raise ValueError(f"{arg}[{i}]: expected a str or UTF-8 bytes, got {v!r}") from None
+        except TypeError as exc:
+            raise TypeError(f"{arg}[{i}]: {exc}") from None
     return names
 
 

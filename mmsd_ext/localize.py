@@ -125,8 +125,9 @@ def mmsd_proposals(
     """
     cas, video_scores, lengths, thresholds = _check_proposal_args(cas, video_scores, lengths, thresholds)
     class_threshold = _finite_number("class_threshold", class_threshold)
-    if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 1:
+    if isinstance(min_len, (bool, np.bool_)) or not isinstance(min_len, (int, np.integer)) or min_len < 1:
         raise ValueError(f"min_len: expected an int >= 1, got {min_len!r}")
+    min_len = int(min_len)
     outer_ratio = _finite_number("outer_ratio", outer_ratio)
     if outer_ratio < 0:
         raise ValueError(f"outer_ratio: expected a number >= 0, got {outer_ratio}")

@@ -370,6 +370,8 @@ def test_ambiguous_filter_and_the_empty_class_quirk(tmp_path):
     result = thumos14_detection_map(pred, names, segments, labels, CLASSES, ambiguous=str(path))
     assert result.ap[:, 0].tolist() == [1.0] * 7 and result.ap[:, 1].tolist() == [0.0] * 7
     np.testing.assert_allclose(result.map, 0.5)
+    # A bytes path is a path too (it was read as a sequence of entries).
+    assert thumos14_detection_map(pred, names, segments, labels, CLASSES, ambiguous=bytes(path)).ap.tolist() == result.ap.tolist()
     quirk = thumos14_detection_map(pred, names, segments, labels, CLASSES, ambiguous=path, zero_map_if_class_empty=True)
     np.testing.assert_array_equal(quirk.map, 0.0)
     assert quirk.average == 0.0
@@ -405,12 +407,37 @@ def test_bytes_names_as_in_wtalc_files():
         (dict(ambiguous=[("v", float("nan"), 2.0)]), "ambiguous\\[0\\]: expected finite start and end"),
         (dict(factor=0.0), "factor"),
         (dict(factor=2**1100), "factor"),
+        # Finite, but seconds times it overflow: every AP was 0 after numpy's warning.
+        (dict(factor=1e308, gt_segments=[[[0.0, 10.0]]]), r"^factor: ground-truth segment \(0\.0, 10\.0\) s of video 0 times factor 1e\+308 is not finite"),
+        # A name that is not text was taken as its repr (None as a video named 'None').
+        (dict(ambiguous=[(None, 1.0, 2.0)]), r"^ambiguous\[0\]: expected \(name, start, end\), got \(None, 1\.0, 2\.0\)"),
     ],
 )
 def test_thumos14_bad_inputs(kwargs, match):
     args = dict(predictions=[[0, 0, 0, 2, 0.5]], video_names=["v"], gt_segments=[[[0.0, 1.0]]], gt_labels=[["Alpha"]], class_names=CLASSES)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
+        thumos14_detection_map(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # Each raised a bare "object of type ... has no len()" or was read as a name.
+        (dict(gt_segments=[None]), r"^gt_segments\[0\]: expected a sequence of \[start, end\] seconds, got NoneType$"),
+        (dict(gt_segments={0: [[0.0, 1.0]]}), r"^gt_segments: expected a sequence with one entry per video, got dict$"),
+        (dict(gt_labels=[None]), r"^gt_labels\[0\]: expected a sequence of class names, one per segment, got NoneType$"),
+        (dict(gt_labels=[[None]]), r"^gt_labels\[0\]\[0\]: expected a class name \(str or UTF-8 bytes\), got None$"),
+        (dict(gt_labels=[[b"\xff"]]), r"^gt_labels\[0\]\[0\]: expected a class name \(str or UTF-8 bytes\), got b'\\xff'$"),
+        (dict(video_names=[None]), r"^video_names\[0\]: expected a str or UTF-8 bytes, got NoneType$"),
+        (dict(class_names=[0, 1, 2]), r"^class_names\[0\]: expected a str or UTF-8 bytes, got int$"),
+        (dict(tiou_thresholds=None), r"^tiou_thresholds: expected a sequence of numbers, got NoneType None$"),
+    ],
+)
+def test_thumos14_entries_of_the_wrong_type_are_named(kwargs, match):
+    args = dict(predictions=[[0, 0, 0, 2, 0.5]], video_names=["v"], gt_segments=[[[0.0, 1.0]]], gt_labels=[["Alpha"]], class_names=CLASSES)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=match):
         thumos14_detection_map(**args)
 
 
@@ -439,6 +466,25 @@ def test_mmsd_detection_map_names_its_cas_argument():
         mmsd_detection_map([np.zeros((4, 3)), np.zeros((4, 2))], np.zeros((2, 3)), **gt)
     with pytest.raises(TypeError, match=r"^cas\[1\]: expected a \[T_i, C\] array or tensor, got str"):
         mmsd_detection_map([np.zeros((4, 3)), "x"], np.zeros((2, 3)), **gt)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        # len() of None, and numpy's or torch's own words for scores that are not a matrix of numbers.
+        (dict(video_names=None), TypeError, "^video_names: expected a sequence of names, got NoneType$"),
+        (dict(class_names=None), TypeError, "^class_names: expected a sequence of names, got NoneType$"),
+        (dict(video_scores=[[0.0, 0.9, 0.0], [0.1]]), ValueError, r"^video_scores: expected a \[V, C\] array of numbers \(a ragged"),
+        (dict(video_scores="ab"), TypeError, r"^video_scores: expected a \[V, C\] array of numbers, got str of <U2$"),
+        (dict(video_scores=None), TypeError, r"^video_scores: expected a \[V, C\] array of numbers, got NoneType of object$"),
+    ],
+)
+def test_mmsd_detection_map_names_its_other_arguments(kwargs, error, match):
+    args = dict(cas=[np.zeros((4, 3)), np.zeros((4, 3))], video_scores=np.zeros((2, 3)), video_names=["a", "b"],
+                gt_segments=[[[0.0, 1.0]]] * 2, gt_labels=[["Alpha"]] * 2, class_names=CLASSES)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        mmsd_detection_map(**args)
 
 
 def test_mmsd_detection_map_end_to_end_matches_loops():

@@ -204,6 +204,19 @@ def test_row_order_is_video_class_then_descending_score(inputs):
     assert (rows[:, 3] - rows[:, 2] >= 3).all()  # min_len 2 plus MMSD's stored end e + 1
 
 
+def test_min_len_takes_a_numpy_integer():
+    # np.int64(2) was refused as "expected an int >= 1", while lengths took numpy integers.
+    cas = torch.zeros(1, 12, 1, dtype=torch.float64)
+    cas[0, 2:5, 0] = 0.5
+    cas[0, 7:11, 0] = 0.5
+    for min_len in (3, 4):
+        rows = mmsd_proposals(cas, torch.ones(1, 1), thresholds=[0.1], min_len=np.int64(min_len))
+        assert rows.tolist() == mmsd_proposals(cas, torch.ones(1, 1), thresholds=[0.1], min_len=min_len).tolist()
+        assert len(rows) == (2 if min_len == 3 else 1)
+    with pytest.raises(ValueError, match="^min_len: expected an int >= 1, got (np.)?True_?$"):
+        mmsd_proposals(cas, torch.ones(1, 1), min_len=np.bool_(True))
+
+
 def test_hand_worked_example():
     # One video, one class, one threshold 0.1: the run is [1, 4), L = 3.
     # inner = mean(cas[1:5]) = (3 * 0.5 + 0.0625) / 4 (MMSD's slice takes snippet 4 too);
