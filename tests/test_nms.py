@@ -41,8 +41,22 @@ SOFT_SCORE_TOL = {
 # The backend fixture is a plain name: sharing it across generated examples is safe.
 _with_backend = settings(suppress_health_check=list(settings.default.suppress_health_check) + [HealthCheck.function_scoped_fixture])
 
-# Kept small: the Triton interpreter runs ~3 ms per program instance, one per 64 x 64 tile.
-MAX_M = 40
+# Segments per generated example, up to 200: four 64-wide tiles of the CUDA and Triton
+# suppression masks (and rank words of the cpu kernel).
+MAX_M = 200
+# Interpreted Triton (no GPU) is slow: hard NMS launches ceil(M / 64)^2 programs of ~3 ms
+# each (128: two tiles a side, ~20 ms a call); soft-NMS, one program per 64 sorted
+# positions, takes ~6 ms a selection (96: two programs, ~6 s for its 20 examples).
+MAX_M_INTERPRETED = 128
+MAX_M_INTERPRETED_SOFT = 96
+# Every dtype scores may have; the reference is the oracle for each.
+SCORE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _max_m(backend, soft=False):
+    if backend == "triton" and not HAS_GPU:
+        return MAX_M_INTERPRETED_SOFT if soft else MAX_M_INTERPRETED
+    return MAX_M
 
 
 def _segments(draw, M, integer, dtype):
@@ -57,21 +71,25 @@ def _segments(draw, M, integer, dtype):
 
 
 @st.composite
-def nms_inputs(draw, max_m=MAX_M, allow_nan_scores=True):
+def nms_inputs(draw, max_m=MAX_M, allow_nan_scores=True, score_kinds=("ties", "spread", "distinct")):
     M = draw(st.integers(0, max_m))
     integer = draw(st.booleans())
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     seg = _segments(draw, M, integer, dtype)
-    ties = draw(st.booleans())
-    if ties:
+    kind = draw(st.sampled_from(score_kinds))
+    if kind == "ties":
         scores = torch.tensor(draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=M, max_size=M)), dtype=torch.float64)
-    else:
+    elif kind == "spread":  # (hypothesis draws repeats among these too)
         scores = torch.tensor(draw(st.lists(st.floats(-2, 2, allow_nan=False), min_size=M, max_size=M)), dtype=torch.float64)
-    if allow_nan_scores and M and draw(st.booleans()):
+    else:
+        # No tie at all, so the visit order is the scores' alone: distinct multiples of 1/64
+        # within +-100/64, exact in every score dtype (bfloat16 holds integers up to 256).
+        scores = (torch.tensor(draw(st.permutations(range(M))), dtype=torch.float64) - M // 2) / 64
+    if allow_nan_scores and M and kind != "distinct" and draw(st.booleans()):
         special = draw(st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), min_size=M, max_size=M))
         where = draw(st.lists(st.booleans(), min_size=M, max_size=M))
         scores = torch.where(torch.tensor(where), torch.tensor(special, dtype=torch.float64), scores)
-    scores = scores.to(draw(st.sampled_from([torch.float32, torch.float64])))
+    scores = scores.to(draw(st.sampled_from(SCORE_DTYPES)))
     groups = None
     if draw(st.booleans()):
         groups = torch.tensor(draw(st.lists(st.integers(-2, 3), min_size=M, max_size=M)), dtype=torch.int64).reshape(M)
@@ -92,9 +110,9 @@ def _thresholds():
 
 
 @_with_backend
-@given(data=nms_inputs(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0, 0.5]))
+@given(data=st.data(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0, 0.5]))
 def test_temporal_nms_matches_reference(backend, data, threshold, overlap, offset):
-    seg, scores, groups = data
+    seg, scores, groups = data.draw(nms_inputs(max_m=_max_m(backend)), label="inputs")
     expected = mmsd_ext.temporal_nms(seg, scores, threshold, groups=groups, overlap=overlap, offset=offset, backend="reference")
     dev = backend_device(backend)
     seg_d, scores_d, groups_d = _to(dev, seg, scores, groups)
@@ -119,7 +137,9 @@ def test_temporal_nms_small_example_every_backend():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_temporal_nms_matches_torchvision_distinct_scores(backend, dtype):
+def test_temporal_nms_matches_torchvision_distinct_scores(any_backend, dtype):
+    # On every backend, the reference included: torchvision is an oracle independent of it.
+    backend = any_backend
     gen = torch.Generator().manual_seed(1)
     dev = backend_device(backend)
     M = 150 if backend == "triton" and not HAS_GPU else 2000
@@ -155,10 +175,11 @@ def test_temporal_nms_float32_iou_at_the_threshold_unlike_torchvision(any_backen
         assert got.tolist() == [0, 1]
 
 
-def test_temporal_nms_matches_torchvision_with_ties(backend):
+def test_temporal_nms_matches_torchvision_with_ties(any_backend):
     # torchvision's CPU sort is stable, so its tie order (lower index first) is ours:
     # exact for nms, and for batched_nms up to 1000 boxes (beyond, it re-sorts the
     # kept boxes of all groups with an unstable sort).
+    backend = any_backend
     gen = torch.Generator().manual_seed(2)
     dev = backend_device(backend)
     M = 120 if backend == "triton" and not HAS_GPU else 1000
@@ -205,10 +226,16 @@ def _pair_overlap(segs, kept, cand, overlap, offset):
     return nms_module._overlap_reference(segs[kept], segs[cand], overlap, offset)
 
 
-@given(data=nms_inputs(max_m=60), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0]))
-def test_temporal_nms_properties(data, threshold, overlap, offset):
-    seg, scores, groups = data
-    kept = mmsd_ext.temporal_nms(seg, scores, threshold, groups=groups, overlap=overlap, offset=offset, backend="cpu").tolist()
+@_with_backend
+@given(data=st.data(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0]))
+def test_temporal_nms_properties(any_backend, data, threshold, overlap, offset):
+    # On every backend, the reference included: the definition of NMS is an oracle of
+    # its own, where the comparisons with the reference are not.
+    seg, scores, groups = data.draw(nms_inputs(max_m=_max_m(any_backend)), label="inputs")
+    dev = backend_device(any_backend)
+    seg_d, scores_d, groups_d = _to(dev, seg, scores, groups)
+    kept = mmsd_ext.temporal_nms(seg_d, scores_d, threshold, groups=groups_d, overlap=overlap, offset=offset, backend=any_backend)
+    kept = kept.cpu().tolist()
     M = seg.shape[0]
     segs = seg.double().tolist()
     grp = [0] * M if groups is None else groups.tolist()
@@ -230,17 +257,21 @@ def test_temporal_nms_properties(data, threshold, overlap, offset):
             )
 
 
-@given(data=nms_inputs(max_m=60, allow_nan_scores=False), seed=st.integers(0, 2**16), overlap=st.sampled_from(["iou", "other"]))
-def test_temporal_nms_permutation_invariance(data, seed, overlap):
-    seg, _, groups = data
+@_with_backend
+@given(data=st.data(), seed=st.integers(0, 2**16), overlap=st.sampled_from(["iou", "other"]))
+def test_temporal_nms_permutation_invariance(any_backend, data, seed, overlap):
+    # Distinct scores (in each score dtype): the visit order is unique, so relabelling the
+    # segments only relabels the result.
+    inputs = nms_inputs(max_m=_max_m(any_backend), allow_nan_scores=False, score_kinds=("distinct",))
+    seg, scores, groups = data.draw(inputs, label="inputs")
     M = seg.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.randperm(M, generator=gen).double()  # distinct: the order is unique
-    perm = torch.randperm(M, generator=gen)
-    kept = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=groups, overlap=overlap, backend="cpu")
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed))
     g_perm = None if groups is None else groups[perm]
-    kept_perm = mmsd_ext.temporal_nms(seg[perm], scores[perm], 0.4, groups=g_perm, overlap=overlap, backend="cpu")
-    assert torch.equal(perm[kept_perm], kept)
+    dev = backend_device(any_backend)
+    seg_d, scores_d, groups_d, seg_p, scores_p, groups_p = _to(dev, seg, scores, groups, seg[perm], scores[perm], g_perm)
+    kept = mmsd_ext.temporal_nms(seg_d, scores_d, 0.4, groups=groups_d, overlap=overlap, backend=any_backend)
+    kept_perm = mmsd_ext.temporal_nms(seg_p, scores_p, 0.4, groups=groups_p, overlap=overlap, backend=any_backend)
+    assert torch.equal(perm[kept_perm.cpu()], kept.cpu())
 
 
 # ----------------------------------------------------------------------------
@@ -338,21 +369,43 @@ def test_temporal_nms_many_groups(backend):
         assert torch.equal(got.cpu(), expected)
 
 
-def test_temporal_nms_score_dtypes_and_noncontiguous(backend):
+def _strided_inputs(dev):
+    """(segments, scores, groups) on dev, none of them contiguous, for every score dtype:
+    transposed or row-and-column strided segments, scores and groups of every other element.
+    A kernel that read them as if contiguous would see other values."""
     gen = torch.Generator().manual_seed(4)
-    dev = backend_device(backend)
     M = 30
     base = torch.rand(2, M, generator=gen, dtype=torch.float64) * 20
     seg_t = torch.stack([base[0], base[0] + base[1]]).to(dev)  # [2, M]
-    seg = seg_t.t()  # non-contiguous [M, 2]
-    assert not seg.is_contiguous()
+    padded = torch.zeros(2 * M, 4, dtype=torch.float64, device=dev)
+    padded[::2, ::2] = seg_t.t()
     wide = torch.rand(2 * M, generator=gen).to(dev)
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        scores = wide.to(dtype)[::2]  # strided
-        groups = (torch.arange(2 * M, device=dev) % 3)[::2]
-        expected = mmsd_ext.temporal_nms(seg.cpu(), scores.cpu(), 0.3, groups=groups.cpu(), backend="reference")
-        got = mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups, backend=backend)
-        assert torch.equal(got.cpu(), expected)
+    groups = (torch.arange(2 * M, device=dev) % 3)[::2]
+    for seg, dtype in itertools.product((seg_t.t(), padded[::2, ::2]), SCORE_DTYPES):
+        scores = wide.to(dtype)[::2]
+        assert not (seg.is_contiguous() or scores.is_contiguous() or groups.is_contiguous())
+        yield seg, scores, groups
+
+
+def _contiguous_on_host(*tensors):
+    return [t.cpu().contiguous() for t in tensors]
+
+
+def test_temporal_nms_score_dtypes_and_noncontiguous(any_backend):
+    for seg, scores, groups in _strided_inputs(backend_device(any_backend)):
+        contiguous = _contiguous_on_host(seg, scores, groups)
+        expected = mmsd_ext.temporal_nms(*contiguous[:2], 0.3, groups=contiguous[2], backend="reference")
+        got = mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups, backend=any_backend)
+        assert torch.equal(got.cpu(), expected), (seg.stride(), scores.dtype)
+
+
+def test_soft_temporal_nms_score_dtypes_and_noncontiguous(any_backend):
+    for seg, scores, groups in _strided_inputs(backend_device(any_backend)):
+        contiguous = _contiguous_on_host(seg, scores, groups)
+        idx_ref, val_ref = mmsd_ext.soft_temporal_nms(*contiguous[:2], groups=contiguous[2], backend="reference")
+        idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=any_backend)
+        assert torch.equal(idx.cpu(), idx_ref), (seg.stride(), scores.dtype)
+        torch.testing.assert_close(val.cpu(), val_ref, **SOFT_SCORE_TOL[scores.dtype])
 
 
 def test_temporal_nms_does_not_modify_inputs(backend):
@@ -562,13 +615,13 @@ def _check_soft(backend, seg, scores, groups, params):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
 @_with_backend
-@given(data=nms_inputs(), params=soft_params())
+@given(data=st.data(), params=soft_params())
 def test_soft_temporal_nms_matches_reference(backend, data, params):
-    seg, scores, groups = data
+    seg, scores, groups = data.draw(nms_inputs(max_m=_max_m(backend, soft=True)), label="inputs")
     _check_soft(backend, seg, scores, groups, params)
 
 
-@given(data=nms_inputs(max_m=60, allow_nan_scores=False), seed=st.integers(0, 2**16), params=soft_params())
+@given(data=nms_inputs(allow_nan_scores=False), seed=st.integers(0, 2**16), params=soft_params())
 @example(  # identical segments: linear decays to exactly 0, a tie at the end
     data=(torch.zeros(4, 2), torch.zeros(4), None),
     seed=0,
@@ -712,7 +765,8 @@ def test_bad_inputs_name_the_argument(any_backend, call, error, name):
     dev = backend_device(any_backend)
     kwargs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     fn = mmsd_ext.temporal_nms if kind == "hard" else mmsd_ext.soft_temporal_nms
-    with pytest.raises(error, match=name):
+    # The argument at fault opens the message: other arguments may be named after it.
+    with pytest.raises(error, match=rf"^{name}: "):
         fn(backend=any_backend, **kwargs)
 
 
@@ -964,11 +1018,13 @@ def test_opcheck(any_backend):
     torch.library.opcheck(soft, (seg, scores.double(), None, "linear", 0.5, 0.3, 1e-3, 1.0))
 
 
-@pytest.mark.parametrize("compiled_backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("compiled_backend", ["reference", "cpu", "cuda", "triton"])
 def test_torch_compile_fullgraph(compiled_backend):
     # The result size depends on the data: with capture_dynamic_output_shape_ops the
     # op's fake kernel (a new unbacked size) lets the whole function compile as one
-    # graph; without it dynamo would have to break the graph at the op. "triton":
+    # graph; without it dynamo would have to break the graph at the op. "cpu" and
+    # "cuda": the compiled ops, whose fakes serve both devices (cuda on CUDA tensors,
+    # skipped without a GPU). "triton":
     # the custom ops temporal_nms_triton and soft_temporal_nms_triton (under the
     # interpreter without a GPU: 20 segments, one program per kernel). "reference":
     # its loops run inside the ops temporal_nms_reference and soft_temporal_nms_reference
