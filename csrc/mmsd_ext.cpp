@@ -1,12 +1,20 @@
 // The Python module mmsd_ext._C. It holds no ops of its own: loading it runs the
 // TORCH_LIBRARY registrations of every op file linked into it. What it exports is
-// how it was built, so that mmsd_ext.build_info() reports the truth of the binary.
+// how it was built and which CPU kernels it picked, so that mmsd_ext.build_info()
+// reports the truth of the binary.
 #include <Python.h>
 #include <torch/extension.h>
 
 #ifdef MMSD_EXT_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
+
+namespace mmsd_ext {
+namespace distill {
+// The vector ISA the CPU distillation kernels run with (csrc/cpu/distill_kernel.cpp).
+const char* cpu_isa();
+}  // namespace distill
+}  // namespace mmsd_ext
 
 PYBIND11_MODULE(_C, m) {
   m.attr("version") = MMSD_EXT_VERSION;
@@ -18,4 +26,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
   m.attr("cuda_version") = pybind11::none();
 #endif
+  // A function, not an attribute: a bad MMSD_EXT_DISTILL_CPU_ISA is an error when
+  // asked, and must not stop the module from loading.
+  m.def("distill_cpu_isa", [] { return std::string(mmsd_ext::distill::cpu_isa()); });
 }

@@ -201,7 +201,15 @@ def build_info():
     extension was built against, or None without build info), ``torch_running``, ``cuda`` (CUDA version the
     kernels were compiled with, or None), ``archs`` (TORCH_CUDA_ARCH_LIST used),
     ``backends`` (names usable in this process), ``compiled`` (whether the
-    extension loaded) and ``load_error`` (why not, or None).
+    extension loaded), ``load_error`` (why not, or None) and ``cpu_isa`` (the
+    vector instructions the cpu distillation kernels use in this process:
+    ``"avx512"``, ``"avx2"`` or ``"baseline"``, the widest the CPU has unless
+    ``MMSD_EXT_DISTILL_CPU_ISA`` asks for one; None without the extension).
+
+    Raises:
+        ValueError naming ``MMSD_EXT_DISTILL_CPU_ISA`` when it holds another name,
+        or asks for instructions this CPU lacks (the cpu distillation ops raise
+        the same error).
     """
     from . import __version__
 
@@ -216,4 +224,5 @@ def build_info():
         "backends": available_backends(),
         "compiled": compiled is not None,
         "load_error": _loader.LOAD_ERROR,
+        "cpu_isa": compiled.distill_cpu_isa() if compiled is not None else None,
     }

@@ -18,8 +18,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # What this Python package needs of the compiled extension. Bump it when a change
 # makes a build of older sources wrong with these (2: the autograd of the compiled
 # ops moved from Python into the extension, csrc/autograd.cpp; a build without it
-# would give no gradients). setup.py reads it from here into _build_info.json.
-BINARY_INTERFACE = 2
+# would give no gradients; 3: build_info() reads the cpu kernels' vector ISA from
+# _C.distill_cpu_isa). setup.py reads it from here into _build_info.json.
+BINARY_INTERFACE = 3
 REBUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the mmsd_ext source tree"
 
 

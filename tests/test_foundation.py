@@ -15,7 +15,7 @@ from mmsd_ext import _backend
 
 def test_build_info_keys_and_backends():
     info = mmsd_ext.build_info()
-    for key in ("version", "torch", "cuda", "archs", "backends"):
+    for key in ("version", "torch", "cuda", "archs", "backends", "cpu_isa"):
         assert key in info
     assert info["version"] == mmsd_ext.__version__
     assert info["backends"][0] == "reference"
@@ -23,6 +23,9 @@ def test_build_info_keys_and_backends():
     if info["compiled"]:
         assert info["torch"] == torch.__version__
         assert "cpu" in info["backends"]
+        assert info["cpu_isa"] in ("avx512", "avx2", "baseline")
+    else:
+        assert info["cpu_isa"] is None
     if torch.cuda.is_available() and info["cuda"] is not None:
         assert "cuda" in info["backends"]
 

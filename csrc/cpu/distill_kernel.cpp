@@ -14,8 +14,9 @@
 // falls back to its scalar code here and Sleef is not reachable. The row loops are
 // written once with GCC vector extensions (a branch-free exp included) and compiled
 // three times, for AVX-512, AVX2+FMA and the baseline, picked at run time from the
-// CPU's features (__builtin_cpu_supports; MMSD_EXT_DISTILL_CPU_ISA=avx2|baseline
-// forces a narrower one, which is how the tests reach all three).
+// CPU's features (__builtin_cpu_supports; MMSD_EXT_DISTILL_CPU_ISA=avx512|avx2|baseline
+// asks for one, which is how the tests reach all three; build_info()["cpu_isa"] says
+// which one runs).
 //
 // Inputs of any strides are made contiguous by the op (a copy only when they are
 // not already); float16/bfloat16/float64 rows are converted to a float32 scratch
@@ -528,19 +529,33 @@ MMSD_ROW_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8)
 #endif
 MMSD_ROW_KERNELS(baseline, , 4)
 
-// The widest vector ISA the CPU has; MMSD_EXT_DISTILL_CPU_ISA=avx2|baseline picks a
-// narrower one (read once per process; the tests run every version this way).
+// The widest vector ISA the CPU has; MMSD_EXT_DISTILL_CPU_ISA=avx512|avx2|baseline
+// asks for one (read once per process; the tests run every version this way). A
+// name it does not know, or an ISA this CPU or build lacks, is a ValueError naming
+// the variable, not a silent fallback. A throwing initialiser leaves the static
+// unset, so every later call reports the same error.
 const RowKernels& row_kernels() {
   static const RowKernels kernels = [] {
     const char* forced = std::getenv("MMSD_EXT_DISTILL_CPU_ISA");
     const std::string want = forced != nullptr ? forced : "";
+    TORCH_CHECK_VALUE(want.empty() || want == "avx512" || want == "avx2" || want == "baseline",
+                      "MMSD_EXT_DISTILL_CPU_ISA: expected avx512, avx2 or baseline (or unset for the widest), got '",
+                      want, "'");
     const RowKernels baseline{pair_forward_baseline, pair_backward_baseline, mmsd_forward_baseline,
                               mmsd_backward_baseline, "baseline"};
     if (want == "baseline") return baseline;
+    bool avx512 = false, avx2 = false;
 #ifdef MMSD_X86_DISPATCH
     __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (want != "avx2" && __builtin_cpu_supports("avx512f")) {
+    avx512 = __builtin_cpu_supports("avx512f");
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    TORCH_CHECK_VALUE(want != "avx512" || avx512, "MMSD_EXT_DISTILL_CPU_ISA: avx512 asked for, but this ",
+                      "CPU (or a build for another architecture) has no AVX-512F; use avx2 or baseline");
+    TORCH_CHECK_VALUE(want != "avx2" || avx2, "MMSD_EXT_DISTILL_CPU_ISA: avx2 asked for, but this ",
+                      "CPU (or a build for another architecture) has no AVX2 with FMA; use baseline");
+#ifdef MMSD_X86_DISPATCH
+    if (want != "avx2" && avx512) {
       return RowKernels{pair_forward_avx512, pair_backward_avx512, mmsd_forward_avx512, mmsd_backward_avx512,
                         "avx512"};
     }
@@ -892,6 +907,10 @@ void distill_scale_grads_cpu(const at::Tensor& grad, const at::Tensor& grad_rgb,
 }
 
 }  // namespace
+
+const char* cpu_isa() {
+  return row_kernels().isa;
+}
 
 TORCH_LIBRARY_IMPL(mmsd_ext, CPU, m) {
   m.impl("snippet_distill_loss", &snippet_distill_loss_cpu);
