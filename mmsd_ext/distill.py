@@ -191,8 +191,9 @@ def snippet_distill_loss_reference(student, teacher, tau, mask, reduction, acc=t
     total = rows.sum()
     if reduction == "sum":
         return total
-    count = rows.new_tensor(rows.numel()) if mask is None else mask.bool().sum().to(rows.dtype)
-    return total / count.clamp(min=1)
+    if mask is None:  # a symbolic size under torch.export, not a constant of the graph
+        return total / torch.sym_max(rows.numel(), 1)
+    return total / mask.bool().sum().to(rows.dtype).clamp(min=1)
 
 
 def mmsd_distill_loss_reference(rgb, flow, fused, tau, mask, acc=torch.float32):

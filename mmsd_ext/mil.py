@@ -165,19 +165,27 @@ def _check_topk_values(k, lengths, T):
 
 
 def topk_mil_pool_reference(scores, k, lengths, largest):
-    """Plain PyTorch: a stable sort per video (lower index first among equals), then the mean."""
-    out = []
-    for b in range(scores.shape[0]):
-        column = scores[b, : int(lengths[b])]
-        ordered, _ = torch.sort(column, dim=0, descending=largest, stable=True)
-        acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-        out.append(ordered[: int(k[b])].to(acc).mean(dim=0))
-    if not out:  # B == 0: an empty result that still belongs to the graph
-        return scores.sum(dim=1)
+    """Plain PyTorch: a stable sort per video (lower index first among equals), then the mean.
+
+    Every video in one pass, with no value read on the host (so torch.compile and
+    torch.export capture it as one graph): the stable sort of each column by value, then a
+    stable sort that moves the steps past the video's length behind its own steps; the mean
+    of the first k[b].
+    """
+    B, T, _ = scores.shape
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    ordered, index = torch.sort(scores, dim=1, descending=largest, stable=True)
+    padding = index >= lengths[:, None, None]
+    _, own_first = torch.sort(padding.to(torch.uint8), dim=1, stable=True)
+    ordered = ordered.gather(1, own_first)
+    steps = torch.arange(T, device=scores.device)
+    taken = steps[None, :, None] < torch.minimum(k, lengths)[:, None, None]
+    total = torch.where(taken, ordered.to(acc), 0).sum(dim=1)
     # Where the values were not checked (CUDA tensors, compiled code), a video whose k
     # or length is out of range gets NaN and a zero gradient, as from the kernels.
-    ok = (lengths >= 1) & (lengths <= scores.shape[1]) & (k >= 1) & (k <= lengths)
-    return torch.where(ok[:, None], torch.stack(out), float("nan")).to(scores.dtype)
+    ok = (lengths >= 1) & (lengths <= T) & (k >= 1) & (k <= lengths)
+    mean = total / torch.where(ok, k, 1)[:, None].to(acc)
+    return torch.where(ok[:, None], mean, float("nan")).to(scores.dtype)
 
 
 # ---------------------------------------------------------------------------
