@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 
 import torch
 
@@ -46,22 +47,44 @@ def use_backend(name):
 
     An explicit ``backend=`` argument still wins. The block covers the calls of the thread
     that entered it; other threads keep their own setting. A name that is not a backend
-    is refused at the call, before the block. Example::
+    is refused at the call, before the block. A call that is never entered as a ``with``
+    block changes nothing, and warns when it is dropped. Example::
 
         with mmsd_ext.use_backend("reference"):
             loss = mmsd_ext.mmsd_distill_loss(rgb, flow, fused)
     """
-    return _backend_block(_check_name(name, "use_backend"))
+    return _BackendBlock(_check_name(name, "use_backend"), name)
 
 
-@contextlib.contextmanager
-def _backend_block(name):
-    stack = _stack()
-    stack.append(name)
-    try:
-        yield
-    finally:
-        stack.pop()
+class _BackendBlock(contextlib.ContextDecorator):
+    """A with block, or (as contextlib's blocks) a decorator that opens it on every call."""
+
+    def __init__(self, name, given):
+        self._name, self._given, self._entered = name, given, False
+
+    def __call__(self, func):
+        self._entered = True  # used: as a decorator
+        return super().__call__(func)
+
+    def __enter__(self):
+        self._entered = True
+        _stack().append(self._name)
+
+    def __exit__(self, *exc_info):
+        _stack().pop()
+        return False
+
+    def __del__(self):
+        # As Python's "coroutine ... was never awaited": `mmsd_ext.use_backend("cpu")` as a
+        # statement reads as a setting but is a block that was never opened.
+        # (getattr: dynamo, tracing a block inside a compiled function, makes one without __init__.)
+        if not getattr(self, "_entered", True):
+            warnings.warn(
+                f"use_backend({self._given!r}) was never entered, so it changed nothing: it is a block, "
+                f"`with mmsd_ext.use_backend({self._given!r}): ...`; {ENV_VAR} sets the backend of a process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def _current_override():

@@ -1,9 +1,11 @@
 """The package foundation: build info, the loader's messages, backend resolution."""
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -150,6 +152,60 @@ def test_use_backend_reaches_a_function_compiled_outside_the_block(monkeypatch):
         inside = compiled(*xs)
     assert calls == ["reference"]
     torch.testing.assert_close(inside, outside)
+
+
+def test_use_backend_never_entered_warns_and_changes_nothing():
+    # Written as a statement, use_backend(...) reads as a setting; before 2026-11-28 it
+    # silently did nothing.
+    default = _backend.resolve("topk_mil_pool", None, "cpu")
+    with pytest.warns(RuntimeWarning, match=r"^use_backend\('reference'\) was never entered, so it changed nothing: .*MMSD_EXT_BACKEND"):
+        mmsd_ext.use_backend("reference")
+        gc.collect()  # (CPython drops it at once; the collection is for other interpreters)
+    assert _backend.resolve("topk_mil_pool", None, "cpu") == default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block = mmsd_ext.use_backend("reference")
+        with block:
+            assert _backend.resolve("topk_mil_pool", None, "cpu") == "reference"
+        del block
+
+        @mmsd_ext.use_backend("reference")  # as contextlib's blocks, also a decorator
+        def resolved():
+            return _backend.resolve("topk_mil_pool", None, "cpu")
+
+        assert resolved() == "reference" and resolved() == "reference"
+        gc.collect()
+    assert _backend.resolve("topk_mil_pool", None, "cpu") == default
+
+
+def test_use_backend_block_inside_a_compiled_function(monkeypatch):
+    # dynamo traces the block (one graph, no warning about a block never entered) and the
+    # op inside it resolves to the block's backend.
+    from mmsd_ext import distill
+
+    calls = []
+    reference = distill._MMSD_IMPLS["reference"]
+
+    def spy(*args):
+        calls.append("reference")
+        return reference(*args)
+
+    monkeypatch.setitem(distill._MMSD_IMPLS, "reference", spy)
+    torch._dynamo.reset()
+
+    def loss(a, b, c):
+        with mmsd_ext.use_backend("reference"):
+            inside = mmsd_ext.mmsd_distill_loss(a, b, c)
+        return inside, _backend.resolve("topk_mil_pool", None, "cpu")
+
+    xs = [torch.randn(2, 5, 7) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, after = torch.compile(loss, fullgraph=True)(*xs)
+        gc.collect()
+    assert calls == ["reference"]
+    assert after == _backend.resolve("topk_mil_pool", None, "cpu")
+    torch.testing.assert_close(got, reference(*xs, 0.2, None))
 
 
 # An editable install adds a finder that maps every mmsd_ext module to the source
