@@ -1328,25 +1328,32 @@ def test_compiled_op_messages_give_the_numbers(device):
 
 
 # ------------------------------------------------- opcheck, compile, determinism
-def _opcheck_samples(device):
+def _opcheck_samples(device, strided=False):
+    """Contiguous, or (strided) class-major logits and a transposed mask: the fake kernels
+    must give the strides the kernels do, which opcheck compares (a fake gradient made with
+    empty_like(student) passes on contiguous samples only)."""
     gen = torch.Generator().manual_seed(21)
     s, t, u = [torch.randn(2, 3, 7, generator=gen).to(device) for _ in range(3)]
     mask = torch.tensor([[True, False, True], [True, True, True]], device=device)
+    if strided:
+        s, t, u = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (s, t, u)]
+        mask = mask.t().contiguous().t()
     return s, t, u, mask
 
 
 def _run_opcheck(forward, backward_pair, mmsd_forward, mmsd_backward, device):
-    s, t, u, mask = _opcheck_samples(device)
-    for reduction, m in [(0, None), (1, mask), (2, mask.float())]:
-        sr = s.clone().requires_grad_()
-        torch.library.opcheck(forward, (sr, t, 0.5, m, reduction))
-        _, stats, count = forward(s, t, 0.5, m, reduction)
-        grad = torch.ones(2, 3, device=device) if reduction == 0 else torch.tensor(1.5, device=device)
-        torch.library.opcheck(backward_pair, (grad, s, t, stats, count, 0.5, reduction))
-    xs = [x.clone().requires_grad_() for x in (s, t, u)]
-    torch.library.opcheck(mmsd_forward, (*xs, 0.2, mask))
-    _, stats, count = mmsd_forward(s, t, u, 0.2, mask)
-    torch.library.opcheck(mmsd_backward, (torch.tensor(0.5, device=device), s, t, u, stats, count, 0.2))
+    for strided in (False, True):
+        s, t, u, mask = _opcheck_samples(device, strided)
+        for reduction, m in [(0, None), (1, mask), (2, mask.float())]:
+            sr = s.clone().requires_grad_()
+            torch.library.opcheck(forward, (sr, t, 0.5, m, reduction))
+            _, stats, count = forward(s, t, 0.5, m, reduction)
+            grad = torch.ones(3, 2, device=device).t() if reduction == 0 else torch.tensor(1.5, device=device)
+            torch.library.opcheck(backward_pair, (grad, s, t, stats, count, 0.5, reduction))
+        xs = [x.clone().requires_grad_() for x in (s, t, u)]
+        torch.library.opcheck(mmsd_forward, (*xs, 0.2, mask))
+        _, stats, count = mmsd_forward(s, t, u, 0.2, mask)
+        torch.library.opcheck(mmsd_backward, (torch.tensor(0.5, device=device), s, t, u, stats, count, 0.2))
 
 
 @pytest.mark.gpu
@@ -1358,13 +1365,14 @@ def test_opcheck_compiled_ops():
         _run_opcheck(ops.snippet_distill_loss.default, ops._snippet_distill_loss_backward.default,
                      ops.mmsd_distill_loss.default, ops._mmsd_distill_loss_backward.default, device)
         # The ops of the gradients-in-the-forward way (csrc/autograd.cpp).
-        s, t, u, mask = _opcheck_samples(device)
-        for m in (None, mask):
-            torch.library.opcheck(ops._mmsd_distill_loss_with_grads.default, (s, t, u, 0.2, m))
-        grads = ops._mmsd_distill_loss_with_grads(s, t, u, 0.2, mask)[3:]
-        for w in (1.0, 0.5):
-            args = (torch.tensor(w, device=device), *[g.clone() for g in grads])
-            torch.library.opcheck(ops._distill_scale_grads_.default, args)
+        for strided in (False, True):
+            s, t, u, mask = _opcheck_samples(device, strided)
+            for m in (None, mask):
+                torch.library.opcheck(ops._mmsd_distill_loss_with_grads.default, (s, t, u, 0.2, m))
+            grads = ops._mmsd_distill_loss_with_grads(s, t, u, 0.2, mask)[3:]
+            for w in (1.0, 0.5):
+                args = (torch.tensor(w, device=device), *[g.clone() for g in grads])
+                torch.library.opcheck(ops._distill_scale_grads_.default, args)
 
 
 @pytest.mark.skipif("triton" not in mmsd_ext.available_backends(), reason="triton cannot run here")

@@ -585,6 +585,7 @@ def test_opcheck_compiled_op():
         grad_out = torch.randn(3, 4, generator=gen).to(dtype)
         bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, largest)
         torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_backward.default, bargs)
+        _opcheck_strided(torch.ops.mmsd_ext.topk_mil_pool.default, torch.ops.mmsd_ext._topk_mil_pool_backward.default, bargs)
         # Saved tensors that no forward returned: a time index past T, a key wider than the
         # scores' (they were cut down to another selection, without a word).
         with pytest.raises(ValueError, match="^cut: expected the time indices in"):
@@ -607,6 +608,19 @@ def test_opcheck_triton_op():
     grad_out = torch.randn(2, 3, generator=gen).to(device)
     bargs = (grad_out, scores.detach(), args[1], args[2], kth, cut, False)
     torch.library.opcheck(torch.ops.mmsd_ext._topk_mil_pool_triton_backward.default, bargs)
+    _opcheck_strided(torch.ops.mmsd_ext.topk_mil_pool_triton.default, torch.ops.mmsd_ext._topk_mil_pool_triton_backward.default, bargs)
+
+
+def _opcheck_strided(forward, backward, bargs):
+    # The same calls on class-major and sliced scores and a transposed grad_out: the fake
+    # kernels must give the strides the kernels do (contiguous results), which opcheck
+    # compares. (An empty_like(scores) gradient in the backward's fake passed every other test.)
+    grad_out, scores, k, lengths, kth, cut, largest = bargs
+    grad_t = grad_out.t().contiguous().t()
+    for layout in ("transposed", "sliced"):
+        strided = _layout(scores, layout).requires_grad_(True)
+        torch.library.opcheck(forward, (strided, k, lengths, largest))
+        torch.library.opcheck(backward, (grad_t, strided.detach(), k, lengths, kth, cut, largest))
 
 
 def test_torch_compile_fullgraph_matches_eager(any_backend):
