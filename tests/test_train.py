@@ -1640,7 +1640,7 @@ def test_a_folder_given_as_the_checkpoint_is_named_as_one(tiny_root, tmp_path, c
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x", "cuda:-1"])
+@pytest.mark.parametrize("device", ["gpu", "tpu", "cuda:x", "cuda:-1", "cpu:1"])
 def test_a_device_this_program_cannot_use_is_refused_with_the_choices(tiny_root, tmp_path, capsys, device):
     """torch's message listed some twenty device types (ipu, xpu, mkldnn, ...) this program cannot run on."""
     code, err = _call(["--data-root", tiny_root, *FAST, "--device", device, "--output-dir", str(tmp_path / "run")], capsys)

@@ -364,7 +364,7 @@ def _resolve_device(name, ddp=None):
             device = torch.device("cuda", local_rank if active else torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
+    elif device.type != "cpu" or device.index not in (None, 0):  # torch reads cpu:1 as the CPU
         raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
     return device
 
