@@ -1958,6 +1958,26 @@ def test_throughput_table():
     assert cells[3].endswith(" ms") and float(cells[3][:-3]) > 0
 
 
+def test_run_takes_numpy_settings_and_saves_them_as_python_numbers(tiny_root, tmp_path):
+    # Before 2026-11-28 np.int64 and np.bool_ settings were refused as "not possible", and
+    # numpy floats or an array of tIoUs reached the checkpoint, which then could not be loaded.
+    config = engine.Config(
+        data_root=tiny_root, dataset="Synthetic", epochs=np.int64(1), batch_size=np.int32(4), lr=np.float32(1e-3),
+        embed_dim=np.int64(16), distill=np.bool_(True), tious=np.array([0.3, 0.5]), device="cpu",
+    )
+    run_dir = tmp_path / "run"
+    trained = engine.run(config, output_dir=str(run_dir), progress=False, quiet=True)
+    assert sorted(trained["map"]) == ["0.3", "0.5"]
+    saved = engine.load_checkpoint(str(run_dir / engine.CHECKPOINT))["config"]
+    assert saved["epochs"] == 1 and type(saved["epochs"]) is int and type(saved["distill"]) is bool
+    assert type(saved["lr"]) is float and saved["tious"] == [0.3, 0.5] and all(type(t) is float for t in saved["tious"])
+    evaluated = engine.run(
+        engine.Config(data_root=tiny_root, dataset="Synthetic", embed_dim=16, tious=(0.3, 0.5), device="cpu"), eval_only=True,
+        checkpoint=str(run_dir / engine.CHECKPOINT), save=False, progress=False, quiet=True,
+    )
+    assert evaluated["map"] == trained["map"]
+
+
 def test_run_refuses_a_config_the_flags_could_not_make():
     # engine.run checks a Config built in code as it checks a checkpoint's settings.
     for config, message in [

@@ -891,6 +891,21 @@ def _shown(value):
     return type(value).__name__
 
 
+def _python_numbers(config):
+    """``config`` with numpy values (np.int64(3), np.float32(1e-3), np.True_, an array of tIoUs)
+    as Python's: checked as those, and written to the checkpoint as those (numpy objects in a
+    checkpoint made it unreadable, since checkpoints are loaded without running their code)."""
+
+    def plain(value):
+        if isinstance(value, (np.ndarray, np.generic)):
+            return value.tolist()
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    return dataclasses.replace(config, **{f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)})
+
+
 def _config_problem(values):
     """A configuration's first mistyped or impossible setting, or None: a checkpoint's saved one
     (missing settings take their defaults: checkpoints of earlier versions lack the newer ones),
@@ -1138,6 +1153,7 @@ def run(
     ``save=False`` writes nothing (no output folder); otherwise training writes checkpoint.pt,
     train.log and results.json to ``output_dir`` (default: a new runs/mmsd-<data>-<time>/).
     """
+    config = _python_numbers(config)
     problem = _config_problem(config.to_dict())
     if problem:
         raise ValueError(f"config: the {problem}")
