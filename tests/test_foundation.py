@@ -627,3 +627,37 @@ def test_scaling_gradients_in_place_bumps_their_version():
     torch.ops.mmsd_ext._distill_scale_grads_(torch.tensor(2.0), y, torch.ones(3), torch.ones(3))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_ops_called_from_many_threads_give_the_sequential_results(backend):
+    # Data-loading threads, a thread pool of evaluation jobs: every op, forward and backward,
+    # called from 8 threads at once, bit for bit as the same calls made one after another.
+    if backend not in mmsd_ext.available_backends():
+        pytest.skip(f"{backend} backend not available")
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = torch.device(backend)
+    gen = torch.Generator().manual_seed(13)
+    cases = []
+    for _ in range(16):
+        xs = [torch.randn(3, 200, 21, generator=gen).to(device) for _ in range(3)]
+        start = torch.rand(300, generator=gen) * 100
+        seg = torch.stack([start, start + torch.rand(300, generator=gen) * 10], 1).to(device)
+        cases.append((xs, seg, torch.rand(300, generator=gen).to(device), torch.randint(0, 5, (300,), generator=gen).to(device)))
+
+    def work(case):
+        xs, seg, scores, groups = case
+        ins = [x.clone().requires_grad_() for x in xs]
+        loss = mmsd_ext.mmsd_distill_loss(*ins, backend=backend) + mmsd_ext.topk_mil_pool(ins[0], 7, backend=backend).sum()
+        loss.backward()
+        keep = mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend=backend)
+        picked, decayed = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=backend)
+        return [loss.detach(), *(x.grad for x in ins), keep, picked, decayed]
+
+    one_by_one = [work(case) for case in cases]
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(work, cases))
+        for a, b in zip(one_by_one, together):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
