@@ -129,9 +129,9 @@ def test_use_backend_belongs_to_the_thread_that_entered_it():
     assert _backend.resolve("topk_mil_pool", None, "cpu") == default
 
 
-def test_use_backend_reaches_a_function_compiled_outside_the_block(monkeypatch):
-    # dynamo guards on the thread's stack of blocks: the compiled function is traced
-    # again inside the block, not run with the backend it was first traced with.
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """The calls of mmsd_distill_loss's reference implementation, in a list; dynamo reset."""
     from mmsd_ext import distill
 
     calls = []
@@ -143,6 +143,13 @@ def test_use_backend_reaches_a_function_compiled_outside_the_block(monkeypatch):
 
     monkeypatch.setitem(distill._MMSD_IMPLS, "reference", spy)
     torch._dynamo.reset()
+    return calls
+
+
+def test_use_backend_reaches_a_function_compiled_outside_the_block(reference_calls):
+    # dynamo guards on the thread's stack of blocks: the compiled function is traced
+    # again inside the block, not run with the backend it was first traced with.
+    calls = reference_calls
     xs = [torch.randn(2, 5, 7) for _ in range(3)]
     compiled = torch.compile(lambda a, b, c: mmsd_ext.mmsd_distill_loss(a, b, c), fullgraph=True)
     outside = compiled(*xs)
@@ -178,20 +185,10 @@ def test_use_backend_never_entered_warns_and_changes_nothing():
     assert _backend.resolve("topk_mil_pool", None, "cpu") == default
 
 
-def test_use_backend_block_inside_a_compiled_function(monkeypatch):
+def test_use_backend_block_inside_a_compiled_function(reference_calls):
     # dynamo traces the block (one graph, no warning about a block never entered) and the
     # op inside it resolves to the block's backend.
-    from mmsd_ext import distill
-
-    calls = []
-    reference = distill._MMSD_IMPLS["reference"]
-
-    def spy(*args):
-        calls.append("reference")
-        return reference(*args)
-
-    monkeypatch.setitem(distill._MMSD_IMPLS, "reference", spy)
-    torch._dynamo.reset()
+    from mmsd_ext.distill import mmsd_distill_loss_reference
 
     def loss(a, b, c):
         with mmsd_ext.use_backend("reference"):
@@ -203,9 +200,9 @@ def test_use_backend_block_inside_a_compiled_function(monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)
         got, after = torch.compile(loss, fullgraph=True)(*xs)
         gc.collect()
-    assert calls == ["reference"]
+    assert reference_calls == ["reference"]
     assert after == _backend.resolve("topk_mil_pool", None, "cpu")
-    torch.testing.assert_close(got, reference(*xs, 0.2, None))
+    torch.testing.assert_close(got, mmsd_distill_loss_reference(*xs, 0.2, None))
 
 
 # An editable install adds a finder that maps every mmsd_ext module to the source
