@@ -37,7 +37,10 @@ def mmsd_proposals(
     nms_threshold=0.4,
     backend=None,
 ):
-    """Scored temporal proposals from class activation sequences, exactly as MMSD's ``getActLoc``.
+    """Scored temporal proposals from class activation sequences, as MMSD's ``getActLoc`` makes them.
+
+    The same windows and scores; the NMS breaks ties by a fixed rule where MMSD's order depends
+    on numpy (see "Ties" below), and the means are float64.
 
     For every (video v, class c) with ``video_scores[v, c] >= class_threshold``
     and for every threshold, each maximal run ``[s, e)`` of
