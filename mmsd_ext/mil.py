@@ -69,7 +69,9 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         lengths: int, or int64 tensor [B] of video lengths (>= 1).
         ratio: k is about ``L / ratio``; > 0.
         rule: "floor": ``max(min_k, floor(L / ratio))`` (MMSD, CO2-Net, ACM-Net);
-            "ceil": ``max(min_k, ceil(L / ratio))`` (W-TALC).
+            "ceil": ``max(min_k, ceil(L / ratio))`` (W-TALC). ``L / ratio`` is the rounded
+            float64 quotient, so for a ratio that is not an integer the floor can differ
+            from Python's ``L // ratio`` (11 / 2.2 gives k = 5 here, 11 // 2.2 is 4.0).
         min_k: lower bound on k (>= 1). k never exceeds L, so the result is always
             a valid ``k`` for ``topk_mil_pool``.
 
