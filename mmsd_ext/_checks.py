@@ -28,6 +28,18 @@ def rank(name, value, ndim, shape_doc):
     return value
 
 
+# Integer dtypes whose every value an int64 holds: the public ops take them for k, lengths and
+# groups (W-TALC keeps lengths as int32) and widen them, before the checks; the raw ops take int64.
+NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
+
+
+def widen_int(value):
+    """``value`` as int64 if it is a tensor of a narrower integer dtype; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dtype in NARROW_INTS:
+        return value.to(torch.int64)
+    return value
+
+
 def int64(name, value):
     tensor(name, value)
     if value.dtype != torch.int64:

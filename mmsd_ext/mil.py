@@ -15,8 +15,9 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
     Args:
         scores: [B, T, C] float32, float16 or bfloat16 snippet scores, any strides
             (float64 too, e.g. for gradcheck).
-        k: int, or int64 tensor [B]: how many snippets to pool per video; 1 <= k[b] <= lengths[b].
-        lengths: optional int64 tensor [B] of valid lengths in [1, T]; snippets
+        k: int, or integer tensor [B] (int64, or a narrower integer dtype, widened): how many
+            snippets to pool per video; 1 <= k[b] <= lengths[b].
+        lengths: optional integer tensor [B] (as k) of valid lengths in [1, T]; snippets
             ``t >= lengths[b]`` are padding and never selected. Default: T for all.
         largest: pool the k largest values (True) or the k smallest (False).
         backend: "reference", "cpu", "cuda", "triton" or None (auto); see ``mmsd_ext.use_backend``.
@@ -48,6 +49,7 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         >>> k = mmsd_ext.mil_k(lengths)                 # max(1, L // 8)
         >>> video_scores = mmsd_ext.topk_mil_pool(scores, k, lengths)   # [2, 21]
     """
+    k, lengths = _checks.widen_int(k), _checks.widen_int(lengths)
     scores, k, lengths, largest = _check_topk_args(scores, k, lengths, largest)
     name = _backend.resolve(
         "topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED, gpu_order=_GPU_ORDER
@@ -66,7 +68,8 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     """Per-video k for top-k MIL pooling.
 
     Args:
-        lengths: int, or int64 tensor [B] of video lengths (>= 1).
+        lengths: int, or integer tensor [B] of video lengths (>= 1); int64, or a narrower
+            integer dtype (int32, ...), widened.
         ratio: k is about ``L / ratio``; > 0.
         rule: "floor": ``max(min_k, floor(L / ratio))`` (MMSD, CO2-Net, ACM-Net);
             "ceil": ``max(min_k, ceil(L / ratio))`` (W-TALC). ``L / ratio`` is the rounded
@@ -99,6 +102,7 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         raise ValueError(f"min_k: expected an int >= 1, got {min_k!r}")
     if isinstance(lengths, np.integer):
         lengths = int(lengths)
+    lengths = _checks.widen_int(lengths)
     if isinstance(lengths, int) and not isinstance(lengths, bool):
         if not 1 <= lengths < 2**63:
             raise ValueError(f"lengths: expected an int in [1, 2**63), got {lengths}")

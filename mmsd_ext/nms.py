@@ -30,7 +30,8 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         scores: [M] floating scores. NaN scores rank below every number (they
             are visited last, among themselves by index); +-inf rank as usual.
         iou_threshold: overlap above which a segment is suppressed (>= 0).
-        groups: optional int64 [M]; segments only suppress others of their group
+        groups: optional integer tensor [M] (int64, or a narrower integer dtype, widened);
+            segments only suppress others of their group
             (e.g. ``video * num_classes + class``). Default: one group.
         overlap: "iou" (intersection over union) or "other" (intersection over
             the length of the lower-scored candidate, MMSD's NMS).
@@ -91,6 +92,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         >>> mmsd_ext.temporal_nms(segments, scores, 0.5)
         tensor([0, 2])
     """
+    groups = _checks.widen_int(groups)
     segments, scores, groups, iou_threshold, offset = _checked_hard("temporal_nms", segments, scores, groups, iou_threshold, overlap, offset)
     name = _resolve_hard(backend, segments.device)
     return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, offset)
@@ -145,6 +147,7 @@ def soft_temporal_nms(
         >>> idx
         tensor([0, 2, 1])
     """
+    groups = _checks.widen_int(groups)
     segments, scores, groups, sigma, iou_threshold, min_score, offset = _checked_soft(
         "soft_temporal_nms", segments, scores, groups, method, sigma, iou_threshold, min_score, offset
     )

@@ -743,7 +743,8 @@ def _bad_calls():
         (hard(scores=torch.zeros(2, dtype=torch.int64)), TypeError, "scores"),
         (hard(iou_threshold=-0.1), ValueError, "iou_threshold"),
         (hard(iou_threshold=math.nan), ValueError, "iou_threshold"),
-        (hard(groups=torch.zeros(2, dtype=torch.int32)), TypeError, "groups"),
+        (hard(groups=torch.zeros(2, dtype=torch.bool)), TypeError, "groups"),
+        (soft(groups=torch.zeros(2, dtype=torch.uint64)), TypeError, "groups"),
         (hard(groups=torch.zeros(3, dtype=torch.int64)), ValueError, "groups"),
         (hard(overlap="giou"), ValueError, "overlap"),
         (hard(offset=-1.0), ValueError, "offset"),
@@ -756,6 +757,18 @@ def _bad_calls():
         (soft(method="hard"), ValueError, "method"),
         (soft(groups=torch.zeros(2)), TypeError, "groups"),
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrower_integer_groups_are_widened(any_backend, dtype):
+    # ActionFormer's class ids are int32: they group as int64 ids do (the raw ops take int64).
+    seg, scores, groups = (t.to(backend_device(any_backend)) for t in _opcheck_inputs(torch.device("cpu")))
+    keep = mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups, backend=any_backend)
+    picked, decayed = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=any_backend)
+    assert torch.equal(mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups.to(dtype), backend=any_backend), keep)
+    got = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups.to(dtype), backend=any_backend)
+    assert torch.equal(got[0], picked) and torch.equal(got[1], decayed)
+    assert not torch.equal(keep, mmsd_ext.temporal_nms(seg, scores, 0.3, backend=any_backend))  # the groups matter here
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf under the interpreter

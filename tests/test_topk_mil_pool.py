@@ -390,7 +390,9 @@ def _bad_calls(device):
         ((x, torch.tensor([1, 4], device=device), lengths), {}, ValueError, "k", True),  # k[1] > lengths[1]
         ((x, torch.tensor([0, 1], device=device)), {}, ValueError, "k", True),
         ((x, 2, torch.tensor([5], device=device)), {}, ValueError, "lengths", False),
-        ((x, 2, torch.tensor([5, 3], dtype=torch.int32, device=device)), {}, TypeError, "lengths", False),
+        ((x, 2, torch.tensor([True, True], device=device)), {}, TypeError, "lengths", False),
+        ((x, 2, torch.tensor([5, 3], dtype=torch.uint64, device=device)), {}, TypeError, "lengths", False),
+        ((x, torch.tensor([True, True], device=device)), {}, TypeError, "k", False),
         ((x, 2, torch.tensor([0, 3], device=device)), {}, ValueError, "lengths", True),
         ((x, 2, torch.tensor([6, 3], device=device)), {}, ValueError, "lengths", True),
         ((x[0], 2), {}, ValueError, "scores", False),
@@ -398,6 +400,25 @@ def _bad_calls(device):
         ((x.tolist(), 2), {}, TypeError, "scores", False),
         ((x, 2), {"largest": 1}, TypeError, "largest", False),
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrower_integer_k_and_lengths_are_widened(any_backend, dtype):
+    # W-TALC keeps its lengths as int32: they give what int64 gives (the raw ops take int64).
+    device = backend_device(any_backend)
+    gen = torch.Generator().manual_seed(17)
+    scores = torch.randn(3, 12, 4, generator=gen).to(device).requires_grad_(True)
+    lengths = torch.tensor([12, 7, 3], device=device)
+    k = mmsd_ext.mil_k(lengths, 3.0)
+    assert torch.equal(mmsd_ext.mil_k(lengths.to(dtype), 3.0), k) and mmsd_ext.mil_k(lengths.to(dtype), 3.0).dtype == torch.int64
+    want = mmsd_ext.topk_mil_pool(scores, k, lengths, backend=any_backend)
+    (want_grad,) = torch.autograd.grad(want.sum(), scores)
+    got = mmsd_ext.topk_mil_pool(scores, k.to(dtype), lengths.to(dtype), backend=any_backend)
+    (grad,) = torch.autograd.grad(got.sum(), scores)
+    assert torch.equal(got, want) and torch.equal(grad, want_grad)
+    # The ops' own check (their fake kernels' too) still takes int64 only.
+    with pytest.raises(TypeError, match="^k: expected an int64 tensor, got int32$"):
+        mmsd_ext.mil._check_topk_args(scores, k.int(), lengths, True)
 
 
 def test_bad_inputs_name_the_argument(any_backend):
