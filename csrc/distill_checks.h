@@ -27,14 +27,14 @@ inline void check_logits(const std::vector<std::pair<const char*, const at::Tens
     const at::Tensor& t = *tp;
     TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
     TORCH_CHECK(is_logit_dtype(t.scalar_type()), name,
-                ": expected dtype float32, float16, bfloat16 or float64, got ", c10::toString(t.scalar_type()));
+                ": expected dtype float32, float16, bfloat16 or float64, got ", dtype_text(t.scalar_type()));
     TORCH_CHECK(t.dim() >= 1, name, ": expected shape [..., C], got a scalar");
     TORCH_CHECK(t.size(-1) >= 1, name, ": expected at least one class (C >= 1), got shape ", shape(t.sizes()));
     if (&t == &t0) continue;
     TORCH_CHECK(t.sizes() == t0.sizes(), name, ": expected the shape of ", name0, " ", shape(t0.sizes()), ", got ",
                 shape(t.sizes()));
-    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), name, ": expected dtype ", c10::toString(t0.scalar_type()),
-                " like ", name0, ", got ", c10::toString(t.scalar_type()));
+    TORCH_CHECK(t.scalar_type() == t0.scalar_type(), name, ": expected dtype ", dtype_text(t0.scalar_type()),
+                " like ", name0, ", got ", dtype_text(t.scalar_type()));
     TORCH_CHECK(t.device() == t0.device(), name, ": expected a tensor on ", device_text(t0.device()), " like ", name0,
                 ", got ", device_text(t.device()));
   }
@@ -66,7 +66,7 @@ inline at::Tensor prepare_mask(const std::optional<at::Tensor>& mask, const at::
   TORCH_CHECK(m.sizes() == leading, "mask: expected the leading shape ", shape(leading), " of ", logits_name, ", got ",
               shape(m.sizes()));
   TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
-              "mask: expected a bool or 0/1 float tensor, got ", c10::toString(m.scalar_type()));
+              "mask: expected a bool or 0/1 float tensor, got ", dtype_text(m.scalar_type()));
   TORCH_CHECK(m.device() == logits.device(), "mask: expected a tensor on ", device_text(logits.device()), " like ",
               logits_name, ", got ", device_text(m.device()));
   at::Tensor b = m.scalar_type() == at::kBool ? m : m.ne(0);
@@ -86,19 +86,19 @@ inline void check_row_stats(const at::Tensor& stats, const at::Tensor& logits, i
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.sizes() == at::IntArrayRef(expected) &&
                   stats.is_contiguous() && stats.device() == logits.device(),
               "row_stats: expected the contiguous float32 tensor of shape ", shape(expected),
-              " that the forward returned, got ", c10::toString(stats.scalar_type()), " ", shape(stats.sizes()));
+              " that the forward returned, got ", dtype_text(stats.scalar_type()), " ", shape(stats.sizes()));
 }
 
 inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& count, const at::Tensor& logits,
                                    int64_t reduction) {
   TORCH_CHECK(count.scalar_type() == at::kFloat && count.numel() == 1 && count.device() == logits.device(),
               "count: expected the float32 scalar that the forward returned, got ",
-              c10::toString(count.scalar_type()), " ", shape(count.sizes()));
+              dtype_text(count.scalar_type()), " ", shape(count.sizes()));
   TORCH_CHECK(grad.device() == logits.device(), "grad: expected a tensor on ", device_text(logits.device()), ", got ",
               device_text(grad.device()));
   // A complex gradient would lose its imaginary part in the float32 copy, an integer one means a caller's mistake.
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad: expected a floating tensor, got ",
-              c10::toString(grad.scalar_type()));
+              dtype_text(grad.scalar_type()));
   if (reduction == kNone) {
     auto leading = logits.sizes().slice(0, logits.dim() - 1);
     TORCH_CHECK(grad.sizes() == leading, "grad: expected shape ", shape(leading), ", got ", shape(grad.sizes()));
@@ -111,13 +111,13 @@ inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& cou
 // contiguous, of one floating dtype and shape, on grad's device.
 inline void check_scale_grads(const at::Tensor& grad, std::initializer_list<const at::Tensor*> grads) {
   TORCH_CHECK(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()),
-              "grad: expected a floating scalar, got ", c10::toString(grad.scalar_type()), " ", shape(grad.sizes()));
+              "grad: expected a floating scalar, got ", dtype_text(grad.scalar_type()), " ", shape(grad.sizes()));
   const at::Tensor& g0 = **grads.begin();
   for (const at::Tensor* g : grads) {
     TORCH_CHECK(g->defined() && is_logit_dtype(g->scalar_type()) && g->is_contiguous() && g->sizes() == g0.sizes() &&
                     g->scalar_type() == g0.scalar_type() && g->device() == grad.device(),
                 "grad_rgb, grad_flow, grad_fused: expected contiguous floating tensors of one shape and dtype on ",
-                device_text(grad.device()), ", got ", g->defined() ? c10::toString(g->scalar_type()) : "None", " ",
+                device_text(grad.device()), ", got ", g->defined() ? dtype_text(g->scalar_type()) : "None", " ",
                 g->defined() ? shape(g->sizes()) : std::string(), g->defined() && !g->is_contiguous() ? " (not contiguous)" : "");
   }
   // Each is scaled once: tensors sharing memory would be scaled once per name.

@@ -3,11 +3,11 @@
 // this extension whose message streamed an integer crashed the process instead of
 // raising, while messages made only of strings and dtype names raised as they
 // should. So every piece a message streams is a const char* or a std::string:
-// these helpers for numbers, shapes and devices, c10::toString(scalar_type) for
-// dtypes.
+// these helpers for numbers, shapes, devices and dtypes.
 #pragma once
 
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cmath>
@@ -47,6 +47,12 @@ inline std::string real(double value) {
 // "cpu", "cuda:0", ... (the text that printing the device gives).
 inline std::string device_text(const c10::Device& device) {
   return device.str();
+}
+
+// "int32", "float16", ...: the dtype's name as Python prints it, without "torch."
+// (the Python checks' spelling; c10::toString would say "Int", "Half").
+inline std::string dtype_text(c10::ScalarType type) {
+  return std::string(c10::getDtypeNames(type).first);
 }
 
 }  // namespace mmsd_ext

@@ -20,7 +20,7 @@ namespace nms {
 inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& scores,
                              const c10::optional<at::Tensor>& groups, double offset) {
   TORCH_CHECK_TYPE(segments.scalar_type() == at::kFloat || segments.scalar_type() == at::kDouble,
-                   "segments: expected dtype float32 or float64, got ", c10::toString(segments.scalar_type()));
+                   "segments: expected dtype float32 or float64, got ", dtype_text(segments.scalar_type()));
   TORCH_CHECK_VALUE(segments.dim() == 2 && segments.size(1) == 2, "segments: expected shape [M, 2], got ",
                     shape(segments.sizes()));
   const int64_t m = segments.size(0);
@@ -28,7 +28,7 @@ inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& score
   const at::ScalarType score_type = scores.scalar_type();
   TORCH_CHECK_TYPE(score_type == at::kFloat || score_type == at::kDouble || score_type == at::kHalf ||
                        score_type == at::kBFloat16,
-                   "scores: expected dtype float32, float64, float16 or bfloat16, got ", c10::toString(score_type));
+                   "scores: expected dtype float32, float64, float16 or bfloat16, got ", dtype_text(score_type));
   TORCH_CHECK_VALUE(scores.dim() == 1 && scores.size(0) == m, "scores: expected shape [M] = [", num(m), "], got ",
                     shape(scores.sizes()));
   TORCH_CHECK_VALUE(scores.device() == segments.device(), "scores: expected a tensor on ",
@@ -36,7 +36,7 @@ inline void check_nms_inputs(const at::Tensor& segments, const at::Tensor& score
   if (groups.has_value()) {
     const at::Tensor& g = *groups;
     TORCH_CHECK_TYPE(g.scalar_type() == at::kLong, "groups: expected an int64 tensor, got ",
-                     c10::toString(g.scalar_type()));
+                     dtype_text(g.scalar_type()));
     TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == m, "groups: expected shape [M] = [", num(m), "], got ",
                       shape(g.sizes()));
     TORCH_CHECK_VALUE(g.device() == segments.device(), "groups: expected a tensor on ",

@@ -27,7 +27,7 @@ void check_index_vector(const char* name, const at::Tensor& value, const at::Ten
       value.scalar_type() == at::kLong,
       name,
       ": expected an int64 tensor, got ",
-      c10::toString(value.scalar_type()));
+      dtype_text(value.scalar_type()));
   TORCH_CHECK(
       value.dim() == 1 && value.size(0) == B,
       name,
@@ -60,7 +60,7 @@ void check_topk_mil_pool_args(const at::Tensor& scores, const at::Tensor& k, con
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
       "scores: expected dtype float32, float16, bfloat16 or float64, got ",
-      c10::toString(dtype));
+      dtype_text(dtype));
   // Counts and time indices are 32-bit inside the kernels.
   TORCH_CHECK(
       scores.size(1) < std::numeric_limits<int32_t>::max(),
@@ -81,14 +81,14 @@ void check_topk_mil_pool_backward_args(
   TORCH_CHECK(
       at::isFloatingType(grad_out.scalar_type()),
       "grad_out: expected a floating-point tensor, got ",
-      c10::toString(grad_out.scalar_type()));
+      dtype_text(grad_out.scalar_type()));
   check_per_column("grad_out", grad_out, scores);
   TORCH_CHECK(
       kth_key.scalar_type() == at::kLong,
       "kth_key: expected an int64 tensor, got ",
-      c10::toString(kth_key.scalar_type()));
+      dtype_text(kth_key.scalar_type()));
   check_per_column("kth_key", kth_key, scores);
-  TORCH_CHECK(cut.scalar_type() == at::kLong, "cut: expected an int64 tensor, got ", c10::toString(cut.scalar_type()));
+  TORCH_CHECK(cut.scalar_type() == at::kLong, "cut: expected an int64 tensor, got ", dtype_text(cut.scalar_type()));
   check_per_column("cut", cut, scores);
 }
 

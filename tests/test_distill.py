@@ -1027,11 +1027,11 @@ def test_scale_grads_op_checks_its_arguments(device):
     ops = torch.ops.mmsd_ext
     g = [torch.ones(2, 3, device=device) for _ in range(3)]
     message = "grad_rgb, grad_flow, grad_fused: expected contiguous floating tensors of one shape and dtype on "
-    with pytest.raises(RuntimeError, match="^" + re.escape(message) + ".*Float \\[2\\]"):
+    with pytest.raises(RuntimeError, match="^" + re.escape(message) + ".*float32 \\[2\\]"):
         ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], g[2][:, 0].contiguous())
     with pytest.raises(RuntimeError, match="^" + re.escape(message) + ".*not contiguous"):
         ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], torch.ones(3, 2, device=device).t())
-    with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a floating scalar, got Float [2]")):
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a floating scalar, got float32 [2]")):
         ops._distill_scale_grads_(torch.ones(2, device=device), *g)
     # The scale read from one of the gradients it rewrites, or a gradient given twice.
     with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a tensor that shares no memory")):
@@ -1234,7 +1234,7 @@ def test_compiled_ops_check_their_arguments():
     # checks the rest of several).
     with pytest.raises(RuntimeError, match="^teacher: expected the shape of student"):
         ops.snippet_distill_loss(s, t[:, :4], 1.0, None, 1)
-    with pytest.raises(RuntimeError, match="^teacher: expected dtype Float like student"):
+    with pytest.raises(RuntimeError, match="^teacher: expected dtype float32 like student"):
         ops.snippet_distill_loss(s, t.half(), 1.0, None, 1)
     with pytest.raises(RuntimeError, match="^temperature:"):
         ops.snippet_distill_loss(s, t, 0.0, None, 1)
@@ -1296,7 +1296,7 @@ def test_compiled_op_messages_give_the_numbers(device):
     s, t = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
     cases = [
         ((s, t[:, :4], 1.0, None, 1), "teacher: expected the shape of student [3, 5], got [3, 4]"),
-        ((s, t.half(), 1.0, None, 1), "teacher: expected dtype Float like student, got Half"),
+        ((s, t.half(), 1.0, None, 1), "teacher: expected dtype float32 like student, got float16"),
         ((s[:, :0], t[:, :0], 1.0, None, 1), "student: expected at least one class (C >= 1), got shape [3, 0]"),
         ((s, t, -0.5, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got -0.5"),
         ((s, t, math.inf, None, 1), "temperature: expected a finite number > 0 within [1e-30, 1e30], got inf"),
@@ -1312,7 +1312,7 @@ def test_compiled_op_messages_give_the_numbers(device):
             ops.snippet_distill_loss(*args)
     _, stats, count = ops.snippet_distill_loss(s, t, 1.0, None, 1)
     message = ("row_stats: expected the contiguous float32 tensor of shape [3, 4] that the forward returned, "
-               "got Float [2, 4]")
+               "got float32 [2, 4]")
     with pytest.raises(RuntimeError, match="^" + re.escape(message)):
         ops._snippet_distill_loss_backward(torch.ones((), device=device), s, t, stats[:2], count, 1.0, 1)
     with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected shape [3], got [2]")):

@@ -154,7 +154,7 @@ def test_threshold_runs_op_in_caller_threshold_order(first_copies_only):
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(values=torch.zeros(5)), TypeError, "values: expected dtype Double"),
+        (dict(values=torch.zeros(5)), TypeError, "values: expected dtype float64"),
         (dict(offsets=torch.tensor([3])), ValueError, r"offsets, lengths: sequence 0 \(offset 3, length 5\) lies outside"),
         (dict(lengths=torch.tensor([5, 1])), ValueError, r"lengths: expected shape \[N\] = \[1\]"),
         (dict(thresholds=torch.tensor([float("nan")], dtype=torch.float64)), ValueError, "thresholds: expected finite values, got nan at 0"),

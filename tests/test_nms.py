@@ -828,17 +828,17 @@ def test_compiled_op_messages_give_the_numbers(device):
     seg = torch.tensor([[0.0, 1.0], [2.0, 3.0]], device=device)
     sc = torch.tensor([0.5, 0.4], device=device)
     hard = [
-        ((seg.half(), sc, None, 0.5, "iou", 0.0), TypeError, "segments: expected dtype float32 or float64, got Half"),
+        ((seg.half(), sc, None, 0.5, "iou", 0.0), TypeError, "segments: expected dtype float32 or float64, got float16"),
         ((seg[:, :1], sc, None, 0.5, "iou", 0.0), ValueError, "segments: expected shape [M, 2], got [2, 1]"),
         ((seg, sc[:1], None, 0.5, "iou", 0.0), ValueError, "scores: expected shape [M] = [2], got [1]"),
         ((seg, sc, torch.zeros(2, device=device), 0.5, "iou", 0.0), TypeError,
-         "groups: expected an int64 tensor, got Float"),
+         "groups: expected an int64 tensor, got float32"),
         ((seg, sc, torch.zeros(3, dtype=torch.long, device=device), 0.5, "iou", 0.0), ValueError,
          "groups: expected shape [M] = [2], got [3]"),
         ((seg, sc, None, -0.5, "iou", 0.0), ValueError, "iou_threshold: expected a number >= 0, got -0.5"),
         ((seg, sc, None, 0.5, "iou", -0.25), ValueError, "offset: expected a finite number >= 0, got -0.25"),
         ((seg, sc.to(torch.float8_e4m3fn), None, 0.5, "iou", 0.0), TypeError,
-         "scores: expected dtype float32, float64, float16 or bfloat16, got Float8_e4m3fn"),
+         "scores: expected dtype float32, float64, float16 or bfloat16, got float8_e4m3fn"),
     ]
     for args, error, message in hard:
         with pytest.raises(error, match="^" + re.escape(message)):

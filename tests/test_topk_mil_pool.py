@@ -499,8 +499,8 @@ def test_compiled_op_messages_give_the_numbers(device):
     k, lengths = torch.tensor([1, 2], device=device), torch.tensor([5, 3], device=device)
     cases = [
         ((x[0], k, lengths, True), "scores: expected a 3-d tensor [B, T, C], got shape [5, 3]"),
-        ((x.long(), k, lengths, True), "scores: expected dtype float32, float16, bfloat16 or float64, got Long"),
-        ((x, k.int(), lengths, True), "k: expected an int64 tensor, got Int"),
+        ((x.long(), k, lengths, True), "scores: expected dtype float32, float16, bfloat16 or float64, got int64"),
+        ((x, k.int(), lengths, True), "k: expected an int64 tensor, got int32"),
         ((x, k[:1], lengths, True), "k: expected shape [B] = [2], got [1]"),
         ((x, k, torch.tensor([[5, 3]], device=device), True), "lengths: expected shape [B] = [2], got [1, 2]"),
     ]
@@ -515,11 +515,11 @@ def test_compiled_op_messages_give_the_numbers(device):
     backward = torch.ops.mmsd_ext._topk_mil_pool_backward
     with pytest.raises(RuntimeError, match="^" + re.escape("grad_out: expected shape [B, C] = [2, 3], got [2, 4]")):
         backward(torch.ones(2, 4, device=device), x, k, lengths, kth, cut, True)
-    with pytest.raises(RuntimeError, match="^" + re.escape("kth_key: expected an int64 tensor, got Int")):
+    with pytest.raises(RuntimeError, match="^" + re.escape("kth_key: expected an int64 tensor, got int32")):
         backward(torch.ones(2, 3, device=device), x, k, lengths, kth.int(), cut, True)
-    with pytest.raises(RuntimeError, match="^" + re.escape("grad_out: expected a floating-point tensor, got Long")):
+    with pytest.raises(RuntimeError, match="^" + re.escape("grad_out: expected a floating-point tensor, got int64")):
         backward(torch.ones(2, 3, dtype=torch.long, device=device), x, k, lengths, kth, cut, True)
-    with pytest.raises(RuntimeError, match="^" + re.escape("cut: expected an int64 tensor, got Int")):
+    with pytest.raises(RuntimeError, match="^" + re.escape("cut: expected an int64 tensor, got int32")):
         backward(torch.ones(2, 3, device=device), x, k, lengths, kth, cut.int(), True)
 
 

@@ -335,7 +335,7 @@ at::Tensor temporal_nms_cpu(const at::Tensor& segments, const at::Tensor& scores
 // second stage when it runs on CPU tensors under the Triton interpreter.
 at::Tensor temporal_nms_gather_cpu(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ",
-                   c10::toString(mask.scalar_type()));
+                   dtype_text(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", shape(mask.sizes()));
   const int64_t n = mask.size(0), width = mask.size(1);
   at::Tensor keep = at::zeros({n}, mask.options().dtype(at::kBool));
@@ -345,7 +345,7 @@ at::Tensor temporal_nms_gather_cpu(const at::Tensor& mask, const c10::optional<a
   at::Tensor g_t;
   if (sorted_groups.has_value()) {
     TORCH_CHECK_TYPE(sorted_groups->scalar_type() == at::kLong, "sorted_groups: expected an int64 tensor, got ",
-                     c10::toString(sorted_groups->scalar_type()));
+                     dtype_text(sorted_groups->scalar_type()));
     TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [",
                       num(n), "], got ", shape(sorted_groups->sizes()));
     g_t = sorted_groups->contiguous();

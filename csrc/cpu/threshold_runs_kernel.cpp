@@ -39,8 +39,8 @@ struct Run {
 };
 
 void check_1d(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", c10::toString(dtype), ", got ",
-                   c10::toString(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, ": expected dtype ", dtype_text(dtype), ", got ",
+                   dtype_text(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected a 1-d tensor, got shape ", shape(t.sizes()));
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", device_text(t.device()));
 }

@@ -450,7 +450,7 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
 
 at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<at::Tensor>& sorted_groups) {
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kLong, "mask: expected an int64 tensor, got ",
-                   c10::toString(mask.scalar_type()));
+                   dtype_text(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.dim() == 2, "mask: expected shape [n, W], got ", shape(mask.sizes()));
   // Here when either tensor is on a CUDA device: the guard needs the mask to be.
   TORCH_CHECK_VALUE(mask.is_cuda(), "mask: expected a CUDA tensor like sorted_groups, got ",
@@ -464,7 +464,7 @@ at::Tensor temporal_nms_gather_cuda(const at::Tensor& mask, const c10::optional<
   c10::optional<at::Tensor> g;
   if (sorted_groups.has_value()) {
     TORCH_CHECK_TYPE(sorted_groups->scalar_type() == at::kLong, "sorted_groups: expected an int64 tensor, got ",
-                     c10::toString(sorted_groups->scalar_type()));
+                     dtype_text(sorted_groups->scalar_type()));
     TORCH_CHECK_VALUE(sorted_groups->dim() == 1 && sorted_groups->size(0) == n, "sorted_groups: expected shape [",
                       num(n), "], got ", shape(sorted_groups->sizes()));
     TORCH_CHECK_VALUE(sorted_groups->device() == mask.device(), "sorted_groups: expected a tensor on ",
