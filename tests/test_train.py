@@ -1549,6 +1549,40 @@ def test_resume_into_another_folder_makes_it_that_runs_folder(tiny_root, tmp_pat
     assert _results(str(other))["config"]["seed"] == 1
 
 
+def test_resume_of_a_copy_beside_a_run_leaves_that_run_alone(tiny_root, tmp_path, capsys):
+    """A backup checkpoint resumed where it lies, beside its folder's own run (later epochs):
+    refused before anything is written (it used to replace the folder's checkpoint and
+    results and append to its log); continued elsewhere with --output-dir."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    backup = run_dir / "epoch1.pt"
+    shutil.copyfile(run_dir / "checkpoint.pt", backup)
+    assert main(["--resume", str(run_dir / "checkpoint.pt"), "--no-progress", "--quiet"]) == 0
+    saved = {name: (run_dir / name).read_bytes() for name in ("checkpoint.pt", "train.log", "results.json")}
+    code, err = _call(["--resume", str(backup), "--epochs", "3", "--no-progress", "--quiet"], capsys)
+    assert code == 2 and f"--resume {backup}: {run_dir} holds the files of another run" in err, err
+    assert {name: (run_dir / name).read_bytes() for name in saved} == saved
+    other = tmp_path / "other"
+    assert main(["--resume", str(backup), "--epochs", "3", "--output-dir", str(other), "--no-progress", "--quiet"]) == 0
+    assert [r["epoch"] for r in _epoch_records(other)] == [2, 3]
+    assert {name: (run_dir / name).read_bytes() for name in saved} == saved
+
+
+def test_resume_of_a_finished_run_keeps_its_results(tiny_root, tmp_path, capsys):
+    """Nothing left to train and results.json there: resuming would only evaluate again (here
+    at other thresholds) and replace them, so it is refused; --overwrite allows it."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    ckpt = str(run_dir / "checkpoint.pt")
+    saved = {name: (run_dir / name).read_bytes() for name in ("checkpoint.pt", "train.log", "results.json")}
+    code, err = _call(["--resume", ckpt, "--tiou", "0.5", "--no-progress", "--quiet"], capsys)
+    assert code == 2 and f"--resume {ckpt}: the run has trained all 1 epochs" in err and "--eval-only" in err, err
+    assert {name: (run_dir / name).read_bytes() for name in saved} == saved
+    argv = ["--resume", ckpt, "--tiou", "0.5", "--output-dir", str(run_dir), "--overwrite", "--no-progress", "--quiet"]
+    assert main(argv) == 0
+    assert list(_results(str(run_dir))["map"]) == ["0.5"]
+
+
 def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny_root, tmp_path, capsys, monkeypatch):
     """--output-dir spelt through a symbolic link is the resumed run's own folder (its log is
     appended to, not refused or replaced); a relative --data-root is saved absolute, and a

@@ -1068,6 +1068,10 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
     return path
 
 
+def _holds_run_files(path):
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, name)) for name in (CHECKPOINT, RESULTS, LOG))
+
+
 def _check_not_another_runs_folder(path, checkpoint):
     """Eval-only's results.json goes beside a run's checkpoint and log only if that checkpoint
     is the one evaluated: the three files of a folder belong together (a resumed run removes
@@ -1230,11 +1234,26 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
         if resume:
             overwrite = False
     error = None
-    same_as_resume = bool(resume) and output_dir is not None and _same_path(output_dir, os.path.dirname(os.path.abspath(resume)))
+    # Continued in place: the folder's own checkpoint.pt resumed. A resumed copy (a backup beside
+    # it, say) writes to its folder only where that holds no other run's files, like a new run.
+    same_as_resume = bool(resume) and output_dir is not None and _same_path(os.path.join(output_dir, CHECKPOINT), resume)
     if output_dir is not None and ddp.main:
         try:
             if eval_only:
                 _check_not_another_runs_folder(output_dir, checkpoint)
+            if resume and not same_as_resume and not overwrite and _holds_run_files(output_dir):
+                raise UsageError(
+                    f"--resume {resume}: {output_dir} holds the files of another run (its own {CHECKPOINT}), "
+                    "which continuing this checkpoint there would replace; give --output-dir for another folder, "
+                    f"or resume {os.path.join(output_dir, CHECKPOINT)} itself"
+                )
+            if same_as_resume and not overwrite and trainer.epoch >= config.epochs and os.path.exists(os.path.join(output_dir, RESULTS)):
+                # Nothing to train: evaluating again would replace the run's results (other --tiou, data).
+                raise UsageError(
+                    f"--resume {resume}: the run has trained all {config.epochs} epochs and "
+                    f"{os.path.join(output_dir, RESULTS)} holds its evaluation; give a larger --epochs to train on, "
+                    f"or evaluate again with --eval-only --checkpoint {resume} (and --overwrite, or another --output-dir)"
+                )
             # Eval-only writes results.json and nothing else.
             _prepare_output_dir(
                 output_dir, overwrite, allow_existing=same_as_resume, files=(RESULTS,) if eval_only else (CHECKPOINT, RESULTS, LOG)
