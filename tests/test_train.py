@@ -128,6 +128,10 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("nan_ambiguous", "Ambiguous_test.txt", "line 1"),
         ("long_ambiguous", "Ambiguous_test.txt", "line 1"),
         ("empty_video", "Synthetic-I3D-JOINTFeatures.npy", "video 1: expected a [T, D] array with T >= 1"),
+        ("negative_segment", "segments.npy", "video 13 (video_test_0000013): segment [-0.5, 2.0] starts before the video"),
+        ("nan_duration", "duration.npy", "video 4 (video_validation_0000004): duration nan is not a finite, non-negative"),
+        ("negative_duration", "duration.npy", "duration -4.0 is not a finite, non-negative number of seconds"),
+        ("duration_pairs", "duration.npy", "expected one number per video (18), got shape (18, 2)"),
     ],
 )
 def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
@@ -193,6 +197,20 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         path.write_text("video_test_0000001  nan 9.6\n")
     elif damage == "long_ambiguous":
         path.write_text("video_test_0000001  1.0 2.0 3.0\n")
+    elif damage == "negative_segment":
+        segments = np.load(path, allow_pickle=True)
+        segments[13] = [[1.0, 2.0], [-0.5, 2.0]]
+        labels = np.load(folder / "labels.npy", allow_pickle=True)
+        labels[13] = [labels[13][0]] * 2
+        np.save(folder / "labels.npy", labels, allow_pickle=True)
+        np.save(path, segments, allow_pickle=True)
+    elif damage in ("nan_duration", "negative_duration", "duration_pairs"):
+        durations = np.load(path, allow_pickle=True).astype(np.float64)
+        if damage == "duration_pairs":
+            durations = np.stack([durations, durations], 1)
+        else:
+            durations[4] = np.nan if damage == "nan_duration" else -4.0
+        np.save(path, durations)
     elif damage == "empty_video":
         feats = np.load(path, allow_pickle=True)
         feats[1] = feats[1][:0]

@@ -180,7 +180,10 @@ class WTALCData:
         for file in ("videoname", "subset"):
             if _ndim(arrays[file]) != 1:
                 fail(f"{file}.npy", f"expected a 1-d array of {n} names, got shape {np.shape(arrays[file])}")
-        durations = np.asarray(arrays["duration"], dtype=object).reshape(-1)
+        durations = np.asarray(arrays["duration"], dtype=object)
+        if durations.ndim > 1 and durations.size != n:
+            fail("duration.npy", f"expected one number per video ({n}), got shape {durations.shape}")
+        durations = durations.reshape(-1)
         if len(durations) != n:
             fail("duration.npy", f"{len(durations)} entries, but {feat_file} has {n} videos")
 
@@ -243,6 +246,11 @@ class WTALCData:
                 fail("labels.npy", f"video {i} ({videos[i]}): {len(labs)} segment labels for {len(segs)} segments in segments.npy")
             if len(segs) and not (np.isfinite(segs).all() and (segs[:, 1] >= segs[:, 0]).all()):
                 fail("segments.npy", f"video {i} ({videos[i]}): segments must be finite with end >= start")
+            if len(segs) and (segs[:, 0] < 0).any():
+                # Seconds from the video's start: a negative one is a broken annotation (a sign
+                # or offset error), which would only be counted as a segment never found.
+                first = segs[int(np.flatnonzero(segs[:, 0] < 0)[0])].tolist()
+                fail("segments.npy", f"video {i} ({videos[i]}): segment {first} starts before the video (negative seconds)")
             for c in labs:
                 if c not in index:
                     fail("labels.npy", f"video {i} ({videos[i]}): class {c!r} is not in classlist.npy")
@@ -253,6 +261,9 @@ class WTALCData:
             durations = np.asarray([float(np.asarray(d).reshape(-1)[0]) for d in durations], dtype=np.float64)
         except (TypeError, ValueError, IndexError):
             fail("duration.npy", "expected one number per video")
+        if not (np.isfinite(durations) & (durations >= 0)).all():
+            i = int(np.flatnonzero(~(np.isfinite(durations) & (durations >= 0)))[0])
+            fail("duration.npy", f"video {i} ({videos[i]}): duration {durations[i]} is not a finite, non-negative number of seconds")
 
         ambiguous = [(str(v), float(s), float(e)) for v, s, e in arrays.get("ambiguous", [])]
         return cls(name, classes, videos, subsets, features, labels, segments, segment_classes, durations, ambiguous, source)
