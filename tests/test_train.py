@@ -1658,6 +1658,14 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(lr=0.0), "its setting lr = 0.0 is not possible"),
         (lambda s: s["config"].update(feature_type=["I3D"]), "its setting feature_type = ['I3D'] is not possible"),
         (lambda s: s["config"].update(batch_size=0), "its setting batch_size = 0 is not possible"),
+        # Settings without flags: a zero eval batch failed in range(), a zero scale or a class
+        # threshold past 1 evaluated to mAP 0.
+        (lambda s: s["config"].update(eval_batch_size=0), "its setting eval_batch_size = 0 is not possible"),
+        (lambda s: s["config"].update(scale=0.0), "its setting scale = 0.0 is not possible"),
+        (lambda s: s["config"].update(class_threshold=50.0), "its setting class_threshold = 50.0 is not possible"),
+        (lambda s: s["pseudo_conf"].fill_(float("nan")), "its 'pseudo_conf' hold NaN or inf"),
+        (lambda s: s.update(train_videos=5), "its 'train_videos' is not a list of names (got 5)"),
+        (lambda s: s.update(classes=[1, 2]), "its 'classes' is not a list of names (got list)"),
         # Accepted, it made results.json record epoch 99 of a run of 1.
         (lambda s: s.update(epoch=99), "its 'epoch' is 99, past its setting epochs = 1"),
         (lambda s: s["config"].pop("epochs") and s.update(epoch=241), "its 'epoch' is 241, past its setting epochs = 240"),
@@ -1678,6 +1686,47 @@ def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, 
     for argv in (["--resume", str(bad)], ["--eval-only", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "e")]):
         code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
         assert code == 2 and f"{bad}: an mmsd_ext.train checkpoint, but {message}" in err, err
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda o: o["param_groups"].append(dict(o["param_groups"][0], params=[])), "number of parameter groups"),
+        (lambda o: o["param_groups"][0]["params"].pop(), "doesn't match the size of optimizer's group"),
+        (lambda o: o["state"][3].update(exp_avg=torch.zeros(3)), "'exp_avg' of "),
+        (lambda o: o["state"][3].pop("exp_avg_sq"), "has no 'exp_avg_sq'"),
+        (lambda o: o["state"][3].update(step=torch.zeros(2)), "'step' of "),
+    ],
+)
+def test_an_optimizer_state_that_does_not_fit_is_refused(tiny_root, tmp_path, capsys, edit, message):
+    """Each failed with torch's ValueError or in the first Adam step, after loading."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    edit(state["optimizer"])
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, err = _call(["--resume", str(bad), "--epochs", "2", "--no-progress", "--quiet"], capsys)
+    assert code == 2 and "the checkpoint's optimizer state does not fit the model" in err and message in err, err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_checkpoints_optimizer_settings_come_from_its_config(tiny_root, tmp_path):
+    """Adam's betas, eps and weight decay are the config's; hand-edited group values (here betas
+    of one number, which failed in the first step) are not used: the resumed run equals one
+    resumed from the unedited checkpoint."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    for name, edit in (("good", lambda g: None), ("edited", lambda g: g.update(betas=(0.5,), eps=3.0))):
+        edit(state["optimizer"]["param_groups"][0])
+        (tmp_path / name).mkdir()
+        torch.save(state, tmp_path / name / "checkpoint.pt")
+        assert main(["--resume", str(tmp_path / name / "checkpoint.pt"), "--epochs", "2", "--no-progress", "--quiet"]) == 0
+    good, edited = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("good", "edited"))
+    for key, value in good["model"].items():
+        assert torch.equal(value, edited["model"][key]), key
+    assert edited["optimizer"]["param_groups"][0]["betas"] == good["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
 
 
 def test_a_folder_given_as_the_checkpoint_is_named_as_one(tiny_root, tmp_path, capsys):

@@ -769,10 +769,40 @@ class Trainer:
                 f"the checkpoint was trained on {saved[1]} training videos of up to {saved[2]} snippets, but "
                 f"{self.data.source or self.data.name} has {now[1]} of up to {now[2]}: the data changed since it was written"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state["optimizer"])
         self.pseudo_labels = state["pseudo_labels"].to(self.device)
         self.pseudo_conf = state["pseudo_conf"].to(self.device)
         self.refreshes_done = int(state["refreshes_done"])
+
+
+    def _load_optimizer(self, saved):
+        """Adam's moments and step counts from the checkpoint; its settings (betas, eps, weight
+        decay, ...) from the run's config, which the checkpoint saves too. Torch checks only the
+        group and parameter counts: a state of other shapes failed in the first step instead."""
+        try:
+            self.optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UsageError(f"the checkpoint's optimizer state does not fit the model ({first[:200]})") from None
+        defaults = {k: v for k, v in self.optimizer.defaults.items() if k != "lr"}  # lr: set each epoch
+        for group in self.optimizer.param_groups:
+            group.update(defaults)
+        names = {p: n for n, p in self.model.named_parameters()}
+        for param, entries in self.optimizer.state.items():
+            missing = [key for key in ("step", "exp_avg", "exp_avg_sq") if entries and key not in entries]
+            if missing:
+                raise UsageError(
+                    f"the checkpoint's optimizer state does not fit the model: {names.get(param, 'a parameter')} "
+                    f"has no {missing[0]!r}"
+                )
+            for key, value in entries.items():
+                want = () if key == "step" else tuple(param.shape)
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) != want or not value.is_floating_point():
+                    got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise UsageError(
+                        f"the checkpoint's optimizer state does not fit the model: {key!r} of {names.get(param, 'a parameter')} "
+                        f"is {got}, expected a float tensor of shape {want}"
+                    )
 
 
 def _model_size(weights):
@@ -873,6 +903,13 @@ def _checkpoint_problem(state):
     for name, value in state["model"].items():
         if not bool(torch.isfinite(value).all()):
             return f"its weights hold NaN or inf (first in {name!r})"
+    for key in ("pseudo_labels", "pseudo_conf"):
+        if not bool(torch.isfinite(state[key]).all()):
+            return f"its {key!r} hold NaN or inf"
+    for key in ("train_videos", "classes"):  # absent from checkpoints written before 2026-11-27
+        value = state.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            return f"its {key!r} is not a list of names (got {_shown(value)})"
     for index, entries in state["optimizer"]["state"].items():
         for key, value in entries.items() if isinstance(entries, dict) else ():
             if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
@@ -931,8 +968,12 @@ def _config_problem(values):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
         else:
             ok = isinstance(value, type(default))
-        if ok and field.name == "batch_size":
+        if ok and field.name in ("batch_size", "eval_batch_size"):
             ok = value >= 1
+        if ok and field.name == "scale":
+            ok = 0 < value <= MAX_RATE  # the cosine scale (MMSD: 20): 0 makes every score equal
+        if ok and field.name == "class_threshold":
+            ok = value <= 1  # a fraction of the top video score (MMSD: 0.2): above 1 keeps no class
         if ok and field.name == "dataset":
             ok = value != ""  # as the flag: the folder would be the data root itself
         if ok and field.name in ("beta1", "beta2"):
