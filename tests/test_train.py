@@ -1531,6 +1531,38 @@ def test_overwrite_replaces_the_log_with_the_first_checkpoint(tiny_root, tmp_pat
             log = (run_dir / "train.log").read_text()
             assert log != before["train.log"].decode() and '"seed": 4' in log
             assert [r["epoch"] for r in _epoch_records(run_dir)] == [1]
+            assert log.endswith("\nstopped: interrupted in epoch 2\n")
+
+
+@pytest.mark.parametrize("name", ["train.log", "results.json", "checkpoint.pt"])
+def test_an_output_file_that_is_a_directory_is_found_before_training(tiny_root, tmp_path, capsys, name):
+    """With --overwrite, found after the first epoch had replaced the earlier checkpoint."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    os.remove(run_dir / name)
+    (run_dir / name).mkdir()
+
+    def snapshot():
+        return {p.name: p.read_bytes() if p.is_file() else "dir" for p in run_dir.iterdir()}
+
+    before = snapshot()
+    argv = ["--data-root", tiny_root, *FAST, "--epochs", "1", "--seed", "4", "--output-dir", str(run_dir), "--overwrite"]
+    code, err = _call(argv, capsys)
+    assert code == 2 and f"--output-dir {run_dir}: its {name} is a directory, where this run writes a file" in err, err
+    assert snapshot() == before
+
+
+def test_an_interrupted_write_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "results.json")
+    engine._write_atomic(path, lambda f: f.write("old"))
+
+    def write(f):
+        f.write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine._write_atomic(path, write)
+    assert os.listdir(tmp_path) == ["results.json"] and (tmp_path / "results.json").read_text() == "old"
 
 
 def test_a_new_folder_of_a_run_stopped_in_its_first_epoch_says_there_is_nothing_to_resume(tiny_root, tmp_path, capsys,
@@ -1545,6 +1577,7 @@ def test_a_new_folder_of_a_run_stopped_in_its_first_epoch_says_there_is_nothing_
     argv = ["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]
     assert _call(argv, capsys)[0] == 130
     assert os.listdir(run_dir) == ["train.log"]  # it says why the run stopped
+    assert (run_dir / "train.log").read_text().endswith("\nstopped: interrupted in epoch 1\n")
     monkeypatch.setattr(engine.Trainer, "train_epoch", train_epoch)
     code, err = _call(argv, capsys)
     assert code == 2 and "already holds train.log from another run, which has no checkpoint.pt to resume" in err, err

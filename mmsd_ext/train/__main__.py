@@ -352,8 +352,8 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         print(
-            f"{parser.prog}: interrupted; the checkpoint of the last completed epoch is kept (before the first, "
-            "an earlier run's files in the output folder stay as they were)",
+            f"{parser.prog}: interrupted; the output folder keeps the checkpoint of the last completed epoch "
+            "(before the first, an earlier run's files stay as they were)",
             file=sys.stderr,
         )
         return 130

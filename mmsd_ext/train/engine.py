@@ -1084,6 +1084,11 @@ def _prepare_output_dir(path, overwrite, allow_existing=False, files=(CHECKPOINT
         raise UsageError(f"--output-dir {path}: a symbolic link to {os.readlink(path)}, which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--output-dir {path}: exists and is not a directory")
+    for name in files:
+        # Found now, not when the first epoch's log line or the results are written (by then an
+        # --overwrite run has replaced the earlier run's checkpoint).
+        if os.path.isdir(os.path.join(path, name)):
+            raise UsageError(f"--output-dir {path}: its {name} is a directory, where this run writes a file")
     if os.path.isdir(path) and not (overwrite or allow_existing):
         clashes = [name for name in files if os.path.exists(os.path.join(path, name))]
         if clashes and tuple(files) == (RESULTS,):  # eval-only: an earlier evaluation's results
@@ -1162,7 +1167,7 @@ def _write_atomic(path, write, binary=False):
         with open(tmp, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
-    except Exception:
+    except BaseException:  # Ctrl-C in the write too
         try:
             os.remove(tmp)
         except OSError:
@@ -1225,9 +1230,13 @@ def _is_out_of_memory(exc):
 @contextlib.contextmanager
 def _out_of_memory_as_usage_error(trainer, output_dir, eval_only):
     """Running out of memory in training or evaluation: an error that says where, what is kept and
-    what to change, instead of a traceback."""
+    what to change, instead of a traceback. An interrupt (Ctrl-C) is logged and passed on."""
     try:
         yield
+    except KeyboardInterrupt:
+        # Said on stderr by the command; the log says it too, like the other ways a run stops.
+        trainer.log(f"stopped: interrupted {trainer.stage}", echo=False)
+        raise
     except (RuntimeError, MemoryError) as exc:
         if not _is_out_of_memory(exc):
             raise
