@@ -272,6 +272,8 @@ def test_loader_reads_point_segments_nan_labels_and_activitynet_splits(tiny_root
 def test_loader_missing_folder(tmp_path):
     with pytest.raises(data_mod.DataError, match="is not a directory"):
         data_mod.load_wtalc(str(tmp_path / "nowhere"), "Thumos14reduced")
+    with pytest.raises(data_mod.DataError, match="^--data-root: empty path$"):
+        data_mod.load_wtalc("", "Thumos14reduced")
     with pytest.raises(data_mod.DataError, match="no such dataset folder"):
         data_mod.load_wtalc(str(tmp_path), "Thumos14reduced")
 
@@ -1984,7 +1986,7 @@ def test_ddp_two_processes_match_one(tiny_root, tmp_path):
         (["--steps", "0"], "--steps: expected at least 1"),
         (["--threads", "-1"], "--threads: expected 0"),
         (["--device", "tpu"], "--device:"),
-        (["--backends", "bogus"], "--backend bogus:"),
+        (["--backends", "bogus"], "--backends bogus:"),
         (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device cuda"),
     ],
 )
@@ -2053,7 +2055,7 @@ def test_throughput_resolves_a_cuda_device(capsys, monkeypatch):
     class Reached(Exception):
         pass
 
-    def check_backend(backend, device):
+    def check_backend(backend, device, **_):
         raise Reached(backend, device)
 
     monkeypatch.setattr(throughput, "check_backend", check_backend)

@@ -50,6 +50,8 @@ def load_wtalc(root, dataset="Thumos14reduced", feature_type="I3D"):
     if feature_type not in FEATURE_RATES:
         raise DataError(f"--feature-type: expected one of {', '.join(FEATURE_RATES)}, got {feature_type!r}")
     folder = os.path.join(root, dataset)
+    if not root:
+        raise DataError("--data-root: empty path")
     if not os.path.isdir(root):
         raise DataError(f"--data-root: {root} is not a directory")
     if not os.path.isdir(folder):

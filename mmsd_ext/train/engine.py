@@ -369,9 +369,9 @@ def _resolve_device(name, ddp=None):
     return device
 
 
-def check_backend(backend, device, device_flag=True):
+def check_backend(backend, device, device_flag=True, flag="--backend"):
     """Fail early, with the op's own explanation, if the ops cannot run on ``backend`` here
-    (``device_flag``: the program has a --device flag to suggest)."""
+    (``device_flag``: the program has a --device flag to suggest; ``flag``: the flag that gave it)."""
     name = None if backend == "auto" else backend
     scores = torch.rand(1, 8, 3, device=device)
     try:
@@ -382,7 +382,7 @@ def check_backend(backend, device, device_flag=True):
     except (ValueError, RuntimeError) as exc:
         gpu_only = device.type == "cpu" and name in ("cuda", "triton")
         hint = "; give --device cuda to run on a GPU" if gpu_only and device_flag else ""
-        raise UsageError(f"--backend {backend}: {exc}{hint}") from None
+        raise UsageError(f"{flag} {backend}: {exc}{hint}") from None
 
 
 # -- data --------------------------------------------------------------------------------------

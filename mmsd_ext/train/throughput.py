@@ -134,7 +134,7 @@ def main(argv=None):
     try:
         device = _resolve_device(args.device)
         for backend in args.backends:
-            check_backend(backend, device)
+            check_backend(backend, device, flag="--backends")
         _process_environment()  # torchrun's variables, before any video is made
     except UsageError as exc:
         p.error(str(exc))
