@@ -83,7 +83,8 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
 
     Args:
         rgb, flow, fused: snippet class logits of one shape [..., C] (cas_logits
-            of the three streams), float32/float16/bfloat16, any strides; edge
+            of the three streams), float32/float16/bfloat16 (float64 as in
+            ``snippet_distill_loss``), any strides; edge
             cases (-inf, all -inf rows, dtypes) as in ``snippet_distill_loss``.
         temperature: tau, a number in [1e-30, 1e30] (MMSD: 0.2).
         mask: optional bool or 0/1 float tensor [...] of valid snippets (a float
@@ -94,13 +95,17 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
         float32 scalar. All-masked input gives 0.
 
     Range: the mean teacher (rgb + flow) / 2 is exact in the cpu, cuda and triton
-    kernels (summed in float64), but the maxima that shift its softmax are
-    float32, and their rounding is magnified by 1 / tau. Measured on the cpu
-    backend (2026-11-27, 3900 rows of 21 classes, logits 10 * N(0, 1), tau from
-    1e-2 to 3e-9): every row with max|logit| / tau below 2.4e9 within 1.3e-7
-    (relative) of the float64 reference in loss and gradients; above, some rows
-    lose the third term or give inf or NaN (MMSD's logits of at most 20 at
-    tau = 0.2 are a ratio of 100). ``snippet_distill_loss`` has no such limit.
+    kernels (summed in float64), but the maximum that shifts its softmax is
+    float32, off by up to 2**-24 of itself, and 1 / tau magnifies that in the
+    exponents: past max|logit| / tau of about 88 * 2**24 = 1.5e9 they can
+    overflow. Measured on the cpu backend (2026-11-28, three draws of 3900 rows of
+    21 classes, logits 10 * N(0, 1), tau from 0.2 down to 7e-9): every row with
+    max|logit| / tau below 1.4e9 had finite gradients within 2.7e-7 of the
+    float64 reference's (as a fraction of their scale 1 / (rows * tau)), and the
+    loss of a batch of such rows was within 5.4e-8 (relative); from a ratio of
+    1.87e9 on, some rows gave an inf loss or NaN gradients (MMSD's logits of at
+    most 20 at tau = 0.2 are a ratio of 100). ``snippet_distill_loss`` has no
+    such limit.
 
     The cpu and cuda backends, where all three inputs need a gradient (training),
     read each input once: the forward also writes the three gradients, which are

@@ -59,7 +59,10 @@ class DetectionMAP:
     num_predictions: np.ndarray
 
     def to_dict(self, class_names=None, percent=True):
-        """JSON-ready dict: ``map`` {tIoU: value}, ``average_map``, ``ap`` {class: {tIoU: value}}."""
+        """JSON-ready dict: ``map`` {tIoU: value}, ``average_map``, ``ap`` {class: {tIoU: value}},
+        and ``percent`` (whether the values are percentages: ``percent=True``, the default, or
+        fractions). ``class_names``: names for the ``ap`` keys, indexed by class id (default: the
+        ids as strings)."""
         scale = 100.0 if percent else 1.0
         keys = _tiou_keys(self.tious)
         names = [str(class_names[c]) if class_names is not None else str(int(c)) for c in self.classes]
@@ -127,6 +130,7 @@ def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
     Raises:
         ValueError naming the argument: wrong number of columns, non-integral or
         negative ids, end < start, NaN, no ground truth, thresholds outside (0, 1].
+        TypeError naming the argument: ``tiou_thresholds`` that is not a sequence of numbers (None, a str).
 
     Example::
 
@@ -417,7 +421,7 @@ def export_detections_json(predictions, video_names, class_names, file=None, *, 
         predictions: [P, 5] rows (video index, class index, start, end, score) in snippets.
         video_names: V distinct names (str or bytes).
         class_names: C names (str or bytes).
-        file: None, a path, or a text file object.
+        file: None, a path (str or os.PathLike), or a text file object.
         factor: snippets per second: seconds = snippets / factor (25/16 for W-TALC's I3D).
         version: the "version" string.
 

@@ -70,7 +70,8 @@ def mmsd_proposals(
     video, so the run ``[s, T)`` of a threshold and the run ``[s, T - 1)`` of a
     higher one (when ``cas[T - 1]`` lies between them) average the same
     snippets and usually share their outer window. Their scores are equal; this
-    function keeps ``(s, T + 1)``, from the lower threshold, where MMSD, when
+    function keeps ``(s, T + 1)``, from the threshold listed first (the lower
+    one in ``MMSD_THRESHOLDS``, which ascend), where MMSD, when
     argsort keeps input order, keeps ``(s, T)``.
 
     Arithmetic is float64 whatever the dtype of ``cas``: thresholds are compared
@@ -86,7 +87,8 @@ def mmsd_proposals(
             MMSD passes the fused ``softmax(cas_logits) * attention`` without the
             background column. Values inside the lengths must be finite.
         video_scores: [V, C] floating video-level class scores (finite), same device.
-        lengths: optional int tensor or sequence [V] of valid lengths in ``[0, T]``
+        lengths: optional integer tensor (int64, or a narrower integer dtype, widened)
+            or sequence [V] of valid lengths in ``[0, T]``
             (default: T for every video). A video of length 0 gives no proposals.
         thresholds: 1-d sequence, array or tensor of activation thresholds
             (default ``MMSD_THRESHOLDS``). An empty one gives no proposals.
@@ -111,7 +113,7 @@ def mmsd_proposals(
         float64 tensor [P, 5] on the device of ``cas``, rows
         ``(video, class, start, end, score)`` with integral video, class, start and
         end. Row order: by video, then class, then NMS order (descending score,
-        ties by lower threshold, then lower start) -- for one class, exactly the
+        ties by the threshold's position in ``thresholds``, then lower start) -- for one class, exactly the
         order in which MMSD accumulates its per-class list. ``P == 0`` gives shape [0, 5].
 
     Raises:
@@ -410,8 +412,10 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
         lengths = torch.full((V,), T, dtype=torch.int64, device=cas.device)
     else:
         if isinstance(lengths, torch.Tensor):
-            if lengths.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-                raise TypeError(f"lengths: expected an integer tensor, got {str(lengths.dtype).replace('torch.', '')}")
+            # As the other ops: int64 or a narrower integer dtype (uint64 could wrap in int64).
+            if lengths.dtype != torch.int64 and lengths.dtype not in _checks.NARROW_INTS:
+                raise TypeError(f"lengths: expected an int64 tensor (or int32, int16, int8, uint8, uint16, uint32), "
+                                f"got {str(lengths.dtype).replace('torch.', '')}")
             _checks.same_device("cas", cas, lengths=lengths)
         else:
             try:

@@ -25,7 +25,7 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
     Returns:
         [B, C] tensor in the dtype of ``scores``:
         ``out[b, c] == torch.topk(scores[b, :lengths[b], c], k[b], largest=largest).values.mean()``,
-        accumulated in float32. NaN counts as larger than every number, as in ``torch.topk``.
+        accumulated in float32 (float64 scores: in float64). NaN counts as larger than every number, as in ``torch.topk``.
 
     Gradient: ``grad_out[b, c] / k[b]`` flows to each selected element, zero
     elsewhere (padding included). Where equal values straddle the k-th place,

@@ -351,6 +351,9 @@ def test_lengths_as_list_and_inputs_untouched():
     a = mmsd_proposals(cas, scores, [30, 17])
     b = mmsd_proposals(cas, scores, torch.tensor([30, 17], dtype=torch.int32))
     assert torch.equal(a, b)
+    # Every integer dtype the other ops take (uint16 and uint32 were refused).
+    for dtype in (torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32):
+        assert torch.equal(mmsd_proposals(cas, scores, torch.tensor([30, 17], dtype=dtype)), a), dtype
     assert torch.equal(cas, before[0]) and torch.equal(scores, before[1])
 
 
@@ -414,6 +417,8 @@ def test_pad_cas():
         (dict(lengths=torch.tensor([4, 5])), ValueError, "lengths"),
         (dict(lengths=torch.tensor([4])), ValueError, "lengths"),
         (dict(lengths=torch.tensor([4.0, 2.0])), TypeError, "lengths"),
+        (dict(lengths=torch.tensor([4, 2], dtype=torch.uint64)), TypeError, r"^lengths: expected an int64 tensor \(or .*uint32\), got uint64$"),
+        (dict(lengths=torch.tensor([True, True])), TypeError, "^lengths: .* got bool$"),
         (dict(thresholds=[[0.1]]), ValueError, "thresholds"),
         (dict(thresholds=["a"]), ValueError, "^thresholds: expected a 1-d sequence of numbers"),
         (dict(thresholds=[[0.1, 0.2], [0.3]]), ValueError, "^thresholds: expected a 1-d sequence of numbers"),
