@@ -475,30 +475,41 @@ def read_ambiguous(path):
     """Parse W-TALC's Ambiguous_test.txt: one ``name  start end`` (seconds) per line.
 
     Any whitespace separates the fields (MMSD splits on single spaces, which
-    needs the file's two spaces after the name); blank lines are skipped.
+    needs the file's two spaces after the name); blank lines are skipped. Lines
+    are UTF-8, or else latin-1 (as the training data reads names written by
+    Python 2 tools).
 
     Returns:
         list of (name, start, end).
 
     Raises:
-        ValueError naming the file and line for a line that is not name, start, end;
+        ValueError naming the file and line for a line that is not name, start, end
+        with finite start <= end;
         OSError (FileNotFoundError, ...) for a file that cannot be read.
     """
     entries = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("latin-1")  # decodes any byte
             fields = line.split()
             if not fields:
                 continue
+            expected = "'name start end'"
             try:
                 if len(fields) != 3:
                     raise ValueError
                 start, end = float(fields[1]), float(fields[2])
                 if not (math.isfinite(start) and math.isfinite(end)):
                     raise ValueError
+                if end < start:
+                    expected = "'name start end' with end >= start"
+                    raise ValueError
                 entries.append((fields[0], start, end))
             except ValueError:
-                raise ValueError(f"ambiguous: {os.fsdecode(path)} line {number}: expected 'name start end', got {line.strip()!r}") from None
+                raise ValueError(f"ambiguous: {os.fsdecode(path)} line {number}: expected {expected}, got {line.strip()!r}") from None
     return entries
 
 

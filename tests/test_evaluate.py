@@ -456,6 +456,13 @@ def test_ambiguous_of_another_type_is_refused_by_name(tmp_path):
     path.write_text("v  nan 9.6\n")
     with pytest.raises(ValueError, match="line 1"):
         read_ambiguous(path)
+    # An end before the start overlapped nothing, silently.
+    path.write_text("v  1.0 2.0\nw  9.6 8.0\n")
+    with pytest.raises(ValueError, match=r"line 2: expected 'name start end' with end >= start, got 'w  9.6 8.0'$"):
+        read_ambiguous(path)
+    # A name that is not UTF-8 (the error named no line) reads as latin-1, as videoname.npy's.
+    path.write_bytes(b"v  1.0 2.0\nvid\xe9o  3.0 4.0\n")
+    assert read_ambiguous(path) == [("v", 1.0, 2.0), ("vid\u00e9o", 3.0, 4.0)]
 
 
 def test_mmsd_detection_map_names_its_cas_argument():

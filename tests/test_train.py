@@ -132,6 +132,9 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("nan_duration", "duration.npy", "video 4 (video_validation_0000004): duration nan is not a finite, non-negative"),
         ("negative_duration", "duration.npy", "duration -4.0 is not a finite, non-negative number of seconds"),
         ("duration_pairs", "duration.npy", "expected one number per video (18), got shape (18, 2)"),
+        # numpy parsed numbers written as text
+        ("text_segment", "segments.npy", "video 13 (video_test_0000013): expected [start, end] pairs in seconds (numbers)"),
+        ("text_duration", "duration.npy", "expected one number per video"),
     ],
 )
 def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
@@ -204,6 +207,14 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         labels[13] = [labels[13][0]] * 2
         np.save(folder / "labels.npy", labels, allow_pickle=True)
         np.save(path, segments, allow_pickle=True)
+    elif damage == "text_segment":
+        segments = np.load(path, allow_pickle=True)
+        segments[13] = [["1.0", "2.0"]] + [list(s) for s in segments[13]][1:]
+        np.save(path, segments, allow_pickle=True)
+    elif damage == "text_duration":
+        durations = np.load(path, allow_pickle=True).astype(object)
+        durations[4] = "30.5"
+        np.save(path, durations, allow_pickle=True)
     elif damage in ("nan_duration", "negative_duration", "duration_pairs"):
         durations = np.load(path, allow_pickle=True).astype(np.float64)
         if damage == "duration_pairs":

@@ -112,6 +112,17 @@ def _read_ambiguous(path):
         raise DataError(f"{path}: {message[len(prefix) :] if message.startswith(prefix) else message}") from None
 
 
+def _holds_text(value):
+    """Whether ``value`` (an array or nested sequence) holds a str or bytes entry."""
+    if isinstance(value, (str, bytes, np.str_, np.bytes_)):
+        return True
+    if isinstance(value, np.ndarray) and value.dtype.kind in "US":
+        return True
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype == object):
+        return any(_holds_text(v) for v in value)
+    return False
+
+
 def _text(value):
     if isinstance(value, (bytes, np.bytes_)):
         try:
@@ -236,9 +247,11 @@ class WTALCData:
         segments, segment_classes = [], []
         for i, (segs, labs) in enumerate(zip(arrays["segments"], arrays["labels"])):
             try:
+                if _holds_text(segs):  # numpy would parse "1.5"
+                    raise TypeError
                 segs = np.asarray(list(segs) if not isinstance(segs, np.ndarray) else segs, dtype=np.float64)
             except (TypeError, ValueError):
-                fail("segments.npy", f"video {i} ({videos[i]}): expected [start, end] pairs in seconds")
+                fail("segments.npy", f"video {i} ({videos[i]}): expected [start, end] pairs in seconds (numbers)")
             if segs.size == 0 or segs.shape == (2,):  # no segment, or a single pair stored flat
                 segs = segs.reshape(-1, 2)
             if segs.ndim != 2 or segs.shape[1] != 2:
@@ -260,6 +273,8 @@ class WTALCData:
             segment_classes.append(np.asarray([index[c] for c in labs], dtype=np.int64))
 
         try:
+            if _holds_text(durations):  # float() would parse "30.5"
+                raise TypeError
             durations = np.asarray([float(np.asarray(d).reshape(-1)[0]) for d in durations], dtype=np.float64)
         except (TypeError, ValueError, IndexError):
             fail("duration.npy", "expected one number per video")
