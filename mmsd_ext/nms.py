@@ -250,15 +250,31 @@ def _check_nms_args(op, segments, scores, groups, offset):
 
 def _check_segment_values(segments):
     """Finite coordinates with end >= start; the reference's check (the kernels check in C++).
-    Names the first bad segment, as the kernels do, with the cpu kernel's messages."""
+    Names the first bad segment, as the kernels do."""
     if segments.shape[0] == 0:
         return
     finite = torch.isfinite(segments).all(dim=1)
     bad = ~finite | (segments[:, 1] < segments[:, 0])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        what = "finite coordinates" if not bool(finite[i]) else "end >= start"
-        raise ValueError(f"segments: expected {what}, got segment {i} = ({float(segments[i, 0])}, {float(segments[i, 1])})")
+        _raise_bad_segment(i, *segments[i].tolist())
+
+
+def _raise_bad_segment(i, start, end):
+    """Every backend's error for bad segment ``i``: the C++ kernels' words and numbers
+    (csrc/nms_checks.h, csrc/format.h's real: the shortest text that reads back, 3 not 3.0)."""
+
+    def real(x):
+        if math.isnan(x) or math.isinf(x):
+            return str(x)
+        for digits in range(1, 18):
+            text = f"{x:.{digits}g}"
+            if float(text) == x:
+                return text
+        return repr(x)
+
+    what = "finite coordinates" if not (math.isfinite(start) and math.isfinite(end)) else "end >= start"
+    raise ValueError(f"segments: expected {what}, got segment {i} = ({real(start)}, {real(end)})")
 
 
 # ----------------------------------------------------------------------------
@@ -424,8 +440,7 @@ def _read_count_and_check(count, first_bad, seg):
     """The read of the result size to the host, with whether a segment was invalid."""
     count, bad = torch.stack([count.to(torch.int64), first_bad]).tolist()
     if bad < seg.shape[0]:
-        s, e = seg[bad].tolist()
-        raise ValueError(f"segments: expected finite coordinates with end >= start, got segment {bad} = ({s}, {e})")
+        _raise_bad_segment(bad, *seg[bad].tolist())
     return count
 
 

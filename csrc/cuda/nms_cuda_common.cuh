@@ -105,11 +105,14 @@ __device__ __forceinline__ bool segment_ok(double start, double end) {
   return isfinite(start) && isfinite(end) && end >= start;
 }
 
-// The error for segment i that segment_ok rejected (values read to the host).
+// The error for segment i that segment_ok rejected (values read to the host), in the
+// words of the CPU check (nms_checks.h).
 inline void throw_bad_segment(const at::Tensor& segments, int64_t i) {
   const at::Tensor row = segments[i].to(at::kDouble).cpu();
-  TORCH_CHECK_VALUE(false, "segments: expected finite coordinates with end >= start, got segment ", num(i), " = (",
-                    real(row[0].item<double>()), ", ", real(row[1].item<double>()), ")");
+  const double s = row[0].item<double>(), e = row[1].item<double>();
+  const bool finite = std::isfinite(s) && std::isfinite(e);
+  TORCH_CHECK_VALUE(false, "segments: expected ", finite ? "end >= start" : "finite coordinates", ", got segment ", num(i),
+                    " = (", real(s), ", ", real(e), ")");
 }
 
 // first_bad = min(first_bad, i) for every segment i that is not finite or has end < start.
