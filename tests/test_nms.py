@@ -1030,6 +1030,25 @@ def test_opcheck(any_backend):
     torch.library.opcheck(soft, (seg, scores.double(), None, "linear", 0.5, 0.3, 1e-3, 1.0))
 
 
+def test_raw_soft_ops_refuse_a_backward(any_backend):
+    """The ops behind soft_temporal_nms (which detaches its inputs) have no gradient: a
+    backward through their scores raises on every backend (the compiled op only warned and
+    left the gradient None), and opcheck's autograd registration check holds with inputs
+    that need a gradient."""
+    backend = any_backend
+    dev = backend_device(backend)
+    seg, scores, groups = _opcheck_inputs(dev)
+    scores.requires_grad_(True)
+    op = getattr(torch.ops.mmsd_ext, "soft_temporal_nms" if backend in ("cpu", "cuda") else f"soft_temporal_nms_{backend}").default
+    _, kept_scores = op(seg, scores, groups, "gaussian", 0.5, 0.3, 1e-3, 0.0)
+    with pytest.raises(RuntimeError, match="not implemented|no autograd formula was registered"):
+        kept_scores.sum().backward()
+    assert scores.grad is None
+    torch.library.opcheck(op, (seg, scores, groups, "gaussian", 0.5, 0.3, 1e-3, 0.0), test_utils="test_autograd_registration")
+    # The public function gives scores without a gradient, as documented.
+    assert not mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend=backend)[1].requires_grad
+
+
 @pytest.mark.parametrize("compiled_backend", ["reference", "cpu", "cuda", "triton"])
 def test_torch_compile_fullgraph(compiled_backend):
     # The result size depends on the data: with capture_dynamic_output_shape_ops the
