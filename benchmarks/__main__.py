@@ -101,6 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="list the cases and providers, run nothing")
     args = p.parse_args(argv)
 
+    if args.ops is not None and not _split(args.ops):
+        p.error("--ops: expected one or more of " + ", ".join(OPS) + ", got none")
     args.ops = _split(args.ops) or list(OPS)
     unknown = [o for o in args.ops if o not in OPS]
     if unknown:
@@ -236,10 +238,20 @@ def main(argv=None):
     notes = []
     cases = []
     for op in args.ops:
-        if op == "localization":
-            cases.extend(OPS[op](ctx, notes=notes))
-        else:
-            cases.extend(OPS[op](ctx))
+        try:
+            if op == "localization":
+                cases.extend(OPS[op](ctx, notes=notes))
+            else:
+                cases.extend(OPS[op](ctx))
+        except MemoryError:
+            # The inputs are made on the host before anything runs: a size too large for this
+            # machine ends here, not in a numpy traceback.
+            print(
+                f"python -m benchmarks: error: --sizes: the {op} inputs for these sizes do not fit in this machine's memory; "
+                "give smaller sizes",
+                file=sys.stderr,
+            )
+            return 2
     for n in notes:
         print(n, flush=True)
     cases = _select_passes(cases, args.passes, main_only=args.passes is None and (args.quick or args.preset == "quick"))
@@ -248,7 +260,7 @@ def main(argv=None):
             print(f"{c.op:22s} {c.shape:34s} {c.dtype:9s} {'/'.join(c.passes):22s} " + ", ".join(p.name + (" (skip)" if p.skip else "") for p in c.providers))
         return 0
     if not cases:
-        print("nothing to run (no case for these ops and sizes)")
+        print("python -m benchmarks: error: nothing to run (no case for these ops and sizes)", file=sys.stderr)
         return 1
 
     warning = _load_warning()
@@ -285,5 +297,13 @@ def main(argv=None):
     return 0
 
 
+def _run_main():
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\npython -m benchmarks: interrupted (with --csv, the rows of the cases that finished are in the file)", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run_main())

@@ -82,6 +82,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 OUT=${OUT:-$REPO/out/device}
 mkdir -p "$OUT"
+# A check run before in the same $OUT leaves its files: the benchmark appends to
+# bench.csv (old rows would join this run's table and plot), and a stage that does
+# not run this time would leave the last run's results looking like this run's.
+rm -f "$OUT"/{build.log,tests.log,bench.log,bench.csv,bench.png,train.log,train_results.json,summary.txt}
 PY=${PYTHON:-python3}
 TOTAL=${DEVICE_CHECK_SECONDS:-460}
 START=$(date +%s)

@@ -217,8 +217,8 @@ def main(argv=None):
         if size is None:
             p.error(f"--sizes: expected BxTxC, e.g. 10x750x21, got {text!r}")
         sizes.append(size)
-    if not args.min_run_time > 0:
-        p.error(f"--min-run-time: expected seconds > 0, got {args.min_run_time}")
+    if not 0 < args.min_run_time < float("inf"):
+        p.error(f"--min-run-time: expected a finite number of seconds > 0, got {args.min_run_time:g}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device (it times CUDA graph replays): none here")
     usable = [b for b in ("cuda", "triton") if b in mmsd_ext.available_backends()]

@@ -754,15 +754,31 @@ def _progress(total, enabled):
 
 
 def _check_csv_header(path):
+    if os.path.isdir(path):
+        raise SystemExit(f"--csv {path}: is a folder; give a file path")
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), None)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SystemExit(
+            f"--csv {path}: not a CSV file this tool can append to ({_first_line(exc)}); "
+            "append to a new file (or move the old one away)"
+        ) from None
+    except OSError as exc:
+        raise SystemExit(f"--csv {path}: cannot read it ({exc.strerror or exc})") from None
     if header != COLUMNS:
         raise SystemExit(
             f"--csv {path}: the file has other columns than this version of the benchmarks writes; "
             "append to a new file (or move the old one away)"
         )
+
+
+def _ends_without_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) not in (b"\n", b"\r")
 
 
 def _append_csv(path, rows):
@@ -771,7 +787,11 @@ def _append_csv(path, rows):
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "a", newline="") as f:
+    # A file whose last line lost its line end (edited by hand) would glue our first row onto it.
+    glue = not new and _ends_without_newline(path)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        if glue:
+            f.write("\r\n")
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()

@@ -22,6 +22,10 @@ def main(argv=None):
     shape = parse_btc(args.shape)
     if shape is None:
         p.error(f"--shape: expected BxTxC, e.g. 10x750x21, got {args.shape!r}")
+    names = ("reference", "cpu", "cuda", "triton")
+    bad = [b for b in args.backends if b not in names]
+    if bad:
+        p.error(f"--backends: unknown {', '.join(bad)}; choose from {', '.join(names)}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     xs = [torch.randn(*shape, device="cuda", requires_grad=True) for _ in range(3)]

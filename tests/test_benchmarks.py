@@ -166,6 +166,23 @@ def test_csv_appends_under_one_header(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="other columns"):
         harness._check_csv_header(str(bad))
+    # A last line without its line end (the file edited by hand): the next row starts on a
+    # line of its own (before 2026-11-29 it was glued onto that line).
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))
+    harness._check_csv_header(str(path))
+    harness._append_csv(str(path), [row])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(r["op"] == "x" and r["provider"] == "p" and r["median_ms"] == "1" for r in rows)
+    # A file that is not text, or not CSV, is refused naming the flag (it was a traceback).
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(SystemExit, match=r"--csv .*binary.csv: not a CSV file this tool can append to"):
+        harness._check_csv_header(str(binary))
+    nul = tmp_path / "nul.csv"
+    nul.write_text("op,\x00x\n")
+    with pytest.raises(SystemExit, match=r"--csv .*(not a CSV file|other columns)"):
+        harness._check_csv_header(str(nul))
 
 
 def test_mmsd_distill_least_traffic_is_three_reads_and_three_gradient_writes():
@@ -228,6 +245,8 @@ def test_bad_options_are_refused_with_the_option_named():
         # (os.access said yes) failed in a traceback after the first case.
         (["--plot", "hist.png", "--csv", "./hist.png"], "--csv and --plot name the same file"),
         (["--csv", "/proc/x.csv"], "--csv /proc/x.csv: not writable"),
+        # Before 2026-11-29 an empty --ops meant every op.
+        (["--ops", ""], "--ops: expected one or more of"),
     ],
 )
 def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, capsys):
@@ -268,6 +287,18 @@ def test_plot_refuses_what_it_cannot_read_or_write(tmp_path, capsys):
         assert info.value.code == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "p.png").exists()
+
+
+def test_sizes_too_large_for_the_machine_and_unknown_profile_backends_are_refused():
+    # Before 2026-11-29: a numpy MemoryError traceback while the inputs were made, and
+    # profile_distill named no bad backend before its CUDA check.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--device", "cpu", "--ops", "temporal_nms", "--sizes", "M=1e15", "--list"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--sizes: the temporal_nms inputs for these sizes do not fit" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_distill", "--backends", "cuda", "nope"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--backends: unknown nope" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_bad_seed_is_refused_before_anything_runs_or_is_written(tmp_path):
@@ -717,6 +748,11 @@ def test_device_check_writes_at_most_8_files_and_fails_without_a_cuda_build(tmp_
     stub.write_text(_STUB_PYTHON)
     stub.chmod(0o755)
     out = tmp_path / "out"
+    # An earlier check's files in the same $OUT (before 2026-11-29 its bench.csv rows joined
+    # this run's, and a stage that did not run left the old results in place).
+    out.mkdir()
+    (out / "bench.csv").write_text("stale row\n")
+    (out / "train_results.json").write_text('{"stale": 1}')
     env = dict(os.environ, OUT=str(out), PYTHON=str(stub), DEVICE_CHECK_SECONDS="300", BENCH_COMMIT="abc", STUB_CUDA=str(cuda))
     # A process of an outer check's stage (as when this test runs inside one on the
     # GPU machine): the inner check must not take it for one of its own.
@@ -735,6 +771,7 @@ def test_device_check_writes_at_most_8_files_and_fails_without_a_cuda_build(tmp_
     assert "tests (GPU): ===== 5 passed, 2 skipped in 0.1s =====" in summary
     assert "tests (CPU-only): ===== 3 passed in 0.1s =====" in summary
     assert "--quick" in (out / "bench.log").read_text() and "--time-budget" in (out / "bench.log").read_text()
+    assert "stale" not in (out / "bench.csv").read_text() and "stale" not in (out / "train_results.json").read_text()
     if cuda:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "every stage that ran passed" in summary
@@ -782,8 +819,10 @@ def test_graph_replay_table_puts_copy_percent_and_anchor_ratio_on_the_replay():
 
 def test_graph_replay_refuses_bad_flags():
     cmd = [sys.executable, "-m", "benchmarks.graph_replay"]
-    for flags, message in [(["--sizes", "2x8"], "--sizes"), (["--ops", "nms"], "--ops"),
-                           (["--min-run-time", "0"], "--min-run-time")]:
+    # The usage line names every flag: each message is matched with what follows the flag.
+    for flags, message in [(["--sizes", "2x8"], "--sizes: expected"), (["--ops", "nms"], "--ops: expected"),
+                           (["--min-run-time", "0"], "--min-run-time: expected"),
+                           (["--min-run-time", "inf"], "--min-run-time: expected a finite number")]:
         proc = subprocess.run(cmd + flags, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-2000:])
     if not torch.cuda.is_available():
