@@ -80,18 +80,21 @@ template <>
 struct Vec<4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
+  typedef uint32_t u __attribute__((vector_size(16)));
   typedef double d __attribute__((vector_size(32)));
 };
 template <>
 struct Vec<8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
+  typedef uint32_t u __attribute__((vector_size(32)));
   typedef double d __attribute__((vector_size(64)));
 };
 template <>
 struct Vec<16> {
   typedef float f __attribute__((vector_size(64)));
   typedef int32_t i __attribute__((vector_size(64)));
+  typedef uint32_t u __attribute__((vector_size(64)));
   typedef double d __attribute__((vector_size(128)));
 };
 
@@ -99,6 +102,8 @@ template <int W>
 using vf = typename Vec<W>::f;
 template <int W>
 using vi = typename Vec<W>::i;
+template <int W>
+using vu = typename Vec<W>::u;
 template <int W>
 using vd = typename Vec<W>::d;
 
@@ -206,7 +211,10 @@ MMSD_INLINE float hmin(vf<W> v) {
 template <int W, bool kSubnormal = false>
 MMSD_INLINE vf<W> vexp(vf<W> x) {
   using V = vf<W>;
-  using I = vi<W>;
+  // The exponent bits are made in unsigned lanes: for x between about -1.7e7 and -8.7e6
+  // the signed difference below overflows (undefined behaviour, though the lane is replaced
+  // by the final select); unsigned arithmetic wraps, with the same bits everywhere else.
+  using U = vu<W>;
   // Round x*log2(e) to an integer n with the 1.5*2^23 trick (plain float adds).
   V t = x * 1.44269504088896341f + 12582912.0f;
   V n = t - 12582912.0f;
@@ -219,12 +227,12 @@ MMSD_INLINE vf<W> vexp(vf<W> x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  I bits = ((I)t - 0x4B400000 + 127) << 23;  // 2^n, valid for n >= -126
+  U bits = ((U)t - 0x4B400000u + 127u) << 23;  // 2^n, valid for n >= -126
   V res = p * (V)bits;
   if constexpr (kSubnormal) {
     // n in [-159, -127]: p * 2^(n + 64) is exact, and the product by 2^-64 rounds once
     // (to 0 below about -103.97).
-    I low = ((I)t - 0x4B400000 + 127 + 64) << 23;
+    U low = ((U)t - 0x4B400000u + 127u + 64u) << 23;
     V sub = (p * (V)low) * 0x1p-64f;
     res = x < splat<W>(-87.33654f) ? sub : res;
     return x < splat<W>(-110.0f) ? splat<W>(0.0f) : res;  // 2^(n + 64) stays normal to n = -190
