@@ -754,8 +754,6 @@ def _progress(total, enabled):
 
 
 def _check_csv_header(path):
-    if os.path.isdir(path):
-        raise SystemExit(f"--csv {path}: is a folder; give a file path")
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         return
     try:
