@@ -62,10 +62,19 @@ class DetectionMAP:
         """JSON-ready dict: ``map`` {tIoU: value}, ``average_map``, ``ap`` {class: {tIoU: value}},
         and ``percent`` (whether the values are percentages: ``percent=True``, the default, or
         fractions). ``class_names``: names for the ``ap`` keys, indexed by class id (default: the
-        ids as strings)."""
+        ids as strings); a class without a name is a ValueError naming ``class_names``."""
         scale = 100.0 if percent else 1.0
         keys = _tiou_keys(self.tious)
-        names = [str(class_names[c]) if class_names is not None else str(int(c)) for c in self.classes]
+        if class_names is None:
+            names = [str(int(c)) for c in self.classes]
+        else:
+            if isinstance(class_names, (str, bytes)):
+                raise TypeError(f"class_names: expected a sequence of names, got {type(class_names).__name__}")
+            try:
+                names = [str(class_names[int(c)]) for c in self.classes]
+            except (IndexError, KeyError):
+                missing = next(int(c) for c in self.classes if not _has_name(class_names, int(c)))
+                raise ValueError(f"class_names: class {missing} has no name (got {len(class_names)} names)") from None
         return {
             "map": {k: float(v) * scale for k, v in zip(keys, self.map)},
             "average_map": float(self.average) * scale,
@@ -89,6 +98,14 @@ def _tiou_keys(tious):
         if len(set(keys)) == len(set(tious.tolist())):
             return keys
     return keys
+
+
+def _has_name(class_names, c):
+    try:
+        class_names[c]
+    except (IndexError, KeyError):
+        return False
+    return True
 
 
 def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
@@ -431,6 +448,9 @@ def export_detections_json(predictions, video_names, class_names, file=None, *, 
     Raises:
         ValueError naming the argument: bad rows, indices out of range, non-finite
         scores (JSON has no infinities), duplicate video names.
+        TypeError naming the argument: a ``version`` that is not a str, a ``file``
+        that is not a path or a text file object. The JSON text is made in full
+        before ``file`` is opened, so an error never leaves a cut-off file.
 
     Example (pass ``file="detections.json"`` to write it)::
 
@@ -439,6 +459,10 @@ def export_detections_json(predictions, video_names, class_names, file=None, *, 
         {'version': 'VERSION 1.3', 'results': {'video_test_0000004': [{'label': 'HighJump',
          'segment': [6.4, 12.8], 'score': 0.9}]}, 'external_data': {}}
     """
+    if not isinstance(version, str):
+        raise TypeError(f"version: expected a str, got {type(version).__name__}")
+    if not (file is None or isinstance(file, (str, os.PathLike)) or hasattr(file, "write")):
+        raise TypeError(f"file: expected None, a path or a text file object, got {type(file).__name__}")
     pred = _rows("predictions", predictions, PREDICTION_COLUMNS)
     names = _names("video_names", video_names)
     classes = _names("class_names", class_names)
@@ -461,13 +485,17 @@ def export_detections_json(predictions, video_names, class_names, file=None, *, 
     data = {"version": version, "results": results, "external_data": {}}
     if file is None:
         return data
+    # Made in full before anything is opened: a failure cannot leave a cut-off file.
+    text = json.dumps(data)
     if isinstance(file, (str, os.PathLike)):
         with open(file, "w") as f:
-            json.dump(data, f)
-    elif hasattr(file, "write"):
-        json.dump(data, file)
+            f.write(text)
     else:
-        raise TypeError(f"file: expected None, a path or a text file object, got {type(file).__name__}")
+        try:
+            file.write(text)
+        except TypeError:  # a binary file object refuses str before writing anything
+            raise TypeError(f"file: expected a text file object, got {type(file).__name__} "
+                            "(open it with 'w', not 'wb')") from None
     return data
 
 
@@ -780,10 +808,23 @@ def _rows(name, value, columns):
 def _tious(value):
     if value is None or isinstance(value, (str, bytes)):
         raise TypeError(f"tiou_thresholds: expected a sequence of numbers, got {type(value).__name__} {value!r}")
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.dtype != torch.float64:
+            value = value.double()  # numpy has no bfloat16
     try:
-        tious = np.array(value, dtype=np.float64).reshape(-1)
+        raw = np.asarray(value)
+        if raw.dtype.kind == "O" and any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw.flat):
+            raise TypeError
+        tious = raw.astype(np.float64) if raw.dtype.kind in "iufO" else None
     except (TypeError, ValueError):
-        raise ValueError(f"tiou_thresholds: expected a sequence of numbers, got {value!r}") from None
+        tious = None
+    if tious is None:
+        # Strings, bools and ragged lists: np.array(..., float64) read "0.5" and True as numbers.
+        raise ValueError(f"tiou_thresholds: expected a sequence of numbers, got {value!r}")
+    if tious.ndim > 1:
+        raise ValueError(f"tiou_thresholds: expected a 1-d sequence, got shape {list(tious.shape)}")
+    tious = tious.reshape(-1)
     if tious.size == 0:
         raise ValueError("tiou_thresholds: expected at least one threshold")
     if not ((tious > 0) & (tious <= 1)).all():

@@ -422,6 +422,8 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
                 array = np.asarray(lengths)
             except ValueError as exc:  # ragged nested sequences
                 raise ValueError(f"lengths: expected a 1-d sequence of integers ({exc})") from None
+            if array.size == 0 and array.dtype.kind == "f":
+                array = array.astype(np.int64)  # numpy reads [] as float64
             if array.dtype.kind not in "iu":
                 raise TypeError(f"lengths: expected integers, got {array.dtype}")
             if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:

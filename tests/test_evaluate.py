@@ -620,3 +620,44 @@ def test_mmsd_detection_map_compares_class_threshold_in_the_scores_dtype():
     none = mmsd_detection_map([cas], [[0.0, 0.0]], *args, class_threshold=0.2)
     hit = mmsd_detection_map([cas], [[0.0, 0.9]], *args, class_threshold=0.2)
     assert str(below) == str(none) != str(hit)
+
+
+@pytest.mark.parametrize(
+    "tious, error",
+    [
+        ([[0.5, 0.6]], ValueError),  # flattened into two thresholds
+        (["0.5"], ValueError),  # read as the number 0.5
+        ([True], ValueError),  # read as 1.0
+        (torch.tensor([True]), ValueError),
+        ([0.5, "0.7"], ValueError),
+    ],
+)
+def test_tiou_thresholds_that_only_look_like_numbers_are_refused(tious, error):
+    with pytest.raises(error, match="^tiou_thresholds: expected a (1-d )?sequence"):
+        detection_map([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], tious)
+
+
+@pytest.mark.parametrize("tious", [torch.tensor([0.5, 0.7], dtype=torch.bfloat16), np.array([0.5, 0.7], np.float32), 0.5])
+def test_tiou_thresholds_as_tensors_arrays_and_a_number(tious):
+    result = detection_map([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], tious)
+    assert result.tious.dtype == np.float64 and result.map.tolist() == [1.0] * result.tious.size
+
+
+def test_export_refuses_a_bad_version_or_a_binary_file_before_writing(tmp_path):
+    path = tmp_path / "detections.json"
+    path.write_text("kept")
+    with pytest.raises(TypeError, match="^version: expected a str, got set"):
+        export_detections_json([[0, 0, 0, 1, 0.5]], ["a"], ["Alpha"], path, version={1})
+    assert path.read_text() == "kept"
+    with open(path, "wb") as f, pytest.raises(TypeError, match="^file: expected a text file object.*'wb'"):
+        export_detections_json([[0, 0, 0, 1, 0.5]], ["a"], ["Alpha"], f)
+    with pytest.raises(TypeError, match="^file: expected None, a path or a text file object, got int"):
+        export_detections_json([[0, 0, 0, 1, 0.5]], ["a"], ["Alpha"], 3)
+
+
+@pytest.mark.parametrize("names, error", [(["a", "b"], ValueError), ("abcd", TypeError)])
+def test_to_dict_refuses_class_names_that_miss_a_class(names, error):
+    result = detection_map([[0, 3, 0, 1, 0.5]], [[0, 1, 0, 1], [0, 3, 0, 1]])
+    with pytest.raises(error, match="^class_names: "):
+        result.to_dict(class_names=names)
+    assert set(result.to_dict(class_names={1: "one", 3: "three"})["ap"]) == {"one", "three"}

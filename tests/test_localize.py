@@ -316,6 +316,7 @@ def test_no_selected_class_empty_thresholds_and_zero_lengths_give_empty_rows():
         mmsd_proposals(cas, torch.ones(2, 3), torch.tensor([0, 0])),
         mmsd_proposals(cas[:, :0], torch.ones(2, 3)),
         mmsd_proposals(cas[:0], torch.ones(0, 3)),
+        mmsd_proposals(cas[:0], torch.ones(0, 3), []),  # numpy reads [] as float64: it was refused
     ):
         assert rows.shape == (0, 5) and rows.dtype == torch.float64
 
