@@ -166,7 +166,8 @@ Tensor3 snippet_distill_loss_autograd(
 //   tensors (saved_tensors_hooks, e.g. offloading to the CPU, do not see them).
 // - Recompute (every other case): the forward saves per-row statistics only and the
 //   backward reads the inputs again. Taken when not every input needs a gradient,
-//   for a second backward (retain_graph=True: the handed-over tensors may since have
+//   for float16 inputs (held gradients of an upstream gradient of 1 underflow there,
+//   see mmsd_distill_loss_autograd), for a second backward (retain_graph=True: the handed-over tensors may since have
 //   been changed by their new owner), for a batched upstream gradient
 //   (is_grads_batched=True), for backward with create_graph=True (so that
 //   differentiating the gradients raises, see above), and for tensor subclasses and
@@ -258,8 +259,13 @@ Tensor3 mmsd_distill_loss_autograd(
     double temperature,
     const std::optional<at::Tensor>& mask) {
   // Gradients in the forward: see above. Decided here, where grad mode is the caller's.
+  // Not for float16: the held gradients are those of an upstream gradient of 1, about
+  // 1 / (rows * tau), which float16 holds as subnormals or 0 (at 7500 rows and tau 0.2,
+  // under 1e-3 times a probability difference); a loss scaled up for float16 training
+  // (GradScaler's 65536) then scaled the rounding loss up with them. Recomputed, they
+  // are rounded once, after the upstream gradient. bfloat16 has float32's range.
   const bool grads_in_forward = at::GradMode::is_enabled() && rgb.requires_grad() && flow.requires_grad() &&
-      fused.requires_grad() && (rgb.is_cpu() || rgb.is_cuda()) &&
+      fused.requires_grad() && (rgb.is_cpu() || rgb.is_cuda()) && rgb.scalar_type() != at::kHalf &&
       !at::areAnyTensorSubclassLike({rgb, flow, fused}) && !(mask.has_value() && at::isTensorSubclassLike(*mask));
   const auto outs = MmsdDistillLoss::apply(rgb, flow, fused, temperature, mask, grads_in_forward);
   return {outs[0], outs[1], outs[2]};

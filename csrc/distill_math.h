@@ -68,8 +68,16 @@ C10_HOST_DEVICE inline float inverse_sum(float log_sum) {
 // forward formed the values it summed into S, times 1 / S. The rounding of a dominant
 // class's exp then cancels in p = exp(a) / S, which exp(a - log S) would not give (its
 // argument rounds by |a - log S| * 6e-8, and on a GPU expf adds up to 2 ulps of its own).
+// On CUDA the product is __fmul_rn, which nvcc never contracts: a difference of two
+// probabilities, p_s - p_t, would otherwise become one fma, and equal logits would give
+// a product's rounding error instead of a zero gradient. (The CPU kernels round it with
+// an asm barrier, csrc/cpu/distill_kernel.cpp: rounded.)
 C10_HOST_DEVICE inline float prob(float x, float shift, float inv_tau, float inv_sum) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(::expf((x - shift) * inv_tau), inv_sum);
+#else
   return ::expf((x - shift) * inv_tau) * inv_sum;
+#endif
 }
 
 // MMSD's third teacher, avg = (rgb + flow) / 2, by three exps per class instead of

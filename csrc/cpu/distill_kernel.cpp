@@ -112,6 +112,17 @@ MMSD_INLINE vf<W> splat(float x) {
   return vf<W>{} + x;
 }
 
+// x as computed, rounded to float: the empty asm hides how it was made, so the compiler
+// cannot contract the product behind it into a later sum. GCC contracts a * b - c into
+// one fma where the ISA has one (the avx2 and avx512 kernels), and the difference of two
+// equal probabilities p = exp(a) * (1 / S) then came out as the rounding error of one
+// product (up to 5e-8 in a gradient that must be 0).
+template <int W>
+MMSD_INLINE vf<W> rounded(vf<W> x) {
+  asm("" : "+v"(x));
+  return x;
+}
+
 // W floats from p, or the n < W left, padded with -inf (a class that does not
 // exist: probability 0, cross term 0).
 template <int W>
@@ -343,7 +354,7 @@ MMSD_INLINE void pair_backward_row(const float* s, const float* t, int64_t C, fl
   for_each_vector<W, false>(C, [&](auto, int64_t c, int64_t n, int64_t) MMSD_LAMBDA_INLINE {
     V ps = vexp<W>((load<W>(s + c, n) - stats[0]) * inv_tau) * inv_s;
     V pt = vexp<W>((load<W>(t + c, n) - stats[2]) * inv_tau) * inv_t;
-    store<W>(g + c, k * (ps - pt), n);
+    store<W>(g + c, k * (rounded<W>(ps) - rounded<W>(pt)), n);
   });
 }
 
@@ -467,7 +478,7 @@ MMSD_INLINE void mmsd_backward_loop(const float* r, const float* f, const float*
       ea = vexp<W>(avg_exponent_v<W>(xr, xf, stats[6], inv_tau));
     }
     V pu = vexp<W>((load<W>(u + c, n) - stats[4]) * inv_tau) * inv_u;
-    V g1 = k * (er * inv_r - ef * inv_f), g3 = k * (pu - ea * inv_a);
+    V g1 = k * (rounded<W>(er * inv_r) - rounded<W>(ef * inv_f)), g3 = k * (rounded<W>(pu) - rounded<W>(ea * inv_a));
     if constexpr (kPaired) {  // only taken with all three teachers present
       store<W>(gr + c, g1, n);
       store<W>(gf + c, -g1, n);

@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads)
       const float inv_r = 1.0f / zr, inv_f = 1.0f / zf, inv_u = 1.0f / zu, inv_a = 1.0f / za;
       auto write = [&](int64_t c, float xr, float xf, float xu) {
         const float pr = prob(xr, sr, inv_tau, inv_r), pf = prob(xf, sf, inv_tau, inv_f);
-        const float pu = prob(xu, su, inv_tau, inv_u), pa = expf(avg_exponent(xr, xf, sa, inv_tau)) * inv_a;
+        const float pu = prob(xu, su, inv_tau, inv_u), pa = __fmul_rn(expf(avg_exponent(xr, xf, sa, inv_tau)), inv_a);
         const float g1 = k * (pr - pf);
         const float g3 = k * (pu - pa);
         grads.rgb[base + c] = static_cast<scalar_t>(ok1 ? g1 : 0.0f);
@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(kThreads)
     const float pr = prob(xr, st[0], inv_tau, in[0]);
     const float pf = prob(xf, st[2], inv_tau, in[1]);
     const float pu = prob(static_cast<float>(fused[i]), st[4], inv_tau, in[2]);
-    const float pa = expf(avg_exponent(xr, xf, st[6], inv_tau)) * in[3];
+    const float pa = __fmul_rn(expf(avg_exponent(xr, xf, st[6], inv_tau)), in[3]);
     const float g1 = k * (pr - pf);
     // Selects, not products with 0: a term without a teacher may hold NaN probabilities.
     grad_rgb[i] = static_cast<scalar_t>(teacher_excluded(st[3]) ? 0.0f : g1);
