@@ -102,7 +102,7 @@ def _to(device, *tensors):
 
 def _thresholds():
     # Exact fractions that integer coordinates hit (1/3, 1/2, 2/3), and others.
-    return st.sampled_from([0.0, 0.1, 1 / 3, 0.5, 2 / 3, 0.7, 1.0])
+    return st.sampled_from([0.0, 0.1, 1 / 3, 0.5, 2 / 3, 0.7, 1.0, 1.5])
 
 
 # ----------------------------------------------------------------------------
@@ -119,6 +119,31 @@ def test_temporal_nms_matches_reference(backend, data, threshold, overlap, offse
     got = mmsd_ext.temporal_nms(seg_d, scores_d, threshold, groups=groups_d, overlap=overlap, offset=offset, backend=backend)
     assert got.dtype == torch.int64 and got.device.type == dev.type
     assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("threshold", [1.0, 1.5])
+@pytest.mark.parametrize("overlap, offset", [("iou", 0.0), ("other", 0.0), ("iou", 1.0), ("other", 0.5)])
+def test_temporal_nms_keeps_everything_from_threshold_one(any_backend, threshold, overlap, offset):
+    """No overlap exceeds 1, in float64 rounding too (the cpu kernel skips its search there):
+    identical, nested, zero-length and huge or tiny segments all stay, in visit order."""
+    gen = torch.Generator().manual_seed(11)
+    f64 = dict(dtype=torch.float64)
+    start = torch.cat([torch.zeros(40, **f64), torch.rand(40, generator=gen, **f64) * 1e-300,
+                       torch.full((20,), 1e300, **f64), torch.randint(0, 5, (60,), generator=gen, **f64)])
+    length = torch.cat([torch.ones(40, **f64), torch.rand(40, generator=gen, **f64) * 1e-300,
+                        torch.full((20,), 1e290, **f64), torch.randint(0, 3, (60,), generator=gen, **f64)])
+    seg = torch.stack([start, start + length], 1)
+    scores = torch.randint(0, 3, (160,), generator=gen).double()
+    scores[::7] = math.nan
+    groups = torch.randint(0, 2, (160,), generator=gen)
+    for grp in (None, groups):
+        want = mmsd_ext.temporal_nms(seg, scores, threshold, groups=grp, overlap=overlap, offset=offset, backend="reference")
+        assert want.numel() == 160
+        dev = backend_device(any_backend)
+        args = _to(dev, seg, scores, grp)
+        got = mmsd_ext.temporal_nms(args[0], args[1], threshold, groups=args[2], overlap=overlap, offset=offset,
+                                    backend=any_backend)
+        assert torch.equal(got.cpu(), want)
 
 
 @pytest.mark.gpu
