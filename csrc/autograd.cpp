@@ -187,7 +187,8 @@ using MmsdBackwardSig = Tensor3(
     const at::Tensor&,
     const at::Tensor&,
     double);
-using ScaleGradsSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using ScaleGradsSig =
+    void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
 constexpr const char* kForwardGrads = "grads_from_forward";
 
@@ -209,7 +210,9 @@ class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
       at::Tensor grad_rgb, grad_flow, grad_fused;
       std::tie(loss, row_stats, count, grad_rgb, grad_flow, grad_fused) =
           op_with_grads.call(rgb, flow, fused, temperature, mask);
-      ctx->saved_data[kForwardGrads] = c10::List<at::Tensor>({grad_rgb, grad_flow, grad_fused});
+      // row_stats too, for the scale's selects: unpacking the saved variables would check
+      // their versions, which the gradients held here do not depend on.
+      ctx->saved_data[kForwardGrads] = c10::List<at::Tensor>({grad_rgb, grad_flow, grad_fused, row_stats});
     } else {
       std::tie(loss, row_stats, count) = op.call(rgb, flow, fused, temperature, mask);
     }
@@ -231,6 +234,7 @@ class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
     // Not for a batched upstream gradient (is_grads_batched=True, vmap): the in-place
     // scale has no batching rule, and the recompute op has one.
     if (held != ctx->saved_data.end() && !at::GradMode::is_enabled() && !at::isTensorSubclassLike(grads[0])) {
+      at::Tensor row_stats;
       {
         // Moved out and dropped from the context, so that the tensors returned are
         // referenced only by autograd (AccumulateGrad then keeps them as .grad, no copy).
@@ -239,9 +243,10 @@ class MmsdDistillLoss : public torch::autograd::Function<MmsdDistillLoss> {
         grad_rgb = list.get(0);
         grad_flow = list.get(1);
         grad_fused = list.get(2);
+        row_stats = list.get(3);
       }
       at::AutoDispatchBelowADInplaceOrView guard;
-      scale.call(grads[0], grad_rgb, grad_flow, grad_fused);
+      scale.call(grads[0], row_stats, grad_rgb, grad_flow, grad_fused);
     } else {
       const auto saved = ctx->get_saved_variables();
       std::tie(grad_rgb, grad_flow, grad_fused) =

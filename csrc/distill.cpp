@@ -16,6 +16,8 @@
 // backward then needs no second read of the inputs), and in the backward
 // _distill_scale_grads_, which multiplies those gradients in place by the upstream
 // gradient, read on the device: where it is 1 the pass is skipped, with no host sync.
+// Rows that row_stats marks without a teacher (masked rows, all -inf teachers) stay 0,
+// as the backward's selects leave them, whatever the upstream gradient (0 * inf is NaN).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mmsd_ext, m) {
@@ -34,5 +36,7 @@ TORCH_LIBRARY_FRAGMENT(mmsd_ext, m) {
   m.def(
       "_mmsd_distill_loss_with_grads(Tensor rgb, Tensor flow, Tensor fused, float temperature, Tensor? mask)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("_distill_scale_grads_(Tensor grad, Tensor(a!) grad_rgb, Tensor(b!) grad_flow, Tensor(c!) grad_fused) -> ()");
+  m.def(
+      "_distill_scale_grads_(Tensor grad, Tensor row_stats, Tensor(a!) grad_rgb, Tensor(b!) grad_flow,"
+      " Tensor(c!) grad_fused) -> ()");
 }

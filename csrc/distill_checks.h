@@ -109,7 +109,8 @@ inline void check_backward_scalars(const at::Tensor& grad, const at::Tensor& cou
 
 // _distill_scale_grads_: grad a floating scalar; the gradients to scale in place
 // contiguous, of one floating dtype and shape, on grad's device.
-inline void check_scale_grads(const at::Tensor& grad, std::initializer_list<const at::Tensor*> grads) {
+inline void check_scale_grads(const at::Tensor& grad, const at::Tensor& row_stats,
+                              std::initializer_list<const at::Tensor*> grads) {
   TORCH_CHECK(grad.numel() == 1 && at::isFloatingType(grad.scalar_type()),
               "grad: expected a floating scalar, got ", dtype_text(grad.scalar_type()), " ", shape(grad.sizes()));
   const at::Tensor& g0 = **grads.begin();
@@ -131,6 +132,11 @@ inline void check_scale_grads(const at::Tensor& grad, std::initializer_list<cons
   for (const at::Tensor* g : grads) {
     TORCH_CHECK(at::get_overlap_status(grad, *g) == at::MemOverlapStatus::No,
                 "grad: expected a tensor that shares no memory with grad_rgb, grad_flow, grad_fused");
+  }
+  check_row_stats(row_stats, g0, kMmsdStats);
+  for (const at::Tensor* g : grads) {
+    TORCH_CHECK(at::get_overlap_status(row_stats, *g) == at::MemOverlapStatus::No,
+                "row_stats: expected a tensor that shares no memory with grad_rgb, grad_flow, grad_fused");
   }
 }
 

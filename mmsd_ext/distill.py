@@ -290,8 +290,8 @@ def _mmsd_with_grads_fake(rgb, flow, fused, temperature, mask):
     return _mmsd_fake(rgb, flow, fused, temperature, mask) + _mmsd_backward_fake(None, rgb, flow, fused, None, None, None)
 
 
-def _scale_grads_fake(grad, grad_rgb, grad_flow, grad_fused):
-    _checks.same_device("grad", grad, grad_rgb=grad_rgb, grad_flow=grad_flow, grad_fused=grad_fused)
+def _scale_grads_fake(grad, row_stats, grad_rgb, grad_flow, grad_fused):
+    _checks.same_device("grad", grad, row_stats=row_stats, grad_rgb=grad_rgb, grad_flow=grad_flow, grad_fused=grad_fused)
     return None
 
 

@@ -947,6 +947,35 @@ def test_gradients_from_the_forward_equal_the_recomputed_ones(device, dtype, mas
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
+@pytest.mark.parametrize("upstream", [math.inf, math.nan, -2.5])
+def test_held_gradients_keep_rows_without_a_teacher_zero(device, upstream):
+    """The held gradients are scaled by the upstream gradient; rows without a teacher (masked,
+    or an all -inf teacher) stay 0 as the recomputing backward's selects leave them, where
+    an upstream inf or NaN times their 0 was NaN (an overflowed scaled loss)."""
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(3, 6, 11, generator=gen) for _ in range(3)]
+    xs[1][0, 2] = -math.inf  # flow all -inf in row (0, 2): rgb's term there has no teacher
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, :3] = False
+    xs = [x.to(device).requires_grad_() for x in xs]
+    loss, ran = _ops_run(lambda: mmsd_ext.mmsd_distill_loss(*xs, 0.3, mask=mask.to(device), backend=device))
+    assert "mmsd_ext::_mmsd_distill_loss_with_grads" in ran
+    w = torch.tensor(upstream, device=device)
+    loss.backward(w, retain_graph=True)  # the held gradients, scaled
+    held = [x.grad.cpu() for x in xs]
+    for x in xs:
+        x.grad = None
+    loss.backward(w)  # recomputed
+    recomputed = [x.grad.cpu() for x in xs]
+    for g in held + recomputed:
+        assert torch.equal(g[~mask], torch.zeros_like(g[~mask]))
+    assert torch.equal(held[0][0, 2], torch.zeros(11)) and torch.equal(recomputed[0][0, 2], torch.zeros(11))
+    if device == "cpu":  # the held way rounds once more (the scale): 2 eps
+        for a, b in zip(held, recomputed):
+            torch.testing.assert_close(a, b, rtol=2**-22, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", COMPILED_DEVICES)
 def test_float16_gradients_of_a_scaled_loss_are_rounded_once(device):
     """float16 training scales the loss up (GradScaler: 65536). The gradients for an upstream
     gradient of 1 are about 1 / (rows * tau): float16 subnormals or 0 at a few hundred rows.
@@ -1057,31 +1086,51 @@ def test_masks_at_any_byte_offset_and_row_counts(device):
 def test_scale_grads_op_checks_its_arguments(device):
     ops = torch.ops.mmsd_ext
     g = [torch.ones(2, 3, device=device) for _ in range(3)]
+    st = torch.zeros(2, 8, device=device)  # row statistics: every term has a teacher (log S = 0)
     message = "grad_rgb, grad_flow, grad_fused: expected contiguous floating tensors of one shape and dtype on "
     with pytest.raises(RuntimeError, match="^" + re.escape(message) + ".*float32 \\[2\\]"):
-        ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], g[2][:, 0].contiguous())
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), st, g[0], g[1], g[2][:, 0].contiguous())
     with pytest.raises(RuntimeError, match="^" + re.escape(message) + ".*not contiguous"):
-        ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[1], torch.ones(3, 2, device=device).t())
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), st, g[0], g[1], torch.ones(3, 2, device=device).t())
     with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a floating scalar, got float32 [2]")):
-        ops._distill_scale_grads_(torch.ones(2, device=device), *g)
+        ops._distill_scale_grads_(torch.ones(2, device=device), st, *g)
     # The scale read from one of the gradients it rewrites, or a gradient given twice.
     with pytest.raises(RuntimeError, match="^" + re.escape("grad: expected a tensor that shares no memory")):
-        ops._distill_scale_grads_(g[0].view(-1)[0], *g)
+        ops._distill_scale_grads_(g[0].view(-1)[0], st, *g)
     with pytest.raises(RuntimeError, match="^grad_rgb, grad_flow, grad_fused: expected three tensors that share no"):
-        ops._distill_scale_grads_(torch.tensor(2.0, device=device), g[0], g[0], g[1])
-    ops._distill_scale_grads_(torch.tensor(1.0, device=device), *g)
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), st, g[0], g[0], g[1])
+    ops._distill_scale_grads_(torch.tensor(1.0, device=device), st, *g)
     assert all(torch.equal(x, torch.ones(2, 3, device=device)) for x in g)
     # The op changes its tensors in place: their version counters move, so that a backward
     # that saved one of them refuses to run.
     before = [x._version for x in g]
     z = torch.randn(2, 3, device=device, requires_grad=True)
     y = (z * g[0]).sum()
-    ops._distill_scale_grads_(torch.tensor(1.0, device=device), *g)
+    ops._distill_scale_grads_(torch.tensor(1.0, device=device), st, *g)
     assert all(x._version > v for x, v in zip(g, before))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
-    ops._distill_scale_grads_(torch.tensor(-0.5, device=device), *g)
+    ops._distill_scale_grads_(torch.tensor(-0.5, device=device), st, *g)
     assert all(torch.equal(x, torch.full((2, 3), -0.5, device=device)) for x in g)
+    # The row statistics: the forward's shape, and not memory the op rewrites.
+    with pytest.raises(RuntimeError, match="^" + re.escape("row_stats: expected the contiguous float32 tensor of shape [2, 8]")):
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), st[:, :4].contiguous(), *g)
+    base = torch.zeros(16, device=device)
+    with pytest.raises(RuntimeError, match="^row_stats: expected a tensor that shares no memory"):
+        ops._distill_scale_grads_(torch.tensor(2.0, device=device), base.view(2, 8), g[0], g[1], base[:6].view(2, 3))
+    # A term without a teacher (log S = -inf: a masked row, or an all -inf teacher) stays 0
+    # whatever the scale; 0 * inf was NaN. rgb's teacher is flow (column 3), flow's is rgb
+    # (1), fused's the mean (7).
+    for w in (math.inf, math.nan, 3.0):
+        x = [torch.ones(2, 3, device=device) for _ in range(3)]
+        st = torch.zeros(2, 8, device=device)
+        st[0, 3] = st[1, 1] = st[1, 7] = -math.inf
+        ops._distill_scale_grads_(torch.tensor(w, device=device), st, *x)
+        full = torch.full((3,), w, device=device)
+        for got, dropped in zip(x, (0, 1, 1)):
+            assert torch.equal(got[dropped], torch.zeros(3, device=device)), w
+            assert torch.allclose(got[1 - dropped], full, equal_nan=True), w
+
 
 
 def test_teacher_gets_no_gradient_and_inputs_are_untouched(backend):
@@ -1400,9 +1449,9 @@ def test_opcheck_compiled_ops():
             s, t, u, mask = _opcheck_samples(device, strided)
             for m in (None, mask):
                 torch.library.opcheck(ops._mmsd_distill_loss_with_grads.default, (s, t, u, 0.2, m))
-            grads = ops._mmsd_distill_loss_with_grads(s, t, u, 0.2, mask)[3:]
+            outs = ops._mmsd_distill_loss_with_grads(s, t, u, 0.2, mask)
             for w in (1.0, 0.5):
-                args = (torch.tensor(w, device=device), *[g.clone() for g in grads])
+                args = (torch.tensor(w, device=device), outs[1], *[g.clone() for g in outs[3:]])
                 torch.library.opcheck(ops._distill_scale_grads_.default, args)
 
 

@@ -595,9 +595,9 @@ def _direct_calls(device):
             (lambda: ops._threshold_runs(torch.zeros(4, dtype=torch.float64), torch.tensor([1]), torch.tensor([2**63 - 1]),
                                          torch.tensor([0.5], dtype=torch.float64), 1, 0.0, False), "offsets, lengths"),
             # Aliased gradients would be scaled once per name.
-            (lambda: ops._distill_scale_grads_(torch.tensor(2.0), three, three, torch.ones(3)), "grad_rgb, grad_flow, grad_fused"),
+            (lambda: ops._distill_scale_grads_(torch.tensor(2.0), three.new_zeros(8), three, three, torch.ones(3)), "grad_rgb, grad_flow, grad_fused"),
             # The upstream gradient inside one of them: the CUDA kernel read it while writing.
-            (lambda: ops._distill_scale_grads_(three[1], three, torch.ones(3), torch.ones(3)), "grad: expected a tensor that shares no memory"),
+            (lambda: ops._distill_scale_grads_(three[1], three.new_zeros(8), three, torch.ones(3), torch.ones(3)), "grad: expected a tensor that shares no memory"),
         ]
     return calls
 
@@ -621,7 +621,7 @@ def test_scaling_gradients_in_place_bumps_their_version():
     x = torch.ones(3, requires_grad=True)
     y = torch.ones(3)
     z = (x * y).sum()
-    torch.ops.mmsd_ext._distill_scale_grads_(torch.tensor(2.0), y, torch.ones(3), torch.ones(3))
+    torch.ops.mmsd_ext._distill_scale_grads_(torch.tensor(2.0), torch.zeros(8), y, torch.ones(3), torch.ones(3))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.backward()
 

@@ -902,27 +902,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmsd_distill_loss_backward_cpu(
   return {gr, gf, gu};
 }
 
-// grad is a CPU scalar here: reading it costs no synchronisation.
-void distill_scale_grads_cpu(const at::Tensor& grad, const at::Tensor& grad_rgb, const at::Tensor& grad_flow,
-                             const at::Tensor& grad_fused) {
-  check_scale_grads(grad, {&grad_rgb, &grad_flow, &grad_fused});
+// grad is a CPU scalar here: reading it costs no synchronisation. Products in float
+// (double for float64; w is exact in either), rounded once to the dtype, as the CUDA
+// kernel does (for fp16, mul_(w) would first round w to the dtype: GradScaler's 65536 is
+// inf there). A row whose term has no teacher (row_stats: masked, or an all -inf teacher)
+// stays 0, as in the recomputing backward, also where w is inf or NaN.
+void distill_scale_grads_cpu(const at::Tensor& grad, const at::Tensor& row_stats, const at::Tensor& grad_rgb,
+                             const at::Tensor& grad_flow, const at::Tensor& grad_fused) {
+  check_scale_grads(grad, row_stats, {&grad_rgb, &grad_flow, &grad_fused});
   bump_versions({&grad_rgb, &grad_flow, &grad_fused});
   const float w = grad.to(at::kFloat).item<float>();
-  if (w == 1.0f) return;
-  for (const at::Tensor* g : {&grad_rgb, &grad_flow, &grad_fused}) {
-    if (g->scalar_type() == at::kFloat || g->scalar_type() == at::kDouble) {
-      g->mul_(w);  // w is exact in the dtype: one rounding of the product, as below
-      continue;
-    }
-    // fp16 / bf16: mul_(w) would first round w to the dtype (GradScaler's 65536 is inf in
-    // fp16); products in float, rounded once to the dtype, as the CUDA kernel does.
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(g->scalar_type(), "distill_scale_grads_cpu", [&] {
+  if (w == 1.0f || grad_rgb.numel() == 0) return;
+  const int64_t C = grad_rgb.size(-1), R = grad_rgb.numel() / C;
+  const float* stats = row_stats.const_data_ptr<float>();
+  // The teacher's log S of each gradient's term: rgb's is flow (3), flow's rgb (1), fused's avg (7).
+  const std::pair<const at::Tensor*, int> terms[3] = {{&grad_rgb, 3}, {&grad_flow, 1}, {&grad_fused, 7}};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rgb.scalar_type(), "distill_scale_grads_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    for (const auto& [g, teacher] : terms) {
       scalar_t* data = g->data_ptr<scalar_t>();
-      at::parallel_for(0, g->numel(), 1 << 15, [&](int64_t first, int64_t last) {
-        for (int64_t i = first; i < last; ++i) data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * w);
+      at::parallel_for(0, R, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t first, int64_t last) {
+        for (int64_t r = first; r < last; ++r) {
+          scalar_t* row = data + r * C;
+          if (teacher_excluded(stats[r * kMmsdStats + teacher])) {
+            std::fill(row, row + C, static_cast<scalar_t>(0.0f));
+            continue;
+          }
+          for (int64_t c = 0; c < C; ++c) row[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * w);
+        }
       });
-    });
-  }
+    }
+  });
 }
 
 }  // namespace

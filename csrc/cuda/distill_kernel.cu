@@ -397,17 +397,22 @@ __global__ void __launch_bounds__(kThreads)
 // _distill_scale_grads_: a, b, c *= *grad, nothing at all where *grad == 1 (read
 // here, so the host never waits for it). Products in the accumulation type of the
 // dtype (float, or double for float64), rounded once to the dtype, as the CPU kernel.
+// Selects, as the backward kernel's: a term without a teacher (row_stats: a masked row
+// or an all -inf teacher) stays 0, also where *grad is inf or NaN.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    distill_scale_grads_kernel(const float* __restrict__ grad, index_t N, scalar_t* __restrict__ a,
-                               scalar_t* __restrict__ b, scalar_t* __restrict__ c) {
+    distill_scale_grads_kernel(const float* __restrict__ grad, const float* __restrict__ stats, index_t N,
+                               index_t C, scalar_t* __restrict__ a, scalar_t* __restrict__ b,
+                               scalar_t* __restrict__ c) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const float w = *grad;
   if (w == 1.0f) return;
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
   for (index_t i = index_t(blockIdx.x) * kThreads + threadIdx.x; i < N; i += index_t(gridDim.x) * kThreads) {
-    a[i] = static_cast<scalar_t>(static_cast<acc_t>(a[i]) * w);
-    b[i] = static_cast<scalar_t>(static_cast<acc_t>(b[i]) * w);
-    c[i] = static_cast<scalar_t>(static_cast<acc_t>(c[i]) * w);
+    const float* st = stats + int64_t(i / C) * kMmsdStats;
+    a[i] = teacher_excluded(st[3]) ? zero : static_cast<scalar_t>(static_cast<acc_t>(a[i]) * w);
+    b[i] = teacher_excluded(st[1]) ? zero : static_cast<scalar_t>(static_cast<acc_t>(b[i]) * w);
+    c[i] = teacher_excluded(st[7]) ? zero : static_cast<scalar_t>(static_cast<acc_t>(c[i]) * w);
   }
 }
 
@@ -617,9 +622,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, stats, count, grads[0], grads[1], grads[2]};
 }
 
-void distill_scale_grads_cuda(const at::Tensor& grad, const at::Tensor& grad_rgb, const at::Tensor& grad_flow,
-                              const at::Tensor& grad_fused) {
-  check_scale_grads(grad, {&grad_rgb, &grad_flow, &grad_fused});
+void distill_scale_grads_cuda(const at::Tensor& grad, const at::Tensor& row_stats, const at::Tensor& grad_rgb,
+                              const at::Tensor& grad_flow, const at::Tensor& grad_fused) {
+  check_scale_grads(grad, row_stats, {&grad_rgb, &grad_flow, &grad_fused});
   bump_versions({&grad_rgb, &grad_flow, &grad_fused});
   check_cuda("grad", grad);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
@@ -631,8 +636,8 @@ void distill_scale_grads_cuda(const at::Tensor& grad, const at::Tensor& grad_rgb
     with_index_type(N, [&](auto index) {
       using index_t = decltype(index);
       distill_scale_grads_kernel<scalar_t, index_t><<<blocks_for(N, kThreads, kScaleMaxBlocks), kThreads, 0, stream>>>(
-          w.const_data_ptr<float>(), index_t(N), grad_rgb.data_ptr<scalar_t>(), grad_flow.data_ptr<scalar_t>(),
-          grad_fused.data_ptr<scalar_t>());
+          w.const_data_ptr<float>(), row_stats.const_data_ptr<float>(), index_t(N), index_t(grad_rgb.size(-1)),
+          grad_rgb.data_ptr<scalar_t>(), grad_flow.data_ptr<scalar_t>(), grad_fused.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
