@@ -528,6 +528,33 @@ def test_two_stream_distillation_is_both_directions():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="distillation needs the rgb and flow streams"):
         losses.distill_loss(cas, ("rgb", "fused"), mask)
+    # The streams as a list (it compared a list with a tuple and refused them).
+    assert torch.equal(losses.distill_loss(cas, ["rgb", "flow"], mask), got)
+
+
+@pytest.mark.parametrize("streams, error", [(("rgb", "flw"), ValueError), (("RGB",), ValueError), ((), ValueError),
+                                            ("rgb", TypeError)])
+def test_model_refuses_unknown_stream_names(streams, error):
+    # ("rgb", "flw") built an rgb-only model without a word; a str was read letter by letter.
+    with pytest.raises(error, match="^streams: expected a"):
+        MMSD(3, modality_dim=4, embed_dim=8, streams=streams)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_keeps_padding_out(dtype):
+    """A padded video's outputs equal its outputs alone in float16 too: F.normalize's default
+    eps, 1e-12, is 0 in float16, and a padded embedding's 0 / 0 was NaN in every pooling."""
+    torch.manual_seed(0)
+    model = MMSD(3, modality_dim=8, embed_dim=8).to(dtype).eval()
+    x = torch.randn(2, 6, 16).to(dtype)
+    x[1, 3:] = 0
+    with torch.no_grad():
+        batched = model(x, torch.tensor([6, 3]))
+        alone = model(x[1:, :3], torch.tensor([3]))
+    for key in ("video_logits", "mil_logits"):
+        assert torch.isfinite(batched[key]).all(), key
+        torch.testing.assert_close(batched[key][:, 1], alone[key][:, 0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(batched["cas_logits"][:, 1, :3], alone["cas_logits"][:, 0], rtol=2e-2, atol=2e-2)
 
 
 def test_attention_loss_ignores_whatever_the_padding_holds():

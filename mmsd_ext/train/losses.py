@@ -66,6 +66,7 @@ def attention_loss(cas_logits, labels, lengths, mask, *, backend=None):
 
 def distill_loss(cas_logits, streams, mask, *, temperature=TEMPERATURE, backend=None):
     """MMSD's multi-modality distillation (mean over valid snippets) for the streams present."""
+    streams = tuple(streams)  # a list names the same streams
     if streams == ("rgb", "flow", "fused"):
         return mmsd_ext.mmsd_distill_loss(cas_logits[0], cas_logits[1], cas_logits[2], temperature, mask=mask, backend=backend)
     if streams == ("rgb", "flow"):

@@ -41,9 +41,12 @@ class MMSD(nn.Module):
 
     def __init__(self, num_classes, modality_dim=1024, embed_dim=1024, dropout=0.6, scale=20.0, streams=STREAMS):
         super().__init__()
+        if isinstance(streams, (str, bytes)):
+            raise TypeError(f"streams: expected a sequence of stream names, got {type(streams).__name__} {streams!r}")
+        unknown = [s for s in streams if s not in STREAMS]
+        if unknown or not streams:
+            raise ValueError(f"streams: expected a non-empty subset of {STREAMS}, got {tuple(streams)!r}")
         streams = tuple(s for s in STREAMS if s in streams)
-        if not streams:
-            raise ValueError(f"streams: expected a non-empty subset of {STREAMS}, got {streams}")
         self.num_classes = num_classes
         self.modality_dim = modality_dim
         self.embed_dim = embed_dim
@@ -105,20 +108,23 @@ class MMSD(nn.Module):
         """The stacked streams' classifiers on padded embeddings emb: [S, B, T, E]."""
         s = self.scale
         maskf = mask.to(emb.dtype)
-        unit_emb = F.normalize(emb, dim=-1)
+        # 1e-12 (F.normalize's default) is 0 in float16, where a padded embedding's 0 / 0 made
+        # NaN that the masks' products kept (NaN * 0): its smallest normal number there.
+        eps = max(1e-12, torch.finfo(emb.dtype).tiny)
+        unit_emb = F.normalize(emb, dim=-1, eps=eps)
         unit_centres = F.normalize(self.centres, dim=-1)  # [S, C+1, E]
         unit_fg = F.normalize(self.fg_centres, dim=-1)  # [S, 1, E]
         cas_logits = s * torch.einsum("sbte,sce->sbtc", unit_emb, unit_centres)
         attention = torch.sigmoid(s * torch.einsum("sbte,se->sbt", unit_emb, unit_fg[:, 0])) * maskf
 
         # Attention branch: attention-weighted mean of the (unnormalised) embeddings.
-        pooled = torch.einsum("sbt,sbte->sbe", attention, emb) / attention.sum(-1, keepdim=True).clamp_min(1e-12)
-        video_logits = s * torch.einsum("sbe,sce->sbc", F.normalize(pooled, dim=-1), unit_centres)
+        pooled = torch.einsum("sbt,sbte->sbe", attention, emb) / attention.sum(-1, keepdim=True).clamp_min(eps)
+        video_logits = s * torch.einsum("sbe,sce->sbc", F.normalize(pooled, dim=-1, eps=eps), unit_centres)
 
         # MIL branch: one class-weighted mean per class, scored against that class's centre.
         weights = torch.sigmoid(cas_logits) * maskf[None, :, :, None]
-        class_pooled = torch.einsum("sbtc,sbte->sbce", weights, emb) / weights.sum(2)[..., None].clamp_min(1e-12)
-        mil_logits = s * (F.normalize(class_pooled, dim=-1) * unit_centres[:, None]).sum(-1)
+        class_pooled = torch.einsum("sbtc,sbte->sbce", weights, emb) / weights.sum(2)[..., None].clamp_min(eps)
+        mil_logits = s * (F.normalize(class_pooled, dim=-1, eps=eps) * unit_centres[:, None]).sum(-1)
         return {
             "cas_logits": cas_logits,
             "attention": attention,
