@@ -167,13 +167,14 @@ Tensor3 snippet_distill_loss_autograd(
 // - Recompute (every other case): the forward saves per-row statistics only and the
 //   backward reads the inputs again. Taken when not every input needs a gradient,
 //   for float16 inputs (held gradients of an upstream gradient of 1 underflow there,
-//   see mmsd_distill_loss_autograd), for a second backward (retain_graph=True: the handed-over tensors may since have
-//   been changed by their new owner), for a batched upstream gradient
-//   (is_grads_batched=True), for backward with create_graph=True (so that
-//   differentiating the gradients raises, see above), and for tensor subclasses and
-//   dispatch modes: torch.compile, FakeTensor, functorch. Under those the ops are
-//   traced, not run, and a trace of the first way would bake in an in-place update of
-//   tensors saved for backward; this way traces as plain functional ops.
+//   see mmsd_distill_loss_autograd), for a second backward (retain_graph=True: the
+//   handed-over tensors may since have been changed by their new owner), for a
+//   batched upstream gradient (is_grads_batched=True), for backward with
+//   create_graph=True (so that differentiating the gradients raises, see above), and
+//   for tensor subclasses and dispatch modes: torch.compile, FakeTensor, functorch.
+//   Under those the ops are traced, not run, and a trace of the first way would bake
+//   in an in-place update of tensors saved for backward; this way traces as plain
+//   functional ops.
 
 using MmsdSig =
     Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&);

@@ -115,8 +115,9 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
     elements of traffic against 9 N for recomputing, N = rgb.numel()). Otherwise
     (float16 inputs, some input without a gradient, a second backward with
     ``retain_graph=True``, ``create_graph=True``, a batched upstream gradient
-    (``is_grads_batched=True``), torch.compile) the forward saves per-row statistics only (the maxima and log-sums of the four
-    softmaxes) and the backward reads the inputs again to write the gradients.
+    (``is_grads_batched=True``), torch.compile) the forward saves per-row
+    statistics only (the maxima and log-sums of the four softmaxes) and the
+    backward reads the inputs again to write the gradients.
     The triton backend always does the latter. float16 recomputes because the
     gradients of an upstream gradient of 1 are about 1 / (rows * tau): float16
     subnormals or 0 at a few hundred rows, whose lost digits a scaled loss

@@ -70,11 +70,12 @@ class DetectionMAP:
         else:
             if isinstance(class_names, (str, bytes)):
                 raise TypeError(f"class_names: expected a sequence of names, got {type(class_names).__name__}")
-            try:
-                names = [str(class_names[int(c)]) for c in self.classes]
-            except (IndexError, KeyError):
-                missing = next(int(c) for c in self.classes if not _has_name(class_names, int(c)))
-                raise ValueError(f"class_names: class {missing} has no name (got {len(class_names)} names)") from None
+            names = []
+            for c in self.classes.tolist():
+                try:
+                    names.append(str(class_names[c]))
+                except (IndexError, KeyError):
+                    raise ValueError(f"class_names: class {c} has no name (got {len(class_names)} names)") from None
         return {
             "map": {k: float(v) * scale for k, v in zip(keys, self.map)},
             "average_map": float(self.average) * scale,
@@ -98,14 +99,6 @@ def _tiou_keys(tious):
         if len(set(keys)) == len(set(tious.tolist())):
             return keys
     return keys
-
-
-def _has_name(class_names, c):
-    try:
-        class_names[c]
-    except (IndexError, KeyError):
-        return False
-    return True
 
 
 def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
