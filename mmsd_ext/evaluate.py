@@ -805,15 +805,16 @@ def _tious(value):
         value = value.detach().cpu()
         if value.is_floating_point() and value.dtype != torch.float64:
             value = value.double()  # numpy has no bfloat16
+    # Strings, bools and ragged lists are refused: np.array(..., float64) read "0.5" and True as numbers.
     try:
         raw = np.asarray(value)
-        if raw.dtype.kind == "O" and any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw.flat):
-            raise TypeError
-        tious = raw.astype(np.float64) if raw.dtype.kind in "iufO" else None
+        numbers = raw.dtype.kind in "iuf" or (
+            raw.dtype.kind == "O" and not any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw.flat)
+        )
+        tious = raw.astype(np.float64) if numbers else None
     except (TypeError, ValueError):
         tious = None
     if tious is None:
-        # Strings, bools and ragged lists: np.array(..., float64) read "0.5" and True as numbers.
         raise ValueError(f"tiou_thresholds: expected a sequence of numbers, got {value!r}")
     if tious.ndim > 1:
         raise ValueError(f"tiou_thresholds: expected a 1-d sequence, got shape {list(tious.shape)}")

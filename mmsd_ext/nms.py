@@ -73,8 +73,8 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
     by max-trees over the kept segments, csrc/cpu/temporal_nms_kernel.cpp):
     quadratic at worst, as greedy NMS is (40k nested segments [0, i] at threshold
     0.99999999: 0.95 s); from ``iou_threshold`` 1 on nothing is tested (no overlap
-    exceeds 1). cuda with n <= 256: one kernel launch of one block, no mask (ranks and greedy
-    pass in shared memory, groups compared directly). cuda with larger n, and
+    exceeds 1). cuda with n <= 256: one kernel launch of one block, no mask (ranks
+    and greedy pass in shared memory, groups compared directly). cuda with larger n, and
     triton: a suppression mask of n * W * 8 bytes for n segments, W =
     ceil(n / 64) without groups or with n <= 8192 (n^2 / 8 bytes: 1.25 GB at
     n = 1e5, 8 MiB at most with groups), else W = ceil(Gmax / 64) + 1 for the
