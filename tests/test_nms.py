@@ -146,6 +146,31 @@ def test_temporal_nms_keeps_everything_from_threshold_one(any_backend, threshold
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.7])
+@pytest.mark.parametrize("overlap", ["iou", "other"])
+def test_temporal_nms_zero_length_segments(any_backend, threshold, overlap):
+    """Points (start == end, offset 0) overlap nothing, so every one is kept, wherever it
+    lies: on another point, inside a longer segment or at its ends (the cpu kernel skips
+    its search for them)."""
+    gen = torch.Generator().manual_seed(5)
+    f64 = dict(dtype=torch.float64)
+    points = torch.randint(0, 6, (120,), generator=gen).to(**f64)
+    start = torch.randint(0, 5, (40,), generator=gen).to(**f64)
+    longer = torch.stack([start, start + torch.randint(1, 4, (40,), generator=gen).to(**f64)], 1)
+    seg = torch.cat([points[:, None].expand(-1, 2), longer])
+    perm = torch.randperm(160, generator=gen)
+    seg = seg[perm].contiguous()
+    scores = torch.randint(0, 4, (160,), generator=gen).double()
+    is_point = perm < 120
+    for grp in (None, torch.randint(0, 2, (160,), generator=gen)):
+        want = mmsd_ext.temporal_nms(seg, scores, threshold, groups=grp, overlap=overlap, backend="reference")
+        assert is_point.nonzero().flatten().tolist() == sorted(i for i in want.tolist() if is_point[i])
+        assert want.numel() < 160  # the longer segments do suppress each other
+        args = _to(backend_device(any_backend), seg, scores, grp)
+        got = mmsd_ext.temporal_nms(args[0], args[1], threshold, groups=args[2], overlap=overlap, backend=any_backend)
+        assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.gpu
 def test_temporal_nms_small_example_every_backend():
     # Written out by hand: 0 is kept; 1 overlaps 0 by IoU 9/11 > 0.5; 2 is disjoint; 3

@@ -211,7 +211,12 @@ void nms_one_group(const int64_t* members, int64_t size, const double* seg, cons
     const double cs = first[rc], ce = second[rc];
     const double len_c = ce - cs + offset;
     bool suppressed = false;
-    if (maxlen >= 0) {
+    // A zero-length candidate (start == end, offset 0) is never suppressed: its
+    // intersection with anything is 0 (min(ends) <= ce == cs <= max(starts)), so its
+    // overlap is 0 (also for an empty denominator), and thresholds are >= 0. Without
+    // this, M such segments on one point were each tested against every kept one
+    // (a reach of 0 bounds nothing): 3 s at M = 40k.
+    if (maxlen >= 0 && len_c != 0.0) {
       const double reach = threshold * len_c;  // the intersection must exceed it
       const double below = kind == kOther ? maxlen - reach : keep_frac * maxlen;
       const double above = keep_frac * len_c;
