@@ -102,12 +102,12 @@ def _temporal_nms_mask_kernel(
 
 def _float64_params(like, *values):
     """The float parameters as a float64 tensor on like's device (Triton passes Python
-    floats as float32). Filled element by element: each fill is a kernel taking the
-    value as an argument, where new_tensor([...]) would copy from pageable host memory
-    and wait for the stream."""
+    floats as float32). Filled element by element with fill_, a kernel taking the value
+    as an argument. new_tensor([...]) and params[i] = value (a copy_ from a CPU scalar
+    tensor) would copy from pageable host memory and wait for the stream."""
     params = like.new_empty(len(values), dtype=torch.float64)
     for i, value in enumerate(values):
-        params[i] = value
+        params[i].fill_(value)
     return params
 
 

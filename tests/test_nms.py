@@ -171,6 +171,31 @@ def test_temporal_nms_zero_length_segments(any_backend, threshold, overlap):
         assert torch.equal(got.cpu(), want)
 
 
+def test_triton_float_params_are_filled_not_copied():
+    """The Triton NMS ops pass their float parameters in a float64 tensor. params[i] = v
+    is a copy_ from a CPU scalar tensor (on a GPU: a pageable copy that waits for the
+    stream, two or four extra host waits per call); fill_ takes the value as an argument."""
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmsd_ext.kernels import temporal_nms as nms_kernels
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        params = nms_kernels._float64_params(torch.empty(0), 0.5, 1.0, -math.inf)
+    assert params.dtype == torch.float64 and params.tolist() == [0.5, 1.0, -math.inf]
+    assert "copy_" not in ops.seen and "lift_fresh" not in ops.seen, ops.seen
+    assert ops.seen.count("fill_") == 3, ops.seen
+
+
 @pytest.mark.gpu
 def test_temporal_nms_small_example_every_backend():
     # Written out by hand: 0 is kept; 1 overlaps 0 by IoU 9/11 > 0.5; 2 is disjoint; 3
