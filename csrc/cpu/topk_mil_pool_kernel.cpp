@@ -128,13 +128,15 @@ struct BlockSelect {
   // accumulator (4 cycles per add) and lets the loop vectorise; fixed order, so deterministic.
   static constexpr int kPartials = 8;
 
-  std::vector<key_t> keys;      // [T, kLanes]
-  std::vector<key_t> cand_key;  // [kLanes, T]: keys of each lane's candidates, in time order
-  std::vector<int32_t> cand_t;  // [kLanes, T]: and their time indices
+  // Sized by the longest valid length, not T, and candidates only for the lanes a
+  // block can fill (C < kLanes): a long, narrow, mostly padded input needs no more.
+  std::vector<key_t> keys;      // [rows, kLanes]
+  std::vector<key_t> cand_key;  // [lanes, rows]: keys of each lane's candidates, in time order
+  std::vector<int32_t> cand_t;  // [lanes, rows]: and their time indices
   std::vector<int32_t> hist;    // [kLanes, kBins]
 
-  explicit BlockSelect(int64_t T)
-      : keys(T * kLanes), cand_key(T * kLanes), cand_t(T * kLanes), hist(kLanes * kBins) {}
+  BlockSelect(int64_t rows, int64_t lanes)
+      : keys(rows * kLanes), cand_key(rows * lanes), cand_t(rows * lanes), hist(kLanes * kBins) {}
 
   // Selects the k largest keys of lanes [0, width) over rows [0, L); writes the
   // mean, kth key and cut of lane j to out[j], kth_out[j], cut_out[j].
@@ -288,7 +290,10 @@ void forward_kernel(
   const key_t flip = flip_mask<key_t>(largest);
   const int64_t blocks = (C + kLanes - 1) / kLanes;
 
-  auto init = [T] { return BlockSelect<acc_t>(T); };
+  // lengths are checked to lie in [1, T]; rows >= every L a task sees.
+  const int64_t rows = B > 0 ? *std::max_element(lengths, lengths + B) : 0;
+  const int64_t lanes = std::min(kLanes, C);
+  auto init = [rows, lanes] { return BlockSelect<acc_t>(rows, lanes); };
   parallel_chunks(B * blocks, 1, init, [&](BlockSelect<acc_t>& select, int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / blocks;
