@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _loader
 from .nms import temporal_nms
 
 #: MMSD's activation thresholds, ``numpy.arange(0.0003, 0.01, 0.0005)`` (20 values,
@@ -450,3 +450,26 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
     if not bool(torch.isfinite(thresholds).all()):
         raise ValueError("thresholds: expected finite values")
     return cas, video_scores, lengths, thresholds
+
+
+# Fake kernel of the compiled run finder (only where the extension is loaded): the
+# run count depends on the values. The checks are the kernel's that need no values.
+if _loader.compiled_available():
+
+    @torch.library.register_fake("mmsd_ext::_threshold_runs")
+    def _(values, offsets, lengths, thresholds, min_len, outer_ratio, first_copies_only):
+        for name, t, dtype, doc in (("values", values, torch.float64, "[S]"), ("offsets", offsets, torch.int64, "[N]"),
+                                    ("lengths", lengths, torch.int64, "[N]"), ("thresholds", thresholds, torch.float64, "[K]")):
+            if t.dtype != dtype:
+                raise TypeError(f"{name}: expected dtype {str(dtype).removeprefix('torch.')}, got {t.dtype}")
+            _checks.rank(name, t, 1, doc)
+        if lengths.shape != offsets.shape:
+            raise ValueError(f"lengths: expected shape [N] = [{offsets.shape[0]}] like offsets, got {list(lengths.shape)}")
+        _checks.same_device("values", values, offsets=offsets, lengths=lengths, thresholds=thresholds)
+        if min_len < 1:
+            raise ValueError(f"min_len: expected an int >= 1, got {min_len}")
+        if not (math.isfinite(outer_ratio) and outer_ratio >= 0):
+            raise ValueError(f"outer_ratio: expected a finite number >= 0, got {outer_ratio}")
+        r = torch.library.get_ctx().new_dynamic_size()
+        return (values.new_empty((r,), dtype=torch.int64), values.new_empty((r,), dtype=torch.int64),
+                values.new_empty((r,), dtype=torch.int64), values.new_empty((r,)))

@@ -1,5 +1,7 @@
 """mmsd_proposals against the Python-loop reference of MMSD's getActLoc (tests/localization_reference.py)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -182,9 +184,32 @@ def test_threshold_runs_op_bad_inputs(change, error, match):
 def test_threshold_runs_opcheck():
     values = torch.tensor([0.5, 0.9, 0.9, 0.2, 0.9, 0.0, 0.7], dtype=torch.float64)
     args = (values, torch.tensor([0, 5]), torch.tensor([5, 2]), torch.tensor([0.6, 0.1], dtype=torch.float64), 1, 0.25, True)
-    # Data-dependent output sizes and no fake kernel (mmsd_proposals is not traceable
-    # as a whole), so the schema and autograd-registration checks only.
-    torch.library.opcheck(torch.ops.mmsd_ext._threshold_runs.default, args, test_utils=("test_schema", "test_autograd_registration"))
+    # Every check, the fake kernel's (data-dependent run count) included; mmsd_proposals
+    # as a whole reads values on the host, so it is not traceable.
+    torch.library.opcheck(torch.ops.mmsd_ext._threshold_runs.default, args)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(values=torch.zeros(5)), TypeError, "values: expected dtype float64"),
+        (dict(lengths=torch.tensor([5, 1])), ValueError, r"lengths: expected shape \[N\] = \[1\]"),
+        (dict(min_len=0), ValueError, "min_len: expected an int >= 1, got 0"),
+        (dict(outer_ratio=math.inf), ValueError, "outer_ratio: expected a finite number >= 0"),
+        (dict(thresholds=torch.zeros(1, 1, dtype=torch.float64)), ValueError, "thresholds: expected a 1-d tensor"),
+    ],
+)
+def test_threshold_runs_fake_refuses_what_the_kernel_refuses(change, error, match):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = dict(values=torch.zeros(5, dtype=torch.float64), offsets=torch.tensor([0]), lengths=torch.tensor([5]),
+                thresholds=torch.tensor([0.5], dtype=torch.float64), min_len=1, outer_ratio=0.25, first_copies_only=True)
+    args.update(change)
+    with pytest.raises(error, match=match):  # the real kernel
+        torch.ops.mmsd_ext._threshold_runs(*args.values())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(error, match=match):
+        torch.ops.mmsd_ext._threshold_runs(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()])
 
 
 @pytest.mark.skipif("cpu" in AVAILABLE, reason="only where the extension is not built")
