@@ -22,8 +22,8 @@ anchor), on the same tensors:
 - ``check``: the replay's loss and gradients (set to NaN before it) against the
   anchor's ordinary call, with the benchmark's tolerances and comparison.
 
-Timing: ``benchmarks.harness.measure`` (``triton.testing.do_bench``: CUDA events, L2
-cleared before each call, median). Float32, inputs as in the benchmark.
+Timing: ``benchmarks.harness.measure`` (CUDA events around each call, L2 cleared and
+the GPU idle before it, median). Float32, inputs as in the benchmark.
 
     python -m benchmarks.graph_replay [--ops mmsd_distill_loss topk_mil_pool] [--sizes 10x750x21 64x4608x201]
                                       [--backends cuda triton] [--min-run-time 0.2]

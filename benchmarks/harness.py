@@ -20,9 +20,11 @@ Method, per (case, provider, pass):
   (``reps`` 1, the table says "1 run, cold").
 - Timing on the CPU: ``torch.utils.benchmark.Timer`` with torch's thread count,
   blocks of >= 20 ms, at least 5 blocks and ``min_run_time`` seconds; the
-  median of the blocks. On a GPU: ``triton.testing.do_bench`` (CUDA events, L2
-  flushed before each run), the median of all runs; a plain CUDA-event loop
-  when triton is missing.
+  median of the blocks. On a GPU: CUDA events around each call, the L2 cache
+  cleared and the GPU idle before each (``_measure_cuda``), the median of all
+  runs; up to commit 449e3b6, ``triton.testing.do_bench``, which does not wait
+  for the GPU before a call, so calls bound by host time read short by up to
+  the cache clear's time.
 - Slow functions (two warm calls in a row over ``slow_s``, or one over
   ``slow_budget_s``, e.g. Python loops at large sizes) get at most 5 timed
   calls within ``slow_budget_s`` instead (at least one; ``reps`` says how
@@ -125,7 +127,7 @@ class Settings:
     min_run_time: float = 0.5  # seconds of timed runs per (provider, pass)
     slow_s: float = 0.5  # a call slower than this is "slow" (few timed calls)
     slow_budget_s: float = 6.0  # seconds allowed for the timed calls of a slow function
-    warmup_ms: float = 25.0  # GPU warm-up (do_bench)
+    warmup_ms: float = 25.0  # GPU warm-up
     progress: bool = True
 
 
@@ -386,36 +388,33 @@ def _measure_cpu(fn, settings, estimate_s):
 
 
 def _measure_cuda(fn, settings, estimate_s):
-    rep_ms = settings.min_run_time * 1e3
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        try:
-            times = do_bench(fn, warmup=settings.warmup_ms, rep=rep_ms, return_mode="all")
-            if isinstance(times, (list, tuple)) and times:
-                return Timing(list(times), len(times))
-        except (AssertionError, TypeError, ValueError):
-            pass  # a triton without return_mode="all": the same method with events below
-    return _cuda_event_loop(fn, rep_ms, settings.warmup_ms, estimate_s)
-
-
-def _cuda_event_loop(fn, rep_ms, warmup_ms, estimate_s):
+    """CUDA events around each call, each started from an idle GPU: the L2 cache is
+    cleared (a 256 MiB zero_), then the host waits for the GPU, then the start event is
+    recorded. Without that wait (triton.testing.do_bench's loop, used before) the host
+    issues the call while the GPU still clears the cache, the start event fires late,
+    and a call bound by its launches reads short by up to the clear's time (a 256 MiB
+    write: tens of microseconds on an H200)."""
     est_ms = max(estimate_s * 1e3, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est_ms))):
+    warm_until = time.perf_counter() + settings.warmup_ms / 1e3
+    fn()
+    while time.perf_counter() < warm_until:
         fn()
-    n = max(5, int(rep_ms / est_ms))
+    n = min(max(5, int(settings.min_run_time * 1e3 / est_ms)), _MAX_CUDA_SAMPLES)
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
         flush.zero_()
+        torch.cuda.synchronize()
         starts[i].record()
         fn()
         ends[i].record()
     torch.cuda.synchronize()
     return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)], n)
+
+
+# Samples of one GPU pass at most: each costs a cache clear and a wait besides the call.
+_MAX_CUDA_SAMPLES = 5000
 
 
 def peak_memory_mb(fn, device):
