@@ -14,7 +14,8 @@ read 3N (forward) + read 3N and write 3N (backward). Rows:
   when a second backward or torch.compile takes it).
 
 ``% copy`` = least traffic (read three inputs, write three gradients) / time,
-against the bandwidth of ``clone()`` on the same device.
+against the copy bandwidth of ``benchmarks.harness.copy_bandwidth`` (a tensor far
+larger than the caches, as ``python -m benchmarks`` measures it), once per run.
 
     python -m benchmarks.distill_upstream [--device cuda] [--shapes 10x750x21 64x4608x201]
 """
@@ -27,7 +28,7 @@ import torch.utils.benchmark as tb
 import mmsd_ext
 
 from .bench_distill import TEMPERATURE
-from .harness import parse_btc
+from .harness import Settings, copy_bandwidth, parse_btc
 
 
 def _median_s(fn, min_run_time):
@@ -54,13 +55,14 @@ def main(argv=None):
     if args.device not in mmsd_ext.available_backends():
         p.error(f"--device {args.device}: the {args.device} backend is not available here")
     device = torch.device(args.device)
-    print(f"mmsd_distill_loss fwd+bwd, backend {args.device}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    copy_bw = copy_bandwidth(args.device, Settings(device=args.device, min_run_time=args.min_run_time)) * 1e9
+    print(f"mmsd_distill_loss fwd+bwd, backend {args.device}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)")
     print(f"{'shape':<14}{'way':<24}{'median ms':>11}{'% copy':>8}")
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)
         base = [torch.randn(*shape, generator=gen).to(device) for _ in range(3)]
         n_bytes = base[0].numel() * base[0].element_size()
-        copy_bw = 2 * n_bytes / _median_s(base[0].clone, args.min_run_time)
         ways = [("forward, upstream 1", (True, True, True), None),
                 ("forward, upstream 0.5", (True, True, True), 0.5),
                 ("recompute", (False, True, True), None)]
