@@ -268,7 +268,11 @@ if ! stage build "$(budget 210 240)" "$OUT/build.log" build_pip; then
     # Less reserve than the pip build keeps: without a build nothing after it can run, and
     # the objects pip compiled before it failed are reused.
     if stage build-inplace "$(budget 180 150)" "$OUT/build.log" build_inplace; then
-        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        # mmsd_ext alone on the path (a folder holding a link to it): with the tree
+        # itself there, kernels/ would import as a top-level package too, which a test
+        # refuses.
+        PKG_PATH=$(mktemp -d) && ln -s "$REPO/mmsd_ext" "$PKG_PATH/mmsd_ext"
+        export PYTHONPATH="$PKG_PATH${PYTHONPATH:+:$PYTHONPATH}"
         BAD=()  # the in-place build stands in for the failed pip build
     fi
 fi
