@@ -294,6 +294,13 @@ def main(argv=None):
             print(f"python -m benchmarks: error: --plot {args.plot}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
             return 1
         print(f"plot: {args.plot}")
+    # A provider that computes something else is a failed run, whatever its speed (the
+    # rows stay in the CSV and the table, which say how each differs).
+    wrong = [r for r in rows if str(r.get("check") or "").startswith("differs")]
+    if wrong:
+        names = sorted({f"{r['op']} {r['provider']} {r['shape']} {r['dtype']}" for r in wrong})
+        print(f"python -m benchmarks: error: {len(names)} result(s) differ from the anchor: " + "; ".join(names), file=sys.stderr)
+        return 1
     return 0
 
 

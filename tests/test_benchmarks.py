@@ -144,6 +144,24 @@ def test_the_run_prints_a_table(tiny_run):
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is an optional extra")
+def test_a_result_that_differs_from_the_anchor_fails_the_run(monkeypatch, tmp_path, capsys):
+    """The rows are kept (CSV and table say how each differs), and the exit status is 1."""
+    from benchmarks import __main__ as bench_main
+
+    real = mmsd_ext.topk_mil_pool
+    monkeypatch.setattr(mmsd_ext, "topk_mil_pool", lambda *a, **k: real(*a, **k) + 1.0)
+    csv_path = tmp_path / "bench.csv"
+    argv = ["--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "tiny", "--threads", "1", "--no-compile",
+            "--no-progress", "--passes", "fwd", "--min-run-time", "0.01", "--csv", str(csv_path)]
+    status = bench_main.main(argv)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "result(s) differ from the anchor: topk_mil_pool " in err
+    with open(csv_path, newline="") as f:
+        checks = {r["provider"]: r["check"] for r in csv.DictReader(f)}
+    assert checks["cpu"].startswith("differs") and checks["reference"].startswith("differs"), checks
+
+
 def test_plot_from_the_run_and_from_the_csv(tiny_run, tmp_path):
     _, _, csv_path, png_path = tiny_run
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
