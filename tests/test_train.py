@@ -5,6 +5,7 @@ Everything runs on a tiny synthetic dataset written in the W-TALC layout, so the
 exercised too.
 """
 
+import dataclasses
 import json
 import os
 import pickle
@@ -230,6 +231,32 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         data_mod.load_wtalc(str(root), "Synthetic")
     assert file in str(info.value) and message in str(info.value)
     assert str(info.value).startswith(f"{path}: ") and str(info.value).count(file) == 1, info.value
+
+
+def test_loader_refuses_wide_features_beyond_float32_without_a_warning(tiny_root, tmp_path):
+    """Finite float64 features too large for float32 were said to "hold NaN or inf" (the cast made
+    them inf), and numpy's "overflow encountered in cast" warning leaked; float64 features within
+    float32's range load as their float32 values."""
+    import warnings
+
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    path = folder / "Synthetic-I3D-JOINTFeatures.npy"
+    feats = np.load(path, allow_pickle=True)
+    for i in range(len(feats)):
+        feats[i] = feats[i].astype(np.float64)
+    np.save(path, feats, allow_pickle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = data_mod.load_wtalc(str(root), "Synthetic")
+        assert all(f.dtype == np.float32 for f in loaded.features)
+        assert all(np.array_equal(a, b) for a, b in zip(loaded.features, data_mod.load_wtalc(tiny_root, "Synthetic").features))
+        feats[1] = feats[1] * 1e300
+        np.save(path, feats, allow_pickle=True)
+        with pytest.raises(data_mod.DataError) as info:
+            data_mod.load_wtalc(str(root), "Synthetic")
+    message = str(info.value)
+    assert message.startswith(f"{path}: video 1: features reach ") and "beyond float32's range (+-3.403e+38)" in message, message
+    assert "NaN" not in message
 
 
 @pytest.mark.parametrize("file", ["labels_all.npy", "segments.npy", "labels.npy", "Synthetic-I3D-JOINTFeatures.npy"])
@@ -703,6 +730,40 @@ def test_resume_refuses_fewer_epochs_than_it_has_trained(tiny_root, tmp_path, ca
     assert not (run_dir / "results.json").exists()
 
 
+def test_run_resume_checks_the_settings_as_the_command_does(tiny_root, tmp_path):
+    """engine.run(resume=...) took a Config of other settings than the checkpoint's (here MMSD's
+    defaults for the flags not given) and continued the run with them; and it placed the lr decay
+    and refreshes of a longer run by its new length."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "3", "--stop-after", "2", "--output-dir", str(run_dir)]) == 0
+    ckpt = str(run_dir / "checkpoint.pt")
+    saved = engine.Config.from_dict(torch.load(ckpt, weights_only=True)["config"])
+    before = _snapshot_files(run_dir)
+    other = tmp_path / "other"
+    for config, message in [
+        (engine.Config(data_root=tiny_root, dataset="Synthetic", embed_dim=16, batch_size=4, lr=1e-3, epochs=3, device="cpu",
+                       dropout=0.3, voting=False),
+         "--dropout: the resumed run used 0.6; --no-voting: the resumed run used voting = True; a resumed run keeps its "
+         "settings (only --epochs, --data-root, --device, --backend, --eval-every, --tiou, --threads change)"),
+        (dataclasses.replace(saved, epochs=1), "--epochs 1: the resumed run has already trained 2 epochs"),
+        (dataclasses.replace(saved, schedule_epochs=7), "schedule_epochs 7: the resumed run places its lr decay and refreshes in 3"),
+    ]:
+        with pytest.raises(engine.UsageError) as info:
+            engine.run(config, resume=ckpt, output_dir=str(other), progress=False, quiet=True)
+        assert str(info.value).startswith(message), info.value
+        assert not other.exists() and _snapshot_files(run_dir) == before
+    # The run's own settings, 6 epochs: its decay and refreshes stay where 3 epochs put them.
+    engine.run(dataclasses.replace(saved, epochs=6), resume=ckpt, progress=False, quiet=True)
+    records = _epoch_records(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["pseudo_refreshes"] for r in records] == [1, 2, 2, 2, 2, 2]
+    assert torch.load(ckpt, weights_only=True)["config"]["schedule_epochs"] == 3
+
+
+def _snapshot_files(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
 def test_stop_after_past_the_last_epoch_ends_the_run(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     assert main(["--data-root", tiny_root, *FAST, "--epochs", "2", "--stop-after", "5", "--output-dir", str(run_dir)]) == 0
@@ -841,6 +902,19 @@ def test_ablation_bad_flags_fail_before_any_run(argv, message, capsys, monkeypat
         ablation.main(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_ablation_finds_a_json_output_that_is_a_directory_before_any_run(tmp_path, capsys, monkeypatch):
+    """Found only when the first run's results were written, with --overwrite."""
+    from mmsd_ext.train import ablation
+
+    out = tmp_path / "out.md"
+    (tmp_path / "out.md.json").mkdir()
+    monkeypatch.setattr(ablation, "run", _no_run)
+    with pytest.raises(SystemExit) as info:
+        ablation.main(["--seeds", "1", "--variants", "0", "--epochs", "1", "--output", str(out), "--overwrite"])
+    assert info.value.code == 2
+    assert f"error: --output {out}: {out}.json is a directory, where the ablation writes its runs" in capsys.readouterr().err
 
 
 def test_a_gpu_backend_on_the_cpu_suggests_device_cuda_where_there_is_such_a_flag():
@@ -1306,6 +1380,89 @@ def test_eval_only_into_another_runs_folder_is_refused(tiny_root, tmp_path, caps
     assert (first / "results.json").is_file()
 
 
+def test_eval_only_of_a_folder_holding_the_test_split_alone(tiny_root, tmp_path):
+    """Evaluation needs no training split: it failed with "no video in subset 'validation'"."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    subsets = np.load(folder / "subset.npy", allow_pickle=True)
+    keep = [i for i, s in enumerate(subsets) if s == b"test"]
+    for name in ("labels_all", "segments", "labels", "videoname", "subset", "duration", "Synthetic-I3D-JOINTFeatures"):
+        values = np.load(folder / f"{name}.npy", allow_pickle=True)
+        kept = np.empty(len(keep), dtype=object) if values.dtype == object else values[keep]
+        if values.dtype == object:
+            kept[:] = [values[i] for i in keep]
+        np.save(folder / f"{name}.npy", kept, allow_pickle=True)
+    test_only = data_mod.load_wtalc(str(root), "Synthetic")
+    assert test_only.describe().startswith(f"Synthetic: {len(keep)} videos (0 train, {len(keep)} test), 4 classes")
+    out = tmp_path / "eval"
+    argv = ["--eval-only", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data-root", str(root), "--output-dir", str(out)]
+    assert main(argv + ["--no-progress", "--quiet"]) == 0
+    assert _results(out)["map"] == _results(run_dir)["map"] and _results(out)["cmap"] == _results(run_dir)["cmap"]
+    assert _results(out)["num_test_videos"] == len(keep)
+
+
+def test_eval_only_takes_threads_and_resume_says_it_does(tiny_root, tmp_path, capsys):
+    """--threads is how this machine runs, not a model setting: --eval-only refused it."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    ckpt = str(run_dir / "checkpoint.pt")
+    out = tmp_path / "eval"
+    code, err = _call(["--eval-only", "--checkpoint", ckpt, "--threads", "1", "--output-dir", str(out), "--no-progress", "--quiet"],
+                      capsys)
+    assert code == 0, err
+    assert _results(out)["config"]["threads"] == 1 and _results(out)["map"] == _results(run_dir)["map"]
+    code, err = _call(["--resume", ckpt, "--lr", "0.1", "--no-progress", "--quiet"], capsys)
+    assert code == 2 and err.rstrip().endswith(
+        "--lr: the resumed run used 0.001; a resumed run keeps its settings "
+        "(only --epochs, --data-root, --device, --backend, --eval-every, --tiou, --threads change)"
+    ), err
+
+
+def test_data_flags_the_run_would_ignore_are_refused(tiny_root, tmp_path, capsys):
+    """--dataset for the synthetic dataset (an eval-only of a synthetic run recorded it in
+    results.json and evaluated the synthetic set) and --synthetic-seed with --data-root."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["config"]["data_root"] = None  # as a run on the synthetic dataset saves it
+    synthetic_ckpt = tmp_path / "synthetic.pt"
+    torch.save(state, synthetic_ckpt)
+    out = tmp_path / "out"
+    for argv, message in [
+        (["--eval-only", "--checkpoint", str(synthetic_ckpt), "--dataset", "NoSuchDataset", "--output-dir", str(out)],
+         "error: --dataset names a folder under --data-root, and the checkpoint's run used the synthetic dataset "
+         "(no --data-root); give --data-root too"),
+        (["--data-root", tiny_root, *FAST, "--synthetic-seed", "7", "--output-dir", str(out)],
+         f"error: --synthetic-seed seeds the synthetic dataset, but the data is read from {tiny_root}; drop --synthetic-seed"),
+        (["--eval-only", "--checkpoint", str(run_dir / "checkpoint.pt"), "--synthetic-seed", "7", "--output-dir", str(out)],
+         f"error: --synthetic-seed seeds the synthetic dataset, but the checkpoint's run read its data from {tiny_root}"),
+    ]:
+        code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
+        assert code == 2 and message in err, err
+        assert not out.exists()
+
+
+def test_a_checkpoints_feature_type_is_not_advised_away(tiny_root, tmp_path, capsys):
+    """A run on UNT features, resumed or evaluated on a folder with I3D features only: the error
+    advised --feature-type I3D, which --resume and --eval-only then refused."""
+    unt_root = tmp_path / "data_unt"
+    synthetic.write(str(unt_root), seed=3, feature_type="UNT", **TINY)
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", str(unt_root), *FAST, "--feature-type", "UNT", "--epochs", "2", "--stop-after", "1",
+                 "--output-dir", str(run_dir)]) == 0
+    ckpt = str(run_dir / "checkpoint.pt")
+    wanted = (
+        f"{tiny_root}/Synthetic/Synthetic-UNT-JOINTFeatures.npy: file not found; the folder has "
+        "Synthetic-I3D-JOINTFeatures.npy, but the checkpoint's model was trained on UNT features (--feature-type UNT, "
+        "which --resume and --eval-only keep); give --data-root of a folder with UNT features"
+    )
+    for argv in (["--resume", ckpt], ["--eval-only", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "e")]):
+        code, err = _call(argv + ["--data-root", tiny_root, "--no-progress", "--quiet"], capsys)
+        assert code == 2 and err == f"mmsd-train: error: {wanted}\n", err
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_checkpoint_device_this_machine_lacks_is_named_as_the_checkpoints(tiny_root, tmp_path, capsys):
     """A run trained with --device cuda:N (or a GPU backend) resumed or evaluated where that
     cannot run: the error says the setting came from the checkpoint and which flag overrides it;
@@ -1592,6 +1749,35 @@ def test_an_output_file_that_is_a_directory_is_found_before_training(tiny_root, 
     assert snapshot() == before
 
 
+def test_an_epoch_whose_checkpoint_cannot_be_written_is_not_logged(tiny_root, tmp_path, capsys, monkeypatch):
+    """A full disk at epoch 2's checkpoint: train.log held epoch 2 (and its refresh) with no word of
+    the failure, and the resumed run logged them a second time."""
+    import errno
+
+    run_dir = tmp_path / "run"
+    write, checkpoints = engine._write_atomic, []
+
+    def disk_full_at_the_second_checkpoint(path, *args, **kwargs):
+        if path.endswith(engine.CHECKPOINT):
+            checkpoints.append(path)
+            if len(checkpoints) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_write_atomic", disk_full_at_the_second_checkpoint)
+    code, err = _call(["--data-root", tiny_root, *FAST, "--epochs", "3", "--output-dir", str(run_dir)], capsys)
+    assert code == 2 and "cannot write the checkpoint (No space left on device); the previous one is kept" in err, err
+    log = (run_dir / "train.log").read_text()
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1]
+    assert log.splitlines()[-1].startswith("stopped: ") and "cannot write the checkpoint" in log.splitlines()[-1], log
+    monkeypatch.undo()
+    assert main(["--resume", str(run_dir / "checkpoint.pt"), "--no-progress", "--quiet"]) == 0
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2, 3]
+    with open(run_dir / "train.log") as f:
+        refreshes = [json.loads(line[len("pseudo labels ") :])["refresh"] for line in f if line.startswith("pseudo labels ")]
+    assert refreshes == [1, 2]
+
+
 def test_an_interrupted_write_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "results.json")
     engine._write_atomic(path, lambda f: f.write("old"))
@@ -1737,6 +1923,8 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s["config"].update(scale=0.0), "its setting scale = 0.0 is not possible"),
         (lambda s: s["config"].update(class_threshold=50.0), "its setting class_threshold = 50.0 is not possible"),
         (lambda s: s["pseudo_conf"].fill_(float("nan")), "its 'pseudo_conf' hold NaN or inf"),
+        # Resumed, it failed with an IndexError at the next refresh.
+        (lambda s: s.update(pseudo_conf=torch.zeros(1, 2, 2)), "its 'pseudo_conf' has shape (1, 2, 2), its 'pseudo_labels' (3, 12, "),
         (lambda s: s.update(train_videos=5), "its 'train_videos' is not a list of names (got 5)"),
         (lambda s: s.update(classes=[1, 2]), "its 'classes' is not a list of names (got list)"),
         # Accepted, it made results.json record epoch 99 of a run of 1.
@@ -1759,6 +1947,23 @@ def test_a_checkpoint_with_bad_contents_is_refused_by_name(tiny_root, tmp_path, 
     for argv in (["--resume", str(bad)], ["--eval-only", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "e")]):
         code, err = _call(argv + ["--no-progress", "--quiet"], capsys)
         assert code == 2 and f"{bad}: an mmsd_ext.train checkpoint, but {message}" in err, err
+
+
+def test_a_checkpoint_with_more_refreshes_than_any_run_has_epochs_is_refused(tiny_root, tmp_path):
+    """pseudo_refreshes = 1e12 passed the checks, then --resume hung placing the refreshes."""
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    for refreshes, accepted in ((engine.MAX_EPOCHS, True), (engine.MAX_EPOCHS + 1, False), (10**12, False)):
+        state["config"]["pseudo_refreshes"] = refreshes
+        torch.save(state, tmp_path / "edited.pt")
+        if accepted:
+            engine.load_checkpoint(str(tmp_path / "edited.pt"))
+            continue
+        with pytest.raises(engine.UsageError, match=rf"but its setting pseudo_refreshes = {refreshes} is not possible$"):
+            engine.load_checkpoint(str(tmp_path / "edited.pt"))
+    with pytest.raises(ValueError, match=r"^config: the setting pseudo_refreshes = 1000000000000 is not possible$"):
+        engine.run(engine.Config(pseudo_refreshes=10**12), save=False, progress=False, quiet=True)
 
 
 @pytest.mark.parametrize(
@@ -1981,7 +2186,9 @@ def test_ddp_rank0_failing_mid_run_stops_every_rank_without_torchrun(tiny_root, 
     assert procs[1].returncode == 2, err1[-3000:]
     assert "rank 0 stopped with an error" in err1
     log = (tmp_path / "run" / "train.log").read_text()
-    assert '"epoch": 2' in log and '"epoch": 3' not in log
+    # Epoch 2 is not in the checkpoint, so not in the log either: the log says why the run stopped.
+    assert '"epoch": 1' in log and '"epoch": 2' not in log
+    assert log.endswith("stopped: cannot write the checkpoint (a stand-in for a full disk)\n"), log
 
 
 def test_ddp_two_processes_match_one(tiny_root, tmp_path):

@@ -12,7 +12,6 @@ import sys
 
 from .data import FEATURE_RATES, DataError
 from .engine import (
-    FROZEN_ON_RESUME,
     MAX_EMBED_DIM,
     MAX_EPOCHS,
     MAX_RATE,
@@ -23,8 +22,8 @@ from .engine import (
     Config,
     UsageError,
     load_checkpoint,
+    resume_problem,
     run,
-    schedule_length,
     tiou_problem,
 )
 
@@ -288,22 +287,15 @@ def config_from_args(args, parser):
         saved = Config.from_dict(state["config"])
         base = saved.to_dict()
         if flags.get("resume"):
-            done = state.get("epoch", 0)
-            if given.get("epochs") is not None and given["epochs"] < done:
-                parser.error(
-                    f"--epochs {given['epochs']}: the resumed run has already trained {done} epochs; give "
-                    f"--epochs >= {done} (or evaluate it with --eval-only --checkpoint)"
-                )
-            for key in FROZEN_ON_RESUME:
-                if key in given and given[key] != getattr(saved, key):
-                    flag = "--" + key.replace("_", "-") if key != "streams" else "--no-fused-stream/--single-stream"
-                    parser.error(
-                        f"{flag}: the resumed run used {getattr(saved, key)!r}; a resumed run keeps its settings "
-                        "(only --epochs, --data-root, --device, --backend, --eval-every, --tiou change)"
-                    )
+            # run() checks the same (and keeps the run's lr decay and refreshes where its first
+            # length put them); here the error comes with the usage line.
+            problem = resume_problem(given, saved, state.get("epoch", 0))
+            if problem:
+                parser.error(problem)
         else:
-            # Evaluation: the model must match the checkpoint, the data may have moved.
-            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "tious")
+            # Evaluation: the model must match the checkpoint, the data may have moved, and how
+            # it runs (device, backend, threads) is this machine's.
+            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "threads", "tious")
             for key in list(given):
                 if key not in allowed and given[key] != getattr(saved, key):
                     parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")
@@ -311,19 +303,32 @@ def config_from_args(args, parser):
         # Settings of the machine the checkpoint was made on, kept where not given again:
         # an error about them says where they came from (main).
         flags["inherited"] = {k: base[k] for k in ("device", "backend") if k not in given}
-        if flags.get("resume"):
-            # Another --epochs moves where the run ends, not its lr decay and refreshes.
-            base["schedule_epochs"] = schedule_length(saved)
+        _check_data_flags(given, base["data_root"], parser, "the checkpoint's run")
         config = Config.from_dict(base)
     else:
         values = Config().to_dict()
-        if given.get("data_root") is None and "dataset" in given:
-            parser.error("--dataset names a folder under --data-root; without --data-root the synthetic dataset runs")
+        _check_data_flags(given, given.get("data_root"), parser)
         if given.get("data_root") is None:
             values.update(SYNTHETIC_PRESET)
         values.update(given)
         config = Config.from_dict(values)
     return config, flags
+
+
+def _check_data_flags(given, data_root, parser, whose=None):
+    """Refuse a data flag the run would ignore: --dataset (a folder under --data-root) for the
+    synthetic dataset, --synthetic-seed for data read from --data-root. ``data_root``: the run's,
+    ``whose``: where it came from, when not from the flags (a checkpoint)."""
+    if data_root is None and "dataset" in given:
+        if whose and "data_root" not in given:
+            parser.error(
+                f"--dataset names a folder under --data-root, and {whose} used the synthetic dataset (no --data-root); "
+                "give --data-root too"
+            )
+        parser.error("--dataset names a folder under --data-root; without --data-root the synthetic dataset runs")
+    if data_root is not None and "synthetic_seed" in given:
+        source = f"{whose} read its data from {data_root}" if whose and "data_root" not in given else f"the data is read from {data_root}"
+        parser.error(f"--synthetic-seed seeds the synthetic dataset, but {source}; drop --synthetic-seed")
 
 
 def main(argv=None):

@@ -109,6 +109,8 @@ def main(argv=None):
 def _check_output(path, overwrite):
     if os.path.isdir(path):
         raise UsageError(f"--output {path}: is a directory; name the markdown file to write")
+    if os.path.isdir(path + ".json"):  # --overwrite would find it only when the first run's results are written
+        raise UsageError(f"--output {path}: {path}.json is a directory, where the ablation writes its runs; name another file")
     clashes = [f for f in (path, path + ".json") if os.path.exists(f)]
     if clashes and not overwrite:
         verb, them = ("exist", "them") if len(clashes) > 1 else ("exists", "it")

@@ -33,6 +33,9 @@ import torch
 FEATURE_RATES = {"I3D": 25.0 / 16.0, "UNT": 10.0 / 4.0}
 SNIPPETS_PER_SECOND = FEATURE_RATES["I3D"]
 
+# Features are stored as float32 (the model's precision): wider values must fit.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 ARRAY_FILES = ("labels_all", "segments", "labels", "classlist", "videoname", "subset", "duration")
 AMBIGUOUS_FILE = "Ambiguous_test.txt"
 
@@ -45,8 +48,11 @@ def features_file(dataset, feature_type="I3D"):
     return f"{dataset}-{feature_type}-JOINTFeatures.npy"
 
 
-def load_wtalc(root, dataset="Thumos14reduced", feature_type="I3D"):
-    """Read ``<root>/<dataset>/`` (features of ``feature_type``) into a ``WTALCData``."""
+def load_wtalc(root, dataset="Thumos14reduced", feature_type="I3D", feature_type_kept=False):
+    """Read ``<root>/<dataset>/`` (features of ``feature_type``) into a ``WTALCData``.
+
+    ``feature_type_kept``: the feature type is a checkpoint's, which --resume and --eval-only
+    keep; an error then does not advise another --feature-type."""
     if feature_type not in FEATURE_RATES:
         raise DataError(f"--feature-type: expected one of {', '.join(FEATURE_RATES)}, got {feature_type!r}")
     folder = os.path.join(root, dataset)
@@ -60,6 +66,12 @@ def load_wtalc(root, dataset="Thumos14reduced", feature_type="I3D"):
     features_path = os.path.join(folder, features_file(dataset, feature_type))
     if not os.path.exists(features_path):
         others = [t for t in FEATURE_RATES if t != feature_type and os.path.isfile(os.path.join(folder, features_file(dataset, t)))]
+        if others and feature_type_kept:
+            raise DataError(
+                f"{features_path}: file not found; the folder has {features_file(dataset, others[0])}, but the "
+                f"checkpoint's model was trained on {feature_type} features (--feature-type {feature_type}, which "
+                f"--resume and --eval-only keep); give --data-root of a folder with {feature_type} features"
+            )
         if others:
             raise DataError(
                 f"{features_path}: file not found; the folder has {features_file(dataset, others[0])}: "
@@ -211,18 +223,30 @@ class WTALCData:
                     f.dtype.kind == "O" and any(isinstance(x, (str, bytes, complex, np.str_, np.bytes_)) for x in f.flat)
                 ):
                     raise TypeError
-                f = f.astype(np.float32)
+                if f.dtype.kind != "f":
+                    f = f.astype(np.float64)  # integers and objects as numbers first, to check their range
             except (TypeError, ValueError):
                 fail(feat_file, f"video {i}: features are not real numbers")
+            except OverflowError:  # a Python int beyond any float
+                fail(feat_file, f"video {i}: features beyond float32's range (+-{FLOAT32_MAX:.4g})")
             if f.ndim != 2 or f.shape[0] < 1:
                 fail(feat_file, f"video {i}: expected a [T, D] array with T >= 1, got shape {f.shape}")
             if dim is None:
                 dim = f.shape[1]
             if f.shape[1] != dim:
                 fail(feat_file, f"video {i}: feature dimension {f.shape[1]}, but video 0 has {dim}")
+            # Checked before the cast to float32, which turns finite values beyond its range into
+            # inf (with numpy's "overflow encountered in cast" warning).
             if not np.isfinite(f).all():
                 fail(feat_file, f"video {i}: features hold NaN or inf")
-            features.append(f)
+            largest = float(np.abs(f).max()) if f.size else 0.0
+            if largest > FLOAT32_MAX:
+                fail(
+                    feat_file,
+                    f"video {i}: features reach {largest:.4g} in magnitude, beyond float32's range "
+                    f"(+-{FLOAT32_MAX:.4g}), in which the model computes",
+                )
+            features.append(f.astype(np.float32))
         if dim == 0:
             fail(feat_file, "feature dimension 0; expected RGB and flow halves of equal size")
         if dim % 2:
@@ -337,17 +361,19 @@ class WTALCData:
             )
 
     def describe(self):
-        train, test = self.indices("train"), self.indices("test")
+        # Counted, not self.indices: a folder of the test split alone is evaluated (--eval-only).
+        train_name, test_name = self.split_names()
+        train, test = self.subsets.count(train_name), self.subsets.count(test_name)
         lengths = np.asarray([f.shape[0] for f in self.features])
         text = (
-            f"{self.name}: {len(self.videos)} videos ({len(train)} train, {len(test)} test), {self.num_classes} classes, "
+            f"{self.name}: {len(self.videos)} videos ({train} train, {test} test), {self.num_classes} classes, "
             f"features {self.feature_dim}-d, lengths {lengths.min()}..{lengths.max()} (mean {lengths.mean():.0f})"
         )
         # Videos of any other subset (a misspelt split name, a third split) are in neither
         # split: said here, in the log's second line, rather than dropped without a word.
         others = sorted(set(self.subsets) - set(self.split_names()))
         if others:
-            count = len(self.videos) - len(train) - len(test)
+            count = len(self.videos) - train - test
             text += f"; {count} videos of subset {', '.join(repr(o) for o in others)} are in neither split"
         return text
 

@@ -46,7 +46,9 @@ STREAM_SETS = (STREAMS, ("rgb", "flow"), ("fused",))
 #   3.4e38 with a RuntimeError; above 1000 every run diverges anyway (Adam moves each weight by
 #   about lr per step), and divergence is stopped with a message (engine: "diverged");
 # - embedding size: the model's layers grow with it (and Adam keeps two more copies); 8192 is 8x
-#   MMSD's 1024, and much larger sizes can run out of memory part-way, in a traceback.
+#   MMSD's 1024, and much larger sizes can run out of memory part-way, in a traceback;
+# - pseudo-label refreshes (no flag; MMSD: 6): a run refreshes at most once per epoch, so more
+#   than MAX_EPOCHS change nothing, and the schedule takes time linear in the count (1e12 hung).
 MAX_SEED = 2**32 - 1
 MAX_EMBED_DIM = 8192
 MAX_THREADS = 4096
@@ -61,6 +63,7 @@ LIMITS = {
     "epochs": (1, MAX_EPOCHS),
     "schedule_epochs": (0, MAX_EPOCHS),
     "embed_dim": (1, MAX_EMBED_DIM),
+    "pseudo_refreshes": (0, MAX_EPOCHS),
     "lr": (0, MAX_RATE),
     "lr_decay": (0, MAX_RATE),
     "weight_decay": (0, MAX_RATE),
@@ -171,6 +174,44 @@ FROZEN_ON_RESUME = (
 
 class UsageError(ValueError):
     """A bad combination of settings or paths (reported without a traceback)."""
+
+
+def resume_problem(values, saved, done):
+    """Why settings ``values`` (a dict of some or all Config fields) cannot continue a run saved
+    with Config ``saved`` after ``done`` epochs (a message naming the flags), or None. The
+    command checks the flags it was given, ``run(resume=...)`` its whole Config."""
+    epochs = values.get("epochs")
+    if epochs is not None and epochs < done:
+        return (
+            f"--epochs {epochs}: the resumed run has already trained {done} epochs; give --epochs >= {done} "
+            "(or evaluate it with --eval-only --checkpoint)"
+        )
+    changed = [key for key in FROZEN_ON_RESUME if key in values and _normalised(values[key]) != _normalised(getattr(saved, key))]
+    if not changed:
+        return None
+    used = "; ".join(f"{_flag_of(key)}: the resumed run used {_setting_shown(key, getattr(saved, key))}" for key in changed)
+    return (
+        f"{used}; a resumed run keeps its settings "
+        "(only --epochs, --data-root, --device, --backend, --eval-every, --tiou, --threads change)"
+    )
+
+
+def _normalised(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _setting_shown(key, value):
+    # A switch's flag names the off state (--no-voting): "True" alone would read as that flag's.
+    return f"{key} = {value!r}" if isinstance(value, bool) else repr(value)
+
+
+def _flag_of(key):
+    """The flag that sets Config field ``key`` (the field itself where no flag does)."""
+    if key in ("beta1", "beta2", "scale"):
+        return f"the setting {key}"
+    return {"streams": "--no-fused-stream/--single-stream", "distill": "--no-distill", "voting": "--no-voting"}.get(
+        key, "--" + key.replace("_", "-")
+    )
 
 
 def tiou_problem(tious):
@@ -388,7 +429,8 @@ def check_backend(backend, device, device_flag=True, flag="--backend"):
 # -- data --------------------------------------------------------------------------------------
 
 
-def load_data(config):
+def load_data(config, feature_type_kept=False):
+    """The data of ``config`` (``feature_type_kept``: its feature type is a checkpoint's)."""
     if config.data_root is None:
         from .synthetic import synthetic_dataset
 
@@ -398,7 +440,7 @@ def load_data(config):
                 "give --data-root for features of another type"
             )
         return synthetic_dataset(config.synthetic_seed)
-    return data_mod.load_wtalc(config.data_root, config.dataset, config.feature_type)
+    return data_mod.load_wtalc(config.data_root, config.dataset, config.feature_type, feature_type_kept=feature_type_kept)
 
 
 def build_model(config, data):
@@ -425,7 +467,9 @@ def _length_batches(data, positions, indices, batch_size):
 class Trainer:
     """State of one run: model, optimizer, pseudo labels, progress."""
 
-    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None):
+    def __init__(self, config, data, device, ddp, *, output_dir=None, progress=True, log_file=None, training=True):
+        """``training=False``: for evaluation only, which needs no training split (a data folder
+        may hold the test split alone) and no pseudo labels."""
         self.config = config
         self.data = data
         self.device = device
@@ -444,7 +488,7 @@ class Trainer:
         # Where the run is, for an error message: "in epoch N", "in the evaluation".
         self.stage = "before training"
         self.echo = True
-        self.train_idx = data.indices("train")
+        self.train_idx = data.indices("train") if training else []
         self.test_idx = data.indices("test")
         try:
             self.model = build_model(config, data).to(device)
@@ -465,7 +509,7 @@ class Trainer:
         except ValueError as exc:
             raise UsageError(f"--lr {config.lr}, --weight-decay {config.weight_decay}: Adam refuses them ({exc})") from None
         S = len(self.model.streams)
-        t_max = max(data.features[i].shape[0] for i in self.train_idx)
+        t_max = max((data.features[i].shape[0] for i in self.train_idx), default=0)
         self.pseudo_labels = torch.zeros(S, len(self.train_idx), t_max, device=device)
         self.pseudo_conf = torch.zeros(S, len(self.train_idx), t_max, device=device)
         self.refreshes_done = 0
@@ -510,8 +554,9 @@ class Trainer:
             start = time.perf_counter()
             parts = self.train_epoch(epoch)
             self.check_finite(epoch, parts)
+            refreshed = None
             if config.voting and len(self.model.streams) > 1 and epoch + 1 in refresh_at:
-                self.refresh_pseudo_labels()
+                refreshed = self.refresh_pseudo_labels()
             self.epoch = epoch + 1
             record = {"epoch": self.epoch, "lr": learning_rate(config, epoch), "time_s": round(time.perf_counter() - start, 3)}
             record.update({k: round(v, 6) for k, v in parts.items()})
@@ -524,8 +569,18 @@ class Trainer:
             self.history.append(record)
             bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{record['lr']:.1e}")
             with self.together():
+                # The epoch's lines follow its checkpoint: a run whose checkpoint could not be
+                # written (a full disk) logs why it stopped instead, and its --resume trains
+                # that epoch again without logging it twice.
+                try:
+                    self.save_checkpoint()
+                except UsageError as exc:
+                    with contextlib.suppress(UsageError):  # the log may be on the same full disk
+                        self.log("stopped: " + str(exc), echo=False)
+                    raise
+                if refreshed is not None:
+                    self.log(refreshed)
                 self.log("epoch " + json.dumps(record))
-                self.save_checkpoint()
         bar.close()
 
     @contextlib.contextmanager
@@ -622,7 +677,8 @@ class Trainer:
 
     @torch.no_grad()
     def refresh_pseudo_labels(self):
-        """Every training video through the model in eval mode; the rank's share, then summed."""
+        """Every training video through the model in eval mode; the rank's share, then summed.
+        Returns the log line that says how much is foreground (for rank 0 to log)."""
         self.model.eval()
         ddp = self.ddp
         positions = list(range(len(self.train_idx)))[ddp.rank :: ddp.world]
@@ -654,8 +710,7 @@ class Trainer:
         valid = torch.arange(new_labels.shape[2], device=self.device)[None, :] < lengths[:, None]
         share = (new_labels * valid).sum((1, 2)) / valid.sum()
         foreground = dict(zip(self.model.streams, [round(x, 4) for x in share.tolist()]))
-        with self.together():
-            self.log("pseudo labels " + json.dumps({"refresh": self.refreshes_done, "foreground": foreground}))
+        return "pseudo labels " + json.dumps({"refresh": self.refreshes_done, "foreground": foreground})
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -906,6 +961,10 @@ def _checkpoint_problem(state):
     for key in ("pseudo_labels", "pseudo_conf"):
         if not bool(torch.isfinite(state[key]).all()):
             return f"its {key!r} hold NaN or inf"
+    # One confidence per pseudo label: another shape failed with an IndexError at the next refresh.
+    labels_shape, conf_shape = tuple(state["pseudo_labels"].shape), tuple(state["pseudo_conf"].shape)
+    if conf_shape != labels_shape:
+        return f"its 'pseudo_conf' has shape {conf_shape}, its 'pseudo_labels' {labels_shape}: expected the same"
     for key in ("train_videos", "classes"):  # absent from checkpoints written before 2026-11-27
         value = state.get(key)
         if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
@@ -1202,6 +1261,9 @@ def run(
 
     ``save=False`` writes nothing (no output folder); otherwise training writes checkpoint.pt,
     train.log and results.json to ``output_dir`` (default: a new runs/mmsd-<data>-<time>/).
+    ``resume``: a checkpoint to continue, with ``config`` holding its settings but those that may
+    change (see ``resume_problem``: a UsageError names the others that differ); its lr decay and
+    refreshes stay where its first length put them (``schedule_epochs``).
     """
     config = _python_numbers(config)
     problem = _config_problem(config.to_dict())
@@ -1267,13 +1329,29 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     state = None
     if resume or eval_only:
         state = load_checkpoint(resume or checkpoint)
+    if resume:
+        # As the command checks its flags: a Config of other settings than the run's would
+        # continue a run that is neither the one saved nor one started with them.
+        saved = Config.from_dict(state["config"])
+        problem = resume_problem(config.to_dict(), saved, state["epoch"])
+        if not problem and config.schedule_epochs not in (0, schedule_length(saved)):
+            problem = (
+                f"schedule_epochs {config.schedule_epochs}: the resumed run places its lr decay and refreshes in "
+                f"{schedule_length(saved)} epochs, and keeps them there"
+            )
+        if problem:
+            raise UsageError(problem)
+        # Another --epochs moves where the run ends, not its lr decay and refreshes.
+        config = dataclasses.replace(config, schedule_epochs=schedule_length(saved))
     # Everything that can fail on the data, the settings or the checkpoint fails here, before
     # any folder is made or touched: an error leaves no new folder and an earlier run intact.
-    data = load_data(config)
+    # The checkpoint's feature type (the command keeps it): no error advises another one.
+    kept = state is not None and config.feature_type == state["config"].get("feature_type", Config.feature_type)
+    data = load_data(config, feature_type_kept=kept)
     data.check_test_split()
     if not eval_only:
         data.check_train_split()
-    trainer = Trainer(config, data, device, ddp, progress=progress and not quiet)
+    trainer = Trainer(config, data, device, ddp, progress=progress and not quiet, training=not eval_only)
     if state is not None:
         trainer.load_state(state, training=not eval_only)
 
