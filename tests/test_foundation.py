@@ -249,12 +249,21 @@ def test_import_survives_a_missing_extension(tmp_path):
         assert mmsd_ext.build_info()["backends"][0] == "reference"
         x = torch.randn(2, 6, 3)
         torch.testing.assert_close(mmsd_ext.topk_mil_pool(x, 2), x.topk(2, dim=1).values.mean(1))
-        try:
-            mmsd_ext.topk_mil_pool(x, 2, backend="cpu")
-        except RuntimeError as exc:
-            assert "pip install --no-build-isolation -e ." in str(exc)
-        else:
-            raise AssertionError("backend='cpu' should have failed")
+        from mmsd_ext.localize import mmsd_proposals
+        seg, sc = torch.tensor([[0.0, 1.0]]), torch.tensor([1.0])
+        calls = {
+            "topk_mil_pool": lambda: mmsd_ext.topk_mil_pool(x, 2, backend="cpu"),
+            "snippet_distill_loss": lambda: mmsd_ext.snippet_distill_loss(x, x, backend="cpu"),
+            "temporal_nms": lambda: mmsd_ext.temporal_nms(seg, sc, 0.5, backend="cpu"),
+            "mmsd_proposals": lambda: mmsd_proposals(torch.rand(1, 5, 1), torch.ones(1, 1), backend="cpu"),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except RuntimeError as exc:
+                assert "pip install --no-build-isolation -e ." in str(exc), (name, str(exc))
+            else:
+                raise AssertionError(f"{name}: backend='cpu' should have failed")
         print("ok")
         """,
         {"PYTHONPATH": str(tmp_path)},

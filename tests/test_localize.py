@@ -212,12 +212,6 @@ def test_threshold_runs_fake_refuses_what_the_kernel_refuses(change, error, matc
         torch.ops.mmsd_ext._threshold_runs(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()])
 
 
-@pytest.mark.skipif("cpu" in AVAILABLE, reason="only where the extension is not built")
-def test_explicit_cpu_backend_without_the_extension_is_an_error():
-    with pytest.raises((RuntimeError, ValueError), match="cpu"):
-        mmsd_proposals(torch.rand(1, 5, 1), torch.ones(1, 1), backend="cpu")
-
-
 @given(proposal_inputs())
 def test_row_order_is_video_class_then_descending_score(inputs):
     rows = mmsd_proposals(*inputs).numpy()
