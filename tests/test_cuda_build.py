@@ -3,7 +3,9 @@
 CI builds the CUDA kernels without a GPU to run them. This reads the compiled
 extension with cuobjdump (the one that ships with Triton, or the toolkit's):
 every CUDA kernel has sm_90 code (H100/H200), and none uses local memory, which
-is where the compiler puts registers it spills.
+is where the compiler puts registers it spills. cuobjdump reports spilled
+registers (and local arrays) as the kernel's STACK frame; its LOCAL column
+stays 0 for them with CUDA 13.
 """
 
 import glob
@@ -72,7 +74,17 @@ def test_every_cuda_kernel_has_sm90_code(sm90_kernels):
     assert found == KERNELS, f"missing from the sm_90 code: {sorted(KERNELS - found)}"
 
 
+# Known stack frames (bytes), by mangled-name part. ptxas (CUDA 13.0, -Xptxas -v) spills 4 bytes,
+# an 8-byte frame, in the float64 three-way forward of the widest rows without a mask; float64 is
+# the test dtype, not a training one.
+KNOWN_STACK = {"mmsd_distill_forward_kernelIdLi32ELi0ELb0E": 8}
+
+
 def test_no_cuda_kernel_spills(sm90_kernels):
-    spilled = [f"{mangled}: {usage}" for mangled, usage in sm90_kernels if usage.get("LOCAL", 0) > 0]
-    assert not spilled, "kernels using local memory (spilled registers):\n" + "\n".join(spilled)
-    assert all(usage["REG"] <= 255 for _, usage in sm90_kernels)
+    assert sm90_kernels, "no sm_90 kernel found in cuobjdump's output"
+    spilled = []
+    for mangled, usage in sm90_kernels:
+        allowed = max([b for part, b in KNOWN_STACK.items() if part in mangled], default=0)
+        if usage.get("STACK", 0) > allowed or usage.get("LOCAL", 0) > 0:
+            spilled.append(f"{mangled}: {usage}")
+    assert not spilled, "kernels using local memory (spilled registers or local arrays):\n" + "\n".join(spilled)
