@@ -302,10 +302,13 @@ def _pair_overlap(segs, kept, cand, overlap, offset):
 
 
 @_with_backend
-@given(data=st.data(), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0]))
+@given(data=st.data(), threshold=st.sampled_from([0.0, 0.1, 1 / 3, 0.5, 2 / 3, 0.7]),
+       overlap=st.sampled_from(["iou", "other"]), offset=st.sampled_from([0.0, 1.0]))
 def test_temporal_nms_properties(any_backend, data, threshold, overlap, offset):
     # On every backend, the reference included: the definition of NMS is an oracle of
-    # its own, where the comparisons with the reference are not.
+    # its own, where the comparisons with the reference are not. Thresholds below 1 (at
+    # 1 or more nothing is suppressed, and the second property would go unchecked;
+    # test_temporal_nms_keeps_everything_from_threshold_one covers those).
     seg, scores, groups = data.draw(nms_inputs(max_m=_max_m(any_backend)), label="inputs")
     dev = backend_device(any_backend)
     seg_d, scores_d, groups_d = _to(dev, seg, scores, groups)
@@ -333,8 +336,9 @@ def test_temporal_nms_properties(any_backend, data, threshold, overlap, offset):
 
 
 @_with_backend
-@given(data=st.data(), seed=st.integers(0, 2**16), overlap=st.sampled_from(["iou", "other"]))
-def test_temporal_nms_permutation_invariance(any_backend, data, seed, overlap):
+@given(data=st.data(), seed=st.integers(0, 2**16), threshold=_thresholds(), overlap=st.sampled_from(["iou", "other"]),
+       offset=st.sampled_from([0.0, 0.5, 1.0]))
+def test_temporal_nms_permutation_invariance(any_backend, data, seed, threshold, overlap, offset):
     # Distinct scores (in each score dtype): the visit order is unique, so relabelling the
     # segments only relabels the result.
     inputs = nms_inputs(max_m=_max_m(any_backend), allow_nan_scores=False, score_kinds=("distinct",))
@@ -344,8 +348,9 @@ def test_temporal_nms_permutation_invariance(any_backend, data, seed, overlap):
     g_perm = None if groups is None else groups[perm]
     dev = backend_device(any_backend)
     seg_d, scores_d, groups_d, seg_p, scores_p, groups_p = _to(dev, seg, scores, groups, seg[perm], scores[perm], g_perm)
-    kept = mmsd_ext.temporal_nms(seg_d, scores_d, 0.4, groups=groups_d, overlap=overlap, backend=any_backend)
-    kept_perm = mmsd_ext.temporal_nms(seg_p, scores_p, 0.4, groups=groups_p, overlap=overlap, backend=any_backend)
+    kw = dict(overlap=overlap, offset=offset, backend=any_backend)
+    kept = mmsd_ext.temporal_nms(seg_d, scores_d, threshold, groups=groups_d, **kw)
+    kept_perm = mmsd_ext.temporal_nms(seg_p, scores_p, threshold, groups=groups_p, **kw)
     assert torch.equal(perm[kept_perm.cpu()], kept.cpu())
 
 
@@ -696,31 +701,42 @@ def test_soft_temporal_nms_matches_reference(backend, data, params):
     _check_soft(backend, seg, scores, groups, params)
 
 
-@given(data=nms_inputs(allow_nan_scores=False), seed=st.integers(0, 2**16), params=soft_params())
-@example(  # identical segments: linear decays to exactly 0, a tie at the end
-    data=(torch.zeros(4, 2), torch.zeros(4), None),
-    seed=0,
-    params=dict(method="linear", sigma=0.1, iou_threshold=0.0, min_score=0.0, offset=1.0),
-)
-def test_soft_temporal_nms_permutation_invariance(data, seed, params):
+def _check_soft_permutation(backend, seg, groups, seed, params):
     # Distinct continuous scores: no ties in the input, and (but for a coincidence of
     # measure zero) none after decays, so the selections and their scores (the same
     # products in the same order) only follow the relabelling. The exception: a linear
     # decay by IoU 1 (identical segments) gives exactly 0, and segments tied at 0 are
     # selected by index, last (every score stays >= 0). That tail is compared as a set.
-    seg, _, groups = data
     M = seg.shape[0]
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(M, generator=gen, dtype=torch.float64) + 0.01
     perm = torch.randperm(M, generator=gen)
-    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu", **params)
     g_perm = None if groups is None else groups[perm]
-    idx_perm, val_perm = mmsd_ext.soft_temporal_nms(seg[perm], scores[perm], groups=g_perm, backend="cpu", **params)
+    dev = backend_device(backend)
+    seg_d, scores_d, groups_d, seg_p, scores_p, groups_p = _to(dev, seg, scores, groups, seg[perm], scores[perm], g_perm)
+    idx, val = mmsd_ext.soft_temporal_nms(seg_d, scores_d, groups=groups_d, backend=backend, **params)
+    idx_perm, val_perm = mmsd_ext.soft_temporal_nms(seg_p, scores_p, groups=groups_p, backend=backend, **params)
+    idx, val, idx_perm, val_perm = idx.cpu(), val.cpu(), idx_perm.cpu(), val_perm.cpu()
     assert torch.equal(val_perm, val)
     positive = int((val > 0).sum())
     assert bool((val[positive:] == 0).all())
     assert torch.equal(perm[idx_perm[:positive]], idx[:positive])
     assert torch.equal(perm[idx_perm[positive:]].sort().values, idx[positive:].sort().values)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # as above, under the interpreter
+@_with_backend
+@given(data=st.data(), seed=st.integers(0, 2**16), params=soft_params())
+def test_soft_temporal_nms_permutation_invariance(any_backend, data, seed, params):
+    seg, _, groups = data.draw(nms_inputs(max_m=_max_m(any_backend, soft=True), allow_nan_scores=False), label="inputs")
+    _check_soft_permutation(any_backend, seg, groups, seed, params)
+
+
+def test_soft_temporal_nms_permutation_invariance_of_identical_segments(any_backend):
+    # Linear decays by IoU 1 reach exactly 0: a tie at the end, selected by index.
+    params = dict(method="linear", sigma=0.1, iou_threshold=0.0, min_score=0.0, offset=1.0)
+    for seed in range(3):
+        _check_soft_permutation(any_backend, torch.zeros(4, 2, dtype=torch.float64), None, seed, params)
 
 
 @pytest.mark.gpu
@@ -831,6 +847,20 @@ def _bad_calls():
         (soft(min_score=math.nan), ValueError, "min_score"),
         (soft(method="hard"), ValueError, "method"),
         (soft(groups=torch.zeros(2)), TypeError, "groups"),
+        (hard(segments=torch.zeros(4)), ValueError, "segments"),
+        (hard(segments=torch.zeros(2, 2, dtype=torch.float16)), TypeError, "segments"),
+        (hard(scores=torch.zeros(2, 1)), ValueError, "scores"),
+        (soft(segments=torch.zeros(2, 3)), ValueError, "segments"),
+        (soft(segments=torch.zeros(4)), ValueError, "segments"),
+        (soft(segments=torch.zeros(2, 2, dtype=torch.int64)), TypeError, "segments"),
+        (soft(segments=torch.zeros(2, 2, dtype=torch.float16)), TypeError, "segments"),
+        (soft(scores=torch.zeros(3)), ValueError, "scores"),
+        (soft(scores=torch.zeros(2, dtype=torch.int64)), TypeError, "scores"),
+        (soft(groups=torch.zeros(3, dtype=torch.int64)), ValueError, "groups"),
+        (soft(groups=torch.zeros(2, dtype=torch.bool)), TypeError, "groups"),
+        (soft(offset=-1.0), ValueError, "offset"),
+        (soft(iou_threshold=math.nan), ValueError, "iou_threshold"),
+        (soft(sigma=math.nan), ValueError, "sigma"),
     ]
 
 
@@ -856,6 +886,22 @@ def test_bad_inputs_name_the_argument(any_backend, call, error, name):
     # The argument at fault opens the message: other arguments may be named after it.
     with pytest.raises(error, match=rf"^{name}: "):
         fn(backend=any_backend, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+@pytest.mark.parametrize("name", ["scores", "groups"])
+def test_tensors_on_another_device_are_named(any_backend, kind, name):
+    # A meta tensor stands in for a tensor on another device (no GPU needed); on a GPU
+    # the segments are CUDA tensors and the other one is on meta, also another device.
+    dev = backend_device(any_backend)
+    args = dict(segments=torch.tensor([[0.0, 1.0], [2.0, 3.0]], device=dev), scores=torch.tensor([0.5, 0.4], device=dev),
+                groups=torch.zeros(2, dtype=torch.int64, device=dev))
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{name}: expected a tensor on {dev.type}.* like segments, got meta"):
+        if kind == "hard":
+            mmsd_ext.temporal_nms(args["segments"], args["scores"], 0.5, groups=args["groups"], backend=any_backend)
+        else:
+            mmsd_ext.soft_temporal_nms(args["segments"], args["scores"], groups=args["groups"], backend=any_backend)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf under the interpreter
