@@ -1749,9 +1749,26 @@ def test_an_output_file_that_is_a_directory_is_found_before_training(tiny_root, 
     assert snapshot() == before
 
 
-def test_an_epoch_whose_checkpoint_cannot_be_written_is_not_logged(tiny_root, tmp_path, capsys, monkeypatch):
+def test_run_eval_only_takes_the_checkpoints_settings(tmp_path):
+    """run(eval_only=True) evaluated whatever Config it was given (scale 2 doubled the mAP, class
+    threshold 0.9 gave 0), where the command refuses model settings with --eval-only."""
+    cfg = engine.Config(**dict(engine.SYNTHETIC_PRESET, epochs=1))
+    engine.run(cfg, output_dir=str(tmp_path / "run"), progress=False, quiet=True)
+    path = str(tmp_path / "run" / engine.CHECKPOINT)
+    saved = engine.Config.from_dict(engine.load_checkpoint(path)["config"])
+    for change in (dict(scale=2.0), dict(class_threshold=0.9)):
+        with pytest.raises(engine.UsageError, match=rf"^config: an evaluation of a checkpoint takes its settings \({next(iter(change))}: "):
+            engine.run(dataclasses.replace(saved, **change), eval_only=True, checkpoint=path, save=False, progress=False, quiet=True)
+    # Where the data is and how it runs may differ.
+    result = engine.run(dataclasses.replace(saved, threads=2, tious=(0.5,)), eval_only=True, checkpoint=path, save=False,
+                        progress=False, quiet=True)
+    assert list(result["map"]) == [engine.tiou_key(0.5)]
+
+
+def test_an_epoch_whose_checkpoint_cannot_be_written_is_said_in_the_log(tiny_root, tmp_path, capsys, monkeypatch):
     """A full disk at epoch 2's checkpoint: train.log held epoch 2 (and its refresh) with no word of
-    the failure, and the resumed run logged them a second time."""
+    the failure. Now the line under it says so, and the resumed run logs epoch 2 again after its
+    "loaded" line."""
     import errno
 
     run_dir = tmp_path / "run"
@@ -1767,15 +1784,17 @@ def test_an_epoch_whose_checkpoint_cannot_be_written_is_not_logged(tiny_root, tm
     monkeypatch.setattr(engine, "_write_atomic", disk_full_at_the_second_checkpoint)
     code, err = _call(["--data-root", tiny_root, *FAST, "--epochs", "3", "--output-dir", str(run_dir)], capsys)
     assert code == 2 and "cannot write the checkpoint (No space left on device); the previous one is kept" in err, err
-    log = (run_dir / "train.log").read_text()
-    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1]
-    assert log.splitlines()[-1].startswith("stopped: ") and "cannot write the checkpoint" in log.splitlines()[-1], log
+    lines = (run_dir / "train.log").read_text().splitlines()
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2]
+    assert lines[-1].startswith("stopped: ") and "cannot write the checkpoint" in lines[-1], lines
+    assert lines[-1].endswith("(epoch 2 above is not in the checkpoint; --resume trains it again)"), lines[-1]
     monkeypatch.undo()
     assert main(["--resume", str(run_dir / "checkpoint.pt"), "--no-progress", "--quiet"]) == 0
-    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2, 3]
-    with open(run_dir / "train.log") as f:
-        refreshes = [json.loads(line[len("pseudo labels ") :])["refresh"] for line in f if line.startswith("pseudo labels ")]
-    assert refreshes == [1, 2]
+    assert [r["epoch"] for r in _epoch_records(run_dir)] == [1, 2, 2, 3]
+    lines = (run_dir / "train.log").read_text().splitlines()
+    stopped = next(i for i, line in enumerate(lines) if line.startswith("stopped: "))
+    loaded = next(i for i, line in enumerate(lines) if line.startswith("loaded "))
+    assert stopped < loaded and lines[loaded].endswith("(epoch 1)"), lines
 
 
 def test_an_interrupted_write_leaves_no_temporary(tmp_path):
@@ -2186,9 +2205,10 @@ def test_ddp_rank0_failing_mid_run_stops_every_rank_without_torchrun(tiny_root, 
     assert procs[1].returncode == 2, err1[-3000:]
     assert "rank 0 stopped with an error" in err1
     log = (tmp_path / "run" / "train.log").read_text()
-    # Epoch 2 is not in the checkpoint, so not in the log either: the log says why the run stopped.
-    assert '"epoch": 1' in log and '"epoch": 2' not in log
-    assert log.endswith("stopped: cannot write the checkpoint (a stand-in for a full disk)\n"), log
+    # Epoch 2 is logged, then its checkpoint fails: the line under it says so.
+    assert '"epoch": 2' in log and '"epoch": 3' not in log
+    assert log.endswith("stopped: cannot write the checkpoint (a stand-in for a full disk) (epoch 2 above is not in "
+                        "the checkpoint; --resume trains it again)\n"), log
 
 
 def test_ddp_two_processes_match_one(tiny_root, tmp_path):

@@ -12,6 +12,7 @@ import sys
 
 from .data import FEATURE_RATES, DataError
 from .engine import (
+    EVAL_ONLY_CHANGEABLE,
     MAX_EMBED_DIM,
     MAX_EPOCHS,
     MAX_RATE,
@@ -295,9 +296,8 @@ def config_from_args(args, parser):
         else:
             # Evaluation: the model must match the checkpoint, the data may have moved, and how
             # it runs (device, backend, threads) is this machine's.
-            allowed = ("data_root", "dataset", "synthetic_seed", "device", "backend", "threads", "tious")
             for key in list(given):
-                if key not in allowed and given[key] != getattr(saved, key):
+                if key not in EVAL_ONLY_CHANGEABLE and given[key] != getattr(saved, key):
                     parser.error(f"--{key.replace('_', '-')}: --eval-only takes the model settings from the checkpoint")
         base.update(given)
         # Settings of the machine the checkpoint was made on, kept where not given again:

@@ -171,6 +171,13 @@ FROZEN_ON_RESUME = (
     "pseudo_threshold",
 )
 
+# Flags an evaluation of a checkpoint (--eval-only) may give: where the data is, and how this
+# machine runs it; the command refuses the others. run(eval_only=True) refuses a Config whose
+# EVAL_ONLY_KEPT settings (the model and how it is evaluated) differ from the checkpoint's; the
+# training settings it holds change nothing there.
+EVAL_ONLY_CHANGEABLE = ("data_root", "dataset", "synthetic_seed", "device", "backend", "threads", "tious")
+EVAL_ONLY_KEPT = ("feature_type", "embed_dim", "scale", "streams", "class_threshold")
+
 
 class UsageError(ValueError):
     """A bad combination of settings or paths (reported without a traceback)."""
@@ -569,18 +576,20 @@ class Trainer:
             self.history.append(record)
             bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{record['lr']:.1e}")
             with self.together():
-                # The epoch's lines follow its checkpoint: a run whose checkpoint could not be
-                # written (a full disk) logs why it stopped instead, and its --resume trains
-                # that epoch again without logging it twice.
+                # The epoch's lines, then its checkpoint (lines written after the checkpoint would
+                # be lost to an interrupt between the two). A checkpoint that cannot be written
+                # (a full disk) is said right under them: a --resume trains that epoch again and
+                # logs it a second time, after its "loaded ... (epoch N)" line.
+                if refreshed is not None:
+                    self.log(refreshed)
+                self.log("epoch " + json.dumps(record))
                 try:
                     self.save_checkpoint()
                 except UsageError as exc:
                     with contextlib.suppress(UsageError):  # the log may be on the same full disk
-                        self.log("stopped: " + str(exc), echo=False)
+                        self.log(f"stopped: {exc} (epoch {self.epoch} above is not in the checkpoint; "
+                                 "--resume trains it again)", echo=False)
                     raise
-                if refreshed is not None:
-                    self.log(refreshed)
-                self.log("epoch " + json.dumps(record))
         bar.close()
 
     @contextlib.contextmanager
@@ -1264,6 +1273,9 @@ def run(
     ``resume``: a checkpoint to continue, with ``config`` holding its settings but those that may
     change (see ``resume_problem``: a UsageError names the others that differ); its lr decay and
     refreshes stay where its first length put them (``schedule_epochs``).
+    ``eval_only`` with ``checkpoint``: ``config``'s ``EVAL_ONLY_KEPT`` settings (the model
+    and how it is evaluated) must be the checkpoint's (``load_checkpoint(path)["config"]``);
+    a UsageError names any that differs.
     """
     config = _python_numbers(config)
     problem = _config_problem(config.to_dict())
@@ -1343,6 +1355,17 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
             raise UsageError(problem)
         # Another --epochs moves where the run ends, not its lr decay and refreshes.
         config = dataclasses.replace(config, schedule_epochs=schedule_length(saved))
+    if eval_only:
+        # As the command: the checkpoint's model, evaluated as it was configured (scale,
+        # class threshold, ...); a Config that differs elsewhere would evaluate another one.
+        saved = Config.from_dict(state["config"])
+        changed = [key for key in EVAL_ONLY_KEPT if _normalised(getattr(config, key)) != _normalised(getattr(saved, key))]
+        if changed:
+            shown = "; ".join(f"{key}: the checkpoint's {getattr(saved, key)!r}, given {getattr(config, key)!r}" for key in changed)
+            raise UsageError(
+                f"config: an evaluation of a checkpoint takes its settings ({shown}); {', '.join(EVAL_ONLY_KEPT)} "
+                "must be the checkpoint's"
+            )
     # Everything that can fail on the data, the settings or the checkpoint fails here, before
     # any folder is made or touched: an error leaves no new folder and an earlier run intact.
     # The checkpoint's feature type (the command keeps it): no error advises another one.
