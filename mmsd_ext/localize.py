@@ -116,6 +116,11 @@ def mmsd_proposals(
         ties by the threshold's position in ``thresholds``, then lower start) -- for one class, exactly the
         order in which MMSD accumulates its per-class list. ``P == 0`` gives shape [0, 5].
 
+    Not an op: it reads values on the host (which classes pass, how many runs there
+    are), so ``torch.compile(fullgraph=True)`` cannot trace it. Without ``fullgraph`` it
+    runs with graph breaks and gives the eager rows; evaluation usually calls it
+    outside the compiled region.
+
     Raises:
         TypeError / ValueError naming the argument: wrong rank, dtype or shape,
         non-finite ``cas`` or ``video_scores``, lengths outside ``[0, T]``, bad

@@ -212,6 +212,21 @@ def test_threshold_runs_fake_refuses_what_the_kernel_refuses(change, error, matc
         torch.ops.mmsd_ext._threshold_runs(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args.values()])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_without_fullgraph_gives_the_eager_rows(backend):
+    # As the docstring says: not traceable whole (values read on the host), but a compiled
+    # caller with graph breaks gets the eager rows.
+    torch._dynamo.reset()
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(13)
+    cas, vs = torch.rand(2, 30, 3, generator=gen).to(device), torch.rand(2, 3, generator=gen).to(device)
+    lengths = torch.tensor([30, 20], device=device)
+    eager = mmsd_proposals(cas, vs, lengths, backend=backend)
+    assert eager.shape[0] > 0
+    got = torch.compile(mmsd_proposals, backend="aot_eager")(cas, vs, lengths, backend=backend)
+    assert torch.equal(got, eager)
+
+
 @given(proposal_inputs())
 def test_row_order_is_video_class_then_descending_score(inputs):
     rows = mmsd_proposals(*inputs).numpy()
