@@ -395,10 +395,14 @@ def _measure_cuda(fn, settings, estimate_s):
     and a call bound by its launches reads short by up to the clear's time (a 256 MiB
     write: tens of microseconds on an H200)."""
     est_ms = max(estimate_s * 1e3, 1e-3)
+    # Warm-up for warmup_ms of GPU time: without the waits, a call the host issues faster
+    # than the GPU runs it would queue hundreds, paid for at the first wait below.
     warm_until = time.perf_counter() + settings.warmup_ms / 1e3
     fn()
+    torch.cuda.synchronize()
     while time.perf_counter() < warm_until:
         fn()
+        torch.cuda.synchronize()
     n = min(max(5, int(settings.min_run_time * 1e3 / est_ms)), _MAX_CUDA_SAMPLES)
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
