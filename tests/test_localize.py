@@ -360,22 +360,26 @@ def test_default_thresholds_are_mmsds():
     np.testing.assert_array_equal(np.array(MMSD_THRESHOLDS), np.arange(0.0003, 0.01, 0.0005))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_cas_is_read_exactly(dtype):
+def test_low_precision_cas_is_read_exactly(backend, dtype):
     rng = np.random.default_rng(3)
     cas = torch.tensor(rng.uniform(0, 0.012, size=(3, 30, 2))).to(dtype)
     scores = torch.tensor(rng.uniform(0, 1, size=(3, 2))).to(dtype)
     want = mmsd_proposals_loops(cas.double(), scores.double())
-    assert_same_rows(mmsd_proposals(cas, scores), want)
+    device = backend_device(backend)
+    assert_same_rows(mmsd_proposals(cas.to(device), scores.to(device), backend=backend).cpu(), want)
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
     rng = np.random.default_rng(4)
-    base = torch.tensor(rng.uniform(0, 0.012, size=(3, 2, 40)))
+    base = torch.tensor(rng.uniform(0, 0.012, size=(3, 2, 40))).to(backend_device(backend))
     cas = base.transpose(1, 2)  # [3, 40, 2], not contiguous
-    scores = torch.tensor(rng.uniform(0, 1, size=(2, 3))).t()
+    scores = torch.tensor(rng.uniform(0, 1, size=(2, 3))).to(backend_device(backend)).t()
     assert not cas.is_contiguous() and not scores.is_contiguous()
-    assert_same_rows(mmsd_proposals(cas, scores), mmsd_proposals_loops(cas.contiguous(), scores.contiguous()))
+    got = mmsd_proposals(cas, scores, backend=backend).cpu()
+    assert_same_rows(got, mmsd_proposals_loops(cas.contiguous().cpu(), scores.contiguous().cpu()))
 
 
 def test_lengths_as_list_and_inputs_untouched():
@@ -392,13 +396,16 @@ def test_lengths_as_list_and_inputs_untouched():
     assert torch.equal(cas, before[0]) and torch.equal(scores, before[1])
 
 
-def test_padding_is_never_read():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_is_never_read(backend):
     rng = np.random.default_rng(6)
-    cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2)))
-    lengths = torch.tensor([30, 12])
+    device = backend_device(backend)
+    cas = torch.tensor(rng.uniform(0, 0.012, size=(2, 30, 2))).to(device)
+    lengths, ones = torch.tensor([30, 12], device=device), torch.ones(2, 2, device=device)
     garbage = cas.clone()
     garbage[1, 12:] = float("nan")
-    assert torch.equal(mmsd_proposals(cas, torch.ones(2, 2), lengths), mmsd_proposals(garbage, torch.ones(2, 2), lengths))
+    expected = mmsd_proposals(cas, ones, lengths, backend=backend)
+    assert expected.shape[0] > 0 and torch.equal(mmsd_proposals(garbage, ones, lengths, backend=backend), expected)
 
 
 def test_explicit_reference_backend():
@@ -467,19 +474,24 @@ def test_pad_cas():
         (dict(class_threshold="high"), TypeError, "class_threshold"),
     ],
 )
-def test_bad_inputs_name_the_argument(change, error, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_name_the_argument(change, error, match, backend):
+    change = dict(change)  # the parametrized dict is shared by every backend's case
+    device = backend_device(backend)
     args = dict(cas=torch.rand(2, 4, 3) * 0.01, video_scores=torch.ones(2, 3), lengths=None)
     options = {k: change.pop(k) for k in list(change) if k not in args}
     args.update(change)
+    args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     with pytest.raises(error, match=match):
-        mmsd_proposals(args["cas"], args["video_scores"], args["lengths"], **options)
+        mmsd_proposals(args["cas"], args["video_scores"], args["lengths"], backend=backend, **options)
 
 
-def test_non_finite_cas_inside_lengths_is_an_error():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_cas_inside_lengths_is_an_error(backend):
     cas = torch.rand(2, 4, 3) * 0.01
     cas[1, 2, 0] = float("inf")
     with pytest.raises(ValueError, match="cas"):
-        mmsd_proposals(cas, torch.ones(2, 3))
+        mmsd_proposals(cas.to(backend_device(backend)), torch.ones(2, 3, device=backend_device(backend)), backend=backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
