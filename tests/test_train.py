@@ -124,6 +124,9 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("complex_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
         ("string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
         ("object_string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
+        # a mask or a thresholded copy saved in place of the features: True/False are not features
+        ("bool_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are booleans, not real numbers"),
+        ("object_bool_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are booleans, not real numbers"),
         ("duplicate_name", "videoname.npy", "video 5 repeats the name"),
         ("ambiguous_dir", "Ambiguous_test.txt", "expected a text file"),
         ("nan_ambiguous", "Ambiguous_test.txt", "line 1"),
@@ -184,11 +187,14 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         segments = np.load(path, allow_pickle=True)
         segments[13] = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
         np.save(path, segments, allow_pickle=True)
-    elif damage in ("complex_features", "string_features", "object_string_features"):
+    elif damage in ("complex_features", "string_features", "object_string_features", "bool_features",
+                    "object_bool_features"):
         # numpy would drop the imaginary part with a warning, and parse the strings.
         feats = np.load(path, allow_pickle=True)
         feats[1] = {"complex_features": feats[1] + 0j, "string_features": feats[1].astype(str),
-                    "object_string_features": feats[1].astype(str).astype(object)}[damage]
+                    "object_string_features": feats[1].astype(str).astype(object),
+                    "bool_features": feats[1] > 0,
+                    "object_bool_features": (feats[1] > 0).astype(object)}[damage]
         np.save(path, feats, allow_pickle=True)
     elif damage == "duplicate_name":
         names = np.load(path)

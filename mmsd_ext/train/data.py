@@ -215,18 +215,22 @@ class WTALCData:
         features = []
         dim = None
         for i, f in enumerate(raw_features):
+            booleans = False
             try:
                 f = np.asarray(f)
+                # True/False (a mask or a thresholded copy saved in place of the features) would
+                # load as 1.0/0.0 and train on.
+                booleans = f.dtype.kind == "b" or (f.dtype.kind == "O" and any(isinstance(x, (bool, np.bool_)) for x in f.flat))
                 # Real numbers only: numpy would drop a complex part with a warning, and read
                 # numeric strings as their values.
-                if f.dtype.kind not in "fiubO" or (
+                if booleans or f.dtype.kind not in "fiuO" or (
                     f.dtype.kind == "O" and any(isinstance(x, (str, bytes, complex, np.str_, np.bytes_)) for x in f.flat)
                 ):
                     raise TypeError
                 if f.dtype.kind != "f":
                     f = f.astype(np.float64)  # integers and objects as numbers first, to check their range
             except (TypeError, ValueError):
-                fail(feat_file, f"video {i}: features are not real numbers")
+                fail(feat_file, f"video {i}: features are {'booleans, not ' if booleans else 'not '}real numbers")
             except OverflowError:  # a Python int beyond any float
                 fail(feat_file, f"video {i}: features beyond float32's range (+-{FLOAT32_MAX:.4g})")
             if f.ndim != 2 or f.shape[0] < 1:
