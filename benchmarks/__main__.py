@@ -160,14 +160,36 @@ def parse_args(argv=None):
 
 
 def _unwritable(path):
-    """Why ``path`` cannot be written (None if it can), making its folder as the run would."""
+    """Why ``path`` cannot be written (None if it can), making its folder as the run would; the
+    folders and the file this makes are removed again (the run makes them when it writes)."""
     if os.path.isdir(path):
         return "is a directory"
     folder = os.path.dirname(os.path.abspath(path))
+    made = []  # the missing folders, outermost first
+    parent = folder
+    while not os.path.exists(parent):
+        made.insert(0, parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
+        _remove_folders(made)
         return f"cannot make the folder {folder} ({exc.strerror or exc})"
+    try:
+        return _unwritable_file(path)
+    finally:
+        _remove_folders(made)
+
+
+def _remove_folders(made):
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)  # only if still empty
+        except OSError:
+            return
+
+
+def _unwritable_file(path):
     # Opened as the run will (os.access says yes to root everywhere, /proc included); a file
     # this makes is removed again. Appending nothing leaves an existing file as it was.
     existed = os.path.exists(path)
@@ -289,6 +311,7 @@ def main(argv=None):
     print(f"\n{len(rows)} measurements in {elapsed:.0f} s" + (f", appended to {args.csv}" if args.csv else ""))
     if args.plot:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
             plot_rows(rows, args.plot, title=f"mmsd_ext benchmarks, {runner.device_name}, torch {torch.__version__}")
         except OSError as exc:
             print(f"python -m benchmarks: error: --plot {args.plot}: cannot write it ({exc.strerror or exc})", file=sys.stderr)

@@ -280,6 +280,23 @@ def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, cap
     assert message in capsys.readouterr().err
 
 
+def test_path_checks_leave_no_folder_behind(tmp_path, capsys):
+    # Before 2026-11-29 the check of --csv/--plot made their missing folders, which stayed
+    # (empty) when the run then had nothing to run or measured nothing.
+    from benchmarks.__main__ import main, parse_args
+
+    csv_path = tmp_path / "new" / "deeper" / "bench.csv"
+    parse_args(["--csv", str(csv_path)])
+    assert not (tmp_path / "new").exists()
+    assert main(["--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "2x8x3", "--passes", "proposals",
+                 "--csv", str(csv_path)]) == 1
+    assert "nothing to run" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    parse_args(["--csv", str(tmp_path / "kept" / "x.csv")])
+    assert os.listdir(tmp_path / "kept") == []
+
+
 def test_plot_refuses_what_it_cannot_read_or_write(tmp_path, capsys):
     from benchmarks import plot
 
