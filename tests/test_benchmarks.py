@@ -464,11 +464,16 @@ def test_plot_writes_the_format_its_extension_names(tmp_path, capsys):
         assert capsys.readouterr().out.strip() == str(tmp_path / name)
 
 
-def test_csv_and_plot_folders_are_made_before_the_run(tmp_path):
+def test_a_csv_in_a_new_folder_is_checked_before_the_run(tmp_path):
+    # The check makes the folder and a file there, and removes both again (the run makes them
+    # when it writes its first rows).
     from benchmarks.__main__ import parse_args
 
     args = parse_args(["--csv", str(tmp_path / "a" / "b.csv"), "--sizes", "M=10", "10x20x3", "thumos", "videos=4"])
-    assert (tmp_path / "a").is_dir() and args.tokens == ["M=10", "10x20x3", "thumos", "videos=4"]
+    assert not (tmp_path / "a").exists() and args.tokens == ["M=10", "10x20x3", "thumos", "videos=4"]
+    (tmp_path / "a").write_text("a file where the folder would be")
+    with pytest.raises(SystemExit):
+        parse_args(["--csv", str(tmp_path / "a" / "b.csv")])
 
 
 @pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
