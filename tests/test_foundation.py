@@ -667,3 +667,45 @@ def test_ops_called_from_many_threads_give_the_sequential_results(backend):
             together = list(pool.map(work, cases))
         for a, b in zip(one_by_one, together):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
+def test_cpu_ops_give_the_same_bits_at_any_thread_count():
+    # Each cpu kernel splits its work with at::parallel_for (rows, (video, class) pairs, groups,
+    # videos); the sizes here give every split several tasks. A run on one thread and runs on
+    # two and three give the same bits, forward and backward, mmsd_proposals included.
+    gen = torch.Generator().manual_seed(41)
+    xs = [torch.randn(16, 700, 21, generator=gen) for _ in range(3)]
+    mask = torch.rand(16, 700, generator=gen) > 0.1
+    lengths = torch.randint(1, 701, (16,), generator=gen)
+    start = torch.rand(6000, generator=gen) * 500
+    seg = torch.stack([start, start + torch.rand(6000, generator=gen) * 30], 1)
+    scores = torch.rand(6000, generator=gen)
+    groups = torch.randint(0, 60, (6000,), generator=gen)
+    cas = torch.rand(8, 900, 20, generator=gen)
+    cas_lengths = torch.randint(100, 901, (8,), generator=gen)
+    video_scores = torch.rand(8, 20, generator=gen)
+
+    def run():
+        ins = [x.clone().requires_grad_() for x in xs]
+        three = mmsd_ext.mmsd_distill_loss(*ins, mask=mask, backend="cpu")
+        pair = mmsd_ext.snippet_distill_loss(ins[0], ins[1], 0.5, reduction="sum", backend="cpu")
+        pooled = mmsd_ext.topk_mil_pool(ins[2], mmsd_ext.mil_k(lengths), lengths, backend="cpu")
+        (three + pair + (pooled * torch.arange(21.0)).sum()).backward()
+        keep = mmsd_ext.temporal_nms(seg, scores, 0.4, groups=groups, backend="cpu")
+        picked, decayed = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="cpu")
+        proposals = mmsd_ext.mmsd_proposals(cas, video_scores, cas_lengths, backend="cpu")
+        return [three.detach(), pair.detach(), pooled.detach(), *(x.grad for x in ins), keep, picked, decayed, proposals]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        keep, picked, proposals = one[6], one[7], one[9]
+        assert 0 < len(keep) < 6000 and 0 < len(picked) < 6000 and len(proposals) > 100  # work to split
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            for a, b in zip(one, run()):
+                assert torch.equal(a, b), n
+    finally:
+        torch.set_num_threads(threads)
