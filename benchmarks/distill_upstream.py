@@ -23,17 +23,16 @@ larger than the caches, as ``python -m benchmarks`` measures it), once per run.
 import argparse
 
 import torch
-import torch.utils.benchmark as tb
 
 import mmsd_ext
 
 from .bench_distill import TEMPERATURE
-from .harness import Settings, copy_bandwidth, parse_btc
+from .harness import Settings, copy_bandwidth, parse_btc, timer_class
 
 
 def _median_s(fn, min_run_time):
     fn()
-    return tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    return timer_class()("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def main(argv=None):

@@ -374,9 +374,25 @@ def measure(fn, device, settings, first_s=None):
     return _measure_cpu(fn, settings, estimate)
 
 
-def _measure_cpu(fn, settings, estimate_s):
-    from torch.utils.benchmark import Timer
+def timer_class():
+    """``torch.utils.benchmark.Timer``. Its first import loads ``torch.utils.cpp_extension``, which
+    on a machine with a CUDA toolkit and no GPU (a CPU run here) logs "No CUDA runtime is found,
+    using CUDA_HOME=...", a guess for building extensions, which a benchmark never does: that
+    import runs with that logger quiet."""
+    import logging
 
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        log.setLevel(level)
+    return Timer
+
+
+def _measure_cpu(fn, settings, estimate_s):
+    Timer = timer_class()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     number = max(1, int(_BLOCK_S / max(estimate_s, 1e-7)))
     blocks = max(_MIN_BLOCKS, int(settings.min_run_time / max(number * estimate_s, 1e-7)))

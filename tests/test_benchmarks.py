@@ -881,3 +881,15 @@ def test_graph_replay_on_gpu_checks_every_provider():
         assert [r.provider for r in rows] == [graph_replay.ANCHOR[op], *backends]
         for r in rows:
             assert r.check == "ok" and r.call_ms > 0 and r.replay_ms > 0, r
+
+
+def test_a_cpu_run_logs_no_cuda_home_guess():
+    # Before 2026-11-29 every CPU run on a machine with a CUDA toolkit and no GPU printed torch's
+    # "No CUDA runtime is found, using CUDA_HOME=..." (logged by torch.utils.cpp_extension, which
+    # torch.utils.benchmark imports): a guess for building extensions, which a benchmark never does.
+    cmd = [sys.executable, "-m", "benchmarks", "--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "2x8x3",
+           "--threads", "1", "--no-compile", "--no-progress", "--min-run-time", "0.01"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, MMSD_EXT_QUIET="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "measurements in" in proc.stdout
+    assert "No CUDA runtime" not in proc.stdout + proc.stderr
