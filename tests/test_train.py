@@ -1408,6 +1408,37 @@ def test_eval_only_of_a_folder_holding_the_test_split_alone(tiny_root, tmp_path)
     assert _results(out)["num_test_videos"] == len(keep)
 
 
+def _keep_videos(folder, keep):
+    for name in ("labels_all", "segments", "labels", "videoname", "subset", "duration", "Synthetic-I3D-JOINTFeatures"):
+        values = np.load(folder / f"{name}.npy", allow_pickle=True)
+        kept = np.empty(len(keep), dtype=object) if values.dtype == object else values[keep]
+        if values.dtype == object:
+            kept[:] = [values[i] for i in keep]
+        np.save(folder / f"{name}.npy", kept, allow_pickle=True)
+
+
+def test_eval_only_of_an_activitynet_folder_holding_its_test_split_alone(tiny_root, tmp_path, capsys):
+    """ActivityNet's test split is "validation", which alone could be THUMOS14's training split:
+    the folder could not tell ("cannot tell the splits apart"). The checkpoint says which split
+    its run tested on."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    subsets = np.load(folder / "subset.npy", allow_pickle=True)
+    np.save(folder / "subset.npy", np.asarray([{b"validation": b"training", b"test": b"validation"}[s] for s in subsets]))
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", str(root), *FAST, "--epochs", "1", "--output-dir", str(run_dir)]) == 0
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["splits"] == ["training", "validation"]
+    test_root = tmp_path / "test-only"
+    shutil.copytree(root, test_root)
+    _keep_videos(test_root / "Synthetic", [i for i, s in enumerate(subsets) if s == b"test"])
+    out = tmp_path / "eval"
+    argv = ["--eval-only", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data-root", str(test_root), "--output-dir", str(out)]
+    assert main(argv + ["--no-progress", "--quiet"]) == 0, capsys.readouterr().err
+    assert _results(out)["map"] == _results(run_dir)["map"] and _results(out)["cmap"] == _results(run_dir)["cmap"]
+    # Without the checkpoint's word (one written before 2026-11-29), the folder alone still cannot tell.
+    with pytest.raises(data_mod.DataError, match="cannot tell the splits apart"):
+        data_mod.load_wtalc(str(test_root), "Synthetic").split_names()
+
+
 def test_eval_only_takes_threads_and_resume_says_it_does(tiny_root, tmp_path, capsys):
     """--threads is how this machine runs, not a model setting: --eval-only refused it."""
     run_dir = tmp_path / "run"
@@ -1952,6 +1983,9 @@ def test_resume_finds_its_folder_through_a_link_and_its_data_from_elsewhere(tiny
         (lambda s: s.update(pseudo_conf=torch.zeros(1, 2, 2)), "its 'pseudo_conf' has shape (1, 2, 2), its 'pseudo_labels' (3, 12, "),
         (lambda s: s.update(train_videos=5), "its 'train_videos' is not a list of names (got 5)"),
         (lambda s: s.update(classes=[1, 2]), "its 'classes' is not a list of names (got list)"),
+        (lambda s: s.update(splits="test"), "its 'splits' is not two different subset names, train then test (got 'test')"),
+        (lambda s: s.update(splits=["test", "test"]), "its 'splits' is not two different subset names"),
+        (lambda s: s.update(splits=["a", "b", "c"]), "its 'splits' is not two different subset names"),
         # Accepted, it made results.json record epoch 99 of a run of 1.
         (lambda s: s.update(epoch=99), "its 'epoch' is 99, past its setting epochs = 1"),
         (lambda s: s["config"].pop("epochs") and s.update(epoch=241), "its 'epoch' is 241, past its setting epochs = 240"),

@@ -170,6 +170,9 @@ class WTALCData:
         self.durations = durations
         self.ambiguous = ambiguous
         self.source = source
+        # (train, test) subset names from elsewhere (the checkpoint of an evaluation), used
+        # where the subsets present cannot tell THUMOS14's layout from ActivityNet's.
+        self.known_splits = None
         self.feature_dim = features[0].shape[1] if features else 0
         self.num_classes = len(classes)
 
@@ -317,12 +320,16 @@ class WTALCData:
 
     def split_names(self):
         """(train subset name, test subset name): THUMOS14 trains on "validation" and tests on
-        "test"; ActivityNet1.2 trains on "training" and tests on "validation"."""
+        "test"; ActivityNet1.2 trains on "training" and tests on "validation". A folder holding
+        neither "test" nor "training" takes ``known_splits`` where it is set."""
         present = set(self.subsets)
         if "test" in present:
             return "validation", "test"
         if "training" in present:
             return "training", "validation"
+        if self.known_splits is not None:
+            # "validation" alone: THUMOS14's training split or ActivityNet1.2's test split.
+            return tuple(self.known_splits)
         raise DataError(
             f"{self.source or self.name}/subset.npy: cannot tell the splits apart: expected 'validation' and 'test' "
             f"(THUMOS14) or 'training' and 'validation' (ActivityNet1.2), got {', '.join(sorted(present))}"

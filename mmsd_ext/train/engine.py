@@ -748,6 +748,9 @@ class Trainer:
             # What the model and the pseudo labels belong to, checked when the run is loaded.
             "classes": list(self.data.classes),
             "train_videos": [self.data.videos[i] for i in self.train_idx],
+            # Which subsets were trained and tested on: a folder holding ActivityNet's test
+            # split ("validation") alone cannot say so itself (--eval-only).
+            "splits": list(self.data.split_names()),
             "torch": str(torch.__version__),
             "mmsd_ext": mmsd_ext.__version__,
         }
@@ -978,6 +981,12 @@ def _checkpoint_problem(state):
         value = state.get(key)
         if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
             return f"its {key!r} is not a list of names (got {_shown(value)})"
+    splits = state.get("splits")  # absent from checkpoints written before 2026-11-29
+    if splits is not None and not (
+        isinstance(splits, (list, tuple)) and len(splits) == 2 and all(isinstance(v, str) and v for v in splits)
+        and splits[0] != splits[1]
+    ):
+        return f"its 'splits' is not two different subset names, train then test (got {_shown(splits)})"
     for index, entries in state["optimizer"]["state"].items():
         for key, value in entries.items() if isinstance(entries, dict) else ():
             if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
@@ -1371,6 +1380,8 @@ def _run(config, ddp, output_dir, overwrite, resume, eval_only, checkpoint, stop
     # The checkpoint's feature type (the command keeps it): no error advises another one.
     kept = state is not None and config.feature_type == state["config"].get("feature_type", Config.feature_type)
     data = load_data(config, feature_type_kept=kept)
+    if eval_only and state.get("splits") is not None:
+        data.known_splits = tuple(state["splits"])
     data.check_test_split()
     if not eval_only:
         data.check_train_split()
