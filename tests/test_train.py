@@ -1739,6 +1739,32 @@ def test_diverged_training_stops_before_saving(tiny_root, tmp_path, capsys):
     assert after["train.log"] == before["train.log"]
 
 
+def test_features_whose_embeddings_overflow_stop_training_and_evaluation(tiny_root, tmp_path, capsys):
+    """Features of 1e30 (finite, within float32) give embeddings whose squared norms overflow:
+    every cosine 0, every score alike. The run trained on in silence and reported an mAP of 0;
+    training and evaluation now stop naming the epoch and the features' magnitude."""
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    path = folder / "Synthetic-I3D-JOINTFeatures.npy"
+    feats = np.load(path, allow_pickle=True)
+    for i in range(len(feats)):
+        feats[i] = feats[i] * np.float32(1e30)
+    np.save(path, feats, allow_pickle=True)
+    run_dir = tmp_path / "run"
+    code, err = _call(["--data-root", str(root), *FAST, "--epochs", "1", "--output-dir", str(run_dir)], capsys)
+    assert code == 2, err
+    assert "embeddings overflowed float32 in epoch 1" in err and "features reach" in err and "e+30 in magnitude" in err
+    assert "no checkpoint was written" in err and "scale the features down" in err
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists()
+    # A model trained on ordinary features, evaluated on the scaled ones.
+    good = tmp_path / "good"
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(good)]) == 0
+    argv = ["--eval-only", "--checkpoint", str(good / "checkpoint.pt"), "--data-root", str(root),
+            "--output-dir", str(tmp_path / "eval"), "--quiet", "--no-progress"]
+    code, err = _call(argv, capsys)
+    assert code == 2 and "embeddings overflowed float32 on" in err and "scale the features down" in err, err
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
 def test_overwrite_replaces_the_log_with_the_first_checkpoint(tiny_root, tmp_path, capsys, monkeypatch):
     """--overwrite over an earlier run, interrupted: in its first epoch, the earlier run's
     three files stay as they were; in its second, checkpoint and log are this run's (epoch 1)

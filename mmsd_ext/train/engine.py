@@ -612,14 +612,23 @@ class Trainer:
         finite = all(math.isfinite(v) for v in parts.values()) and bool(
             torch.stack([torch.isfinite(p).all() for p in params]).all()
         )
-        if finite:
+        overflowed = getattr(self, "overflowed_steps", 0)
+        if finite and not overflowed:
             return
-        bad = [f"{k} {v}" for k, v in sorted(parts.items()) if not math.isfinite(v)]
-        what = f"loss {parts['total']}" if not math.isfinite(parts["total"]) else ", ".join(bad) or "weights hold NaN or inf"
         kept = ""
         if self.output_dir:
             path = os.path.join(self.output_dir, CHECKPOINT)
             kept = f"; {path} was not replaced" if os.path.exists(path) else "; no checkpoint was written"
+        if finite:
+            # Finite but dead: every cosine 0, the same scores everywhere, nothing to learn.
+            message = (
+                f"the model's embeddings overflowed float32 in epoch {epoch + 1}, in {overflowed} of its steps "
+                f"({_overflow_cause(self.data, self.train_idx)}){kept}; scale the features down, or if they are of ordinary size, try a smaller --lr"
+            )
+            self.log("stopped: " + message, echo=False)
+            raise UsageError(message)
+        bad = [f"{k} {v}" for k, v in sorted(parts.items()) if not math.isfinite(v)]
+        what = f"loss {parts['total']}" if not math.isfinite(parts["total"]) else ", ".join(bad) or "weights hold NaN or inf"
         message = (
             f"training diverged in epoch {epoch + 1} ({what} at lr {learning_rate(self.config, epoch):g}){kept}; "
             "try a smaller --lr"
@@ -640,6 +649,7 @@ class Trainer:
         ).tolist()
         steps = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         totals = self.train_steps(steps)
+        self.overflowed_steps = int(totals.pop("norm_overflow", 0))
         # Per video, as MMSD prints its losses.
         return {k: v / len(order) for k, v in totals.items()}
 
@@ -678,7 +688,9 @@ class Trainer:
             # class-agnostic attention over the streams) shows whether it sinks below the
             # pseudo-label threshold.
             attention = outputs["attention"].detach().sum((0, 2)).sum() / (len(self.model.streams) * batch["lengths"].sum())
-            for name, value in [("total", loss.detach()), ("attention", attention * len(mine))] + list(parts.items()):
+            # "norm_overflow": steps whose embeddings overflowed (see check_finite).
+            for name, value in [("total", loss.detach()), ("attention", attention * len(mine)),
+                                ("norm_overflow", outputs["norm_overflow"])] + list(parts.items()):
                 totals[name] = totals.get(name, 0.0) + value.double() * weight
         names = sorted(totals)
         packed = ddp.all_reduce(torch.stack([totals[n] for n in names]))
@@ -1073,7 +1085,8 @@ def _config_problem(values):
 def predict(model, data, indices, device, batch_size=16, progress=False, desc="eval"):
     """Fused CAS [V, T, C] (padded, float32), video scores [V, C] and lengths [V] for the videos
     ``indices``, in that order (MMSD's 0.2 / 0.4 / 0.4 fusion), on ``device``: the proposals
-    then run there too, with the backend chosen for that device."""
+    then run there too, with the backend chosen for that device. Fourth, a 0-d bool tensor:
+    whether an embedding's norm overflowed (see ``MMSD.heads``)."""
     from tqdm import tqdm
 
     model.eval()
@@ -1082,15 +1095,27 @@ def predict(model, data, indices, device, batch_size=16, progress=False, desc="e
     cas = torch.zeros(V, int(lengths.max()), data.num_classes, device=device)
     scores = torch.zeros(V, data.num_classes, device=device)
     weights = model.fusion_weights()
+    overflow = torch.zeros((), dtype=torch.bool, device=device)
     batches = _length_batches(data, list(range(V)), indices, batch_size)
     for chunk in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False, file=sys.stderr):
         batch = data_mod.collate(data, [indices[p] for p in chunk], device)
         outputs = model(batch["features"], batch["lengths"])
+        overflow |= outputs["norm_overflow"]
         c, s = fuse(outputs, weights)
         rows = torch.tensor(chunk, device=device)
         cas[rows, : c.shape[1]] = c.float()
         scores[rows] = s.float()
-    return cas, scores, lengths
+    return cas, scores, lengths, overflow
+
+
+def _overflow_cause(data, indices):
+    """Why a model's embeddings overflow on the videos ``indices`` of ``data``, for an error."""
+    largest = max(float(np.abs(data.features[i]).max()) for i in indices)
+    return (
+        f"features reach {largest:.3g} in magnitude; an embedding whose norm passes about 1.8e19, the square "
+        "root of float32's largest number, has a norm of inf there and a cosine of 0 with every class, "
+        "so every snippet scores alike"
+    )
 
 
 def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
@@ -1103,11 +1128,17 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
     from mmsd_ext.localize import mmsd_proposals
 
     start = time.perf_counter()
-    cas, scores, lengths = predict(model, data, indices, device, config.eval_batch_size, progress, desc)
+    cas, scores, lengths, overflow = predict(model, data, indices, device, config.eval_batch_size, progress, desc)
     if not (torch.isfinite(scores).all() and torch.isfinite(cas).all()):
         raise UsageError(
             f"the model's predictions on {data.source or data.name} hold NaN or inf (diverged weights, or "
             "features far outside the range it was trained on)"
+        )
+    if bool(overflow):
+        # Finite, but every cosine 0 and every score alike: an mAP of 0 that says nothing.
+        raise UsageError(
+            f"the model's embeddings overflowed float32 on {data.source or data.name} "
+            f"({_overflow_cause(data, indices)}); scale the features down"
         )
     cmap = 100.0 * float(classification_map(scores.cpu(), torch.from_numpy(data.labels[list(indices)])))
     proposals = mmsd_proposals(cas, scores, lengths, class_threshold=config.class_threshold).cpu()

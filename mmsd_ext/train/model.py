@@ -81,7 +81,8 @@ class MMSD(nn.Module):
         Returns a dict (S = number of streams):
           ``cas_logits`` [S, B, T, C+1], ``attention`` [S, B, T] (sigmoid, zero at padding),
           ``video_logits`` [S, B, C+1] (attention branch), ``mil_logits`` [S, B, C+1],
-          ``mask`` [B, T] bool.
+          ``mask`` [B, T] bool, ``norm_overflow`` 0-d bool (an embedding's norm overflowed
+          the dtype: its cosines are 0).
         """
         B, T, D = features.shape
         if D != 2 * self.modality_dim:
@@ -111,7 +112,11 @@ class MMSD(nn.Module):
         # 1e-12 (F.normalize's default) is 0 in float16, where a padded embedding's 0 / 0 made
         # NaN that the masks' products kept (NaN * 0): its smallest normal number there.
         eps = max(1e-12, torch.finfo(emb.dtype).tiny)
-        unit_emb = F.normalize(emb, dim=-1, eps=eps)
+        # F.normalize written out, to see its norm: embeddings of about 1e19 and more (features
+        # of about 1e17 and more) overflow float32's squared sum, and their unit vectors are 0,
+        # which scores every snippet alike (the trainer stops with an error then).
+        norms = torch.linalg.vector_norm(emb, dim=-1, keepdim=True)
+        unit_emb = emb / norms.clamp_min(eps)
         unit_centres = F.normalize(self.centres, dim=-1)  # [S, C+1, E]
         unit_fg = F.normalize(self.fg_centres, dim=-1)  # [S, 1, E]
         cas_logits = s * torch.einsum("sbte,sce->sbtc", unit_emb, unit_centres)
@@ -131,6 +136,7 @@ class MMSD(nn.Module):
             "video_logits": video_logits,
             "mil_logits": mil_logits,
             "mask": mask,
+            "norm_overflow": torch.isinf(norms).any(),
         }
 
     def fusion_weights(self):
