@@ -64,6 +64,41 @@ def test_videos_of_other_subsets_are_named_in_the_description(tiny_root, tmp_pat
     assert text.endswith("; 2 videos of subset 'Validation' are in neither split")
 
 
+def test_description_notes_what_the_files_allow_but_may_not_mean(tiny_root, tmp_path):
+    # Loaded as they are (real annotations hold such things), but said in the log's second line;
+    # before 2026-11-29 nothing said them.
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    assert data_mod.load_wtalc(str(root), "Synthetic").notes() == []
+    names = [v.decode() for v in np.load(folder / "videoname.npy")]
+    durations = np.load(folder / "duration.npy")
+    segments = np.load(folder / "segments.npy", allow_pickle=True)
+    labels = np.load(folder / "labels.npy", allow_pickle=True)
+    labels_all = np.load(folder / "labels_all.npy", allow_pickle=True)
+    with_gt = [i for i in range(len(segments)) if len(segments[i])]
+    first, second = with_gt[:2]
+    segments[first] = [list(s) for s in segments[first]]
+    segments[first][0][1] = float(durations[first]) + 1.5
+    np.save(folder / "segments.npy", segments, allow_pickle=True)
+    classes = [c.decode() for c in np.load(folder / "classlist.npy")]
+    missing = next(c for c in classes if c not in {_text(x) for x in labels_all[second]})
+    labels[second] = [missing] + list(labels[second])[1:]
+    np.save(folder / "labels.npy", labels, allow_pickle=True)
+    with open(folder / "Ambiguous_test.txt", "a") as f:
+        f.write("video_not_here  1.0 2.0\n")
+    data = data_mod.load_wtalc(str(root), "Synthetic")
+    notes = data.notes()
+    assert notes == [
+        f"1 ground-truth segment of 1 video ends past the video's duration (by up to 1.5 s, in {names[first]})",
+        f"1 video ({names[second]}) has segments of classes missing from labels_all.npy, which training takes its video labels from",
+        "Ambiguous_test.txt names 1 video not in the dataset (video_not_here)",
+    ]
+    assert data.describe().endswith("; " + "; ".join(notes))
+
+
+def _text(x):
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
 def test_loader_reads_what_was_written(tiny_root):
     loaded = data_mod.load_wtalc(tiny_root, "Synthetic")
     arrays = synthetic.make_arrays(3, **TINY)

@@ -386,7 +386,38 @@ class WTALCData:
         if others:
             count = len(self.videos) - train - test
             text += f"; {count} videos of subset {', '.join(repr(o) for o in others)} are in neither split"
-        return text
+        return text + "".join("; " + note for note in self.notes())
+
+    def notes(self):
+        """What the files allow but may not mean (loaded as they are, and said in the log's
+        description line): ground truth past a video's end (annotations rounded up), segment
+        classes missing from a video's labels_all (training learns from labels_all alone),
+        ambiguous segments of videos not in the dataset (never used)."""
+        out = []
+        past = [(i, float(seg[:, 1].max()) - self.durations[i]) for i, seg in enumerate(self.segments)
+                if len(seg) and seg[:, 1].max() > self.durations[i]]
+        if past:
+            count = sum(int((self.segments[i][:, 1] > self.durations[i]).sum()) for i, _ in past)
+            worst = max(past, key=lambda p: p[1])
+            out.append(
+                f"{count} ground-truth segment{'s' if count > 1 else ''} of {len(past)} video{'s' if len(past) > 1 else ''} "
+                f"end{'' if count > 1 else 's'} past the video's duration (by up to {worst[1]:.3g} s, in {self.videos[worst[0]]})"
+            )
+        unlabelled = [i for i, classes in enumerate(self.segment_classes) if len(classes) and not self.labels[i, classes].all()]
+        if unlabelled:
+            out.append(
+                f"{len(unlabelled)} video{'s' if len(unlabelled) > 1 else ''} ({self.videos[unlabelled[0]]}"
+                f"{', ...' if len(unlabelled) > 1 else ''}) {'have' if len(unlabelled) > 1 else 'has'} segments of classes "
+                "missing from labels_all.npy, which training takes its video labels from"
+            )
+        known = set(self.videos)
+        unknown = sorted({v for v, _, _ in self.ambiguous if v not in known})
+        if unknown:
+            out.append(
+                f"{AMBIGUOUS_FILE} names {len(unknown)} video{'s' if len(unknown) > 1 else ''} not in the dataset "
+                f"({unknown[0]}{', ...' if len(unknown) > 1 else ''})"
+            )
+        return out
 
 
 def _ndim(value):
