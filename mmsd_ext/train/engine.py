@@ -1085,8 +1085,8 @@ def _config_problem(values):
 def predict(model, data, indices, device, batch_size=16, progress=False, desc="eval"):
     """Fused CAS [V, T, C] (padded, float32), video scores [V, C] and lengths [V] for the videos
     ``indices``, in that order (MMSD's 0.2 / 0.4 / 0.4 fusion), on ``device``: the proposals
-    then run there too, with the backend chosen for that device. Fourth, a 0-d bool tensor:
-    whether an embedding's norm overflowed (see ``MMSD.heads``)."""
+    then run there too, with the backend chosen for that device. Raises a ``UsageError`` where an
+    embedding's norm overflowed (see ``MMSD.heads``)."""
     from tqdm import tqdm
 
     model.eval()
@@ -1105,7 +1105,13 @@ def predict(model, data, indices, device, batch_size=16, progress=False, desc="e
         rows = torch.tensor(chunk, device=device)
         cas[rows, : c.shape[1]] = c.float()
         scores[rows] = s.float()
-    return cas, scores, lengths, overflow
+    if bool(overflow):
+        # Finite, but every cosine 0 and every score alike: an mAP of 0 that says nothing.
+        raise UsageError(
+            f"the model's embeddings overflowed float32 on {data.source or data.name} "
+            f"({_overflow_cause(data, indices)}); scale the features down"
+        )
+    return cas, scores, lengths
 
 
 def _overflow_cause(data, indices):
@@ -1128,17 +1134,11 @@ def evaluate(model, data, indices, device, config, progress=False, desc="eval"):
     from mmsd_ext.localize import mmsd_proposals
 
     start = time.perf_counter()
-    cas, scores, lengths, overflow = predict(model, data, indices, device, config.eval_batch_size, progress, desc)
+    cas, scores, lengths = predict(model, data, indices, device, config.eval_batch_size, progress, desc)
     if not (torch.isfinite(scores).all() and torch.isfinite(cas).all()):
         raise UsageError(
             f"the model's predictions on {data.source or data.name} hold NaN or inf (diverged weights, or "
             "features far outside the range it was trained on)"
-        )
-    if bool(overflow):
-        # Finite, but every cosine 0 and every score alike: an mAP of 0 that says nothing.
-        raise UsageError(
-            f"the model's embeddings overflowed float32 on {data.source or data.name} "
-            f"({_overflow_cause(data, indices)}); scale the features down"
         )
     cmap = 100.0 * float(classification_map(scores.cpu(), torch.from_numpy(data.labels[list(indices)])))
     proposals = mmsd_proposals(cas, scores, lengths, class_threshold=config.class_threshold).cpu()
