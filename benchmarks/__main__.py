@@ -183,6 +183,8 @@ def _unwritable(path):
 
 def _remove_folders(made):
     for folder in reversed(made):
+        if not os.path.isdir(folder) or os.path.islink(folder):
+            continue  # not made (makedirs failed before it)
         try:
             os.rmdir(folder)  # only if still empty
         except OSError:

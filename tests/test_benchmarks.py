@@ -292,6 +292,11 @@ def test_path_checks_leave_no_folder_behind(tmp_path, capsys):
                  "--csv", str(csv_path)]) == 1
     assert "nothing to run" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+    # makedirs made the outer folder, then failed on a name too long: the outer one goes too.
+    with pytest.raises(SystemExit):
+        parse_args(["--csv", str(tmp_path / "new" / ("x" * 300) / "bench.csv")])
+    assert "cannot make the folder" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
     (tmp_path / "kept").mkdir()  # a folder that was there stays
     parse_args(["--csv", str(tmp_path / "kept" / "x.csv")])
     assert os.listdir(tmp_path / "kept") == []
