@@ -88,7 +88,7 @@ def test_description_notes_what_the_files_allow_but_may_not_mean(tiny_root, tmp_
     data = data_mod.load_wtalc(str(root), "Synthetic")
     notes = data.notes()
     assert notes == [
-        f"1 ground-truth segment of 1 video ends past the video's duration (by up to 1.5 s, in {names[first]})",
+        f"1 ground-truth segment of 1 video ends past their video's duration (by up to 1.5 s, in {names[first]})",
         f"1 video ({names[second]}) has segments of classes missing from labels_all.npy, which training takes its video labels from",
         "Ambiguous_test.txt names 1 video not in the dataset (video_not_here)",
     ]
@@ -1787,7 +1787,7 @@ def test_features_whose_embeddings_overflow_stop_training_and_evaluation(tiny_ro
     run_dir = tmp_path / "run"
     code, err = _call(["--data-root", str(root), *FAST, "--epochs", "1", "--output-dir", str(run_dir)], capsys)
     assert code == 2, err
-    assert "embeddings overflowed float32 in epoch 1" in err and "features reach" in err and "e+30 in magnitude" in err
+    assert "embeddings overflowed float32 in epoch 1 (features reach" in err and "e+30 in magnitude, in video_" in err
     assert "no checkpoint was written" in err and "scale the features down" in err
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists()
     # A model trained on ordinary features, evaluated on the scaled ones.

@@ -622,7 +622,7 @@ class Trainer:
         if finite:
             # Finite but dead: every cosine 0, the same scores everywhere, nothing to learn.
             message = (
-                f"the model's embeddings overflowed float32 in epoch {epoch + 1}, in {overflowed} of its steps "
+                f"the model's embeddings overflowed float32 in epoch {epoch + 1} "
                 f"({_overflow_cause(self.data, self.train_idx)}){kept}; scale the features down, or if they are of ordinary size, try a smaller --lr"
             )
             self.log("stopped: " + message, echo=False)
@@ -649,6 +649,7 @@ class Trainer:
         ).tolist()
         steps = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         totals = self.train_steps(steps)
+        # Steps with an overflow, summed over the processes (a step may count once per process).
         self.overflowed_steps = int(totals.pop("norm_overflow", 0))
         # Per video, as MMSD prints its losses.
         return {k: v / len(order) for k, v in totals.items()}
@@ -1116,9 +1117,9 @@ def predict(model, data, indices, device, batch_size=16, progress=False, desc="e
 
 def _overflow_cause(data, indices):
     """Why a model's embeddings overflow on the videos ``indices`` of ``data``, for an error."""
-    largest = max(float(np.abs(data.features[i]).max()) for i in indices)
+    largest, video = max((float(np.abs(data.features[i]).max()), i) for i in indices)
     return (
-        f"features reach {largest:.3g} in magnitude; an embedding whose norm passes about 1.8e19, the square "
+        f"features reach {largest:.3g} in magnitude, in {data.videos[video]}; an embedding whose norm passes about 1.8e19, the square "
         "root of float32's largest number, has a norm of inf there and a cosine of 0 with every class, "
         "so every snippet scores alike"
     )
