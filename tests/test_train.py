@@ -1421,6 +1421,16 @@ def test_eval_only_into_another_runs_folder_is_refused(tiny_root, tmp_path, caps
     assert (first / "results.json").is_file()
 
 
+def _keep_videos(folder, keep):
+    """Keep only the videos ``keep`` in every per-video file of ``folder``."""
+    for name in ("labels_all", "segments", "labels", "videoname", "subset", "duration", "Synthetic-I3D-JOINTFeatures"):
+        values = np.load(folder / f"{name}.npy", allow_pickle=True)
+        kept = np.empty(len(keep), dtype=object) if values.dtype == object else values[keep]
+        if values.dtype == object:
+            kept[:] = [values[i] for i in keep]
+        np.save(folder / f"{name}.npy", kept, allow_pickle=True)
+
+
 def test_eval_only_of_a_folder_holding_the_test_split_alone(tiny_root, tmp_path):
     """Evaluation needs no training split: it failed with "no video in subset 'validation'"."""
     run_dir = tmp_path / "run"
@@ -1428,12 +1438,7 @@ def test_eval_only_of_a_folder_holding_the_test_split_alone(tiny_root, tmp_path)
     root, folder = _copy_dataset(tiny_root, tmp_path)
     subsets = np.load(folder / "subset.npy", allow_pickle=True)
     keep = [i for i, s in enumerate(subsets) if s == b"test"]
-    for name in ("labels_all", "segments", "labels", "videoname", "subset", "duration", "Synthetic-I3D-JOINTFeatures"):
-        values = np.load(folder / f"{name}.npy", allow_pickle=True)
-        kept = np.empty(len(keep), dtype=object) if values.dtype == object else values[keep]
-        if values.dtype == object:
-            kept[:] = [values[i] for i in keep]
-        np.save(folder / f"{name}.npy", kept, allow_pickle=True)
+    _keep_videos(folder, keep)
     test_only = data_mod.load_wtalc(str(root), "Synthetic")
     assert test_only.describe().startswith(f"Synthetic: {len(keep)} videos (0 train, {len(keep)} test), 4 classes")
     out = tmp_path / "eval"
@@ -1441,15 +1446,6 @@ def test_eval_only_of_a_folder_holding_the_test_split_alone(tiny_root, tmp_path)
     assert main(argv + ["--no-progress", "--quiet"]) == 0
     assert _results(out)["map"] == _results(run_dir)["map"] and _results(out)["cmap"] == _results(run_dir)["cmap"]
     assert _results(out)["num_test_videos"] == len(keep)
-
-
-def _keep_videos(folder, keep):
-    for name in ("labels_all", "segments", "labels", "videoname", "subset", "duration", "Synthetic-I3D-JOINTFeatures"):
-        values = np.load(folder / f"{name}.npy", allow_pickle=True)
-        kept = np.empty(len(keep), dtype=object) if values.dtype == object else values[keep]
-        if values.dtype == object:
-            kept[:] = [values[i] for i in keep]
-        np.save(folder / f"{name}.npy", kept, allow_pickle=True)
 
 
 def test_eval_only_of_an_activitynet_folder_holding_its_test_split_alone(tiny_root, tmp_path, capsys):
