@@ -612,8 +612,7 @@ class Trainer:
         finite = all(math.isfinite(v) for v in parts.values()) and bool(
             torch.stack([torch.isfinite(p).all() for p in params]).all()
         )
-        overflowed = getattr(self, "overflowed_steps", 0)
-        if finite and not overflowed:
+        if finite and not getattr(self, "overflowed", False):
             return
         kept = ""
         if self.output_dir:
@@ -649,8 +648,8 @@ class Trainer:
         ).tolist()
         steps = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         totals = self.train_steps(steps)
-        # Steps with an overflow, summed over the processes (a step may count once per process).
-        self.overflowed_steps = int(totals.pop("norm_overflow", 0))
+        # Whether a step's embeddings overflowed (summed over steps and processes; see check_finite).
+        self.overflowed = totals.pop("norm_overflow", 0.0) > 0
         # Per video, as MMSD prints its losses.
         return {k: v / len(order) for k, v in totals.items()}
 

@@ -112,9 +112,9 @@ class MMSD(nn.Module):
         # 1e-12 (F.normalize's default) is 0 in float16, where a padded embedding's 0 / 0 made
         # NaN that the masks' products kept (NaN * 0): its smallest normal number there.
         eps = max(1e-12, torch.finfo(emb.dtype).tiny)
-        # F.normalize written out, to see its norm: embeddings of about 1e19 and more (features
-        # of about 1e17 and more) overflow float32's squared sum, and their unit vectors are 0,
-        # which scores every snippet alike (the trainer stops with an error then).
+        # F.normalize written out (the same bits), to see its norm: an embedding whose norm passes
+        # about 1.8e19 (features far beyond any real ones) overflows float32's squared sum, and its
+        # unit vector is 0, which scores every snippet alike (the trainer stops with an error then).
         norms = torch.linalg.vector_norm(emb, dim=-1, keepdim=True)
         unit_emb = emb / norms.clamp_min(eps)
         unit_centres = F.normalize(self.centres, dim=-1)  # [S, C+1, E]
