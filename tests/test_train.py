@@ -1699,18 +1699,15 @@ def test_a_checkpoint_is_loaded_only_for_its_own_videos_and_classes(tiny_root, t
     assert (run_dir / "checkpoint.pt").read_bytes() == saved
     np.save(folder / "videoname.npy", names)
 
-    def text(x):
-        return x.decode() if isinstance(x, (bytes, np.bytes_)) else str(x)
-
     classes = np.load(folder / "classlist.npy", allow_pickle=True)
-    old_name = text(classes[2])
-    np.save(folder / "classlist.npy", np.array([("another_class" if text(c) == old_name else text(c)) for c in classes]))
+    old_name = _text(classes[2])
+    np.save(folder / "classlist.npy", np.array([("another_class" if _text(c) == old_name else _text(c)) for c in classes]))
     # Class names are also in labels.npy / labels_all.npy: rename them there too, so the
     # data stays consistent and only the checkpoint disagrees.
     for file in ("labels.npy", "labels_all.npy"):
         values = np.load(folder / file, allow_pickle=True)
         for i, row in enumerate(values):
-            values[i] = [("another_class" if text(x) == old_name else text(x)) for x in row]
+            values[i] = [("another_class" if _text(x) == old_name else _text(x)) for x in row]
         np.save(folder / file, values)
     code, err = _call(["--eval-only", "--checkpoint", ckpt, "--data-root", str(root), "--dataset", "Synthetic", "--no-progress"], capsys)
     assert code == 2 and "other classes" in err and "class 2" in err
