@@ -61,10 +61,11 @@ void check_topk_mil_pool_args(const at::Tensor& scores, const at::Tensor& k, con
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
       "scores: expected dtype float32, float16, bfloat16 or float64, got ",
       dtype_text(dtype));
-  // Counts and time indices are 32-bit inside the kernels.
-  TORCH_CHECK(
+  // Counts and time indices are 32-bit inside the kernels. A ValueError, as the triton
+  // backend's limit and the docstring's "TypeError / ValueError naming the argument".
+  TORCH_CHECK_VALUE(
       scores.size(1) < std::numeric_limits<int32_t>::max(),
-      "scores: expected T < 2**31 - 1, got T = ",
+      "scores: expected T < 2**31 - 1 (32-bit time indices), got T = ",
       num(scores.size(1)));
   check_index_vector("k", k, scores, scores.size(0));
   check_index_vector("lengths", lengths, scores, scores.size(0));

@@ -1295,6 +1295,10 @@ def test_bad_inputs_name_the_argument(any_backend):
         call(s, t, reduction="max")
     with pytest.raises(ValueError, match=starts("student: expected at least one class (C >= 1), got shape (2, 0)")):
         call(torch.randn(2, 0, device=device), torch.randn(2, 0, device=device))
+    with pytest.raises(ValueError, match=starts("student: expected shape [..., C], got a scalar")):
+        call(s[0, 0, 0], t[0, 0, 0])
+    with pytest.raises(ValueError, match=starts("rgb: expected shape [..., C], got a scalar")):
+        mmsd_ext.mmsd_distill_loss(s[0, 0, 0], t[0, 0, 0], s[0, 0, 0], backend=any_backend)
     other = torch.device("meta") if device.type == "cpu" else torch.device("cpu")
     with pytest.raises(ValueError, match=starts(f"teacher: expected a tensor on {s.device} like student, got {other}")):
         call(s, t.to(other))
@@ -1360,6 +1364,12 @@ def test_compiled_ops_check_their_arguments():
     _, stats, count = ops.snippet_distill_loss(s, t, 1.0, None, 1)
     with pytest.raises(RuntimeError, match="^row_stats:"):
         ops._snippet_distill_loss_backward(torch.ones(()), s, t, stats[:2], count, 1.0, 1)
+    # The same values in another layout: the kernel reads them as rows of k (it would pair
+    # each row with another row's statistics).
+    strided = stats.t().contiguous().t()
+    assert torch.equal(strided, stats) and not strided.is_contiguous()
+    with pytest.raises(RuntimeError, match="^row_stats: expected the contiguous float32 tensor"):
+        ops._snippet_distill_loss_backward(torch.ones(()), s, t, strided, count, 1.0, 1)
     with pytest.raises(RuntimeError, match="^grad: expected shape"):
         ops._snippet_distill_loss_backward(torch.ones(2), s, t, stats, count, 1.0, 0)
     # A complex upstream gradient lost its imaginary part with a warning; an integer one passed.

@@ -74,6 +74,36 @@ def test_backend_that_does_not_fit_the_device():
     assert result.stdout.strip().endswith("on cpu (the backend was set by MMSD_EXT_BACKEND)"), result.stdout + result.stderr
 
 
+def test_triton_on_cpu_tensors_without_the_interpreter_says_how_to_run_it():
+    # The tests run the interpreter where there is no GPU; a user's process usually does not.
+    if not _backend.triton_importable():
+        pytest.skip("triton is not installed")
+    result = _run_isolated(
+        """
+        import torch, mmsd_ext
+        x = torch.randn(2, 5, 3)
+        calls = [
+            lambda: mmsd_ext.topk_mil_pool(x, 2, backend="triton"),
+            lambda: mmsd_ext.snippet_distill_loss(x, x, backend="triton"),
+            lambda: mmsd_ext.mmsd_distill_loss(x, x, x, backend="triton"),
+            lambda: mmsd_ext.temporal_nms(torch.tensor([[0.0, 1.0]]), torch.tensor([1.0]), 0.5, backend="triton"),
+            lambda: mmsd_ext.soft_temporal_nms(torch.tensor([[0.0, 1.0]]), torch.tensor([1.0]), backend="triton"),
+        ]
+        for call in calls:
+            try:
+                call()
+                print("no error")
+            except RuntimeError as error:
+                print(error)
+        """,
+        {"TRITON_INTERPRET": ""},
+    )
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and len(lines) == 5, result.stdout + result.stderr
+    for line in lines:
+        assert line.startswith("backend='triton': tensors are on cpu; Triton kernels run on CUDA devices") and "TRITON_INTERPRET=1" in line, line
+
+
 def test_use_backend_overrides_auto_and_nests():
     assert _backend.resolve("topk_mil_pool", None, "cpu", supported=("reference", "cpu")) in ("cpu", "reference")
     with mmsd_ext.use_backend("reference"):
@@ -545,6 +575,8 @@ def test_int_and_bool_arguments_take_numpy_scalars():
         mmsd_ext.topk_mil_pool(s, np.bool_(True))
     with pytest.raises(TypeError, match="^min_k: expected an int >= 1, got float"):
         mmsd_ext.mil_k(80, min_k=2.0)
+    with pytest.raises(TypeError, match="^min_k: expected an int >= 1, got bool"):  # (True is an int in Python)
+        mmsd_ext.mil_k(80, min_k=True)
     with pytest.raises(ValueError, match="^min_k: expected an int >= 1, got 0"):
         mmsd_ext.mil_k(80, min_k=np.int64(0))
 

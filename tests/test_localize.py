@@ -158,6 +158,9 @@ def test_threshold_runs_op_in_caller_threshold_order(first_copies_only):
     [
         (dict(values=torch.zeros(5)), TypeError, "values: expected dtype float64"),
         (dict(offsets=torch.tensor([3])), ValueError, r"offsets, lengths: sequence 0 \(offset 3, length 5\) lies outside"),
+        (dict(lengths=torch.tensor([-3])), ValueError, r"offsets, lengths: sequence 0 \(offset 0, length -3\) lies outside"),
+        (dict(offsets=torch.tensor([-1]), lengths=torch.tensor([1])), ValueError,
+         r"offsets, lengths: sequence 0 \(offset -1, length 1\) lies outside"),
         (dict(lengths=torch.tensor([5, 1])), ValueError, r"lengths: expected shape \[N\] = \[1\]"),
         (dict(thresholds=torch.tensor([float("nan")], dtype=torch.float64)), ValueError, "thresholds: expected finite values, got nan at 0"),
         (dict(min_len=0), ValueError, "min_len: expected an int >= 1, got 0"),
@@ -511,6 +514,9 @@ def test_cuda_matches_cpu():
 def test_mixed_devices_are_an_error():
     with pytest.raises(ValueError, match="video_scores"):
         mmsd_proposals(torch.rand(2, 4, 3).cuda(), torch.ones(2, 3))
+    # A lengths tensor on another device is refused too (a list is the caller's numbers, taken as given).
+    with pytest.raises(ValueError, match="^lengths"):
+        mmsd_proposals(torch.rand(2, 4, 3).cuda(), torch.ones(2, 3).cuda(), torch.tensor([4, 4]))
 
 
 def test_lengths_of_bools_are_refused():

@@ -935,6 +935,19 @@ def test_compiled_ops_check_their_arguments():
         torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, None, 0.5, "x", 0.0)
     with pytest.raises(ValueError, match="sigma"):
         torch.ops.mmsd_ext.soft_temporal_nms(seg.sort(1).values, sc, None, "gaussian", 0.0, 0.3, 0.0, 0.0)
+    # NaN passes a test written as "not below" (every comparison with NaN is false): each
+    # number is refused by the ops themselves, not only by their Python wrappers.
+    nan = math.nan
+    with pytest.raises(ValueError, match="^iou_threshold: expected a number >= 0, got nan"):
+        torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, None, nan, "iou", 0.0)
+    with pytest.raises(ValueError, match="^iou_threshold: expected a number >= 0, got nan"):
+        torch.ops.mmsd_ext.soft_temporal_nms(seg.sort(1).values, sc, None, "gaussian", 0.5, nan, 0.0, 0.0)
+    with pytest.raises(ValueError, match="^min_score: expected a number, got nan"):
+        torch.ops.mmsd_ext.soft_temporal_nms(seg.sort(1).values, sc, None, "gaussian", 0.5, 0.3, nan, 0.0)
+    with pytest.raises(ValueError, match="^sigma: expected a number > 0, got nan"):
+        torch.ops.mmsd_ext.soft_temporal_nms(seg.sort(1).values, sc, None, "gaussian", nan, 0.3, 0.0, 0.0)
+    with pytest.raises(ValueError, match="^offset: expected a finite number >= 0, got nan"):
+        torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, None, 0.5, "iou", nan)
     with pytest.raises(TypeError, match="groups"):
         torch.ops.mmsd_ext.temporal_nms(seg.sort(1).values, sc, torch.zeros(2), 0.5, "iou", 0.0)
     with pytest.raises(ValueError, match="mask"):

@@ -474,6 +474,8 @@ def test_compiled_op_checks_its_arguments():
         ((x.long(), k, lengths, True), "scores"),
         ((x, k.int(), lengths, True), "k"),
         ((x, k[:1], lengths, True), "k"),
+        ((x, k[:, None], lengths, True), "k"),  # B values, but not of shape [B]
+        ((x, k, lengths[:, None], True), "lengths"),
     ]
     for args, name in cases:
         with pytest.raises(RuntimeError, match=rf"{name}: expected"):
@@ -559,6 +561,20 @@ def test_triton_refuses_more_time_steps_than_its_int32_indices_hold():
     one, key = torch.ones(1, dtype=torch.int64, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="^scores: expected at most"):
         triton_topk.topk_mil_pool_backward(torch.ones(1, 1, device=device), scores, one, lengths, key, key, True)
+
+
+def test_cpu_refuses_more_time_steps_than_its_int32_indices_hold():
+    # The C++ kernels count and index time steps in 32 bits. Refused before any work: the
+    # expanded input has one element, and its contiguous copy would take 8 GiB.
+    if "cpu" not in mmsd_ext.available_backends():
+        pytest.skip("cpu backend not built")
+    T = 2**31 - 1
+    scores = torch.zeros(1, 1, 1).expand(1, T, 1)
+    message = "^" + re.escape(f"scores: expected T < 2**31 - 1 (32-bit time indices), got T = {T}")
+    with pytest.raises(ValueError, match=message):
+        mmsd_ext.topk_mil_pool(scores, 1, torch.tensor([T]), backend="cpu")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mmsd_ext.topk_mil_pool(scores, torch.tensor([1]), torch.tensor([T]), True)
 
 
 def _assert_out_of_range_marked(out, scores, k, lengths):
