@@ -10,6 +10,9 @@ needed to compile them). Switches, all environment variables:
   TORCH_CUDA_ARCH_LIST    e.g. "9.0" (default "8.0;9.0+PTX")
   MAX_JOBS=N              parallel compile jobs (ninja)
   DEBUG=1                 -O0 -g, and -G for device code
+  MMSD_EXT_SANITIZE=1     CPU kernels only, under AddressSanitizer and
+                          UndefinedBehaviorSanitizer (run with libasan and libstdc++
+                          preloaded: README, Tests)
 
 Install with ``pip install --no-build-isolation -e .``: the extension must be
 compiled against the torch already installed, which an isolated build
@@ -94,8 +97,15 @@ def _find_cuda_home():
 NO_CUDA = _flag("MMSD_EXT_NO_CUDA")
 FORCE_CUDA = _flag("FORCE_CUDA")
 DEBUG = _flag("DEBUG")
+SANITIZE = _flag("MMSD_EXT_SANITIZE")
 if FORCE_CUDA and NO_CUDA:
     sys.exit("setup.py: FORCE_CUDA=1 and MMSD_EXT_NO_CUDA=1 contradict each other")
+if FORCE_CUDA and SANITIZE:
+    sys.exit("setup.py: FORCE_CUDA=1 and MMSD_EXT_SANITIZE=1 contradict each other (a sanitized build is CPU-only)")
+# A sanitized build checks the C++ CPU kernels (they share their per-element maths with the
+# CUDA ones). It leaves the CUDA kernels out: the CUDA runtime under ASan needs settings of
+# its own (protect_shadow_gap=0), and compute-sanitizer is the tool for device code.
+NO_CUDA = NO_CUDA or SANITIZE
 
 CUDA_HOME = None if NO_CUDA else _find_cuda_home()
 if CUDA_HOME:
@@ -139,6 +149,15 @@ if WITH_CUDA:
 macros = [("MMSD_EXT_VERSION", f'"{VERSION}"')]
 cxx = ["-O0", "-g"] if DEBUG else ["-O3"]
 cxx += ["-fopenmp"]
+link = ["-fopenmp"]
+if SANITIZE:
+    # -fno-wrapv: Python's compile flags, which torch passes on, hold -fwrapv, under which
+    # gcc's UBSan does not check signed overflow. -O1 (after -O3, so it wins) keeps the
+    # reports' stacks readable; -fno-sanitize-recover: the first finding ends the process.
+    sanitizers = "-fsanitize=address,undefined"
+    cxx += [sanitizers, "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-fno-wrapv", "-g"]
+    cxx += [] if DEBUG else ["-O1"]
+    link += [sanitizers]
 nvcc = ["-O0", "-g", "-G"] if DEBUG else ["-O3"]
 nvcc += ["--expt-relaxed-constexpr", "-lineinfo"]
 if WITH_CUDA:
@@ -151,7 +170,7 @@ ext = ext_cls(
     include_dirs=[os.path.join(ROOT, "csrc")],
     define_macros=macros,
     extra_compile_args={"cxx": cxx, "nvcc": nvcc} if WITH_CUDA else {"cxx": cxx},
-    extra_link_args=["-fopenmp"],
+    extra_link_args=link,
 )
 
 BUILD_INFO = {
@@ -162,6 +181,7 @@ BUILD_INFO = {
     "torch_cuda": torch.version.cuda,
     "archs": ARCHS,
     "debug": DEBUG,
+    "sanitize": SANITIZE,
 }
 
 print("mmsd_ext build settings:")
@@ -176,6 +196,7 @@ for key, value in [
     ("TORCH_CUDA_ARCH_LIST", ARCHS),
     ("MAX_JOBS", os.environ.get("MAX_JOBS")),
     ("DEBUG", DEBUG),
+    ("MMSD_EXT_SANITIZE", SANITIZE),
     ("sources", len(sources)),
 ]:
     print(f"  {key:<22} {value}")

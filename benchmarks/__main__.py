@@ -258,6 +258,8 @@ def main(argv=None):
     print(f"mmsd_ext {info['version']}: backends here {info['backends']}, on {args.device}: {ctx.mmsd_backends()}", flush=True)
     if info.get("load_error"):
         print(f"  ({info['load_error']})", flush=True)
+    if info.get("sanitize"):
+        print("  (a sanitized build, MMSD_EXT_SANITIZE=1: its cpu figures time the sanitizers, not the kernels)", flush=True)
 
     notes = []
     cases = []

@@ -227,7 +227,8 @@ def build_info():
     extension loaded), ``load_error`` (why not, or None) and ``cpu_isa`` (the
     vector instructions the cpu distillation kernels use in this process:
     ``"avx512"``, ``"avx2"`` or ``"baseline"``, the widest the CPU has unless
-    ``MMSD_EXT_DISTILL_CPU_ISA`` asks for one; None without the extension).
+    ``MMSD_EXT_DISTILL_CPU_ISA`` asks for one; None without the extension) and
+    ``sanitize`` (whether it was built with ``MMSD_EXT_SANITIZE=1``: checked, and slow).
 
     Raises:
         ValueError naming ``MMSD_EXT_DISTILL_CPU_ISA`` when it holds another name,
@@ -248,4 +249,5 @@ def build_info():
         "compiled": compiled is not None,
         "load_error": _loader.LOAD_ERROR,
         "cpu_isa": compiled.distill_cpu_isa() if compiled is not None else None,
+        "sanitize": bool(info.get("sanitize", False)),
     }

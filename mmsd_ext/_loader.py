@@ -1,12 +1,14 @@
 """Loads the compiled extension, or says once why it is not there.
 
-Three failures are told apart (the first two as xformers' loader does): the
-extension was never built, it was built for another torch, or it was built
-from older mmsd_ext sources than these (a checkout updated without a rebuild).
+Four failures are told apart (the first two as xformers' loader does): the
+extension was never built, it was built for another torch, it was built from
+older mmsd_ext sources than these (a checkout updated without a rebuild), or it
+was built with MMSD_EXT_SANITIZE=1 and the process lacks the ASan runtime.
 Either way the import of mmsd_ext succeeds and the ``reference`` and ``triton``
 backends keep working; asking for ``cpu`` or ``cuda`` then raises with the reason.
 """
 
+import ctypes
 import importlib
 import json
 import os
@@ -22,6 +24,12 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 # _C.distill_cpu_isa). setup.py reads it from here into _build_info.json.
 BINARY_INTERFACE = 3
 REBUILD_HINT = "build it with `pip install --no-build-isolation -e .` in the mmsd_ext source tree"
+# libstdc++ too: ASan finds the __cxa_throw it wraps only in libraries loaded before it
+# starts; a C++ exception (any error the ops raise) otherwise ends the process.
+SANITIZER_HINT = (
+    'run Python with the runtimes preloaded: LD_PRELOAD="$(gcc -print-file-name=libasan.so) '
+    '$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 python ...'
+)
 
 
 def _read_build_info():
@@ -31,6 +39,14 @@ def _read_build_info():
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _asan_runtime_loaded():
+    # Preloaded, the runtime's symbols are in the process's global scope.
+    try:
+        return hasattr(ctypes.CDLL(None), "__asan_init")
+    except OSError:
+        return False
 
 
 def _load():
@@ -47,6 +63,13 @@ def _load():
             f"mmsd_ext: the compiled extension was built from other mmsd_ext sources (binary interface "
             f"{info.get('binary_interface', 1)}; these sources need {BINARY_INTERFACE}); the cpu/cuda "
             f"backends are disabled. Re-{REBUILD_HINT}."
+        )
+    if info is not None and info.get("sanitize") and not _asan_runtime_loaded():
+        # Loaded without it, AddressSanitizer ends the process ("ASan runtime does not come
+        # first in initial library list"): no ImportError the import could survive.
+        return None, info, (
+            "mmsd_ext: the compiled extension was built with MMSD_EXT_SANITIZE=1 and this process has no "
+            f"AddressSanitizer runtime; the cpu/cuda backends are disabled. To use it, {SANITIZER_HINT}"
         )
     try:
         module = importlib.import_module("mmsd_ext._C")

@@ -280,6 +280,17 @@ def test_bad_sizes_times_and_paths_are_refused_before_the_run(argv, message, cap
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sanitized", [False, True])
+def test_a_sanitized_build_is_said(monkeypatch, capsys, sanitized):
+    from benchmarks.__main__ import main
+
+    info = dict(mmsd_ext.build_info(), sanitize=sanitized)
+    monkeypatch.setattr(mmsd_ext, "build_info", lambda: info)
+    main(["--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "2x8x3", "--passes", "proposals"])
+    said = "a sanitized build, MMSD_EXT_SANITIZE=1: its cpu figures time the sanitizers" in capsys.readouterr().out
+    assert said == sanitized
+
+
 def test_path_checks_leave_no_folder_behind(tmp_path, capsys):
     # Before 2026-11-29 the check of --csv/--plot made their missing folders, which stayed
     # (empty) when the run then had nothing to run or measured nothing.

@@ -17,8 +17,9 @@ from mmsd_ext import _backend
 
 def test_build_info_keys_and_backends():
     info = mmsd_ext.build_info()
-    for key in ("version", "torch", "cuda", "archs", "backends", "cpu_isa"):
+    for key in ("version", "torch", "cuda", "archs", "backends", "cpu_isa", "sanitize"):
         assert key in info
+    assert isinstance(info["sanitize"], bool)
     assert info["version"] == mmsd_ext.__version__
     assert info["backends"][0] == "reference"
     assert set(info["backends"]) <= set(mmsd_ext.BACKENDS)
@@ -367,6 +368,44 @@ def test_import_survives_an_extension_built_from_older_sources(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_import_survives_a_sanitized_extension_without_the_asan_runtime(tmp_path):
+    # Loaded into a process without libasan, an extension built with MMSD_EXT_SANITIZE=1
+    # would end it (ASan aborts, no ImportError). The loader reads the build info first and
+    # leaves it unloaded, with the command that runs it; the reference backend works.
+    info = dict(mmsd_ext._loader.BUILD_INFO or {"version": mmsd_ext.__version__})
+    info.update(torch=torch.__version__, binary_interface=mmsd_ext._loader.BINARY_INTERFACE, sanitize=True)
+    _copy_with_build_info(tmp_path, info)
+    result = _run_isolated(
+        """
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "built with MMSD_EXT_SANITIZE=1" in messages[0] and "LD_PRELOAD=" in messages[0], messages[0]
+        info = mmsd_ext.build_info()
+        assert "cpu" not in info["backends"] and info["sanitize"] is True and not info["compiled"], info
+        x = torch.randn(2, 6, 3)
+        torch.testing.assert_close(mmsd_ext.topk_mil_pool(x, 2), x.topk(2, dim=1).values.mean(1))
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path), "LD_PRELOAD": ""},  # (a sanitized test run preloads the runtime)
+        copied=True,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_setup_refuses_a_sanitized_cuda_build():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")):
+        pytest.skip("no source tree here")
+    env = dict(os.environ, FORCE_CUDA="1", MMSD_EXT_SANITIZE="1")
+    done = subprocess.run([sys.executable, "setup.py", "--version"], cwd=root, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "FORCE_CUDA=1 and MMSD_EXT_SANITIZE=1 contradict each other" in done.stderr, done.stderr
 
 
 def test_import_survives_a_malformed_build_info(tmp_path):
