@@ -1743,7 +1743,7 @@ def test_triton_backward_checks_the_grad_shape_of_reduction_none():
             triton_distill.snippet_distill_backward(grad, s, t, stats, count, 1.0, 0)
 
 
-def test_triton_refuses_more_classes_than_its_backward_grid_holds():
+def test_triton_refuses_more_classes_than_its_backward_grid_holds(monkeypatch):
     # The backward puts class tiles on grid axis 1 (at most 65535 programs on CUDA); the
     # forward refuses too, so no loss is computed whose backward would fail to launch.
     if "triton" not in mmsd_ext.available_backends():
@@ -1756,9 +1756,52 @@ def test_triton_refuses_more_classes_than_its_backward_grid_holds():
         mmsd_ext.snippet_distill_loss(wide, wide, backend="triton")
     with pytest.raises(ValueError, match="^rgb: expected at most 67,107,840 classes on triton"):
         mmsd_ext.mmsd_distill_loss(wide, wide, wide, backend="triton")
-    stats = torch.zeros(8, device=device)
-    with pytest.raises(ValueError, match="^rgb: expected at most"):
-        triton_distill.mmsd_distill_backward(torch.ones((), device=device), wide, wide, wide, stats, torch.ones((), device=device), 0.2)
+    # The limit itself is taken (a check of ">=" would refuse it).
+    at_limit = torch.zeros(1, device=device).expand(triton_distill.MAX_C)
+    triton_distill._check_logits(student=at_limit, teacher=at_limit)
+    # The backward's own check, at a small limit: without it the backward would run (under
+    # the interpreter, past the real limit, for many minutes).
+    monkeypatch.setattr(triton_distill, "MAX_C", 4)
+    five = torch.zeros(1, 5, device=device)
+    stats = torch.zeros(1, 8, device=device)
+    with pytest.raises(ValueError, match="^rgb: expected at most 4 classes on triton, got C = 5"):
+        triton_distill.mmsd_distill_backward(torch.ones((), device=device), five, five, five, stats, torch.ones((), device=device), 0.2)
+
+
+def test_triton_ops_called_directly_check_their_arguments():
+    # The public functions check first; these are the checks of the dispatcher ops themselves
+    # (torch.ops.mmsd_ext.*_triton), as the compiled ops have theirs: a wrong shape would
+    # otherwise have the kernels read out of bounds on a GPU.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    ops = torch.ops.mmsd_ext
+    device = backend_device("triton")
+    s, t = torch.randn(3, 5, device=device), torch.randn(3, 5, device=device)
+    starts = lambda text: "^" + re.escape(text)  # noqa: E731
+    forward = ops.snippet_distill_loss_triton
+    with pytest.raises(ValueError, match=starts("student: expected shape [..., C] with C >= 1, got (3, 0)")):
+        forward(s[:, :0], t[:, :0], 1.0, None, 1)
+    with pytest.raises(ValueError, match=starts("teacher: expected the shape of student (3, 5), got (2, 5)")):
+        forward(s, t[:2], 1.0, None, 1)
+    with pytest.raises(ValueError, match=starts("temperature: expected a finite number > 0 within [1e-30, 1e30], got 5e-31")):
+        forward(s, t, 5e-31, None, 1)
+    with pytest.raises(ValueError, match=starts("reduction: expected 0 (none), 1 (mean) or 2 (sum), got 7")):
+        forward(s, t, 1.0, None, 7)
+    with pytest.raises(ValueError, match=starts("mask: expected the leading shape (3,) of student, got (2,)")):
+        forward(s, t, 1.0, torch.ones(2, dtype=torch.bool, device=device), 1)
+    with pytest.raises(ValueError, match=starts("rgb: expected shape [..., C] with C >= 1")):
+        ops.mmsd_distill_loss_triton(s[:, :0], t[:, :0], s[:, :0], 1.0, None)
+    _, stats, count = forward(s, t, 1.0, None, 1)
+    backward = ops._snippet_distill_loss_triton_backward
+    one = torch.ones((), device=device)
+    with pytest.raises(ValueError, match="^row_stats: expected the float32 tensor of shape"):
+        backward(one, s, t, stats[:2], count, 1.0, 1)
+    with pytest.raises(ValueError, match="^count: expected the float32 scalar"):
+        backward(one, s, t, stats, count.double(), 1.0, 1)
+    with pytest.raises(ValueError, match=starts("grad: expected a scalar, got shape (2,)")):
+        backward(torch.ones(2, device=device), s, t, stats, count, 1.0, 1)
+    with pytest.raises(ValueError, match="^reduction: expected 0"):
+        backward(one, s, t, stats, count, 1.0, 7)
 
 
 @pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="cpu backend not available")

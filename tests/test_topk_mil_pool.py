@@ -546,7 +546,7 @@ def test_triton_kernel_marks_out_of_range_videos():
     _assert_out_of_range_marked(out, scores, k, lengths)
 
 
-def test_triton_refuses_more_time_steps_than_its_int32_indices_hold():
+def test_triton_refuses_more_time_steps_than_its_int32_indices_hold(monkeypatch):
     # Without the check a valid length of 2**31 or more wrapped negative in the kernel: NaN.
     if "triton" not in mmsd_ext.available_backends():
         pytest.skip("triton backend not available")
@@ -558,9 +558,16 @@ def test_triton_refuses_more_time_steps_than_its_int32_indices_hold():
     lengths = torch.tensor([T], device=device)
     with pytest.raises(ValueError, match=f"^scores: expected at most {triton_topk.MAX_T:,} time steps on triton"):
         mmsd_ext.topk_mil_pool(scores, 1, lengths, backend="triton")
+    # The limit itself is taken (a check of ">=" would refuse it); the docstring gives it.
+    assert triton_topk.MAX_T == 2**31 - 4097
+    triton_topk._check_time_steps(triton_topk.MAX_T)
+    # The backward's own check, at a small limit: without it the backward would run (under
+    # the interpreter, past the real limit, for many minutes).
+    monkeypatch.setattr(triton_topk, "MAX_T", 16)
     one, key = torch.ones(1, dtype=torch.int64, device=device), torch.zeros(1, 1, dtype=torch.int64, device=device)
-    with pytest.raises(ValueError, match="^scores: expected at most"):
-        triton_topk.topk_mil_pool_backward(torch.ones(1, 1, device=device), scores, one, lengths, key, key, True)
+    with pytest.raises(ValueError, match="^scores: expected at most 16 time steps on triton"):
+        triton_topk.topk_mil_pool_backward(torch.ones(1, 1, device=device), torch.zeros(1, 17, 1, device=device), one,
+                                           torch.tensor([17], device=device), key, key, True)
 
 
 def test_cpu_refuses_more_time_steps_than_its_int32_indices_hold():
@@ -575,6 +582,32 @@ def test_cpu_refuses_more_time_steps_than_its_int32_indices_hold():
         mmsd_ext.topk_mil_pool(scores, 1, torch.tensor([T]), backend="cpu")
     with pytest.raises(ValueError, match=message):
         torch.ops.mmsd_ext.topk_mil_pool(scores, torch.tensor([1]), torch.tensor([T]), True)
+
+
+def test_triton_ops_called_directly_check_their_arguments():
+    # The dispatcher ops themselves (torch.ops.mmsd_ext.*_triton), not only the public
+    # function: a k or a saved tensor of the wrong shape would be read out of bounds on a GPU.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    ops = torch.ops.mmsd_ext
+    device = backend_device("triton")
+    x = torch.randn(2, 5, 3, device=device)
+    k, lengths = torch.tensor([1, 2], device=device), torch.tensor([5, 3], device=device)
+    with pytest.raises(ValueError, match="^k: "):
+        ops.topk_mil_pool_triton(x, k[:1], lengths, True)
+    out, kth, cut = ops.topk_mil_pool_triton(x, k, lengths, True)
+    backward = ops._topk_mil_pool_triton_backward
+    g = torch.ones(2, 3, device=device)
+    with pytest.raises(ValueError, match="^k: "):
+        backward(g, x, k[:1], lengths, kth, cut, True)
+    with pytest.raises(ValueError, match="^" + re.escape("kth_key: expected shape [B, C] = [2, 3]")):
+        backward(g, x, k, lengths, kth[:, :2], cut, True)
+    with pytest.raises(ValueError, match="^" + re.escape("cut: expected shape [B, C] = [2, 3]")):
+        backward(g, x, k, lengths, kth, cut[:1], True)
+    with pytest.raises(TypeError, match="^grad_out: expected a floating tensor"):
+        backward(g.long(), x, k, lengths, kth, cut, True)
+    with pytest.raises(TypeError, match="^kth_key, cut: expected the int64 tensors"):
+        backward(g, x, k, lengths, kth.int(), cut, True)
 
 
 def _assert_out_of_range_marked(out, scores, k, lengths):
