@@ -1101,6 +1101,9 @@ def test_triton_hard_nms_without_the_extension_raises(monkeypatch):
     monkeypatch.setattr(_loader, "LOAD_ERROR", "mmsd_ext: the compiled extension is not built")
     with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
         mmsd_ext.temporal_nms(seg, scores, 0.5, groups=groups, backend="triton")
+    # With no segments too (no gather would run): a setup that cannot work is said at once.
+    with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
+        mmsd_ext.temporal_nms(seg[:0], scores[:0], 0.5, backend="triton")
     with pytest.raises(RuntimeError, match="_temporal_nms_gather.*not built"):
         torch.ops.mmsd_ext.temporal_nms_triton(seg, scores, groups, 0.5, "iou", 0.0)
     idx, _ = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="triton")
