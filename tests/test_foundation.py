@@ -1,6 +1,7 @@
 """The package foundation: build info, the loader's messages, backend resolution."""
 
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -637,11 +638,22 @@ def _direct_calls(device):
         _, kth, cut = ops.topk_mil_pool_triton(torch.randn(2, 8, 3, device=device), torch.tensor([2, 2], device=device),
                                                torch.tensor([8, 8], device=device), True)
         one = torch.ones((), device=device)
+        x83, k2, l8 = torch.randn(2, 8, 3, device=device), torch.tensor([2, 2], device=device), torch.tensor([8, 8], device=device)
+        g23 = torch.ones(2, 3, device=device)
+        none = s[..., :0]
         calls += [
             (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, torch.empty(0, device=device), 0.5, 1), "count"),
             (lambda: ops._snippet_distill_loss_triton_backward(torch.ones(0, device=device), s, s, stats, count, 0.5, 1), "grad"),
             (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, count, 0.5, 9), "reduction"),
             (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, count, 0.0, 1), "temperature"),
+            (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats[:1], count, 0.5, 1), "row_stats"),
+            (lambda: ops._snippet_distill_loss_triton_backward(one, s, s, stats, count.double(), 0.5, 1), "count"),
+            (lambda: ops.snippet_distill_loss_triton(none, none, 0.5, None, 1), "student"),
+            (lambda: ops.snippet_distill_loss_triton(s, s[:1], 0.5, None, 1), "teacher"),
+            (lambda: ops.snippet_distill_loss_triton(s, s, 5e-31, None, 1), "temperature"),  # below 1e-30
+            (lambda: ops.snippet_distill_loss_triton(s, s, 0.5, None, 7), "reduction"),
+            (lambda: ops.snippet_distill_loss_triton(s, s, 0.5, torch.ones(2, dtype=torch.bool, device=device), 1), "mask"),
+            (lambda: ops.mmsd_distill_loss_triton(none, none, none, 0.5, None), "rgb"),
             (lambda: ops._mmsd_distill_loss_triton_backward(one, s, s, s, stats8[..., :4].contiguous(), count8, 0.5), "row_stats"),
             (lambda: ops.topk_mil_pool_triton(torch.ones(2, 8, 3, dtype=torch.int64, device=device),
                                               torch.tensor([2, 2], device=device), torch.tensor([8, 8], device=device), True), "scores"),
@@ -650,9 +662,18 @@ def _direct_calls(device):
             (lambda: ops._topk_mil_pool_triton_backward(torch.ones(2, 1, device=device), torch.randn(2, 8, 3, device=device),
                                                         torch.tensor([2, 2], device=device), torch.tensor([8, 8], device=device),
                                                         kth, cut, True), "grad_out"),
+            # The saved tensors and k, checked by the backward op itself (read out of bounds on a GPU).
+            (lambda: ops._topk_mil_pool_triton_backward(g23, x83, k2[:1], l8, kth, cut, True), "k"),
+            (lambda: ops._topk_mil_pool_triton_backward(g23, x83, k2, l8, kth[:, :2], cut, True), "kth_key"),
+            (lambda: ops._topk_mil_pool_triton_backward(g23, x83, k2, l8, kth, cut[:1], True), "cut"),
+            (lambda: ops._topk_mil_pool_triton_backward(g23.long(), x83, k2, l8, kth, cut, True), "grad_out"),
+            (lambda: ops._topk_mil_pool_triton_backward(g23, x83, k2, l8, kth.int(), cut, True), "kth_key"),
             (lambda: ops.temporal_nms_triton(seg, three[:2], None, 0.5, "iou", 0.0), "scores"),
             (lambda: ops.temporal_nms_triton(seg, three, None, -0.5, "iou", 0.0), "iou_threshold"),
             (lambda: ops.soft_temporal_nms_triton(seg, three, None, "bogus", 0.5, 0.3, 0.0, 0.0), "method"),
+            (lambda: ops.temporal_nms_triton(seg, three, None, 0.5, "bogus", 0.0), "overlap"),
+            (lambda: ops.soft_temporal_nms_triton(seg, three, three[:2].long(), "gaussian", 0.5, 0.3, 0.0, 0.0), "groups"),
+            (lambda: ops.soft_temporal_nms_triton(seg, three, None, "gaussian", 0.5, 0.3, math.nan, 0.0), "min_score"),
         ]
     calls += [
         (lambda: ops.temporal_nms_reference(seg, three[:2], None, 0.5, "iou", 0.0), "scores"),

@@ -954,24 +954,6 @@ def test_compiled_ops_check_their_arguments():
         torch.ops.mmsd_ext._temporal_nms_gather(torch.zeros(100, 1, dtype=torch.int64), None)
 
 
-def test_triton_ops_called_directly_check_their_arguments():
-    # The dispatcher ops themselves (torch.ops.mmsd_ext.*_triton), not only the public functions.
-    if "triton" not in mmsd_ext.available_backends():
-        pytest.skip("triton backend not available")
-    ops = torch.ops.mmsd_ext
-    device = backend_device("triton")
-    seg = torch.tensor([[0.0, 1.0], [0.5, 2.0], [3.0, 4.0]], device=device)
-    sc = torch.tensor([0.5, 0.4, 0.3], device=device)
-    with pytest.raises(ValueError, match="^scores: "):
-        ops.temporal_nms_triton(seg, sc[:2], None, 0.5, "iou", 0.0)
-    with pytest.raises(ValueError, match="^overlap: expected one of"):
-        ops.temporal_nms_triton(seg, sc, None, 0.5, "bogus", 0.0)
-    with pytest.raises(ValueError, match="^groups: "):
-        ops.soft_temporal_nms_triton(seg, sc, torch.zeros(2, dtype=torch.int64, device=device), "gaussian", 0.5, 0.3, 0.0, 0.0)
-    with pytest.raises(ValueError, match="^min_score: expected a number, got nan"):
-        ops.soft_temporal_nms_triton(seg, sc, None, "gaussian", 0.5, 0.3, math.nan, 0.0)
-
-
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_compiled_op_messages_give_the_numbers(device):
     # The kernels' own messages carry the offending sizes, dtypes and values, and

@@ -584,32 +584,6 @@ def test_cpu_refuses_more_time_steps_than_its_int32_indices_hold():
         torch.ops.mmsd_ext.topk_mil_pool(scores, torch.tensor([1]), torch.tensor([T]), True)
 
 
-def test_triton_ops_called_directly_check_their_arguments():
-    # The dispatcher ops themselves (torch.ops.mmsd_ext.*_triton), not only the public
-    # function: a k or a saved tensor of the wrong shape would be read out of bounds on a GPU.
-    if "triton" not in mmsd_ext.available_backends():
-        pytest.skip("triton backend not available")
-    ops = torch.ops.mmsd_ext
-    device = backend_device("triton")
-    x = torch.randn(2, 5, 3, device=device)
-    k, lengths = torch.tensor([1, 2], device=device), torch.tensor([5, 3], device=device)
-    with pytest.raises(ValueError, match="^k: "):
-        ops.topk_mil_pool_triton(x, k[:1], lengths, True)
-    out, kth, cut = ops.topk_mil_pool_triton(x, k, lengths, True)
-    backward = ops._topk_mil_pool_triton_backward
-    g = torch.ones(2, 3, device=device)
-    with pytest.raises(ValueError, match="^k: "):
-        backward(g, x, k[:1], lengths, kth, cut, True)
-    with pytest.raises(ValueError, match="^" + re.escape("kth_key: expected shape [B, C] = [2, 3]")):
-        backward(g, x, k, lengths, kth[:, :2], cut, True)
-    with pytest.raises(ValueError, match="^" + re.escape("cut: expected shape [B, C] = [2, 3]")):
-        backward(g, x, k, lengths, kth, cut[:1], True)
-    with pytest.raises(TypeError, match="^grad_out: expected a floating tensor"):
-        backward(g.long(), x, k, lengths, kth, cut, True)
-    with pytest.raises(TypeError, match="^kth_key, cut: expected the int64 tensors"):
-        backward(g, x, k, lengths, kth.int(), cut, True)
-
-
 def _assert_out_of_range_marked(out, scores, k, lengths):
     assert out[1:].isnan().all()
     torch.testing.assert_close(out[0], scores[0].topk(2, dim=0).values.mean(0))
