@@ -1120,6 +1120,12 @@ def test_triton_hard_nms_runs_the_cpu_kernel_past_the_mask_limit_or_the_gpus_roo
         ran = {e.name for e in prof.events()}
         assert "mmsd_ext::temporal_nms" in ran and "mmsd_ext::_temporal_nms_gather" not in ran
         assert got.device == seg.to(device).device and torch.equal(got.cpu(), expected)
+    # A mask of exactly the limit is built (the CUDA kernel's kMaxMaskBytes test is the same `>`).
+    monkeypatch.setattr(nms_module, "_MAX_MASK_BYTES", M * 2 * 8)
+    with torch.profiler.profile() as prof:
+        got = mmsd_ext.temporal_nms(seg.to(device), scores.to(device), 0.4, groups=groups.to(device), backend="triton")
+    assert "mmsd_ext::_temporal_nms_gather" in {e.name for e in prof.events()}
+    assert torch.equal(got.cpu(), mmsd_ext.temporal_nms(seg, scores, 0.4, groups=groups, backend="reference"))
 
     # Under the limit, but the GPU has no room for the mask now (a shared or busy card): the
     # same way. The CUDA backend does the same in C++ (not run here: no GPU).
