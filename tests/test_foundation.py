@@ -409,6 +409,39 @@ def test_setup_refuses_a_sanitized_cuda_build():
     assert "FORCE_CUDA=1 and MMSD_EXT_SANITIZE=1 contradict each other" in done.stderr, done.stderr
 
 
+def test_sdist_holds_every_source_a_build_and_the_tests_need(tmp_path):
+    # Made where no CUDA kernels are built (MMSD_EXT_NO_CUDA=1): setuptools alone would
+    # leave out the .cu files and every header; MANIFEST.in adds them, and the tests with
+    # what they import. A build's _build_info.json stays out.
+    import shutil
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")):
+        pytest.skip("no source tree here")
+    skip = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "*.so", ".hypothesis", "out")
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree, ignore=skip)
+    (tree / "mmsd_ext" / "_build_info.json").write_text("{}")
+    env = dict(os.environ, MMSD_EXT_NO_CUDA="1")
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sd")], cwd=tree, capture_output=True, text=True,
+        env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (archive,) = (tmp_path / "sd").iterdir()
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {"setup.py", "pyproject.toml", "MANIFEST.in", "requirements.txt", "README.md"}
+    for folder in ("csrc", "kernels", "mmsd_ext", "tests", "benchmarks"):
+        for dirpath, _, files in os.walk(tree / folder):
+            wanted.update(os.path.relpath(os.path.join(dirpath, f), tree) for f in files)
+    wanted.discard(os.path.join("mmsd_ext", "_build_info.json"))
+    assert any(name.endswith(".cu") for name in wanted) and any(name.endswith(".cuh") for name in wanted)
+    assert not wanted - packed, sorted(wanted - packed)
+    assert "mmsd_ext/_build_info.json" not in packed
+
+
 def test_import_survives_a_malformed_build_info(tmp_path):
     _copy_with_build_info(tmp_path, {})
     (tmp_path / "mmsd_ext" / "_build_info.json").write_text("{ not json")
