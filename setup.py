@@ -44,6 +44,14 @@ def _binary_interface():
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
+# The source globs and package_dir below are relative to the current folder, as
+# setuptools wants them; from another folder the build would find no sources.
+if os.path.realpath(os.getcwd()) != os.path.realpath(ROOT):
+    sys.exit(
+        f"setup.py: run it from its own folder: `cd {ROOT}` first (its source and package paths are "
+        "relative to that folder; pip changes to it by itself)"
+    )
+
 # kernels/ installs as mmsd_ext.kernels (package_dir). The legacy editable install,
 # `setup.py develop` (what pip runs for -e when it cannot use setuptools' PEP 660
 # install, e.g. setuptools < 64), only puts this folder on sys.path: kernels/ would

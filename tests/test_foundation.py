@@ -409,6 +409,17 @@ def test_setup_refuses_a_sanitized_cuda_build():
     assert "FORCE_CUDA=1 and MMSD_EXT_SANITIZE=1 contradict each other" in done.stderr, done.stderr
 
 
+def test_setup_run_from_another_folder_says_where_to_run_it(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "setup.py")):
+        pytest.skip("no source tree here")
+    done = subprocess.run(
+        [sys.executable, os.path.join(root, "setup.py"), "--version"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "setup.py: run it from its own folder" in done.stderr, done.stdout + done.stderr
+
+
 def test_sdist_holds_every_source_a_build_and_the_tests_need(tmp_path):
     # Made where no CUDA kernels are built (MMSD_EXT_NO_CUDA=1): setuptools alone would
     # leave out the .cu files and every header; MANIFEST.in adds them, and the tests with
