@@ -3,7 +3,8 @@
 Four failures are told apart (the first two as xformers' loader does): the
 extension was never built, it was built for another torch, it was built from
 older mmsd_ext sources than these (a checkout updated without a rebuild), or it
-was built with MMSD_EXT_SANITIZE=1 and the process lacks the ASan runtime.
+was built with MMSD_EXT_SANITIZE=1 and the process lacks the ASan runtime (or has it
+without libstdc++ preloaded).
 Either way the import of mmsd_ext succeeds and the ``reference`` and ``triton``
 backends keep working; asking for ``cpu`` or ``cuda`` then raises with the reason.
 """
@@ -49,6 +50,14 @@ def _asan_runtime_loaded():
         return False
 
 
+def _cxx_runtime_preloaded():
+    # Whether libstdc++ was loaded before ASan started (preloaded): only then does ASan's
+    # wrapper of __cxa_throw find the real one. Loaded later (by torch's import), the first
+    # C++ exception fails ASan's CHECK on it and ends the process, whoever throws it.
+    preload = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    return any(os.path.basename(entry).startswith("libstdc++") for entry in preload)
+
+
 def _load():
     info = _read_build_info()
     # Local version labels (+cu130) are part of the ABI, so the whole string must match.
@@ -70,6 +79,12 @@ def _load():
         return None, info, (
             "mmsd_ext: the compiled extension was built with MMSD_EXT_SANITIZE=1 and this process has no "
             f"AddressSanitizer runtime; the cpu/cuda backends are disabled. To use it, {SANITIZER_HINT}"
+        )
+    if info is not None and info.get("sanitize") and not _cxx_runtime_preloaded():
+        return None, info, (
+            "mmsd_ext: the compiled extension was built with MMSD_EXT_SANITIZE=1 and this process has the "
+            "AddressSanitizer runtime but not libstdc++ preloaded: ASan would end it at the first error an op "
+            f"raises; the cpu/cuda backends are disabled. To use it, {SANITIZER_HINT}"
         )
     try:
         module = importlib.import_module("mmsd_ext._C")

@@ -371,10 +371,21 @@ def test_import_survives_an_extension_built_from_older_sources(tmp_path):
     assert result.stdout.strip().endswith("ok")
 
 
-def test_import_survives_a_sanitized_extension_without_the_asan_runtime(tmp_path):
-    # Loaded into a process without libasan, an extension built with MMSD_EXT_SANITIZE=1
-    # would end it (ASan aborts, no ImportError). The loader reads the build info first and
-    # leaves it unloaded, with the command that runs it; the reference backend works.
+# Loaded into a process without libasan, an extension built with MMSD_EXT_SANITIZE=1 would
+# end it (ASan aborts, no ImportError); with libasan but not libstdc++ preloaded, the first
+# C++ exception would (ASan's CHECK on the __cxa_throw it wraps). The loader reads the build
+# info first and leaves it unloaded, with the command that runs it; the reference works.
+@pytest.mark.parametrize("preloaded", ["", "libasan"])
+def test_import_survives_a_sanitized_extension_without_the_asan_runtime(tmp_path, preloaded):
+    if preloaded:
+        done = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True)
+        libasan = done.stdout.strip()
+        if done.returncode != 0 or not os.path.isabs(libasan):
+            pytest.skip("gcc's libasan not found")
+        preloaded = libasan
+        expected = "not libstdc++ preloaded"
+    else:
+        expected = "has no AddressSanitizer runtime"
     info = dict(mmsd_ext._loader.BUILD_INFO or {"version": mmsd_ext.__version__})
     info.update(torch=torch.__version__, binary_interface=mmsd_ext._loader.BINARY_INTERFACE, sanitize=True)
     _copy_with_build_info(tmp_path, info)
@@ -387,13 +398,15 @@ def test_import_survives_a_sanitized_extension_without_the_asan_runtime(tmp_path
         messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
         assert len(messages) == 1, messages
         assert "built with MMSD_EXT_SANITIZE=1" in messages[0] and "LD_PRELOAD=" in messages[0], messages[0]
+        assert EXPECTED in messages[0], messages[0]
         info = mmsd_ext.build_info()
         assert "cpu" not in info["backends"] and info["sanitize"] is True and not info["compiled"], info
         x = torch.randn(2, 6, 3)
         torch.testing.assert_close(mmsd_ext.topk_mil_pool(x, 2), x.topk(2, dim=1).values.mean(1))
         print("ok")
-        """,
-        {"PYTHONPATH": str(tmp_path), "LD_PRELOAD": ""},  # (a sanitized test run preloads the runtime)
+        """.replace("EXPECTED", repr(expected)),
+        {"PYTHONPATH": str(tmp_path), "LD_PRELOAD": preloaded,  # (a sanitized test run preloads both)
+         "ASAN_OPTIONS": "detect_leaks=0:allocator_may_return_null=1"},
         copied=True,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
@@ -432,7 +445,7 @@ def test_sdist_holds_every_source_a_build_and_the_tests_need(tmp_path):
         pytest.skip("no source tree here")
     skip = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "*.so", ".hypothesis", "out")
     tree = tmp_path / "tree"
-    shutil.copytree(root, tree, ignore=skip)
+    shutil.copytree(root, tree, ignore=skip, symlinks=True)
     (tree / "mmsd_ext" / "_build_info.json").write_text("{}")
     env = dict(os.environ, MMSD_EXT_NO_CUDA="1")
     done = subprocess.run(
