@@ -1,7 +1,10 @@
 """Top-k multiple-instance (MIL) pooling over time: ``topk_mil_pool`` and ``mil_k``."""
 
+import math
+
 import numpy as np
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _backend, _checks, _loader
 
@@ -16,7 +19,9 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         scores: [B, T, C] float32, float16 or bfloat16 snippet scores, any strides
             (float64 too, e.g. for gradcheck).
         k: int, or integer tensor [B] (int64, or a narrower integer dtype, widened): how many
-            snippets to pool per video; 1 <= k[b] <= lengths[b].
+            snippets to pool per video; 1 <= k[b] <= lengths[b]. An int may be worked out from
+            a traced size (``max(1, scores.shape[1] // 8)`` or ``mil_k(scores.shape[1])`` under
+            torch.export or torch.compile with dynamic shapes).
         lengths: optional integer tensor [B] (as k) of valid lengths in [1, T]; snippets
             ``t >= lengths[b]`` are padding and never selected. Default: T for all.
         largest: pool the k largest values (True) or the k smallest (False).
@@ -84,7 +89,8 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     where that check would break the graph (as ``topk_mil_pool``'s).
 
     Returns:
-        int64 tensor of the shape of ``lengths`` (an int if ``lengths`` is an int).
+        int64 tensor of the shape of ``lengths`` (an int if ``lengths`` is an int; of a size
+        traced by torch.export or torch.compile, a traced int, with no tensor made).
 
     Example::
 
@@ -105,10 +111,11 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     if isinstance(lengths, np.integer):
         lengths = int(lengths)
     lengths = _checks.widen_int(lengths)
-    if isinstance(lengths, int) and not isinstance(lengths, bool):
-        if not 1 <= lengths < 2**63:
+    if isinstance(lengths, (int, torch.SymInt)) and not isinstance(lengths, bool):
+        # (a traced size too: refused only where out of range for every size, as topk_mil_pool's k)
+        if statically_known_true(lengths < 1) or statically_known_true(lengths >= 2**63):
             raise ValueError(f"lengths: expected an int in [1, 2**63), got {lengths}")
-        return int(mil_k(torch.tensor([lengths]), ratio, rule=rule, min_k=min_k)[0])
+        return _mil_k_of_int(lengths, ratio, rule, min_k)
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"lengths: expected an int or an int64 tensor, got {type(lengths).__name__}")
     _checks.int64("lengths", lengths)
@@ -122,6 +129,22 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     q = torch.floor(q) if rule == "floor" else torch.ceil(q)
     k = torch.where(q >= as_float, lengths, q.to(torch.int64)).clamp(min=min_k)
     return torch.minimum(k, lengths)
+
+
+def _mil_k_of_int(length, ratio, rule, min_k):
+    """``mil_k`` of one length, in Python arithmetic (the tensor rule's float64 quotient): no
+    tensor, so nothing is read back from one inside torch.compile, and a traced size (a
+    SymInt, e.g. ``x.shape[1]`` in torch.export) gives a traced k."""
+    if type(length) is int and not torch.compiler.is_compiling():  # (dynamo shows a traced size as an int)
+        q = length / ratio
+        if q >= float(length):  # the tensor rule's test (ratio <= 1, or a quotient rounded up to L)
+            return length
+        return min(max(math.floor(q) if rule == "floor" else math.ceil(q), min_k), length)
+    if ratio <= 1.0:  # then L / ratio >= L
+        return length
+    q = length / ratio  # finite, and below L for any L < 2**53: the same k as the test above
+    q = math.floor(q) if rule == "floor" else math.ceil(q)
+    return torch.sym_min(torch.sym_max(q, min_k), length)
 
 
 def _check_topk_args(scores, k, lengths, largest):
@@ -143,10 +166,15 @@ def _check_topk_args(scores, k, lengths, largest):
         raise TypeError("k: expected an int or an int64 tensor, got bool")
     if isinstance(k, np.integer):
         k = int(k)
-    if isinstance(k, int):
-        if k < 1:
+    if isinstance(k, (int, torch.SymInt)):
+        # An int may be worked out from a traced size (torch.export, or torch.compile with
+        # dynamic shapes; dynamo shows such a size as an int), e.g. max(1, T // 8): refused
+        # where it is out of range for every size the trace allows, otherwise checked as a
+        # k tensor is. (A guard on it, which the trace often cannot prove, e.g.
+        # max(1, T // 8) <= T, would fail the export.) Plain ints are checked as they are.
+        if statically_known_true(k < 1):
             raise ValueError(f"k: expected k >= 1, got {k}")
-        if k > T:
+        if statically_known_true(k > T):
             raise ValueError(f"k: expected k <= T = {T}, got {k}")
         k = torch.full((B,), k, dtype=torch.int64, device=scores.device)
     else:

@@ -74,6 +74,46 @@ def test_export_topk_mil_pool(any_backend):
     _export_and_compare(pooled, inputs(3, 8), ({0: B, 1: T}, {0: B}), [inputs(2, 13), inputs(5, 2)])
 
 
+def test_k_worked_out_from_the_traced_time_size(any_backend):
+    # k = max(1, T // 4) or mil_k(T) of a dynamic T: a traced int (SymInt, or an int under
+    # dynamo) that topk_mil_pool takes without a guard the trace cannot prove (k <= T),
+    # under export (strict or not) and torch.compile with dynamic shapes.
+    device = backend_device(any_backend)
+    gen = torch.Generator().manual_seed(47)
+
+    def pooled(scores):
+        T = scores.shape[1]
+        return (
+            mmsd_ext.topk_mil_pool(scores, max(1, T // 4), backend=any_backend),
+            mmsd_ext.topk_mil_pool(scores, mmsd_ext.mil_k(T, 3.0, rule="ceil"), largest=False, backend=any_backend),
+        )
+
+    def inputs(B, T):
+        return (torch.randn(B, T, 3, generator=gen).to(device),)
+
+    examples = [inputs(2, 13), inputs(3, 2), inputs(1, 40)]
+    for strict in (False, True):
+        program = torch.export.export(
+            _Call(pooled), inputs(2, 9), dynamic_shapes={"args": ({0: Dim("B"), 1: Dim("T", min=2, max=4096)},)},
+            strict=strict,
+        )
+        for args in examples:
+            for got, want in zip(program.module()(*args), pooled(*args)):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    compiled = torch.compile(pooled, fullgraph=True, dynamic=True)
+    # (inductor generates the reference's mean itself, summing in another order)
+    tol = dict(rtol=1e-6, atol=1e-6) if any_backend == "reference" else dict(rtol=0, atol=0)
+    for args in examples:
+        for got, want in zip(compiled(*args), pooled(*args)):
+            torch.testing.assert_close(got, want, **tol)
+    # Out of range for every size the trace allows: refused while tracing, naming k.
+    with pytest.raises(ValueError, match="k: expected k <= T"):
+        torch.export.export(
+            _Call(lambda s: mmsd_ext.topk_mil_pool(s, s.shape[1] + 1, backend=any_backend)), inputs(2, 9),
+            dynamic_shapes={"args": ({1: Dim("T", min=2, max=4096)},)},
+        )
+
+
 def test_export_temporal_nms(any_backend):
     device = backend_device(any_backend)
     gen = torch.Generator().manual_seed(47)

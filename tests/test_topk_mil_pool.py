@@ -800,6 +800,22 @@ def test_mil_k_rules(lengths, ratio, min_k):
         assert mmsd_ext.mil_k(lengths[0], ratio, rule="floor", min_k=min_k) == floor.tolist()[0]
 
 
+@given(
+    length=st.one_of(st.integers(1, 10**6), st.integers(1, 2**63 - 1)),
+    ratio=st.one_of(
+        st.sampled_from([1.0, 1.0 + 2**-52, 2.2, 8.0, 1e-300]), st.floats(1e-3, 1e4, allow_nan=False, allow_infinity=False)
+    ),
+    rule=st.sampled_from(["floor", "ceil"]),
+    min_k=st.integers(1, 5),
+)
+def test_mil_k_of_an_int_is_the_tensor_rule(length, ratio, rule, min_k):
+    # An int length is worked out in Python arithmetic (no tensor: nothing to read back
+    # inside torch.compile), by the same float64 rule as a tensor of lengths.
+    got = mmsd_ext.mil_k(length, ratio, rule=rule, min_k=min_k)
+    assert type(got) is int
+    assert got == int(mmsd_ext.mil_k(torch.tensor([length]), ratio, rule=rule, min_k=min_k)[0])
+
+
 def test_mil_k_mmsd_default_and_a_valid_k():
     lengths = torch.tensor([750, 400, 7, 1])
     k = mmsd_ext.mil_k(lengths)
