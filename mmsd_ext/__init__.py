@@ -1,6 +1,6 @@
 """mmsd_ext: fused kernels and a training layer for weakly-supervised temporal action localization.
 
-The ops (each with ``backend=None|"reference"|"cpu"|"cuda"|"triton"``):
+The ops (each with ``backend=None|"auto"|"reference"|"cpu"|"cuda"|"triton"``):
 
 - ``topk_mil_pool``, ``mil_k``: top-k multiple-instance pooling over time.
 - ``snippet_distill_loss``, ``mmsd_distill_loss``: snippet-level distillation.

@@ -4,7 +4,8 @@ Every public op takes ``backend=None``. The name is resolved, in this order, fro
 the call's argument, the innermost ``use_backend(...)`` context, the
 ``MMSD_EXT_BACKEND`` environment variable (read at import), and finally "auto":
 ``cpu`` for CPU tensors, the op's faster measured GPU backend for CUDA tensors,
-``reference`` where nothing compiled can run.
+``reference`` where nothing compiled can run. "auto" given at any of these levels
+is that automatic choice, and the levels below it are not read.
 """
 
 import contextlib
@@ -148,7 +149,11 @@ def _unavailable(name, device):
 
 def requested(backend):
     """The name a call asks for: its ``backend`` argument, else the innermost
-    ``use_backend`` block or the environment variable; None for auto."""
+    ``use_backend`` block or the environment variable; None for auto. A call's
+    "auto" is the automatic choice whatever a block or the environment says, as
+    ``use_backend("auto")`` is inside its block."""
+    if backend == "auto":
+        return None
     name = _check_name(backend, "backend")
     return _current_override() if name is None else name
 

@@ -40,7 +40,7 @@ def snippet_distill_loss(student, teacher, temperature=1.0, *, mask=None, reduct
             values are not checked, which would need a host synchronisation).
         reduction: "mean" over the valid rows, "sum", or "none" (per-row values
             of shape [...], zero at masked rows).
-        backend: "reference", "cpu", "cuda", "triton" or None (auto).
+        backend: "reference", "cpu", "cuda", "triton", "auto" or None (a block's or the process's, else auto).
 
     Returns:
         float32 tensor (scalar, or [...] for "none"), accumulated in float32 for
@@ -89,7 +89,7 @@ def mmsd_distill_loss(rgb, flow, fused, temperature=0.2, *, mask=None, backend=N
         temperature: tau, a number in [1e-30, 1e30] (MMSD: 0.2).
         mask: optional bool or 0/1 float tensor [...] of valid snippets (a float
             mask is read as ``mask != 0``, as in ``snippet_distill_loss``).
-        backend: "reference", "cpu", "cuda", "triton" or None (auto).
+        backend: "reference", "cpu", "cuda", "triton", "auto" or None (a block's or the process's, else auto).
 
     Returns:
         float32 scalar. All-masked input gives 0.

@@ -98,7 +98,8 @@ def mmsd_proposals(
         min_len: minimum run length in snippets (int >= 1).
         outer_ratio: r above (finite, >= 0).
         nms_threshold: overlap strictly above which a proposal is suppressed (>= 0).
-        backend: None (auto), "reference", "cpu", "cuda" or "triton". "cpu" finds and
+        backend: None (a block's or the process's, else auto), "auto", "reference", "cpu", "cuda"
+            or "triton". "cpu" finds and
             scores the runs in one C++ pass (the default for CPU tensors when the
             extension is built) and suppresses with the ``cpu`` NMS kernel;
             "reference" does both with the vectorised PyTorch code below;

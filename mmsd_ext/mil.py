@@ -25,7 +25,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         lengths: optional integer tensor [B] (as k) of valid lengths in [1, T]; snippets
             ``t >= lengths[b]`` are padding and never selected. Default: T for all.
         largest: pool the k largest values (True) or the k smallest (False).
-        backend: "reference", "cpu", "cuda", "triton" or None (auto); see ``mmsd_ext.use_backend``.
+        backend: "reference", "cpu", "cuda", "triton", "auto" or None (a block's or the process's,
+            else auto); see ``mmsd_ext.use_backend``.
 
     Returns:
         [B, C] tensor in the dtype of ``scores``:

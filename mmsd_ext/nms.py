@@ -38,7 +38,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         offset: lengths are ``end - start + offset`` and the intersection
             ``max(0, min(ends) - max(starts) + offset)``; 1 is the inclusive
             snippet convention of MMSD and BaS-Net. A zero length gives overlap 0.
-        backend: "reference", "cpu", "cuda", "triton" or None (auto). "triton"
+        backend: "reference", "cpu", "cuda", "triton", "auto" or None (a block's or the process's, else auto). "triton"
             computes the suppression tiles in Triton and gathers them with the
             compiled op ``mmsd_ext::_temporal_nms_gather``, so it needs the compiled
             extension too, built with its CUDA kernels for CUDA tensors; auto does

@@ -63,17 +63,28 @@ def test_backend_that_does_not_fit_the_device():
     # Set by a block or the environment, the error says where the name came from.
     with mmsd_ext.use_backend("cuda"), pytest.raises(ValueError, match="on cpu \\(the backend was set by a use_backend block\\)$"):
         mmsd_ext.topk_mil_pool(x, 2)
+    # A call's "auto" is the automatic choice, whatever a block or the environment says, as
+    # use_backend("auto") is inside its block.
+    auto = _backend.resolve("topk_mil_pool", None, "cpu")
+    with mmsd_ext.use_backend("cuda"):
+        assert _backend.resolve("topk_mil_pool", "auto", "cpu") == auto
+        torch.testing.assert_close(mmsd_ext.topk_mil_pool(x, 2, backend="auto"), x.topk(2, dim=1).values.mean(1))
     result = _run_isolated(
         """
         import torch, mmsd_ext
+        from mmsd_ext import _backend
+        x = torch.randn(2, 5, 3)
+        print(_backend.resolve("topk_mil_pool", "auto", "cpu"), tuple(mmsd_ext.topk_mil_pool(x, 2, backend="auto").shape))
         try:
-            mmsd_ext.topk_mil_pool(torch.randn(2, 5, 3), 2)
+            mmsd_ext.topk_mil_pool(x, 2)
         except ValueError as error:
             print(error)
         """,
         {"MMSD_EXT_BACKEND": "cuda"},
     )
-    assert result.stdout.strip().endswith("on cpu (the backend was set by MMSD_EXT_BACKEND)"), result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"{auto} (2, 3)", result.stdout + result.stderr
+    assert lines[-1].endswith("on cpu (the backend was set by MMSD_EXT_BACKEND)"), result.stdout + result.stderr
 
 
 def test_triton_on_cpu_tensors_without_the_interpreter_says_how_to_run_it():

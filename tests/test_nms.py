@@ -1026,13 +1026,14 @@ def test_backend_choice_on_cuda_tensors(monkeypatch, extension, cuda_kernels):
     monkeypatch.setattr(_loader, "LOAD_ERROR", None if extension else "mmsd_ext: the compiled extension is not built")
     monkeypatch.setattr(_backend, "triton_importable", lambda: True)
     cuda = torch.device("cuda")
-    assert nms_module._resolve_hard(None, cuda) == ("cuda" if cuda_kernels else ON_HOST if extension else "reference")
+    auto = "cuda" if cuda_kernels else ON_HOST if extension else "reference"
+    assert nms_module._resolve_hard(None, cuda) == auto
     assert nms_module._resolve_soft(None, cuda) == ("cuda" if cuda_kernels else "triton")
     # Asked for by name, the reference runs where it is.
     assert nms_module._resolve_hard("reference", cuda) == "reference"
     with mmsd_ext.use_backend("reference"):
         assert nms_module._resolve_hard(None, cuda) == "reference"
-        assert nms_module._resolve_hard("auto", cuda) == "reference"  # as _backend.resolve
+        assert nms_module._resolve_hard("auto", cuda) == auto  # a call's "auto" is the automatic choice
     # Without triton either, soft-NMS on CUDA tensors also runs on host copies.
     monkeypatch.setattr(_backend, "triton_importable", lambda: False)
     assert nms_module._resolve_soft(None, cuda) == ("cuda" if cuda_kernels else ON_HOST if extension else "reference")

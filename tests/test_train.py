@@ -741,6 +741,23 @@ def _results(folder):
         return json.load(f)
 
 
+def test_the_environments_backend_is_the_runs_where_no_flag_gives_one(tiny_root, tmp_path, monkeypatch):
+    # MMSD_EXT_BACKEND sets the ops' backend for a process: the main job runs on it (and
+    # records it) unless --backend is given; it trained on auto before 2026-11-29.
+    from mmsd_ext import distill
+
+    calls = []
+    reference = distill._MMSD_IMPLS["reference"]
+    monkeypatch.setitem(distill._MMSD_IMPLS, "reference", lambda *args: calls.append(1) or reference(*args))
+    monkeypatch.setenv("MMSD_EXT_BACKEND", "reference")
+    assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--output-dir", str(tmp_path / "env")]) == 0
+    assert _results(str(tmp_path / "env"))["config"]["backend"] == "reference" and calls
+    if "cpu" in mmsd_ext.available_backends():
+        calls.clear()
+        assert main(["--data-root", tiny_root, *FAST, "--epochs", "1", "--backend", "cpu", "--output-dir", str(tmp_path / "flag")]) == 0
+        assert _results(str(tmp_path / "flag"))["config"]["backend"] == "cpu" and not calls
+
+
 def test_resume_with_more_epochs_keeps_the_schedule_it_has_run_under(tiny_root, tmp_path):
     """--resume --epochs 8 after 1 epoch of a 4-epoch run: the lr decay (epoch 1 of 4) and the
     refreshes (after epochs 1, 2, 3) stay; 8 epochs from the start would put them at epoch 2 and
@@ -945,6 +962,22 @@ def test_ablation_bad_flags_fail_before_any_run(argv, message, capsys, monkeypat
     assert message in capsys.readouterr().err
 
 
+def test_ablation_runs_on_the_environments_backend_where_no_flag_gives_one(capsys, monkeypatch):
+    from mmsd_ext.train import ablation
+
+    monkeypatch.setattr(ablation, "run", _no_run)
+    monkeypatch.setenv("MMSD_EXT_BACKEND", "cuda")
+    with pytest.raises(SystemExit) as info:
+        ablation.main(["--seeds", "1", "--variants", "0", "--epochs", "1"])
+    assert info.value.code == 2
+    assert "error: --backend (from MMSD_EXT_BACKEND) cuda: backend='cuda'" in capsys.readouterr().err
+    monkeypatch.setenv("MMSD_EXT_BACKEND", "reference")
+    calls = []
+    monkeypatch.setattr(ablation, "run", _fake_runs(calls))
+    ablation.main(["--seeds", "1", "--variants", "0", "--epochs", "1"])
+    assert [c.backend for c in calls] == ["reference"]
+
+
 def test_ablation_finds_a_json_output_that_is_a_directory_before_any_run(tmp_path, capsys, monkeypatch):
     """Found only when the first run's results were written, with --overwrite."""
     from mmsd_ext.train import ablation
@@ -970,7 +1003,7 @@ def _no_run(*args, **kwargs):
     raise AssertionError("a run started")
 
 
-def _refuse_triton(backend, device, device_flag=True):
+def _refuse_triton(backend, device, device_flag=True, flag="--backend"):
     # What check_backend says without the interpreter (the tests run the Triton kernels under it).
     raise engine.UsageError(f"--backend {backend}: Triton kernels run on CUDA devices")
 
@@ -1202,6 +1235,16 @@ def test_bad_paths_lose_nothing(tiny_root, tmp_path, capsys):
     # The flag is named, not a use_backend block, and a GPU device is suggested.
     assert err.startswith("mmsd-train: error: --backend cuda: backend='cuda'") and "use_backend" not in err, err
     assert err.endswith("; give --device cuda to run on a GPU"), err
+
+    # MMSD_EXT_BACKEND, the ops' backend for a process, stands for --backend where that is not
+    # given, and the error says where it came from.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MMSD_EXT_BACKEND", "cuda")
+        assert main(["--data-root", tiny_root, *FAST, "--output-dir", str(tmp_path / "o3")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmsd-train: error: --backend cuda: backend='cuda'"), err
+        assert err.endswith("(--backend cuda came from MMSD_EXT_BACKEND; give --backend to run with another)"), err
+        assert not (tmp_path / "o3").exists()
 
     # A checkpoint evaluated on data it was not trained for.
     other = tmp_path / "other"

@@ -10,6 +10,8 @@ import math
 import os
 import sys
 
+from mmsd_ext._backend import ENV_VAR
+
 from .data import FEATURE_RATES, DataError
 from .engine import (
     EVAL_ONLY_CHANGEABLE,
@@ -219,7 +221,11 @@ def build_parser():
     g.add_argument(
         "--threads", type=_int_in(0, MAX_THREADS), metavar="N", help="CPU threads per process, 0 for torch's default (default 0; synthetic preset: 1)"
     )
-    g.add_argument("--backend", choices=("auto", "reference", "cpu", "cuda", "triton"), help="mmsd_ext op backend (default auto)")
+    g.add_argument(
+        "--backend",
+        choices=("auto", "reference", "cpu", "cuda", "triton"),
+        help=f"mmsd_ext op backend (default: {ENV_VAR} where it is set, else auto)",
+    )
     g.add_argument("--output-dir", metavar="DIR", help="checkpoint.pt, train.log, results.json (default: runs/mmsd-<data>-<time>/)")
     g.add_argument(
         "--overwrite",
@@ -267,6 +273,11 @@ def config_from_args(args, parser):
     if given.get("data_root"):
         # Absolute in the saved settings, so that a run resumed from another folder finds its data.
         given["data_root"] = os.path.abspath(given["data_root"])
+
+    # MMSD_EXT_BACKEND sets the ops' backend for a process: for this run it stands for --backend
+    # where that is not given (recorded with the run's settings; an error says where it came from).
+    if "backend" not in given and os.environ.get(ENV_VAR):
+        given["backend"] = flags["backend_from_env"] = os.environ[ENV_VAR]
 
     if flags.get("eval_only") and not flags.get("checkpoint"):
         parser.error("--eval-only needs --checkpoint CKPT")
@@ -353,6 +364,8 @@ def main(argv=None):
         for key, value in (flags.get("inherited") or {}).items() if isinstance(exc, UsageError) else ():
             if message.startswith((f"--{key} ", f"--{key}:")):
                 message += f" (--{key} {value} is the checkpoint's setting; give --{key} to run with another here)"
+        if flags.get("backend_from_env") and message.startswith(("--backend ", "--backend:")):
+            message += f" (--backend {flags['backend_from_env']} came from {ENV_VAR}; give --backend to run with another)"
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

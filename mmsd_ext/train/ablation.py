@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from mmsd_ext._backend import ENV_VAR
+
 from .__main__ import MAX_EPOCHS, MAX_SEED, _int_in
 from .data import DataError
 from .engine import (
@@ -58,7 +60,11 @@ def main(argv=None):
         default=list(range(len(VARIANTS))),
         help="indices into the variant list (default all)",
     )
-    p.add_argument("--backend", choices=("auto", "reference", "cpu", "triton"), default="auto", help="mmsd_ext op backend (default auto)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "reference", "cpu", "triton"),
+        help=f"mmsd_ext op backend (default: {ENV_VAR} where it is set, else auto)",
+    )
     p.add_argument(
         "--output",
         default=None,
@@ -79,7 +85,11 @@ def main(argv=None):
         p.error(f"--seeds: {repeated[0]} is given twice; the spread over seeds needs different seeds")
     try:
         # Everything that can fail before the first run fails here, not after an hour of runs.
-        check_backend(args.backend, torch.device("cpu"), device_flag=False)
+        flag = "--backend"
+        if args.backend is None:  # MMSD_EXT_BACKEND, the ops' backend for the process, else auto
+            args.backend = os.environ.get(ENV_VAR) or "auto"
+            flag = f"--backend (from {ENV_VAR})" if os.environ.get(ENV_VAR) else flag
+        check_backend(args.backend, torch.device("cpu"), device_flag=False, flag=flag)
         if args.output:
             _check_output(args.output, args.overwrite)
     except UsageError as exc:

@@ -420,7 +420,7 @@ def _resolve_device(name, ddp=None):
 def check_backend(backend, device, device_flag=True, flag="--backend"):
     """Fail early, with the op's own explanation, if the ops cannot run on ``backend`` here
     (``device_flag``: the program has a --device flag to suggest; ``flag``: the flag that gave it)."""
-    name = None if backend == "auto" else backend
+    name = backend  # ("auto": the automatic choice, as the run's use_backend("auto") block makes it)
     scores = torch.rand(1, 8, 3, device=device)
     try:
         mmsd_ext.topk_mil_pool(scores, 1, backend=name)

@@ -183,7 +183,7 @@ def _resolved(op, device):
         op
     ]
     try:
-        return _backend.resolve(op, None, device, supported=getattr(module, table))
+        return _backend.resolve(op, "auto", device, supported=getattr(module, table))
     except (AttributeError, ValueError, RuntimeError):
         return "?"
 
