@@ -40,6 +40,22 @@ def widen_int(value):
     return value
 
 
+def int_array(name, value):
+    """A list, tuple or numpy array of integers (W-TALC keeps video lengths in one) as a CPU
+    int64 tensor; anything else a TypeError or ValueError naming ``name``."""
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"{name}: expected a 1-d sequence of integers ({exc})") from None
+    if array.size == 0 and array.dtype.kind == "f":
+        array = array.astype(np.int64)  # numpy reads [] as float64
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integers, got {array.dtype}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: expected values below 2**63, got max {int(array.max())}")
+    return torch.as_tensor(array.astype(np.int64))
+
+
 def int64(name, value):
     tensor(name, value)
     if value.dtype != torch.int64:

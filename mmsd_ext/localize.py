@@ -424,17 +424,7 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
                                 f"got {str(lengths.dtype).replace('torch.', '')}")
             _checks.same_device("cas", cas, lengths=lengths)
         else:
-            try:
-                array = np.asarray(lengths)
-            except ValueError as exc:  # ragged nested sequences
-                raise ValueError(f"lengths: expected a 1-d sequence of integers ({exc})") from None
-            if array.size == 0 and array.dtype.kind == "f":
-                array = array.astype(np.int64)  # numpy reads [] as float64
-            if array.dtype.kind not in "iu":
-                raise TypeError(f"lengths: expected integers, got {array.dtype}")
-            if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
-                raise ValueError(f"lengths: expected values in [0, T] = [0, {T}], got max {int(array.max())}")
-            lengths = torch.as_tensor(array)
+            lengths = _checks.int_array("lengths", lengths)
         lengths = lengths.to(device=cas.device, dtype=torch.int64)
         if tuple(lengths.shape) != (V,):
             raise ValueError(f"lengths: expected shape [V] = [{V}], got {tuple(lengths.shape)}")

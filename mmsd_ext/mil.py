@@ -24,6 +24,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
             torch.export or torch.compile with dynamic shapes).
         lengths: optional integer tensor [B] (as k) of valid lengths in [1, T]; snippets
             ``t >= lengths[b]`` are padding and never selected. Default: T for all.
+            A list, tuple or numpy array of integers, for k or lengths, is taken as the
+            int64 tensor of its values on the device of ``scores``.
         largest: pool the k largest values (True) or the k smallest (False).
         backend: "reference", "cpu", "cuda", "triton", "auto" or None (a block's or the process's,
             else auto); see ``mmsd_ext.use_backend``.
@@ -57,6 +59,7 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         >>> k = mmsd_ext.mil_k(lengths)                 # max(1, L // 8)
         >>> video_scores = mmsd_ext.topk_mil_pool(scores, k, lengths)   # [2, 21]
     """
+    k, lengths = _sequence_as_tensor("k", k, scores), _sequence_as_tensor("lengths", lengths, scores)
     k, lengths = _checks.widen_int(k), _checks.widen_int(lengths)
     scores, k, lengths, largest = _check_topk_args(scores, k, lengths, largest)
     name = _backend.resolve(
@@ -77,7 +80,8 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
 
     Args:
         lengths: int, or integer tensor [B] of video lengths (>= 1); int64, or a narrower
-            integer dtype (int32, ...), widened.
+            integer dtype (int32, ...), widened. A list, tuple or numpy array of integers is
+            taken as the int64 tensor of its values.
         ratio: k is about ``L / ratio``; > 0.
         rule: "floor": ``max(min_k, floor(L / ratio))`` (MMSD, CO2-Net, ACM-Net);
             "ceil": ``max(min_k, ceil(L / ratio))`` (W-TALC). ``L / ratio`` is the rounded
@@ -111,6 +115,8 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         raise ValueError(f"min_k: expected an int >= 1, got {min_k!r}")
     if isinstance(lengths, np.integer):
         lengths = int(lengths)
+    if isinstance(lengths, (list, tuple, np.ndarray)):
+        lengths = _checks.int_array("lengths", lengths)
     lengths = _checks.widen_int(lengths)
     if isinstance(lengths, (int, torch.SymInt)) and not isinstance(lengths, bool):
         # (a traced size too: refused only where out of range for every size, as topk_mil_pool's k)
@@ -130,6 +136,15 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     q = torch.floor(q) if rule == "floor" else torch.ceil(q)
     k = torch.where(q >= as_float, lengths, q.to(torch.int64)).clamp(min=min_k)
     return torch.minimum(k, lengths)
+
+
+def _sequence_as_tensor(name, value, scores):
+    """A list, tuple or numpy array of k or lengths as an int64 tensor on the device of
+    ``scores`` (a tensor of its own, so ``k``'s checks see it as one)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        array = _checks.int_array(name, value)
+        return array.to(scores.device) if isinstance(scores, torch.Tensor) else array
+    return value
 
 
 def _mil_k_of_int(length, ratio, rule, min_k):

@@ -10,6 +10,7 @@ of one table.
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import HAS_GPU, backend_device
@@ -388,6 +389,11 @@ def _bad_calls(device):
         ((x, 6), {}, ValueError, "k: expected k <= T = 5, got 6", False),
         ((x, True), {}, TypeError, "k", False),
         ((x, 2.0), {}, TypeError, "k: expected an int or an int64 tensor, got float", False),  # a float k
+        ((x, [1.0, 2.0]), {}, TypeError, "k: expected integers, got float64", False),
+        ((x, [1, 2, 3]), {}, ValueError, "k", False),  # shape [B] expected
+        ((x, 2, [5, 3, 1]), {}, ValueError, "lengths", False),
+        ((x, 2, [[5], [3, 1]]), {}, ValueError, "lengths: expected a 1-d sequence of integers", False),
+        ((x, 2, [6, 3]), {}, ValueError, "lengths", True),
         ((x, torch.tensor([1, 2, 3], device=device)), {}, ValueError, "k", False),  # shape [B] expected
         ((x, torch.tensor([1.0, 2.0], device=device)), {}, TypeError, "k", False),
         ((x, torch.tensor([1, 4], device=device), lengths), {}, ValueError, "k", True),  # k[1] > lengths[1]
@@ -422,6 +428,21 @@ def test_narrower_integer_k_and_lengths_are_widened(any_backend, dtype):
     # The ops' own check (their fake kernels' too) still takes int64 only.
     with pytest.raises(TypeError, match="^k: expected an int64 tensor, got int32$"):
         mmsd_ext.mil._check_topk_args(scores, k.int(), lengths, True)
+
+
+def test_k_and_lengths_as_lists_and_numpy_arrays(any_backend):
+    # W-TALC and CO2-Net keep the lengths of a batch in a numpy array: a list, tuple or
+    # array of integers is taken as the int64 tensor of its values, on the device of scores.
+    device = backend_device(any_backend)
+    gen = torch.Generator().manual_seed(19)
+    scores = torch.randn(3, 12, 4, generator=gen).to(device)
+    lengths = [12, 7, 3]
+    k = mmsd_ext.mil_k(torch.tensor(lengths), 3.0)
+    want = mmsd_ext.topk_mil_pool(scores, k.to(device), torch.tensor(lengths, device=device), backend=any_backend)
+    for as_given in (list, tuple, lambda v: np.array(v, dtype=np.int32), lambda v: np.array(v, dtype=np.uint16)):
+        assert torch.equal(mmsd_ext.mil_k(as_given(lengths), 3.0), k)
+        got = mmsd_ext.topk_mil_pool(scores, as_given(k.tolist()), as_given(lengths), backend=any_backend)
+        assert torch.equal(got, want)
 
 
 def test_bad_inputs_name_the_argument(any_backend):
@@ -846,7 +867,10 @@ def test_mil_k_is_at_most_the_length_for_tiny_ratios_and_huge_lengths():
         (dict(lengths=2**63 + 5), ValueError, "lengths"),
         (dict(lengths=torch.tensor([5.0])), TypeError, "lengths"),
         (dict(lengths=10.0), TypeError, "lengths: expected an int or an int64 tensor, got float"),
-        (dict(lengths=[750, 400]), TypeError, "lengths: expected an int or an int64 tensor, got list"),
+        (dict(lengths=[750.0, 400.0]), TypeError, "lengths: expected integers, got float64"),
+        (dict(lengths=[[750], [400, 2]]), ValueError, "lengths: expected a 1-d sequence of integers"),
+        (dict(lengths=np.array([2**63 + 5], dtype=np.uint64)), ValueError, r"lengths: expected values below 2\*\*63, got max"),
+        (dict(lengths=[750, 0]), ValueError, "lengths: expected every length >= 1"),
     ],
 )
 def test_mil_k_bad_inputs(kwargs, exc, name):
