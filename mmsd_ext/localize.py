@@ -7,6 +7,7 @@ csrc/cpu/threshold_runs_kernel.cpp; elsewhere by the vectorised PyTorch code
 here, which gives the same numbers), and one batched ``temporal_nms`` call
 suppresses within each (video, class)."""
 
+import functools
 import math
 
 import numpy as np
@@ -252,7 +253,9 @@ def _pad(sequences, dtype, name):
             raise ValueError(f"{name}[{i}]: expected C = {C} columns like {name}[0], got {t.shape[1]}")
     dtype = dtype or tensors[0].dtype
     lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
-    out = torch.zeros(len(tensors), int(lengths.max()), C, dtype=dtype, device=tensors[0].device)
+    # The longest from the sizes, not read back from lengths (which torch.export refuses).
+    T = functools.reduce(torch.sym_max, (t.shape[0] for t in tensors))
+    out = torch.zeros(len(tensors), T, C, dtype=dtype, device=tensors[0].device)
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t.to(device=out.device, dtype=dtype)
     return out, lengths.to(out.device)

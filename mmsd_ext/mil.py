@@ -159,8 +159,12 @@ def _mil_k_of_int(length, ratio, rule, min_k):
     if ratio <= 1.0:  # then L / ratio >= L
         return length
     q = length / ratio  # finite, and below L for any L < 2**53: the same k as the test above
-    q = math.floor(q) if rule == "floor" else math.ceil(q)
-    return torch.sym_min(torch.sym_max(q, min_k), length)
+    # sym_int truncates: the floor of q >= 0. (math.floor and math.ceil of a traced float
+    # would leave calls that torch.export.save cannot write.)
+    k = torch.sym_int(q)
+    if rule == "ceil":
+        k = torch.sym_ite(q > k, k + 1, k)
+    return torch.sym_min(torch.sym_max(k, min_k), length)
 
 
 def _check_topk_args(scores, k, lengths, largest):

@@ -6,6 +6,8 @@ host. The programs are exported with dynamic batch and time sizes, then run on i
 of other sizes and compared with eager calls of the same backend.
 """
 
+import io
+
 import pytest
 import torch
 from torch.export import Dim
@@ -91,15 +93,20 @@ def test_k_worked_out_from_the_traced_time_size(any_backend):
     def inputs(B, T):
         return (torch.randn(B, T, 3, generator=gen).to(device),)
 
-    examples = [inputs(2, 13), inputs(3, 2), inputs(1, 40)]
+    examples = [inputs(2, 13), inputs(3, 2), inputs(1, 40), inputs(2, 24)]
     for strict in (False, True):
         program = torch.export.export(
             _Call(pooled), inputs(2, 9), dynamic_shapes={"args": ({0: Dim("B"), 1: Dim("T", min=2, max=4096)},)},
             strict=strict,
         )
-        for args in examples:
-            for got, want in zip(program.module()(*args), pooled(*args)):
-                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # Saved and loaded too: the traced k holds no call torch.export.save cannot write.
+        saved = io.BytesIO()
+        torch.export.save(program, saved)
+        saved.seek(0)
+        for exported in (program, torch.export.load(saved)):
+            for args in examples:
+                for got, want in zip(exported.module()(*args), pooled(*args)):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
     compiled = torch.compile(pooled, fullgraph=True, dynamic=True)
     # (inductor generates the reference's mean itself, summing in another order)
     tol = dict(rtol=1e-6, atol=1e-6) if any_backend == "reference" else dict(rtol=0, atol=0)
@@ -112,6 +119,23 @@ def test_k_worked_out_from_the_traced_time_size(any_backend):
             _Call(lambda s: mmsd_ext.topk_mil_pool(s, s.shape[1] + 1, backend=any_backend)), inputs(2, 9),
             dynamic_shapes={"args": ({1: Dim("T", min=2, max=4096)},)},
         )
+
+
+def test_export_pad_cas_with_videos_of_dynamic_lengths():
+    # The padded length is the largest size, not a value read back from a tensor (which
+    # non-strict export refused before 2026-11-29).
+    def padded(a, b):
+        return mmsd_ext.localize.pad_cas([a, b])
+
+    gen = torch.Generator().manual_seed(53)
+    dims = ({0: Dim("A", min=2, max=100)}, {0: Dim("Z", min=2, max=100)})
+    for strict in (False, True):
+        program = torch.export.export(_Call(padded), (torch.randn(5, 3), torch.randn(7, 3)), dynamic_shapes={"args": dims},
+                                      strict=strict)
+        for n, m in [(5, 7), (9, 3), (4, 4)]:
+            args = (torch.randn(n, 3, generator=gen), torch.randn(m, 3, generator=gen))
+            for got, want in zip(program.module()(*args), padded(*args)):
+                assert torch.equal(got, want)
 
 
 def test_export_temporal_nms(any_backend):
