@@ -115,9 +115,7 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         raise ValueError(f"min_k: expected an int >= 1, got {min_k!r}")
     if isinstance(lengths, np.integer):
         lengths = int(lengths)
-    if isinstance(lengths, (list, tuple, np.ndarray)):
-        lengths = _checks.int_array("lengths", lengths)
-    lengths = _checks.widen_int(lengths)
+    lengths = _checks.widen_int(_sequence_as_tensor("lengths", lengths))
     if isinstance(lengths, (int, torch.SymInt)) and not isinstance(lengths, bool):
         # (a traced size too: refused only where out of range for every size, as topk_mil_pool's k)
         if statically_known_true(lengths < 1) or statically_known_true(lengths >= 2**63):
@@ -138,9 +136,9 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
     return torch.minimum(k, lengths)
 
 
-def _sequence_as_tensor(name, value, scores):
-    """A list, tuple or numpy array of k or lengths as an int64 tensor on the device of
-    ``scores`` (a tensor of its own, so ``k``'s checks see it as one)."""
+def _sequence_as_tensor(name, value, scores=None):
+    """A list, tuple or numpy array of k or lengths as an int64 tensor, on the device of
+    ``scores`` where that is a tensor (else on the CPU); anything else as it is."""
     if isinstance(value, (list, tuple, np.ndarray)):
         array = _checks.int_array(name, value)
         return array.to(scores.device) if isinstance(scores, torch.Tensor) else array

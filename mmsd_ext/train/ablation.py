@@ -86,9 +86,9 @@ def main(argv=None):
     try:
         # Everything that can fail before the first run fails here, not after an hour of runs.
         flag = "--backend"
-        if args.backend is None:  # MMSD_EXT_BACKEND, the ops' backend for the process, else auto
-            args.backend = os.environ.get(ENV_VAR) or "auto"
-            flag = f"--backend (from {ENV_VAR})" if os.environ.get(ENV_VAR) else flag
+        if args.backend is None and os.environ.get(ENV_VAR):  # the ops' backend for the process
+            args.backend, flag = os.environ[ENV_VAR], f"--backend (from {ENV_VAR})"
+        args.backend = args.backend or "auto"
         check_backend(args.backend, torch.device("cpu"), device_flag=False, flag=flag)
         if args.output:
             _check_output(args.output, args.overwrite)

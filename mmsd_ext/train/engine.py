@@ -420,15 +420,15 @@ def _resolve_device(name, ddp=None):
 def check_backend(backend, device, device_flag=True, flag="--backend"):
     """Fail early, with the op's own explanation, if the ops cannot run on ``backend`` here
     (``device_flag``: the program has a --device flag to suggest; ``flag``: the flag that gave it)."""
-    name = backend  # ("auto": the automatic choice, as the run's use_backend("auto") block makes it)
+    # ("auto" asks the ops for the automatic choice, as the run's use_backend("auto") block does.)
     scores = torch.rand(1, 8, 3, device=device)
     try:
-        mmsd_ext.topk_mil_pool(scores, 1, backend=name)
-        mmsd_ext.mmsd_distill_loss(scores, scores, scores, backend=name)
-        mmsd_ext.snippet_distill_loss(scores, scores, backend=name)
-        mmsd_ext.temporal_nms(torch.tensor([[0.0, 1.0]], device=device), torch.ones(1, device=device), 0.5, backend=name)
+        mmsd_ext.topk_mil_pool(scores, 1, backend=backend)
+        mmsd_ext.mmsd_distill_loss(scores, scores, scores, backend=backend)
+        mmsd_ext.snippet_distill_loss(scores, scores, backend=backend)
+        mmsd_ext.temporal_nms(torch.tensor([[0.0, 1.0]], device=device), torch.ones(1, device=device), 0.5, backend=backend)
     except (ValueError, RuntimeError) as exc:
-        gpu_only = device.type == "cpu" and name in ("cuda", "triton")
+        gpu_only = device.type == "cpu" and backend in ("cuda", "triton")
         hint = "; give --device cuda to run on a GPU" if gpu_only and device_flag else ""
         raise UsageError(f"{flag} {backend}: {exc}{hint}") from None
 
