@@ -45,7 +45,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         TypeError / ValueError naming the argument: wrong rank or dtype, k < 1,
         k > lengths[b], lengths outside [1, T], tensors on different devices,
         more time steps than the compiled backends' 32-bit time indices hold
-        (T at most 2**31 - 2 on cpu and cuda, 2**31 - 4097 on triton).
+        (T at most 2**31 - 2 on cpu, 2**31 - 257 on cuda, 2**31 - 4097 on
+        triton), and on cuda B * C of 2**31 or more (a block per column).
         The values of k and lengths tensors are checked on CPU tensors only
         (and, inside torch.compile, by the cpu backend only): on CUDA that would
         need a host sync, so there, and in compiled code on the other backends,

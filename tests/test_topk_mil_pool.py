@@ -773,6 +773,31 @@ def test_cuda_long_videos(backend, T):
 
 
 @cuda_only
+def test_cuda_refuses_sizes_past_its_32_bit_loops():
+    # The CUDA kernel's own limits (its time loops step an int by the block; one block per
+    # column; the backward's grid), ValueErrors naming scores before anything is allocated:
+    # each input is one expanded element. The limits themselves are taken.
+    one = torch.zeros(1, 1, 1, device="cuda")
+    ones = lambda b: torch.ones(b, dtype=torch.int64, device="cuda")  # noqa: E731
+    for T in (2**31 - 256, 2**31 - 2):  # the second is within the cpu kernel's limit
+        message = "^" + re.escape(f"scores: expected T <= 2**31 - 257 on CUDA (32-bit time loops), got T = {T}")
+        with pytest.raises(ValueError, match=message):
+            mmsd_ext.topk_mil_pool(one.expand(1, T, 1), 1, ones(1), backend="cuda")
+    out = torch.ops.mmsd_ext.topk_mil_pool(one.expand(1, 2**31 - 257, 1), ones(1), ones(1), True)[0]
+    assert torch.equal(out.cpu(), torch.zeros(1, 1))
+    scores = one.expand(2**16, 1, 2**15)
+    message = "^" + re.escape(f"scores: expected B * C < 2**31 on CUDA (one block per column), got B * C = {2**31}")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mmsd_ext.topk_mil_pool(scores, ones(2**16), ones(2**16), True)
+    B, T = 16, 2**30
+    key = torch.zeros(B, 1, dtype=torch.int64, device="cuda")
+    message = "^" + re.escape(f"scores: expected B * T <= 2**34 - 8 on CUDA (the backward's grid), got B * T = {B * T}")
+    with pytest.raises(ValueError, match=message):
+        torch.ops.mmsd_ext._topk_mil_pool_backward(torch.ones(B, 1, device="cuda"), one.expand(B, T, 1), ones(B),
+                                                   ones(B), key, key, True)
+
+
+@cuda_only
 def test_gradcheck_float64_cuda():
     gen = torch.Generator().manual_seed(9)
     scores = (torch.randperm(2 * 7 * 3, generator=gen).double() / 4).reshape(2, 7, 3).cuda().requires_grad_(True)

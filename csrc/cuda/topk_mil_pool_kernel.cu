@@ -289,21 +289,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
   const at::Tensor k = k_in.contiguous();
   const at::Tensor lengths = lengths_in.contiguous();
   const int64_t B = scores.size(0), T = scores.size(1), C = scores.size(2);
+  // Limits of this kernel, checked before anything is allocated. ValueErrors naming the
+  // argument, as the shared check's T limit (the docstring gives both).
+  TORCH_CHECK_VALUE(
+      B * C <= std::numeric_limits<int32_t>::max(),
+      "scores: expected B * C < 2**31 on CUDA (one block per column), got B * C = ",
+      num(B * C));
+  // The time loops count in int and step by the block: t + blockDim.x must not overflow.
+  TORCH_CHECK_VALUE(
+      T <= std::numeric_limits<int32_t>::max() - kMaxThreads,
+      "scores: expected T <= 2**31 - 257 on CUDA (32-bit time loops), got T = ",
+      num(T));
   at::Tensor out = at::empty({B, C}, scores.options());
   at::Tensor kth = at::empty({B, C}, scores.options().dtype(at::kLong));
   at::Tensor cut = at::empty({B, C}, scores.options().dtype(at::kLong));
   if (B * C == 0) {
     return {out, kth, cut};
   }
-  TORCH_CHECK(
-      B * C <= std::numeric_limits<int32_t>::max(),
-      "scores: expected B * C < 2**31 (one CUDA block per column), got B * C = ",
-      num(B * C));
-  // The time loops count in int and step by the block: t + blockDim.x must not overflow.
-  TORCH_CHECK(
-      T <= std::numeric_limits<int32_t>::max() - kMaxThreads,
-      "scores: expected T <= 2**31 - 1 - ", num(kMaxThreads), " on CUDA (32-bit time loops), got T = ",
-      num(T));
   // A warp per column for short videos, up to 256 threads for long ones.
   const int threads = T <= 32 ? 32 : T <= 64 ? 64 : T <= 128 ? 128 : kMaxThreads;
   // c10's stream header, not ATen/cuda/CUDAContext.h: that one needs cusparse.h,
@@ -352,16 +354,19 @@ at::Tensor topk_mil_pool_backward_cuda(
   const at::Tensor lengths = lengths_in.contiguous();
   const at::Tensor kth = kth_in.contiguous();
   const at::Tensor cut = cut_in.contiguous();
+  const int64_t rows = scores.size(0) * scores.size(1);
+  const dim3 block(kWarp, kBackwardThreads / kWarp);
+  const int64_t blocks = (rows + block.y - 1) / block.y;
+  TORCH_CHECK_VALUE(
+      blocks <= std::numeric_limits<int32_t>::max(),
+      "scores: expected B * T <= 2**34 - 8 on CUDA (the backward's grid), got B * T = ",
+      num(rows));
   at::Tensor grad = at::empty(scores.sizes(), scores.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) {
     return grad;
   }
   // In the accumulator type, as the CPU kernel reads it (a no-op for fp32 and fp64).
   const at::Tensor g = grad_out.to(at::toOpMathType(scores.scalar_type()));
-  const int64_t rows = scores.size(0) * scores.size(1);
-  const dim3 block(kWarp, kBackwardThreads / kWarp);
-  const int64_t blocks = (rows + block.y - 1) / block.y;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "scores: expected B * T < 2**34, got ", num(rows));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "topk_mil_pool_backward_cuda", [&] {
     topk_mil_pool_backward_kernel<scalar_t><<<blocks, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
         g.const_data_ptr<at::opmath_type<scalar_t>>(),
