@@ -48,8 +48,10 @@
 #   plot        <= 30 s, keeps 90 s            4 s
 #   tests       <= 200 s, keeps 0 s            93 s     the tests that need the GPU (after the
 #                                              (251     benchmark, whose Triton kernels they reuse
-#                                              tests)   from the on-disk cache), xdist; 452 tests
-#                                                       at 449e3b6, about 165 s at that rate
+#                                              tests,   from the on-disk cache), xdist; 589 tests
+#                                              8 proc.) at 2ad20e5, about 220 s at that rate in
+#                                                       8 processes, so now 14 (a process per core
+#                                                       but two)
 #   train       <= 100 s, if 60 s are left     23 s     the main job on the GPU (synthetic set)
 #   throughput  <= 60 s, if 30 s are left      17 s     training throughput per op backend
 #   tests-cpu   what is left, if >= 40 s       the CPU-only tests (CI runs them anyway);
@@ -364,19 +366,21 @@ fi
 # which CI runs anyway, runs last in whatever time is left.
 GPU_TESTS="(cuda or triton or gpu or GPU) and not test_triton_compile"
 export GPU_TESTS
-# With pytest-xdist (in the GPU image), tests run in up to 8 processes: the Triton
-# tests are bound by kernel compiles, which then use the machine's cores.
+# With pytest-xdist (in the GPU image), tests run in a process per core but two, at most
+# 14: the Triton tests are bound by kernel compiles, one core each. Inductor compiles in
+# each worker's own process (TORCHINDUCTOR_COMPILE_THREADS=1), not in a pool of
+# min(32, cores) subprocesses per worker.
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then
-    WORKERS=$(( $(nproc) / 2 ))
-    (( WORKERS > 8 )) && WORKERS=8
+    WORKERS=$(( $(nproc) - 2 ))
+    (( WORKERS > 14 )) && WORKERS=14
     (( WORKERS >= 2 )) && XDIST="-n $WORKERS"
 fi
 export XDIST
 run_tests() {
     # shellcheck disable=SC2086 # XDIST is empty or two words
-    cd /tmp && MMSD_EXT_REQUIRE_CUDA_BUILD=1 $PY -m pytest -v -rfEs --maxfail=25 --durations=15 $XDIST \
-        -p no:cacheprovider -k "$1" "$REPO/tests"
+    cd /tmp && MMSD_EXT_REQUIRE_CUDA_BUILD=1 TORCHINDUCTOR_COMPILE_THREADS=1 $PY -m pytest -v -rfEs --maxfail=25 \
+        --durations=15 $XDIST -p no:cacheprovider -k "$1" "$REPO/tests"
 }
 export -f run_tests
 GPU_MARK="#### tests: those that need the GPU"

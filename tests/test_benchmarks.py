@@ -731,6 +731,11 @@ def test_nms_on_a_gpu_is_also_timed_as_the_cpu_kernel_on_host_copies():
     run_hard = lambda s, c, g: mmsd_ext.temporal_nms(s, c, 0.4, groups=g, backend="cpu")  # noqa: E731
     built = bench_nms._host_copies_provider(run_hard, lambda: (seg, sc, None), "cpu").build()
     assert torch.equal(built["passes"]["fwd"](), torch.tensor([0, 2]))
+    if torch.cuda.is_available():  # the copies themselves: GPU inputs in, a GPU result out
+        gpu = [t.cuda() for t in (seg, sc, grp)]
+        built = bench_nms._host_copies_provider(run, lambda: gpu, "cuda").build()
+        got = built["result"]()
+        assert all(t.is_cuda for t in got) and all(torch.equal(a.cpu(), b) for a, b in zip(got, expected))
 
 
 def test_activitynet_sizes_are_in_the_full_preset_only():

@@ -1002,6 +1002,13 @@ def test_held_gradients_keep_rows_without_a_teacher_zero(device, upstream):
     if device == "cpu":  # the held way rounds once more (the scale): 2 eps
         for a, b in zip(held, recomputed):
             torch.testing.assert_close(a, b, rtol=2**-22, atol=0, equal_nan=True)
+    elif math.isfinite(upstream):
+        # CUDA: the two ways differ by float32 roundings (1 / S against exp(-log S); see
+        # test_gradients_from_the_forward_equal_the_recomputed_ones). Under an upstream inf
+        # or NaN an entry 0 one way and not quite 0 the other is NaN against inf.
+        eps = torch.finfo(torch.float32).eps
+        for a, b in zip(held, recomputed):
+            assert torch.allclose(a, b, rtol=2 * eps, atol=4 * eps * b.abs().max().item())
 
 
 @pytest.mark.parametrize("device", COMPILED_DEVICES)
@@ -1529,7 +1536,11 @@ def test_torch_compile_fullgraph(any_backend):
     got.backward()
     assert torch.allclose(got, expected, rtol=1e-6)
     for a, b in zip(compiled_in, eager_in):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-8)
+        # On CUDA eager hands over the forward's gradients (1 / S) and the compiled graph
+        # may recompute them (exp(-log S)): float32 roundings of the largest gradient apart
+        # (test_gradients_from_the_forward_equal_the_recomputed_ones).
+        atol = 4 * torch.finfo(torch.float32).eps * b.grad.abs().max().item() if backend == "cuda" else 1e-8
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=atol)
 
 
 def test_torch_compile_dynamic_with_the_temperature_as_an_input(any_backend):

@@ -190,8 +190,9 @@ def test_triton_float_params_are_filled_not_copied():
             return func(*args, **(kwargs or {}))
 
     with Ops() as ops:
-        params = nms_kernels._float64_params(torch.empty(0), 0.5, 1.0, -math.inf)
-    assert params.dtype == torch.float64 and params.tolist() == [0.5, 1.0, -math.inf]
+        params = nms_kernels._float64_params(torch.empty(0, device=backend_device("triton")), 0.5, 1.0, -math.inf)
+    assert params.dtype == torch.float64 and params.device == backend_device("triton")
+    assert params.tolist() == [0.5, 1.0, -math.inf]
     assert "copy_" not in ops.seen and "lift_fresh" not in ops.seen, ops.seen
     assert ops.seen.count("fill_") == 3, ops.seen
 
