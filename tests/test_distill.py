@@ -1095,7 +1095,8 @@ def test_batched_upstream_gradients_recompute(device):
 def test_masks_at_any_byte_offset_and_row_counts(device):
     """The CUDA finalize reads the mask four bytes at a time where it is aligned, one at
     a time elsewhere: masks that start 0 to 3 bytes into their storage, and row counts
-    that are not multiples of 4, count the same rows."""
+    that are not multiples of 4, count the same rows, and give the loss bits an aligned
+    copy of the mask gives (the order of the sum does not follow the mask's alignment)."""
     gen = torch.Generator().manual_seed(53)
     for rows in (1, 3, 4, 7, 1030):
         xs = [torch.randn(rows, 21, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -1114,6 +1115,10 @@ def test_masks_at_any_byte_offset_and_row_counts(device):
             what = (rows, offset)
             assert math.isclose(pair.item(), REFERENCE_PAIR(xs[0], xs[1], 0.5, mask, "sum").item(), rel_tol=1e-5, abs_tol=1e-6), what
             assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5, abs_tol=1e-6), what
+            aligned = m.clone()
+            assert torch.equal(pair, mmsd_ext.snippet_distill_loss(ins[0], ins[1], 0.5, mask=aligned, reduction="sum",
+                                                                   backend=device)), what
+            assert torch.equal(loss.detach(), mmsd_ext.mmsd_distill_loss(*ins, 0.5, mask=aligned, backend=device).detach()), what
             for g, rg in zip(grads, ref_grads):  # the weight 1 / count, from the counted mask
                 assert torch.allclose(g.double().cpu(), rg, rtol=1e-4, atol=1e-6), what
 

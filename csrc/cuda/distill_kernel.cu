@@ -279,20 +279,24 @@ __global__ void __launch_bounds__(kThreads)
 //
 // A single block reads R floats that the forward has just left in L2; its time is
 // the latency of those reads over the loads in flight. So rows go four at a time (a
-// float4 of losses, a 32-bit word of mask bytes) where both pointers allow it, with
-// 1024 threads: at (64, 4608, 201), R = 294912, 72 vector loads a thread instead of
-// 576 scalar ones with 512 threads (not yet timed on a GPU). The order of the
-// additions depends only on R and the alignment, so the result is deterministic.
+// float4 of losses, a 32-bit word of mask bytes where the mask is aligned, else its
+// four bytes) with 1024 threads: at (64, 4608, 201), R = 294912, 72 vector loads a
+// thread instead of 576 scalar ones with 512 threads (not yet timed on a GPU). The
+// order of the additions depends only on R and the alignment of row_losses (a fresh
+// allocation, always aligned), not on the mask's: a mask view 1 to 3 bytes into its
+// storage gives the bits its copy gives.
 __global__ void __launch_bounds__(kFinalizeThreads)
-    distill_finalize_kernel(const float* __restrict__ row_losses, const bool* __restrict__ mask, int64_t R,
+    distill_finalize_kernel(const float* __restrict__ row_losses, const bool* __restrict__ mask_in, int64_t R,
                             int64_t reduction, float* __restrict__ loss, float* __restrict__ count) {
   __shared__ double sums[kFinalizeThreads];
   __shared__ unsigned long long counts[kFinalizeThreads];
+  // A bool's byte, read as a byte: a row counts where it is not 0, in both paths.
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(mask_in);
   double sum = 0.0;
   unsigned long long valid = 0;
   int64_t first_scalar = 0;  // rows before this one went four at a time
-  const bool vectors = reinterpret_cast<uintptr_t>(row_losses) % sizeof(float4) == 0 &&
-                       reinterpret_cast<uintptr_t>(mask) % sizeof(uint32_t) == 0;  // nullptr is aligned
+  const bool vectors = reinterpret_cast<uintptr_t>(row_losses) % sizeof(float4) == 0;  // nullptr is aligned
+  const bool mask_words = reinterpret_cast<uintptr_t>(mask) % sizeof(uint32_t) == 0;
   if (vectors) {
     const int64_t quads = R / 4;
 #pragma unroll 4
@@ -304,18 +308,21 @@ __global__ void __launch_bounds__(kFinalizeThreads)
         sum += static_cast<double>(v.z);
         sum += static_cast<double>(v.w);
       }
-      if (mask != nullptr) {
+      if (mask == nullptr) {
+        valid += 4;
+      } else if (mask_words) {
         const uint32_t w = reinterpret_cast<const uint32_t*>(mask)[q];  // four bools, one byte each
         valid += ((w & 0xFFu) != 0) + ((w & 0xFF00u) != 0) + ((w & 0xFF0000u) != 0) + ((w & 0xFF000000u) != 0);
       } else {
-        valid += 4;
+        const uint8_t* m = mask + 4 * q;
+        valid += (m[0] != 0) + (m[1] != 0) + (m[2] != 0) + (m[3] != 0);
       }
     }
     first_scalar = quads * 4;
   }
   for (int64_t row = first_scalar + threadIdx.x; row < R; row += kFinalizeThreads) {
     if (row_losses != nullptr) sum += static_cast<double>(row_losses[row]);
-    valid += (mask == nullptr || mask[row]) ? 1 : 0;
+    valid += (mask == nullptr || mask[row] != 0) ? 1 : 0;
   }
   sums[threadIdx.x] = sum;
   counts[threadIdx.x] = valid;
