@@ -48,8 +48,9 @@ MAX_TILE_C = 1024
 # 8 warps, _BACKWARD_OPTIONS). Chosen from the registers ptxas gives each sm_90
 # kernel (tests/triton_aot.py), not yet timed on a GPU: with 2048 the three-way
 # forward at C = 21 needs 255 registers a thread, and with 4096 its backward spilled
-# (at 4 warps); with 1024 none spills, and no forward needs more than 128 (triton
-# 3.8: the three-way forward in float64 at C = 21 and 2000).
+# (at 4 warps); with 1024 none spills. The most a forward takes is 176 registers (triton
+# 3.8: the masked three-way forward in float32 at C = 33, 16 rows of 64 classes; 90 at
+# C = 21): less occupancy, not a spill (tests/triton_aot.py holds that case).
 TILE_ELEMENTS = 1024
 BACKWARD_TILE_ELEMENTS = 1024
 # The backward's grid holds a class tile on axis 1, which CUDA limits to 65535
@@ -61,8 +62,8 @@ NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU
 # The backward kernels: 8 warps, 4 elements a thread. With 4 warps the three-way
 # backward at float16 and C > 512 spilled 60 bytes a thread, and at C = 2 needed
 # up to 152 registers; with 8, ptxas gives every backward from C = 2 to 3000, in
-# every dtype, at most 76 registers and no spills (sm_90, triton 3.8; not timed
-# on a GPU). They round each product, as the CPU and CUDA kernels and the
+# every dtype, at most 78 registers (bfloat16 three-way at C = 9) and no spills
+# (sm_90, triton 3.8; not timed on a GPU). They round each product, as the CPU and CUDA kernels and the
 # interpreter do: by default Triton contracts p_s - p_t, p_s = exp(a) * (1 / S),
 # into one fma, and equal logits then give a product's rounding error instead of
 # a zero gradient.

@@ -75,8 +75,8 @@ def _cases():
     """(label, thunk) pairs: each thunk calls one host launcher; together they reach every kernel."""
     from mmsd_ext.kernels import distill, temporal_nms, topk_mil_pool
 
-    def topk_forward(dtype, T, largest):
-        B, C = 2, 21
+    def topk_forward(dtype, T, largest, C=21):
+        B = 2
         scores = torch.zeros(B, T, C, dtype=dtype)
         k = torch.full((B,), 3, dtype=torch.int64)
         lengths = torch.full((B,), T, dtype=torch.int64)
@@ -138,8 +138,13 @@ def _cases():
 
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
     cases = [("benchmarks.host_overhead empty kernel", bench_empty())]
-    for dtype, T, largest in [(f32, 50, True), (f32, 3000, True), (f16, 3000, False), (bf16, 50, True), (f64, 3000, True)]:
-        cases.append((f"topk_mil_pool forward {dtype} T={T} largest={largest}", topk_forward(dtype, T, largest)))
+    # The one-tile forward at few classes and T just past a power of two holds the most
+    # registers (240 to 246 at C = 1 and 2).
+    for dtype, T, largest, C in [
+        (f32, 50, True, 21), (f32, 3000, True, 21), (f16, 3000, False, 21), (bf16, 50, True, 21),
+        (f64, 3000, True, 21), (f16, 257, True, 2), (f32, 513, True, 1),
+    ]:
+        cases.append((f"topk_mil_pool forward {dtype} T={T} C={C} largest={largest}", topk_forward(dtype, T, largest, C)))
     for dtype in (f32, f16, bf16, f64):
         cases.append((f"topk_mil_pool backward {dtype}", topk_backward(dtype, 3000, True)))
     # More tiles of 1024 time steps (at C = 4) than a grid axis past the first may hold (65535):
@@ -160,10 +165,10 @@ def _cases():
         cases.append((f"snippet_distill backward {dtype} C={C} reduction={reduction}", pair_backward(dtype, C, reduction)))
     for dtype, C, masked in [
         (f32, 21, False), (bf16, 201, True), (f32, 1024, True), (f32, 2000, False), (f16, 4096, True),
-        (f32, 1, False), (f64, 21, True), (f64, 2000, False),
+        (f32, 1, False), (f64, 21, True), (f64, 2000, False), (f32, 33, True), (f32, 1, True),
     ]:
         cases.append((f"mmsd_distill forward {dtype} C={C} mask={masked}", mmsd_forward(dtype, C, masked)))
-    for dtype, C in [(f32, 21), (bf16, 2000), (f32, 1), (f64, 21), (f16, 1000), (f16, 513)]:
+    for dtype, C in [(f32, 21), (bf16, 2000), (f32, 1), (f64, 21), (f16, 1000), (f16, 513), (bf16, 9)]:
         cases.append((f"mmsd_distill backward {dtype} C={C}", mmsd_backward(dtype, C)))
     for kind in (0, 1):
         for grouped in (False, True):
