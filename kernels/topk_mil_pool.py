@@ -284,22 +284,37 @@ def _check_time_steps(T):
         raise ValueError(f"scores: expected at most {MAX_T:,} time steps on triton (32-bit time indices), got T = {T:,}")
 
 
+# Programs in a launch's one grid axis (CUDA's limit on axis 0).
+MAX_PROGRAMS = 2**31 - 1
+
+
+def _check_programs(programs, scores):
+    """Refuses, naming scores, a launch of more programs than its 1-d grid holds (B * C of
+    2**31 or more at C = 1 in the forward; the backward's gradient would not fit first)."""
+    if programs > MAX_PROGRAMS:
+        raise ValueError(
+            f"scores: shape {tuple(scores.shape)} needs {programs:,} programs on triton, more than a grid holds "
+            f"({MAX_PROGRAMS:,})"
+        )
+
+
 def topk_mil_pool_forward(scores, k, lengths, largest):
     """Launches the forward: (out [B, C], kth_key [B, C] int64, cut [B, C] int64)."""
     B, T, C = scores.shape
     _check_time_steps(T)
-    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    out = torch.empty((B, C), dtype=acc, device=scores.device)
-    kth = torch.empty((B, C), dtype=torch.int64, device=scores.device)
-    cut = torch.empty((B, C), dtype=torch.int64, device=scores.device)
-    if B * C == 0:
-        return out.to(scores.dtype), kth, cut
     # float64 keys take two registers each: half the tile, and twice the warps, keep the
     # forward from spilling (ptxas on sm_90, tests/triton_aot.py; not timed on a GPU).
     fp64 = scores.dtype == torch.float64
     tile = min(MAX_TILE_ELEMENTS, FORWARD_COMPARE_ELEMENTS >> DIGIT_BITS) >> fp64
     block_t, block_c = _tiles(T, C, tile)
     grid = (B * triton.cdiv(C, block_c),)
+    _check_programs(grid[0], scores)
+    acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    out = torch.empty((B, C), dtype=acc, device=scores.device)
+    kth = torch.empty((B, C), dtype=torch.int64, device=scores.device)
+    cut = torch.empty((B, C), dtype=torch.int64, device=scores.device)
+    if B * C == 0:
+        return out.to(scores.dtype), kth, cut
     with device_guard(scores):
         _topk_mil_pool_forward_kernel[grid](
             scores,
@@ -330,6 +345,9 @@ def topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
     """Launches the backward: the gradient of scores, [B, T, C] contiguous."""
     B, T, C = scores.shape
     _check_time_steps(T)
+    block_t, block_c = _tiles(T, C, MAX_TILE_ELEMENTS)
+    grid = (B * triton.cdiv(C, block_c) * triton.cdiv(T, block_t),)
+    _check_programs(grid[0], scores)
     grad = torch.empty((B, T, C), dtype=scores.dtype, device=scores.device)
     if grad.numel() == 0:
         return grad
@@ -338,8 +356,6 @@ def topk_mil_pool_backward(grad_out, scores, k, lengths, kth_key, cut, largest):
     # tiny [B, C] op, and the kernel is a pure select.
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     g = (grad_out.to(acc) / k.to(acc)[:, None]).to(scores.dtype).contiguous()
-    block_t, block_c = _tiles(T, C, MAX_TILE_ELEMENTS)
-    grid = (B * triton.cdiv(C, block_c) * triton.cdiv(T, block_t),)
     with device_guard(scores):
         _topk_mil_pool_backward_kernel[grid](
             g,

@@ -25,7 +25,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         lengths: optional integer tensor [B] (as k) of valid lengths in [1, T]; snippets
             ``t >= lengths[b]`` are padding and never selected. Default: T for all.
             A list, tuple or numpy array of integers, for k or lengths, is taken as the
-            int64 tensor of its values on the device of ``scores``.
+            int64 tensor of its values on the device of ``scores`` (on a GPU: a copy the
+            host waits for, which a CUDA graph cannot capture; give device tensors there).
         largest: pool the k largest values (True) or the k smallest (False).
         backend: "reference", "cpu", "cuda", "triton", "auto" or None (a block's or the process's,
             else auto); see ``mmsd_ext.use_backend``.
@@ -46,7 +47,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         k > lengths[b], lengths outside [1, T], tensors on different devices,
         more time steps than the compiled backends' 32-bit time indices hold
         (T at most 2**31 - 2 on cpu, 2**31 - 257 on cuda, 2**31 - 4097 on
-        triton), and on cuda B * C of 2**31 or more (a block per column).
+        triton), and on cuda B * C of 2**31 or more (a block per column), on
+        triton more programs than a grid holds (2**31 - 1; four columns each).
         The values of k and lengths tensors are checked on CPU tensors only
         (and, inside torch.compile, by the cpu backend only): on CUDA that would
         need a host sync, so there, and in compiled code on the other backends,
@@ -67,7 +69,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         "topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED, gpu_order=_GPU_ORDER
     )
     # Value checks need the values on the host: done for CPU tensors only, so that
-    # CUDA calls never synchronise. On CUDA the kernels write NaN for a video whose
+    # CUDA calls never synchronise (but for k or lengths given as a list or an array,
+    # which the copy above brings to the GPU). On CUDA the kernels write NaN for a video whose
     # k or length is out of range instead (documented in the README). The cpu
     # kernel checks them itself (csrc/cpu/topk_mil_pool_kernel.cpp, the same
     # ValueErrors); under torch.compile they would break the graph.

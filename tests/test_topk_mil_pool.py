@@ -591,6 +591,31 @@ def test_triton_refuses_more_time_steps_than_its_int32_indices_hold(monkeypatch)
                                            torch.tensor([17], device=device), key, key, True)
 
 
+def test_triton_refuses_more_programs_than_its_grid_holds(monkeypatch):
+    # One grid axis holds 2**31 - 1 programs (B * C of 2**31 at C = 1 in the forward): past
+    # it, a ValueError naming scores, not a failed launch. At a lowered limit: the forward of
+    # (5, 3, 2) needs 5 programs (columns go four to a program), its backward 5 too.
+    if "triton" not in mmsd_ext.available_backends():
+        pytest.skip("triton backend not available")
+    from mmsd_ext.kernels import topk_mil_pool as triton_topk
+
+    assert triton_topk.MAX_PROGRAMS == 2**31 - 1
+    device = backend_device("triton")
+    scores = torch.randn(5, 3, 2, device=device, requires_grad=True)
+    k, lengths = torch.ones(5, dtype=torch.int64, device=device), torch.full((5,), 3, device=device)
+    monkeypatch.setattr(triton_topk, "MAX_PROGRAMS", 5)  # the limit itself is taken
+    out = mmsd_ext.topk_mil_pool(scores, k, lengths, backend="triton")
+    out.sum().backward()
+    assert torch.equal(scores.grad.cpu(), _expected_grad(scores.detach(), k, lengths, True, torch.ones(5, 2)))
+    monkeypatch.setattr(triton_topk, "MAX_PROGRAMS", 4)
+    message = "^" + re.escape("scores: shape (5, 3, 2) needs 5 programs on triton, more than a grid holds (4)")
+    with pytest.raises(ValueError, match=message):
+        mmsd_ext.topk_mil_pool(scores, k, lengths, backend="triton")
+    key = torch.zeros(5, 2, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=message):
+        triton_topk.topk_mil_pool_backward(torch.ones(5, 2, device=device), scores.detach(), k, lengths, key, key, True)
+
+
 def test_cpu_refuses_more_time_steps_than_its_int32_indices_hold():
     # The C++ kernels count and index time steps in 32 bits. Refused before any work: the
     # expanded input has one element, and its contiguous copy would take 8 GiB.
