@@ -219,7 +219,7 @@ def run(arch):
                     shared_bytes=int(getattr(kernel.metadata, "shared", 0)),
                     num_warps=int(getattr(kernel.metadata, "num_warps", 0)),
                     grid=done.grid,
-                    fma_f32=len(re.findall(r"\bfma\.rn\.f32\b", str(kernel.asm.get("ptx", "")))),
+                    fma=len(re.findall(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.(?:f32|f64|f16|f16x2|bf16|bf16x2)\b", str(kernel.asm.get("ptx", "")))),
                 )
                 row["registers"], row["spill_bytes"] = _ptxas_usage(kernel.asm["ptx"], row["target"]) if row["target"] else (None, None)
             except Exception as error:  # a compile error: reported, not raised, so every case is tried
