@@ -289,8 +289,8 @@ MAX_PROGRAMS = 2**31 - 1
 
 
 def _check_programs(programs, scores):
-    """Refuses, naming scores, a launch of more programs than its 1-d grid holds (B * C of
-    2**31 or more at C = 1 in the forward; the backward's gradient would not fit first)."""
+    """Refuses, naming scores, a launch of more programs than its 1-d grid holds (at C = 1,
+    B of 2**31 or more; the backward also has a program per time tile)."""
     if programs > MAX_PROGRAMS:
         raise ValueError(
             f"scores: shape {tuple(scores.shape)} needs {programs:,} programs on triton, more than a grid holds "

@@ -47,8 +47,10 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         k > lengths[b], lengths outside [1, T], tensors on different devices,
         more time steps than the compiled backends' 32-bit time indices hold
         (T at most 2**31 - 2 on cpu, 2**31 - 257 on cuda, 2**31 - 4097 on
-        triton), and on cuda B * C of 2**31 or more (a block per column), on
-        triton more programs than a grid holds (2**31 - 1; four columns each).
+        triton); on cuda, B * C of 2**31 or more (a block per column) and, in
+        the backward, B * T over 2**34 - 8; on triton, more programs than a grid
+        holds (2**31 - 1; at most four columns a program, and in the backward
+        also a program per time tile).
         The values of k and lengths tensors are checked on CPU tensors only
         (and, inside torch.compile, by the cpu backend only): on CUDA that would
         need a host sync, so there, and in compiled code on the other backends,

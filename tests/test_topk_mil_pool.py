@@ -594,7 +594,8 @@ def test_triton_refuses_more_time_steps_than_its_int32_indices_hold(monkeypatch)
 def test_triton_refuses_more_programs_than_its_grid_holds(monkeypatch):
     # One grid axis holds 2**31 - 1 programs (B * C of 2**31 at C = 1 in the forward): past
     # it, a ValueError naming scores, not a failed launch. At a lowered limit: the forward of
-    # (5, 3, 2) needs 5 programs (columns go four to a program), its backward 5 too.
+    # (5, 3, 2) needs 5 programs (a program takes up to four columns, here both), its
+    # backward 5 too (one time tile).
     if "triton" not in mmsd_ext.available_backends():
         pytest.skip("triton backend not available")
     from mmsd_ext.kernels import topk_mil_pool as triton_topk

@@ -295,7 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
       B * C <= std::numeric_limits<int32_t>::max(),
       "scores: expected B * C < 2**31 on CUDA (one block per column), got B * C = ",
       num(B * C));
-  // The time loops count in int and step by the block: t + blockDim.x must not overflow.
+  // The time loops count in int and step by the block: t + blockDim.x must not overflow
+  // (t < T, so T <= 2**31 - 256 would do; the limit is one step more cautious).
   TORCH_CHECK_VALUE(
       T <= std::numeric_limits<int32_t>::max() - kMaxThreads,
       "scores: expected T <= 2**31 - 257 on CUDA (32-bit time loops), got T = ",
