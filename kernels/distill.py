@@ -63,10 +63,10 @@ NUM_WARPS = 4  # Triton's default; not yet tuned on a GPU
 # backward at float16 and C > 512 spilled 60 bytes a thread, and at C = 2 needed
 # up to 152 registers; with 8, ptxas gives every backward from C = 2 to 3000, in
 # every dtype, at most 78 registers (bfloat16 three-way at C = 9) and no spills
-# (sm_90, triton 3.8; not timed on a GPU). They round each product, as the CPU and CUDA kernels and the
-# interpreter do: by default Triton contracts p_s - p_t, p_s = exp(a) * (1 / S),
-# into one fma, and equal logits then give a product's rounding error instead of
-# a zero gradient.
+# (sm_90, triton 3.8; not timed on a GPU). They round each product, as the CPU and
+# CUDA kernels and the interpreter do: by default Triton contracts p_s - p_t,
+# p_s = exp(a) * (1 / S), into one fma, and equal logits then give a product's
+# rounding error instead of a zero gradient.
 _BACKWARD_OPTIONS = dict(num_warps=8, enable_fp_fusion=False)
 
 _REDUCTION_NONE, _REDUCTION_MEAN, _REDUCTION_SUM = 0, 1, 2  # as at::Reduction

@@ -290,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_mil_pool_cuda(
   const at::Tensor lengths = lengths_in.contiguous();
   const int64_t B = scores.size(0), T = scores.size(1), C = scores.size(2);
   // Limits of this kernel, checked before anything is allocated. ValueErrors naming the
-  // argument, as the shared check's T limit (the docstring gives both).
+  // argument, as the shared check's T limit (the docstring gives them, and the backward's).
   TORCH_CHECK_VALUE(
       B * C <= std::numeric_limits<int32_t>::max(),
       "scores: expected B * C < 2**31 on CUDA (one block per column), got B * C = ",
