@@ -702,6 +702,11 @@ def test_soft_temporal_nms_matches_reference(backend, data, params):
     _check_soft(backend, seg, scores, groups, params)
 
 
+def _distinct_scores_and_permutation(M, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(M, generator=gen, dtype=torch.float64) + 0.01, torch.randperm(M, generator=gen)
+
+
 def _check_soft_permutation(backend, seg, groups, seed, params):
     # Distinct continuous scores: no ties in the input, and (but for a coincidence of
     # measure zero) none after decays among normal numbers, so the selections and their
@@ -712,9 +717,7 @@ def _check_soft_permutation(backend, seg, groups, seed, params):
     # selected by index, so that tail (selected last: scores only decay) is compared as a
     # set.
     M = seg.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(M, generator=gen, dtype=torch.float64) + 0.01
-    perm = torch.randperm(M, generator=gen)
+    scores, perm = _distinct_scores_and_permutation(M, seed)
     g_perm = None if groups is None else groups[perm]
     dev = backend_device(backend)
     seg_d, scores_d, groups_d, seg_p, scores_p, groups_p = _to(dev, seg, scores, groups, seg[perm], scores[perm], g_perm)
@@ -748,9 +751,7 @@ def test_soft_temporal_nms_permutation_invariance_of_identical_segments(any_back
     params = dict(params, method="gaussian", sigma=0.05)
     seg = torch.zeros(40, 2, dtype=torch.float64)
     _check_soft_permutation(any_backend, seg, None, 3, params)
-    gen = torch.Generator().manual_seed(3)
-    scores = torch.rand(40, generator=gen, dtype=torch.float64) + 0.01
-    perm = torch.randperm(40, generator=gen)
+    scores, perm = _distinct_scores_and_permutation(40, 3)
     idx, val = mmsd_ext.soft_temporal_nms(seg, scores, backend="reference", **params)
     idx_perm = mmsd_ext.soft_temporal_nms(seg, scores[perm], backend="reference", **params)[0]
     positive = int((val > 0).sum())
