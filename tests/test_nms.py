@@ -5,17 +5,22 @@ bad inputs, opcheck and torch.compile.
 The kernels compute overlaps in float64 in the reference's operation order, so
 hard NMS must agree exactly (indices and order), also with thresholds that integer
 coordinates hit exactly. Soft-NMS indices must agree exactly and its scores
-within the tolerance of the table below. exp may differ by an ulp between libm,
-CUDA and numpy under the Triton interpreter, so on the gaussian decay a decayed
-score within one rounding of min_score or of another score may be dropped or
-ordered differently there (soft_temporal_nms's docstring says so); random inputs
-land that close with negligible probability, and the chunked Triton test keeps
-its coordinates continuous for that reason.
+within the tolerance of the table below, with one exception. exp may differ by an
+ulp between libm, CUDA and numpy under the Triton interpreter, so on the gaussian
+decay a decayed score within one rounding of min_score or of another score may be
+dropped or ordered differently on cuda and triton (soft_temporal_nms's docstring
+says so). Integer coordinates and tied scores land that close: in a simulation of
+such draws with 40 to 200 segments, an exp one ulp off changed the selections of
+about 1 run in 150. There a result that differs from the reference's is replayed
+on the host and must be its arithmetic up to rounding, and is reported as a
+warning. Tests that compare exactly on the GPU keep their coordinates continuous.
 """
 
+import functools
 import itertools
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -690,8 +695,81 @@ def _check_soft(backend, seg, scores, groups, params):
     seg_d, scores_d, groups_d = _to(dev, seg, scores, groups)
     idx, val = mmsd_ext.soft_temporal_nms(seg_d, scores_d, groups=groups_d, backend=backend, **params)
     assert idx.dtype == torch.int64 and val.dtype == scores.dtype and val.device.type == dev.type
-    assert torch.equal(idx.cpu(), idx_ref)
-    torch.testing.assert_close(val.cpu(), val_ref, **SOFT_SCORE_TOL[scores.dtype])
+    idx, val = idx.cpu(), val.cpu()
+    if torch.equal(idx, idx_ref):
+        torch.testing.assert_close(val, val_ref, **SOFT_SCORE_TOL[scores.dtype])
+        return
+    # Only the gaussian factor's exp may differ from the C library's, and only on cuda
+    # and triton (the docstring's rule): there a score within one rounding of another,
+    # or of min_score, may be ordered or dropped otherwise. Such a result must be the
+    # reference's own arithmetic up to rounding, and is reported.
+    assert backend in ("cuda", "triton") and params["method"] == "gaussian", f"{idx.tolist()} != {idx_ref.tolist()}"
+    replayed, latitude = _soft_replay_within_rounding(seg, scores, groups, params, idx)
+    assert latitude, "the replay allowed no latitude, so the order must be the reference's"
+    torch.testing.assert_close(val, torch.tensor(replayed, dtype=torch.float64).to(scores.dtype), **SOFT_SCORE_TOL[scores.dtype])
+    warnings.warn(f"soft_temporal_nms on {backend}: selections differ from the reference within rounding at {latitude}")
+
+
+# Two float64 scores "within rounding" of each other: a few ulps a decay of any run here
+# (up to 300 decays of a score), and anything below 1e-300, where subnormals lose bits.
+WITHIN_ROUNDING = dict(rel_tol=1e-12, abs_tol=1e-300)
+
+
+def _soft_replay_within_rounding(seg, scores, groups, params, idx):
+    """Replays gaussian soft-NMS in float64 on the host along the selection order idx
+    and checks it is the reference's up to rounding: each selection is live and has the
+    best live score, or one within rounding of it (an exact tie goes to the lower index
+    where both scores had the same decays, since any exp gives those equal values); a
+    score within rounding of min_score may be kept or dropped; no score above it is left
+    unselected. Returns the scores at selection and where rounding decided: a near
+    tie taken out of order, an exact one of other decays, a score at min_score
+    selected or dropped."""
+    segs = seg.to(torch.float64).tolist()
+    grp = [0] * len(segs) if groups is None else groups.tolist()
+    current = scores.to(torch.float64).tolist()
+    history = [(c, ()) for c in current]  # initial score and the exp arguments applied
+    floor = params["min_score"]
+
+    def state(x):
+        if math.isnan(x):
+            return None
+        if math.isfinite(x) and math.isfinite(floor) and math.isclose(x, floor, **WITHIN_ROUNDING):
+            return "edge"  # kept or dropped, as rounding has it
+        return "live" if x >= floor else None
+
+    alive = {i: state(c) for i, c in enumerate(current) if state(c)}
+    replayed, latitude = [], []
+    for p, i in enumerate(idx.tolist()):
+        assert i in alive, f"selection {p}: segment {i} is not live (dropped, or selected before)"
+        live = [j for j, s in alive.items() if s == "live"]
+        best = max((current[j] for j in live), default=-math.inf)
+        if current[i] < best:
+            assert math.isclose(current[i], best, **WITHIN_ROUNDING), f"selection {p}: segment {i} at {current[i]!r}, below the best {best!r}"
+            latitude.append(f"{p}: {i} near the best")
+        else:
+            ahead = [j for j in live if j < i and current[j] == current[i]]
+            same = [j for j in ahead if history[j] == history[i]]
+            assert not same, f"selection {p}: segment {i} before {same[0]}, an equal score with the same decays"
+            if ahead:
+                latitude.append(f"{p}: {i} tied with {ahead[0]} by other decays")
+            elif alive[i] == "edge":
+                latitude.append(f"{p}: {i} at min_score")
+        replayed.append(current[i])
+        del alive[i]
+        for j in list(alive):
+            if grp[j] == grp[i]:
+                iou = nms_module._overlap_reference(segs[i], segs[j], "iou", params["offset"])
+                arg = -(iou * iou) / params["sigma"]
+                current[j] *= math.exp(arg)
+                history[j] = (history[j][0], history[j][1] + (arg,))
+                if state(current[j]):
+                    alive[j] = state(current[j])
+                else:
+                    del alive[j]
+    left = [j for j, s in alive.items() if s == "live"]
+    assert not left, f"segments {left} left live after the last selection"
+    latitude += [f"{j} at min_score dropped" for j in sorted(alive)]
+    return replayed, latitude
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 under the interpreter
@@ -756,6 +834,58 @@ def test_soft_temporal_nms_permutation_invariance_of_identical_segments(any_back
     idx_perm = mmsd_ext.soft_temporal_nms(seg, scores[perm], backend="reference", **params)[0]
     positive = int((val > 0).sum())
     assert not torch.equal(perm[idx_perm[:positive]], idx[:positive])
+
+def _two_mirrored_groups(sigma):
+    """Two groups of three: a target segment decayed by two others, in one order in
+    group 0 and in the other order in group 1. With score 0.7 and sigma 0.5 the
+    targets' float64 products differ in the last bit (group 1's is one ulp higher);
+    with sigma 2 they are equal."""
+    seg = torch.tensor([[5, 15], [17, 30], [10, 20], [17, 30], [5, 15], [10, 20]], dtype=torch.float64)
+    scores = torch.tensor([1.0, 0.9, 0.7] * 2, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    params = dict(method="gaussian", sigma=sigma, iou_threshold=0.3, min_score=1e-3, offset=0.0)
+    return seg, scores, groups, params
+
+
+def test_soft_replay_takes_rounding_and_nothing_else():
+    # The replay that lets a GPU's exp order near ties otherwise (_check_soft): it
+    # takes the reference's order, a near tie or min_score decided the other way, and
+    # refuses every other order.
+    seg, scores, groups, params = _two_mirrored_groups(0.5)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)
+    assert idx.tolist() == [0, 3, 1, 4, 5, 2] and val[4] > val[5] and math.isclose(val[4], val[5], **WITHIN_ROUNDING)
+    replay = functools.partial(_soft_replay_within_rounding, seg, scores, groups)
+    replayed, latitude = replay(params, idx)
+    assert replayed == val.tolist() and latitude == []
+    assert replay(params, torch.tensor([0, 3, 1, 4, 2, 5]))[1] == ["4: 2 near the best"]
+    with pytest.raises(AssertionError, match="selection 1: segment 1 at 0.9, below the best 1.0"):
+        replay(params, torch.tensor([0, 1, 3, 4, 5, 2]))
+    with pytest.raises(AssertionError, match="selection 2: segment 4 before 1, an equal score with the same decays"):
+        replay(params, torch.tensor([0, 3, 4, 1, 5, 2]))
+    with pytest.raises(AssertionError, match=re.escape("segments [2] left live")):
+        replay(params, torch.tensor([0, 3, 1, 4, 5]))
+    with pytest.raises(AssertionError, match="selection 4: segment 0 is not live"):
+        replay(params, torch.tensor([0, 3, 1, 4, 0]))
+    # Equal targets by other decay orders: an exp one ulp off could order them either way.
+    seg, scores, groups, params = _two_mirrored_groups(2.0)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)
+    assert idx.tolist() == [0, 3, 1, 4, 2, 5] and val[4] == val[5]
+    assert replay(params, idx)[1] == []
+    assert replay(params, torch.tensor([0, 3, 1, 4, 5, 2]))[1] == ["4: 5 tied with 2 by other decays"]
+    # min_score at the higher target, one ulp above the other: the reference keeps the
+    # one and drops the other; rounding could keep both, or neither.
+    seg, scores, groups, params = _two_mirrored_groups(0.5)
+    val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)[1]
+    params["min_score"] = float(val[4])
+    assert params["min_score"] == math.nextafter(float(val[5]), math.inf)
+    idx = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)[0]
+    assert idx.tolist() == [0, 3, 1, 4, 5]
+    assert replay(params, idx)[1] == ["4: 5 at min_score", "2 at min_score dropped"]
+    assert replay(params, torch.tensor([0, 3, 1, 4]))[1] == ["2 at min_score dropped", "5 at min_score dropped"]
+    assert replay(params, torch.tensor([0, 3, 1, 4, 5, 2]))[1] == ["4: 5 at min_score", "5: 2 at min_score"]
+    params["min_score"] = 0.6  # far above both: no latitude
+    with pytest.raises(AssertionError, match="selection 4: segment 2 is not live"):
+        replay(params, torch.tensor([0, 3, 1, 4, 2]))
 
 
 @pytest.mark.gpu
