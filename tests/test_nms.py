@@ -705,7 +705,6 @@ def _check_soft(backend, seg, scores, groups, params):
     # reference's own arithmetic up to rounding, and is reported.
     assert backend in ("cuda", "triton") and params["method"] == "gaussian", f"{idx.tolist()} != {idx_ref.tolist()}"
     replayed, latitude = _soft_replay_within_rounding(seg, scores, groups, params, idx)
-    assert latitude, "the replay allowed no latitude, so the order must be the reference's"
     torch.testing.assert_close(val, torch.tensor(replayed, dtype=torch.float64).to(scores.dtype), **SOFT_SCORE_TOL[scores.dtype])
     warnings.warn(f"soft_temporal_nms on {backend}: selections differ from the reference within rounding at {latitude}")
 
@@ -717,43 +716,47 @@ WITHIN_ROUNDING = dict(rel_tol=1e-12, abs_tol=1e-300)
 
 def _soft_replay_within_rounding(seg, scores, groups, params, idx):
     """Replays gaussian soft-NMS in float64 on the host along the selection order idx
-    and checks it is the reference's up to rounding: each selection is live and has the
-    best live score, or one within rounding of it (an exact tie goes to the lower index
-    where both scores had the same decays, since any exp gives those equal values); a
-    score within rounding of min_score may be kept or dropped; no score above it is left
-    unselected. Returns the scores at selection and where rounding decided: a near
-    tie taken out of order, an exact one of other decays, a score at min_score
-    selected or dropped."""
+    and checks it is the reference's up to what an exp's last bit can decide. A score
+    is exact when no exp can change it: not decayed by a factor other than exp(0) = 1,
+    or 0, or infinite. Each selection must be live, and every live segment the
+    reference would select before it (a higher score, or an equal one at a lower
+    index) within rounding of it, the two not exact both and not decayed alike (the
+    same initial score and factors give equal values under any exp). A score within
+    rounding of min_score (nonzero: decays keep a score's sign) may be kept or
+    dropped unless exact. No other live segment may be left unselected. Returns the
+    scores at selection and where rounding decided. Not modelled: an exp that
+    underflows to 0 on one device only (an infinite score would be NaN there): that
+    takes sigma below about 1.3e-3, which no caller uses."""
     segs = seg.to(torch.float64).tolist()
     grp = [0] * len(segs) if groups is None else groups.tolist()
     current = scores.to(torch.float64).tolist()
-    history = [(c, ()) for c in current]  # initial score and the exp arguments applied
+    history = [(c, ()) for c in current]  # initial score, exp arguments other than 0
     floor = params["min_score"]
 
-    def state(x):
+    def exact(j):
+        return not history[j][1] or current[j] == 0 or math.isinf(current[j])
+
+    def state(j):
+        x = current[j]
         if math.isnan(x):
             return None
-        if math.isfinite(x) and math.isfinite(floor) and math.isclose(x, floor, **WITHIN_ROUNDING):
+        if math.isfinite(floor) and floor != 0 and not exact(j) and math.isclose(x, floor, **WITHIN_ROUNDING):
             return "edge"  # kept or dropped, as rounding has it
         return "live" if x >= floor else None
 
-    alive = {i: state(c) for i, c in enumerate(current) if state(c)}
+    alive = {j: state(j) for j in range(len(current)) if state(j)}
     replayed, latitude = [], []
     for p, i in enumerate(idx.tolist()):
         assert i in alive, f"selection {p}: segment {i} is not live (dropped, or selected before)"
-        live = [j for j, s in alive.items() if s == "live"]
-        best = max((current[j] for j in live), default=-math.inf)
-        if current[i] < best:
-            assert math.isclose(current[i], best, **WITHIN_ROUNDING), f"selection {p}: segment {i} at {current[i]!r}, below the best {best!r}"
-            latitude.append(f"{p}: {i} near the best")
-        else:
-            ahead = [j for j in live if j < i and current[j] == current[i]]
-            same = [j for j in ahead if history[j] == history[i]]
-            assert not same, f"selection {p}: segment {i} before {same[0]}, an equal score with the same decays"
-            if ahead:
-                latitude.append(f"{p}: {i} tied with {ahead[0]} by other decays")
-            elif alive[i] == "edge":
-                latitude.append(f"{p}: {i} at min_score")
+        for j in alive:
+            if alive[j] != "live" or not (current[j] > current[i] or (current[j] == current[i] and j < i)):
+                continue
+            assert math.isclose(current[j], current[i], **WITHIN_ROUNDING), f"selection {p}: segment {i} at {current[i]!r}, below {j} at {current[j]!r}"
+            assert not (exact(i) and exact(j)), f"selection {p}: segment {i} before {j}, their scores exact ({current[i]!r}, {current[j]!r})"
+            assert history[i] != history[j], f"selection {p}: segment {i} before {j}, an equal score with the same decays"
+            latitude.append(f"{p}: {i} before {j}")
+        if alive[i] == "edge":
+            latitude.append(f"{p}: {i} at min_score")
         replayed.append(current[i])
         del alive[i]
         for j in list(alive):
@@ -761,9 +764,10 @@ def _soft_replay_within_rounding(seg, scores, groups, params, idx):
                 iou = nms_module._overlap_reference(segs[i], segs[j], "iou", params["offset"])
                 arg = -(iou * iou) / params["sigma"]
                 current[j] *= math.exp(arg)
-                history[j] = (history[j][0], history[j][1] + (arg,))
-                if state(current[j]):
-                    alive[j] = state(current[j])
+                if arg != 0:
+                    history[j] = (history[j][0], history[j][1] + (arg,))
+                if state(j):
+                    alive[j] = state(j)
                 else:
                     del alive[j]
     left = [j for j, s in alive.items() if s == "live"]
@@ -857,35 +861,51 @@ def test_soft_replay_takes_rounding_and_nothing_else():
     replay = functools.partial(_soft_replay_within_rounding, seg, scores, groups)
     replayed, latitude = replay(params, idx)
     assert replayed == val.tolist() and latitude == []
-    assert replay(params, torch.tensor([0, 3, 1, 4, 2, 5]))[1] == ["4: 2 near the best"]
-    with pytest.raises(AssertionError, match="selection 1: segment 1 at 0.9, below the best 1.0"):
+    assert replay(params, torch.tensor([0, 3, 1, 4, 2, 5]))[1] == ["4: 2 before 5"]
+    with pytest.raises(AssertionError, match="selection 1: segment 1 at 0.9, below 3 at 1.0"):
         replay(params, torch.tensor([0, 1, 3, 4, 5, 2]))
-    with pytest.raises(AssertionError, match="selection 2: segment 4 before 1, an equal score with the same decays"):
+    # 1 and 4 tie at 0.9, neither decayed (IoU 0 with 0 and 3: a factor exp(0) = 1).
+    with pytest.raises(AssertionError, match=re.escape("selection 2: segment 4 before 1, their scores exact (0.9, 0.9)")):
         replay(params, torch.tensor([0, 3, 4, 1, 5, 2]))
     with pytest.raises(AssertionError, match=re.escape("segments [2] left live")):
         replay(params, torch.tensor([0, 3, 1, 4, 5]))
     with pytest.raises(AssertionError, match="selection 4: segment 0 is not live"):
         replay(params, torch.tensor([0, 3, 1, 4, 0]))
     # Equal targets by other decay orders: an exp one ulp off could order them either way.
-    seg, scores, groups, params = _two_mirrored_groups(2.0)
-    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)
+    _, _, _, tied = _two_mirrored_groups(2.0)
+    idx, val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **tied)
     assert idx.tolist() == [0, 3, 1, 4, 2, 5] and val[4] == val[5]
-    assert replay(params, idx)[1] == []
-    assert replay(params, torch.tensor([0, 3, 1, 4, 5, 2]))[1] == ["4: 5 tied with 2 by other decays"]
+    assert replay(tied, idx)[1] == []
+    assert replay(tied, torch.tensor([0, 3, 1, 4, 5, 2]))[1] == ["4: 5 before 2"]
+    # Ties of equal decays, and of infinite scores, go by index under any exp.
+    seg3 = torch.tensor([[0.0, 10.0], [1.0, 11.0], [1.0, 11.0], [1.0, 11.0]], dtype=torch.float64)
+    for top, equal in ((1.0, 0.5), (math.inf, math.inf)):
+        scores3 = torch.tensor([top, equal, equal, equal], dtype=torch.float64)
+        assert replay.func(seg3, scores3, None, params, torch.tensor([0, 1, 2, 3]))[1] == []
+        with pytest.raises(AssertionError, match="selection 1: segment 2 before 1"):
+            replay.func(seg3, scores3, None, params, torch.tensor([0, 2, 1, 3]))
     # min_score at the higher target, one ulp above the other: the reference keeps the
     # one and drops the other; rounding could keep both, or neither.
-    seg, scores, groups, params = _two_mirrored_groups(0.5)
-    val = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)[1]
-    params["min_score"] = float(val[4])
-    assert params["min_score"] == math.nextafter(float(val[5]), math.inf)
-    idx = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **params)[0]
+    at_edge = dict(params, min_score=replayed[4])
+    assert replayed[4] == math.nextafter(replayed[5], math.inf)
+    idx = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups, backend="reference", **at_edge)[0]
     assert idx.tolist() == [0, 3, 1, 4, 5]
-    assert replay(params, idx)[1] == ["4: 5 at min_score", "2 at min_score dropped"]
-    assert replay(params, torch.tensor([0, 3, 1, 4]))[1] == ["2 at min_score dropped", "5 at min_score dropped"]
-    assert replay(params, torch.tensor([0, 3, 1, 4, 5, 2]))[1] == ["4: 5 at min_score", "5: 2 at min_score"]
-    params["min_score"] = 0.6  # far above both: no latitude
+    assert replay(at_edge, idx)[1] == ["4: 5 at min_score", "2 at min_score dropped"]
+    assert replay(at_edge, torch.tensor([0, 3, 1, 4]))[1] == ["2 at min_score dropped", "5 at min_score dropped"]
+    assert replay(at_edge, torch.tensor([0, 3, 1, 4, 5, 2]))[1] == ["4: 5 at min_score", "5: 2 at min_score"]
+    far = dict(params, min_score=0.6)  # far above both: no latitude
     with pytest.raises(AssertionError, match="selection 4: segment 2 is not live"):
-        replay(params, torch.tensor([0, 3, 1, 4, 2]))
+        replay(far, torch.tensor([0, 3, 1, 4, 2]))
+    # Undecayed scores at min_score are exact: one at -1 is kept at min_score -1, one an
+    # ulp below is dropped, also where a decay would raise it past -1 later.
+    seg2 = torch.tensor([[0.0, 10.0], [5.0, 15.0]], dtype=torch.float64)
+    for low, expected in ((-1.0, [0, 1]), (math.nextafter(-1.0, -2.0), [0])):
+        scores2 = torch.tensor([1.0, low], dtype=torch.float64)
+        low_floor = dict(params, min_score=-1.0)
+        assert mmsd_ext.soft_temporal_nms(seg2, scores2, backend="reference", **low_floor)[0].tolist() == expected
+        assert replay.func(seg2, scores2, None, low_floor, torch.tensor(expected))[1] == []
+    with pytest.raises(AssertionError, match=re.escape("segments [1] left live")):
+        replay.func(seg2, torch.tensor([1.0, -1.0], dtype=torch.float64), None, low_floor, torch.tensor([0]))
 
 
 @pytest.mark.gpu
