@@ -720,7 +720,7 @@ def _soft_replay_within_rounding(seg, scores, groups, params, idx):
     is exact when no exp can change it: not decayed by a factor other than exp(0) = 1,
     or 0, or infinite. Each selection must be live, and every live segment the
     reference would select before it (a higher score, or an equal one at a lower
-    index) within rounding of it, the two not exact both and not decayed alike (the
+    index) within rounding of it, the two not both exact and not decayed alike (the
     same initial score and factors give equal values under any exp). A score within
     rounding of min_score (nonzero: decays keep a score's sign) may be kept or
     dropped unless exact. No other live segment may be left unselected. Returns the
@@ -744,7 +744,8 @@ def _soft_replay_within_rounding(seg, scores, groups, params, idx):
             return "edge"  # kept or dropped, as rounding has it
         return "live" if x >= floor else None
 
-    alive = {j: state(j) for j in range(len(current)) if state(j)}
+    alive = {j: state(j) for j in range(len(current))}
+    alive = {j: s for j, s in alive.items() if s}
     replayed, latitude = [], []
     for p, i in enumerate(idx.tolist()):
         assert i in alive, f"selection {p}: segment {i} is not live (dropped, or selected before)"
@@ -766,8 +767,9 @@ def _soft_replay_within_rounding(seg, scores, groups, params, idx):
                 current[j] *= math.exp(arg)
                 if arg != 0:
                     history[j] = (history[j][0], history[j][1] + (arg,))
-                if state(j):
-                    alive[j] = state(j)
+                now = state(j)
+                if now:
+                    alive[j] = now
                 else:
                     del alive[j]
     left = [j for j, s in alive.items() if s == "live"]
@@ -839,6 +841,7 @@ def test_soft_temporal_nms_permutation_invariance_of_identical_segments(any_back
     positive = int((val > 0).sum())
     assert not torch.equal(perm[idx_perm[:positive]], idx[:positive])
 
+
 def _two_mirrored_groups(sigma):
     """Two groups of three: a target segment decayed by two others, in one order in
     group 0 and in the other order in group 1. With score 0.7 and sigma 0.5 the
@@ -881,9 +884,9 @@ def test_soft_replay_takes_rounding_and_nothing_else():
     seg3 = torch.tensor([[0.0, 10.0], [1.0, 11.0], [1.0, 11.0], [1.0, 11.0]], dtype=torch.float64)
     for top, equal in ((1.0, 0.5), (math.inf, math.inf)):
         scores3 = torch.tensor([top, equal, equal, equal], dtype=torch.float64)
-        assert replay.func(seg3, scores3, None, params, torch.tensor([0, 1, 2, 3]))[1] == []
+        assert _soft_replay_within_rounding(seg3, scores3, None, params, torch.tensor([0, 1, 2, 3]))[1] == []
         with pytest.raises(AssertionError, match="selection 1: segment 2 before 1"):
-            replay.func(seg3, scores3, None, params, torch.tensor([0, 2, 1, 3]))
+            _soft_replay_within_rounding(seg3, scores3, None, params, torch.tensor([0, 2, 1, 3]))
     # min_score at the higher target, one ulp above the other: the reference keeps the
     # one and drops the other; rounding could keep both, or neither.
     at_edge = dict(params, min_score=replayed[4])
@@ -903,9 +906,9 @@ def test_soft_replay_takes_rounding_and_nothing_else():
         scores2 = torch.tensor([1.0, low], dtype=torch.float64)
         low_floor = dict(params, min_score=-1.0)
         assert mmsd_ext.soft_temporal_nms(seg2, scores2, backend="reference", **low_floor)[0].tolist() == expected
-        assert replay.func(seg2, scores2, None, low_floor, torch.tensor(expected))[1] == []
+        assert _soft_replay_within_rounding(seg2, scores2, None, low_floor, torch.tensor(expected))[1] == []
     with pytest.raises(AssertionError, match=re.escape("segments [1] left live")):
-        replay.func(seg2, torch.tensor([1.0, -1.0], dtype=torch.float64), None, low_floor, torch.tensor([0]))
+        _soft_replay_within_rounding(seg2, torch.tensor([1.0, -1.0], dtype=torch.float64), None, low_floor, torch.tensor([0]))
 
 
 @pytest.mark.gpu
