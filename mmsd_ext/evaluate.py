@@ -62,7 +62,8 @@ class DetectionMAP:
         """JSON-ready dict: ``map`` {tIoU: value}, ``average_map``, ``ap`` {class: {tIoU: value}},
         and ``percent`` (whether the values are percentages: ``percent=True``, the default, or
         fractions). ``class_names``: names for the ``ap`` keys, indexed by class id (default: the
-        ids as strings); a class without a name is a ValueError naming ``class_names``."""
+        ids as strings; bytes are decoded as UTF-8, as W-TALC's ``classlist.npy`` holds them); a
+        class without a name is a ValueError naming ``class_names``."""
         scale = 100.0 if percent else 1.0
         keys = _tiou_keys(self.tious)
         if class_names is None:
@@ -73,9 +74,15 @@ class DetectionMAP:
             names = []
             for c in self.classes.tolist():
                 try:
-                    names.append(str(class_names[c]))
+                    name = class_names[c]
                 except (IndexError, KeyError):
                     raise ValueError(f"class_names: class {c} has no name (got {len(class_names)} names)") from None
+                if isinstance(name, (bytes, np.bytes_)):  # W-TALC's classlist.npy holds bytes
+                    try:
+                        name = _name(name)
+                    except UnicodeDecodeError:
+                        raise ValueError(f"class_names[{c}]: expected a str or UTF-8 bytes, got {name!r}") from None
+                names.append(str(name))
         return {
             "map": {k: float(v) * scale for k, v in zip(keys, self.map)},
             "average_map": float(self.average) * scale,
@@ -127,8 +134,10 @@ def detection_map(predictions, ground_truth, tiou_thresholds=DEFAULT_TIOUS):
 
     Args:
         predictions: [P, 5] rows (video, class, start, end, score), numpy array,
-            tensor or nested lists. video and class are integers in [0, 2**53)
-            (any ids: they are matched by value), ``end >= start``, scores not NaN.
+            tensor or nested lists (of numbers, arrays or tensors, which may require
+            grad or be on a GPU; numbers written as strings are refused). video and
+            class are integers in [0, 2**53) (any ids: they are matched by value),
+            ``end >= start``, scores not NaN.
             P == 0 (any empty input) is allowed: every AP is 0.
         ground_truth: [G, 4] rows (video, class, start, end), same time unit;
             at least one row.
@@ -670,6 +679,7 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     for v, segments in enumerate(gt_segments):
         if not _is_sequence(segments):
             raise TypeError(f"gt_segments[{v}]: expected a sequence of [start, end] seconds, got {type(segments).__name__}")
+    gt_segments = [_host(f"gt_segments[{v}]", segments) for v, segments in enumerate(gt_segments)]
     for v, segments in enumerate(gt_segments):
         videos.extend([v] * len(segments))
     if not videos:
@@ -685,7 +695,11 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     # The segments first: a flat [start, end] pair would otherwise be blamed on the labels' count.
     if bounds is None or not np.isfinite(bounds).all() or (bounds[:, 1] < bounds[:, 0]).any():
         v = _first_bad_video(gt_segments)
-        raise ValueError(f"gt_segments[{v}]: expected finite [start, end] seconds with end >= start, got {list(gt_segments[v])}")
+        shown = _shown(gt_segments[v])
+        if not any(map(_is_sequence, gt_segments[v])):  # numbers (the video holds some: it was found bad)
+            raise ValueError(f"gt_segments[{v}]: expected a sequence of [start, end] pairs, got the flat sequence {shown} "
+                             f"(a video with one segment holds [{shown}])")
+        raise ValueError(f"gt_segments[{v}]: expected finite [start, end] seconds with end >= start, got {shown}")
     for v, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
         if len(labels) != len(segments):
             raise ValueError(f"gt_labels[{v}]: expected one label per segment ({len(segments)}), got {len(labels)}")
@@ -831,25 +845,60 @@ def _tious(value):
 
 
 def _float64(name, value, what):
-    """A float64 numpy copy of an array, tensor or nested lists, or a ValueError "{name}: expected
-    {what}". Complex values are refused: numpy would drop their imaginary parts with a warning."""
+    """A float64 numpy copy of an array, tensor or nested lists (of numbers, arrays or tensors),
+    or a ValueError "{name}: expected {what}". Complex values are refused: numpy would drop their
+    imaginary parts with a warning. Strings are refused: numpy would read "0.5" as a number."""
     _checks.has_values("the evaluation", **{name: value})
     if isinstance(value, torch.Tensor):
         if value.is_complex():
             raise ValueError(f"{name}: expected {what}, got a complex tensor")
         value = value.detach().cpu().to(torch.float64).numpy()
+    value = _host(name, value)
     try:
-        if np.iscomplexobj(value):
+        array = np.asarray(value)
+        if np.iscomplexobj(array) or _has_strings(array):
             raise TypeError
-        return np.array(value, dtype=np.float64)
+        return np.array(array, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {what}") from None
 
 
+def _host(name, value):
+    """Tensors, alone or inside lists and tuples (an evaluation loop's per-video results, which
+    may require grad or live on a GPU), as numpy arrays: detached, on the CPU, bfloat16 as
+    float32 (exact; numpy has no bfloat16). Anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        _checks.has_values("the evaluation", **{name: value})
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (torch.Tensor, list, tuple)) for v in value):
+        return [_host(name, v) for v in value]
+    return value
+
+
+def _has_strings(array):
+    return array.dtype.kind in "USV" or (
+        array.dtype.kind == "O" and any(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in array.flat)
+    )
+
+
+def _shown(value):
+    """A per-video entry as plain nested lists for a message (numpy arrays print as array(...))."""
+    try:
+        return np.asarray(value, dtype=np.float64).tolist()
+    except (TypeError, ValueError):
+        return [np.asarray(x).tolist() if isinstance(x, np.ndarray) else x for x in value]
+
+
 def _numeric_tensor(name, value, what):
     """A tensor of an array or nested lists of numbers, keeping a numpy array's dtype
-    (the proposals compare scores in their own dtype); a TypeError or ValueError
-    "{name}: expected {what}" for anything else."""
+    (the proposals compare scores in their own dtype; a list of tensors of one dtype and shape
+    is stacked, keeping theirs); a TypeError or ValueError "{name}: expected {what}" for anything else."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        _checks.has_values("the evaluation", **{f"{name}[{i}]": v for i, v in enumerate(value)})
+        if len({(v.dtype, v.shape) for v in value}) == 1 and not value[0].is_complex():
+            return torch.stack([v.detach().cpu() for v in value])
+    value = _host(name, value)
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):

@@ -396,7 +396,9 @@ def test_bytes_names_as_in_wtalc_files():
         (dict(gt_segments=[[[5.0, 1.0]]]), "gt_segments\\[0\\]"),
         (dict(gt_segments=[[[1.0, 2.0, 3.0]]]), "gt_segments\\[0\\]"),
         # A flat pair, not a list of pairs: the segments are named, not the labels' count.
-        (dict(gt_segments=[[0.0, 1.0]]), "^gt_segments\\[0\\]: expected finite \\[start, end\\] seconds"),
+        (dict(gt_segments=[[0.0, 1.0]]), "^gt_segments\\[0\\]: expected a sequence of \\[start, end\\] pairs, got the flat "
+                                         "sequence \\[0.0, 1.0\\] \\(a video with one segment holds \\[\\[0.0, 1.0\\]\\]\\)$"),
+        (dict(gt_segments=[np.array([0.0, 1.0])]), "^gt_segments\\[0\\]: expected a sequence of \\[start, end\\] pairs"),
         (dict(gt_segments=[[[0.0, 1.0]], []]), "gt_segments"),
         (dict(gt_segments=[[]], gt_labels=[[]]), "gt_segments"),
         (dict(predictions=[[1, 0, 0, 2, 0.5]]), "predictions.*video index 1"),
@@ -661,3 +663,68 @@ def test_to_dict_refuses_class_names_that_miss_a_class(names, error):
     with pytest.raises(error, match="^class_names: "):
         result.to_dict(class_names=names)
     assert set(result.to_dict(class_names={1: "one", 3: "three"})["ap"]) == {"one", "three"}
+
+
+def test_to_dict_decodes_bytes_class_names_as_the_protocol_does():
+    # W-TALC's classlist.npy holds bytes: the keys were "b'Beta'".
+    classes = np.array([c.encode() for c in CLASSES])
+    result = thumos14_detection_map([[0, 1, 0, 10, 1.0]], np.array([b"v"]), [[[0.0, 6.4]]], [[b"Beta"]], classes)
+    assert list(result.to_dict(class_names=classes)["ap"]) == ["Beta"]
+    assert list(result.to_dict(class_names=list(classes))["ap"]) == ["Beta"]
+    with pytest.raises(ValueError, match=r"^class_names\[1\]: expected a str or UTF-8 bytes"):
+        result.to_dict(class_names=[b"A", b"\xff"])
+
+
+def _per_video(rows, **like):
+    """Rows as a list of one tensor each, as an evaluation loop collects them (here requiring grad)."""
+    return [torch.tensor(row, **like).requires_grad_(like.get("dtype", torch.float32).is_floating_point) for row in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_lists_of_tensors_that_require_grad_are_read_like_arrays(dtype):
+    # numpy cannot read a tensor that requires grad (or a bfloat16 one): each was a raw
+    # torch error naming no argument, or "expected a numeric array".
+    scores, labels = [[0.875, 0.125], [0.25, 0.75], [0.5, 0.625]], [[1, 0], [1, 1], [0, 1]]
+    assert classification_map(_per_video(scores, dtype=dtype), labels) == classification_map(scores, labels)
+    pred, gt = [[0, 1, 0, 10, 0.5], [0, 0, 2, 8, 0.25]], [[0, 1, 0, 8], [0, 0, 2, 6]]
+    np.testing.assert_array_equal(detection_map(_per_video(pred, dtype=dtype), _per_video(gt, dtype=dtype)).ap,
+                                  detection_map(pred, gt).ap)
+    args = (["v"], [[[0.0, 6.4]]], [["Beta"]], CLASSES)
+    assert thumos14_detection_map(_per_video(pred, dtype=dtype), *args).average == thumos14_detection_map(pred, *args).average
+    assert export_detections_json(_per_video(pred, dtype=dtype), ["v"], CLASSES) == export_detections_json(pred, ["v"], CLASSES)
+    # The ground truth of a video as one tensor, or as a list of tensor rows.
+    for segments in (torch.tensor([[0.0, 6.4]], dtype=dtype, requires_grad=True), [torch.tensor([0.0, 6.4], dtype=dtype, requires_grad=True)]):
+        expected = thumos14_detection_map(pred, ["v"], [[[0.0, float(torch.tensor(6.4, dtype=dtype))]]], [["Beta"]], CLASSES)
+        assert thumos14_detection_map(pred, ["v"], [segments], [["Beta"]], CLASSES).average == expected.average
+
+
+def test_mmsd_detection_map_stacks_video_scores_given_as_tensors_in_their_dtype():
+    cas = np.zeros((30, 2), np.float32)
+    cas[10:20, 1] = 1.0
+    args = (["v"], [[[6.4, 12.8]]], [["B"]], ["A", "B"])
+    # bfloat16's 0.35 is 0.349609375: the class passes the threshold 0.35 only if compared in
+    # bfloat16, as a [V, C] bfloat16 tensor is (a float32 copy would leave it out).
+    score = torch.tensor([0.0, 0.35], dtype=torch.bfloat16)
+    as_list = mmsd_detection_map([cas], [score.clone().requires_grad_()], *args, class_threshold=0.35)
+    as_tensor = mmsd_detection_map([cas], score[None], *args, class_threshold=0.35)
+    as_float32 = mmsd_detection_map([cas], score[None].float(), *args, class_threshold=0.35)
+    assert as_list.average == as_tensor.average == 1.0 and as_float32.average == 0.0
+    with pytest.raises(ValueError, match=r"^video_scores: expected a \[V, C\] array of numbers"):
+        mmsd_detection_map([cas], [torch.zeros(1), torch.zeros(2)], *args)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: detection_map([["0", "1", "11", "20", "0.9"]], [[0, 1, 10, 20]]), "^predictions: expected numeric rows"),
+        (lambda: detection_map([[0, 1, 10, 20, 0.9]], np.array([["0", "1", "10", "20"]])), "^ground_truth: expected numeric rows"),
+        (lambda: detection_map([[0, 1, 10, 20, "0.9"]], [[0, 1, 10, 20]]), "^predictions: expected numeric rows"),
+        (lambda: classification_map([[0.9, 0.1], [0.2, 0.8]], [["1", "0"], ["0", "1"]]), r"^labels: expected a numeric \[V, C\] array"),
+        (lambda: classification_map(np.array([[0.9, 0.1]], dtype=object).astype(str), [[1, 0]]), "^video_scores: "),
+        (lambda: classification_map([torch.tensor([0.9, 0.1], dtype=torch.complex64), [0.2, 0.8]], [[1, 0], [0, 1]]), "^video_scores: "),
+    ],
+)
+def test_numbers_written_as_strings_are_refused(call, match):
+    # numpy reads "0.9" as 0.9: these were scored as if given as numbers.
+    with pytest.raises(ValueError, match=match):
+        call()
