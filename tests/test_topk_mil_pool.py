@@ -445,6 +445,27 @@ def test_k_and_lengths_as_lists_and_numpy_arrays(any_backend):
         assert torch.equal(got, want)
 
 
+def test_a_0d_k_is_one_k_for_every_video(any_backend):
+    # mil_k of one length tensor gives a 0-d k, which was refused ("expected ... shape [B]").
+    device = backend_device(any_backend)
+    gen = torch.Generator().manual_seed(23)
+    scores = torch.randn(3, 12, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    lengths = torch.tensor([12, 7, 5], device=device)
+    k = mmsd_ext.mil_k(torch.tensor(12, device=device), 3.0)
+    assert k.shape == () and int(k) == 4
+    want = mmsd_ext.topk_mil_pool(scores, torch.full((3,), 4, device=device), lengths, backend=any_backend)
+    (want_grad,) = torch.autograd.grad(want.sum(), scores)
+    got = mmsd_ext.topk_mil_pool(scores, k.int(), lengths, backend=any_backend)
+    (grad,) = torch.autograd.grad(got.sum(), scores)
+    assert torch.equal(got, want) and torch.equal(grad, want_grad)
+    if device.type == "cpu":  # values are checked on the host only
+        with pytest.raises(ValueError, match=r"^k: expected 1 <= k\[b\] <= lengths\[b\], got k\[2\] = 6 with lengths\[2\] = 5$"):
+            mmsd_ext.topk_mil_pool(scores, torch.tensor(6), lengths, backend=any_backend)
+    # The ops themselves still take [B] only.
+    with pytest.raises(ValueError, match=r"^k: expected an int or shape \[B\] = \[3\], got \(\)$"):
+        mmsd_ext.mil._check_topk_args(scores, k, lengths, True)
+
+
 def test_bad_inputs_name_the_argument(any_backend):
     device = backend_device(any_backend)
     for args, kwargs, exc, name, host_only in _bad_calls(device):
