@@ -312,9 +312,9 @@ def mmsd_detection_map(
     """MMSD's whole localization evaluation: ``mmsd_proposals`` then ``thumos14_detection_map``.
 
     Args:
-        cas: padded [V, T, C] tensor (with ``lengths``), or a list of V per-video
-            [T_i, C] arrays or tensors. C must equal ``len(class_names)``: drop the
-            background column first.
+        cas: padded [V, T, C] tensor or array (with ``lengths``), or a list (or numpy
+            object array) of V per-video [T_i, C] arrays or tensors. C must equal
+            ``len(class_names)``: drop the background column first.
         video_scores: [V, C] tensor or array of video-level class scores.
         video_names, gt_segments, gt_labels, class_names, ambiguous, tiou_thresholds,
             factor, zero_map_if_class_empty: as in ``thumos14_detection_map``.
@@ -338,7 +338,11 @@ def mmsd_detection_map(
     """
     num_videos = len(_names("video_names", video_names))
     num_classes = len(_names("class_names", class_names))
-    if isinstance(cas, (list, tuple)):
+    if isinstance(cas, np.ndarray) and cas.dtype != object:
+        if cas.dtype.kind not in "biuf":
+            raise TypeError(f"cas: expected a numeric array or an object array of per-video arrays, got {cas.dtype}")
+        cas = torch.from_numpy(cas)  # padded, as a tensor
+    if isinstance(cas, (list, tuple, np.ndarray)):  # (an object array: W-TALC's per-video arrays)
         if lengths is not None:
             raise ValueError("lengths: only for a padded cas tensor; a list of sequences carries its own lengths")
         cas, lengths = _pad(cas, None, "cas")

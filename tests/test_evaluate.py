@@ -728,3 +728,26 @@ def test_numbers_written_as_strings_are_refused(call, match):
     # numpy reads "0.9" as 0.9: these were scored as if given as numbers.
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_mmsd_detection_map_takes_cas_as_numpy_arrays():
+    # W-TALC keeps per-video arrays in a numpy object array; a padded batch may be one array.
+    # Both were refused ("expected a [V, T, C] tensor or a list").
+    first = np.zeros((30, 2), np.float32)
+    first[10:20, 1] = 1.0
+    second = np.zeros((12, 2), np.float32)
+    second[0:5, 0] = 1.0
+    args = ([[0.0, 0.9], [0.9, 0.0]], ["v", "w"], [[[6.4, 12.8]], [[0.0, 3.2]]], [["B"], ["A"]], ["A", "B"])
+    want = mmsd_detection_map([first, second], *args)
+    per_video = np.empty(2, dtype=object)
+    per_video[0], per_video[1] = first, second
+    padded = np.zeros((2, 30, 2), np.float32)
+    padded[0], padded[1, :12] = first, second
+    for cas, lengths in ((per_video, None), (padded, [30, 12])):
+        got = mmsd_detection_map(cas, *args, lengths=lengths)
+        np.testing.assert_array_equal(got.ap, want.ap)
+    assert want.average == 1.0
+    with pytest.raises(TypeError, match="^cas: expected a numeric array or an object array of per-video arrays, got <U1$"):
+        mmsd_detection_map(np.array(["x"]), *args)
+    with pytest.raises(ValueError, match="^lengths: only for a padded cas tensor"):
+        mmsd_detection_map(per_video, *args, lengths=[30, 12])
