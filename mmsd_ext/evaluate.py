@@ -315,7 +315,9 @@ def mmsd_detection_map(
         cas: padded [V, T, C] tensor or array (with ``lengths``), or a list (or numpy
             object array) of V per-video [T_i, C] arrays or tensors. C must equal
             ``len(class_names)``: drop the background column first.
-        video_scores: [V, C] tensor or array of video-level class scores.
+        video_scores: [V, C] tensor or array of video-level class scores, or a list of V
+            [C] tensors (stacked in their dtype where they share one; bfloat16 otherwise
+            read as float32), arrays or lists.
         video_names, gt_segments, gt_labels, class_names, ambiguous, tiou_thresholds,
             factor, zero_map_if_class_empty: as in ``thumos14_detection_map``.
         lengths: [V] valid lengths of a padded ``cas`` (not allowed with a list).
@@ -341,13 +343,18 @@ def mmsd_detection_map(
     if isinstance(cas, np.ndarray) and cas.dtype != object:
         if cas.dtype.kind not in "biuf":
             raise TypeError(f"cas: expected a numeric array or an object array of per-video arrays, got {cas.dtype}")
-        cas = torch.from_numpy(cas)  # padded, as a tensor
+        # A padded batch, as a tensor: a copy, so that any byte order, strides or a read-only
+        # (memory-mapped) array will do.
+        cas = torch.from_numpy(np.array(cas, dtype=cas.dtype.newbyteorder("="), order="C"))
+    if isinstance(cas, np.ndarray) and cas.ndim != 1:
+        raise TypeError(f"cas: expected a 1-d object array of per-video [T_i, C] arrays, got shape {cas.shape}")
     if isinstance(cas, (list, tuple, np.ndarray)):  # (an object array: W-TALC's per-video arrays)
         if lengths is not None:
             raise ValueError("lengths: only for a padded cas tensor; a list of sequences carries its own lengths")
         cas, lengths = _pad(cas, None, "cas")
     if not isinstance(cas, torch.Tensor):
-        raise TypeError(f"cas: expected a [V, T, C] tensor or a list of [T_i, C] arrays, got {type(cas).__name__}")
+        raise TypeError(f"cas: expected a [V, T, C] tensor or array, or a list or object array of [T_i, C] arrays, "
+                        f"got {type(cas).__name__}")
     if cas.dim() == 3 and cas.shape[2] != num_classes:
         raise ValueError(
             f"cas: expected C = len(class_names) = {num_classes} class columns, got {cas.shape[2]} "
@@ -691,7 +698,7 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     else:
         flat = [segment for segments in gt_segments for segment in segments]
         try:
-            bounds = np.asarray(flat, dtype=np.float64)
+            bounds = _seconds(flat)
             if bounds.shape != (len(flat), 2):
                 raise ValueError
         except (TypeError, ValueError):
@@ -700,9 +707,9 @@ def _thumos_ground_truth(gt_segments, gt_labels, classes, factor):
     if bounds is None or not np.isfinite(bounds).all() or (bounds[:, 1] < bounds[:, 0]).any():
         v = _first_bad_video(gt_segments)
         shown = _shown(gt_segments[v])
-        if not any(map(_is_sequence, gt_segments[v])):  # numbers (the video holds some: it was found bad)
-            raise ValueError(f"gt_segments[{v}]: expected a sequence of [start, end] pairs, got the flat sequence {shown} "
-                             f"(a video with one segment holds [{shown}])")
+        if all(np.ndim(x) == 0 for x in gt_segments[v]):  # numbers (the video holds some: it was found bad)
+            hint = f" (a video with one segment holds [{shown}])" if _is_segment(gt_segments[v]) else ""
+            raise ValueError(f"gt_segments[{v}]: expected a sequence of [start, end] pairs, got the flat sequence {shown}{hint}")
         raise ValueError(f"gt_segments[{v}]: expected finite [start, end] seconds with end >= start, got {shown}")
     for v, (segments, labels) in enumerate(zip(gt_segments, gt_labels)):
         if len(labels) != len(segments):
@@ -737,10 +744,26 @@ def _is_sequence(value):
     return hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, collections.abc.Mapping)
 
 
+def _seconds(segments):
+    """float64 of numbers; a TypeError or ValueError for anything else (text: numpy reads "6.4")."""
+    array = np.asarray(segments)
+    if _has_strings(array):
+        raise TypeError("text where seconds belong")
+    return array.astype(np.float64)
+
+
+def _is_segment(pair):
+    try:
+        start, end = _seconds(pair)
+    except (TypeError, ValueError):
+        return False
+    return bool(np.isfinite([start, end]).all() and end >= start)
+
+
 def _first_bad_video(gt_segments):
     for v, segments in enumerate(gt_segments):
         try:
-            array = np.asarray(segments, dtype=np.float64).reshape(len(segments), -1)
+            array = _seconds(segments).reshape(len(segments), -1)
         except (TypeError, ValueError):
             return v
         if len(segments) and (array.shape[1] != 2 or not np.isfinite(array).all() or (array[:, 1] < array[:, 0]).any()):
@@ -857,9 +880,8 @@ def _float64(name, value, what):
         if value.is_complex():
             raise ValueError(f"{name}: expected {what}, got a complex tensor")
         value = value.detach().cpu().to(torch.float64).numpy()
-    value = _host(name, value)
     try:
-        array = np.asarray(value)
+        array = _array(name, value)
         if np.iscomplexobj(array) or _has_strings(array):
             raise TypeError
         return np.array(array, dtype=np.float64)
@@ -867,29 +889,48 @@ def _float64(name, value, what):
         raise ValueError(f"{name}: expected {what}") from None
 
 
+def _array(name, value):
+    """``np.asarray(value)``; where numpy cannot read the tensors inside a list or tuple (an
+    evaluation loop's per-video results, which may require grad, be bfloat16 or live on a
+    GPU), those are read detached, on the CPU, bfloat16 as float32 (exact). A TypeError or
+    ValueError where that fails too; a meta tensor is a ValueError naming ``name``."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        array = None
+    if array is None or array.dtype == object:  # (tensors numpy cannot read may come out as objects)
+        array = np.asarray(_host(name, value))
+    return array
+
+
 def _host(name, value):
-    """Tensors, alone or inside lists and tuples (an evaluation loop's per-video results, which
-    may require grad or live on a GPU), as numpy arrays: detached, on the CPU, bfloat16 as
-    float32 (exact; numpy has no bfloat16). Anything else as it is."""
+    """Tensors, alone or inside lists and tuples, as numpy arrays (see ``_array``)."""
     if isinstance(value, torch.Tensor):
         _checks.has_values("the evaluation", **{name: value})
         value = value.detach().cpu()
-        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (torch.Tensor, list, tuple)) for v in value):
+        try:
+            return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        except (TypeError, RuntimeError):  # float8, complex32, sparse ...
+            raise TypeError(f"{name}: numpy cannot read a {value.dtype} ({value.layout}) tensor") from None
+    if isinstance(value, (list, tuple)):
         return [_host(name, v) for v in value]
     return value
 
 
 def _has_strings(array):
-    return array.dtype.kind in "USV" or (
-        array.dtype.kind == "O" and any(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in array.flat)
-    )
+    """Whether numpy would read text in ``array`` as numbers ("0.5")."""
+    if array.dtype.kind in "USV":
+        return True
+    if array.dtype.kind != "O":
+        return False
+    types = set(map(type, array.flat))  # (a set of types: a tenth of the time of isinstance on each)
+    return any(issubclass(t, (str, bytes, np.str_, np.bytes_)) for t in types)
 
 
 def _shown(value):
     """A per-video entry as plain nested lists for a message (numpy arrays print as array(...))."""
     try:
-        return np.asarray(value, dtype=np.float64).tolist()
+        return _seconds(value).tolist()
     except (TypeError, ValueError):
         return [np.asarray(x).tolist() if isinstance(x, np.ndarray) else x for x in value]
 
@@ -902,11 +943,10 @@ def _numeric_tensor(name, value, what):
         _checks.has_values("the evaluation", **{f"{name}[{i}]": v for i, v in enumerate(value)})
         if len({(v.dtype, v.shape) for v in value}) == 1 and not value[0].is_complex():
             return torch.stack([v.detach().cpu() for v in value])
-    value = _host(name, value)
     try:
-        array = np.asarray(value)
+        array = _array(name, value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {what} (a ragged or malformed sequence)") from None
+        raise ValueError(f"{name}: expected {what} (a ragged or malformed sequence, or tensors numpy cannot read)") from None
     if array.dtype.kind not in "biuf":
         raise TypeError(f"{name}: expected {what}, got {type(value).__name__} of {array.dtype}")
     return torch.as_tensor(array)

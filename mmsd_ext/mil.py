@@ -20,7 +20,8 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
             (float64 too, e.g. for gradcheck).
         k: int, or integer tensor [B] (int64, or a narrower integer dtype, widened): how many
             snippets to pool per video; 1 <= k[b] <= lengths[b]. A 0-d tensor is one k for every
-            video (as ``mil_k`` gives for a 0-d length). An int may be worked out from
+            video (as ``mil_k`` gives for a 0-d length; on the CPU it is copied to the device
+            of ``scores``, as a list is). An int may be worked out from
             a traced size (``max(1, scores.shape[1] // 8)`` or ``mil_k(scores.shape[1])`` under
             torch.export or torch.compile with dynamic shapes).
         lengths: optional integer tensor [B] (as k) of valid lengths in [1, T]; snippets
@@ -68,7 +69,9 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
     k, lengths = _sequence_as_tensor("k", k, scores), _sequence_as_tensor("lengths", lengths, scores)
     k, lengths = _checks.widen_int(k), _checks.widen_int(lengths)
     if isinstance(k, torch.Tensor) and k.dim() == 0 and isinstance(scores, torch.Tensor) and scores.dim() == 3:
-        k = k.expand(scores.shape[0])  # one k for every video (``mil_k`` of a 0-d length gives one)
+        # One k for every video (``mil_k`` of a 0-d length gives one); on the CPU, a scalar like a list.
+        k = k.to(scores.device) if k.device.type == "cpu" else k
+        k = k.expand(scores.shape[0])
     scores, k, lengths, largest = _check_topk_args(scores, k, lengths, largest)
     name = _backend.resolve(
         "topk_mil_pool", backend, scores.device, supported=_IMPLS_SUPPORTED, gpu_order=_GPU_ORDER

@@ -2,6 +2,7 @@
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -721,13 +722,45 @@ def test_mmsd_detection_map_stacks_video_scores_given_as_tensors_in_their_dtype(
         (lambda: detection_map([[0, 1, 10, 20, "0.9"]], [[0, 1, 10, 20]]), "^predictions: expected numeric rows"),
         (lambda: classification_map([[0.9, 0.1], [0.2, 0.8]], [["1", "0"], ["0", "1"]]), r"^labels: expected a numeric \[V, C\] array"),
         (lambda: classification_map(np.array([[0.9, 0.1]], dtype=object).astype(str), [[1, 0]]), "^video_scores: "),
-        (lambda: classification_map([torch.tensor([0.9, 0.1], dtype=torch.complex64), [0.2, 0.8]], [[1, 0], [0, 1]]), "^video_scores: "),
+        (lambda: classification_map(np.array([[0.9, "0.1"]], dtype=object), [[1, 0]]), "^video_scores: "),
+        (lambda: classification_map([[0.9, 0.1]], np.array([[1, b"0"]], dtype=object)), "^labels: "),
+        (lambda: thumos14_detection_map([[0, 0, 0, 2, 0.5]], ["v"], [[["0.0", "6.4"]]], [["Alpha"]], CLASSES),
+         r"^gt_segments\[0\]: expected finite \[start, end\] seconds with end >= start, got \[\['0.0', '6.4'\]\]$"),
+        (lambda: thumos14_detection_map([[0, 0, 0, 2, 0.5]], ["v"], [np.array([["0.0", "6.4"]])], [["Alpha"]], CLASSES),
+         r"^gt_segments\[0\]: expected finite"),
     ],
 )
 def test_numbers_written_as_strings_are_refused(call, match):
     # numpy reads "0.9" as 0.9: these were scored as if given as numbers.
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda dtype: classification_map([torch.tensor([0.5, 0.25]).to(dtype), [0.2, 0.8]], [[1, 0], [0, 1]]),
+        lambda dtype: detection_map([torch.tensor([0.0, 0.0, 0.0, 1.0, 0.5]).to(dtype)], [[0, 0, 0, 1]]),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex32, torch.float8_e4m3fn])
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_tensors_numpy_cannot_take_are_refused_by_name(call, dtype):
+    # complex: numpy would drop the imaginary part; complex32 and float8 have no numpy dtype
+    # (a raw torch TypeError naming no argument).
+    with pytest.raises(ValueError, match="^(video_scores: expected a numeric|predictions: expected numeric)"):
+        call(dtype)
+
+
+def test_flat_ground_truth_hints_at_the_nesting_only_for_a_valid_pair():
+    def message(segments):
+        with pytest.raises(ValueError) as info:
+            thumos14_detection_map([[0, 0, 0, 2, 0.5]], ["v"], [segments], [["Alpha"] * len(segments)], CLASSES)
+        return str(info.value)
+
+    assert message([0.0, 1.0, 2.0, 3.0]) == "gt_segments[0]: expected a sequence of [start, end] pairs, got the flat sequence [0.0, 1.0, 2.0, 3.0]"
+    assert message([6.4, 0.0]) == "gt_segments[0]: expected a sequence of [start, end] pairs, got the flat sequence [6.4, 0.0]"
+    assert message([torch.tensor(0.0), torch.tensor(0.5)]).endswith("(a video with one segment holds [[0.0, 0.5]])")
 
 
 def test_mmsd_detection_map_takes_cas_as_numpy_arrays():
@@ -751,3 +784,14 @@ def test_mmsd_detection_map_takes_cas_as_numpy_arrays():
         mmsd_detection_map(np.array(["x"]), *args)
     with pytest.raises(ValueError, match="^lengths: only for a padded cas tensor"):
         mmsd_detection_map(per_video, *args, lengths=[30, 12])
+    # Any byte order, strides, or a read-only (memory-mapped) array: read from a copy.
+    swapped = padded.astype(">f4")
+    reversed_view = np.ascontiguousarray(padded[:, :, ::-1])[:, :, ::-1]
+    read_only = padded.copy()
+    read_only.setflags(write=False)
+    for cas in (swapped, reversed_view, read_only):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns of a tensor made from a read-only array
+            np.testing.assert_array_equal(mmsd_detection_map(cas, *args, lengths=[30, 12]).ap, want.ap)
+    with pytest.raises(TypeError, match=r"^cas: expected a 1-d object array of per-video \[T_i, C\] arrays, got shape \(\)$"):
+        mmsd_detection_map(np.array(None, dtype=object), *args)

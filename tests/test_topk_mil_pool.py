@@ -458,6 +458,14 @@ def test_a_0d_k_is_one_k_for_every_video(any_backend):
     got = mmsd_ext.topk_mil_pool(scores, k.int(), lengths, backend=any_backend)
     (grad,) = torch.autograd.grad(got.sum(), scores)
     assert torch.equal(got, want) and torch.equal(grad, want_grad)
+    # A CPU scalar goes to the device of scores, as a list does (a [B] tensor must be there);
+    # without a GPU, seen with meta scores: the error is then about their values, not k's device.
+    assert torch.equal(mmsd_ext.topk_mil_pool(scores, torch.tensor(4), lengths, backend=any_backend), want)
+    meta = torch.empty(3, 12, 4, device="meta")
+    with pytest.raises(ValueError, match="^scores: a meta tensor holds no values"):
+        mmsd_ext.topk_mil_pool(meta, torch.tensor(4), backend=any_backend)
+    with pytest.raises(ValueError, match="^k: expected a tensor on meta like scores, got cpu$"):
+        mmsd_ext.topk_mil_pool(meta, torch.tensor([4, 4, 4]), backend=any_backend)
     if device.type == "cpu":  # values are checked on the host only
         with pytest.raises(ValueError, match=r"^k: expected 1 <= k\[b\] <= lengths\[b\], got k\[2\] = 6 with lengths\[2\] = 5$"):
             mmsd_ext.topk_mil_pool(scores, torch.tensor(6), lengths, backend=any_backend)
