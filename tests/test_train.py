@@ -315,6 +315,44 @@ def test_loader_reads_plain_pickled_lists(tiny_root, tmp_path, file):
         np.testing.assert_array_equal(got, want)
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 wrote its str (SHORT_BINSTRING / BINSTRING), which Python 3
+    reads back as text in the ``encoding`` given to the unpickler: how a numpy array's raw
+    data sits in a pickle made by Python 2."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_bytes_as_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_bytes_as_str
+
+
+def _save_as_python2(path, array):
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": array.shape})
+        _Python2Pickler(f, protocol=2).dump(array)
+
+
+def test_loader_reads_object_arrays_pickled_by_python2(tiny_root, tmp_path):
+    # W-TALC's files were written by Python 2 (its loader passes encoding="bytes"): the raw data
+    # of each feature array is a Python 2 str, which numpy >= 2 fails to read as ASCII with a
+    # UnicodeError (not the UnicodeDecodeError the loader caught), so the latin-1 retry never ran.
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    features = folder / "Synthetic-I3D-JOINTFeatures.npy"
+    reference = data_mod.load_wtalc(tiny_root, "Synthetic")
+    _save_as_python2(features, np.load(features, allow_pickle=True))
+    with pytest.raises(UnicodeError):
+        np.load(features, allow_pickle=True)  # as the loader's first try reads it
+    loaded = data_mod.load_wtalc(str(root), "Synthetic")
+    for got, want in zip(loaded.features, reference.features):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_loader_decodes_latin1_names(tiny_root, tmp_path):
     """Names that are not UTF-8 (Python 2 tools wrote latin-1) are read as latin-1."""
     root, folder = _copy_dataset(tiny_root, tmp_path)

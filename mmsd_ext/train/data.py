@@ -94,8 +94,9 @@ def _load_npy(path):
         raise DataError(f"{path}: file not found")
     try:
         return np.load(path, allow_pickle=True)
-    except UnicodeDecodeError:
-        # Object arrays pickled by Python 2 hold byte strings numpy cannot decode as ASCII.
+    except UnicodeError:
+        # Object arrays pickled by Python 2 hold byte strings numpy cannot decode as ASCII (numpy
+        # >= 2 raises that UnicodeDecodeError again as a UnicodeError, its parent class).
         try:
             return np.load(path, allow_pickle=True, encoding="latin1")
         except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
