@@ -2,7 +2,8 @@
 
 Every public op takes ``backend=None``. The name is resolved, in this order, from
 the call's argument, the innermost ``use_backend(...)`` context, the
-``MMSD_EXT_BACKEND`` environment variable (read at import), and finally "auto":
+``MMSD_EXT_BACKEND`` environment variable (read at import; a bad name is a ValueError
+where it would be used), and finally "auto":
 ``cpu`` for CPU tensors, the op's faster measured GPU backend for CUDA tensors,
 ``reference`` where nothing compiled can run. "auto" given at any of these levels
 is that automatic choice, and the levels below it are not read.
@@ -29,7 +30,13 @@ def _check_name(name, what):
 
 
 _env_value = os.environ.get(ENV_VAR) or None
-_global_override = _check_name(_env_value, ENV_VAR)
+try:
+    _global_override, _env_error = _check_name(_env_value, ENV_VAR), None
+except ValueError as error:
+    # Refused where it would be read (an op's backend=None outside any use_backend block),
+    # not at import: `import mmsd_ext` then works, and a command line tool that takes the
+    # variable as its --backend (python -m mmsd_ext.train) reports it as it reports its flags.
+    _global_override, _env_error = None, str(error)
 # The use_backend() blocks of each thread, innermost last: one thread's block never
 # changes what another thread's calls resolve to. (threading.local, not a ContextVar:
 # dynamo traces a block inside a compiled function through this list, not ContextVar.set.)
@@ -92,6 +99,8 @@ def _current_override():
     stack = getattr(_threads, "stack", None)
     if stack:
         return stack[-1]
+    if _env_error is not None:
+        raise ValueError(_env_error)
     return _global_override
 
 

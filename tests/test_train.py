@@ -1244,6 +1244,22 @@ def test_bad_flags(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_bad_backend_in_the_environment_is_a_flag_error_of_the_command(tmp_path):
+    # MMSD_EXT_BACKEND was checked at import: the command ended in a traceback before it could
+    # parse its flags, even for --help or with --backend given.
+    env = {k: v for k, v in os.environ.items() if k != "MMSD_EXT_QUIET"} | {"MMSD_EXT_BACKEND": "bogus"}
+    command = [sys.executable, "-m", "mmsd_ext.train"]
+    bad = subprocess.run(command + ["--output-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "mmsd-train: error: --backend bogus: backend: expected one of reference, cpu, cuda, triton or 'auto', got 'bogus' "
+        "(--backend bogus came from MMSD_EXT_BACKEND; give --backend to run with another)"
+    )
+    assert not os.path.exists(tmp_path / "run")
+    helped = subprocess.run(command + ["--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--backend" in helped.stdout, helped.stderr
+
+
 def test_a_value_that_does_not_parse_is_named_by_its_kind(capsys):
     """argparse names a flag's type function in "invalid <name> value": every numeric flag reads
     as int or float there, not as the name of the function that checks it."""
