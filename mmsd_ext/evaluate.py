@@ -517,8 +517,8 @@ def read_ambiguous(path):
 
     Any whitespace separates the fields (MMSD splits on single spaces, which
     needs the file's two spaces after the name); blank lines are skipped. Lines
-    are UTF-8, or else latin-1 (as the training data reads names written by
-    Python 2 tools).
+    are UTF-8 (a byte order mark at the start is skipped), or else latin-1 (as
+    the training data reads names written by Python 2 tools).
 
     Returns:
         list of (name, start, end).
@@ -531,6 +531,8 @@ def read_ambiguous(path):
     entries = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark (Windows editors) would join the first name
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -384,6 +384,15 @@ def test_ambiguous_filter_and_the_empty_class_quirk(tmp_path):
         read_ambiguous(path)
 
 
+def test_read_ambiguous_skips_a_byte_order_mark(tmp_path):
+    # Saved by a Windows editor: the mark joined the first name, whose entry then matched no video.
+    path = tmp_path / "Ambiguous_test.txt"
+    path.write_bytes("video_test_0000001  8.0 9.6\nvideo_test_0000002  5.76 7.0\n".encode("utf-8-sig"))
+    assert read_ambiguous(path) == [("video_test_0000001", 8.0, 9.6), ("video_test_0000002", 5.76, 7.0)]
+    path.write_bytes(b"video_test_0000001  8.0 9.6\n\xef\xbb\xbfvideo_test_0000002  5.76 7.0\n")
+    assert read_ambiguous(path)[1][0] == "\ufeffvideo_test_0000002"  # only a file's first bytes are a mark
+
+
 def test_bytes_names_as_in_wtalc_files():
     result = thumos14_detection_map([[0, 1, 0, 10, 1.0]], np.array([b"v"]), [[[0.0, 6.4]]], [[b"Beta"]], np.array([c.encode() for c in CLASSES]))
     assert result.average == 1.0 and result.classes.tolist() == [1]
