@@ -143,7 +143,8 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("unknown_class", "labels_all.npy", "not in classlist"),
         ("segment_count", "labels.npy", "segment labels for"),
         ("bad_features", "Synthetic-I3D-JOINTFeatures.npy", "expected a [T, D] array"),
-        ("nan_features", "Synthetic-I3D-JOINTFeatures.npy", "NaN"),
+        ("nan_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features hold NaN or inf"),
+        ("repeated_class", "classlist.npy", "class 'class_00_appearance' is listed more than once (at 0, 3)"),
         ("odd_dim", "Synthetic-I3D-JOINTFeatures.npy", "odd"),
         ("bad_ambiguous", "Ambiguous_test.txt", "line 1"),
         ("zero_d", "labels_all.npy", "0-d array"),
@@ -156,17 +157,17 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("two_columns", "subset.npy", "expected a 1-d array"),
         ("two_columns", "videoname.npy", "expected a 1-d array"),
         ("segment_width", "segments.npy", "got shape (2, 3)"),
-        ("complex_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
-        ("string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
-        ("object_string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are not real numbers"),
+        ("complex_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features are not real numbers"),
+        ("string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features are not real numbers"),
+        ("object_string_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features are not real numbers"),
         # a mask or a thresholded copy saved in place of the features: True/False are not features
-        ("bool_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are booleans, not real numbers"),
-        ("object_bool_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1: features are booleans, not real numbers"),
+        ("bool_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features are booleans, not real numbers"),
+        ("object_bool_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features are booleans, not real numbers"),
         ("duplicate_name", "videoname.npy", "video 5 repeats the name"),
         ("ambiguous_dir", "Ambiguous_test.txt", "expected a text file"),
         ("nan_ambiguous", "Ambiguous_test.txt", "line 1"),
         ("long_ambiguous", "Ambiguous_test.txt", "line 1"),
-        ("empty_video", "Synthetic-I3D-JOINTFeatures.npy", "video 1: expected a [T, D] array with T >= 1"),
+        ("empty_video", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): expected a [T, D] array with T >= 1"),
         ("negative_segment", "segments.npy", "video 13 (video_test_0000013): segment [-0.5, 2.0] starts before the video"),
         ("nan_duration", "duration.npy", "video 4 (video_validation_0000004): duration nan is not a finite, non-negative"),
         ("negative_duration", "duration.npy", "duration -4.0 is not a finite, non-negative number of seconds"),
@@ -235,6 +236,10 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         names = np.load(path)
         names[5] = names[2]
         np.save(path, names)
+    elif damage == "repeated_class":
+        classes = np.load(path)
+        classes[3] = classes[0]
+        np.save(path, classes)
     elif damage == "ambiguous_dir":
         path.unlink()
         path.mkdir()
@@ -296,7 +301,7 @@ def test_loader_refuses_wide_features_beyond_float32_without_a_warning(tiny_root
         with pytest.raises(data_mod.DataError) as info:
             data_mod.load_wtalc(str(root), "Synthetic")
     message = str(info.value)
-    assert message.startswith(f"{path}: video 1: features reach ") and "beyond float32's range (+-3.403e+38)" in message, message
+    assert message.startswith(f"{path}: video 1 (video_validation_0000001): features reach ") and "beyond float32's range (+-3.403e+38)" in message, message
     assert "NaN" not in message
 
 
@@ -1233,6 +1238,11 @@ def test_features_of_another_type_are_named_in_the_error(tiny_root, tmp_path, ca
         (["--feature-type", "C3D"], "argument --feature-type: invalid choice: 'C3D'"),
         (["--dataset", "Thumos14reduced"], "--dataset names a folder under --data-root"),
         (["--data-root", ".", "--dataset", ""], "argument --dataset: expected a folder name under --data-root, got an empty one"),
+        # A path (a trailing slash from tab completion, or a folder elsewhere) named files that do not exist.
+        (["--data-root", ".", "--dataset", "Thumos14reduced/"], "argument --dataset: expected a folder name under --data-root, "
+         "which also names its files (NAME-I3D-JOINTFeatures.npy), got 'Thumos14reduced/'"),
+        (["--data-root", ".", "--dataset", "/data/Thumos14reduced"], "got '/data/Thumos14reduced'"),
+        (["--data-root", ".", "--dataset", ".."], "argument --dataset: expected a folder name under --data-root"),
         (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
         (["--eval-only", "--checkpoint", "x.pt", "--stop-after", "1"], "--stop-after has no meaning with --eval-only"),
     ],
@@ -1647,6 +1657,25 @@ def test_a_checkpoint_device_this_machine_lacks_is_named_as_the_checkpoints(tiny
     fixed = ["--device", "cpu", "--backend", "auto", "--no-progress", "--quiet"]
     assert main(["--resume", str(tmp_path / "device.pt"), *fixed, "--output-dir", str(tmp_path / "o1")]) == 0
     assert main(["--eval-only", "--checkpoint", str(tmp_path / "backend.pt"), *fixed, "--output-dir", str(tmp_path / "o2")]) == 0
+
+
+def test_a_checkpoint_data_root_that_moved_is_named_as_the_checkpoints(tiny_root, tmp_path, capsys):
+    # The error named --data-root, which the command line did not hold.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    run_dir = tmp_path / "run"
+    assert main(["--data-root", str(data), *FAST, "--epochs", "2", "--stop-after", "1", "--output-dir", str(run_dir)]) == 0
+    data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    wanted = (
+        f"mmsd-train: error: --data-root: {data} is not a directory (--data-root {data} is the checkpoint's setting; "
+        "give --data-root to run with another here)\n"
+    )
+    ckpt = str(run_dir / "checkpoint.pt")
+    for argv in (["--resume", ckpt], ["--eval-only", "--checkpoint", ckpt, "--output-dir", str(tmp_path / "e")]):
+        assert main([*argv, "--no-progress", "--quiet"]) == 2
+        assert capsys.readouterr().err == wanted
+    assert main(["--resume", ckpt, "--data-root", str(tmp_path / "moved"), "--no-progress", "--quiet"]) == 0
 
 
 def test_torchrun_with_more_processes_than_gpus_is_a_usage_error(tiny_root, tmp_path, monkeypatch, capsys):

@@ -109,6 +109,11 @@ def _dropout(text):
 def _dataset_name(text):
     if not text:  # the dataset folder would be the data root itself
         raise argparse.ArgumentTypeError("expected a folder name under --data-root, got an empty one")
+    if text in (".", "..") or any(sep and sep in text for sep in (os.sep, os.altsep)):
+        # The files inside are named after it (NAME-I3D-JOINTFeatures.npy), and a path would leave --data-root.
+        raise argparse.ArgumentTypeError(
+            f"expected a folder name under --data-root, which also names its files (NAME-I3D-JOINTFeatures.npy), got {text!r}"
+        )
     return text
 
 
@@ -313,7 +318,7 @@ def config_from_args(args, parser):
         base.update(given)
         # Settings of the machine the checkpoint was made on, kept where not given again:
         # an error about them says where they came from (main).
-        flags["inherited"] = {k: base[k] for k in ("device", "backend") if k not in given}
+        flags["inherited"] = {k: base[k] for k in ("device", "backend", "data_root") if k not in given}
         _check_data_flags(given, base["data_root"], parser, "the checkpoint's run")
         config = Config.from_dict(base)
     else:
@@ -361,9 +366,10 @@ def main(argv=None):
         )
     except (UsageError, DataError) as exc:
         message = str(exc)
-        for key, value in (flags.get("inherited") or {}).items() if isinstance(exc, UsageError) else ():
-            if message.startswith((f"--{key} ", f"--{key}:")):
-                message += f" (--{key} {value} is the checkpoint's setting; give --{key} to run with another here)"
+        for key, value in (flags.get("inherited") or {}).items():
+            flag = "--" + key.replace("_", "-")
+            if message.startswith((f"{flag} ", f"{flag}:")):
+                message += f" ({flag} {value} is the checkpoint's setting; give {flag} to run with another here)"
         if flags.get("backend_from_env") and message.startswith(("--backend ", "--backend:")):
             message += f" (--backend {flags['backend_from_env']} came from {ENV_VAR}; give --backend to run with another)"
         print(f"{parser.prog}: error: {message}", file=sys.stderr)

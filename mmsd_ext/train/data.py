@@ -196,7 +196,9 @@ class WTALCData:
         if not classes:
             fail("classlist.npy", "no classes")
         if len(set(classes)) != len(classes):
-            fail("classlist.npy", "class names repeat")
+            repeated = next(c for i, c in enumerate(classes) if c in classes[:i])
+            at = [i for i, c in enumerate(classes) if c == repeated]
+            fail("classlist.npy", f"class {repeated!r} is listed more than once (at {', '.join(map(str, at))})")
         index = {c: i for i, c in enumerate(classes)}
 
         raw_features = arrays["features"]
@@ -209,6 +211,7 @@ class WTALCData:
         for file in ("videoname", "subset"):
             if _ndim(arrays[file]) != 1:
                 fail(f"{file}.npy", f"expected a 1-d array of {n} names, got shape {np.shape(arrays[file])}")
+        videos = [_text(v) for v in np.asarray(arrays["videoname"]).reshape(-1)]  # (named in errors from here on)
         durations = np.asarray(arrays["duration"], dtype=object)
         if durations.ndim > 1 and durations.size != n:
             fail("duration.npy", f"expected one number per video ({n}), got shape {durations.shape}")
@@ -234,24 +237,24 @@ class WTALCData:
                 if f.dtype.kind != "f":
                     f = f.astype(np.float64)  # integers and objects as numbers first, to check their range
             except (TypeError, ValueError):
-                fail(feat_file, f"video {i}: features are {'booleans, not ' if booleans else 'not '}real numbers")
+                fail(feat_file, f"video {i} ({videos[i]}): features are {'booleans, not ' if booleans else 'not '}real numbers")
             except OverflowError:  # a Python int beyond any float
-                fail(feat_file, f"video {i}: features beyond float32's range (+-{FLOAT32_MAX:.4g})")
+                fail(feat_file, f"video {i} ({videos[i]}): features beyond float32's range (+-{FLOAT32_MAX:.4g})")
             if f.ndim != 2 or f.shape[0] < 1:
-                fail(feat_file, f"video {i}: expected a [T, D] array with T >= 1, got shape {f.shape}")
+                fail(feat_file, f"video {i} ({videos[i]}): expected a [T, D] array with T >= 1, got shape {f.shape}")
             if dim is None:
                 dim = f.shape[1]
             if f.shape[1] != dim:
-                fail(feat_file, f"video {i}: feature dimension {f.shape[1]}, but video 0 has {dim}")
+                fail(feat_file, f"video {i} ({videos[i]}): feature dimension {f.shape[1]}, but video 0 has {dim}")
             # Checked before the cast to float32, which turns finite values beyond its range into
             # inf (with numpy's "overflow encountered in cast" warning).
             if not np.isfinite(f).all():
-                fail(feat_file, f"video {i}: features hold NaN or inf")
+                fail(feat_file, f"video {i} ({videos[i]}): features hold NaN or inf")
             largest = float(np.abs(f).max()) if f.size else 0.0
             if largest > FLOAT32_MAX:
                 fail(
                     feat_file,
-                    f"video {i}: features reach {largest:.4g} in magnitude, beyond float32's range "
+                    f"video {i} ({videos[i]}): features reach {largest:.4g} in magnitude, beyond float32's range "
                     f"(+-{FLOAT32_MAX:.4g}), in which the model computes",
                 )
             features.append(f.astype(np.float32))
@@ -260,7 +263,6 @@ class WTALCData:
         if dim % 2:
             fail(feat_file, f"feature dimension {dim} is odd; expected RGB and flow halves of equal size")
 
-        videos = [_text(v) for v in np.asarray(arrays["videoname"]).reshape(-1)]
         subsets = [_text(s) for s in np.asarray(arrays["subset"]).reshape(-1)]
         first_of = {}
         for i, v in enumerate(videos):
