@@ -1243,6 +1243,8 @@ def test_features_of_another_type_are_named_in_the_error(tiny_root, tmp_path, ca
          "which also names its files (NAME-I3D-JOINTFeatures.npy), got 'Thumos14reduced/'"),
         (["--data-root", ".", "--dataset", "/data/Thumos14reduced"], "got '/data/Thumos14reduced'"),
         (["--data-root", ".", "--dataset", ".."], "argument --dataset: expected a folder name under --data-root"),
+        # (it said "--eval-only needs --checkpoint CKPT")
+        (["--resume", "x.pt", "--eval-only"], "--resume and --eval-only exclude each other; to evaluate a checkpoint: --eval-only --checkpoint CKPT"),
         (["--dropout", "1"], "--dropout: expected a number in [0, 1), got 1"),  # the loss never changed
         (["--eval-only", "--checkpoint", "x.pt", "--stop-after", "1"], "--stop-after has no meaning with --eval-only"),
     ],

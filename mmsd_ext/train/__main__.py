@@ -284,12 +284,12 @@ def config_from_args(args, parser):
     if "backend" not in given and os.environ.get(ENV_VAR):
         given["backend"] = flags["backend_from_env"] = os.environ[ENV_VAR]
 
+    if flags.get("resume") and flags.get("eval_only"):  # (first: the next check would ask for --checkpoint)
+        parser.error("--resume and --eval-only exclude each other; to evaluate a checkpoint: --eval-only --checkpoint CKPT")
     if flags.get("eval_only") and not flags.get("checkpoint"):
         parser.error("--eval-only needs --checkpoint CKPT")
     if flags.get("checkpoint") and not flags.get("eval_only"):
         parser.error("--checkpoint is for --eval-only; to continue training use --resume CKPT")
-    if flags.get("resume") and flags.get("eval_only"):
-        parser.error("--resume and --eval-only exclude each other")
     if flags.get("stop_after") and flags.get("eval_only"):
         parser.error("--stop-after has no meaning with --eval-only")
     if flags.get("quiet") and flags.get("eval_only") and not flags.get("output_dir"):
