@@ -88,7 +88,7 @@ def test_description_notes_what_the_files_allow_but_may_not_mean(tiny_root, tmp_
     data = data_mod.load_wtalc(str(root), "Synthetic")
     notes = data.notes()
     assert notes == [
-        f"1 ground-truth segment of 1 video ends past their video's duration (by up to 1.5 s, in {names[first]})",
+        f"1 ground-truth segment of 1 video ends past its video's duration (by up to 1.5 s, in {names[first]})",
         f"1 video ({names[second]}) has segments of classes missing from labels_all.npy, which training takes its video labels from",
         "Ambiguous_test.txt names 1 video not in the dataset (video_not_here)",
     ]

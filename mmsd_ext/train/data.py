@@ -404,7 +404,7 @@ class WTALCData:
             worst = max(past, key=lambda p: p[1])
             out.append(
                 f"{count} ground-truth segment{'s' if count > 1 else ''} of {len(past)} video{'s' if len(past) > 1 else ''} "
-                f"end{'' if count > 1 else 's'} past their video's duration (by up to {worst[1]:.3g} s, in {self.videos[worst[0]]})"
+                f"end{'' if count > 1 else 's'} past {'their' if count > 1 else 'its'} video's duration (by up to {worst[1]:.3g} s, in {self.videos[worst[0]]})"
             )
         unlabelled = [i for i, classes in enumerate(self.segment_classes) if len(classes) and not self.labels[i, classes].all()]
         if unlabelled:
