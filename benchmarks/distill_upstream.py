@@ -32,7 +32,10 @@ from .harness import Settings, copy_bandwidth, parse_btc, timer_class
 
 def _median_s(fn, min_run_time):
     fn()
-    return timer_class()("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # Timer's own default is one thread: on the CPU the kernels would run on one core, against a
+    # copy bandwidth (and the main benchmark's figures) measured on all of torch's threads.
+    timer = timer_class()("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def main(argv=None):
@@ -56,7 +59,7 @@ def main(argv=None):
     device = torch.device(args.device)
     copy_bw = copy_bandwidth(args.device, Settings(device=args.device, min_run_time=args.min_run_time)) * 1e9
     print(f"mmsd_distill_loss fwd+bwd, backend {args.device}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)")
+          f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write), {torch.get_num_threads()} threads")
     print(f"{'shape':<14}{'way':<24}{'median ms':>11}{'% copy':>8}")
     for shape in shapes:
         gen = torch.Generator().manual_seed(0)

@@ -506,6 +506,20 @@ def test_distill_upstream_times_the_two_ways_and_refuses_bad_shapes():
     assert proc.returncode == 2 and "--min-run-time: expected a number of seconds > 0, got -1" in proc.stderr
 
 
+def test_distill_upstream_times_on_torchs_threads():
+    # torch's Timer runs on one thread unless told: the CPU figures were one core's, set beside a
+    # copy bandwidth and the main benchmark's figures measured on all of torch's threads.
+    from benchmarks import distill_upstream
+
+    seen, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        distill_upstream._median_s(lambda: seen.append(torch.get_num_threads()), 0.001)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) > 1 and set(seen) == {2}, seen
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a file whose writes fail: disk full)")
 def test_a_csv_write_that_fails_mid_run_is_an_error_naming_the_file():
     cmd = [sys.executable, "-m", "benchmarks", "--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "tiny", "--threads", "1",
