@@ -87,12 +87,27 @@ def _parse_row(r, line):
 
 
 def select(rows, run="latest", device=None):
+    """The rows to plot. With ``run="all"``, a case (op, provider, shape, dtype, pass, device)
+    measured in several runs is plotted from the latest of them (a plot has one bar per case):
+    how many rows that leaves out is ``select.repeated`` (0 otherwise), for the caller to say."""
+    select.repeated = 0
     if device:
         rows = [r for r in rows if r.get("device") == device or (device == "cuda" and r.get("device") == "cpu" and r.get("kind") == "anchor")]
     if run == "latest" and rows:
         latest = max(r["run_id"] for r in rows)
         rows = [r for r in rows if r["run_id"] == latest]
-    elif run not in ("all", "latest"):
+    elif run == "all":
+        def case(r):
+            return (r["op"], r["provider"], r["shape"], r["dtype"], r["pass"], r["device"])
+
+        newest = {}
+        for r in rows:
+            if case(r) not in newest or r["run_id"] > newest[case(r)]:
+                newest[case(r)] = r["run_id"]
+        kept = [r for r in rows if r["run_id"] == newest[case(r)]]
+        select.repeated = len(rows) - len(kept)
+        rows = kept
+    else:
         rows = [r for r in rows if r["run_id"] == run]
     return rows
 
@@ -152,8 +167,12 @@ def plot_rows(rows, path, title=None, pass_name=None):
         for r in op_rows:
             if r["provider"] not in providers:
                 providers.append(r["provider"])
-        eager = next((r["eager_anchor"] for r in op_rows if r.get("eager_anchor")), "eager")
-        for j, (metric, ylabel) in enumerate((("median_ms", "median time, ms (log)"), ("speedup_vs_eager", f"speedup vs {eager}"))):
+        anchors = {r["_label"]: r["eager_anchor"] for r in op_rows if r.get("eager_anchor")}
+        # One anchor names the axis; where sizes have different ones (soft-NMS: the reference in one
+        # group, MMSD's numpy loop on a batch), each size's tick names its own.
+        eager = next(iter(set(anchors.values()))) if len(set(anchors.values())) == 1 else None
+        speedup_label = f"speedup vs {eager}" if eager else "speedup vs the size's eager anchor"
+        for j, (metric, ylabel) in enumerate((("median_ms", "median time, ms (log)"), ("speedup_vs_eager", speedup_label))):
             ax = axes[i][j]
             width = 0.8 / max(1, len(providers))
             for k, prov in enumerate(providers):
@@ -169,7 +188,8 @@ def plot_rows(rows, path, title=None, pass_name=None):
             if metric == "speedup_vs_eager":
                 ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks(range(len(shapes)))
-            ax.set_xticklabels(shapes, fontsize=7, rotation=10)
+            ticks = shapes if j == 0 or eager else [f"{s}\nvs {anchors[s]}" if s in anchors else s for s in shapes]
+            ax.set_xticklabels(ticks, fontsize=7, rotation=10)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(f"{op} ({p})", fontsize=9)
             ax.grid(axis="y", which="both", alpha=0.3)
@@ -178,6 +198,7 @@ def plot_rows(rows, path, title=None, pass_name=None):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # (as --csv's folder is made)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -205,6 +226,9 @@ def main(argv=None):
     rows = select(rows, args.run, args.device)
     if not rows:
         p.error(f"{args.csv}: no rows for --run {args.run}" + (f" on --device {args.device}" if args.device else ""))
+    if select.repeated:
+        print(f"{p.prog}: {select.repeated} rows of earlier runs repeat cases of later ones; each case is plotted from "
+              "its latest run (--run RUN_ID plots one run)", file=sys.stderr)
     names = sorted({r["device_name"] for r in rows})
     try:
         plot_rows(rows, args.out, title=f"mmsd_ext benchmarks, {'; '.join(names)}", pass_name=args.pass_name)

@@ -172,6 +172,55 @@ def test_plot_from_the_run_and_from_the_csv(tiny_run, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_of_all_runs_takes_each_case_from_its_latest_run_and_says_so(tmp_path, capsys):
+    # Repeated runs in one CSV: --run all plotted the first run's bar of each case, silently.
+    from benchmarks import plot
+
+    def row(run_id, shape, median, anchor):
+        return {"run_id": run_id, "op": "soft_temporal_nms", "provider": "cpu", "shape": shape, "dtype": "float32",
+                "pass": "fwd", "device": "cpu", "median_ms": median, "eager_anchor": anchor}
+
+    rows = [row("r1", "M=1000", 2.0, "reference"), row("r2", "M=1000", 1.0, "reference"), row("r1", "thumos", 5.0, "numpy_loop")]
+    kept = plot.select(rows, "all")
+    assert sorted((r["run_id"], r["shape"]) for r in kept) == [("r1", "thumos"), ("r2", "M=1000")] and plot.select.repeated == 1
+    assert plot.select(rows, "latest") == [rows[1]] and plot.select.repeated == 0
+    if not HAS_MATPLOTLIB:
+        return
+    original = os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")
+    with open(original) as f:
+        lines = f.read().splitlines()
+    twice = tmp_path / "twice.csv"
+    run = lines[1].split(",")[-1]  # run_id, the last column
+    assert lines[0].split(",")[-1] == "run_id" and all(line.endswith("," + run) for line in lines[1:])
+    twice.write_text("\n".join(lines + [line[: -len(run)] + run + "-again" for line in lines[1:]]) + "\n")
+    assert plot.main([str(twice), "--out", str(tmp_path / "new-folder" / "p.png"), "--run", "all"]) == 0
+    assert (tmp_path / "new-folder" / "p.png").exists()  # the folder is made, as --csv's is
+    assert f"{len(lines) - 1} rows of earlier runs repeat cases of later ones" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is an optional extra")
+def test_plot_names_each_sizes_anchor_where_an_op_has_several(tmp_path, monkeypatch):
+    # soft-NMS's batch is timed against MMSD's numpy loop, its single groups against the
+    # reference: the whole axis read "speedup vs reference".
+    import matplotlib.axes
+
+    from benchmarks import plot
+
+    labels, ticks = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, text, **k: labels.append(text))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticklabels", lambda self, t, **k: ticks.append(list(t)))
+    rows = plot.select(plot.read_csv(os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")))
+    anchors = {r["eager_anchor"] for r in rows if r["op"] == "soft_temporal_nms"}
+    assert anchors == {"reference", "numpy_loop"}, anchors
+    plot.plot_rows(rows, str(tmp_path / "p.png"))
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    soft = ops.index("soft_temporal_nms")
+    assert labels[2 * soft + 1] == "speedup vs the size's eager anchor"
+    assert any(t.endswith("\nvs numpy_loop") for t in ticks[2 * soft + 1]) and not any("\nvs" in t for t in ticks[2 * soft])
+    single = next(i for i, op in enumerate(ops) if {r["eager_anchor"] for r in rows if r["op"] == op} == {"eager"})
+    assert labels[2 * single + 1] == "speedup vs eager"
+
+
 def test_csv_appends_under_one_header(tmp_path):
     path = tmp_path / "r.csv"
     row = {c: "" for c in harness.COLUMNS}
@@ -330,7 +379,8 @@ def test_plot_refuses_what_it_cannot_read_or_write(tmp_path, capsys):
         ([good, "--pass", "bogus"], "argument --pass: invalid choice"),
     ]
     if HAS_MATPLOTLIB:
-        cases.append(([good, "--out", str(tmp_path / "no-such-folder" / "p.png")], "cannot write it"))
+        (tmp_path / "a-file").write_text("where the folder would be")
+        cases.append(([good, "--out", str(tmp_path / "a-file" / "p.png")], "cannot write it"))
     for argv, message in cases:
         out = [] if "--out" in argv else ["--out", str(tmp_path / "p.png")]
         with pytest.raises(SystemExit) as info:
