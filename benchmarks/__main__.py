@@ -144,7 +144,7 @@ def parse_args(argv=None):
             p.error(f"{flag}: expected a file path, got an empty one")
     if args.plot and not args.list:
         if importlib.util.find_spec("matplotlib") is None:
-            p.error("--plot: matplotlib is not installed (pip install matplotlib, or pip install -e .[plot]); run without --plot")
+            p.error('--plot: matplotlib is not installed (pip install matplotlib, or pip install --no-build-isolation -e ".[plot]"); run without --plot')
         problem = out_problem(args.plot)
         if problem:
             p.error(f"--plot {args.plot}: {problem}")

@@ -144,7 +144,7 @@ def plot_rows(rows, path, title=None, pass_name=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("plotting needs matplotlib: pip install matplotlib (or pip install -e .[plot])") from None
+        raise SystemExit('plotting needs matplotlib: pip install matplotlib (or pip install --no-build-isolation -e ".[plot]")') from None
 
     ops = []
     for r in rows:

@@ -1,5 +1,6 @@
-"""Where the time of a fwd+bwd of ``mmsd_distill_loss`` goes on a GPU: a torch.profiler
-table of ten calls per backend, after twenty warm ones.
+"""Where the time of a fwd+bwd of ``mmsd_distill_loss`` goes on a GPU, kernel by kernel.
+
+A torch.profiler table of ten calls per backend, after twenty warm ones.
 
     python -m benchmarks.profile_distill [--shape 10x750x21] [--backends cuda reference]
 """
