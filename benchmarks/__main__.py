@@ -25,7 +25,7 @@ os.environ.setdefault("MMSD_EXT_QUIET", "1")
 import torch  # noqa: E402
 
 from . import bench_distill, bench_localization, bench_nms, bench_topk_mil_pool  # noqa: E402
-from .harness import Context, Runner, Settings, format_left_out, format_table, parse_btc  # noqa: E402
+from .harness import Context, Runner, Settings, _check_csv_header, format_left_out, format_table, parse_btc  # noqa: E402
 from .plot import FORMATS, out_problem, plot_rows  # noqa: E402  (plot.py imports matplotlib only to draw)
 
 OPS = {
@@ -156,6 +156,11 @@ def parse_args(argv=None):
             problem = path and _unwritable(path)
             if problem:
                 p.error(f"{flag} {path}: {problem}")
+        if args.csv:
+            try:  # a file to append to must have this version's columns: said here, before any input is made
+                _check_csv_header(args.csv)
+            except SystemExit as exc:
+                p.error(str(exc))
     return args
 
 
@@ -286,8 +291,8 @@ def main(argv=None):
             print(f"{c.op:22s} {c.shape:34s} {c.dtype:9s} {'/'.join(c.passes):22s} " + ", ".join(p.name + (" (skip)" if p.skip else "") for p in c.providers))
         return 0
     if not cases:
-        print("python -m benchmarks: error: nothing to run (no case for these ops and sizes)", file=sys.stderr)
-        return 1
+        print("python -m benchmarks: error: nothing to run: no case of --ops for these --sizes and --passes", file=sys.stderr)
+        return 2
 
     warning = _load_warning()
     if warning:

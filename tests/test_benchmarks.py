@@ -250,6 +250,15 @@ def test_csv_appends_under_one_header(tmp_path):
     nul.write_text("op,\x00x\n")
     with pytest.raises(SystemExit, match=r"--csv .*(not a CSV file|other columns)"):
         harness._check_csv_header(str(nul))
+    # The command says so with its flag errors (exit 2, before any input is made); it was
+    # exit 1 after the banner.
+    from benchmarks.__main__ import parse_args
+
+    for name in ("other.csv", "binary.csv"):
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--csv", str(tmp_path / name)])
+        assert info.value.code == 2
+    assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"
 
 
 def test_mmsd_distill_least_traffic_is_three_reads_and_three_gradient_writes():
@@ -349,8 +358,8 @@ def test_path_checks_leave_no_folder_behind(tmp_path, capsys):
     parse_args(["--csv", str(csv_path)])
     assert not (tmp_path / "new").exists()
     assert main(["--device", "cpu", "--ops", "topk_mil_pool", "--sizes", "2x8x3", "--passes", "proposals",
-                 "--csv", str(csv_path)]) == 1
-    assert "nothing to run" in capsys.readouterr().err
+                 "--csv", str(csv_path)]) == 2
+    assert "nothing to run: no case of --ops for these --sizes and --passes" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
     # makedirs made the outer folder, then failed on a name too long: the outer one goes too.
     with pytest.raises(SystemExit):
