@@ -145,6 +145,9 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("bad_features", "Synthetic-I3D-JOINTFeatures.npy", "expected a [T, D] array"),
         ("nan_features", "Synthetic-I3D-JOINTFeatures.npy", "video 1 (video_validation_0000001): features hold NaN or inf"),
         ("repeated_class", "classlist.npy", "class 'class_00_appearance' is listed more than once (at 0, 3)"),
+        # a pickled list of lists: it loaded as "0 videos (12 train, 6 test)", or crashed
+        ("list_names", "videoname.npy", "video 0: expected a name (str or bytes), got list []"),
+        ("list_names", "subset.npy", "video 0: expected a name (str or bytes), got list []"),
         ("odd_dim", "Synthetic-I3D-JOINTFeatures.npy", "odd"),
         ("bad_ambiguous", "Ambiguous_test.txt", "line 1"),
         ("zero_d", "labels_all.npy", "0-d array"),
@@ -236,6 +239,10 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         names = np.load(path)
         names[5] = names[2]
         np.save(path, names)
+    elif damage == "list_names":
+        count = len(np.load(path, allow_pickle=True))
+        with open(path, "wb") as f:
+            pickle.dump([[] for _ in range(count)], f)
     elif damage == "repeated_class":
         classes = np.load(path)
         classes[3] = classes[0]
@@ -356,6 +363,13 @@ def test_loader_reads_object_arrays_pickled_by_python2(tiny_root, tmp_path):
     loaded = data_mod.load_wtalc(str(root), "Synthetic")
     for got, want in zip(loaded.features, reference.features):
         np.testing.assert_array_equal(got, want)
+    # Names pickled by Python 2 as str, UTF-8 and latin-1 bytes among them, as the names of
+    # files written by Python 3 are read (a latin-1 reading of the whole file made "cafÃ©").
+    names = np.load(folder / "videoname.npy").astype(object)
+    names[3], names[4] = "vid\u00e9o_3".encode(), b"vid\xe9o_4"
+    _save_as_python2(folder / "videoname.npy", np.array([n if isinstance(n, bytes) else n.encode() for n in names], dtype=object))
+    loaded = data_mod.load_wtalc(str(root), "Synthetic")
+    assert loaded.videos[3] == "vid\u00e9o_3" and loaded.videos[4] == "vid\u00e9o_4" and loaded.videos[0] == reference.videos[0]
 
 
 def test_loader_decodes_latin1_names(tiny_root, tmp_path):

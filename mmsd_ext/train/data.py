@@ -95,10 +95,12 @@ def _load_npy(path):
     try:
         return np.load(path, allow_pickle=True)
     except UnicodeError:
-        # Object arrays pickled by Python 2 hold byte strings numpy cannot decode as ASCII (numpy
-        # >= 2 raises that UnicodeDecodeError again as a UnicodeError, its parent class).
+        # Object arrays pickled by Python 2 (W-TALC's files) hold its str, which numpy cannot
+        # decode as ASCII (numpy >= 2 raises that UnicodeDecodeError again as a UnicodeError, its
+        # parent class). Read as bytes, as W-TALC's loader does: arrays come back whole, and names
+        # as bytes, which _text decodes (UTF-8, else latin-1).
         try:
-            return np.load(path, allow_pickle=True, encoding="latin1")
+            return np.load(path, allow_pickle=True, encoding="bytes")
         except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
             raise DataError(f"{path}: cannot be read as a .npy file ({type(exc).__name__}: {_unnamed(exc, path)})") from None
     except Exception as exc:  # noqa: BLE001
@@ -211,7 +213,9 @@ class WTALCData:
         for file in ("videoname", "subset"):
             if _ndim(arrays[file]) != 1:
                 fail(f"{file}.npy", f"expected a 1-d array of {n} names, got shape {np.shape(arrays[file])}")
-        videos = [_text(v) for v in np.asarray(arrays["videoname"]).reshape(-1)]  # (named in errors from here on)
+        # Names, one per video (they name the video in the errors from here on).
+        videos = [_name_of(v, fail, "videoname.npy", i) for i, v in enumerate(arrays["videoname"])]
+        subsets = [_name_of(s, fail, "subset.npy", i) for i, s in enumerate(arrays["subset"])]
         durations = np.asarray(arrays["duration"], dtype=object)
         if durations.ndim > 1 and durations.size != n:
             fail("duration.npy", f"expected one number per video ({n}), got shape {durations.shape}")
@@ -263,7 +267,6 @@ class WTALCData:
         if dim % 2:
             fail(feat_file, f"feature dimension {dim} is odd; expected RGB and flow halves of equal size")
 
-        subsets = [_text(s) for s in np.asarray(arrays["subset"]).reshape(-1)]
         first_of = {}
         for i, v in enumerate(videos):
             if v in first_of:
@@ -421,6 +424,16 @@ class WTALCData:
                 f"({unknown[0]}{', ...' if len(unknown) > 1 else ''})"
             )
         return out
+
+
+def _name_of(value, fail, file, i):
+    """A video's name or subset as text; anything else (a list, a number, None: a pickle of
+    the wrong thing) fails naming ``file`` and the video."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if not isinstance(value, (str, bytes, np.str_, np.bytes_)):
+        fail(file, f"video {i}: expected a name (str or bytes), got {type(value).__name__} {value!r:.60}")
+    return _text(value)
 
 
 def _ndim(value):
