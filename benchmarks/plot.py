@@ -112,6 +112,9 @@ def select(rows, run="latest", device=None):
     return rows
 
 
+select.repeated = 0
+
+
 def _main_pass(op_rows, wanted=None):
     passes = {r["pass"] for r in op_rows}
     if wanted and wanted in passes:
@@ -170,7 +173,8 @@ def plot_rows(rows, path, title=None, pass_name=None):
         anchors = {r["_label"]: r["eager_anchor"] for r in op_rows if r.get("eager_anchor")}
         # One anchor names the axis; where sizes have different ones (soft-NMS: the reference in one
         # group, MMSD's numpy loop on a batch), each size's tick names its own.
-        eager = next(iter(set(anchors.values()))) if len(set(anchors.values())) == 1 else None
+        names = set(anchors.values())
+        eager = (names.pop() if names else "eager") if len(names) <= 1 else None  # (older CSVs name none)
         speedup_label = f"speedup vs {eager}" if eager else "speedup vs the size's eager anchor"
         for j, (metric, ylabel) in enumerate((("median_ms", "median time, ms (log)"), ("speedup_vs_eager", speedup_label))):
             ax = axes[i][j]
