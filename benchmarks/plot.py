@@ -87,10 +87,10 @@ def _parse_row(r, line):
 
 
 def select(rows, run="latest", device=None):
-    """The rows to plot. With ``run="all"``, a case (op, provider, shape, dtype, pass, device)
-    measured in several runs is plotted from the latest of them (a plot has one bar per case):
-    how many rows that leaves out is ``select.repeated`` (0 otherwise), for the caller to say."""
-    select.repeated = 0
+    """(rows to plot, how many rows of repeated cases were left out). With ``run="all"``, a case
+    (op, provider, shape, dtype, pass, device) measured in several runs is plotted from the
+    latest of them (a plot has one bar per case); otherwise nothing is left out that way."""
+    repeated = 0
     if device:
         rows = [r for r in rows if r.get("device") == device or (device == "cuda" and r.get("device") == "cpu" and r.get("kind") == "anchor")]
     if run == "latest" and rows:
@@ -105,14 +105,11 @@ def select(rows, run="latest", device=None):
             if case(r) not in newest or r["run_id"] > newest[case(r)]:
                 newest[case(r)] = r["run_id"]
         kept = [r for r in rows if r["run_id"] == newest[case(r)]]
-        select.repeated = len(rows) - len(kept)
+        repeated = len(rows) - len(kept)
         rows = kept
     else:
         rows = [r for r in rows if r["run_id"] == run]
-    return rows
-
-
-select.repeated = 0
+    return rows, repeated
 
 
 def _main_pass(op_rows, wanted=None):
@@ -227,11 +224,11 @@ def main(argv=None):
         p.error(f"{args.csv}: cannot read it ({exc.strerror or exc})")
     except (UnicodeDecodeError, csv.Error, ValueError) as exc:
         p.error(f"{args.csv}: not a CSV written by python -m benchmarks --csv ({exc})")
-    rows = select(rows, args.run, args.device)
+    rows, repeated = select(rows, args.run, args.device)
     if not rows:
         p.error(f"{args.csv}: no rows for --run {args.run}" + (f" on --device {args.device}" if args.device else ""))
-    if select.repeated:
-        print(f"{p.prog}: {select.repeated} rows of earlier runs repeat cases of later ones; each case is plotted from "
+    if repeated:
+        print(f"{p.prog}: {repeated} rows of earlier runs repeat cases of later ones; each case is plotted from "
               "its latest run (--run RUN_ID plots one run)", file=sys.stderr)
     names = sorted({r["device_name"] for r in rows})
     try:

@@ -181,9 +181,9 @@ def test_plot_of_all_runs_takes_each_case_from_its_latest_run_and_says_so(tmp_pa
                 "pass": "fwd", "device": "cpu", "median_ms": median, "eager_anchor": anchor}
 
     rows = [row("r1", "M=1000", 2.0, "reference"), row("r2", "M=1000", 1.0, "reference"), row("r1", "thumos", 5.0, "numpy_loop")]
-    kept = plot.select(rows, "all")
-    assert sorted((r["run_id"], r["shape"]) for r in kept) == [("r1", "thumos"), ("r2", "M=1000")] and plot.select.repeated == 1
-    assert plot.select(rows, "latest") == [rows[1]] and plot.select.repeated == 0
+    kept, repeated = plot.select(rows, "all")
+    assert sorted((r["run_id"], r["shape"]) for r in kept) == [("r1", "thumos"), ("r2", "M=1000")] and repeated == 1
+    assert plot.select(rows, "latest") == ([rows[1]], 0)
     if not HAS_MATPLOTLIB:
         pytest.skip("the rest plots: matplotlib is an optional extra")
     original = os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")
@@ -209,7 +209,7 @@ def test_plot_names_each_sizes_anchor_where_an_op_has_several(tmp_path, monkeypa
     labels, ticks = [], []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, text, **k: labels.append(text))
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xticklabels", lambda self, t, **k: ticks.append(list(t)))
-    rows = plot.select(plot.read_csv(os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")))
+    rows, _ = plot.select(plot.read_csv(os.path.join(REPO, "benchmarks", "results", "cpu-quick.csv")))
     anchors = {r["eager_anchor"] for r in rows if r["op"] == "soft_temporal_nms"}
     assert anchors == {"reference", "numpy_loop"}, anchors
     plot.plot_rows(rows, str(tmp_path / "p.png"))
