@@ -33,13 +33,17 @@ inline std::string shape(c10::IntArrayRef sizes) {
 
 // The shortest "%g" text that reads back as the same double (0.1 -> "0.1",
 // 2.0 -> "2", 1e-320 -> "1e-320"), like Python's repr; "nan", "inf", "-inf" spelled out.
-inline std::string real(double value) {
+// With as_float, `value` is a float32's and the text need only read back as that float32
+// (through a double, as mmsd_ext/nms.py reads it): a float32 6.4 prints "6.4", not the
+// "6.400000095367432" of its double.
+inline std::string real(double value, bool as_float = false) {
   if (std::isnan(value)) return "nan";
   if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
   char text[32];
   for (int digits = 1; digits <= 17; ++digits) {
     std::snprintf(text, sizeof(text), "%.*g", digits, value);
-    if (std::strtod(text, nullptr) == value) break;
+    const double back = std::strtod(text, nullptr);
+    if (as_float ? static_cast<float>(back) == static_cast<float>(value) : back == value) break;
   }
   return text;
 }

@@ -59,14 +59,15 @@ inline void check_soft_nms_params(c10::string_view method, double sigma, double 
   TORCH_CHECK_VALUE(!std::isnan(min_score), "min_score: expected a number, got nan");
 }
 
-// Host check of the coordinates of CPU segments (double, contiguous [M, 2]).
-inline void check_segment_values(const double* seg, int64_t m) {
+// Host check of the coordinates of CPU segments (double, contiguous [M, 2]); as_float:
+// the caller's segments are float32, and their values print as float32s.
+inline void check_segment_values(const double* seg, int64_t m, bool as_float) {
   for (int64_t i = 0; i < m; ++i) {
     const double s = seg[2 * i], e = seg[2 * i + 1];
     TORCH_CHECK_VALUE(std::isfinite(s) && std::isfinite(e), "segments: expected finite coordinates, got segment ",
-                      num(i), " = (", real(s), ", ", real(e), ")");
-    TORCH_CHECK_VALUE(e >= s, "segments: expected end >= start, got segment ", num(i), " = (", real(s), ", ",
-                      real(e), ")");
+                      num(i), " = (", real(s, as_float), ", ", real(e, as_float), ")");
+    TORCH_CHECK_VALUE(e >= s, "segments: expected end >= start, got segment ", num(i), " = (", real(s, as_float),
+                      ", ", real(e, as_float), ")");
   }
 }
 

@@ -8,6 +8,7 @@ keep/suppress decisions, also for overlaps exactly at the threshold.
 """
 
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -259,19 +260,22 @@ def _check_segment_values(segments):
     bad = ~finite | (segments[:, 1] < segments[:, 0])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        _raise_bad_segment(i, *segments[i].tolist())
+        _raise_bad_segment(i, segments)
 
 
-def _raise_bad_segment(i, start, end):
-    """Every backend's error for bad segment ``i``: the C++ kernels' words and numbers
-    (csrc/nms_checks.h, csrc/format.h's real: the shortest text that reads back, 3 not 3.0)."""
+def _raise_bad_segment(i, segments):
+    """Every backend's error for bad segment ``i`` of ``segments``: the C++ kernels' words and
+    numbers (csrc/nms_checks.h, csrc/format.h's real: the shortest text that reads back, 3 not
+    3.0, and for float32 segments as a float32, 6.4 not 6.400000095367432)."""
+    start, end = segments[i].tolist()
+    as_float = segments.dtype == torch.float32
 
     def real(x):
         if math.isnan(x) or math.isinf(x):
             return str(x)
         for digits in range(1, 18):
             text = f"{x:.{digits}g}"
-            if float(text) == x:
+            if (struct.unpack("f", struct.pack("f", float(text)))[0] == x) if as_float else float(text) == x:
                 return text
         return repr(x)
 
@@ -438,11 +442,12 @@ def _first_bad_segment(seg):
     return torch.where(ok, seg.shape[0], pos).min()
 
 
-def _read_count_and_check(count, first_bad, seg):
-    """The read of the result size to the host, with whether a segment was invalid."""
+def _read_count_and_check(count, first_bad, segments):
+    """The read of the result size to the host, with whether a segment was invalid
+    (``segments``: the caller's, whose dtype the error's numbers are printed in)."""
     count, bad = torch.stack([count.to(torch.int64), first_bad]).tolist()
-    if bad < seg.shape[0]:
-        _raise_bad_segment(bad, *seg[bad].tolist())
+    if bad < segments.shape[0]:
+        _raise_bad_segment(bad, segments)
     return count
 
 
@@ -502,7 +507,7 @@ def _temporal_nms_triton_op(
     keep_visit = keep_sorted
     if groups is not None:
         keep_visit = torch.zeros_like(keep_sorted).index_copy_(0, by_group, keep_sorted)
-    count = _read_count_and_check(keep_visit.sum(), first_bad, seg)
+    count = _read_count_and_check(keep_visit.sum(), first_bad, segments)
     return perm[torch.nonzero_static(keep_visit, size=count).squeeze(1)]
 
 
@@ -542,7 +547,7 @@ def _soft_temporal_nms_triton_op(
     perm = torch.sort(run_index, stable=True).indices
     perm = perm[_descending_order(run_score[perm])]
     perm = perm[torch.sort((~valid[perm]).to(torch.uint8), stable=True).indices]
-    total = _read_count_and_check(valid.sum(), first_bad, seg)
+    total = _read_count_and_check(valid.sum(), first_bad, segments)
     chosen = perm[:total]
     return out_index[chosen], out_score[chosen].to(scores.dtype)
 

@@ -1095,6 +1095,24 @@ def test_the_first_bad_segment_is_named(any_backend):
             fn(infinite_first)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bad_segment_prints_as_written_in_its_dtype(any_backend, dtype):
+    """The numbers of a bad segment print as the shortest text that reads back in the segments'
+    dtype: a float32 6.4 as 6.4, not as its double 6.400000095367432, on every backend."""
+    dev = backend_device(any_backend)
+    scores = torch.ones(3, device=dev)
+    for pair, text in (([6.4, 5.1], "(6.4, 5.1)"), ([0.1, math.nan], "(0.1, nan)"), ([3.4028234663852886e38, 1e-45], None)):
+        seg = torch.tensor([[0.0, 1.0], [0.0, 2.0], pair], dtype=dtype, device=dev)
+        if text is None:  # the float32 extremes: largest finite, smallest subnormal
+            text = "(3.4028235e+38, 1e-45)" if dtype == torch.float32 else f"({seg[2, 0].item()!r}, {seg[2, 1].item()!r})"
+        what = "end >= start" if math.isfinite(pair[1]) else "finite coordinates"
+        message = f"segments: expected {what}, got segment 2 = {text}"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            mmsd_ext.temporal_nms(seg, scores, 0.5, backend=any_backend)
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            mmsd_ext.soft_temporal_nms(seg, scores, backend=any_backend)
+
+
 def test_compiled_ops_check_their_arguments():
     # Direct calls of the dispatcher ops (no Python wrapper) fail cleanly too.
     if "cpu" not in mmsd_ext.available_backends():

@@ -289,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cpu(const at::Tensor& segme
   const at::Tensor score_t = scores.to(at::kDouble).contiguous();
   const double* seg = seg_t.data_ptr<double>();
   const double* score = score_t.data_ptr<double>();
-  check_segment_values(seg, n);
+  check_segment_values(seg, n, segments.scalar_type() == at::kFloat);
 
   at::Tensor groups_t;
   if (groups.has_value()) groups_t = groups->contiguous();

@@ -311,7 +311,7 @@ at::Tensor temporal_nms_cpu(const at::Tensor& segments, const at::Tensor& scores
   const at::Tensor score_t = scores.to(at::kDouble).contiguous();
   const double* seg = seg_t.data_ptr<double>();
   const double* score = score_t.data_ptr<double>();
-  check_segment_values(seg, n);
+  check_segment_values(seg, n, segments.scalar_type() == at::kFloat);
   at::Tensor groups_t;
   if (groups.has_value()) groups_t = groups->contiguous();
   const Partition part = partition_by_group(groups.has_value() ? groups_t.data_ptr<int64_t>() : nullptr, n);

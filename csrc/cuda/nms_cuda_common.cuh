@@ -106,13 +106,13 @@ __device__ __forceinline__ bool segment_ok(double start, double end) {
 }
 
 // The error for segment i that segment_ok rejected (values read to the host), in the
-// words of the CPU check (nms_checks.h).
-inline void throw_bad_segment(const at::Tensor& segments, int64_t i) {
+// words of the CPU check (nms_checks.h); as_float: the user's segments are float32.
+inline void throw_bad_segment(const at::Tensor& segments, int64_t i, bool as_float) {
   const at::Tensor row = segments[i].to(at::kDouble).cpu();
   const double s = row[0].item<double>(), e = row[1].item<double>();
   const bool finite = std::isfinite(s) && std::isfinite(e);
   TORCH_CHECK_VALUE(false, "segments: expected ", finite ? "end >= start" : "finite coordinates", ", got segment ", num(i),
-                    " = (", real(s), ", ", real(e), ")");
+                    " = (", real(s, as_float), ", ", real(e, as_float), ")");
 }
 
 // first_bad = min(first_bad, i) for every segment i that is not finite or has end < start.
@@ -140,11 +140,11 @@ inline at::Tensor first_bad_segment(const at::Tensor& segments_double) {
 // Reads [count, first_bad] to the host (the op's one synchronisation) and raises
 // a ValueError naming `segments` if a segment was invalid.
 inline int64_t read_count_and_check(const at::Tensor& count, const at::Tensor& first_bad,
-                                    const at::Tensor& segments_double) {
+                                    const at::Tensor& segments_double, bool as_float) {
   const at::Tensor host = at::stack({count.to(at::kLong).reshape({}), first_bad.reshape({})}).cpu();
   const int64_t* h = host.data_ptr<int64_t>();
   const int64_t n = segments_double.size(0);
-  if (h[1] < n) throw_bad_segment(segments_double, h[1]);
+  if (h[1] < n) throw_bad_segment(segments_double, h[1], as_float);
   return h[0];
 }
 

@@ -207,7 +207,8 @@ std::tuple<at::Tensor, at::Tensor> soft_temporal_nms_cuda(const at::Tensor& segm
   at::Tensor perm = std::get<1>(at::sort(out_run_index, /*stable=*/true, 0, false));
   perm = perm.index_select(0, cuda_common::descending_order(out_run_score.index_select(0, perm)));
   perm = perm.index_select(0, std::get<1>(at::sort(valid.logical_not().index_select(0, perm).to(at::kByte), true, 0, false)));
-  const int64_t total = cuda_common::read_count_and_check(valid.sum(), first_bad, seg_d);
+  const int64_t total = cuda_common::read_count_and_check(valid.sum(), first_bad, seg_d,
+                                                             segments.scalar_type() == at::kFloat);
   const at::Tensor chosen = perm.narrow(0, 0, total);
   return {out_index.index_select(0, chosen), out_score.index_select(0, chosen).to(scores.scalar_type())};
 }

@@ -332,7 +332,7 @@ at::Tensor temporal_nms_small_cuda(const at::Tensor& seg, const at::Tensor& sc, 
   });
   const at::Tensor host = out.narrow(0, n, 2).cpu();  // the op's one synchronisation
   const int64_t count = host.data_ptr<int64_t>()[0], bad = host.data_ptr<int64_t>()[1];
-  if (bad != 0) cuda_common::throw_bad_segment(seg, n - bad);
+  if (bad != 0) cuda_common::throw_bad_segment(seg, n - bad, seg.scalar_type() == at::kFloat);
   return out.narrow(0, 0, count);
 }
 
@@ -443,7 +443,7 @@ at::Tensor temporal_nms_cuda(const at::Tensor& segments, const at::Tensor& score
   // The op's one synchronisation (two with groups and n > kDenseMaskMaxSegments).
   const at::Tensor host = scratch.narrow(0, tiles, 2).cpu();
   const int64_t count = host.data_ptr<int64_t>()[0], bad = host.data_ptr<int64_t>()[1];
-  if (bad != 0) cuda_common::throw_bad_segment(seg, n - bad);
+  if (bad != 0) cuda_common::throw_bad_segment(seg, n - bad, seg.scalar_type() == at::kFloat);
   // The kept indices are the first `count` of a buffer of n (no copy).
   return out.narrow(0, 0, count);
 }
