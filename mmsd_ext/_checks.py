@@ -33,10 +33,19 @@ def rank(name, value, ndim, shape_doc):
 NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32)
 
 
-def widen_int(value):
-    """``value`` as int64 if it is a tensor of a narrower integer dtype; anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.dtype in NARROW_INTS:
-        return value.to(torch.int64)
+# The integer tensors the public functions take (the narrower ones widened to int64), in words.
+INT_TENSORS = "an int64 tensor (or int32, int16, int8, uint8, uint16, uint32)"
+
+
+def widen_int(name, value):
+    """``value`` as int64 if it is a tensor of a narrower integer dtype; a tensor of another
+    dtype than these (float, bool, uint64, which could wrap in int64) a TypeError naming
+    ``name``; anything else (an int, a list, None) as it is, for the caller to check."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype in NARROW_INTS:
+            return value.to(torch.int64)
+        if value.dtype != torch.int64:
+            raise TypeError(f"{name}: expected {INT_TENSORS}, got {str(value.dtype).replace('torch.', '')}")
     return value
 
 

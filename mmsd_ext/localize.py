@@ -422,9 +422,7 @@ def _check_proposal_args(cas, video_scores, lengths, thresholds):
     else:
         if isinstance(lengths, torch.Tensor):
             # As the other ops: int64 or a narrower integer dtype (uint64 could wrap in int64).
-            if lengths.dtype != torch.int64 and lengths.dtype not in _checks.NARROW_INTS:
-                raise TypeError(f"lengths: expected an int64 tensor (or int32, int16, int8, uint8, uint16, uint32), "
-                                f"got {str(lengths.dtype).replace('torch.', '')}")
+            _checks.widen_int("lengths", lengths)
             _checks.same_device("cas", cas, lengths=lengths)
         else:
             lengths = _checks.int_array("lengths", lengths)

@@ -67,7 +67,7 @@ def topk_mil_pool(scores, k, lengths=None, *, largest=True, backend=None):
         >>> video_scores = mmsd_ext.topk_mil_pool(scores, k, lengths)   # [2, 21]
     """
     k, lengths = _sequence_as_tensor("k", k, scores), _sequence_as_tensor("lengths", lengths, scores)
-    k, lengths = _checks.widen_int(k), _checks.widen_int(lengths)
+    k, lengths = _checks.widen_int("k", k), _checks.widen_int("lengths", lengths)
     if isinstance(k, torch.Tensor) and k.dim() == 0 and isinstance(scores, torch.Tensor) and scores.dim() == 3:
         # One k for every video (``mil_k`` of a 0-d length gives one); on the CPU, a scalar like a list.
         k = k.to(scores.device) if k.device.type == "cpu" else k
@@ -127,7 +127,7 @@ def mil_k(lengths, ratio=8.0, *, rule="floor", min_k=1):
         raise ValueError(f"min_k: expected an int >= 1, got {min_k!r}")
     if isinstance(lengths, np.integer):
         lengths = int(lengths)
-    lengths = _checks.widen_int(_sequence_as_tensor("lengths", lengths))
+    lengths = _checks.widen_int("lengths", _sequence_as_tensor("lengths", lengths))
     if isinstance(lengths, (int, torch.SymInt)) and not isinstance(lengths, bool):
         # (a traced size too: refused only where out of range for every size, as topk_mil_pool's k)
         if statically_known_true(lengths < 1) or statically_known_true(lengths >= 2**63):

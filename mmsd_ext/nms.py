@@ -95,7 +95,7 @@ def temporal_nms(segments, scores, iou_threshold, *, groups=None, overlap="iou",
         >>> mmsd_ext.temporal_nms(segments, scores, 0.5)
         tensor([0, 2])
     """
-    groups = _checks.widen_int(groups)
+    groups = _checks.widen_int("groups", groups)
     segments, scores, groups, iou_threshold, offset = _checked_hard("temporal_nms", segments, scores, groups, iou_threshold, overlap, offset)
     name = _resolve_hard(backend, segments.device)
     return _HARD_IMPLS[name](segments, scores, iou_threshold, groups, overlap, offset)
@@ -150,7 +150,7 @@ def soft_temporal_nms(
         >>> idx
         tensor([0, 2, 1])
     """
-    groups = _checks.widen_int(groups)
+    groups = _checks.widen_int("groups", groups)
     segments, scores, groups, sigma, iou_threshold, min_score, offset = _checked_soft(
         "soft_temporal_nms", segments, scores, groups, method, sigma, iou_threshold, min_score, offset
     )

@@ -1046,6 +1046,12 @@ def test_narrower_integer_groups_are_widened(any_backend, dtype):
     got = mmsd_ext.soft_temporal_nms(seg, scores, groups=groups.to(dtype), backend=any_backend)
     assert torch.equal(got[0], picked) and torch.equal(got[1], decayed)
     assert not torch.equal(keep, mmsd_ext.temporal_nms(seg, scores, 0.3, backend=any_backend))  # the groups matter here
+    # Other dtypes are refused with the ones taken listed (not "expected an int64 tensor").
+    taken = re.escape("groups: expected an int64 tensor (or int32, int16, int8, uint8, uint16, uint32), got float32")
+    with pytest.raises(TypeError, match=f"^{taken}$"):
+        mmsd_ext.temporal_nms(seg, scores, 0.3, groups=groups.float(), backend=any_backend)
+    with pytest.raises(TypeError, match=f"^{taken}$"):
+        mmsd_ext.soft_temporal_nms(seg, scores, groups=groups.float(), backend=any_backend)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf under the interpreter

@@ -428,6 +428,16 @@ def test_narrower_integer_k_and_lengths_are_widened(any_backend, dtype):
     # The ops' own check (their fake kernels' too) still takes int64 only.
     with pytest.raises(TypeError, match="^k: expected an int64 tensor, got int32$"):
         mmsd_ext.mil._check_topk_args(scores, k.int(), lengths, True)
+    # The public functions' errors list the dtypes they take (they had said "expected an
+    # int64 tensor", though they take these too).
+    taken = re.escape("expected an int64 tensor (or int32, int16, int8, uint8, uint16, uint32), got ")
+    for bad in (torch.float32, torch.bool, torch.uint64):
+        with pytest.raises(TypeError, match=f"^k: {taken}{str(bad)[6:]}$"):
+            mmsd_ext.topk_mil_pool(scores, k.to(bad), lengths, backend=any_backend)
+        with pytest.raises(TypeError, match=f"^lengths: {taken}{str(bad)[6:]}$"):
+            mmsd_ext.topk_mil_pool(scores, k, lengths.to(bad), backend=any_backend)
+        with pytest.raises(TypeError, match=f"^lengths: {taken}{str(bad)[6:]}$"):
+            mmsd_ext.mil_k(lengths.to(bad))
 
 
 def test_k_and_lengths_as_lists_and_numpy_arrays(any_backend):
