@@ -156,6 +156,11 @@ def test_loader_accepts_python2_style_bytes_labels(tiny_root, tmp_path):
         ("zero_d", "videoname.npy", "0-d array"),
         ("zero_d", "subset.npy", "0-d array"),
         ("zero_d", "Synthetic-I3D-JOINTFeatures.npy", "0-d array"),
+        # a pickle of one object (np.save of a dict or a str) was "a 0-d array" and no more
+        ("dict_saved", "Synthetic-I3D-JOINTFeatures.npy",
+         "expected an array with one entry per video, got a 0-d array holding dict {'video_0': array("),
+        ("str_saved", "classlist.npy", "expected an array with one entry per class, got a 0-d array holding str 'BaseballPitch'"),
+        ("two_columns", "classlist.npy", "expected a 1-d array of class names, got shape (4, 2)"),
         ("zero_width", "Synthetic-I3D-JOINTFeatures.npy", "feature dimension 0"),
         ("two_columns", "subset.npy", "expected a 1-d array"),
         ("two_columns", "videoname.npy", "expected a 1-d array"),
@@ -219,6 +224,10 @@ def test_loader_names_the_bad_file(tiny_root, tmp_path, damage, file, message):
         for i in range(len(feats)):
             feats[i] = feats[i][:, :0]
         np.save(path, feats, allow_pickle=True)
+    elif damage == "dict_saved":
+        np.save(path, {"video_0": np.zeros((3, 4))}, allow_pickle=True)
+    elif damage == "str_saved":
+        np.save(path, "BaseballPitch")
     elif damage == "two_columns":
         names = np.load(path)
         np.save(path, np.stack([names, names[::-1]], 1))

@@ -189,12 +189,18 @@ class WTALCData:
             raise DataError(f"{os.path.join(where, file)}: {message}")
 
         feat_file = features_file(name, feature_type)
-        # A 0-d array (a single object saved instead of one entry per video) has no length.
+        # A 0-d array (a single object saved instead of one entry per video: a dict, a str, a
+        # number) has no length; what it holds is named.
         for key, file in [("features", feat_file)] + [(f, f + ".npy") for f in ARRAY_FILES]:
             if _ndim(arrays[key]) == 0:
                 per = "class" if key == "classlist" else "video"
-                fail(file, f"expected an array with one entry per {per}, got a 0-d array")
-        classes = [_text(c) for c in np.asarray(arrays["classlist"]).reshape(-1)]
+                held = arrays[key][()] if isinstance(arrays[key], np.ndarray) else arrays[key]
+                held = held.item() if isinstance(held, np.generic) else held  # np.str_('a') as 'a'
+                fail(file, f"expected an array with one entry per {per}, got a 0-d array holding {type(held).__name__} {held!r:.60}")
+        if _ndim(arrays["classlist"]) != 1:
+            # (a [2, 2] array had been read as four classes)
+            fail("classlist.npy", f"expected a 1-d array of class names, got shape {np.shape(arrays['classlist'])}")
+        classes = [_text(c) for c in arrays["classlist"]]
         if not classes:
             fail("classlist.npy", "no classes")
         if len(set(classes)) != len(classes):
