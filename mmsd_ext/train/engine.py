@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -901,7 +902,10 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns of a plain pickle's protocol before failing on it; the error says it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
         raise UsageError(f"{path}: not a readable checkpoint ({_load_failure(path, exc)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -933,6 +937,11 @@ def _load_failure(path, exc):
         # torch says "failed finding central directory" or, cut elsewhere, "[Errno 22] Invalid argument".
         return "truncated or damaged: its zip archive has no end"
     text = str(exc)
+    if start.startswith(TORCH_FILE_STARTS[1]) and len(start) > 1 and (start[1] > 2 or "Invalid magic number" in text):
+        # torch.save writes a zip archive, or (its old format) a magic number pickled with
+        # protocol 2 first: this is a pickle.dump of something. torch's words for it are
+        # "Unsupported operand 149" or "Invalid magic number; corrupt file?".
+        return f"a plain pickle (protocol {start[1]}), not a file torch.save writes"
     unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if unsupported:
         return f"it holds a {unsupported.group(1)} object; checkpoints are loaded without running code from them"
