@@ -646,6 +646,8 @@ def test_host_overhead_measures_every_case_and_refuses_bad_flags():
                            (["--backends", "cuda"], "--backends")]:
         proc = subprocess.run(cmd + flags, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, (flags, proc.stderr[-500:])
+    # The list of what can run names the reference, which it takes (it had listed only "cpu").
+    assert proc.stderr.rstrip().endswith(", reference)") and "(usable: cpu, " in proc.stderr, proc.stderr[-500:]
 
 
 # ---------------------------------------------------------------- the harness, unit by unit
