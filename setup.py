@@ -20,6 +20,7 @@ environment would replace with whatever torch it downloads.
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -40,6 +41,14 @@ def _binary_interface():
     with open(os.path.join(ROOT, "mmsd_ext", "_loader.py"), encoding="utf-8") as f:
         match = re.search(r"^BINARY_INTERFACE = (\d+)$", f.read(), re.MULTILINE)
     return int(match.group(1))
+
+
+def _csrc_digest():
+    # mmsd_ext/_sources.py loaded by itself, as _binary_interface reads _loader.py by itself.
+    spec = importlib.util.spec_from_file_location("_mmsd_ext_sources", os.path.join(ROOT, "mmsd_ext", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_digest(os.path.join(ROOT, "csrc"))
 
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
@@ -190,6 +199,8 @@ BUILD_INFO = {
     "archs": ARCHS,
     "debug": DEBUG,
     "sanitize": SANITIZE,
+    # The loader warns where the checkout's csrc/ no longer holds these sources.
+    "csrc_sha256": _csrc_digest(),
 }
 
 print("mmsd_ext build settings:")

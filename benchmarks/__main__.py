@@ -265,6 +265,8 @@ def main(argv=None):
         print(f"  ({info['load_error']})", flush=True)
     if info.get("sanitize"):
         print("  (a sanitized build, MMSD_EXT_SANITIZE=1: its cpu figures time the sanitizers, not the kernels)", flush=True)
+    if info.get("sources_changed"):
+        print("  (the extension was built from other C++/CUDA sources than csrc/ holds now: it times the kernels of its build)", flush=True)
 
     notes = []
     cases = []

@@ -242,7 +242,10 @@ def build_info():
     vector instructions the cpu distillation kernels use in this process:
     ``"avx512"``, ``"avx2"`` or ``"baseline"``, the widest the CPU has unless
     ``MMSD_EXT_DISTILL_CPU_ISA`` asks for one; None without the extension) and
-    ``sanitize`` (whether it was built with ``MMSD_EXT_SANITIZE=1``: checked, and slow).
+    ``sanitize`` (whether it was built with ``MMSD_EXT_SANITIZE=1``: checked, and slow) and
+    ``sources_changed`` (whether the checkout this package sits in holds other C++/CUDA
+    sources in csrc/ than the loaded extension was built from, as the import warns; None
+    where that cannot be told: an installed copy, or no extension loaded).
 
     Raises:
         ValueError naming ``MMSD_EXT_DISTILL_CPU_ISA`` when it holds another name,
@@ -264,4 +267,5 @@ def build_info():
         "load_error": _loader.LOAD_ERROR,
         "cpu_isa": compiled.distill_cpu_isa() if compiled is not None else None,
         "sanitize": bool(info.get("sanitize", False)),
+        "sources_changed": _loader.SOURCES_CHANGED,
     }

@@ -2,11 +2,15 @@
 
 Four failures are told apart (the first two as xformers' loader does): the
 extension was never built, it was built for another torch, it was built from
-older mmsd_ext sources than these (a checkout updated without a rebuild), or it
-was built with MMSD_EXT_SANITIZE=1 and the process lacks the ASan runtime (or has it
-without libstdc++ preloaded).
+mmsd_ext sources of another binary interface than these (a checkout updated across
+an interface change without a rebuild), or it was built with MMSD_EXT_SANITIZE=1 and
+the process lacks the ASan runtime (or has it without libstdc++ preloaded).
 Either way the import of mmsd_ext succeeds and the ``reference`` and ``triton``
 backends keep working; asking for ``cpu`` or ``cuda`` then raises with the reason.
+
+A build of other C++/CUDA sources of the same interface (csrc/ edited, or a checkout
+updated, without a rebuild) loads, with a warning, where the package sits in its
+checkout (beside setup.py and csrc/): its kernels are those of the build.
 """
 
 import ctypes
@@ -16,6 +20,8 @@ import os
 import warnings
 
 import torch
+
+from . import _sources
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # What this Python package needs of the compiled extension. Bump it when a change
@@ -104,9 +110,29 @@ def _load():
     return module, info, None
 
 
+def _sources_changed(info):
+    """Whether the checkout this package sits in (setup.py and csrc/ beside it: an editable
+    install or an in-place build) holds other C++/CUDA sources than the build was made from;
+    None where that cannot be told (an installed copy, a build info without the digest)."""
+    root = os.path.dirname(_HERE)
+    if not info or not info.get("csrc_sha256") or not os.path.isfile(os.path.join(root, "setup.py")):
+        return None
+    digest = _sources.csrc_digest(os.path.join(root, "csrc"))
+    return None if digest is None else digest != info["csrc_sha256"]
+
+
 _C, BUILD_INFO, LOAD_ERROR = _load()
+SOURCES_CHANGED = _sources_changed(BUILD_INFO) if _C is not None else None
 if LOAD_ERROR is not None and not os.environ.get("MMSD_EXT_QUIET"):
     warnings.warn(LOAD_ERROR, RuntimeWarning, stacklevel=2)
+if SOURCES_CHANGED and not os.environ.get("MMSD_EXT_QUIET"):
+    warnings.warn(
+        "mmsd_ext: the compiled extension was built from other C++/CUDA sources than this checkout's csrc/ "
+        "(edited or updated since the build); it is loaded, and runs the kernels of its build. "
+        f"Re-{REBUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def compiled_available():

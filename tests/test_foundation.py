@@ -18,7 +18,7 @@ from mmsd_ext import _backend
 
 def test_build_info_keys_and_backends():
     info = mmsd_ext.build_info()
-    for key in ("version", "torch", "cuda", "archs", "backends", "cpu_isa", "sanitize"):
+    for key in ("version", "torch", "cuda", "archs", "backends", "cpu_isa", "sanitize", "sources_changed"):
         assert key in info
     assert isinstance(info["sanitize"], bool)
     assert info["version"] == mmsd_ext.__version__
@@ -563,6 +563,50 @@ def test_cuda_compiled_says_whether_the_build_has_cuda_kernels():
 @pytest.mark.skipif(mmsd_ext._loader.BUILD_INFO is None, reason="the extension is not built")
 def test_build_records_the_binary_interface_of_these_sources():
     assert mmsd_ext._loader.BUILD_INFO["binary_interface"] == mmsd_ext._loader.BINARY_INTERFACE
+    # and the digest of its C++/CUDA sources, which this checkout holds (the tests run the build
+    # of these sources: a csrc/ edited without a rebuild fails here, as the import warned).
+    csrc = os.path.join(os.path.dirname(os.path.dirname(mmsd_ext.__file__)), "csrc")
+    if os.path.isdir(csrc):
+        assert mmsd_ext._loader.BUILD_INFO["csrc_sha256"] == mmsd_ext._sources.csrc_digest(csrc)
+        assert mmsd_ext.build_info()["sources_changed"] is False
+
+
+@pytest.mark.skipif(mmsd_ext._loader._C is None, reason="the extension is not built")
+@pytest.mark.parametrize("edited", [False, True])
+def test_a_build_behind_its_checkouts_sources_loads_with_a_warning(tmp_path, edited):
+    # A checkout whose csrc/ was edited (or updated) without a rebuild, same binary interface:
+    # the extension loads, and the import says it runs the kernels of its build.
+    csrc = tmp_path / "csrc"
+    (csrc / "cpu").mkdir(parents=True)
+    (csrc / "cpu" / "op_kernel.cpp").write_text("// the sources of the build\n")
+    (csrc / "op.h").write_text("#pragma once\n")
+    info = dict(mmsd_ext._loader.BUILD_INFO, csrc_sha256=mmsd_ext._sources.csrc_digest(str(csrc)))
+    _copy_with_build_info(tmp_path, info)
+    (tmp_path / "setup.py").write_text("# the checkout's\n")
+    (csrc / "op.h~").write_text("an editor's backup: not a source\n")
+    if edited:
+        (csrc / "cpu" / "op_kernel.cpp").write_text("// edited since the build\n")
+    result = _run_isolated(
+        f"""
+        import warnings, torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import mmsd_ext
+        messages = [str(w.message) for w in caught if "mmsd_ext" in str(w.message)]
+        info = mmsd_ext.build_info()
+        assert info["compiled"] and "cpu" in info["backends"], info
+        assert info["sources_changed"] is {edited}, info
+        if {edited}:
+            assert len(messages) == 1 and "other C++/CUDA sources than this checkout's csrc/" in messages[0], messages
+            assert "Re-build it with `pip install --no-build-isolation -e .`" in messages[0], messages[0]
+        else:
+            assert not messages, messages
+        print("ok")
+        """,
+        {"PYTHONPATH": str(tmp_path)},
+        copied=True,
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
 def _every_public_op_call():
