@@ -784,6 +784,12 @@ def test_schedules_scale_mmsd():
     # The decay epoch is rounded: 10 epochs x 70 / 240 = 2.92 decays from epoch 3 (0-based).
     short = engine.Config(epochs=10)
     assert engine.learning_rate(short, 2) == 5e-5 and engine.learning_rate(short, 3) == pytest.approx(1e-5)
+    # Never from the first epoch: 1 x 70 / 240 rounds to 0, which had trained a one-epoch run
+    # at 0.2 x --lr throughout; 2 epochs decay from the second.
+    assert engine.learning_rate(engine.Config(epochs=1, lr=1e-3), 0) == 1e-3
+    assert engine.learning_rate(engine.Config(epochs=1, lr_decay_at=0.01), 0) == 5e-5
+    two = engine.Config(epochs=2)
+    assert engine.learning_rate(two, 0) == 5e-5 and engine.learning_rate(two, 1) == pytest.approx(1e-5)
 
 
 def test_a_schedule_length_keeps_decay_and_refreshes_where_the_first_length_put_them():

@@ -178,7 +178,7 @@ def build_parser():
     )
     g.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--lr-decay", type=_positive_float, help=f"lr factor after --lr-decay-at (default {d.lr_decay})")
-    g.add_argument("--lr-decay-at", type=_fraction, help="fraction of training after which lr decays (default 70/240)")
+    g.add_argument("--lr-decay-at", type=_fraction, help="fraction of training after which lr decays (rounded to whole epochs, at least one; default 70/240)")
     g.add_argument("--weight-decay", type=_non_negative_float, help=f"Adam weight decay (default {d.weight_decay})")
     g.add_argument("--embed-dim", type=_int_in(1, MAX_EMBED_DIM), help=f"embedding size (default {d.embed_dim})")
     g.add_argument("--dropout", type=_dropout, help=f"in [0, 1) (default {d.dropout})")

@@ -268,8 +268,10 @@ def run_refresh_epochs(config):
 
 
 def learning_rate(config, epoch):
-    """MMSD's step decay: lr until ``lr_decay_at`` of training (epoch 70 of 240), then x0.2."""
-    decay_epoch = round(schedule_length(config) * config.lr_decay_at)
+    """MMSD's step decay: lr until ``lr_decay_at`` of training (epoch 70 of 240), then x0.2.
+    The decay epoch is rounded, and at least 1: the first epoch trains at ``lr`` (a run of one
+    or two epochs had taken all of them at the decayed lr, its ``lr`` never used)."""
+    decay_epoch = max(1, round(schedule_length(config) * config.lr_decay_at))
     return config.lr * (config.lr_decay if epoch >= decay_epoch else 1.0)
 
 
