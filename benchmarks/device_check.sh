@@ -48,8 +48,8 @@
 #   plot        <= 30 s, keeps 90 s            4 s
 #   tests       <= 200 s, keeps 0 s            93 s     the tests that need the GPU (after the
 #                                              (251     benchmark, whose Triton kernels they reuse
-#                                              tests,   from the on-disk cache), xdist; 592 tests
-#                                              8 proc.) at 54871af, about 220 s at that rate in
+#                                              tests,   from the on-disk cache), xdist; 596 tests
+#                                              8 proc.) at 8799871, about 220 s at that rate in
 #                                                       8 processes, so now 14 (a process per core
 #                                                       but two)
 #   train       <= 100 s, if 60 s are left     23 s     the main job on the GPU (synthetic set)
