@@ -849,10 +849,12 @@ def _tious(value):
         if value.is_floating_point() and value.dtype != torch.float64:
             value = value.double()  # numpy has no bfloat16
     # Strings, bools and ragged lists are refused: np.array(..., float64) read "0.5" and True as numbers.
+    not_numbers = (str, bytes, bool, np.bool_)
     try:
         raw = np.asarray(value)
-        numbers = raw.dtype.kind in "iuf" or (
-            raw.dtype.kind == "O" and not any(isinstance(x, (str, bytes, bool, np.bool_)) for x in raw.flat)
+        # (a list mixing bools and numbers, [True, 0.5], becomes float64 in numpy: look at its items)
+        numbers = (raw.dtype.kind in "iuf" or (raw.dtype.kind == "O" and not any(isinstance(x, not_numbers) for x in raw.flat))) and not (
+            isinstance(value, (list, tuple)) and any(isinstance(x, not_numbers) for x in value)
         )
         tious = raw.astype(np.float64) if numbers else None
     except (TypeError, ValueError):

@@ -642,6 +642,11 @@ def test_mmsd_detection_map_compares_class_threshold_in_the_scores_dtype():
         ([True], ValueError),  # read as 1.0
         (torch.tensor([True]), ValueError),
         ([0.5, "0.7"], ValueError),
+        # bools among numbers: numpy makes [True, 0.5] a float64 [1.0, 0.5], which was taken
+        ([True, 0.5], ValueError),
+        ((0.3, True), ValueError),
+        ([0.5, np.True_], ValueError),
+        (np.array([0.5, True], dtype=object), ValueError),
     ],
 )
 def test_tiou_thresholds_that_only_look_like_numbers_are_refused(tious, error):
@@ -649,7 +654,8 @@ def test_tiou_thresholds_that_only_look_like_numbers_are_refused(tious, error):
         detection_map([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], tious)
 
 
-@pytest.mark.parametrize("tious", [torch.tensor([0.5, 0.7], dtype=torch.bfloat16), np.array([0.5, 0.7], np.float32), 0.5])
+@pytest.mark.parametrize("tious", [torch.tensor([0.5, 0.7], dtype=torch.bfloat16), np.array([0.5, 0.7], np.float32), 0.5,
+                                   torch.tensor([0.5], requires_grad=True)])
 def test_tiou_thresholds_as_tensors_arrays_and_a_number(tious):
     result = detection_map([[0, 0, 0, 1, 0.5]], [[0, 0, 0, 1]], tious)
     assert result.tious.dtype == np.float64 and result.map.tolist() == [1.0] * result.tious.size
@@ -804,3 +810,16 @@ def test_mmsd_detection_map_takes_cas_as_numpy_arrays():
             np.testing.assert_array_equal(mmsd_detection_map(cas, *args, lengths=[30, 12]).ap, want.ap)
     with pytest.raises(TypeError, match=r"^cas: expected a 1-d object array of per-video \[T_i, C\] arrays, got shape \(\)$"):
         mmsd_detection_map(np.array(None, dtype=object), *args)
+
+
+def test_a_padded_cas_with_fewer_videos_than_names_is_refused():
+    # One padded sequence for two named videos: the second had no cas (and no error).
+    with pytest.raises(ValueError, match=r"^cas: expected one sequence per video \(2 video_names\), got 1$"):
+        mmsd_detection_map(torch.zeros(1, 8, 2), [[1.0, 0.0], [1.0, 0.0]], ["v1", "v2"], [[], []], [[], []], ["A", "B"])
+
+
+def test_an_ambiguous_segment_of_no_length_is_read(tmp_path):
+    # end == start is a segment (of zero length); only end < start is refused.
+    path = tmp_path / "Ambiguous_test.txt"
+    path.write_text("v  5.0 5.0\nw  1.0 2.5\n")
+    assert read_ambiguous(path) == [("v", 5.0, 5.0), ("w", 1.0, 2.5)]
