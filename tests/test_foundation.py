@@ -226,6 +226,18 @@ def test_use_backend_never_entered_warns_and_changes_nothing():
         assert resolved() == "reference" and resolved() == "reference"
         gc.collect()
     assert _backend.resolve("topk_mil_pool", None, "cpu") == default
+    # A decorator is used when it decorates, whether or not its function is ever called. (Not
+    # with warnings as errors above: a warning raised in __del__ is printed, not raised.)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        @mmsd_ext.use_backend("reference")
+        def never_called():
+            pass
+
+        del never_called
+        gc.collect()
+    assert not [w for w in caught if "never entered" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_use_backend_block_inside_a_compiled_function(reference_calls):

@@ -968,6 +968,17 @@ def test_mil_k_bad_inputs(kwargs, exc, name):
         mmsd_ext.mil_k(**kwargs)
 
 
+def test_mil_k_never_exceeds_the_length():
+    # An int and a tensor of lengths give the same k at the edges: a ratio so small that L / ratio
+    # overflows, and a min_k above L (k <= L always holds).
+    for kwargs, rule in ((dict(ratio=1e-310), lambda L: L), (dict(min_k=5), lambda L: min(L, 5)),
+                         (dict(ratio=0.5, min_k=2), lambda L: L)):
+        for length in (1, 3, 10):
+            k = mmsd_ext.mil_k(length, **kwargs)
+            assert k == rule(length) and isinstance(k, int), (kwargs, length, k)
+            assert mmsd_ext.mil_k(torch.tensor([length]), **kwargs).tolist() == [rule(length)], (kwargs, length)
+
+
 def test_every_backend_is_registered():
     assert set(mil._IMPLS_SUPPORTED) == set(mmsd_ext.BACKENDS) == set(mil._IMPLS)
     assert sorted(mil._GPU_ORDER) == ["cuda", "triton"]
