@@ -54,6 +54,28 @@ def _copy_dataset(tiny_root, tmp_path):
 # -- loader ------------------------------------------------------------------------------------
 
 
+def test_loader_edges_of_durations_segments_and_text(tiny_root, tmp_path):
+    # From a mutation round, each at the edge of a check: a duration of 0 s is a duration
+    # (non-negative); a segment ending exactly at its video's end is no note; a numpy str array
+    # of segment seconds is text (numpy would parse it).
+    root, folder = _copy_dataset(tiny_root, tmp_path)
+    durations = np.load(folder / "duration.npy", allow_pickle=True)
+    segments = np.load(folder / "segments.npy", allow_pickle=True)
+    assert data_mod.load_wtalc(str(root), "Synthetic").notes() == []
+    i = next(j for j, seg in enumerate(segments) if len(seg))
+    durations[i] = float(np.max(np.asarray(segments[i], dtype=np.float64).reshape(-1, 2)[:, 1]))  # ends exactly at its end
+    np.save(folder / "duration.npy", durations, allow_pickle=True)
+    loaded = data_mod.load_wtalc(str(root), "Synthetic")
+    assert loaded.notes() == [], loaded.notes()
+    durations[i] = 0.0
+    np.save(folder / "duration.npy", durations, allow_pickle=True)
+    assert data_mod.load_wtalc(str(root), "Synthetic").durations[i] == 0.0
+    segments[i] = np.asarray(segments[i], dtype=np.float64).astype(str)
+    np.save(folder / "segments.npy", segments, allow_pickle=True)
+    with pytest.raises(data_mod.DataError, match=re.escape(f"video {i} ({loaded.videos[i]}): expected [start, end] pairs in seconds (numbers)")):
+        data_mod.load_wtalc(str(root), "Synthetic")
+
+
 def test_videos_of_other_subsets_are_named_in_the_description(tiny_root, tmp_path):
     root, folder = _copy_dataset(tiny_root, tmp_path)
     subsets = np.load(folder / "subset.npy", allow_pickle=True)
