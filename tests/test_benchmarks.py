@@ -219,10 +219,24 @@ def test_plot_names_each_sizes_anchor_where_an_op_has_several(tmp_path, monkeypa
     assert any(t.endswith("\nvs numpy_loop") for t in ticks[2 * soft + 1]) and not any("\nvs" in t for t in ticks[2 * soft])
     single = next(i for i, op in enumerate(ops) if {r["eager_anchor"] for r in rows if r["op"] == op} == {"eager"})
     assert labels[2 * single + 1] == "speedup vs eager"
+    # An op with one anchor of another name is named by it.
+    assert labels[2 * ops.index("temporal_nms") + 1] == "speedup vs torchvision"
+    assert labels[2 * ops.index("topk_mil_pool") + 1] == "speedup vs torch.topk"
     # A CSV without the column (older runs) names the eager anchor as before, with no ticks added.
     labels.clear(), ticks.clear()
     plot.plot_rows([{k: v for k, v in r.items() if k != "eager_anchor"} for r in rows], str(tmp_path / "q.png"))
     assert labels[2 * soft + 1] == "speedup vs eager" and not any("\nvs" in t for row in ticks for t in row)
+
+
+def test_an_interrupted_run_exits_130_and_says_where_its_rows_are(monkeypatch, capsys):
+    import benchmarks.__main__ as cli
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert cli._run_main() == 130
+    assert "python -m benchmarks: interrupted (with --csv, the rows of the cases that finished are in the file)" in capsys.readouterr().err
 
 
 def test_csv_appends_under_one_header(tmp_path, capsys):

@@ -865,6 +865,11 @@ def test_resume_with_more_epochs_keeps_the_schedule_it_has_run_under(tiny_root, 
     assert [r["epoch"] for r in records] == [1, 2]
     assert [r["lr"] for r in records] == [pytest.approx(1e-3), pytest.approx(2e-4)]
     assert [r["pseudo_refreshes"] for r in records] == [1, 2]
+    # Each refresh is logged ("pseudo labels {...}") right above its epoch's line.
+    with open(os.path.join(run_dir, "train.log")) as f:
+        lines = [line for line in f if line.startswith(("epoch ", "pseudo labels "))]
+    assert [json.loads(line[len("pseudo labels "):])["refresh"] for line in lines if line.startswith("pseudo")] == [1, 2], lines
+    assert [line.split(" ", 1)[0] for line in lines] == ["pseudo", "epoch", "pseudo", "epoch"], lines
     config = torch.load(ckpt, weights_only=True)["config"]
     assert (config["epochs"], config["schedule_epochs"]) == (8, 4)
     # Resumed again, with yet another length: still the first run's schedule.
@@ -1758,6 +1763,7 @@ def test_torchrun_with_more_processes_than_gpus_is_a_usage_error(tiny_root, tmp_
     "env, message",
     [
         ({"WORLD_SIZE": "1", "RANK": "0"}, "environment variable MASTER_ADDR is not set; a distributed run"),
+        ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": ""}, "environment variable MASTER_ADDR is not set; a distributed run"),
         ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "environment variable MASTER_PORT is not set"),
         ({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"},
          "environment variable MASTER_PORT: expected an integer in [1, 65535], got 'x'"),
@@ -2567,6 +2573,19 @@ def test_throughput_out_of_range_threads_and_steps_are_refused(argv, message, ca
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.skipif("cpu" not in mmsd_ext.available_backends(), reason="the compiled extension is not built")
+def test_throughput_header_names_what_auto_picks_whatever_the_environment_asks(monkeypatch):
+    # Its header says which backend the "auto" rows time; MMSD_EXT_BACKEND (read at import, and
+    # by backend=None) must not change it.
+    from mmsd_ext import _backend
+    from mmsd_ext.train import throughput
+
+    monkeypatch.setattr(_backend, "_global_override", "reference")
+    assert _backend.resolve("topk_mil_pool", None, "cpu") == "reference"
+    for op in ("topk_mil_pool", "mmsd_distill_loss"):
+        assert throughput._resolved(op, torch.device("cpu")) == "cpu"
 
 
 def test_throughput_names_a_malformed_torchrun_variable(capsys, monkeypatch):
