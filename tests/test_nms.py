@@ -1117,6 +1117,11 @@ def test_a_bad_segment_prints_as_written_in_its_dtype(any_backend, dtype):
             mmsd_ext.temporal_nms(seg, scores, 0.5, backend=any_backend)
         with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
             mmsd_ext.soft_temporal_nms(seg, scores, backend=any_backend)
+    if dtype == torch.float64:  # 16 digits, as %g writes them (Python's repr would add ".0")
+        seg = torch.tensor([[0.0, 1.0], [0.0, 2.0], [1234567890123456.0, 0.0]], dtype=dtype, device=dev)
+        message = "segments: expected end >= start, got segment 2 = (1234567890123456, 0)"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            mmsd_ext.temporal_nms(seg, scores, 0.5, backend=any_backend)
 
 
 def test_compiled_ops_check_their_arguments():
