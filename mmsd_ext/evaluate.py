@@ -852,10 +852,9 @@ def _tious(value):
     not_numbers = (str, bytes, bool, np.bool_)
     try:
         raw = np.asarray(value)
-        # (a list mixing bools and numbers, [True, 0.5], becomes float64 in numpy: look at its items)
-        numbers = (raw.dtype.kind in "iuf" or (raw.dtype.kind == "O" and not any(isinstance(x, not_numbers) for x in raw.flat))) and not (
-            isinstance(value, (list, tuple)) and any(isinstance(x, not_numbers) for x in value)
-        )
+        numbers = raw.dtype.kind in "iuf" or (raw.dtype.kind == "O" and not any(isinstance(x, not_numbers) for x in raw.flat))
+        if isinstance(value, (list, tuple)) and any(isinstance(x, not_numbers) for x in value):
+            numbers = False  # a list mixing bools and numbers, [True, 0.5], is float64 in numpy
         tious = raw.astype(np.float64) if numbers else None
     except (TypeError, ValueError):
         tious = None
